@@ -1,0 +1,1 @@
+"""nn.Modules, their config dataclasses and the on-disk checkpoint format. No tracker or network I/O."""
