@@ -55,12 +55,14 @@ def read_config(path: Path) -> dict:
         raise FileNotFoundError(f"{f}: model config not found") from None
 
 
-def save_lm(model: GPT, path: Path, extra: dict | None = None) -> None:
-    def fill(d: Path) -> None:
-        save_model(model, str(d / WEIGHTS))  # handles the tied wte/lm_head weight
-        _write_config(d, "gpt", model.config.to_dict(), extra)
+def write_lm(model: GPT, d: Path, extra: dict | None = None) -> None:
+    """Write weights + config into folder `d` (not atomic: use inside write_dir_atomically)."""
+    save_model(model, str(Path(d) / WEIGHTS))  # handles the tied wte/lm_head weight
+    _write_config(Path(d), "gpt", model.config.to_dict(), extra)
 
-    write_dir_atomically(path, fill)
+
+def save_lm(model: GPT, path: Path, extra: dict | None = None) -> None:
+    write_dir_atomically(path, lambda d: write_lm(model, d, extra))
 
 
 def load_lm(path: Path) -> GPT:
@@ -70,12 +72,13 @@ def load_lm(path: Path) -> GPT:
     return model.eval()
 
 
-def save_classifier(model: TransformerClassifier, path: Path, extra: dict | None = None) -> None:
-    def fill(d: Path) -> None:
-        save_model(model, str(d / WEIGHTS))
-        _write_config(d, "classifier", model.config.to_dict(), extra)
+def write_classifier(model: TransformerClassifier, d: Path, extra: dict | None = None) -> None:
+    save_model(model, str(Path(d) / WEIGHTS))
+    _write_config(Path(d), "classifier", model.config.to_dict(), extra)
 
-    write_dir_atomically(path, fill)
+
+def save_classifier(model: TransformerClassifier, path: Path, extra: dict | None = None) -> None:
+    write_dir_atomically(path, lambda d: write_classifier(model, d, extra))
 
 
 def _dynamic_quantize(model: nn.Module, per_channel: bool) -> nn.Module:

@@ -1,0 +1,118 @@
+"""A servable model bundle: tokenizer + pretrained LM + classifier (float or int8), loaded without pickle.
+
+Layout of a bundle folder:
+
+    tokenizer.json      byte-level BPE (Hugging Face `tokenizers`)
+    lm/                 pretrained language model (for /generate)
+    classifier/         fine-tuned classifier (for /classify), float or int8
+
+The BentoML service, the MLflow pyfunc wrapper, the promotion smoke test and evaluation all load
+models through this module, so what was evaluated is what is served.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from models.checkpoint import load_classifier, load_lm, read_config, write_dir_atomically
+
+TOKENIZER = "tokenizer.json"
+EOT = "<|endoftext|>"
+PAD = "<pad>"
+
+
+def encode_texts(tokenizer, texts: list[str], max_length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids (N, T) truncated to `max_length`, and real lengths (N,) (at least 1)."""
+    encs = tokenizer.encode_batch(list(texts))
+    lengths = [max(1, min(len(e.ids), max_length)) for e in encs]
+    T = max(lengths) if lengths else 1
+    ids = torch.full((len(encs), T), pad_id, dtype=torch.long)
+    for i, e in enumerate(encs):
+        seq = e.ids[:max_length] or [pad_id]
+        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return ids, torch.tensor(lengths, dtype=torch.long)
+
+
+@dataclass
+class Prediction:
+    label: str
+    probabilities: dict[str, float]
+
+
+class Bundle:
+    """Tokenizer + classifier (+ optional LM) ready for inference."""
+
+    def __init__(self, tokenizer, classifier: torch.nn.Module, labels: list[str], max_length: int, lm=None, variant: str = "fp32"):
+        self.tokenizer = tokenizer
+        self.classifier = classifier.eval()
+        self.labels = labels
+        self.max_length = max_length
+        self.lm = lm.eval() if lm is not None else None
+        self.variant = variant
+        self.pad_id = tokenizer.token_to_id(PAD)
+        self.eot_id = tokenizer.token_to_id(EOT)
+
+    @torch.inference_mode()
+    def probabilities(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """Class probabilities (N, K)."""
+        out = []
+        for i in range(0, len(texts), batch_size):
+            ids, lengths = encode_texts(self.tokenizer, texts[i : i + batch_size], self.max_length, self.pad_id)
+            out.append(torch.softmax(self.classifier(ids, lengths).float(), dim=-1))
+        return torch.cat(out) if out else torch.zeros(0, len(self.labels))
+
+    def classify(self, texts: list[str]) -> list[Prediction]:
+        probs = self.probabilities(texts)
+        return [
+            Prediction(self.labels[int(p.argmax())], {lab: round(float(v), 6) for lab, v in zip(self.labels, p)})
+            for p in probs
+        ]
+
+    @torch.inference_mode()
+    def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int | None = 50, seed: int | None = None) -> str:
+        """Continuation of `prompt` from the pretrained LM (the prompt itself is not repeated)."""
+        if self.lm is None:
+            raise RuntimeError("this bundle has no language model")
+        ids = self.tokenizer.encode(prompt).ids or [self.eot_id]
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        out = self.lm.generate(torch.tensor([ids]), max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
+        new = out[0, len(ids) :].tolist()
+        if self.eot_id in new:
+            new = new[: new.index(self.eot_id)]
+        return self.tokenizer.decode(new)
+
+
+def load_bundle(path: Path | str, with_lm: bool = True) -> Bundle:
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    tok_file = path / TOKENIZER
+    if not tok_file.exists():
+        raise FileNotFoundError(f"{tok_file}: not found; is {path} a model bundle?")
+    meta = read_config(path / "classifier")
+    cfg = meta["config"]
+    lm = load_lm(path / "lm") if with_lm and (path / "lm").exists() else None
+    return Bundle(
+        tokenizer=Tokenizer.from_file(str(tok_file)),
+        classifier=load_classifier(path / "classifier"),
+        labels=list(cfg["labels"]),
+        max_length=int(meta.get("max_length", cfg["trunk"]["block_size"])),
+        lm=lm,
+        variant="int8" if meta["kind"] == "classifier-int8" else "fp32",
+    )
+
+
+def assemble_bundle(target: Path, tokenizer_file: Path, classifier_dir: Path, lm_dir: Path | None) -> None:
+    """Copy the parts of a bundle into `target` atomically."""
+
+    def fill(d: Path) -> None:
+        shutil.copy2(tokenizer_file, d / TOKENIZER)
+        shutil.copytree(classifier_dir, d / "classifier")
+        if lm_dir is not None:
+            shutil.copytree(lm_dir, d / "lm", ignore=shutil.ignore_patterns("*.png", "history.json"))
+
+    write_dir_atomically(target, fill)
