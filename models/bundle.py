@@ -86,24 +86,29 @@ class Bundle:
         return self.tokenizer.decode(new)
 
 
-def load_bundle(path: Path | str, with_lm: bool = True) -> Bundle:
+def load_parts(tokenizer_file: Path, classifier_dir: Path, lm_dir: Path | None = None) -> Bundle:
+    """A Bundle from its parts wherever they lie (stage outputs or a bundle folder)."""
     from tokenizers import Tokenizer
 
-    path = Path(path)
-    tok_file = path / TOKENIZER
-    if not tok_file.exists():
-        raise FileNotFoundError(f"{tok_file}: not found; is {path} a model bundle?")
-    meta = read_config(path / "classifier")
+    if not Path(tokenizer_file).exists():
+        raise FileNotFoundError(f"{tokenizer_file}: tokenizer not found")
+    meta = read_config(classifier_dir)
     cfg = meta["config"]
-    lm = load_lm(path / "lm") if with_lm and (path / "lm").exists() else None
     return Bundle(
-        tokenizer=Tokenizer.from_file(str(tok_file)),
-        classifier=load_classifier(path / "classifier"),
+        tokenizer=Tokenizer.from_file(str(tokenizer_file)),
+        classifier=load_classifier(classifier_dir),
         labels=list(cfg["labels"]),
         max_length=int(meta.get("max_length", cfg["trunk"]["block_size"])),
-        lm=lm,
+        lm=load_lm(lm_dir) if lm_dir is not None else None,
         variant="int8" if meta["kind"] == "classifier-int8" else "fp32",
     )
+
+
+def load_bundle(path: Path | str, with_lm: bool = True) -> Bundle:
+    """Load a bundle folder (see the module docstring)."""
+    path = Path(path)
+    lm = path / "lm" if with_lm and (path / "lm").exists() else None
+    return load_parts(path / TOKENIZER, path / "classifier", lm)
 
 
 def assemble_bundle(target: Path, tokenizer_file: Path, classifier_dir: Path, lm_dir: Path | None) -> None:

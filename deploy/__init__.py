@@ -1,0 +1,1 @@
+"""Serving (BentoML) and the MLflow pyfunc wrapper of the model bundle."""

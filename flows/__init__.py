@@ -1,0 +1,1 @@
+"""Prefect flows: orchestration only (stage order, concurrency, promotion); no tensor code."""

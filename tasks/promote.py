@@ -1,0 +1,232 @@
+"""promote: gate the evaluated candidate, register it in MLflow, and move `champion` only if it passes.
+
+Not a DVC stage (it changes the registry, outside the workspace): the Prefect flow calls it after
+evaluate, and `lmforge promote` runs it by hand after `dvc repro`. Every candidate becomes a
+registered model version tagged with its gate results and lineage; only a candidate that passes
+every gate gets the alias. `lmforge rollback` moves the alias back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from tasks.config import Params, PromoteConfig
+from tasks.errors import UserError
+from tasks.io import read_json
+from tasks.tokenize import TOKENIZER_FILE
+from tasks.tracking import PARENT_RUN_ENV, git_commit, setup_tracking
+
+ALIAS = "champion"
+MODEL_CODE = Path(__file__).resolve().parent.parent / "deploy" / "mlflow_model.py"
+
+
+@dataclass
+class Gate:
+    name: str
+    passed: bool
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{'PASS' if self.passed else 'FAIL'}  {self.name}: {self.reason}"
+
+
+@dataclass
+class Decision:
+    variant: str
+    gates: list[Gate]
+    version: str | None = None
+    promoted: bool = False
+    lineage: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+
+def choose_variant(cfg: PromoteConfig, variants: dict[str, dict]) -> str:
+    """The configured variant, or (auto) the best macro-F1 among those within the budgets."""
+    if cfg.variant != "auto":
+        if cfg.variant not in variants:
+            raise UserError(f"params.yaml: promote.variant: {cfg.variant!r} was not evaluated (have {sorted(variants)})")
+        return cfg.variant
+    within = [v for v, m in variants.items() if m["latency_p50_ms"] <= cfg.max_latency_ms and m["size_mb"] <= cfg.max_size_mb]
+    pool = within or list(variants)
+    return max(pool, key=lambda v: (variants[v]["macro_f1"], -variants[v]["size_mb"]))
+
+
+def metric_gates(cfg: PromoteConfig, m: dict, majority: dict, champion: dict | None, validation_ok: bool | None) -> list[Gate]:
+    """The gates that depend only on numbers (no I/O): easy to test, printed with their reasons."""
+    gates = []
+    if cfg.require_validation:
+        gates.append(Gate("data_validation", bool(validation_ok), "Great Expectations suites passed" if validation_ok else "data validation did not pass"))
+    gates.append(Gate("min_accuracy", m["accuracy"] >= cfg.min_accuracy, f"accuracy {m['accuracy']:.4f} vs floor {cfg.min_accuracy:.4f}"))
+    gates.append(Gate("min_macro_f1", m["macro_f1"] >= cfg.min_macro_f1, f"macro-F1 {m['macro_f1']:.4f} vs floor {cfg.min_macro_f1:.4f}"))
+    gain = m["accuracy"] - majority["accuracy"]
+    gates.append(Gate("beats_majority", gain >= cfg.min_gain_over_majority, f"accuracy gain over majority class {gain:+.4f} vs required {cfg.min_gain_over_majority:+.4f}"))
+    if champion is None:
+        gates.append(Gate("no_regression", True, "no current champion"))
+    else:
+        drop = champion["macro_f1"] - m["macro_f1"]
+        gates.append(
+            Gate("no_regression", drop <= cfg.max_regression, f"macro-F1 {m['macro_f1']:.4f} vs champion v{champion['version']} {champion['macro_f1']:.4f} (allowed drop {cfg.max_regression:.4f})")
+        )
+    gates.append(Gate("latency", m["latency_p50_ms"] <= cfg.max_latency_ms, f"p50 {m['latency_p50_ms']:.2f} ms vs budget {cfg.max_latency_ms:.2f} ms"))
+    gates.append(Gate("size", m["size_mb"] <= cfg.max_size_mb, f"{m['size_mb']:.2f} MB vs budget {cfg.max_size_mb:.2f} MB"))
+    return gates
+
+
+def smoke_gate(bundle_dir: Path) -> Gate:
+    """Load the candidate with the BentoML service's own code and answer its example requests."""
+    from deploy.service import EXAMPLE_INPUT, EXAMPLE_PROMPT, load_service_bundle
+
+    try:
+        bundle = load_service_bundle(str(bundle_dir))
+        preds = bundle.classify(EXAMPLE_INPUT)
+        ok = len(preds) == len(EXAMPLE_INPUT) and all(
+            p.label in bundle.labels and abs(sum(p.probabilities.values()) - 1) < 1e-3 for p in preds
+        )
+        text = bundle.generate(EXAMPLE_PROMPT, max_new_tokens=8, seed=0)
+    except Exception as e:  # any failure to load or answer is the gate's finding, not a crash
+        return Gate("smoke_test", False, f"service code failed on the candidate: {type(e).__name__}: {e}")
+    if not ok:
+        return Gate("smoke_test", False, "service code returned malformed predictions")
+    return Gate("smoke_test", True, f"service code loaded it, classified {len(preds)} texts, generated {len(text)} chars")
+
+
+def current_champion(client, name: str) -> dict | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = client.get_model_version_by_alias(name, ALIAS)
+    except MlflowException:
+        return None
+    try:
+        f1 = float(mv.tags.get("test_macro_f1", "nan"))
+    except ValueError:
+        return None
+    return {"version": mv.version, "macro_f1": f1}
+
+
+def dvc_lineage(lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
+    """md5 of every stage dependency and output recorded in dvc.lock."""
+    if not lock_file.exists():
+        return {}
+    lock = yaml.safe_load(lock_file.read_text()) or {}
+    out = {}
+    for stage, body in (lock.get("stages") or {}).items():
+        for kind in ("deps", "outs"):
+            for item in body.get(kind, []) or []:
+                if "md5" in item:
+                    out[f"dvc.{stage}.{kind}.{item['path']}"] = item["md5"]
+    return out
+
+
+def run(params: Params, params_file: Path = Path("params.yaml"), flow_run_id: str | None = None) -> Decision:
+    import mlflow
+    from mlflow import MlflowClient
+
+    from models.bundle import assemble_bundle
+
+    cfg, paths = params.promote, params.paths
+    evaluation = read_json(Path(paths.metrics) / "evaluate.json")
+    validation_file = Path(paths.validation) / "results.json"
+    validation_ok = read_json(validation_file).get("success") if validation_file.exists() else None
+    variant = choose_variant(cfg, evaluation["variants"])
+    m = evaluation["variants"][variant]
+
+    setup_tracking(params.tracking)
+    client = MlflowClient()
+    name = params.tracking.registered_model
+    champion = current_champion(client, name)
+    gates = metric_gates(cfg, m, evaluation["baselines"]["majority"], champion, validation_ok)
+
+    folder = paths.compressed if variant == "int8" else paths.classifier
+    with tempfile.TemporaryDirectory(prefix="lmforge-bundle-") as tmp:
+        bundle_dir = Path(tmp) / "bundle"
+        assemble_bundle(bundle_dir, Path(paths.tokenizer) / TOKENIZER_FILE, Path(folder), Path(paths.lm))
+        gates.append(smoke_gate(bundle_dir))
+        decision = Decision(variant=variant, gates=gates)
+        for g in gates:
+            print(g)
+
+        parent = os.environ.get(PARENT_RUN_ENV)
+        decision.lineage = {
+            "git_commit": git_commit(),
+            "params_sha256": hashlib.sha256(Path(params_file).read_bytes()).hexdigest(),
+            "ge_success": str(validation_ok),
+            "prefect_flow_run_id": flow_run_id or os.environ.get("PREFECT__FLOW_RUN_ID", ""),
+            "mlflow_parent_run_id": parent or "",
+            **dvc_lineage(),
+        }
+        with mlflow.start_run(run_name="promote", parent_run_id=parent or None, tags={"lmforge.stage": "promote"}) as run_:
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(MODEL_CODE),
+                artifacts={"bundle": str(bundle_dir)},
+                code_paths=[str(MODEL_CODE.parent.parent / "models")],
+                pip_requirements=_requirements(),
+                registered_model_name=name,
+            )
+            mlflow.log_metrics({f"test_{k}": float(v) for k, v in m.items()})
+            mlflow.log_dict({"variant": variant, "gates": [g.__dict__ for g in gates]}, "gates.json")
+            mlflow.set_tags({f"gate.{g.name}": "pass" if g.passed else "fail" for g in gates})
+            decision.lineage["mlflow_promote_run_id"] = run_.info.run_id
+
+    version = str(info.registered_model_version)
+    decision.version = version
+    tags = {
+        "variant": variant,
+        "gates": "passed" if decision.passed else "failed",
+        **{f"test_{k}": str(v) for k, v in m.items()},
+        **{f"gate.{g.name}": f"{'pass' if g.passed else 'fail'}: {g.reason}" for g in gates},
+        **{k: str(v) for k, v in decision.lineage.items()},
+    }
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k[:250], v[:5000])
+    if decision.passed:
+        client.set_registered_model_alias(name, ALIAS, version)
+        decision.promoted = True
+        print(f"promoted {name} v{version} ({variant}) to @{ALIAS}")
+    else:
+        failed = ", ".join(g.name for g in gates if not g.passed)
+        print(f"not promoted: {name} v{version} ({variant}) failed {failed}; @{ALIAS} unchanged")
+    return decision
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "tokenizers", "safetensors", "mlflow", "numpy")]
+
+
+def rollback(params: Params, to_version: str | None = None) -> str:
+    """Point `champion` at `to_version`, or at the newest gate-passing version older than the current one."""
+    from mlflow import MlflowClient
+
+    setup_tracking(params.tracking)
+    client = MlflowClient()
+    name = params.tracking.registered_model
+    champion = current_champion(client, name)
+    if to_version is None:
+        if champion is None:
+            raise UserError(f"registered model {name!r} has no @{ALIAS} to roll back from")
+        versions = client.search_model_versions(f"name='{name}'")
+        older = [v for v in versions if int(v.version) < int(champion["version"]) and v.tags.get("gates") == "passed"]
+        if not older:
+            raise UserError(f"{name}: no gate-passing version older than v{champion['version']}")
+        to_version = max(older, key=lambda v: int(v.version)).version
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_model_version(name, str(to_version))
+    except MlflowException:
+        raise UserError(f"{name}: version {to_version} does not exist") from None
+    client.set_registered_model_alias(name, ALIAS, str(to_version))
+    print(f"@{ALIAS} of {name} now points at v{to_version}" + (f" (was v{champion['version']})" if champion else ""))
+    return str(to_version)
