@@ -44,7 +44,7 @@ def run_stage(stage: str, env: dict[str, str]) -> dict:
     """`dvc repro --single-item <stage>`, streaming its output into the Prefect logs."""
     logger = get_run_logger()
     proc = subprocess.Popen(
-        ["dvc", "repro", "--single-item", stage],
+        ["dvc", "repro", "--quiet", "--single-item", stage],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -164,7 +164,7 @@ def run(params: Params, params_file: Path = Path("params.yaml"), flow_run_id: st
             "mlflow_parent_run_id": parent or "",
             **dvc_lineage(),
         }
-        with mlflow.start_run(run_name="promote", parent_run_id=parent or None, tags={"lmforge.stage": "promote"}) as run_:
+        with mlflow.start_run(run_name="promote", parent_run_id=parent or None, nested=mlflow.active_run() is not None, tags={"lmforge.stage": "promote"}) as run_:
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(MODEL_CODE),
