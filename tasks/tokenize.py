@@ -62,6 +62,13 @@ def load_tokens(path: Path, split: str) -> np.memmap:
     return np.memmap(Path(path) / f"{split}.bin", dtype=DTYPE, mode="r")
 
 
+def held_out_sources(sources: list[str], fraction: float, seed: int) -> set[str]:
+    """A seeded `fraction` of the source files (at least one, never all when there are two or more)."""
+    ranked = sorted(sources, key=lambda s: hashlib.sha1(f"tokenize:{seed}:{s}".encode()).hexdigest())
+    n = min(max(1, round(fraction * len(ranked))), len(ranked) - 1)
+    return set(ranked[:n])
+
+
 @dataclass
 class TokenizeResult:
     vocab_size: int
@@ -79,12 +86,11 @@ def run(cfg: TokenizeConfig, paths: Paths, tracker: Tracker | None = None) -> To
 
     require_passed(paths)
     corpus = read_parquet(paths.clean_corpus, ["text", "source"])
-    is_val = corpus["source"].map(
-        lambda s: int(hashlib.sha1(f"{cfg.seed}:{s}".encode()).hexdigest()[:8], 16) / 2**32 < cfg.val_fraction
-    )
+    val_sources = held_out_sources(corpus["source"].unique().tolist(), cfg.val_fraction, cfg.seed)
+    is_val = corpus["source"].isin(val_sources)
     train_texts = corpus.loc[~is_val, "text"].tolist()
     val_texts = corpus.loc[is_val, "text"].tolist()
-    if not val_texts:  # tiny corpora: hold out the last document
+    if not val_texts:  # a corpus from one source: hold out its last document
         train_texts, val_texts = train_texts[:-1], train_texts[-1:]
 
     tok = train_tokenizer(train_texts, cfg.vocab_size, cfg.min_frequency)

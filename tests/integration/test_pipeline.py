@@ -1,0 +1,190 @@
+"""The whole flow on a tiny config in a temporary copy of the project, then the real service over HTTP.
+
+Real components throughout: a Prefect flow on its ephemeral server (own PREFECT_HOME), DVC in a
+fresh git repository, an MLflow sqlite store and registry, Great Expectations suites and
+`bentoml serve`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TINY = {
+    "ingest": {"packages": ["asyncio", "email", "xml"], "max_files": 8, "min_examples_per_label": 10},
+    "clean": {"min_chars": 40},
+    "validate": {"min_corpus_rows": 20, "min_rows_per_label": 1},
+    "tokenize": {"vocab_size": 512},
+    "pretrain": {"model": {"preset": "tiny"}, "max_steps": 30, "eval_interval": 15, "eval_batches": 2, "batch_size": 8},
+    "finetune": {"max_length": 32, "epochs": 1, "max_train_per_label": 40, "batch_size": 16},
+    "evaluate": {"latency_samples": 8},
+    "promote": {"min_accuracy": 0.0, "min_macro_f1": 0.0, "min_gain_over_majority": 0.0, "max_regression": 1.0},
+}
+
+
+def _copy_project(dst: Path) -> None:
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if src.is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+
+
+def _tiny_params(project: Path) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for section, values in TINY.items():
+        for key, value in values.items():
+            params[section][key] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict, timeout: float = 60) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    base = tmp_path_factory.mktemp("lmforge")
+    project = base / "project"
+    project.mkdir()
+    _copy_project(project)
+    _tiny_params(project)
+    git = ["git", "-c", "user.email=ci@lmforge.test", "-c", "user.name=ci"]
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run(git + ["add", "-A"], cwd=project, check=True)
+    subprocess.run(git + ["commit", "-qm", "tiny"], cwd=project, check=True)
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PREFECT_HOME": str(base / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{base}/mlflow.db",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "BENTOML_HOME": str(base / "bentoml"),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.pop("LMFORGE_PARENT_RUN_ID", None)
+    env.pop("PREFECT_API_URL", None)
+    start = time.perf_counter()
+    res = subprocess.run([str(BIN / "lmforge"), "pipeline"], cwd=project, env=env, capture_output=True, text=True, timeout=900)
+    output = res.stdout + res.stderr
+    (base / "pipeline.log").write_text(output)
+    assert res.returncode == 0, output[-6000:]
+    return {"dir": project, "env": env, "output": output, "seconds": time.perf_counter() - start}
+
+
+def test_flow_succeeds_without_tracebacks(project):
+    assert "Traceback" not in project["output"], project["output"][-4000:]
+    assert "promoted lmforge-classifier v1" in project["output"]
+    for stage in ("ingest", "clean", "validate", "tokenize", "pretrain", "finetune", "compress", "evaluate"):
+        assert (project["dir"] / "metrics" / f"{stage}.json").exists(), stage
+
+
+def test_registry_has_champion_with_lineage(project):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=project["env"]["MLFLOW_TRACKING_URI"])
+    mv = client.get_model_version_by_alias("lmforge-classifier", "champion")
+    assert str(mv.version) == "1"
+    assert mv.tags["gates"] == "passed"
+    assert len(mv.tags["git_commit"]) == 40
+    assert mv.tags["ge_success"] == "True"
+    assert mv.tags["prefect_flow_run_id"]
+    assert any(k.startswith("dvc.evaluate.outs.") for k in mv.tags)
+    assert all(mv.tags[f"gate.{g}"].startswith("pass") for g in ("min_accuracy", "smoke_test", "no_regression"))
+
+    parent = client.get_run(mv.tags["mlflow_parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    stages = {r.data.tags["lmforge.stage"] for r in children}
+    assert stages == {"ingest", "clean", "validate", "tokenize", "pretrain", "finetune", "compress", "evaluate", "promote"}
+    pretrain = next(r for r in children if r.data.tags["lmforge.stage"] == "pretrain")
+    assert "val_perplexity" in pretrain.data.metrics and "tokens_per_s" in pretrain.data.metrics
+
+
+def test_second_dvc_repro_runs_nothing(project):
+    res = subprocess.run(["dvc", "repro"], cwd=project["dir"], env=project["env"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "Running stage" not in res.stdout
+    assert "Data and pipelines are up to date" in res.stdout
+
+
+def test_bentoml_serve_answers_classify_and_generate(project):
+    port = _free_port()
+    server = subprocess.Popen(
+        ["bentoml", "serve", "deploy.service:LMForge", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=project["dir"],
+        env=project["env"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert server.poll() is None, server.stdout.read()
+            try:
+                with urllib.request.urlopen(f"{base}/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(1)
+        else:
+            pytest.fail("bentoml serve did not become ready in 120 s")
+
+        status, body = _post(f"{base}/classify", {"texts": ["def handle(self, msg):\n    return msg.get_payload()", "import asyncio"]})
+        assert status == 200, body
+        assert len(body) == 2
+        for pred in body:
+            assert pred["label"] in {"asyncio", "email", "xml"}
+            assert set(pred["probabilities"]) == {"asyncio", "email", "xml"}
+            assert abs(sum(pred["probabilities"].values()) - 1) < 1e-3
+
+        status, body = _post(f"{base}/generate", {"prompt": "def parse(self, data):\n    ", "max_new_tokens": 16, "seed": 0})
+        assert status == 200, body
+        assert isinstance(body["text"], str) and body["prompt"].startswith("def parse")
+
+        status, _ = _post(f"{base}/classify", {"texts": []})
+        assert status == 400
+        status, _ = _post(f"{base}/generate", {"prompt": "x", "max_new_tokens": 100000})
+        assert status == 400
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)

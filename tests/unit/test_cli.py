@@ -1,0 +1,82 @@
+"""Bad input through the real entry points: one line naming the file and key, exit code 2, no output."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _project(tmp_path: Path, **overrides) -> Path:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for dotted, value in overrides.items():
+        node = params
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copytree(ROOT / "data" / "expectations", tmp_path / "data" / "expectations")
+    return tmp_path
+
+
+def _run(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_invalid_param_value_is_one_line_naming_file_and_key(tmp_path):
+    cwd = _project(tmp_path, **{"pretrain.lr": -1})
+    res = _run(cwd, "-m", "tasks.ingest")
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert "params.yaml" in lines[0] and "pretrain.lr" in lines[0]
+    assert "Traceback" not in res.stderr
+
+
+def test_unknown_param_key_is_rejected(tmp_path):
+    cwd = _project(tmp_path, **{"finetune.epoch": 3})
+    res = _run(cwd, "-m", "tasks.finetune")
+    assert res.returncode == 2
+    assert "finetune.epoch" in res.stderr and "unknown key" in res.stderr
+
+
+def test_missing_data_path_names_the_file_and_writes_nothing(tmp_path):
+    cwd = _project(tmp_path, **{"ingest.labeled": "data/user/nope.jsonl"})
+    res = _run(cwd, "-m", "tasks.ingest")
+    assert res.returncode == 2
+    (error,) = [line for line in res.stderr.splitlines() if "error" in line]  # MLflow may log INFO lines first
+    assert error == "lmforge ingest: error: data/user/nope.jsonl: data path not found"
+    assert "Traceback" not in res.stderr
+    assert not (cwd / "data" / "raw").exists() or not any((cwd / "data" / "raw").iterdir())
+    assert not (cwd / "metrics" / "ingest.json").exists()
+
+
+def test_empty_data_file_names_the_file(tmp_path):
+    cwd = _project(tmp_path, **{"ingest.labeled": "data/user/empty.csv"})
+    (cwd / "data" / "user").mkdir(parents=True)
+    (cwd / "data" / "user" / "empty.csv").write_text("")
+    res = _run(cwd, "-m", "tasks.ingest")
+    assert res.returncode == 2
+    assert "data/user/empty.csv" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_missing_upstream_output_is_reported_not_raised(tmp_path):
+    cwd = _project(tmp_path)
+    res = _run(cwd, "-m", "tasks.clean")
+    assert res.returncode == 2
+    assert "data/raw/corpus.parquet" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_lmforge_cli_lists_commands():
+    res = subprocess.run([sys.executable, "-m", "tasks.cli", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0
+    for command in ("stage", "pipeline", "promote", "rollback", "serve", "ui"):
+        assert command in res.stdout
