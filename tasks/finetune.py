@@ -114,7 +114,7 @@ def run(cfg: FinetuneConfig, paths: Paths, tracker: Tracker | None = None) -> Fi
             tps = int(len_train[b].sum()) / (time.perf_counter() - t0)
             if step % 10 == 0:
                 tracker.log_metrics({"train_loss": loss.item(), "lr": lr, "tokens_per_s": tps}, step=step)
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", tok_s=f"{tps:,.0f}")
+            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", tok_s=f"{tps:,.0f}", refresh=False)
             bar.update()
             step += 1
         pred = predict(model, x_val, len_val, 128)

@@ -135,7 +135,7 @@ def run(cfg: PretrainConfig, paths: Paths, tracker: Tracker | None = None) -> Pr
             rec = {"step": step, "train_loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tps}
             history.append(rec)
             tracker.log_metrics({k: v for k, v in rec.items() if k != "step"}, step=step)
-            bar.set_postfix(loss=f"{rec['train_loss']:.3f}", tok_s=f"{tps:,.0f}")
+            bar.set_postfix(loss=f"{rec['train_loss']:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
         if (step > 0 and step % cfg.eval_interval == 0) or last:
             val_loss = evaluate_loss(model, val, cfg.batch_size, cfg.eval_batches, cfg.seed)
             history.append({"step": step, "val_loss": val_loss})
