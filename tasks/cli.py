@@ -35,12 +35,16 @@ def stage(name: str = typer.Argument(..., help=f"one of: {', '.join(DVC_STAGES)}
 @app.command()
 def pipeline(promote: bool = typer.Option(True, help="apply the gates and promote at the end")) -> None:
     """Run the whole Prefect flow (every stage through DVC, then promotion)."""
+    from flows.pipeline import StageFailed
     from flows.pipeline import pipeline as flow
 
     try:
         flow(promote=promote)
     except UserError as e:
         _fail(e)
+    except StageFailed as e:
+        typer.echo(f"lmforge: pipeline stopped: {e}", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()

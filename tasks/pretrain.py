@@ -136,7 +136,7 @@ def run(cfg: PretrainConfig, paths: Paths, tracker: Tracker | None = None) -> Pr
             history.append(rec)
             tracker.log_metrics({k: v for k, v in rec.items() if k != "step"}, step=step)
             bar.set_postfix(loss=f"{rec['train_loss']:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
-        if (step > 0 and step % cfg.eval_interval == 0) or last:
+        if step % cfg.eval_interval == 0 or last:
             val_loss = evaluate_loss(model, val, cfg.batch_size, cfg.eval_batches, cfg.seed)
             history.append({"step": step, "val_loss": val_loss})
             tracker.log_metrics({"val_loss": val_loss, "val_perplexity": math.exp(val_loss)}, step=step)
