@@ -86,16 +86,33 @@ class Bundle:
         return self.tokenizer.decode(new)
 
 
-def load_parts(tokenizer_file: Path, classifier_dir: Path, lm_dir: Path | None = None) -> Bundle:
-    """A Bundle from its parts wherever they lie (stage outputs or a bundle folder)."""
+def text_only(tok):
+    """Make `tok` treat "<|endoftext|>"/"<pad>" inside text as ordinary characters.
+
+    Document boundaries and padding are added as ids by our code, never parsed from text; otherwise
+    a source file that mentions the EOT string would gain a spurious boundary.
+    """
+    tok.encode_special_tokens = True
+    return tok
+
+
+def load_tokenizer(path: Path):
+    """Load `tokenizer.json` (or the folder holding it) with special-token strings encoded as text."""
     from tokenizers import Tokenizer
 
-    if not Path(tokenizer_file).exists():
-        raise FileNotFoundError(f"{tokenizer_file}: tokenizer not found")
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.exists():
+        raise FileNotFoundError(f"{file}: tokenizer not found")
+    return text_only(Tokenizer.from_file(str(file)))
+
+
+def load_parts(tokenizer_file: Path, classifier_dir: Path, lm_dir: Path | None = None) -> Bundle:
+    """A Bundle from its parts wherever they lie (stage outputs or a bundle folder)."""
     meta = read_config(classifier_dir)
     cfg = meta["config"]
     return Bundle(
-        tokenizer=Tokenizer.from_file(str(tokenizer_file)),
+        tokenizer=load_tokenizer(tokenizer_file),
         classifier=load_classifier(classifier_dir),
         labels=list(cfg["labels"]),
         max_length=int(meta.get("max_length", cfg["trunk"]["block_size"])),

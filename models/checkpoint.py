@@ -142,7 +142,13 @@ def _load_quantized(path: Path, meta: dict) -> nn.Module:
     for name, m in qmodel.named_modules():
         if not _is_dynamic_linear(m):
             continue
-        q, scale, zp = (tensors.pop(f"{name}.{k}") for k in ("weight_int8", "weight_scale", "weight_zero_point"))
+        keys = [f"{name}.{k}" for k in ("weight_int8", "weight_scale", "weight_zero_point")]
+        if any(k not in tensors for k in keys):
+            raise ValueError(f"{path}: weights do not match config (missing {[k for k in keys if k not in tensors]})")
+        q, scale, zp = (tensors.pop(k) for k in keys)
+        want = (m.out_features, m.in_features)
+        if tuple(q.shape) != want:
+            raise ValueError(f"{path}: weights do not match config ({name}.weight_int8 is {tuple(q.shape)}, config says {want})")
         if meta.get("per_channel", True):
             w = torch._make_per_channel_quantized_tensor(q, scale.double(), zp.long(), 0)
         else:

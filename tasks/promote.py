@@ -67,12 +67,12 @@ def metric_gates(cfg: PromoteConfig, m: dict, majority: dict, champion: dict | N
         gates.append(Gate("data_validation", bool(validation_ok), "Great Expectations suites passed" if validation_ok else "data validation did not pass"))
     gates.append(Gate("min_accuracy", m["accuracy"] >= cfg.min_accuracy, f"accuracy {m['accuracy']:.4f} vs floor {cfg.min_accuracy:.4f}"))
     gates.append(Gate("min_macro_f1", m["macro_f1"] >= cfg.min_macro_f1, f"macro-F1 {m['macro_f1']:.4f} vs floor {cfg.min_macro_f1:.4f}"))
-    gain = m["accuracy"] - majority["accuracy"]
+    gain = round(m["accuracy"] - majority["accuracy"], 6)  # exact-boundary values pass despite float noise
     gates.append(Gate("beats_majority", gain >= cfg.min_gain_over_majority, f"accuracy gain over majority class {gain:+.4f} vs required {cfg.min_gain_over_majority:+.4f}"))
     if champion is None:
         gates.append(Gate("no_regression", True, "no current champion"))
     else:
-        drop = champion["macro_f1"] - m["macro_f1"]
+        drop = round(champion["macro_f1"] - m["macro_f1"], 6)
         gates.append(
             Gate("no_regression", drop <= cfg.max_regression, f"macro-F1 {m['macro_f1']:.4f} vs champion v{champion['version']} {champion['macro_f1']:.4f} (allowed drop {cfg.max_regression:.4f})")
         )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.bundle import EOT, PAD
+from models.bundle import EOT, PAD, load_tokenizer, text_only  # noqa: F401 (load_tokenizer re-exported)
 from tasks.config import Paths, TokenizeConfig
 from tasks.io import read_parquet
 from tasks.tracking import Tracker, stage_main
@@ -39,15 +39,7 @@ def train_tokenizer(texts, vocab_size: int, min_frequency: int):
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    return tok
-
-
-def load_tokenizer(path: Path):
-    """Load `tokenizer.json` from a tokenizer folder (or the file itself)."""
-    from tokenizers import Tokenizer
-
-    path = Path(path)
-    return Tokenizer.from_file(str(path / TOKENIZER_FILE if path.is_dir() else path))
+    return text_only(tok)
 
 
 def encode_stream(tok, texts: list[str]) -> np.ndarray:

@@ -1,0 +1,149 @@
+"""The servable bundle built from the tiny run's outputs, as the service and MLflow load it."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+from torch.testing import assert_close
+
+from conftest import LABELS, TINY_FINETUNE
+from models.bundle import EOT, Bundle, assemble_bundle, encode_texts, load_bundle, load_parts
+from tasks.tokenize import TOKENIZER_FILE
+
+TEXTS = [
+    "def net_socket_host_1(self, port, recv=None):\n    return self.packet.send(port)",
+    "def db_cursor_query_2(self, row, commit=None):\n    return self.table.index(row)",
+    "def ui_widget_button_3(self, click, color=None):\n    return self.window.render(click)",
+    "x",
+    "ünïcode and emoji 🚀 " * 20,
+]
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tiny_pipeline, tmp_path_factory):
+    p = tiny_pipeline.paths
+    target = tmp_path_factory.mktemp("bundle") / "bundle"
+    assemble_bundle(target, p.tokenizer / TOKENIZER_FILE, p.classifier, p.lm)
+    return target
+
+
+@pytest.fixture(scope="module")
+def bundle(bundle_dir) -> Bundle:
+    return load_bundle(bundle_dir)
+
+
+def test_bundle_layout(bundle_dir):
+    assert {p.name for p in bundle_dir.iterdir()} == {"tokenizer.json", "classifier", "lm"}
+    assert {p.name for p in (bundle_dir / "lm").iterdir()} == {"model.safetensors", "config.json"}  # no plots or history
+
+
+def test_loaded_bundle(bundle):
+    assert bundle.labels == LABELS and bundle.variant == "fp32"
+    assert bundle.max_length == TINY_FINETUNE.max_length
+    assert bundle.lm is not None and not bundle.lm.training and not bundle.classifier.training
+
+
+def test_classify_one_prediction_per_text(bundle):
+    preds = bundle.classify(TEXTS)
+    assert len(preds) == len(TEXTS)
+    for p in preds:
+        assert p.label in LABELS
+        assert list(p.probabilities) == LABELS
+        assert sum(p.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+        assert all(0 <= v <= 1 for v in p.probabilities.values())
+        assert p.probabilities[p.label] == max(p.probabilities.values())
+
+
+def test_classify_is_batch_independent(bundle):
+    together = bundle.probabilities(TEXTS, batch_size=64)
+    one_by_one = torch.cat([bundle.probabilities([t]) for t in TEXTS])
+    assert_close(together, one_by_one, rtol=1e-4, atol=1e-5)
+    assert bundle.probabilities([]).shape == (0, len(LABELS))
+
+
+def test_bundle_agrees_with_evaluation(bundle, tiny_pipeline):
+    pred = pd.read_parquet(tiny_pipeline.paths.evaluation / "predictions.parquet")
+    assert [p.label for p in bundle.classify(pred["text"].tolist())] == pred["pred_fp32"].tolist()
+
+
+def test_int8_bundle(tiny_pipeline, tmp_path):
+    p = tiny_pipeline.paths
+    assemble_bundle(tmp_path / "b", p.tokenizer / TOKENIZER_FILE, p.compressed, None)
+    b = load_bundle(tmp_path / "b")
+    assert b.variant == "int8" and b.lm is None and b.max_length == TINY_FINETUNE.max_length
+    preds = b.classify(TEXTS)
+    assert len(preds) == len(TEXTS) and all(x.label in LABELS for x in preds)
+    with pytest.raises(RuntimeError, match="no language model"):
+        b.generate("def f(")
+
+
+def test_generate_returns_the_continuation(bundle):
+    prompt = "def net_socket("
+    text = bundle.generate(prompt, max_new_tokens=6, temperature=0.8, top_k=50, seed=3)
+    assert isinstance(text, str)
+    ids = bundle.tokenizer.encode(prompt).ids
+    out = bundle.lm.generate(torch.tensor([ids]), 6, temperature=0.8, top_k=50, generator=torch.Generator().manual_seed(3))
+    new = out[0, len(ids) :].tolist()
+    assert len(new) == 6
+    if bundle.eot_id in new:
+        new = new[: new.index(bundle.eot_id)]
+    assert text == bundle.tokenizer.decode(new)  # the prompt is not repeated
+
+
+def test_generate_respects_max_new_tokens(bundle):
+    seen = []
+    real = bundle.lm.generate
+
+    def spy(idx, max_new_tokens, **kw):
+        out = real(idx, max_new_tokens, **kw)
+        seen.append(out.shape[1] - idx.shape[1])
+        return out
+
+    bundle.lm.generate = spy
+    try:
+        for n in (0, 1, 5, 40):  # 40 runs past the 32-token block
+            assert isinstance(bundle.generate("def db_query(", max_new_tokens=n, temperature=0), str)
+        assert bundle.generate("x", max_new_tokens=0) == ""
+    finally:
+        del bundle.lm.generate
+    assert seen == [0, 1, 5, 40, 0]
+
+
+def test_generate_is_deterministic(bundle):
+    a = bundle.generate("def ui_", max_new_tokens=10, seed=11)
+    assert a == bundle.generate("def ui_", max_new_tokens=10, seed=11)
+    greedy = bundle.generate("def ui_", max_new_tokens=10, temperature=0)
+    assert greedy == bundle.generate("def ui_", max_new_tokens=10, temperature=0, seed=99)
+
+
+def test_generate_from_empty_prompt_starts_at_eot(bundle):
+    assert isinstance(bundle.generate("", max_new_tokens=4, temperature=0), str)
+
+
+def test_encode_texts_pads_right_and_truncates(bundle):
+    ids, lengths = encode_texts(bundle.tokenizer, ["a", "def " * 50, ""], 32, bundle.pad_id)
+    assert ids.shape == (3, 32)
+    assert lengths.tolist()[1] == 32 and lengths[0] == len(bundle.tokenizer.encode("a").ids)
+    assert lengths[2] == 1 and ids[2, 0] == bundle.pad_id  # empty text becomes one pad token
+    assert (ids[0, lengths[0] :] == bundle.pad_id).all()
+    assert bundle.tokenizer.token_to_id(EOT) == bundle.eot_id
+
+
+def test_load_parts_from_stage_outputs(tiny_pipeline):
+    p = tiny_pipeline.paths
+    b = load_parts(p.tokenizer / TOKENIZER_FILE, p.classifier, p.lm)
+    assert b.labels == LABELS and b.lm is not None
+    with pytest.raises(FileNotFoundError, match="tokenizer not found"):
+        load_parts(p.tokenizer / "missing.json", p.classifier)
+
+
+def test_service_loads_a_local_bundle(bundle_dir):
+    from deploy.service import EXAMPLE_INPUT, EXAMPLE_PROMPT, load_service_bundle
+
+    b = load_service_bundle(str(bundle_dir))
+    assert isinstance(b, Bundle) and b.labels == LABELS
+    preds = b.classify(EXAMPLE_INPUT)
+    assert len(preds) == len(EXAMPLE_INPUT)
+    assert all(abs(sum(x.probabilities.values()) - 1) < 1e-3 for x in preds)
+    assert isinstance(b.generate(EXAMPLE_PROMPT, max_new_tokens=8, seed=0), str)

@@ -1,0 +1,186 @@
+"""On-disk model format: exact round trips, int8 without pickle, and loud failures on broken folders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.testing import assert_close
+
+from models import checkpoint as ckpt
+from models.classifier import ClassifierConfig, TransformerClassifier
+from models.transformer import GPT, tiny
+
+VOCAB = 300
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (4, 24), generator=g)
+    return ids, torch.tensor([24, 10, 3, 17])
+
+
+@pytest.fixture
+def clf() -> TransformerClassifier:
+    torch.manual_seed(0)
+    m = TransformerClassifier(ClassifierConfig(trunk=tiny(vocab_size=VOCAB), labels=["db", "net", "ui"], pooling="mean"))
+    torch.nn.init.normal_(m.head.weight, std=0.5)
+    return m.eval()
+
+
+def test_lm_round_trip(tmp_path):
+    torch.manual_seed(0)
+    lm = GPT(tiny(vocab_size=VOCAB)).eval()
+    ckpt.save_lm(lm, tmp_path / "lm", extra={"note": "x"})
+    assert sorted(p.name for p in (tmp_path / "lm").iterdir()) == [ckpt.CONFIG, ckpt.WEIGHTS]
+    loaded = ckpt.load_lm(tmp_path / "lm")
+    assert not loaded.training
+    assert loaded.config == lm.config
+    assert loaded.lm_head.weight is loaded.wte.weight  # tying survives the round trip
+    for k, v in lm.state_dict().items():
+        assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
+    ids, _ = _batch()
+    assert_close(loaded(ids)[0], lm(ids)[0], rtol=0, atol=0)
+    meta = ckpt.read_config(tmp_path / "lm")
+    assert meta["kind"] == "gpt" and meta["note"] == "x"
+
+
+def test_classifier_round_trip(tmp_path, clf):
+    ckpt.save_classifier(clf, tmp_path / "clf", extra={"max_length": 24})
+    assert sorted(p.name for p in (tmp_path / "clf").iterdir()) == [ckpt.CONFIG, ckpt.WEIGHTS]
+    loaded = ckpt.load_classifier(tmp_path / "clf")
+    assert isinstance(loaded, TransformerClassifier) and not loaded.training
+    assert loaded.config.labels == ["db", "net", "ui"] and loaded.config.pooling == "mean"
+    ids, n = _batch()
+    assert_close(loaded(ids, n), clf(ids, n), rtol=0, atol=0)
+    assert ckpt.read_config(tmp_path / "clf")["max_length"] == 24
+
+
+def test_save_replaces_an_existing_folder_atomically(tmp_path, clf):
+    target = tmp_path / "clf"
+    ckpt.save_classifier(clf, target)
+    (target / "stale.txt").write_text("old")
+    ckpt.save_classifier(clf, target)
+    assert sorted(p.name for p in target.iterdir()) == [ckpt.CONFIG, ckpt.WEIGHTS]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clf"]  # no temp or old folders left behind
+
+
+def test_failed_write_leaves_the_old_folder(tmp_path, clf):
+    target = tmp_path / "clf"
+    ckpt.save_classifier(clf, target)
+    before = (target / ckpt.WEIGHTS).read_bytes()
+
+    def broken(d):
+        (d / "partial").write_text("x")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        ckpt.write_dir_atomically(target, broken)
+    assert (target / ckpt.WEIGHTS).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clf"]
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_int8_round_trip_matches_in_memory_quantized_model(tmp_path, clf, per_channel):
+    qmodel = ckpt.quantize_classifier(clf, per_channel=per_channel)
+    ckpt.save_classifier(clf, tmp_path / "fp32")
+    ckpt.save_quantized(qmodel, clf.config, tmp_path / "int8", per_channel=per_channel, extra={"max_length": 24})
+    loaded = ckpt.load_classifier(tmp_path / "int8")
+    ids, n = _batch()
+    with torch.inference_mode():
+        expected = qmodel(ids, n)
+        assert_close(loaded(ids, n), expected, rtol=0, atol=0)
+        # quantization approximates the float model without changing its decisions much
+        assert_close(expected, clf(ids, n), rtol=0.1, atol=0.05)
+    meta = ckpt.read_config(tmp_path / "int8")
+    assert meta["kind"] == "classifier-int8" and meta["per_channel"] is per_channel and meta["max_length"] == 24
+    assert ckpt.dir_size_mb(tmp_path / "int8") < ckpt.dir_size_mb(tmp_path / "fp32")
+
+
+def test_quantize_leaves_the_float_model_alone(clf):
+    before = {k: v.clone() for k, v in clf.state_dict().items()}
+    ckpt.quantize_classifier(clf)
+    assert isinstance(clf.trunk.lm_head, torch.nn.Linear)
+    for k, v in clf.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_int8_folder_holds_only_plain_tensors(tmp_path, clf):
+    ckpt.save_quantized(ckpt.quantize_classifier(clf), clf.config, tmp_path / "int8", per_channel=True)
+    assert sorted(p.name for p in (tmp_path / "int8").iterdir()) == [ckpt.CONFIG, ckpt.WEIGHTS]
+    tensors = load_file(str(tmp_path / "int8" / ckpt.WEIGHTS))  # safetensors: no code execution possible
+    int8 = {k for k, t in tensors.items() if t.dtype == torch.int8}
+    assert int8 and all(k.endswith(".weight_int8") for k in int8)
+    assert "head.weight_int8" in int8 and "trunk.blocks.0.attn.qkv.weight_int8" in int8
+    assert tensors["trunk.blocks.0.attn.qkv.weight_scale"].shape == (48,)  # one scale per output channel
+    assert tensors["trunk.wte.weight"].dtype == torch.float32  # embeddings stay float
+    assert not any(k.startswith("trunk.lm_head") for k in tensors)
+    json.loads((tmp_path / "int8" / ckpt.CONFIG).read_text())  # config is plain JSON
+
+
+def test_garbled_config_raises(tmp_path, clf):
+    ckpt.save_classifier(clf, tmp_path / "clf")
+    (tmp_path / "clf" / ckpt.CONFIG).write_text("{not json")
+    with pytest.raises(ValueError):
+        ckpt.load_classifier(tmp_path / "clf")
+
+
+def test_missing_config_raises(tmp_path, clf):
+    ckpt.save_classifier(clf, tmp_path / "clf")
+    (tmp_path / "clf" / ckpt.CONFIG).unlink()
+    with pytest.raises(FileNotFoundError, match="model config not found"):
+        ckpt.load_classifier(tmp_path / "clf")
+
+
+def _edit_config(folder, edit) -> None:
+    f = folder / ckpt.CONFIG
+    meta = json.loads(f.read_text())
+    edit(meta)
+    f.write_text(json.dumps(meta))
+
+
+def test_unknown_config_key_raises(tmp_path, clf):
+    ckpt.save_classifier(clf, tmp_path / "clf")
+    _edit_config(tmp_path / "clf", lambda m: m["config"]["trunk"].update(n_layers=2))
+    with pytest.raises(ValueError, match="unknown model config keys"):
+        ckpt.load_classifier(tmp_path / "clf")
+
+
+def test_wrong_kind_raises(tmp_path):
+    torch.manual_seed(0)
+    ckpt.save_lm(GPT(tiny(vocab_size=VOCAB)), tmp_path / "lm")
+    with pytest.raises(ValueError, match="not a classifier"):
+        ckpt.load_classifier(tmp_path / "lm")
+
+
+def test_config_that_disagrees_with_weights_raises_fp32(tmp_path, clf):
+    ckpt.save_classifier(clf, tmp_path / "clf")
+    _edit_config(tmp_path / "clf", lambda m: m["config"]["trunk"].update(n_embd=32))
+    with pytest.raises(RuntimeError):
+        ckpt.load_classifier(tmp_path / "clf")
+
+
+def test_config_that_disagrees_with_weights_raises_int8_trunk(tmp_path, clf):
+    ckpt.save_quantized(ckpt.quantize_classifier(clf), clf.config, tmp_path / "int8", per_channel=True)
+    _edit_config(tmp_path / "int8", lambda m: m["config"]["trunk"].update(n_layer=3))
+    with pytest.raises((ValueError, KeyError), match="blocks.2"):  # names the tensor that is missing
+        ckpt.load_classifier(tmp_path / "int8")
+
+
+def test_int8_weights_for_a_wider_trunk_raise(tmp_path, clf):
+    ckpt.save_quantized(ckpt.quantize_classifier(clf), clf.config, tmp_path / "int8", per_channel=True)
+    _edit_config(tmp_path / "int8", lambda m: m["config"]["trunk"].update(block_size=64))
+    with pytest.raises(RuntimeError):  # wpe (32, 16) cannot fill a (64, 16) table
+        ckpt.load_classifier(tmp_path / "int8")
+
+
+def test_config_that_disagrees_with_weights_raises_int8_labels(tmp_path, clf):
+    """A label list that disagrees with the stored head must not load (the model would emit 3 logits for 4 labels)."""
+    ckpt.save_quantized(ckpt.quantize_classifier(clf), clf.config, tmp_path / "int8", per_channel=True)
+    _edit_config(tmp_path / "int8", lambda m: m["config"].update(labels=["a", "b", "c", "d"]))
+    with pytest.raises((ValueError, RuntimeError)):
+        loaded = ckpt.load_classifier(tmp_path / "int8")
+        ids, n = _batch()
+        assert loaded(ids, n).shape == (4, 4), "loaded, but its logits do not match its labels"

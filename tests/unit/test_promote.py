@@ -1,0 +1,182 @@
+"""promote: the number-only gates, variant choice and dvc.lock lineage (no MLflow needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.config import PromoteConfig
+from tasks.errors import UserError
+from tasks.promote import choose_variant, dvc_lineage, metric_gates
+
+CFG = PromoteConfig(
+    min_accuracy=0.5,
+    min_macro_f1=0.4,
+    min_gain_over_majority=0.1,
+    max_regression=0.02,
+    max_latency_ms=10.0,
+    max_size_mb=5.0,
+    require_validation=True,
+)
+GOOD = {"accuracy": 0.8, "macro_f1": 0.75, "latency_p50_ms": 2.5, "size_mb": 1.25}
+MAJORITY = {"accuracy": 0.34, "macro_f1": 0.17}
+
+
+def _gates(m=GOOD, majority=MAJORITY, champion=None, validation_ok=True, cfg=CFG) -> dict:
+    return {g.name: g for g in metric_gates(cfg, m, majority, champion, validation_ok)}
+
+
+def test_all_gates_pass_on_good_numbers():
+    gates = _gates()
+    assert list(gates) == ["data_validation", "min_accuracy", "min_macro_f1", "beats_majority", "no_regression", "latency", "size"]
+    assert all(g.passed for g in gates.values())
+    assert gates["min_accuracy"].reason == "accuracy 0.8000 vs floor 0.5000"
+    assert gates["min_macro_f1"].reason == "macro-F1 0.7500 vs floor 0.4000"
+    assert gates["beats_majority"].reason == "accuracy gain over majority class +0.4600 vs required +0.1000"
+    assert gates["no_regression"].reason == "no current champion"
+    assert gates["latency"].reason == "p50 2.50 ms vs budget 10.00 ms"
+    assert gates["size"].reason == "1.25 MB vs budget 5.00 MB"
+    assert str(gates["size"]).startswith("PASS  size: ")
+
+
+@pytest.mark.parametrize(
+    "gate, change, numbers",
+    [
+        ("min_accuracy", {"accuracy": 0.45}, ["0.4500", "0.5000"]),
+        ("min_macro_f1", {"macro_f1": 0.3}, ["0.3000", "0.4000"]),
+        ("latency", {"latency_p50_ms": 12.345}, ["12.35", "10.00"]),
+        ("size", {"size_mb": 7.5}, ["7.50", "5.00"]),
+    ],
+)
+def test_each_threshold_gate_fails_with_its_numbers(gate, change, numbers):
+    gates = _gates(m={**GOOD, **change})
+    assert not gates[gate].passed
+    assert all(n in gates[gate].reason for n in numbers), gates[gate].reason
+    assert str(gates[gate]).startswith(f"FAIL  {gate}: ")
+    assert [g for g in gates.values() if not g.passed] == [gates[gate]]  # nothing else failed
+
+
+def test_thresholds_are_inclusive():
+    edge = {"accuracy": 0.5, "macro_f1": 0.4, "latency_p50_ms": 10.0, "size_mb": 5.0}
+    assert all(g.passed for g in _gates(m=edge, majority={"accuracy": 0.375}).values())
+
+
+def test_gain_exactly_at_the_required_margin_passes():
+    """Metrics are rounded to 4 decimals; 0.5 - 0.4 is 0.09999999999999998 in floating point."""
+    gate = _gates(m={**GOOD, "accuracy": 0.5}, majority={"accuracy": 0.4})["beats_majority"]
+    assert gate.passed, str(gate)
+
+
+def test_drop_exactly_at_the_allowed_regression_passes():
+    """0.77 - 0.75 is 0.020000000000000018 in floating point; a 0.0200 drop is allowed by max_regression 0.02."""
+    gate = _gates(champion={"version": "1", "macro_f1": 0.77})["no_regression"]
+    assert gate.passed, str(gate)
+
+
+def test_beats_majority_gate():
+    gates = _gates(m={**GOOD, "accuracy": 0.55}, majority={"accuracy": 0.5})
+    assert not gates["beats_majority"].passed
+    assert "+0.0500" in gates["beats_majority"].reason and "+0.1000" in gates["beats_majority"].reason
+    assert _gates(m={**GOOD, "accuracy": 0.65}, majority={"accuracy": 0.5})["beats_majority"].passed
+
+
+def test_no_regression_gate_against_champion():
+    ok = _gates(champion={"version": "3", "macro_f1": 0.76})["no_regression"]
+    assert ok.passed
+    bad = _gates(champion={"version": "3", "macro_f1": 0.80})["no_regression"]
+    assert not bad.passed
+    assert "0.7500" in bad.reason and "v3" in bad.reason and "0.8000" in bad.reason and "0.0200" in bad.reason
+
+
+def test_validation_gate():
+    for ok in (False, None):
+        g = _gates(validation_ok=ok)["data_validation"]
+        assert not g.passed and "did not pass" in g.reason
+    assert "data_validation" not in _gates(validation_ok=None, cfg=CFG.model_copy(update={"require_validation": False}))
+
+
+VARIANTS = {
+    "fp32": {"macro_f1": 0.80, "latency_p50_ms": 4.0, "size_mb": 4.0},
+    "int8": {"macro_f1": 0.78, "latency_p50_ms": 2.0, "size_mb": 1.0},
+}
+
+
+def test_auto_picks_best_macro_f1_within_budgets():
+    assert choose_variant(CFG, VARIANTS) == "fp32"
+
+
+def test_auto_skips_a_variant_over_budget():
+    slow = {**VARIANTS, "fp32": {**VARIANTS["fp32"], "latency_p50_ms": 50.0}}
+    assert choose_variant(CFG, slow) == "int8"
+    big = {**VARIANTS, "fp32": {**VARIANTS["fp32"], "size_mb": 6.0}}
+    assert choose_variant(CFG, big) == "int8"
+
+
+def test_auto_falls_back_to_all_variants_when_none_fits():
+    over = {k: {**v, "latency_p50_ms": 99.0} for k, v in VARIANTS.items()}
+    assert choose_variant(CFG, over) == "fp32"
+
+
+def test_auto_breaks_ties_by_smaller_size():
+    tie = {**VARIANTS, "int8": {**VARIANTS["int8"], "macro_f1": 0.80}}
+    assert choose_variant(CFG, tie) == "int8"
+
+
+def test_explicit_variant():
+    assert choose_variant(CFG.model_copy(update={"variant": "int8"}), VARIANTS) == "int8"
+    with pytest.raises(UserError, match="promote.variant"):
+        choose_variant(CFG.model_copy(update={"variant": "int8"}), {"fp32": VARIANTS["fp32"]})
+
+
+LOCK = """\
+schema: '2.0'
+stages:
+  ingest:
+    cmd: python -m tasks.ingest
+    deps:
+    - path: tasks/ingest.py
+      hash: md5
+      md5: aaa111
+      size: 100
+    params:
+      params.yaml:
+        ingest.seed: 1337
+    outs:
+    - path: data/raw/corpus.parquet
+      hash: md5
+      md5: bbb222
+      size: 200
+    - path: data/raw/labeled.parquet
+      hash: md5
+      md5: ccc333
+  tokenize:
+    cmd: python -m tasks.tokenize
+    deps:
+    - path: data/clean/corpus.parquet
+      md5: ddd444
+    - path: data/tokenizer
+      md5: eee555.dir
+      nfiles: 1
+    outs:
+    - path: data/tokens
+      cloud: {}
+"""
+
+
+def test_dvc_lineage_reads_every_md5(tmp_path):
+    lock = tmp_path / "dvc.lock"
+    lock.write_text(LOCK)
+    assert dvc_lineage(lock) == {
+        "dvc.ingest.deps.tasks/ingest.py": "aaa111",
+        "dvc.ingest.outs.data/raw/corpus.parquet": "bbb222",
+        "dvc.ingest.outs.data/raw/labeled.parquet": "ccc333",
+        "dvc.tokenize.deps.data/clean/corpus.parquet": "ddd444",
+        "dvc.tokenize.deps.data/tokenizer": "eee555.dir",
+    }
+
+
+def test_dvc_lineage_without_lock_or_stages(tmp_path):
+    assert dvc_lineage(tmp_path / "dvc.lock") == {}
+    (tmp_path / "empty.lock").write_text("")
+    assert dvc_lineage(tmp_path / "empty.lock") == {}
+    (tmp_path / "nostages.lock").write_text("schema: '2.0'\nstages:\n")
+    assert dvc_lineage(tmp_path / "nostages.lock") == {}
