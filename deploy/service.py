@@ -83,5 +83,9 @@ class LMForge:
         seed: int | None = None,
     ) -> Generation:
         """Continue `prompt` with the pretrained language model (bounded by `max_new_tokens`)."""
+        if not self.bundle.can_generate:
+            from bentoml.exceptions import InvalidArgument
+
+            raise InvalidArgument("the champion was pretrained as a masked LM and cannot generate text")
         text = self.bundle.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None, seed=seed)
         return Generation(prompt=prompt, text=text)

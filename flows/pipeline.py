@@ -26,6 +26,20 @@ STAGES = ("ingest", "clean", "validate", "tokenize", "pretrain", "finetune", "co
 class StageFailed(RuntimeError):
     """A DVC stage exited non-zero; its own output (already in the logs) says why."""
 
+    def __init__(self, message: str, returncode: int) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+
+
+USER_ERROR_EXIT = 2  # a stage's one-line user error: retrying cannot help
+RESUMABLE = {"pretrain": 2}  # stages that continue from their last checkpoint: retries are cheap
+
+
+def worth_retrying(task, task_run, state) -> bool:
+    """Retry crashes (killed worker, lost device), not bad input."""
+    exc = state.result(raise_on_failure=False)
+    return not (isinstance(exc, StageFailed) and exc.returncode == USER_ERROR_EXIT)
+
 
 def workspace_limit(project: Path) -> str:
     """Name of the global concurrency limit that serialises `dvc repro` on one workspace."""
@@ -39,7 +53,7 @@ def ensure_limit(name: str) -> None:
         client.upsert_global_concurrency_limit_by_name(name, 1)
 
 
-@task(task_run_name="{stage}", retries=0)
+@task(task_run_name="{stage}", retries=0, retry_condition_fn=worth_retrying)
 def run_stage(stage: str, env: dict[str, str]) -> dict:
     """`dvc repro --single-item <stage>`, streaming its output into the Prefect logs."""
     logger = get_run_logger()
@@ -60,7 +74,9 @@ def run_stage(stage: str, env: dict[str, str]) -> dict:
                 logger.info(line)
                 last = line
     if proc.wait() != 0:
-        raise StageFailed(f"stage {stage!r} failed (dvc repro exit code {proc.returncode}): {last}")
+        stage_code = re.search(r"exited with (-?\d+)", last)  # dvc reports the command's own exit code
+        code = int(stage_code.group(1)) if stage_code else proc.returncode
+        raise StageFailed(f"stage {stage!r} failed (dvc repro exit code {proc.returncode}): {last}", code)
     from tasks.config import load_params
 
     metrics = Path(load_params().paths.metrics) / f"{stage}.json"
@@ -114,7 +130,8 @@ def pipeline(promote: bool = True) -> dict:
         env = {**os.environ, PARENT_RUN_ENV: parent.info.run_id, "TQDM_MININTERVAL": "5", "PYTHONUNBUFFERED": "1"}
         with concurrency(limit, occupy=1, strict=True):
             for stage in STAGES:
-                results["stages"][stage] = run_stage(stage, env)
+                retries = RESUMABLE.get(stage, 0)
+                results["stages"][stage] = run_stage.with_options(retries=retries, retry_delay_seconds=5)(stage, env)
             decision = promote_candidate(parent.info.run_id) if promote else None
         results["promotion"] = decision
         evaluation = results["stages"]["evaluate"]

@@ -23,6 +23,7 @@ from models.checkpoint import load_classifier, load_lm, read_config, write_dir_a
 TOKENIZER = "tokenizer.json"
 EOT = "<|endoftext|>"
 PAD = "<pad>"
+MASK = "<mask>"
 
 
 def encode_texts(tokenizer, texts: list[str], max_length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,11 +73,16 @@ class Bundle:
             for p in probs
         ]
 
+    @property
+    def can_generate(self) -> bool:
+        """A causal LM is present (a masked-LM encoder cannot continue text)."""
+        return self.lm is not None and self.lm.config.causal
+
     @torch.inference_mode()
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int | None = 50, seed: int | None = None) -> str:
         """Continuation of `prompt` from the pretrained LM (the prompt itself is not repeated)."""
-        if self.lm is None:
-            raise RuntimeError("this bundle has no language model")
+        if not self.can_generate:
+            raise RuntimeError("this bundle has no language model that can generate (none, or a masked-LM encoder)")
         ids = self.tokenizer.encode(prompt).ids or [self.eot_id]
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         out = self.lm.generate(torch.tensor([ids]), max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)

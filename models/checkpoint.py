@@ -17,11 +17,19 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from models.baselines import CNNClassifier, CNNConfig, GRUClassifier, GRUConfig
 from models.classifier import ClassifierConfig, TransformerClassifier
 from models.transformer import GPT, GPTConfig
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+
+# Float classifiers by `kind` in config.json: (config dataclass, module). int8 is "classifier-int8".
+CLASSIFIER_KINDS: dict[str, tuple[type, type[nn.Module]]] = {
+    "classifier": (ClassifierConfig, TransformerClassifier),
+    "classifier-cnn": (CNNConfig, CNNClassifier),
+    "classifier-gru": (GRUConfig, GRUClassifier),
+}
 
 
 def write_dir_atomically(target: Path, fill) -> None:
@@ -72,12 +80,22 @@ def load_lm(path: Path) -> GPT:
     return model.eval()
 
 
-def write_classifier(model: TransformerClassifier, d: Path, extra: dict | None = None) -> None:
+def classifier_kind(model: nn.Module) -> str:
+    """The `kind` a float classifier is saved under."""
+    for kind, (_, module_type) in CLASSIFIER_KINDS.items():
+        if type(model) is module_type:
+            return kind
+    raise TypeError(f"no checkpoint kind for {type(model).__name__}")
+
+
+def write_classifier(model: nn.Module, d: Path, extra: dict | None = None) -> None:
+    """Write a float classifier (Transformer, CNN or GRU) into folder `d` (not atomic)."""
+    kind = classifier_kind(model)
     save_model(model, str(Path(d) / WEIGHTS))
-    _write_config(Path(d), "classifier", model.config.to_dict(), extra)
+    _write_config(Path(d), kind, model.config.to_dict(), extra)
 
 
-def save_classifier(model: TransformerClassifier, path: Path, extra: dict | None = None) -> None:
+def save_classifier(model: nn.Module, path: Path, extra: dict | None = None) -> None:
     write_dir_atomically(path, lambda d: write_classifier(model, d, extra))
 
 
@@ -165,13 +183,19 @@ def _load_quantized(path: Path, meta: dict) -> nn.Module:
 
 
 def load_classifier(path: Path) -> nn.Module:
-    """Load a float or int8 classifier directory; returns a module in eval mode."""
+    """Load a classifier directory of any kind (Transformer fp32 or int8, CNN, GRU); returns it in eval mode."""
     meta = read_config(path)
     if meta["kind"] == "classifier-int8":
         return _load_quantized(path, meta)
-    if meta["kind"] != "classifier":
-        raise ValueError(f"{path}: not a classifier (kind {meta['kind']!r})")
-    model = TransformerClassifier(ClassifierConfig(**meta["config"]))
+    if meta["kind"] not in CLASSIFIER_KINDS:
+        known = sorted([*CLASSIFIER_KINDS, "classifier-int8"])
+        raise ValueError(f"{path}: not a classifier (kind {meta['kind']!r}; known kinds: {', '.join(known)})")
+    config_type, module_type = CLASSIFIER_KINDS[meta["kind"]]
+    try:
+        config = config_type(**meta["config"])
+    except TypeError as e:  # a key the config dataclass does not have
+        raise ValueError(f"{path}: config does not fit kind {meta['kind']!r}: {e}") from None
+    model = module_type(config)
     load_model(model, str(Path(path) / WEIGHTS))
     return model.eval()
 

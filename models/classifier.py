@@ -36,7 +36,8 @@ class ClassifierConfig:
 
 
 class TransformerClassifier(nn.Module):
-    """Causal trunk; right padding is exact because real tokens never attend to later pads."""
+    """Transformer trunk + pooling + linear head; right padding is exact (causal trunks never look
+    ahead, bidirectional ones mask the padded keys)."""
 
     def __init__(self, cfg: ClassifierConfig) -> None:
         super().__init__()
@@ -48,7 +49,7 @@ class TransformerClassifier(nn.Module):
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Class logits (B, K) for right-padded token ids `idx` (B, T) with real `lengths` (B,)."""
-        h = self.trunk.hidden(idx)  # (B, T, C)
+        h = self.trunk.hidden(idx, lengths)  # (B, T, C)
         if self.config.pooling == "last":
             pooled = h[torch.arange(h.size(0)), lengths - 1]  # (B, C)
         else:

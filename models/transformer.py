@@ -1,4 +1,9 @@
-"""Decoder-only Transformer language model (pre-norm, SDPA attention, weight-tied head)."""
+"""Transformer language model: pre-norm blocks, SDPA attention, weight-tied head.
+
+Decoder-only (causal) by default; `causal=False` gives the bidirectional encoder that masked-LM
+pretraining needs. Positions are learned or rotary; `attn_window` turns on sliding-window (local)
+attention, the sparse-attention option.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from models.losses import linear_cross_entropy
 
 
 @dataclass
@@ -28,6 +35,14 @@ class GPTConfig:
     """Dropout on attention, MLP output and embeddings."""
     bias: bool = False
     """Use bias in Linear and LayerNorm layers."""
+    pos_encoding: str = "learned"
+    """`learned` absolute position embeddings or `rope` (rotary, applied to queries and keys)."""
+    rope_base: float = 10000.0
+    """Rotary frequency base."""
+    attn_window: int = 0
+    """Sliding-window attention: each token sees at most this many tokens (itself included); 0 = all."""
+    causal: bool = True
+    """Causal (decoder, next-token) attention; False = bidirectional (masked-LM encoder)."""
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -37,6 +52,16 @@ class GPTConfig:
                 raise ValueError(f"{name} must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError("dropout must be in [0, 1)")
+        if self.pos_encoding not in POS_ENCODINGS:
+            raise ValueError(f"pos_encoding must be one of {POS_ENCODINGS}, got {self.pos_encoding!r}")
+        if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError("rope needs an even head size (n_embd / n_head)")
+        if self.attn_window < 0:
+            raise ValueError("attn_window must be >= 0")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,23 +91,58 @@ def gpt2_124m(**kw) -> GPTConfig:
 
 
 PRESETS = {"tiny": tiny, "small": small, "gpt2-124m": gpt2_124m}
+POS_ENCODINGS = ("learned", "rope")
 
 
-class CausalSelfAttention(nn.Module):
+def rope_tables(T: int, head_dim: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (T, D/2) for rotary embeddings, in float32."""
+    inv = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv)  # (T, D/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (even, odd) of `x` (B, H, T, D) by position-dependent angles."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, T, D/2) each
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+def attention_mask(T: int, causal: bool, window: int, lengths: torch.Tensor | None, device) -> torch.Tensor | None:
+    """Boolean mask (B or 1, 1, T, T), True = may attend; None when plain causal SDPA suffices."""
+    if causal and not window and lengths is None:
+        return None
+    i = torch.arange(T, device=device)
+    rel = i[:, None] - i[None, :]  # query minus key position
+    mask = torch.ones(T, T, dtype=torch.bool, device=device)
+    if causal:
+        mask &= rel >= 0
+    if window:
+        mask &= rel.abs() < window
+    mask = mask[None, None]  # (1, 1, T, T)
+    if lengths is not None and not causal:  # keys past a sequence's length are padding
+        mask = mask & (i[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, T, T)
+    return mask
+
+
+class SelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.n_head = cfg.n_head
+        self.rope = cfg.pos_encoding == "rope"
         self.dropout = cfg.dropout
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rope: tuple | None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # (B, T, C) each
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0
         )  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_drop(self.proj(y))
@@ -103,12 +163,12 @@ class Block(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = SelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, rope: tuple | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -118,14 +178,14 @@ def padded_vocab(vocab_size: int) -> int:
 
 
 class GPT(nn.Module):
-    """Decoder-only Transformer with learned positions and a weight-tied LM head."""
+    """Transformer trunk with learned or rotary positions and a weight-tied LM head."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.config = cfg
         vocab = padded_vocab(cfg.vocab_size)
         self.wte = nn.Embedding(vocab, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_encoding == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
@@ -147,28 +207,58 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
-        return n - self.wpe.weight.numel() if non_embedding else n
+        return n - self.wpe.weight.numel() if non_embedding and self.wpe is not None else n
 
-    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden states for token ids `idx` (B, T) -> (B, T, C)."""
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token: 6N + 12·L·H·Q·T (PaLM appendix B; nanoGPT `estimate_mfu`)."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
+
+    def hidden(self, idx: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states for token ids `idx` (B, T) -> (B, T, C).
+
+        `lengths` (B,) marks right padding; only a bidirectional trunk needs it (causal tokens never
+        see later pads).
+        """
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        c = self.config
+        if T > c.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {c.block_size}")
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(T, device=idx.device))
+        x = self.drop(x)
+        mask = attention_mask(T, c.causal, c.attn_window, None if c.causal else lengths, idx.device)
+        rope = rope_tables(T, c.head_dim, c.rope_base, idx.device) if c.pos_encoding == "rope" else None
         for block in self.blocks:
-            x = block(x)
+            x = block(x, mask, rope)
         return self.ln_f(x)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, V) and, given `targets` (B, T), the mean cross-entropy (ignore_index -1)."""
-        logits = self.lm_head(self.hidden(idx))  # (B, T, V)
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+        fused_loss: bool = False,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Logits (B, T, V) and, given `targets` (B, T), the mean cross-entropy (ignore index -1).
+
+        With `fused_loss` the loss is computed chunk-wise without building the logits, and the
+        logits returned are None. A bidirectional (masked-LM) model scores only the positions that
+        have a target.
+        """
+        h = self.hidden(idx, lengths)  # (B, T, C)
         if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+            return self.lm_head(h), None
+        h, t = h.reshape(-1, h.size(-1)), targets.reshape(-1)  # (B*T, C), (B*T,)
+        if not self.config.causal:
+            keep = t != -1
+            h, t = h[keep], t[keep]
+        if fused_loss:
+            return None, linear_cross_entropy(h, self.lm_head.weight, t)
+        logits = self.lm_head(h)  # (N, V)
+        loss = F.cross_entropy(logits.float(), t, ignore_index=-1)
+        return (logits.view(*idx.shape, -1) if self.config.causal else logits), loss
 
     @torch.no_grad()
     def generate(
@@ -180,6 +270,8 @@ class GPT(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Sample `max_new_tokens` continuations of `idx` (B, T); temperature 0 is greedy."""
+        if not self.config.causal:
+            raise ValueError("a bidirectional (masked-LM) model cannot generate text")
         for _ in range(max_new_tokens):
             ctx = idx[:, -self.config.block_size :]
             logits = self(ctx)[0][:, -1, : self.config.vocab_size]  # (B, V)

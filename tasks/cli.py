@@ -88,5 +88,16 @@ def ui(port: int = 5000, params: str = "params.yaml") -> None:
     os.execvp("mlflow", ["mlflow", "ui", "--backend-store-uri", tracking_uri(cfg), "--port", str(port)])
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context, name: str = typer.Argument("train_throughput", help="a script in bench/")) -> None:
+    """Run a benchmark from bench/; other options pass through (e.g. `--preset nanogpt-cpu`)."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / f"{name.replace('-', '_')}.py"
+    if not script.exists():
+        _fail(UserError(f"{script}: no such benchmark"))
+    os.execv(sys.executable, [sys.executable, str(script), *ctx.args])
+
+
 if __name__ == "__main__":
     app()

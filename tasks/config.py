@@ -40,11 +40,15 @@ class Paths(Section):
     tokenizer: Path
     """Folder holding the trained BPE `tokenizer.json`."""
     tokens: Path
-    """Memory-mapped token ids of the corpus (train.bin, val.bin, meta.json)."""
+    """Memory-mapped token-id shards of the corpus (train-*.bin, val-*.bin, meta.json)."""
+    checkpoints: Path
+    """Resumable training checkpoints (git- and DVC-ignored scratch space)."""
     lm: Path
     """Pretrained language model (safetensors + config.json)."""
     classifier: Path
     """Fine-tuned classifier (safetensors + config.json)."""
+    baselines: Path
+    """Classifiers trained from scratch beside it, one subfolder per baseline (scratch, cnn, gru)."""
     compressed: Path
     """int8 dynamic-quantized classifier."""
     evaluation: Path
@@ -136,6 +140,8 @@ class TokenizeConfig(Section):
     """Share of corpus documents held out for validation perplexity."""
     seed: int = 1337
     """Seed of the document-to-split assignment."""
+    shard_tokens: int = Field(100_000_000, ge=1024)
+    """Token ids per memory-mapped shard file."""
 
 
 class ModelSpec(Section):
@@ -153,49 +159,123 @@ class ModelSpec(Section):
     """Override: context length."""
     dropout: float | None = Field(None, ge=0, lt=1)
     """Override: dropout."""
+    pos_encoding: Literal["learned", "rope"] | None = None
+    """Override: `learned` absolute positions or `rope` rotary embeddings."""
+    attn_window: int | None = Field(None, ge=0)
+    """Override: sliding-window (local) attention span in tokens; 0 = full attention."""
 
     def overrides(self) -> dict:
         return {k: v for k, v in self.model_dump(exclude={"preset"}).items() if v is not None}
 
 
-class PretrainConfig(Section):
-    """Causal-LM pretraining."""
+class TrainLoop(Section):
+    """Optimizer, schedule and numerics shared by the training stages."""
 
-    model: ModelSpec = Field(default_factory=ModelSpec)
-    """Model shape (vocab size comes from the tokenizer)."""
-    batch_size: int = Field(16, ge=1)
-    """Sequences per optimizer step."""
-    max_steps: int = Field(700, ge=1)
-    """Optimizer steps."""
+    optimizer: Literal["adamw", "sgd", "rmsprop"] = "adamw"
+    """AdamW (fused on CUDA), SGD with momentum, or RMSprop."""
     lr: float = Field(3e-3, gt=0)
-    """Peak learning rate (AdamW)."""
+    """Peak learning rate."""
     min_lr: float = Field(3e-4, ge=0)
-    """Learning rate at the end of the cosine decay."""
+    """Learning rate at the end of the decay."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup: cosine or linear to `min_lr`, or constant at `lr`."""
     warmup_steps: int = Field(50, ge=0)
     """Linear warmup steps."""
     weight_decay: float = Field(0.1, ge=0)
-    """AdamW weight decay on matrices."""
+    """Decoupled weight decay on matrices (not on norms, biases)."""
+    beta1: float = Field(0.9, ge=0, lt=1)
+    """AdamW beta1."""
+    beta2: float = Field(0.95, ge=0, lt=1)
+    """AdamW beta2."""
+    momentum: float = Field(0.9, ge=0, lt=1)
+    """SGD / RMSprop momentum."""
     grad_clip: float = Field(1.0, ge=0)
     """Clip the global gradient norm to this (0 = off)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train; `auto` takes CUDA when present."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast dtype: `auto` = bf16 on CUDA (fp16 + GradScaler where bf16 is unsupported), fp32 on CPU."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    deterministic: bool = False
+    """Deterministic algorithms only (bit-exact reruns on CPU; slower on GPU)."""
+    seed: int = 1337
+    """Random seed."""
+
+    @model_validator(mode="after")
+    def _check_lr(self):
+        if self.min_lr > self.lr:
+            raise ValueError("min_lr must not exceed lr")
+        return self
+
+
+class DistributedConfig(Section):
+    """Data-parallel training across processes, started with torchrun by the stage itself."""
+
+    nproc: int = Field(1, ge=1)
+    """Processes on this machine (one per GPU, or CPU processes on gloo); 1 = no torchrun."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """DDP replicates the model; FSDP shards parameters, gradients and optimizer state."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Collective backend: `auto` = nccl on CUDA, gloo on CPU."""
+
+
+class PretrainConfig(TrainLoop):
+    """Language-model pretraining on the memory-mapped token shards."""
+
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    """Model shape (vocab size comes from the tokenizer)."""
+    objective: Literal["causal", "mlm"] = "causal"
+    """Next-token prediction (decoder) or BERT-style masked LM (bidirectional encoder)."""
+    mask_prob: float = Field(0.15, gt=0, lt=1)
+    """MLM: share of tokens selected for prediction (80% masked, 10% random, 10% kept)."""
+    batch_size: int = Field(16, ge=1)
+    """Global sequences per optimizer step (all processes, all accumulation steps)."""
+    micro_batch_size: int = Field(0, ge=0)
+    """Sequences per forward pass per process; batch_size / (micro x processes) = accumulation steps. 0 = no accumulation."""
+    max_steps: int = Field(700, ge=1)
+    """Optimizer steps."""
+    fused_loss: Literal["auto", "on", "off"] = "auto"
+    """Chunked LM-head + cross-entropy that never builds the logits; `auto` = on for CPU."""
     eval_interval: int = Field(100, ge=1)
     """Steps between validation evaluations."""
     eval_batches: int = Field(16, ge=1)
     """Batches per validation evaluation."""
     log_interval: int = Field(10, ge=1)
     """Steps between metric logs."""
-    seed: int = 1337
-    """Random seed."""
+    checkpoint_interval: int = Field(250, ge=0)
+    """Steps between resumable checkpoints (0 = only at the end)."""
+    resume: Literal["auto", "never"] = "auto"
+    """`auto` resumes an interrupted run from its last checkpoint when config and data match."""
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    """Multi-process training."""
 
     @model_validator(mode="after")
-    def _check(self) -> "PretrainConfig":
-        if self.min_lr > self.lr:
-            raise ValueError("min_lr must not exceed lr")
+    def _check_batch(self) -> "PretrainConfig":
+        micro, n = self.micro_batch_size or self.batch_size // self.distributed.nproc, self.distributed.nproc
+        if micro < 1 or self.batch_size % (micro * n):
+            raise ValueError(
+                f"batch_size {self.batch_size} must be a multiple of micro_batch_size x nproc ({micro} x {n})"
+            )
         return self
 
+    @property
+    def grad_accum(self) -> int:
+        n = self.distributed.nproc
+        return self.batch_size // ((self.micro_batch_size or self.batch_size // n) * n)
 
-class FinetuneConfig(Section):
-    """Classification head on the pretrained trunk."""
 
+class FinetuneConfig(TrainLoop):
+    """Classification head on the pretrained trunk, plus the baselines trained beside it."""
+
+    lr: float = Field(1e-3, gt=0)
+    """Peak learning rate."""
+    min_lr: float = Field(1e-4, ge=0)
+    """Learning rate at the end of the decay."""
+    warmup_steps: int = Field(20, ge=0)
+    """Linear warmup steps."""
+    weight_decay: float = Field(0.01, ge=0)
+    """Decoupled weight decay on matrices."""
     max_length: int = Field(128, ge=8)
     """Tokens per example (longer texts are truncated; at most the trunk's block size)."""
     pooling: Literal["mean", "last"] = "mean"
@@ -204,16 +284,44 @@ class FinetuneConfig(Section):
     """Examples per step."""
     epochs: int = Field(3, ge=1)
     """Passes over the (capped) training set."""
-    lr: float = Field(1e-3, gt=0)
-    """Peak learning rate (AdamW)."""
-    weight_decay: float = Field(0.01, ge=0)
-    """AdamW weight decay."""
-    warmup_steps: int = Field(20, ge=0)
-    """Linear warmup steps."""
     max_train_per_label: int = Field(500, ge=0)
     """Cap on training examples per label (0 = all); keeps classes balanced and CPU runs short."""
-    seed: int = 1337
-    """Random seed."""
+    freeze: Literal["none", "embeddings", "trunk"] | int = "none"
+    """Frozen part of the pretrained trunk: `none`, `embeddings`, the whole `trunk` (head only), or n = the lowest n blocks and the embeddings (0 = none)."""
+    layer_lr_decay: float = Field(1.0, gt=0, le=1)
+    """Layer-wise lr decay d (1 = off): head and final norm get lr, the top block lr·d, the next lr·d², ..., the embeddings lr·d^(n_layer+1)."""
+    class_weights: Literal["none", "balanced"] = "none"
+    """Per-class loss weights: `balanced` = train examples / (classes x examples of the class), as in scikit-learn."""
+    patience: int = Field(0, ge=0)
+    """Early stopping: stop after this many epochs without a better validation macro-F1 (0 = off)."""
+    baselines: list[Literal["scratch", "cnn", "gru"]] = Field(default_factory=lambda: ["scratch", "cnn", "gru"])
+    """Trained beside the pretrained model on the same batches: `scratch` (same Transformer and recipe, random init), `cnn`, `gru`."""
+    baseline_epochs: int = Field(0, ge=0)
+    """Epochs of the CNN and GRU baselines (0 = `epochs`); `scratch` always uses `epochs`."""
+    baseline_lr: float = Field(1e-2, ge=0)
+    """Peak learning rate of the CNN and GRU baselines (0 = `lr`); their `min_lr` scales with it."""
+    baseline_dropout: float = Field(0.1, ge=0, lt=1)
+    """Dropout of the CNN and GRU baselines."""
+    cnn_embd: int = Field(64, ge=1)
+    """CNN baseline: token embedding width."""
+    cnn_channels: int = Field(64, ge=1)
+    """CNN baseline: filters per kernel width."""
+    cnn_kernel_sizes: list[int] = Field(default_factory=lambda: [3, 4, 5], min_length=1)
+    """CNN baseline: convolution widths in tokens."""
+    gru_embd: int = Field(64, ge=1)
+    """GRU baseline: token embedding width."""
+    gru_hidden: int = Field(64, ge=1)
+    """GRU baseline: state width per direction (pooled with `pooling`)."""
+
+    @model_validator(mode="after")
+    def _check_finetune(self) -> "FinetuneConfig":
+        if isinstance(self.freeze, int) and self.freeze < 0:
+            raise ValueError(f"freeze must be none, embeddings, trunk or a block count >= 0 (got {self.freeze!r})")
+        if len(set(self.baselines)) != len(self.baselines):
+            raise ValueError(f"baselines: each baseline at most once (got {self.baselines})")
+        if min(self.cnn_kernel_sizes) < 1:
+            raise ValueError("cnn_kernel_sizes: widths must be >= 1")
+        return self
 
 
 class CompressConfig(Section):

@@ -1,30 +1,42 @@
-"""finetune: a classification head on the pretrained trunk, trained on the labeled train split.
+"""finetune: a classification head on the pretrained trunk, and the baselines trained beside it.
 
-The best epoch by validation macro-F1 is kept.
+Every model goes through the same loop on the same batches (tasks/engine.py: device, autocast,
+optimizer, schedule, gradient clipping); the epoch with the best validation macro-F1 is kept and
+`patience` stops a run early. The pretrained classifier goes to `paths.classifier` (compress,
+evaluate and promote use it). The baselines go to `paths.baselines/<name>/` for evaluate to compare:
+`scratch` is the same Transformer randomly initialised (what pretraining buys), `cnn` and `gru` are
+small classic text classifiers (models/baselines.py).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
+from models.baselines import CNNClassifier, CNNConfig, GRUClassifier, GRUConfig
 from models.bundle import PAD, encode_texts
 from models.checkpoint import load_lm, write_classifier, write_dir_atomically
 from models.classifier import ClassifierConfig, TransformerClassifier
+from models.transformer import GPTConfig
+from tasks import engine
 from tasks.config import FinetuneConfig, Paths
 from tasks.errors import UserError
 from tasks.io import read_parquet
-from tasks.pretrain import lr_at, optimizer_for
 from tasks.tokenize import load_tokenizer
 from tasks.tracking import NullTracker, Tracker, stage_main
 from tasks.validate import require_passed
+
+LOG_EVERY = 10
+"""Steps between train-loss logs to the tracker."""
 
 
 def cap_per_label(df: pd.DataFrame, cap: int, seed: int) -> pd.DataFrame:
@@ -40,35 +52,222 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
     return float(f1_score(y_true, y_pred, labels=list(range(n_classes)), average="macro", zero_division=0))
 
 
+def freeze_trunk(model: TransformerClassifier, freeze: str | int) -> list[str]:
+    """Turn off gradients for the frozen part of the trunk (see `FinetuneConfig.freeze`); returns the frozen names."""
+    trunk = model.trunk
+    embeddings = [m for m in (trunk.wte, trunk.wpe) if m is not None]
+    if freeze == "none":
+        frozen: list[nn.Module] = []
+    elif freeze == "embeddings":
+        frozen = embeddings
+    elif freeze == "trunk":
+        frozen = [trunk]
+    else:
+        if freeze > len(trunk.blocks):
+            raise UserError(f"params.yaml: finetune.freeze: {freeze} exceeds the LM's {len(trunk.blocks)} blocks")
+        frozen = [*embeddings, *trunk.blocks[:freeze]] if freeze else []  # 0 blocks: nothing, like `none`
+    for module in frozen:
+        module.requires_grad_(False)
+    return [n for n, p in model.named_parameters() if not p.requires_grad]
+
+
+def layer_lr_scales(model: TransformerClassifier, decay: float) -> dict[str, float]:
+    """lr multiplier per parameter: 1 for the head and final norm, decay**k for the k-th block from the
+    top, decay**(n_layer + 1) for the embeddings."""
+    n_layer = len(model.trunk.blocks)
+    scales = {}
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        if parts[:2] == ["trunk", "blocks"]:
+            depth = n_layer - int(parts[2])
+        elif parts[1] in ("wte", "wpe") and parts[0] == "trunk":
+            depth = n_layer + 1
+        else:
+            depth = 0
+        scales[name] = decay**depth
+    return scales
+
+
+def balanced_class_weights(y: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """scikit-learn's `balanced` weights: n_examples / (n_classes x examples of the class)."""
+    counts = torch.bincount(y, minlength=n_classes).float()
+    return len(y) / (n_classes * counts.clamp(min=1))
+
+
+@dataclass
+class EarlyStopping:
+    """Tracks the best validation score; `stop` once `patience` epochs in a row did not beat it (0 = never)."""
+
+    patience: int
+    best: float = -math.inf
+    best_epoch: int = 0
+    waited: int = 0
+
+    def update(self, score: float, epoch: int) -> bool:
+        """Record an epoch's score; True when it is a new best."""
+        if score > self.best:
+            self.best, self.best_epoch, self.waited = score, epoch, 0
+            return True
+        self.waited += 1
+        return False
+
+    @property
+    def stop(self) -> bool:
+        return self.patience > 0 and self.waited >= self.patience
+
+
+@dataclass
+class Examples:
+    """Right-padded token ids (N, T), real lengths (N,) and class indices (N,)."""
+
+    ids: torch.Tensor
+    lengths: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
 @torch.no_grad()
-def predict(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, batch_size: int) -> np.ndarray:
+def predict(model: nn.Module, data: Examples, rt: engine.Runtime, batch_size: int = 128) -> np.ndarray:
+    """Predicted class indices (N,)."""
     model.eval()
-    preds = [model(ids[i : i + batch_size], lengths[i : i + batch_size]).argmax(-1) for i in range(0, len(ids), batch_size)]
+    preds = []
+    for i in range(0, len(data), batch_size):
+        n = data.lengths[i : i + batch_size]
+        x = data.ids[i : i + batch_size, : int(n.max())].to(rt.device)
+        with rt.autocast():
+            preds.append(model(x, n.to(rt.device)).argmax(-1).cpu())
     model.train()
     return torch.cat(preds).numpy()
+
+
+@dataclass
+class Trained:
+    """A model at its best epoch (on CPU, eval mode) and how it got there."""
+
+    model: nn.Module
+    history: list[dict]
+    best_epoch: int
+    epochs_run: int
+    val_accuracy: float
+    val_macro_f1: float
+    train_seconds: float
+    params: int
+
+    def summary(self) -> dict:
+        keys = ("best_epoch", "epochs_run", "val_accuracy", "val_macro_f1", "train_seconds", "params")
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items() if k in keys}
+
+
+def fit(
+    name: str,
+    model: nn.Module,
+    cfg: FinetuneConfig,
+    train: Examples,
+    val: Examples,
+    n_classes: int,
+    rt: engine.Runtime,
+    tracker: Tracker,
+    epochs: int,
+    lr_scale: dict[str, float] | None = None,
+    prefix: str = "",
+) -> Trained:
+    """Train `model` for up to `epochs` on `train`, keep the epoch with the best macro-F1 on `val`.
+
+    Metrics go to `tracker` as `<prefix><metric>`; every model sees the same batch order.
+    """
+    from tqdm import tqdm
+
+    n_params = sum(p.numel() for p in model.parameters())
+    model.train()
+    model = engine.wrap_model(model, rt, "ddp", cfg.compile)
+    opt = engine.build_optimizer(engine.unwrap(model), cfg, rt.device, lr_scale)  # names without compile's prefix
+    weight = balanced_class_weights(train.y, n_classes).to(rt.device) if cfg.class_weights == "balanced" else None
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total = steps_per_epoch * epochs
+    gen = torch.Generator().manual_seed(cfg.seed)
+    stopper, best_state, history = EarlyStopping(cfg.patience), None, []
+    start = time.perf_counter()
+    bar = tqdm(total=total, desc=name, unit="step", dynamic_ncols=True)
+    step, window_start, window_tokens = 0, time.perf_counter(), 0
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(len(train), generator=gen)
+        for i in range(0, len(order), cfg.batch_size):
+            b = order[i : i + cfg.batch_size]
+            n = train.lengths[b]
+            x, y = train.ids[b, : int(n.max())].to(rt.device), train.y[b].to(rt.device)
+            lr = engine.lr_at(step, total, cfg)
+            engine.set_lr(opt, lr)
+            with rt.autocast():
+                logits = model(x, n.to(rt.device))  # (B, K)
+            loss = F.cross_entropy(logits.float(), y, weight=weight)
+            (rt.scaler.scale(loss) if rt.scaler is not None else loss).backward()
+            grad_norm = engine.clip_and_step(model, opt, rt, cfg.grad_clip)
+            loss_value = loss.item()
+            window_tokens += int(n.sum())
+            tps = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+            if step % LOG_EVERY == 0:
+                rec = {"train_loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps}
+                tracker.log_metrics({f"{prefix}{k}": v for k, v in rec.items()}, step=step)
+                window_start, window_tokens = time.perf_counter(), 0
+            bar.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+            bar.update()
+            step += 1
+        pred = predict(model, val, rt)
+        y_val = val.y.numpy()
+        acc, f1 = float((pred == y_val).mean()), macro_f1(y_val, pred, n_classes)
+        history.append({"epoch": epoch, "val_accuracy": acc, "val_macro_f1": f1})
+        tracker.log_metrics({f"{prefix}val_accuracy": acc, f"{prefix}val_macro_f1": f1}, step=step)
+        bar.write(f"{name} epoch {epoch}: val accuracy {acc:.3f}, macro-F1 {f1:.3f}")
+        if stopper.update(f1, epoch):
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in engine.unwrap(model).state_dict().items()}
+        if stopper.stop:
+            bar.write(f"{name}: no better macro-F1 for {cfg.patience} epochs, stopping after epoch {epoch}")
+            break
+        window_start = time.perf_counter()  # validation time is not training throughput
+    bar.close()
+    seconds = time.perf_counter() - start
+    tracker.log_metrics({f"{prefix}train_seconds": seconds, f"{prefix}best_epoch": stopper.best_epoch}, step=step)
+    best = engine.unwrap(model).to("cpu")
+    best.load_state_dict(best_state)
+    best_acc = history[stopper.best_epoch - 1]["val_accuracy"]
+    return Trained(best.eval(), history, stopper.best_epoch, len(history), best_acc, stopper.best, seconds, n_params)
+
+
+def baseline_model(name: str, cfg: FinetuneConfig, trunk: GPTConfig, labels: list[str]) -> nn.Module:
+    """A freshly initialised baseline classifier (seeded with `cfg.seed`)."""
+    torch.manual_seed(cfg.seed)
+    if name == "scratch":
+        return TransformerClassifier(ClassifierConfig(trunk=trunk, labels=labels, pooling=cfg.pooling))
+    common = {"vocab_size": trunk.vocab_size, "labels": labels, "dropout": cfg.baseline_dropout}
+    if name == "cnn":
+        return CNNClassifier(CNNConfig(n_embd=cfg.cnn_embd, channels=cfg.cnn_channels, kernel_sizes=cfg.cnn_kernel_sizes, **common))
+    if name == "gru":
+        return GRUClassifier(GRUConfig(n_embd=cfg.gru_embd, hidden=cfg.gru_hidden, pooling=cfg.pooling, **common))
+    raise ValueError(f"unknown baseline {name!r}")
 
 
 @dataclass
 class FinetuneResult:
     train_examples: int
     best_epoch: int
+    epochs_run: int
     val_accuracy: float
     val_macro_f1: float
     train_seconds: float
+    trainable_params: int
+    device: str
+    baselines: dict[str, dict]
+    """Per baseline: best_epoch, epochs_run, val_accuracy, val_macro_f1, train_seconds, params."""
 
     @property
     def metrics(self) -> dict:
-        return self.__dict__.copy()
+        return asdict(self)
 
 
-def run(cfg: FinetuneConfig, paths: Paths, tracker: Tracker | None = None) -> FinetuneResult:
-    from tqdm import tqdm
-
-    tracker = tracker or NullTracker()
-    require_passed(paths)
-    lm = load_lm(paths.lm)
-    if cfg.max_length > lm.config.block_size:
-        raise UserError(f"params.yaml: finetune.max_length: {cfg.max_length} exceeds the LM block_size {lm.config.block_size}")
+def load_examples(cfg: FinetuneConfig, paths: Paths, max_length: int) -> tuple[list[str], Examples, Examples]:
+    """Labels (sorted) and the encoded train (capped per label) and validation examples."""
     tok = load_tokenizer(paths.tokenizer)
     pad_id = tok.token_to_id(PAD)
     data = read_parquet(paths.clean_labeled, ["text", "label", "split"])
@@ -79,66 +278,66 @@ def run(cfg: FinetuneConfig, paths: Paths, tracker: Tracker | None = None) -> Fi
     if val.empty:
         raise UserError(f"{paths.clean_labeled}: no validation rows with a training label")
 
-    x_train, len_train = encode_texts(tok, train["text"].tolist(), cfg.max_length, pad_id)
-    y_train = torch.tensor(train["label"].map(index).to_numpy())
-    x_val, len_val = encode_texts(tok, val["text"].tolist(), cfg.max_length, pad_id)
-    y_val = val["label"].map(index).to_numpy()
+    def encode(df: pd.DataFrame) -> Examples:
+        ids, lengths = encode_texts(tok, df["text"].tolist(), max_length, pad_id)
+        return Examples(ids, lengths, torch.tensor(df["label"].map(index).to_numpy()))
+
+    return labels, encode(train), encode(val)
+
+
+def run(cfg: FinetuneConfig, paths: Paths, tracker: Tracker | None = None) -> FinetuneResult:
+    tracker = tracker or NullTracker()
+    require_passed(paths)
+    lm = load_lm(paths.lm)
+    if cfg.max_length > lm.config.block_size:
+        raise UserError(f"params.yaml: finetune.max_length: {cfg.max_length} exceeds the LM block_size {lm.config.block_size}")
+    labels, train, val = load_examples(cfg, paths, cfg.max_length)
+    rt = engine.setup_runtime(cfg)
+    tracker.log_params({"device": engine.device_name(rt.device), "precision": rt.precision})
+    extra = {"max_length": cfg.max_length, "train_config": cfg.model_dump(mode="json")}
 
     torch.manual_seed(cfg.seed)
     model = TransformerClassifier(ClassifierConfig(trunk=lm.config, labels=labels, pooling=cfg.pooling))
     model.trunk.load_state_dict(lm.state_dict())
-    model.train()
-    opt = optimizer_for(model, cfg.lr, cfg.weight_decay)
-    steps_per_epoch = (len(train) + cfg.batch_size - 1) // cfg.batch_size
-    total = steps_per_epoch * cfg.epochs
-    gen = torch.Generator().manual_seed(cfg.seed)
-    best = {"f1": -1.0, "acc": 0.0, "epoch": 0, "state": None}
-    history = []
-    start = time.perf_counter()
-    bar = tqdm(total=total, desc="finetune", unit="step", dynamic_ncols=True)
-    step = 0
-    for epoch in range(1, cfg.epochs + 1):
-        order = torch.randperm(len(train), generator=gen)
-        for i in range(0, len(order), cfg.batch_size):
-            b = order[i : i + cfg.batch_size]
-            T = int(len_train[b].max())
-            lr = lr_at(step, total, cfg.lr, cfg.lr * 0.1, cfg.warmup_steps)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            t0 = time.perf_counter()
-            loss = F.cross_entropy(model(x_train[b, :T], len_train[b]), y_train[b])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            tps = int(len_train[b].sum()) / (time.perf_counter() - t0)
-            if step % 10 == 0:
-                tracker.log_metrics({"train_loss": loss.item(), "lr": lr, "tokens_per_s": tps}, step=step)
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", tok_s=f"{tps:,.0f}", refresh=False)
-            bar.update()
-            step += 1
-        pred = predict(model, x_val, len_val, 128)
-        acc, f1 = float((pred == y_val).mean()), macro_f1(y_val, pred, len(labels))
-        history.append({"epoch": epoch, "val_accuracy": acc, "val_macro_f1": f1})
-        tracker.log_metrics({"val_accuracy": acc, "val_macro_f1": f1}, step=step)
-        bar.write(f"epoch {epoch}: val accuracy {acc:.3f}, macro-F1 {f1:.3f}")
-        if f1 > best["f1"]:
-            best = {"f1": f1, "acc": acc, "epoch": epoch, "state": {k: v.clone() for k, v in model.state_dict().items()}}
-    bar.close()
-    seconds = time.perf_counter() - start
-    model.load_state_dict(best["state"])
+    frozen = set(freeze_trunk(model, cfg.freeze))
+    trainable = sum(p.numel() for n, p in model.named_parameters() if n not in frozen)
+    scales = layer_lr_scales(model, cfg.layer_lr_decay) if cfg.layer_lr_decay < 1 else None
+    main = fit("finetune", model, cfg, train, val, len(labels), rt, tracker, cfg.epochs, scales)
 
     def fill(d: Path) -> None:
-        write_classifier(model, d, extra={"max_length": cfg.max_length, "train_config": cfg.model_dump(mode="json")})
-        (d / "history.json").write_text(json.dumps(history))
+        write_classifier(main.model, d, extra=extra)
+        (d / "history.json").write_text(json.dumps(main.history))
 
     write_dir_atomically(paths.classifier, fill)
+
+    # Baselines train every layer at one lr: freezing and layer-wise decay only make sense for pretrained weights.
+    # `scratch` keeps the recipe (what pretraining buys); small models from scratch want their own lr and epochs.
+    lr = cfg.baseline_lr or cfg.lr
+    small = cfg.model_copy(update={"lr": lr, "min_lr": cfg.min_lr * lr / cfg.lr})
+    baselines = {}
+    for name in cfg.baselines:
+        model = baseline_model(name, cfg, lm.config, labels)
+        recipe, epochs = (cfg, cfg.epochs) if name == "scratch" else (small, cfg.baseline_epochs or cfg.epochs)
+        baselines[name] = fit(name, model, recipe, train, val, len(labels), rt, tracker, epochs, prefix=f"{name}/")
+
+    def fill_baselines(d: Path) -> None:
+        for name, trained in baselines.items():
+            (d / name).mkdir()
+            write_classifier(trained.model, d / name, extra={**extra, "baseline": name})
+            (d / name / "history.json").write_text(json.dumps(trained.history))
+        (d / "summary.json").write_text(json.dumps({n: t.summary() for n, t in baselines.items()}, indent=2))
+
+    write_dir_atomically(paths.baselines, fill_baselines)
     return FinetuneResult(
         train_examples=len(train),
-        best_epoch=best["epoch"],
-        val_accuracy=round(best["acc"], 4),
-        val_macro_f1=round(best["f1"], 4),
-        train_seconds=round(seconds, 2),
+        best_epoch=main.best_epoch,
+        epochs_run=main.epochs_run,
+        val_accuracy=round(main.val_accuracy, 4),
+        val_macro_f1=round(main.val_macro_f1, 4),
+        train_seconds=round(main.train_seconds, 2),
+        trainable_params=trainable,
+        device=engine.device_name(rt.device),
+        baselines={n: t.summary() for n, t in baselines.items()},
     )
 
 

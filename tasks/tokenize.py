@@ -1,7 +1,7 @@
 """tokenize: train a byte-level BPE tokenizer (Hugging Face `tokenizers`) and write token ids.
 
 Corpus documents are split train/val by source file, encoded in Rust batches, joined with an
-end-of-text token and stored as flat uint16 arrays that training memory-maps.
+end-of-text token and stored as flat uint16 shards (`train-00000.bin`, ...) that training memory-maps.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.bundle import EOT, PAD, load_tokenizer, text_only  # noqa: F401 (load_tokenizer re-exported)
+from models.bundle import EOT, MASK, PAD, load_tokenizer, text_only  # noqa: F401 (load_tokenizer re-exported)
 from tasks.config import Paths, TokenizeConfig
 from tasks.io import read_parquet
 from tasks.tracking import Tracker, stage_main
@@ -34,7 +34,7 @@ def train_tokenizer(texts, vocab_size: int, min_frequency: int):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=[EOT, PAD],
+        special_tokens=[EOT, PAD, MASK],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -49,9 +49,21 @@ def encode_stream(tok, texts: list[str]) -> np.ndarray:
     return np.concatenate(ids) if ids else np.zeros(0, dtype=DTYPE)
 
 
-def load_tokens(path: Path, split: str) -> np.memmap:
-    """Memory-map the token ids of `split` ('train' or 'val')."""
-    return np.memmap(Path(path) / f"{split}.bin", dtype=DTYPE, mode="r")
+def load_tokens(path: Path, split: str) -> np.ndarray:
+    """All token ids of `split` ('train' or 'val'), shards joined (memory-mapped when there is one)."""
+    files = sorted(Path(path).glob(f"{split}-*.bin")) or [Path(path) / f"{split}.bin"]
+    maps = [np.memmap(f, dtype=DTYPE, mode="r") for f in files]
+    return maps[0] if len(maps) == 1 else np.concatenate(maps)
+
+
+def write_shards(ids: np.ndarray, folder: Path, split: str, shard_tokens: int) -> list[str]:
+    """Write `ids` as `<split>-00000.bin`, ... of at most `shard_tokens` ids each."""
+    names = []
+    for i, s in enumerate(range(0, max(1, ids.size), shard_tokens)):
+        name = f"{split}-{i:05d}.bin"
+        ids[s : s + shard_tokens].tofile(Path(folder) / name)
+        names.append(name)
+    return names
 
 
 def held_out_sources(sources: list[str], fraction: float, seed: int) -> set[str]:
@@ -91,6 +103,7 @@ def run(cfg: TokenizeConfig, paths: Paths, tracker: Tracker | None = None) -> To
         "vocab_size": tok.get_vocab_size(),
         "eot_id": tok.token_to_id(EOT),
         "pad_id": tok.token_to_id(PAD),
+        "mask_id": tok.token_to_id(MASK),
         "dtype": np.dtype(DTYPE).name,
         "train_tokens": int(train_ids.size),
         "val_tokens": int(val_ids.size),
@@ -100,8 +113,10 @@ def run(cfg: TokenizeConfig, paths: Paths, tracker: Tracker | None = None) -> To
         tok.save(str(d / TOKENIZER_FILE))
 
     def fill_tokens(d: Path) -> None:
-        train_ids.tofile(d / "train.bin")
-        val_ids.tofile(d / "val.bin")
+        meta["shards"] = {
+            "train": write_shards(train_ids, d, "train", cfg.shard_tokens),
+            "val": write_shards(val_ids, d, "val", cfg.shard_tokens),
+        }
         (d / META_FILE).write_text(json.dumps(meta, indent=2))
 
     write_dir_atomically(paths.tokenizer, fill_tokenizer)

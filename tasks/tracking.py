@@ -79,6 +79,8 @@ class Tracker:
 
     def log_dict(self, obj: dict, name: str) -> None: ...
 
+    def log_params(self, params: dict) -> None: ...
+
 
 class NullTracker(Tracker):
     """Logs nothing (unit tests, library use)."""
@@ -107,6 +109,9 @@ class MlflowTracker(Tracker):
 
     def log_dict(self, obj: dict, name: str) -> None:
         self._mlflow.log_dict(obj, name)
+
+    def log_params(self, params: dict) -> None:
+        self._mlflow.log_params(params, synchronous=False)
 
 
 @contextmanager
@@ -147,6 +152,9 @@ def stage_main(stage: str, run: Callable[[Params, Tracker], dict]) -> None:
     start = time.perf_counter()
     try:
         params = load_params(args.params)
+        if int(os.environ.get("RANK", 0)) > 0:  # a torchrun worker: rank 0 tracks and writes metrics
+            run(params, NullTracker())
+            return
         setup_tracking(params.tracking)
         with stage_run(params, stage) as tracker:
             metrics = run(params, tracker)

@@ -187,3 +187,95 @@ def test_classifier_config_validation():
         ClassifierConfig(trunk=tiny(), labels=["a"])
     cfg = ClassifierConfig(trunk=tiny(vocab_size=9).to_dict(), labels=["a", "b"])
     assert cfg.trunk == tiny(vocab_size=9)
+
+
+# --- positions, local attention, bidirectional trunk, fused loss ---------------------------------
+
+
+def _ids64(n=3, T=12, seed=0):
+    return torch.randint(64, (n, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_causal_trunks_never_look_ahead(pos):
+    torch.manual_seed(0)
+    m = GPT(tiny(vocab_size=64, pos_encoding=pos)).eval()
+    x = _ids64()
+    y = x.clone()
+    y[:, 8:] = (y[:, 8:] + 1) % 64
+    torch.testing.assert_close(m.hidden(x)[:, :8], m.hidden(y)[:, :8])
+
+
+def test_rope_has_no_position_table_and_is_shift_equivariant_in_attention():
+    from models.transformer import apply_rope, rope_tables
+
+    m = GPT(tiny(vocab_size=64, pos_encoding="rope"))
+    assert m.wpe is None and "wpe.weight" not in m.state_dict()
+    cos, sin = rope_tables(10, 8, 10000.0, "cpu")
+    q, k = torch.randn(1, 1, 1, 8).expand(1, 1, 10, 8), torch.randn(1, 1, 1, 8).expand(1, 1, 10, 8)
+    rq, rk = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    scores = rq[0, 0] @ rk[0, 0].T  # (10, 10): depends only on the offset between positions
+    torch.testing.assert_close(scores.diagonal(2)[:-1], scores.diagonal(2)[1:], rtol=1e-4, atol=1e-5)
+
+
+def test_sliding_window_limits_what_a_token_sees():
+    torch.manual_seed(0)
+    m = GPT(tiny(vocab_size=64, attn_window=3, n_layer=1)).eval()
+    x = _ids64(T=12)
+    y = x.clone()
+    y[:, 0] = (y[:, 0] + 1) % 64
+    h1, h2 = m.hidden(x), m.hidden(y)
+    assert not torch.allclose(h1[:, 2], h2[:, 2])  # token 2 still sees token 0 (window 3, one layer)
+    torch.testing.assert_close(h1[:, 3:], h2[:, 3:])  # later tokens do not
+
+
+def test_bidirectional_trunk_sees_the_future_but_not_the_padding():
+    from models.classifier import ClassifierConfig, TransformerClassifier
+
+    torch.manual_seed(0)
+    m = GPT(tiny(vocab_size=64, causal=False)).eval()
+    x = _ids64()
+    y = x.clone()
+    y[:, 10:] = (y[:, 10:] + 1) % 64
+    assert not torch.allclose(m.hidden(x)[:, :5], m.hidden(y)[:, :5])
+    clf = TransformerClassifier(ClassifierConfig(trunk=m.config, labels=["a", "b"])).eval()
+    lengths = torch.tensor([10, 10, 10])
+    torch.testing.assert_close(clf(x, lengths), clf(y, lengths))  # tokens past `lengths` are masked keys
+
+
+def test_a_masked_lm_cannot_generate():
+    with pytest.raises(ValueError, match="cannot generate"):
+        GPT(tiny(vocab_size=64, causal=False)).generate(_ids64(1, 4), 2)
+
+
+def test_masked_lm_loss_counts_only_target_positions():
+    torch.manual_seed(0)
+    m = GPT(tiny(vocab_size=64, causal=False))
+    x = _ids64()
+    y = torch.full_like(x, -1)
+    y[:, 3] = x[:, 3]
+    logits, loss = m(x, y)
+    assert logits.shape == (3, 64)  # only the 3 target rows are scored
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, x[:, 3]))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_fused_loss_matches_plain_loss_and_gradients(causal):
+    torch.manual_seed(0)
+    x = _ids64(4, 16)
+    y = torch.roll(x, -1, 1)
+    if not causal:
+        y = torch.where(torch.rand(y.shape) < 0.3, y, torch.full_like(y, -1))
+    else:
+        y[:, -1] = -1
+    grads, losses = [], []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        m = GPT(tiny(vocab_size=64, causal=causal))
+        logits, loss = m(x, y, fused_loss=fused)
+        assert (logits is None) == fused
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    torch.testing.assert_close(losses[0], losses[1])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)

@@ -66,6 +66,27 @@ def test_finetune_metrics_and_outputs(tiny_pipeline):
     assert f.val_macro_f1 == pytest.approx(max(h["val_macro_f1"] for h in history), abs=1e-4)
 
 
+def test_finetune_trains_every_requested_baseline(tiny_pipeline):
+    f = tiny_pipeline.finetune
+    folder = tiny_pipeline.paths.baselines
+    assert {p.name for p in folder.iterdir()} == {*TINY_FINETUNE.baselines, "summary.json"}
+    assert set(f.baselines) == set(TINY_FINETUNE.baselines)
+    kinds = {"scratch": "classifier", "cnn": "classifier-cnn", "gru": "classifier-gru"}
+    for name, m in f.baselines.items():
+        assert {p.name for p in (folder / name).iterdir()} == {ckpt.WEIGHTS, ckpt.CONFIG, "history.json"}
+        meta = ckpt.read_config(folder / name)
+        assert meta["kind"] == kinds[name] and meta["config"]["labels"] == LABELS
+        assert meta["max_length"] == TINY_FINETUNE.max_length
+        history = json.loads((folder / name / "history.json").read_text())
+        assert len(history) == m["epochs_run"] == TINY_FINETUNE.epochs  # no patience: every epoch runs
+        assert m["val_macro_f1"] == pytest.approx(max(h["val_macro_f1"] for h in history), abs=1e-4)
+        assert _in_unit(m["val_accuracy"]) and m["train_seconds"] > 0 and m["params"] > 0
+    # the scratch baseline is the pretrained classifier's architecture, randomly initialised
+    scratch = ckpt.read_config(folder / "scratch")["config"]
+    assert scratch == ckpt.read_config(tiny_pipeline.paths.classifier)["config"]
+    assert f.baselines["scratch"]["params"] == f.trainable_params
+
+
 def test_compress_makes_a_smaller_int8_model(tiny_pipeline):
     z = tiny_pipeline.compress
     assert z.method == "dynamic-int8-per-channel"
@@ -82,11 +103,13 @@ def test_evaluate_reports_variants_and_baselines(tiny_pipeline):
     e = tiny_pipeline.evaluate
     assert e.test_examples == len(LABELS) * N_PER_LABEL["test"]
     assert set(e.variants) == {"fp32", "int8"}
-    assert set(e.baselines) == {"majority", "tfidf_logreg"}
+    assert set(e.baselines) == {"majority", "tfidf_logreg", *TINY_FINETUNE.baselines}
     for m in [*e.variants.values(), *e.baselines.values()]:
         assert _in_unit(m["accuracy"]) and _in_unit(m["macro_f1"])
-    for m in [*e.variants.values(), e.baselines["tfidf_logreg"]]:
+    for m in [*e.variants.values(), e.baselines["tfidf_logreg"], *(e.baselines[b] for b in TINY_FINETUNE.baselines)]:
         assert 0 < m["latency_p50_ms"] <= m["latency_p95_ms"] and m["throughput_per_s"] > 0
+    for name in TINY_FINETUNE.baselines:
+        assert 0 < e.baselines[name]["size_mb"]
     assert e.variants["int8"]["size_mb"] < e.variants["fp32"]["size_mb"]
     # balanced classes: the majority baseline is exactly chance
     assert e.baselines["majority"]["accuracy"] == pytest.approx(1 / len(LABELS), abs=1e-4)
@@ -99,7 +122,7 @@ def test_evaluate_writes_plots_and_predictions(tiny_pipeline):
     pred = pd.read_parquet(d / "predictions.parquet")
     assert len(pred) == tiny_pipeline.evaluate.test_examples
     assert set(pred["split"]) == {"test"}
-    for name in ("fp32", "int8", "tfidf_logreg"):
+    for name in ("fp32", "int8", "tfidf_logreg", *TINY_FINETUNE.baselines):
         assert set(pred[f"pred_{name}"]) <= set(LABELS)
         reported = {**tiny_pipeline.evaluate.variants, **tiny_pipeline.evaluate.baselines}[name]["accuracy"]
         assert accuracy_score(pred["label"], pred[f"pred_{name}"]) == pytest.approx(reported, abs=1e-4)
@@ -112,3 +135,13 @@ def test_models_learn_the_easy_task(tiny_pipeline):
     assert e.baselines["tfidf_logreg"]["accuracy"] >= majority + 0.5
     for name in ("fp32", "int8"):
         assert e.variants[name]["accuracy"] >= majority + 0.2, (name, e.variants[name])
+
+
+def test_promotion_chooses_only_among_the_transformer_variants(tiny_pipeline):
+    """Trained baselines are reported under `baselines`; promote picks from `variants` alone."""
+    from tasks.config import PromoteConfig
+    from tasks.promote import choose_variant
+
+    e = tiny_pipeline.evaluate.metrics
+    assert not set(e["variants"]) & set(e["baselines"])
+    assert choose_variant(PromoteConfig(variant="auto"), e["variants"]) in {"fp32", "int8"}

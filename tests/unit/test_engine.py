@@ -1,0 +1,251 @@
+"""The training engine: schedules, optimizers, accumulation, data windows, masking, MFU, checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from models.transformer import GPT, tiny
+from tasks import engine
+from tasks.config import PretrainConfig
+from tasks.errors import UserError
+
+
+def cfg(**kw) -> PretrainConfig:
+    return PretrainConfig(**{"deterministic": True, "lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 4, **kw})
+
+
+@pytest.fixture
+def rt():
+    return engine.setup_runtime(cfg())
+
+
+def tiny_model(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(tiny(vocab_size=64))
+
+
+def batch(seed: int = 1, n: int = 8, T: int = 16):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(64, (n, T + 1), generator=g)
+    return x[:, :-1], x[:, 1:]
+
+
+# --- schedules -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_warmup_then_schedule(schedule):
+    c = cfg(schedule=schedule)
+    lrs = [engine.lr_at(s, 100, c) for s in range(101)]
+    assert lrs[0] == pytest.approx(c.lr / 4) and lrs[3] == pytest.approx(c.lr)
+    assert all(a <= b + 1e-12 for a, b in zip(lrs[:4], lrs[1:4]))  # warmup rises
+    if schedule == "constant":
+        assert lrs[50] == lrs[100] == c.lr
+    else:
+        assert lrs[100] == pytest.approx(c.min_lr)
+        assert all(a >= b - 1e-12 for a, b in zip(lrs[4:], lrs[5:]))  # then never rises
+    if schedule == "linear":
+        assert lrs[52] == pytest.approx(c.min_lr + (c.lr - c.min_lr) * (1 - 48 / 96))
+    if schedule == "cosine":
+        assert lrs[52] == pytest.approx(c.min_lr + (c.lr - c.min_lr) * 0.5)
+
+
+def test_layerwise_lr_scale_reaches_param_groups(rt):
+    m = tiny_model()
+    scale = {n: 0.5 for n, _ in m.named_parameters() if n.startswith("blocks.0.")}
+    opt = engine.build_optimizer(m, cfg(), rt.device, lr_scale=scale)
+    engine.set_lr(opt, 0.1)
+    lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    params = dict(m.named_parameters())
+    assert lrs[id(params["blocks.0.attn.qkv.weight"])] == pytest.approx(0.05)
+    assert lrs[id(params["blocks.1.attn.qkv.weight"])] == pytest.approx(0.1)
+
+
+def test_weight_decay_only_on_matrices(rt):
+    opt = engine.build_optimizer(tiny_model(), cfg(weight_decay=0.1), rt.device)
+    for g in opt.param_groups:
+        assert all((p.dim() >= 2) == (g["weight_decay"] > 0) for p in g["params"])
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd", "rmsprop"])
+def test_every_optimizer_lowers_the_loss(name, rt):
+    c = cfg(optimizer=name, lr={"adamw": 1e-2, "sgd": 0.3, "rmsprop": 1e-3}[name], min_lr=0)
+    m = tiny_model()
+    opt = engine.build_optimizer(m, c, rt.device)
+    assert type(opt).__name__.lower() == name
+    x, y = batch()
+    first = None
+    for _ in range(30):
+        loss = m(x, y)[1]
+        first = first if first is not None else loss.item()
+        loss.backward()
+        engine.clip_and_step(m, opt, rt, 1.0)
+    assert m(x, y)[1].item() < first - 0.5
+
+
+def test_gradient_clipping_bounds_the_update(rt):
+    m = tiny_model()
+    x, y = batch()
+    (m(x, y)[1] * 1e4).backward()
+    before = torch.cat([p.grad.flatten() for p in m.parameters()]).norm()
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    norm = engine.clip_and_step(m, opt, rt, 1.0)
+    assert norm == pytest.approx(float(before), rel=1e-5) and norm > 1.0
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    x, y = batch(n=8)
+    grads = []
+    for accum in (1, 4):
+        m = tiny_model()
+        micro = 8 // accum
+        for i in range(accum):
+            (m(x[i * micro : (i + 1) * micro], y[i * micro : (i + 1) * micro])[1] / accum).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_accumulation_steps_follow_from_the_batch_settings():
+    assert cfg(batch_size=32, micro_batch_size=8).grad_accum == 4
+    assert cfg(batch_size=32, micro_batch_size=8, distributed={"nproc": 2}).grad_accum == 2
+    assert cfg(batch_size=32).grad_accum == 1
+    with pytest.raises(ValueError, match="multiple of micro_batch_size"):
+        cfg(batch_size=30, micro_batch_size=8)
+
+
+# --- numerics --------------------------------------------------------------------------------
+
+
+def test_bf16_autocast_on_cpu_trains():
+    rt = engine.setup_runtime(cfg(precision="bf16"))
+    assert rt.amp_dtype is torch.bfloat16 and rt.scaler is None
+    m = tiny_model()
+    x, y = batch()
+    with rt.autocast():
+        logits, loss = m(x, y)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32 and math.isfinite(loss.item())
+
+
+def test_fp16_on_cpu_is_a_user_error():
+    with pytest.raises(UserError, match="fp16 needs CUDA"):
+        engine.setup_runtime(cfg(precision="fp16"))
+
+
+def test_auto_precision_is_fp32_on_cpu(rt):
+    assert rt.precision == "fp32" and rt.device.type == "cpu"
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def write_shard(folder, name, ids):
+    np.asarray(ids, dtype=np.uint16).tofile(folder / name)
+
+
+def test_windows_come_from_one_shard_and_are_reproducible(tmp_path):
+    write_shard(tmp_path, "train-00000.bin", np.arange(0, 100))
+    write_shard(tmp_path, "train-00001.bin", np.arange(1000, 1050))
+    data = engine.TokenShards(tmp_path, "train")
+    w = data.windows(500, 9, torch.Generator().manual_seed(0)).numpy()
+    assert w.shape == (500, 9) and w.dtype == np.int64
+    assert (np.diff(w, axis=1) == 1).all()  # consecutive ids: no window straddles two shards
+    assert (w[:, 0] >= 1000).any() and (w[:, 0] < 1000).any()
+    again = data.windows(500, 9, torch.Generator().manual_seed(0)).numpy()
+    np.testing.assert_array_equal(w, again)
+
+
+def test_single_file_layout_still_loads(tmp_path):
+    write_shard(tmp_path, "val.bin", np.arange(40))
+    assert len(engine.TokenShards(tmp_path, "val")) == 40
+
+
+def test_missing_shards_name_the_file(tmp_path):
+    with pytest.raises(UserError, match="train.bin"):
+        engine.TokenShards(tmp_path, "train")
+
+
+def test_mlm_masking(tmp_path):
+    ids = np.tile(np.arange(4, 64), 200)
+    ids[::7] = 0  # an end-of-text id every 7 tokens
+    write_shard(tmp_path, "train-00000.bin", ids)
+    data = engine.TokenShards(tmp_path, "train")
+    x, y = engine.mlm_batch(data, 64, 32, torch.Generator().manual_seed(0), mask_id=2, vocab=64, prob=0.15, special=[0, 1])
+    chosen = y != -1
+    assert 0.12 < chosen.float().mean() < 0.18
+    original = torch.where(chosen, y, x)
+    assert not (chosen & (original == 0)).any()  # special tokens are never targets
+    masked = (x == 2) & chosen
+    assert 0.7 < masked.sum() / chosen.sum() < 0.9
+    assert (x[~chosen] != 2).all()  # unchosen positions are untouched
+
+
+# --- throughput accounting -------------------------------------------------------------------
+
+
+def test_flops_per_token_formula():
+    m = GPT(tiny(vocab_size=64))
+    c = m.config
+    assert m.flops_per_token() == 6 * m.num_params() + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
+
+
+def test_mfu_uses_the_detected_gpu_peak(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H100 80GB HBM3")
+    gpu = torch.device("cuda", 0)
+    assert engine.peak_flops(gpu, "bf16") == 989e12
+    assert engine.mfu(1e9, 494.5e3, gpu, "bf16") == pytest.approx(0.5)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H100 PCIe")
+    assert engine.peak_flops(gpu, "bf16") == 756e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Some Future GPU")
+    assert engine.mfu(1e9, 1e3, gpu, "bf16") is None
+
+
+def test_mfu_is_not_applicable_on_cpu():
+    assert engine.mfu(1e9, 1e3, torch.device("cpu"), "fp32") is None
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+def train_steps(m, opt, rt, gen, steps):
+    losses = []
+    for _ in range(steps):
+        x = torch.randint(64, (4, 17), generator=gen)
+        loss = m(x[:, :-1], x[:, 1:])[1]
+        loss.backward()
+        engine.clip_and_step(m, opt, rt, 1.0)
+        losses.append(loss.item())
+    return losses
+
+
+def test_checkpoint_resume_is_bit_exact(tmp_path, rt):
+    c = cfg()
+    m, gen = tiny_model(), torch.Generator().manual_seed(3)
+    opt = engine.build_optimizer(m, c, rt.device)
+    train_steps(m, opt, rt, gen, 3)
+    engine.save_checkpoint(tmp_path, engine.TrainState(3, "fp", [{"step": 2}]), m, opt, rt, gen)
+    reference = train_steps(m, opt, rt, gen, 4)
+
+    m2, gen2 = tiny_model(seed=99), torch.Generator()
+    opt2 = engine.build_optimizer(m2, c, rt.device)
+    state = engine.load_checkpoint(engine.latest_checkpoint(tmp_path, "fp"), m2, opt2, rt, gen2)
+    assert state.step == 3 and state.history == [{"step": 2}]
+    assert m2.lm_head.weight is m2.wte.weight  # weight tying survives the round trip
+    assert train_steps(m2, opt2, rt, gen2, 4) == reference
+    for a, b in zip(m.state_dict().values(), m2.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_only_matching_checkpoints_resume_and_old_ones_are_pruned(tmp_path, rt):
+    m, gen = tiny_model(), torch.Generator().manual_seed(3)
+    opt = engine.build_optimizer(m, cfg(), rt.device)
+    for step in (1, 2, 3):
+        engine.save_checkpoint(tmp_path, engine.TrainState(step, "a"), m, opt, rt, gen, keep=2)
+    assert [p.name for p in engine.checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
+    assert engine.latest_checkpoint(tmp_path, "a").name == "step-00000003"
+    assert engine.latest_checkpoint(tmp_path, "b") is None
+    (tmp_path / ".step-00000004.tmp").mkdir()  # an interrupted write is never a candidate
+    assert engine.latest_checkpoint(tmp_path, "a").name == "step-00000003"

@@ -1,0 +1,285 @@
+"""Fine-tuning options: freezing, layer-wise learning rates, class weights, early stopping, baselines."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from conftest import LABELS, SEED, TINY_FINETUNE
+from models import checkpoint as ckpt
+from models.baselines import CNNClassifier, GRUClassifier
+from models.classifier import ClassifierConfig, TransformerClassifier
+from models.transformer import tiny
+from tasks import engine, finetune
+from tasks.config import FinetuneConfig
+from tasks.errors import UserError
+from tasks.tracking import Tracker
+
+VOCAB = 64
+
+
+def classifier(seed: int = 0, **trunk) -> TransformerClassifier:
+    torch.manual_seed(seed)
+    return TransformerClassifier(ClassifierConfig(trunk=tiny(vocab_size=VOCAB, **trunk), labels=LABELS))
+
+
+def examples(n: int = 24, T: int = 12, seed: int = 0) -> finetune.Examples:
+    g = torch.Generator().manual_seed(seed)
+    return finetune.Examples(torch.randint(VOCAB, (n, T), generator=g), torch.randint(2, T + 1, (n,), generator=g), torch.arange(n) % 3)
+
+
+def one_step(model, cfg: FinetuneConfig, lr_scale=None) -> None:
+    rt = engine.setup_runtime(cfg)
+    opt = engine.build_optimizer(model, cfg, rt.device, lr_scale)
+    data = examples()
+    F.cross_entropy(model(data.ids, data.lengths), data.y).backward()
+    engine.clip_and_step(model, opt, rt, cfg.grad_clip)
+
+
+# --- freezing ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "freeze,frozen_prefixes",
+    [
+        ("none", ()),
+        (0, ()),
+        ("embeddings", ("trunk.wte.", "trunk.wpe.")),
+        (1, ("trunk.wte.", "trunk.wpe.", "trunk.blocks.0.")),
+        (2, ("trunk.wte.", "trunk.wpe.", "trunk.blocks.0.", "trunk.blocks.1.")),
+        ("trunk", ("trunk.",)),
+    ],
+)
+def test_frozen_parameters_stay_bit_identical_after_a_step(freeze, frozen_prefixes):
+    model = classifier()
+    frozen = finetune.freeze_trunk(model, freeze)
+    names = [n for n, _ in model.named_parameters()]
+    assert frozen == [n for n in names if n.startswith(frozen_prefixes)]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    one_step(model, FinetuneConfig(lr=1e-2, warmup_steps=0, weight_decay=0.1, seed=SEED))
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, before[n]), f"{n} is frozen but changed"
+            assert p.grad is None
+    moved = [n for n, p in model.named_parameters() if n not in frozen and not torch.equal(p, before[n])]
+    assert "head.weight" in moved and len(moved) == len(names) - len(frozen)
+
+
+def test_freezing_more_blocks_than_the_trunk_has_is_a_user_error():
+    with pytest.raises(UserError, match="finetune.freeze: 3 exceeds the LM's 2 blocks"):
+        finetune.freeze_trunk(classifier(), 3)
+
+
+def test_rope_trunk_has_no_position_table_to_freeze():
+    model = classifier(pos_encoding="rope")
+    assert finetune.freeze_trunk(model, "embeddings") == ["trunk.wte.weight"]
+
+
+# --- layer-wise learning rates -----------------------------------------------------------------
+
+
+def test_layer_lr_decay_scales_each_block_from_the_top():
+    model = classifier()  # 2 blocks
+    scales = finetune.layer_lr_scales(model, 0.5)
+    assert set(scales) == {n for n, _ in model.named_parameters()}
+    for name, s in scales.items():
+        if name.startswith(("head.", "trunk.ln_f.")):
+            assert s == 1.0, name
+        elif name.startswith("trunk.blocks.1."):
+            assert s == 0.5, name
+        elif name.startswith("trunk.blocks.0."):
+            assert s == 0.25, name
+        else:
+            assert name.startswith(("trunk.wte.", "trunk.wpe.")) and s == 0.125, name
+
+
+def test_optimizer_groups_get_the_decayed_learning_rates():
+    model = classifier()
+    cfg = FinetuneConfig(lr=1e-2, min_lr=1e-3, warmup_steps=0)
+    scales = finetune.layer_lr_scales(model, 0.5)
+    opt = engine.build_optimizer(model, cfg, torch.device("cpu"), scales)
+    engine.set_lr(opt, 4e-3)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    seen = set()
+    for group in opt.param_groups:
+        for p in group["params"]:
+            assert group["lr"] == pytest.approx(4e-3 * scales[name_of[id(p)]]), name_of[id(p)]
+            seen.add(name_of[id(p)])
+    assert seen == set(scales)
+    assert {round(g["lr"], 9) for g in opt.param_groups} == {4e-3, 2e-3, 1e-3, 5e-4}
+
+
+def test_layer_decay_and_freezing_combine():
+    """Frozen parameters get no group at all; the rest keep their decayed lr."""
+    model = classifier()
+    finetune.freeze_trunk(model, 1)
+    opt = engine.build_optimizer(model, FinetuneConfig(), torch.device("cpu"), finetune.layer_lr_scales(model, 0.5))
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    for n, p in model.named_parameters():
+        assert (id(p) in in_opt) == p.requires_grad, n
+    assert {g["lr_scale"] for g in opt.param_groups} == {1.0, 0.5}
+
+
+# --- class weights -----------------------------------------------------------------------------
+
+
+def test_balanced_class_weights_match_scikit_learn():
+    from sklearn.utils.class_weight import compute_class_weight
+
+    y = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1, 2])
+    w = finetune.balanced_class_weights(y, 3)
+    assert_close(w, torch.tensor([10 / 18, 10 / 9, 10 / 3]))
+    expected = compute_class_weight("balanced", classes=np.arange(3), y=y.numpy())
+    assert_close(w, torch.tensor(expected, dtype=torch.float32))
+
+
+def test_balanced_weights_equalize_each_class_share_of_the_loss():
+    y = torch.tensor([0] * 8 + [1] * 2)
+    w = finetune.balanced_class_weights(y, 2)
+    share = torch.stack([w[c] * (y == c).sum() for c in range(2)])
+    assert_close(share[0], share[1])
+
+
+# --- early stopping ----------------------------------------------------------------------------
+
+
+def test_early_stopping_counts_epochs_without_improvement():
+    stop = finetune.EarlyStopping(patience=2)
+    assert [stop.update(s, e) or stop.stop for e, s in enumerate([0.2, 0.5, 0.5, 0.4], start=1)] == [True, True, False, True]
+    assert stop.best_epoch == 2 and stop.best == 0.5
+    never = finetune.EarlyStopping(patience=0)
+    for e in range(1, 20):
+        never.update(0.1, e)
+    assert not never.stop
+
+
+class Recorder(Tracker):
+    def __init__(self) -> None:
+        self.metrics: list[dict] = []
+        self.at: dict[tuple[str, int | None], float] = {}
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.metrics.append(dict(metrics))
+        self.at.update({(k, step): v for k, v in metrics.items()})
+
+
+def test_fit_stops_after_patience_epochs_and_keeps_the_best(monkeypatch):
+    """Scripted validation scores: best at epoch 2, then two epochs without a better one -> stop after 4."""
+    model = classifier()
+    scores = iter([0.3, 0.6, 0.55, 0.6, 0.9, 0.95])
+    snapshots = []
+
+    def scripted_f1(y_true, y_pred, n):
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return next(scores)
+
+    monkeypatch.setattr(finetune, "macro_f1", scripted_f1)
+    cfg = FinetuneConfig(lr=1e-2, warmup_steps=0, batch_size=8, patience=2, seed=SEED)
+    tracker = Recorder()
+    out = finetune.fit("t", model, cfg, examples(), examples(seed=1), 3, engine.setup_runtime(cfg), tracker, epochs=6, prefix="t/")
+    assert (out.epochs_run, out.best_epoch, out.val_macro_f1) == (4, 2, 0.6)
+    assert [h["epoch"] for h in out.history] == [1, 2, 3, 4]
+    for k, v in out.model.state_dict().items():
+        assert torch.equal(v, snapshots[1][k]), k  # the weights of epoch 2, not of the last epoch
+    assert not torch.equal(snapshots[1]["head.weight"], snapshots[3]["head.weight"])
+    logged = {k for m in tracker.metrics for k in m}
+    assert {"t/train_loss", "t/lr", "t/tokens_per_s", "t/val_macro_f1", "t/val_accuracy", "t/train_seconds"} <= logged
+
+
+def test_fit_without_patience_runs_every_epoch(monkeypatch):
+    scores = iter([0.5, 0.4, 0.3])
+    monkeypatch.setattr(finetune, "macro_f1", lambda *a: next(scores))
+    cfg = FinetuneConfig(lr=1e-2, warmup_steps=0, batch_size=8, patience=0, seed=SEED)
+    out = finetune.fit("t", classifier(), cfg, examples(), examples(seed=1), 3, engine.setup_runtime(cfg), Recorder(), epochs=3)
+    assert (out.epochs_run, out.best_epoch) == (3, 1)
+
+
+# --- the stage on the tiny project -------------------------------------------------------------
+
+
+@pytest.fixture
+def finetune_paths(tiny_pipeline, tmp_path):
+    """The tiny pipeline's LM, tokenizer and data, with this test's own finetune outputs."""
+    return tiny_pipeline.paths.model_copy(update={"classifier": tmp_path / "classifier", "baselines": tmp_path / "baselines"})
+
+
+def test_finetune_run_writes_classifier_requested_baselines_and_metrics(finetune_paths):
+    cfg = TINY_FINETUNE.model_copy(
+        update={
+            "baselines": ["gru", "scratch", "cnn"],
+            "freeze": 1,
+            "layer_lr_decay": 0.8,
+            "class_weights": "balanced",
+            "epochs": 3,
+            "baseline_epochs": 2,
+            "baseline_lr": 2e-2,
+        }
+    )
+    tracker = Recorder()
+    result = finetune.run(cfg, finetune_paths, tracker)
+
+    meta = ckpt.read_config(finetune_paths.classifier)
+    assert meta["kind"] == "classifier" and meta["train_config"]["freeze"] == 1
+    assert isinstance(ckpt.load_classifier(finetune_paths.classifier), TransformerClassifier)
+    n_params = sum(p.numel() for p in ckpt.load_classifier(finetune_paths.classifier).parameters())
+    assert 0 < result.trainable_params < n_params  # embeddings and block 0 were frozen
+
+    folder = finetune_paths.baselines
+    assert {p.name for p in folder.iterdir()} == {"gru", "scratch", "cnn", "summary.json"}
+    for name, kind, module_type in (("cnn", "classifier-cnn", CNNClassifier), ("gru", "classifier-gru", GRUClassifier), ("scratch", "classifier", TransformerClassifier)):
+        meta = ckpt.read_config(folder / name)
+        assert meta["kind"] == kind and meta["baseline"] == name
+        assert meta["max_length"] == cfg.max_length and meta["config"]["labels"] == LABELS
+        assert isinstance(ckpt.load_classifier(folder / name), module_type)
+        assert len(json.loads((folder / name / "history.json").read_text())) == result.baselines[name]["epochs_run"]
+
+    metrics = result.metrics
+    assert set(metrics["baselines"]) == {"gru", "scratch", "cnn"}
+    for name, m in metrics["baselines"].items():
+        assert set(m) == {"best_epoch", "epochs_run", "val_accuracy", "val_macro_f1", "train_seconds", "params"}
+        assert 1 <= m["best_epoch"] <= m["epochs_run"]
+        assert 0 <= m["val_macro_f1"] <= 1 and 0 <= m["val_accuracy"] <= 1 and m["train_seconds"] > 0
+    # no patience: every epoch runs; scratch keeps the Transformer's recipe, cnn/gru take baseline_epochs
+    assert metrics["epochs_run"] == metrics["baselines"]["scratch"]["epochs_run"] == cfg.epochs
+    assert metrics["baselines"]["cnn"]["epochs_run"] == metrics["baselines"]["gru"]["epochs_run"] == cfg.baseline_epochs
+    assert metrics["baselines"]["scratch"]["params"] == n_params  # scratch trains every layer
+    assert json.loads((folder / "summary.json").read_text()) == metrics["baselines"]
+
+    logged = {k for m in tracker.metrics for k in m}
+    for prefix in ("", "scratch/", "cnn/", "gru/"):
+        assert {f"{prefix}{k}" for k in ("val_macro_f1", "val_accuracy", "train_loss", "tokens_per_s", "train_seconds")} <= logged
+    # step 0 is the first warmup step: lr / warmup_steps of each model's peak lr
+    assert tracker.at[("lr", 0)] == tracker.at[("scratch/lr", 0)] == pytest.approx(cfg.lr / cfg.warmup_steps)
+    assert tracker.at[("cnn/lr", 0)] == tracker.at[("gru/lr", 0)] == pytest.approx(cfg.baseline_lr / cfg.warmup_steps)
+
+
+def test_finetune_without_baselines_leaves_an_empty_summary(finetune_paths):
+    cfg = TINY_FINETUNE.model_copy(update={"baselines": [], "epochs": 1})
+    result = finetune.run(cfg, finetune_paths)
+    assert result.baselines == {}
+    assert [p.name for p in finetune_paths.baselines.iterdir()] == ["summary.json"]
+
+
+@pytest.mark.parametrize(
+    "update,msg",
+    [
+        ({"baselines": ["cnn", "cnn"]}, "each baseline at most once"),
+        ({"baselines": ["lstm"]}, "baselines"),
+        ({"freeze": -1}, "block count >= 0"),
+        ({"freeze": "head"}, "freeze"),
+        ({"layer_lr_decay": 0.0}, "layer_lr_decay"),
+        ({"layer_lr_decay": 1.5}, "layer_lr_decay"),
+        ({"class_weights": "inverse"}, "class_weights"),
+        ({"cnn_kernel_sizes": [3, 0]}, "cnn_kernel_sizes"),
+    ],
+)
+def test_bad_finetune_options_name_the_key(update, msg):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=msg):
+        FinetuneConfig(**update)

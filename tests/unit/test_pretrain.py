@@ -1,0 +1,146 @@
+"""The pretrain stage on the tiny project: objectives, model options, resume rules, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import LABELS, TINY_CLEAN, TINY_PRETRAIN, TINY_TOKENIZE, TINY_VALIDATE, _project, write_raw
+from models.checkpoint import load_lm, read_config
+from tasks import pretrain
+from tasks.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory):
+    from tasks import clean, tokenize, validate
+
+    paths = _project(tmp_path_factory.mktemp("pretrain"))
+    write_raw(paths)
+    clean.run(TINY_CLEAN, paths)
+    validate.run(TINY_VALIDATE, TINY_CLEAN, LABELS, True, paths)
+    tokenize.run(TINY_TOKENIZE, paths)
+    return paths
+
+
+def tiny(**kw):
+    return TINY_PRETRAIN.model_validate({**TINY_PRETRAIN.model_dump(), "checkpoint_interval": 0, **kw})
+
+
+def test_masked_lm_objective_trains_a_bidirectional_encoder(tokenized):
+    r = pretrain.run(tiny(objective="mlm", max_steps=40, lr=1e-2), tokenized)
+    lm = load_lm(tokenized.lm)
+    assert lm.config.causal is False and read_config(tokenized.lm)["objective"] == "mlm"
+    history = json.loads((tokenized.lm / "history.json").read_text())
+    losses = [h["train_loss"] for h in history if "train_loss" in h]
+    assert losses[-1] < losses[0] - 0.5
+    assert r.val_loss < 5.5  # ln(300) = 5.7 is chance over the tiny vocabulary
+
+
+@pytest.mark.parametrize("model", [{"pos_encoding": "rope"}, {"attn_window": 8}, {"pos_encoding": "rope", "attn_window": 8}])
+def test_model_options_reach_the_saved_model(tokenized, model):
+    pretrain.run(tiny(model={"preset": "tiny", **model}), tokenized)
+    cfg = load_lm(tokenized.lm).config
+    assert all(getattr(cfg, k) == v for k, v in model.items())
+
+
+@pytest.mark.parametrize("optimizer,schedule", [("sgd", "linear"), ("rmsprop", "constant"), ("adamw", "cosine")])
+def test_optimizers_and_schedules_run_through_the_stage(tokenized, optimizer, schedule):
+    lr = {"sgd": 0.5, "rmsprop": 2e-3, "adamw": 3e-3}[optimizer]
+    r = pretrain.run(tiny(optimizer=optimizer, schedule=schedule, lr=lr, min_lr=lr / 10, max_steps=30), tokenized)
+    history = json.loads((tokenized.lm / "history.json").read_text())
+    lrs = [h["lr"] for h in history if "lr" in h]
+    assert (lrs[-1] == lr) if schedule == "constant" else (lrs[-1] < lr)
+    assert r.final_train_loss < 5.6
+
+
+def test_gradient_accumulation_gives_the_same_run(tokenized):
+    a = pretrain.run(tiny(batch_size=8, deterministic=True), tokenized)
+    b = pretrain.run(tiny(batch_size=8, micro_batch_size=2, deterministic=True), tokenized)
+    assert a.final_train_loss == pytest.approx(b.final_train_loss, abs=1e-4)
+    assert a.val_loss == pytest.approx(b.val_loss, abs=1e-4)
+
+
+def test_a_finished_or_different_run_is_not_resumed(tokenized):
+    pretrain.run(tiny(max_steps=10, checkpoint_interval=5), tokenized)
+    again = pretrain.run(tiny(max_steps=10, checkpoint_interval=5), tokenized)
+    assert again.resumed_from_step == 0  # the last checkpoint is complete: a rerun trains afresh
+    other = pretrain.run(tiny(max_steps=12, lr=1e-3, checkpoint_interval=5), tokenized)
+    assert other.resumed_from_step == 0  # different config, different fingerprint
+
+
+def test_resume_never_ignores_checkpoints(tokenized, tmp_path):
+    from tasks import engine
+
+    ckpts = tokenized.checkpoints / pretrain.CHECKPOINTS
+    pretrain.run(tiny(max_steps=10, checkpoint_interval=5), tokenized)
+    # pretend the run stopped at step 5 by removing the final checkpoint
+    for p in engine.checkpoints(ckpts)[1:]:
+        import shutil
+
+        shutil.rmtree(p)
+    assert pretrain.run(tiny(max_steps=10, checkpoint_interval=5, resume="never"), tokenized).resumed_from_step == 0
+
+
+def test_missing_tokens_is_a_user_error(tiny_project):
+    with pytest.raises(UserError, match="meta.json: not found"):
+        pretrain.run(tiny(), tiny_project)
+
+
+def test_mlm_without_a_mask_token_is_a_user_error(tokenized, tmp_path):
+    import shutil
+
+    from conftest import make_paths
+
+    paths = make_paths(tmp_path)
+    shutil.copytree(tokenized.tokens, paths.tokens)
+    meta = json.loads((paths.tokens / "meta.json").read_text())
+    meta.pop("mask_id")
+    (paths.tokens / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="no <mask> token"):
+        pretrain.run(tiny(objective="mlm"), paths)
+
+
+def test_wrong_process_count_is_a_user_error(tokenized):
+    with pytest.raises(UserError, match="nproc is 2 but 1 processes"):
+        pretrain.run(tiny(distributed={"nproc": 2}), tokenized)
+
+
+def test_batch_settings_that_do_not_divide_name_the_key(tmp_path):
+    import yaml
+
+    from conftest import ROOT
+    from tasks.config import load_params
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["pretrain"]["micro_batch_size"] = 5
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml.safe_dump(params))
+    with pytest.raises(UserError, match=r"params.yaml: pretrain: .*multiple of micro_batch_size"):
+        load_params(f)
+
+
+def test_a_masked_lm_trunk_fine_tunes_quantizes_and_serves_without_generate(tokenized, tmp_path):
+    from conftest import TINY_COMPRESS, TINY_FINETUNE
+    from models.bundle import load_parts
+    from models.checkpoint import load_classifier
+    from tasks import compress, finetune
+
+    paths = tokenized.model_copy(
+        update={k: tmp_path / k for k in ("lm", "checkpoints", "classifier", "baselines", "compressed")}
+    )
+    pretrain.run(tiny(objective="mlm", max_steps=20, lr=1e-2), paths)
+    result = finetune.run(TINY_FINETUNE.model_copy(update={"baselines": ["scratch"], "epochs": 1}), paths)
+    assert 0 <= result.val_macro_f1 <= 1
+    assert load_classifier(paths.classifier).trunk.config.causal is False
+    assert load_classifier(paths.baselines / "scratch").trunk.config.causal is False  # same architecture, random init
+    compress.run(TINY_COMPRESS, paths)
+
+    for classifier in (paths.classifier, paths.compressed):
+        bundle = load_parts(paths.tokenizer, classifier, paths.lm)
+        (pred,) = bundle.classify(["def f(x):\n    return x"])
+        assert pred.label in LABELS and sum(pred.probabilities.values()) == pytest.approx(1, abs=1e-4)
+        assert not bundle.can_generate
+        with pytest.raises(RuntimeError, match="masked-LM"):
+            bundle.generate("def ", max_new_tokens=2)
