@@ -27,6 +27,8 @@ from tasks.config import PretrainConfig  # noqa: E402
 PRESETS = {
     # nanoGPT bench.py shrunk for a CPU: 4 x 128, block 64, batch 12, GPT-2 vocabulary, fp32, no compile.
     "nanogpt-cpu": dict(model=dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=50304), batch=12, device="cpu", precision="fp32"),
+    # The pipeline's CPU default (params.yaml: preset small, 4096-token BPE vocabulary, batch 16).
+    "cpu-default": dict(model=dict(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=4096), batch=16, device="cpu", precision="fp32"),
     # GPT-2 small as in nanoGPT bench.py: batch 16 x 1024 tokens, bf16 autocast.
     "gpt2-124m": dict(model=dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304), batch=16, device="cuda", precision="bf16"),
 }
@@ -47,7 +49,7 @@ def measure(preset: str, compile: bool, steps: int, warmup: int, fused_loss: str
     n_params = model.num_params()
     model = engine.wrap_model(model, rt, "ddp", compile)
     opt = engine.build_optimizer(model, cfg, rt.device)
-    fused = fused_loss == "on" or (fused_loss == "auto" and rt.device.type == "cpu")
+    fused = engine.use_fused_loss(fused_loss, rt.device)
     B, T = p["batch"], model_cfg.block_size
     gen = torch.Generator().manual_seed(0)
     data = torch.randint(model_cfg.vocab_size, (steps + warmup, B, T + 1), generator=gen)

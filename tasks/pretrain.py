@@ -168,7 +168,7 @@ def _train(cfg: PretrainConfig, paths: Paths, tracker: Tracker, rt: engine.Runti
     model = engine.wrap_model(model, rt, cfg.distributed.strategy, cfg.compile)
     opt = engine.build_optimizer(model, cfg, rt.device)
     gen = torch.Generator().manual_seed(cfg.seed)
-    fused = cfg.fused_loss == "on" or (cfg.fused_loss == "auto" and rt.device.type == "cpu")
+    fused = engine.use_fused_loss(cfg.fused_loss, rt.device)
 
     fp = _fingerprint(cfg, model_cfg, meta)
     ckpt_dir = Path(paths.checkpoints) / CHECKPOINTS
