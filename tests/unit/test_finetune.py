@@ -162,6 +162,10 @@ class Recorder(Tracker):
     def __init__(self) -> None:
         self.metrics: list[dict] = []
         self.at: dict[tuple[str, int | None], float] = {}
+        self.figures: list[str] = []
+
+    def log_figure(self, figure, name: str) -> None:
+        self.figures.append(name)
 
     def log_metrics(self, metrics, step=None) -> None:
         self.metrics.append(dict(metrics))
@@ -230,7 +234,7 @@ def test_finetune_run_writes_classifier_requested_baselines_and_metrics(finetune
     assert 0 < result.trainable_params < n_params  # embeddings and block 0 were frozen
 
     folder = finetune_paths.baselines
-    assert {p.name for p in folder.iterdir()} == {"gru", "scratch", "cnn", "summary.json"}
+    assert {p.name for p in folder.iterdir()} == {"gru", "scratch", "cnn", "summary.json", "validation_curves.png"}
     for name, kind, module_type in (("cnn", "classifier-cnn", CNNClassifier), ("gru", "classifier-gru", GRUClassifier), ("scratch", "classifier", TransformerClassifier)):
         meta = ckpt.read_config(folder / name)
         assert meta["kind"] == kind and meta["baseline"] == name
@@ -250,6 +254,7 @@ def test_finetune_run_writes_classifier_requested_baselines_and_metrics(finetune
     assert metrics["baselines"]["scratch"]["params"] == n_params  # scratch trains every layer
     assert json.loads((folder / "summary.json").read_text()) == metrics["baselines"]
 
+    assert tracker.figures == ["validation_curves.png"]
     logged = {k for m in tracker.metrics for k in m}
     for prefix in ("", "scratch/", "cnn/", "gru/"):
         assert {f"{prefix}{k}" for k in ("val_macro_f1", "val_accuracy", "train_loss", "tokens_per_s", "train_seconds")} <= logged
@@ -262,7 +267,7 @@ def test_finetune_without_baselines_leaves_an_empty_summary(finetune_paths):
     cfg = TINY_FINETUNE.model_copy(update={"baselines": [], "epochs": 1})
     result = finetune.run(cfg, finetune_paths)
     assert result.baselines == {}
-    assert [p.name for p in finetune_paths.baselines.iterdir()] == ["summary.json"]
+    assert sorted(p.name for p in finetune_paths.baselines.iterdir()) == ["summary.json", "validation_curves.png"]
 
 
 @pytest.mark.parametrize(
