@@ -21,6 +21,7 @@ from models.checkpoint import CONFIG, dir_size_mb, load_classifier, read_config,
 from tasks.config import EvaluateConfig, Paths
 from tasks.errors import UserError
 from tasks.io import read_parquet
+from tasks.plots import publish, pyplot
 from tasks.tokenize import TOKENIZER_FILE
 from tasks.tracking import NullTracker, Tracker, stage_main
 
@@ -78,10 +79,7 @@ def tfidf_baseline(train: pd.DataFrame, test: pd.DataFrame, labels: list[str], c
 
 
 def plot_confusion(y_true: list[str], y_pred: list[str], labels: list[str], title: str, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from sklearn.metrics import ConfusionMatrixDisplay
 
     fig, ax = plt.subplots(figsize=(8, 7))
@@ -94,10 +92,7 @@ def plot_confusion(y_true: list[str], y_pred: list[str], labels: list[str], titl
 
 
 def plot_tradeoff(results: dict[str, dict], path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, m in results.items():
@@ -167,8 +162,8 @@ def run(cfg: EvaluateConfig, paths: Paths, tracker: Tracker | None = None) -> Ev
         test.assign(**{f"pred_{k}": v for k, v in preds.items()}).to_parquet(d / "predictions.parquet", index=False)
         cm = plot_confusion(test["label"].tolist(), preds[best], labels, f"Confusion matrix ({best}, test split)", d / "confusion_matrix.png")
         tr = plot_tradeoff({**variants, **baselines}, d / "accuracy_vs_latency.png")  # majority has no latency: not drawn
-        tracker.log_figure(cm, "confusion_matrix.png")
-        tracker.log_figure(tr, "accuracy_vs_latency.png")
+        publish(tracker, cm, "confusion_matrix.png")
+        publish(tracker, tr, "accuracy_vs_latency.png")
 
     write_dir_atomically(paths.evaluation, fill)
     return EvaluateResult(test_examples=len(test), variants=variants, baselines=baselines)

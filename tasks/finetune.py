@@ -31,6 +31,7 @@ from tasks import engine
 from tasks.config import FinetuneConfig, Paths
 from tasks.errors import UserError
 from tasks.io import read_parquet
+from tasks.plots import line_chart, publish
 from tasks.tokenize import load_tokenizer
 from tasks.tracking import NullTracker, Tracker, stage_main
 from tasks.validate import require_passed
@@ -250,22 +251,8 @@ def baseline_model(name: str, cfg: FinetuneConfig, trunk: GPTConfig, labels: lis
 
 def plot_validation(histories: dict[str, list[dict]], path: Path):
     """Validation macro-F1 per epoch of every model finetune trained, on one chart."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, history in histories.items():
-        ax.plot([h["epoch"] for h in history], [h["val_macro_f1"] for h in history], "o-", label=name)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation macro-F1")
-    ax.set_title("Fine-tuning: pretrained Transformer vs baselines")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return fig
+    lines = [(name, [h["epoch"] for h in hist], [h["val_macro_f1"] for h in hist], "o-") for name, hist in histories.items()]
+    return line_chart(lines, path, "epoch", "validation macro-F1", "Fine-tuning: pretrained Transformer vs baselines")
 
 
 @dataclass
@@ -347,7 +334,7 @@ def run(cfg: FinetuneConfig, paths: Paths, tracker: Tracker | None = None) -> Fi
             (d / name / "history.json").write_text(json.dumps(trained.history))
         (d / "summary.json").write_text(json.dumps({n: t.summary() for n, t in baselines.items()}, indent=2))
         histories = {"pretrained": main.history, **{n: t.history for n, t in baselines.items()}}
-        tracker.log_figure(plot_validation(histories, d / "validation_curves.png"), "validation_curves.png")
+        publish(tracker, plot_validation(histories, d / "validation_curves.png"), "validation_curves.png")
 
     write_dir_atomically(paths.baselines, fill_baselines)
     return FinetuneResult(

@@ -24,6 +24,7 @@ from models.transformer import GPT, PRESETS
 from tasks import engine
 from tasks.config import Paths, PretrainConfig
 from tasks.errors import UserError
+from tasks.plots import line_chart, publish
 from tasks.tokenize import META_FILE
 from tasks.tracking import NullTracker, Tracker, stage_main
 
@@ -70,24 +71,13 @@ def evaluate_loss(model: torch.nn.Module, batches: Batches, rt: engine.Runtime, 
 
 
 def plot_curve(history: list[dict], path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
     train = [h for h in history if "train_loss" in h]
     val = [h for h in history if "val_loss" in h]
-    ax.plot([h["step"] for h in train], [h["train_loss"] for h in train], label="train loss")
-    ax.plot([h["step"] for h in val], [h["val_loss"] for h in val], "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title("Pretraining loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return fig
+    lines = [
+        ("train loss", [h["step"] for h in train], [h["train_loss"] for h in train], "-"),
+        ("validation loss", [h["step"] for h in val], [h["val_loss"] for h in val], "o-"),
+    ]
+    return line_chart(lines, path, "step", "cross-entropy (nats/token)", "Pretraining loss")
 
 
 @dataclass
@@ -247,7 +237,7 @@ def _train(cfg: PretrainConfig, paths: Paths, tracker: Tracker, rt: engine.Runti
         def fill(d: Path) -> None:
             write_lm(trained, d, extra={"train_config": cfg.model_dump(mode="json"), "objective": cfg.objective})
             (d / "history.json").write_text(json.dumps(history))
-            tracker.log_figure(plot_curve(history, d / "loss_curve.png"), "loss_curve.png")
+            publish(tracker, plot_curve(history, d / "loss_curve.png"), "loss_curve.png")
 
         write_dir_atomically(paths.lm, fill)
     train_losses = [h["train_loss"] for h in history if "train_loss" in h]

@@ -69,7 +69,7 @@ def test_finetune_metrics_and_outputs(tiny_pipeline):
 def test_finetune_trains_every_requested_baseline(tiny_pipeline):
     f = tiny_pipeline.finetune
     folder = tiny_pipeline.paths.baselines
-    assert {p.name for p in folder.iterdir()} == {*TINY_FINETUNE.baselines, "summary.json"}
+    assert {p.name for p in folder.iterdir()} == {*TINY_FINETUNE.baselines, "summary.json", "validation_curves.png"}
     assert set(f.baselines) == set(TINY_FINETUNE.baselines)
     kinds = {"scratch": "classifier", "cnn": "classifier-cnn", "gru": "classifier-gru"}
     for name, m in f.baselines.items():

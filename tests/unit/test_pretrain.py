@@ -62,6 +62,17 @@ def test_gradient_accumulation_gives_the_same_run(tokenized):
     assert a.val_loss == pytest.approx(b.val_loss, abs=1e-4)
 
 
+@pytest.mark.slow
+def test_compiled_training_matches_eager_and_saves_plain_names(tokenized, tmp_path):
+    eager = pretrain.run(tiny(max_steps=8, deterministic=True), tokenized)
+    paths = tokenized.model_copy(update={"lm": tmp_path / "lm", "checkpoints": tmp_path / "ckpt"})
+    compiled = pretrain.run(tiny(max_steps=8, compile=True, checkpoint_interval=4), paths)
+    assert compiled.final_train_loss == pytest.approx(eager.final_train_loss, abs=1e-3)
+    assert compiled.val_loss == pytest.approx(eager.val_loss, abs=1e-3)
+    lm = load_lm(paths.lm)  # torch.compile's `_orig_mod.` prefix must not leak into the saved names
+    assert set(lm.state_dict()) == set(load_lm(tokenized.lm).state_dict())
+
+
 def test_a_finished_or_different_run_is_not_resumed(tokenized):
     pretrain.run(tiny(max_steps=10, checkpoint_interval=5), tokenized)
     again = pretrain.run(tiny(max_steps=10, checkpoint_interval=5), tokenized)
