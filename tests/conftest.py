@@ -29,6 +29,20 @@ from tasks.config import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_params(folder: Path, **overrides) -> Path:
+    """The project's params.yaml with `dotted.key=value` overrides, written to `folder/params.yaml`."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for dotted, value in overrides.items():
+        node = params
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    f = folder / "params.yaml"
+    f.write_text(yaml.safe_dump(params, sort_keys=False))
+    return f
 PARAMS_PATHS: dict[str, str] = yaml.safe_load((ROOT / "params.yaml").read_text())["paths"]
 
 SEED = 1337

@@ -8,20 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
+from conftest import write_params
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _project(tmp_path: Path, **overrides) -> Path:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for dotted, value in overrides.items():
-        node = params
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(tmp_path, **overrides)
     shutil.copytree(ROOT / "data" / "expectations", tmp_path / "data" / "expectations")
     return tmp_path
 

@@ -7,23 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import write_params
 from tasks.config import ModelSpec, Params, PretrainConfig, ValidateConfig, load_params
 from tasks.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _write_params(tmp_path: Path, **overrides) -> Path:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for dotted, value in overrides.items():
-        node = params
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    f = tmp_path / "params.yaml"
-    f.write_text(yaml.safe_dump(params, sort_keys=False))
-    return f
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:
@@ -44,7 +32,7 @@ def test_real_params_yaml_loads():
 
 
 def test_unknown_key_names_file_and_dotted_key(tmp_path):
-    f = _write_params(tmp_path, **{"finetune.epoch": 3})
+    f = write_params(tmp_path, **{"finetune.epoch": 3})
     with pytest.raises(UserError) as err:
         load_params(f)
     msg = _one_line(err)
@@ -53,7 +41,7 @@ def test_unknown_key_names_file_and_dotted_key(tmp_path):
 
 
 def test_unknown_nested_key_names_full_path(tmp_path):
-    f = _write_params(tmp_path, **{"pretrain.model.n_layers": 2})
+    f = write_params(tmp_path, **{"pretrain.model.n_layers": 2})
     with pytest.raises(UserError) as err:
         load_params(f)
     msg = _one_line(err)
@@ -61,7 +49,7 @@ def test_unknown_nested_key_names_full_path(tmp_path):
 
 
 def test_bad_value_names_file_key_and_value(tmp_path):
-    f = _write_params(tmp_path, **{"pretrain.lr": -1})
+    f = write_params(tmp_path, **{"pretrain.lr": -1})
     with pytest.raises(UserError) as err:
         load_params(f)
     msg = _one_line(err)
@@ -69,7 +57,7 @@ def test_bad_value_names_file_key_and_value(tmp_path):
 
 
 def test_wrong_type_names_key(tmp_path):
-    f = _write_params(tmp_path, **{"tokenize.vocab_size": "big"})
+    f = write_params(tmp_path, **{"tokenize.vocab_size": "big"})
     with pytest.raises(UserError) as err:
         load_params(f)
     msg = _one_line(err)
@@ -77,7 +65,7 @@ def test_wrong_type_names_key(tmp_path):
 
 
 def test_cross_field_check_names_section(tmp_path):
-    f = _write_params(tmp_path, **{"pretrain.min_lr": 1.0, "pretrain.lr": 0.1})
+    f = write_params(tmp_path, **{"pretrain.min_lr": 1.0, "pretrain.lr": 0.1})
     with pytest.raises(UserError) as err:
         load_params(f)
     msg = _one_line(err)
