@@ -49,10 +49,14 @@ def encode_stream(tok, texts: list[str]) -> np.ndarray:
     return np.concatenate(ids) if ids else np.zeros(0, dtype=DTYPE)
 
 
+def shard_files(folder: Path, split: str) -> list[Path]:
+    """The token shards of `split` in order (`<split>-00000.bin`, ...; a single `<split>.bin` also reads)."""
+    return sorted(Path(folder).glob(f"{split}-*.bin")) or [Path(folder) / f"{split}.bin"]
+
+
 def load_tokens(path: Path, split: str) -> np.ndarray:
     """All token ids of `split` ('train' or 'val'), shards joined (memory-mapped when there is one)."""
-    files = sorted(Path(path).glob(f"{split}-*.bin")) or [Path(path) / f"{split}.bin"]
-    maps = [np.memmap(f, dtype=DTYPE, mode="r") for f in files]
+    maps = [np.memmap(f, dtype=DTYPE, mode="r") for f in shard_files(path, split)]
     return maps[0] if len(maps) == 1 else np.concatenate(maps)
 
 

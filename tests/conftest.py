@@ -43,6 +43,8 @@ def write_params(folder: Path, **overrides) -> Path:
     f = folder / "params.yaml"
     f.write_text(yaml.safe_dump(params, sort_keys=False))
     return f
+
+
 PARAMS_PATHS: dict[str, str] = yaml.safe_load((ROOT / "params.yaml").read_text())["paths"]
 
 SEED = 1337

@@ -169,10 +169,8 @@ def test_run_keeps_user_split_column(tiny_project, tmp_path):
 def test_bad_user_split_value_names_file(tiny_project, tmp_path):
     labeled = tmp_path / "labeled.csv"
     pd.DataFrame({"text": ["a", "b"], "label": ["x", "y"], "split": ["train", "dev"]}).to_csv(labeled, index=False)
-    with pytest.raises(UserError, match="dev") as err:
-        ingest.run(_cfg(corpus=str(labeled), labeled=str(labeled)), tiny_project)
-    assert str(labeled) in str(err.value)
-    _assert_no_outputs(tiny_project)
+    msg = _ingest_error(tiny_project, labeled, labeled)
+    assert "dev" in msg and str(labeled) in msg
 
 
 def _assert_no_outputs(paths) -> None:
@@ -180,42 +178,42 @@ def _assert_no_outputs(paths) -> None:
     assert not paths.raw_corpus.exists()
 
 
+def _ingest_error(paths, corpus, labeled, **kw) -> str:
+    """Run ingest on bad input: it must raise a UserError and leave no outputs; returns the message."""
+    with pytest.raises(UserError) as err:
+        ingest.run(_cfg(corpus=str(corpus), labeled=str(labeled), **kw), paths)
+    _assert_no_outputs(paths)
+    return str(err.value)
+
+
 def test_missing_labeled_path(tiny_project, tmp_path):
     _, corpus = _user_data(tmp_path)
     missing = tmp_path / "user" / "nope.jsonl"
-    with pytest.raises(UserError) as err:
-        ingest.run(_cfg(corpus=str(corpus), labeled=str(missing)), tiny_project)
-    assert str(err.value) == f"{missing}: data path not found"
-    _assert_no_outputs(tiny_project)
+    msg = _ingest_error(tiny_project, corpus, missing)
+    assert msg == f"{missing}: data path not found"
 
 
 def test_missing_corpus_path(tiny_project, tmp_path):
     labeled, _ = _user_data(tmp_path)
     missing = tmp_path / "nowhere"
-    with pytest.raises(UserError) as err:
-        ingest.run(_cfg(corpus=str(missing), labeled=str(labeled)), tiny_project)
-    assert str(missing) in str(err.value)
-    _assert_no_outputs(tiny_project)
+    msg = _ingest_error(tiny_project, missing, labeled)
+    assert str(missing) in msg
 
 
 def test_empty_jsonl_file(tiny_project, tmp_path):
     _, corpus = _user_data(tmp_path)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(UserError) as err:
-        ingest.run(_cfg(corpus=str(corpus), labeled=str(empty)), tiny_project)
-    assert str(empty) in str(err.value) and "no rows" in str(err.value)
-    _assert_no_outputs(tiny_project)
+    msg = _ingest_error(tiny_project, corpus, empty)
+    assert str(empty) in msg and "no rows" in msg
 
 
 def test_empty_csv_file(tiny_project, tmp_path):
     _, corpus = _user_data(tmp_path)
     empty = tmp_path / "empty.csv"
     empty.write_text("")
-    with pytest.raises(UserError) as err:
-        ingest.run(_cfg(corpus=str(corpus), labeled=str(empty)), tiny_project)
-    assert str(empty) in str(err.value)
-    _assert_no_outputs(tiny_project)
+    msg = _ingest_error(tiny_project, corpus, empty)
+    assert str(empty) in msg
 
 
 def test_malformed_jsonl_row_names_file_and_row(tiny_project, tmp_path):
@@ -223,30 +221,23 @@ def test_malformed_jsonl_row_names_file_and_row(tiny_project, tmp_path):
     lines = labeled.read_text().splitlines()
     lines[6] = '{"text": "broken", "label": '
     labeled.write_text("\n".join(lines) + "\n")
-    with pytest.raises(UserError) as err:
-        ingest.run(_cfg(corpus=str(corpus), labeled=str(labeled)), tiny_project)
-    msg = str(err.value)
+    msg = _ingest_error(tiny_project, corpus, labeled)
     assert msg.startswith(f"{labeled}: row 7: invalid JSON")
     assert "\n" not in msg
-    _assert_no_outputs(tiny_project)
 
 
 def test_missing_label_column_names_file(tiny_project, tmp_path):
     _, corpus = _user_data(tmp_path)
     labeled = tmp_path / "nolabel.jsonl"
     labeled.write_text('{"text": "abc"}\n')
-    with pytest.raises(UserError) as err:
-        ingest.run(_cfg(corpus=str(corpus), labeled=str(labeled)), tiny_project)
-    assert str(labeled) in str(err.value) and "label" in str(err.value)
-    _assert_no_outputs(tiny_project)
+    msg = _ingest_error(tiny_project, corpus, labeled)
+    assert str(labeled) in msg and "label" in msg
 
 
 def test_too_few_examples_per_label_is_an_error(tiny_project, tmp_path):
     labeled, corpus = _user_data(tmp_path, n_per_label=5)
-    with pytest.raises(UserError) as err:
-        ingest.run(_cfg(corpus=str(corpus), labeled=str(labeled), min_examples_per_label=6), tiny_project)
-    assert "ingest.min_examples_per_label" in str(err.value) and "alpha" in str(err.value)
-    _assert_no_outputs(tiny_project)
+    msg = _ingest_error(tiny_project, corpus, labeled, min_examples_per_label=6)
+    assert "ingest.min_examples_per_label" in msg and "alpha" in msg
 
 
 def test_corpus_excludes_held_out_sources(tiny_project, tmp_path):
