@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from models.transformer import GPT, GPTConfig  # noqa: E402
-from tasks import engine  # noqa: E402
-from tasks.config import PretrainConfig  # noqa: E402
+from tasks.shared import engine  # noqa: E402
+from tasks.shared.config.pretrain import PretrainConfig  # noqa: E402
 
 PRESETS = {
     # nanoGPT bench.py shrunk for a CPU: 4 x 128, block 64, batch 12, GPT-2 vocabulary, fp32, no compile.

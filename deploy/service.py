@@ -39,7 +39,7 @@ def default_model_uri() -> str:
     """LMFORGE_MODEL_URI, else the champion of the registered model named in params.yaml."""
     if os.environ.get(MODEL_URI_ENV):
         return os.environ[MODEL_URI_ENV]
-    from tasks.config import load_params
+    from tasks.shared.config.params import load_params
 
     return f"models:/{load_params().tracking.registered_model}@champion"
 
@@ -50,8 +50,8 @@ def load_service_bundle(uri: str) -> Bundle:
         return load_bundle(uri)
     import mlflow
 
-    from tasks.config import load_params
-    from tasks.tracking import tracking_uri
+    from tasks.shared.config.params import load_params
+    from tasks.shared.tracking import tracking_uri
 
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         mlflow.set_tracking_uri(tracking_uri(load_params().tracking))

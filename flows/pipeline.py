@@ -13,14 +13,13 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
-
-STAGES = ("ingest", "clean", "validate", "tokenize", "pretrain", "finetune", "compress", "evaluate")
 
 
 class StageFailed(RuntimeError):
@@ -31,7 +30,7 @@ class StageFailed(RuntimeError):
         self.returncode = returncode
 
 
-USER_ERROR_EXIT = 2  # a stage's one-line user error: retrying cannot help
+USER_ERROR_EXIT = 2  # a stage's one-line user error (tasks/shared/harness.py): retrying cannot help
 RESUMABLE = {"pretrain": 2}  # stages that continue from their last checkpoint: retries are cheap
 
 
@@ -56,9 +55,11 @@ def ensure_limit(name: str) -> None:
 @task(task_run_name="{stage}", retries=0, retry_condition_fn=worth_retrying)
 def run_stage(stage: str, env: dict[str, str]) -> dict:
     """`dvc repro --single-item <stage>`, streaming its output into the Prefect logs."""
+    from tasks.ops.dag import dvc_command
+
     logger = get_run_logger()
     proc = subprocess.Popen(
-        ["dvc", "repro", "--quiet", "--single-item", stage],
+        dvc_command("repro", "--quiet", "--single-item", stage),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -77,7 +78,7 @@ def run_stage(stage: str, env: dict[str, str]) -> dict:
         stage_code = re.search(r"exited with (-?\d+)", last)  # dvc reports the command's own exit code
         code = int(stage_code.group(1)) if stage_code else proc.returncode
         raise StageFailed(f"stage {stage!r} failed (dvc repro exit code {proc.returncode}): {last}", code)
-    from tasks.config import load_params
+    from tasks.shared.config.params import load_params
 
     metrics = Path(load_params().paths.metrics) / f"{stage}.json"
     return json.loads(metrics.read_text()) if metrics.exists() else {}
@@ -86,9 +87,9 @@ def run_stage(stage: str, env: dict[str, str]) -> dict:
 @task(retries=0)
 def promote_candidate(parent_run_id: str) -> dict:
     """Apply the promotion gates and move `champion` only if all pass."""
-    from tasks.config import load_params
-    from tasks.promote import run as promote_run
-    from tasks.tracking import PARENT_RUN_ENV
+    from tasks.ops.promote import run as promote_run
+    from tasks.shared.config.params import load_params
+    from tasks.shared.tracking import PARENT_RUN_ENV
 
     os.environ[PARENT_RUN_ENV] = parent_run_id
     decision = promote_run(load_params(), flow_run_id=str(flow_run.id or ""))
@@ -119,17 +120,20 @@ def pipeline(promote: bool = True) -> dict:
     parent run, then gate and promote."""
     import mlflow
 
-    from tasks.config import load_params
-    from tasks.tracking import PARENT_RUN_ENV, setup_tracking
+    from tasks.ops.dag import stage_names
+    from tasks.shared.config.params import load_params
+    from tasks.shared.tracking import PARENT_RUN_ENV, setup_tracking
 
-    setup_tracking(load_params().tracking)
+    setup_tracking(load_params().tracking)  # validates all of params.yaml before any stage runs
     limit = workspace_limit(Path.cwd())
     ensure_limit(limit)
     results: dict = {"stages": {}}
     with mlflow.start_run(run_name=f"pipeline {flow_run.name or ''}".strip(), tags={"lmforge.stage": "pipeline", "prefect.flow_run_id": str(flow_run.id or "")}) as parent:
         env = {**os.environ, PARENT_RUN_ENV: parent.info.run_id, "TQDM_MININTERVAL": "5", "PYTHONUNBUFFERED": "1"}
+        # dvc.yaml's `python -m tasks.<stage>` must find this interpreter even when the venv is not activated
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         with concurrency(limit, occupy=1, strict=True):
-            for stage in STAGES:
+            for stage in stage_names(Path.cwd()):
                 retries = RESUMABLE.get(stage, 0)
                 results["stages"][stage] = run_stage.with_options(retries=retries, retry_delay_seconds=5)(stage, env)
             decision = promote_candidate(parent.info.run_id) if promote else None

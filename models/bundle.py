@@ -18,25 +18,8 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import load_classifier, load_lm, read_config, write_dir_atomically
-
-TOKENIZER = "tokenizer.json"
-EOT = "<|endoftext|>"
-PAD = "<pad>"
-MASK = "<mask>"
-
-
-def encode_texts(tokenizer, texts: list[str], max_length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids (N, T) truncated to `max_length`, and real lengths (N,) (at least 1)."""
-    encs = tokenizer.encode_batch(list(texts))
-    lengths = [max(1, min(len(e.ids), max_length)) for e in encs]
-    T = max(lengths) if lengths else 1
-    ids = torch.full((len(encs), T), pad_id, dtype=torch.long)
-    for i, e in enumerate(encs):
-        seq = e.ids[:max_length] or [pad_id]
-        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-    return ids, torch.tensor(lengths, dtype=torch.long)
-
+from models.checkpoint import load_classifier, load_lm, read_config
+from models.tokenizer import EOT, PAD, TOKENIZER_FILE, encode_texts, load_tokenizer
 
 @dataclass
 class Prediction:
@@ -92,27 +75,6 @@ class Bundle:
         return self.tokenizer.decode(new)
 
 
-def text_only(tok):
-    """Make `tok` treat "<|endoftext|>"/"<pad>" inside text as ordinary characters.
-
-    Document boundaries and padding are added as ids by our code, never parsed from text; otherwise
-    a source file that mentions the EOT string would gain a spurious boundary.
-    """
-    tok.encode_special_tokens = True
-    return tok
-
-
-def load_tokenizer(path: Path):
-    """Load `tokenizer.json` (or the folder holding it) with special-token strings encoded as text."""
-    from tokenizers import Tokenizer
-
-    path = Path(path)
-    file = path / "tokenizer.json" if path.is_dir() else path
-    if not file.exists():
-        raise FileNotFoundError(f"{file}: tokenizer not found")
-    return text_only(Tokenizer.from_file(str(file)))
-
-
 def load_parts(tokenizer_file: Path, classifier_dir: Path, lm_dir: Path | None = None) -> Bundle:
     """A Bundle from its parts wherever they lie (stage outputs or a bundle folder)."""
     meta = read_config(classifier_dir)
@@ -131,16 +93,14 @@ def load_bundle(path: Path | str, with_lm: bool = True) -> Bundle:
     """Load a bundle folder (see the module docstring)."""
     path = Path(path)
     lm = path / "lm" if with_lm and (path / "lm").exists() else None
-    return load_parts(path / TOKENIZER, path / "classifier", lm)
+    return load_parts(path / TOKENIZER_FILE, path / "classifier", lm)
 
 
-def assemble_bundle(target: Path, tokenizer_file: Path, classifier_dir: Path, lm_dir: Path | None) -> None:
-    """Copy the parts of a bundle into `target` atomically."""
-
-    def fill(d: Path) -> None:
-        shutil.copy2(tokenizer_file, d / TOKENIZER)
-        shutil.copytree(classifier_dir, d / "classifier")
-        if lm_dir is not None:
-            shutil.copytree(lm_dir, d / "lm", ignore=shutil.ignore_patterns("*.png", "history.json"))
-
-    write_dir_atomically(target, fill)
+def write_bundle(folder: Path, tokenizer_file: Path, classifier_dir: Path, lm_dir: Path | None) -> None:
+    """Copy the parts of a bundle into the empty or new `folder` (not atomic: the caller's temp folder)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(tokenizer_file, folder / TOKENIZER_FILE)
+    shutil.copytree(classifier_dir, folder / "classifier")
+    if lm_dir is not None:
+        shutil.copytree(lm_dir, folder / "lm", ignore=shutil.ignore_patterns("*.png", "history.json"))

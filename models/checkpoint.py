@@ -1,15 +1,13 @@
-"""On-disk model format: `model.safetensors` + `config.json` in one directory, written atomically.
+"""On-disk model format: `model.safetensors` + `config.json` in one directory.
 
 Quantized models store int8 weights with their scales as plain tensors and rebuild the module on
-load; nothing is ever unpickled.
+load; nothing is ever unpickled. The `write_*` functions fill a folder; stages call them inside
+`tasks.shared.io.atomic_dir`, so a half-written model is never left where a valid one belongs.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -32,24 +30,6 @@ CLASSIFIER_KINDS: dict[str, tuple[type, type[nn.Module]]] = {
 }
 
 
-def write_dir_atomically(target: Path, fill) -> None:
-    """Call `fill(tmp_dir)` and move the result to `target`; `target` is never left half-written."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        fill(tmp)
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _write_config(d: Path, kind: str, config: dict, extra: dict | None) -> None:
     (d / CONFIG).write_text(json.dumps({"kind": kind, "config": config, **(extra or {})}, indent=2))
 
@@ -64,13 +44,20 @@ def read_config(path: Path) -> dict:
 
 
 def write_lm(model: GPT, d: Path, extra: dict | None = None) -> None:
-    """Write weights + config into folder `d` (not atomic: use inside write_dir_atomically)."""
+    """Write weights + config into folder `d`."""
     save_model(model, str(Path(d) / WEIGHTS))  # handles the tied wte/lm_head weight
     _write_config(Path(d), "gpt", model.config.to_dict(), extra)
 
 
+def _new_dir(path: Path) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def save_lm(model: GPT, path: Path, extra: dict | None = None) -> None:
-    write_dir_atomically(path, lambda d: write_lm(model, d, extra))
+    """`write_lm` into `path`, created if needed (library use; stages write through an atomic folder)."""
+    write_lm(model, _new_dir(path), extra)
 
 
 def load_lm(path: Path) -> GPT:
@@ -96,7 +83,8 @@ def write_classifier(model: nn.Module, d: Path, extra: dict | None = None) -> No
 
 
 def save_classifier(model: nn.Module, path: Path, extra: dict | None = None) -> None:
-    write_dir_atomically(path, lambda d: write_classifier(model, d, extra))
+    """`write_classifier` into `path`, created if needed (library use)."""
+    write_classifier(model, _new_dir(path), extra)
 
 
 def _dynamic_quantize(model: nn.Module, per_channel: bool) -> nn.Module:
@@ -123,8 +111,8 @@ def quantize_classifier(model: TransformerClassifier, per_channel: bool = True) 
     return _dynamic_quantize(model, per_channel)
 
 
-def save_quantized(qmodel: nn.Module, config: ClassifierConfig, path: Path, per_channel: bool, extra: dict | None = None) -> None:
-    """Store int8 weights, scales and zero points as tensors (safetensors), never packed objects."""
+def write_quantized(qmodel: nn.Module, config: ClassifierConfig, d: Path, per_channel: bool, extra: dict | None = None) -> None:
+    """Store int8 weights, scales and zero points as tensors (safetensors) in folder `d`, never packed objects."""
     tensors: dict[str, torch.Tensor] = {}
     quantized = set()
     for name, m in qmodel.named_modules():
@@ -144,11 +132,13 @@ def save_quantized(qmodel: nn.Module, config: ClassifierConfig, path: Path, per_
         if isinstance(t, torch.Tensor) and not t.is_quantized and name.rsplit(".", 1)[0] not in quantized:
             tensors[name] = t.detach().contiguous()
 
-    def fill(d: Path) -> None:
-        save_file(tensors, str(d / WEIGHTS))
-        _write_config(d, "classifier-int8", config.to_dict(), {"per_channel": per_channel, **(extra or {})})
+    save_file(tensors, str(Path(d) / WEIGHTS))
+    _write_config(Path(d), "classifier-int8", config.to_dict(), {"per_channel": per_channel, **(extra or {})})
 
-    write_dir_atomically(path, fill)
+
+def save_quantized(qmodel: nn.Module, config: ClassifierConfig, path: Path, per_channel: bool, extra: dict | None = None) -> None:
+    """`write_quantized` into `path`, created if needed (library use)."""
+    write_quantized(qmodel, config, _new_dir(path), per_channel, extra)
 
 
 def _load_quantized(path: Path, meta: dict) -> nn.Module:

@@ -12,10 +12,15 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from tasks.config import CleanConfig, Paths
-from tasks.errors import UserError
-from tasks.io import read_parquet, write_parquet
-from tasks.tracking import Tracker, stage_main
+from tasks.shared.config.base import Paths
+from tasks.shared.config.clean import CleanConfig
+from tasks.shared.errors import UserError
+from tasks.shared.harness import stage_main
+from tasks.shared.io import read_parquet, write_parquet
+from tasks.shared.tracking import Tracker
+
+SECTIONS = {"clean": CleanConfig}
+"""The params.yaml sections this stage reads (its dvc.yaml `params:`)."""
 
 _BLANK_RUNS = re.compile(r"\n{3,}")
 _DROP_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn"}
@@ -77,7 +82,7 @@ def run(cfg: CleanConfig, paths: Paths, tracker: Tracker | None = None) -> Clean
 
 
 def main() -> None:
-    stage_main("clean", lambda p, t: run(p.clean, p.paths, t).metrics)
+    stage_main("clean", lambda p, t: run(p.clean, p.paths, t).metrics, SECTIONS)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from models.checkpoint import dir_size_mb, load_classifier, quantize_classifier, read_config, save_quantized
+from models.checkpoint import dir_size_mb, load_classifier, quantize_classifier, read_config, write_quantized
 from models.classifier import ClassifierConfig
-from tasks.config import CompressConfig, Paths
-from tasks.tracking import Tracker, stage_main
+from tasks.shared.config.base import Paths
+from tasks.shared.config.compress import CompressConfig
+from tasks.shared.harness import stage_main
+from tasks.shared.io import atomic_dir
+from tasks.shared.tracking import Tracker
+
+SECTIONS = {"compress": CompressConfig}
+"""The params.yaml sections this stage reads (its dvc.yaml `params:`)."""
 
 
 @dataclass
@@ -26,7 +32,8 @@ def run(cfg: CompressConfig, paths: Paths, tracker: Tracker | None = None) -> Co
     model = load_classifier(paths.classifier)
     qmodel = quantize_classifier(model, per_channel=cfg.per_channel)
     extra = {k: v for k, v in meta.items() if k not in ("kind", "config")}
-    save_quantized(qmodel, ClassifierConfig(**meta["config"]), paths.compressed, cfg.per_channel, extra=extra)
+    with atomic_dir(paths.compressed) as d:
+        write_quantized(qmodel, ClassifierConfig(**meta["config"]), d, cfg.per_channel, extra=extra)
     return CompressResult(
         method="dynamic-int8-per-channel" if cfg.per_channel else "dynamic-int8-per-tensor",
         fp32_size_mb=round(dir_size_mb(paths.classifier), 3),
@@ -35,7 +42,7 @@ def run(cfg: CompressConfig, paths: Paths, tracker: Tracker | None = None) -> Co
 
 
 def main() -> None:
-    stage_main("compress", lambda p, t: run(p.compress, p.paths, t).metrics)
+    stage_main("compress", lambda p, t: run(p.compress, p.paths, t).metrics, SECTIONS)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from models.bundle import Bundle, load_parts, load_tokenizer
-from models.checkpoint import CONFIG, dir_size_mb, load_classifier, read_config, write_dir_atomically
-from tasks.config import EvaluateConfig, Paths
-from tasks.errors import UserError
-from tasks.io import read_parquet
-from tasks.plots import publish, pyplot
-from tasks.tokenize import TOKENIZER_FILE
-from tasks.tracking import NullTracker, Tracker, stage_main
+from models.bundle import Bundle, load_parts
+from models.checkpoint import CONFIG, dir_size_mb, load_classifier, read_config
+from models.tokenizer import TOKENIZER_FILE, load_tokenizer
+from tasks.shared.config.base import Paths
+from tasks.shared.config.evaluate import EvaluateConfig
+from tasks.shared.errors import UserError
+from tasks.shared.harness import stage_main
+from tasks.shared.io import atomic_dir, read_parquet, write_csv
+from tasks.shared.plots import publish, pyplot
+from tasks.shared.tracking import NullTracker, Tracker
+
+SECTIONS = {"evaluate": EvaluateConfig}
+"""The params.yaml sections this stage reads (its dvc.yaml `params:`)."""
+CONFUSION_PLOT = "evaluate_confusion.csv"
+PER_CLASS_PLOT = "evaluate_per_class.csv"
+TRADEOFF_PLOT = "evaluate_accuracy_vs_latency.csv"
+"""Plot data in `paths.plots` (dvc.yaml `plots:`): test predictions of the best variant, its per-class
+scores, and every model's accuracy against its p50 latency."""
 
 
 def scores(y_true: list[str], y_pred: list[str], labels: list[str]) -> dict[str, float]:
@@ -109,6 +119,26 @@ def plot_tradeoff(results: dict[str, dict], path: Path):
     return fig
 
 
+def per_class(y_true: list[str], y_pred: list[str], labels: list[str]) -> list[dict]:
+    """Precision, recall, F1 and support of every label."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    p, r, f, n = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    return [
+        {"label": lab, "precision": round(float(a), 4), "recall": round(float(b), 4), "f1": round(float(c), 4), "support": int(d)}
+        for lab, a, b, c, d in zip(labels, p, r, f, n)
+    ]
+
+
+def write_plot_data(y_true: list[str], y_pred: list[str], labels: list[str], results: dict[str, dict], folder: Path) -> None:
+    """CSV plot data for `dvc plots`: confusion (actual, predicted), per-class scores, accuracy vs latency."""
+    folder = Path(folder)
+    write_csv(folder / CONFUSION_PLOT, ({"actual": a, "predicted": p} for a, p in zip(y_true, y_pred)), ["actual", "predicted"])
+    write_csv(folder / PER_CLASS_PLOT, per_class(y_true, y_pred, labels), ["label", "precision", "recall", "f1", "support"])
+    points = [{"model": name, **m} for name, m in results.items() if "latency_p50_ms" in m]
+    write_csv(folder / TRADEOFF_PLOT, points, ["model", "latency_p50_ms", "accuracy", "macro_f1"])
+
+
 def trained_baselines(folder: Path) -> dict[str, Path]:
     """Baseline model folders written by finetune (`<folder>/<name>/config.json`), by name."""
     folder = Path(folder)
@@ -158,19 +188,18 @@ def run(cfg: EvaluateConfig, paths: Paths, tracker: Tracker | None = None) -> Ev
 
     best = max(variants, key=lambda v: variants[v]["macro_f1"])
 
-    def fill(d: Path) -> None:
+    with atomic_dir(paths.evaluation) as d:
         test.assign(**{f"pred_{k}": v for k, v in preds.items()}).to_parquet(d / "predictions.parquet", index=False)
         cm = plot_confusion(test["label"].tolist(), preds[best], labels, f"Confusion matrix ({best}, test split)", d / "confusion_matrix.png")
         tr = plot_tradeoff({**variants, **baselines}, d / "accuracy_vs_latency.png")  # majority has no latency: not drawn
         publish(tracker, cm, "confusion_matrix.png")
         publish(tracker, tr, "accuracy_vs_latency.png")
-
-    write_dir_atomically(paths.evaluation, fill)
+    write_plot_data(test["label"].tolist(), preds[best], labels, {**variants, **baselines}, paths.plots)
     return EvaluateResult(test_examples=len(test), variants=variants, baselines=baselines)
 
 
 def main() -> None:
-    stage_main("evaluate", lambda p, t: run(p.evaluate, p.paths, t).metrics)
+    stage_main("evaluate", lambda p, t: run(p.evaluate, p.paths, t).metrics, SECTIONS)
 
 
 if __name__ == "__main__":

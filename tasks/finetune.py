@@ -23,21 +23,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.baselines import CNNClassifier, CNNConfig, GRUClassifier, GRUConfig
-from models.bundle import PAD, encode_texts
-from models.checkpoint import load_lm, write_classifier, write_dir_atomically
+from models.checkpoint import load_lm, write_classifier
 from models.classifier import ClassifierConfig, TransformerClassifier
+from models.tokenizer import PAD, encode_texts, load_tokenizer
 from models.transformer import GPTConfig
-from tasks import engine
-from tasks.config import FinetuneConfig, Paths
-from tasks.errors import UserError
-from tasks.io import read_parquet
-from tasks.plots import line_chart, publish
-from tasks.tokenize import load_tokenizer
-from tasks.tracking import NullTracker, Tracker, stage_main
-from tasks.validate import require_passed
+from tasks.shared import engine
+from tasks.shared.config.base import Paths
+from tasks.shared.config.finetune import FinetuneConfig
+from tasks.shared.errors import UserError
+from tasks.shared.harness import stage_main
+from tasks.shared.io import atomic_dir, read_parquet, write_csv
+from tasks.shared.plots import line_chart, publish
+from tasks.shared.tracking import NullTracker, Tracker
+from tasks.shared.validation import require_passed
 
+SECTIONS = {"finetune": FinetuneConfig}
+"""The params.yaml sections this stage reads (its dvc.yaml `params:`)."""
 LOG_EVERY = 10
 """Steps between train-loss logs to the tracker."""
+VALIDATION_PLOT = "finetune_validation.csv"
+"""Per-epoch validation scores of the pretrained classifier in `paths.plots` (dvc.yaml `plots:`)."""
 
 
 def cap_per_label(df: pd.DataFrame, cap: int, seed: int) -> pd.DataFrame:
@@ -191,7 +196,7 @@ def fit(
     stopper, best_state, history = EarlyStopping(cfg.patience), None, []
     start = time.perf_counter()
     bar = tqdm(total=total, desc=name, unit="step", dynamic_ncols=True)
-    step, window_start, window_tokens = 0, time.perf_counter(), 0
+    meter, step, tps = engine.Throughput(rt.device), 0, None
     for epoch in range(1, epochs + 1):
         order = torch.randperm(len(train), generator=gen)
         for i in range(0, len(order), cfg.batch_size):
@@ -206,27 +211,27 @@ def fit(
             (rt.scaler.scale(loss) if rt.scaler is not None else loss).backward()
             grad_norm = engine.clip_and_step(model, opt, rt, cfg.grad_clip)
             loss_value = loss.item()
-            window_tokens += int(n.sum())
-            tps = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+            meter.step(int(n.sum()))
             if step % LOG_EVERY == 0:
-                rec = {"train_loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps}
+                rec = {"train_loss": loss_value, "lr": lr, "grad_norm": grad_norm}
+                if (rate := meter.window_rate()) is not None:
+                    rec["tokens_per_s"] = tps = rate
                 tracker.log_metrics({f"{prefix}{k}": v for k, v in rec.items()}, step=step)
-                window_start, window_tokens = time.perf_counter(), 0
-            bar.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+            bar.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}", **({"tok_s": f"{tps:,.0f}"} if tps else {}), refresh=False)
             bar.update()
             step += 1
-        pred = predict(model, val, rt)
-        y_val = val.y.numpy()
-        acc, f1 = float((pred == y_val).mean()), macro_f1(y_val, pred, n_classes)
-        history.append({"epoch": epoch, "val_accuracy": acc, "val_macro_f1": f1})
-        tracker.log_metrics({f"{prefix}val_accuracy": acc, f"{prefix}val_macro_f1": f1}, step=step)
-        bar.write(f"{name} epoch {epoch}: val accuracy {acc:.3f}, macro-F1 {f1:.3f}")
-        if stopper.update(f1, epoch):
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in engine.unwrap(model).state_dict().items()}
+        with meter.paused():  # validation time is not training throughput
+            pred = predict(model, val, rt)
+            y_val = val.y.numpy()
+            acc, f1 = float((pred == y_val).mean()), macro_f1(y_val, pred, n_classes)
+            history.append({"epoch": epoch, "val_accuracy": acc, "val_macro_f1": f1})
+            tracker.log_metrics({f"{prefix}val_accuracy": acc, f"{prefix}val_macro_f1": f1}, step=step)
+            bar.write(f"{name} epoch {epoch}: val accuracy {acc:.3f}, macro-F1 {f1:.3f}")
+            if stopper.update(f1, epoch):
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in engine.unwrap(model).state_dict().items()}
         if stopper.stop:
             bar.write(f"{name}: no better macro-F1 for {cfg.patience} epochs, stopping after epoch {epoch}")
             break
-        window_start = time.perf_counter()  # validation time is not training throughput
     bar.close()
     seconds = time.perf_counter() - start
     tracker.log_metrics({f"{prefix}train_seconds": seconds, f"{prefix}best_epoch": stopper.best_epoch}, step=step)
@@ -294,7 +299,7 @@ def load_examples(cfg: FinetuneConfig, paths: Paths, max_length: int) -> tuple[l
 
 def run(cfg: FinetuneConfig, paths: Paths, tracker: Tracker | None = None) -> FinetuneResult:
     tracker = tracker or NullTracker()
-    require_passed(paths)
+    require_passed(paths.validation)
     lm = load_lm(paths.lm)
     if cfg.max_length > lm.config.block_size:
         raise UserError(f"params.yaml: finetune.max_length: {cfg.max_length} exceeds the LM block_size {lm.config.block_size}")
@@ -311,11 +316,10 @@ def run(cfg: FinetuneConfig, paths: Paths, tracker: Tracker | None = None) -> Fi
     scales = layer_lr_scales(model, cfg.layer_lr_decay) if cfg.layer_lr_decay < 1 else None
     main = fit("finetune", model, cfg, train, val, len(labels), rt, tracker, cfg.epochs, scales)
 
-    def fill(d: Path) -> None:
+    with atomic_dir(paths.classifier) as d:
         write_classifier(main.model, d, extra=extra)
         (d / "history.json").write_text(json.dumps(main.history))
-
-    write_dir_atomically(paths.classifier, fill)
+    write_csv(Path(paths.plots) / VALIDATION_PLOT, main.history, ["epoch", "val_accuracy", "val_macro_f1"])
 
     # Baselines train every layer at one lr: freezing and layer-wise decay only make sense for pretrained weights.
     # `scratch` keeps the recipe (what pretraining buys); small models from scratch want their own lr and epochs.
@@ -327,7 +331,7 @@ def run(cfg: FinetuneConfig, paths: Paths, tracker: Tracker | None = None) -> Fi
         recipe, epochs = (cfg, cfg.epochs) if name == "scratch" else (small, cfg.baseline_epochs or cfg.epochs)
         baselines[name] = fit(name, model, recipe, train, val, len(labels), rt, tracker, epochs, prefix=f"{name}/")
 
-    def fill_baselines(d: Path) -> None:
+    with atomic_dir(paths.baselines) as d:
         for name, trained in baselines.items():
             (d / name).mkdir()
             write_classifier(trained.model, d / name, extra={**extra, "baseline": name})
@@ -335,8 +339,6 @@ def run(cfg: FinetuneConfig, paths: Paths, tracker: Tracker | None = None) -> Fi
         (d / "summary.json").write_text(json.dumps({n: t.summary() for n, t in baselines.items()}, indent=2))
         histories = {"pretrained": main.history, **{n: t.history for n, t in baselines.items()}}
         publish(tracker, plot_validation(histories, d / "validation_curves.png"), "validation_curves.png")
-
-    write_dir_atomically(paths.baselines, fill_baselines)
     return FinetuneResult(
         train_examples=len(train),
         best_epoch=main.best_epoch,
@@ -351,7 +353,7 @@ def run(cfg: FinetuneConfig, paths: Paths, tracker: Tracker | None = None) -> Fi
 
 
 def main() -> None:
-    stage_main("finetune", lambda p, t: run(p.finetune, p.paths, t).metrics)
+    stage_main("finetune", lambda p, t: run(p.finetune, p.paths, t).metrics, SECTIONS)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from tasks.config import IngestConfig, Params, Paths
-from tasks.errors import UserError
-from tasks.io import read_table, write_parquet
-from tasks.tracking import Tracker, stage_main
+from tasks.shared.config.base import Paths
+from tasks.shared.config.ingest import IngestConfig
+from tasks.shared.errors import UserError
+from tasks.shared.harness import stage_main
+from tasks.shared.io import read_table, write_parquet
+from tasks.shared.tracking import Tracker
+
+SECTIONS = {"ingest": IngestConfig}
+"""The params.yaml sections this stage reads (its dvc.yaml `params:`)."""
 
 SPLITS = ("train", "val", "test")
 SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib-dynload", "_bundled"}
@@ -222,7 +227,7 @@ def run(cfg: IngestConfig, paths: Paths, tracker: Tracker | None = None) -> Inge
 
 
 def main() -> None:
-    stage_main("ingest", lambda p, t: run(p.ingest, p.paths, t).metrics)
+    stage_main("ingest", lambda p, t: run(p.ingest, p.paths, t).metrics, SECTIONS)
 
 
 if __name__ == "__main__":

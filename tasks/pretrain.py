@@ -19,16 +19,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.checkpoint import write_dir_atomically, write_lm
-from models.transformer import GPT, PRESETS
-from tasks import engine
-from tasks.config import Paths, PretrainConfig
-from tasks.errors import UserError
-from tasks.plots import line_chart, publish
-from tasks.tokenize import META_FILE
-from tasks.tracking import NullTracker, Tracker, stage_main
+from models.checkpoint import write_lm
+from models.transformer import GPT, PRESETS, GPTConfig
+from tasks.shared import engine
+from tasks.shared.config.base import Paths
+from tasks.shared.config.pretrain import PretrainConfig
+from tasks.shared.errors import UserError
+from tasks.shared.harness import stage_main
+from tasks.shared.io import atomic_dir, write_csv
+from tasks.shared.plots import line_chart, publish
+from tasks.shared.shards import META_FILE, read_meta
+from tasks.shared.tracking import NullTracker, Tracker
 
+SECTIONS = {"pretrain": PretrainConfig}
+"""The params.yaml sections this stage reads (its dvc.yaml `params:`)."""
 CHECKPOINTS = "pretrain"
+TRAIN_LOSS_PLOT = "pretrain_train_loss.csv"
+VAL_LOSS_PLOT = "pretrain_val_loss.csv"
+"""Plot data in `paths.plots` (dvc.yaml `plots:`), overlaid across commits by `dvc plots diff`."""
 # Settings that do not change what is trained: a checkpoint written under one value resumes under another.
 NOT_IN_FINGERPRINT = {"resume", "checkpoint_interval", "log_interval", "compile", "distributed", "eval_batches", "eval_interval"}
 
@@ -88,6 +96,9 @@ class PretrainResult:
     val_loss: float
     val_perplexity: float
     tokens_per_s: float
+    """Training throughput: tokens of the timed steps / their time (evaluation and checkpoints excluded)."""
+    wall_tokens_per_s: float
+    """Tokens of every step run / the loop's wall time (evaluation and checkpoints included)."""
     train_seconds: float
     resumed_from_step: int
     mfu: float | None
@@ -131,25 +142,44 @@ def run(cfg: PretrainConfig, paths: Paths, tracker: Tracker | None = None) -> Pr
         engine.teardown(rt)
 
 
-def _train(cfg: PretrainConfig, paths: Paths, tracker: Tracker, rt: engine.Runtime) -> PretrainResult:
-    from tqdm import tqdm
+# ---------------------------------------------------------------------------------------------
+# setup: data, model, optimizer, resume
 
-    meta_file = Path(paths.tokens) / META_FILE
-    if not meta_file.exists():
-        raise UserError(f"{meta_file}: not found (run the tokenize stage first)")
-    meta = json.loads(meta_file.read_text())
+
+@dataclass
+class Setup:
+    """Everything the loop needs, built once by `_setup`."""
+
+    model_cfg: GPTConfig
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+    train_batches: Batches
+    val_batches: Batches
+    fused: bool
+    per_rank: int
+    """Rows of each global batch this process trains on."""
+    micro: int
+    """Rows per forward pass."""
+    tokens_per_step: int
+    """Tokens of one optimizer step over all processes."""
+    n_params: int
+    flops_per_token: float
+    state: engine.TrainState
+    """Step to start from and the loss history so far (a resumed run continues its curve)."""
+    ckpt_dir: Path
+
+
+def _setup(cfg: PretrainConfig, paths: Paths, rt: engine.Runtime) -> Setup:
+    meta = read_meta(paths.tokens)
     if cfg.objective == "mlm" and meta.get("mask_id") is None:
-        raise UserError(f"{meta_file}: tokenizer has no <mask> token (re-run the tokenize stage)")
-    causal = cfg.objective == "causal"
-    model_cfg = PRESETS[cfg.model.preset](vocab_size=meta["vocab_size"], causal=causal, **cfg.model.overrides())
+        raise UserError(f"{Path(paths.tokens) / META_FILE}: tokenizer has no <mask> token (re-run the tokenize stage)")
+    model_cfg = PRESETS[cfg.model.preset](vocab_size=meta["vocab_size"], causal=cfg.objective == "causal", **cfg.model.overrides())
     train_data, val_data = engine.TokenShards(paths.tokens, "train"), engine.TokenShards(paths.tokens, "val")
     if len(train_data) <= model_cfg.block_size + 1:
         raise UserError(f"{paths.tokens}: {len(train_data)} training tokens, fewer than block_size {model_cfg.block_size}")
     if cfg.distributed.nproc != rt.world:
         raise UserError(f"params.yaml: pretrain.distributed.nproc is {cfg.distributed.nproc} but {rt.world} processes are running")
-    val_block = min(model_cfg.block_size, len(val_data) - 2)
-    train_batches = Batches(train_data, cfg, meta, model_cfg.block_size)
-    val_batches = Batches(val_data, cfg, meta, val_block)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = GPT(model_cfg)
@@ -158,7 +188,6 @@ def _train(cfg: PretrainConfig, paths: Paths, tracker: Tracker, rt: engine.Runti
     model = engine.wrap_model(model, rt, cfg.distributed.strategy, cfg.compile)
     opt = engine.build_optimizer(model, cfg, rt.device)
     gen = torch.Generator().manual_seed(cfg.seed)
-    fused = engine.use_fused_loss(cfg.fused_loss, rt.device)
 
     fp = _fingerprint(cfg, model_cfg, meta)
     ckpt_dir = Path(paths.checkpoints) / CHECKPOINTS
@@ -169,86 +198,131 @@ def _train(cfg: PretrainConfig, paths: Paths, tracker: Tracker, rt: engine.Runti
             state = engine.load_checkpoint(last, model, opt, rt, gen)
             if rt.is_main:
                 print(f"pretrain: resuming from {last} (step {state.step} of {cfg.max_steps})", flush=True)
-    start_step, history = state.step, state.history
-
     per_rank = cfg.batch_size // rt.world
-    micro = per_rank // cfg.grad_accum
-    block = model_cfg.block_size
-    tokens_per_step = cfg.batch_size * block
-    val_loss = next((h["val_loss"] for h in reversed(history) if "val_loss" in h), float("nan"))
+    return Setup(
+        model_cfg=model_cfg,
+        model=model,
+        opt=opt,
+        gen=gen,
+        train_batches=Batches(train_data, cfg, meta, model_cfg.block_size),
+        val_batches=Batches(val_data, cfg, meta, min(model_cfg.block_size, len(val_data) - 2)),
+        fused=engine.use_fused_loss(cfg.fused_loss, rt.device),
+        per_rank=per_rank,
+        micro=per_rank // cfg.grad_accum,
+        tokens_per_step=cfg.batch_size * model_cfg.block_size,
+        n_params=n_params,
+        flops_per_token=flops_per_token,
+        state=state,
+        ckpt_dir=ckpt_dir,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# one optimizer step, logging, evaluation
+
+
+def _step(s: Setup, cfg: PretrainConfig, rt: engine.Runtime, step: int) -> tuple[torch.Tensor, float, float]:
+    """One optimizer step on this rank's rows of the global batch; returns (loss on device, grad norm, lr)."""
+    lr = engine.lr_at(step, cfg.max_steps, cfg)
+    engine.set_lr(s.opt, lr)
+    x_all, y_all = s.train_batches(cfg.batch_size, s.gen)  # every rank draws the global batch
+    rows = slice(rt.rank * s.per_rank, (rt.rank + 1) * s.per_rank)
+    x_all, y_all = x_all[rows], y_all[rows]
+    loss_sum = torch.zeros((), device=rt.device)
+    for i in range(cfg.grad_accum):
+        x = x_all[i * s.micro : (i + 1) * s.micro].to(rt.device, non_blocking=True)
+        y = y_all[i * s.micro : (i + 1) * s.micro].to(rt.device, non_blocking=True)
+        with _accumulation(s.model, i == cfg.grad_accum - 1, cfg.distributed.strategy), rt.autocast():
+            _, loss = s.model(x, y, fused_loss=s.fused)
+            loss = loss / cfg.grad_accum
+        (rt.scaler.scale(loss) if rt.scaler is not None else loss).backward()
+        loss_sum += loss.detach()
+    grad_norm = engine.clip_and_step(s.model, s.opt, rt, cfg.grad_clip)
+    return loss_sum, grad_norm, lr
+
+
+def _log_train(s: Setup, rt: engine.Runtime, tracker: Tracker, meter: engine.Throughput, step: int, loss: torch.Tensor, grad_norm: float, lr: float) -> dict:
+    """Record the step's loss, lr, grad norm and the window's tokens/s (and MFU on a known GPU)."""
+    rec = {"step": step, "train_loss": float(engine.all_reduce_mean(loss, rt)), "lr": lr, "grad_norm": grad_norm}
+    tps = meter.window_rate()
+    if tps is not None:
+        rec["tokens_per_s"] = tps
+        if (m := engine.mfu(s.flops_per_token, tps, rt.device, rt.precision, rt.world)) is not None:
+            rec["mfu"] = m
+    s.state.history.append(rec)
+    tracker.log_metrics({k: v for k, v in rec.items() if k != "step"}, step=step)
+    return rec
+
+
+def _log_eval(s: Setup, cfg: PretrainConfig, rt: engine.Runtime, tracker: Tracker, step: int) -> float:
+    val_loss = evaluate_loss(engine.unwrap(s.model), s.val_batches, rt, cfg.batch_size, s.micro, cfg.eval_batches, cfg.seed, s.fused)
+    s.state.history.append({"step": step, "val_loss": val_loss})
+    tracker.log_metrics({"val_loss": val_loss, "val_perplexity": math.exp(val_loss)}, step=step)
+    return val_loss
+
+
+def write_plot_data(history: list[dict], folder: Path) -> None:
+    """Loss curves as CSV for `dvc plots` (train every `log_interval` steps, validation every `eval_interval`)."""
+    write_csv(Path(folder) / TRAIN_LOSS_PLOT, [h for h in history if "train_loss" in h], ["step", "train_loss"])
+    write_csv(Path(folder) / VAL_LOSS_PLOT, [h for h in history if "val_loss" in h], ["step", "val_loss"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+def _train(cfg: PretrainConfig, paths: Paths, tracker: Tracker, rt: engine.Runtime) -> PretrainResult:
+    from tqdm import tqdm
+
+    s = _setup(cfg, paths, rt)
+    start_step, history = s.state.step, s.state.history
     tracker.log_params({"device": engine.device_name(rt.device), "precision": rt.precision, "world_size": rt.world,
-                        "grad_accum": cfg.grad_accum, "flops_per_token": flops_per_token, "fused_loss": fused})  # fmt: skip
-
-    def checkpoint(step: int) -> None:
-        state.step, state.history = step, history
-        engine.save_checkpoint(ckpt_dir, state, model, opt, rt, gen)
-
+                        "grad_accum": cfg.grad_accum, "flops_per_token": s.flops_per_token, "fused_loss": s.fused})  # fmt: skip
+    val_loss = next((h["val_loss"] for h in reversed(history) if "val_loss" in h), float("nan"))
+    meter = engine.Throughput(rt.device)
+    last_mfu = None
     start = time.perf_counter()
     bar = tqdm(range(start_step, cfg.max_steps), desc="pretrain", unit="step", dynamic_ncols=True, disable=not rt.is_main,
                initial=start_step, total=cfg.max_steps)  # fmt: skip
-    window_start, window_tokens = time.perf_counter(), 0
-    last_mfu = None
     for step in bar:
-        lr = engine.lr_at(step, cfg.max_steps, cfg)
-        engine.set_lr(opt, lr)
-        x_all, y_all = train_batches(cfg.batch_size, gen)  # the global batch; this rank takes its rows
-        rows = slice(rt.rank * per_rank, (rt.rank + 1) * per_rank)
-        x_all, y_all = x_all[rows], y_all[rows]
-        loss_sum = torch.zeros((), device=rt.device)
-        for i in range(cfg.grad_accum):
-            x = x_all[i * micro : (i + 1) * micro].to(rt.device, non_blocking=True)
-            y = y_all[i * micro : (i + 1) * micro].to(rt.device, non_blocking=True)
-            with _accumulation(model, i == cfg.grad_accum - 1, cfg.distributed.strategy), rt.autocast():
-                _, loss = model(x, y, fused_loss=fused)
-                loss = loss / cfg.grad_accum
-            (rt.scaler.scale(loss) if rt.scaler is not None else loss).backward()
-            loss_sum += loss.detach()
-        grad_norm = engine.clip_and_step(model, opt, rt, cfg.grad_clip)
-        window_tokens += tokens_per_step
-
+        loss, grad_norm, lr = _step(s, cfg, rt, step)
+        meter.step(s.tokens_per_step)
         last = step == cfg.max_steps - 1
         if step % cfg.log_interval == 0 or last:
-            train_loss = float(engine.all_reduce_mean(loss_sum, rt))
-            elapsed = time.perf_counter() - window_start
-            tps = window_tokens / elapsed if elapsed > 0 else 0.0
-            window_start, window_tokens = time.perf_counter(), 0
-            last_mfu = engine.mfu(flops_per_token, tps, rt.device, rt.precision, rt.world)
-            rec = {"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps}
-            if last_mfu is not None:
-                rec["mfu"] = last_mfu
-            history.append(rec)
-            tracker.log_metrics({k: v for k, v in rec.items() if k != "step"}, step=step)
-            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}", **({"mfu": f"{last_mfu:.1%}"} if last_mfu else {}), refresh=False)
+            rec = _log_train(s, rt, tracker, meter, step, loss, grad_norm, lr)
+            last_mfu = rec.get("mfu", last_mfu)
+            tok_s = {"tok_s": f"{rec['tokens_per_s']:,.0f}"} if "tokens_per_s" in rec else {}
+            bar.set_postfix(loss=f"{rec['train_loss']:.3f}", **tok_s, **({"mfu": f"{last_mfu:.1%}"} if last_mfu else {}), refresh=False)
         if step % cfg.eval_interval == 0 or last:
-            val_loss = evaluate_loss(engine.unwrap(model), val_batches, rt, cfg.batch_size, micro, cfg.eval_batches, cfg.seed, fused)
-            history.append({"step": step, "val_loss": val_loss})
-            tracker.log_metrics({"val_loss": val_loss, "val_perplexity": math.exp(val_loss)}, step=step)
+            with meter.paused():  # evaluation time is not training throughput
+                val_loss = _log_eval(s, cfg, rt, tracker, step)
             if rt.is_main:
                 bar.write(f"step {step}: val loss {val_loss:.3f}, perplexity {math.exp(val_loss):.1f}")
-            window_start = time.perf_counter()  # evaluation time is not training throughput
         if last or (cfg.checkpoint_interval and (step + 1) % cfg.checkpoint_interval == 0):
-            checkpoint(step + 1)
-            window_start = time.perf_counter()
+            with meter.paused():
+                s.state.step = step + 1
+                engine.save_checkpoint(s.ckpt_dir, s.state, s.model, s.opt, rt, s.gen)
     bar.close()
     seconds = time.perf_counter() - start
-    trained = _full_model(model, model_cfg)
+    tokens_per_s = meter.overall_rate()
+    trained = _full_model(s.model, s.model_cfg)
 
     if rt.is_main:
-        def fill(d: Path) -> None:
+        with atomic_dir(paths.lm) as d:
             write_lm(trained, d, extra={"train_config": cfg.model_dump(mode="json"), "objective": cfg.objective})
             (d / "history.json").write_text(json.dumps(history))
             publish(tracker, plot_curve(history, d / "loss_curve.png"), "loss_curve.png")
-
-        write_dir_atomically(paths.lm, fill)
+        write_plot_data(history, paths.plots)
     train_losses = [h["train_loss"] for h in history if "train_loss" in h]
     steps_run = cfg.max_steps - start_step
     return PretrainResult(
         steps=cfg.max_steps,
-        params=n_params,
+        params=s.n_params,
         final_train_loss=round(float(np.mean(train_losses[-5:])), 4),
         val_loss=round(val_loss, 4),
         val_perplexity=round(math.exp(val_loss), 3),
-        tokens_per_s=round(steps_run * tokens_per_step / seconds, 1) if steps_run else 0.0,
+        tokens_per_s=round(tokens_per_s or 0.0, 1),
+        wall_tokens_per_s=round(steps_run * s.tokens_per_step / seconds, 1) if steps_run else 0.0,
         train_seconds=round(seconds, 2),
         resumed_from_step=start_step,
         mfu=None if last_mfu is None else round(last_mfu, 4),
@@ -258,12 +332,12 @@ def _train(cfg: PretrainConfig, paths: Paths, tracker: Tracker, rt: engine.Runti
 
 def _requested_processes(argv: list[str]) -> int:
     """`pretrain.distributed.nproc` from the params file named on the command line (1 if unreadable)."""
-    from tasks.config import load_params
-    from tasks.tracking import PARAMS_ENV
+    from tasks.shared.config.base import load_stage_params
+    from tasks.shared.tracking import PARAMS_ENV
 
     path = argv[argv.index("--params") + 1] if "--params" in argv[:-1] else os.environ.get(PARAMS_ENV, "params.yaml")
     try:
-        return load_params(path).pretrain.distributed.nproc
+        return load_stage_params(path, SECTIONS).pretrain.distributed.nproc
     except UserError:
         return 1  # stage_main reports the problem
 
@@ -271,7 +345,7 @@ def _requested_processes(argv: list[str]) -> int:
 def main() -> None:
     if not engine.under_torchrun() and (n := _requested_processes(sys.argv[1:])) > 1:
         sys.exit(engine.relaunch_under_torchrun("tasks.pretrain", n))
-    stage_main("pretrain", lambda p, t: run(p.pretrain, p.paths, t).metrics)
+    stage_main("pretrain", lambda p, t: run(p.pretrain, p.paths, t).metrics, SECTIONS)
 
 
 if __name__ == "__main__":

@@ -9,19 +9,20 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from models.bundle import EOT, MASK, PAD, load_tokenizer, text_only  # noqa: F401 (load_tokenizer re-exported)
-from tasks.config import Paths, TokenizeConfig
-from tasks.io import read_parquet
-from tasks.tracking import Tracker, stage_main
-from tasks.validate import require_passed
+from models.tokenizer import EOT, MASK, PAD, SPECIAL_TOKENS, TOKENIZER_FILE, text_only
+from tasks.shared.config.base import Paths
+from tasks.shared.config.tokenize import TokenizeConfig
+from tasks.shared.harness import stage_main
+from tasks.shared.io import atomic_dir, read_parquet
+from tasks.shared.shards import DTYPE, META_FILE, write_shards
+from tasks.shared.tracking import Tracker
+from tasks.shared.validation import require_passed
 
-TOKENIZER_FILE = "tokenizer.json"
-META_FILE = "meta.json"
-DTYPE = np.uint16
+SECTIONS = {"tokenize": TokenizeConfig}
+"""The params.yaml sections this stage reads (its dvc.yaml `params:`)."""
 
 
 def train_tokenizer(texts, vocab_size: int, min_frequency: int):
@@ -34,7 +35,7 @@ def train_tokenizer(texts, vocab_size: int, min_frequency: int):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=[EOT, PAD, MASK],
+        special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -47,27 +48,6 @@ def encode_stream(tok, texts: list[str]) -> np.ndarray:
     eot = tok.token_to_id(EOT)
     ids = [np.asarray(e.ids + [eot], dtype=DTYPE) for e in tok.encode_batch(texts)]
     return np.concatenate(ids) if ids else np.zeros(0, dtype=DTYPE)
-
-
-def shard_files(folder: Path, split: str) -> list[Path]:
-    """The token shards of `split` in order (`<split>-00000.bin`, ...; a single `<split>.bin` also reads)."""
-    return sorted(Path(folder).glob(f"{split}-*.bin")) or [Path(folder) / f"{split}.bin"]
-
-
-def load_tokens(path: Path, split: str) -> np.ndarray:
-    """All token ids of `split` ('train' or 'val'), shards joined (memory-mapped when there is one)."""
-    maps = [np.memmap(f, dtype=DTYPE, mode="r") for f in shard_files(path, split)]
-    return maps[0] if len(maps) == 1 else np.concatenate(maps)
-
-
-def write_shards(ids: np.ndarray, folder: Path, split: str, shard_tokens: int) -> list[str]:
-    """Write `ids` as `<split>-00000.bin`, ... of at most `shard_tokens` ids each."""
-    names = []
-    for i, s in enumerate(range(0, max(1, ids.size), shard_tokens)):
-        name = f"{split}-{i:05d}.bin"
-        ids[s : s + shard_tokens].tofile(Path(folder) / name)
-        names.append(name)
-    return names
 
 
 def held_out_sources(sources: list[str], fraction: float, seed: int) -> set[str]:
@@ -90,9 +70,7 @@ class TokenizeResult:
 
 
 def run(cfg: TokenizeConfig, paths: Paths, tracker: Tracker | None = None) -> TokenizeResult:
-    from models.checkpoint import write_dir_atomically
-
-    require_passed(paths)
+    require_passed(paths.validation)
     corpus = read_parquet(paths.clean_corpus, ["text", "source"])
     val_sources = held_out_sources(corpus["source"].unique().tolist(), cfg.val_fraction, cfg.seed)
     is_val = corpus["source"].isin(val_sources)
@@ -113,18 +91,14 @@ def run(cfg: TokenizeConfig, paths: Paths, tracker: Tracker | None = None) -> To
         "val_tokens": int(val_ids.size),
     }
 
-    def fill_tokenizer(d: Path) -> None:
+    with atomic_dir(paths.tokenizer) as d:
         tok.save(str(d / TOKENIZER_FILE))
-
-    def fill_tokens(d: Path) -> None:
+    with atomic_dir(paths.tokens) as d:
         meta["shards"] = {
             "train": write_shards(train_ids, d, "train", cfg.shard_tokens),
             "val": write_shards(val_ids, d, "val", cfg.shard_tokens),
         }
         (d / META_FILE).write_text(json.dumps(meta, indent=2))
-
-    write_dir_atomically(paths.tokenizer, fill_tokenizer)
-    write_dir_atomically(paths.tokens, fill_tokens)
     chars = sum(map(len, train_texts))
     return TokenizeResult(
         vocab_size=meta["vocab_size"],
@@ -135,7 +109,7 @@ def run(cfg: TokenizeConfig, paths: Paths, tracker: Tracker | None = None) -> To
 
 
 def main() -> None:
-    stage_main("tokenize", lambda p, t: run(p.tokenize, p.paths, t).metrics)
+    stage_main("tokenize", lambda p, t: run(p.tokenize, p.paths, t).metrics, SECTIONS)
 
 
 if __name__ == "__main__":

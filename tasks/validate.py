@@ -1,27 +1,36 @@
 """validate: run the Great Expectations suites in data/expectations/ on the cleaned data.
 
 Suites are GE 1.x JSON files with `$PARAMETER` placeholders filled from params.yaml, so the
-contract lives in git and the thresholds live with the other parameters. Results and Data Docs
-go to `paths.validation`; any failed expectation fails the stage, which stops everything
-downstream in `dvc repro` and in the Prefect flow.
+contract lives in git and the thresholds live with the other parameters. The result goes to
+`paths.validation` in the deterministic format of `tasks/shared/validation.py` (what downstream
+stages depend on); the Data Docs go to `paths.data_docs` (they embed timestamps, so nothing depends
+on them). Any failed expectation fails the stage, which stops everything downstream in `dvc repro`
+and in the Prefect flow.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from tasks.config import CleanConfig, Params, Paths, ValidateConfig
-from tasks.errors import UserError
-from tasks.io import read_parquet, write_json
-from tasks.tracking import Tracker, stage_main
+from tasks.shared.config.base import Paths, StageParams
+from tasks.shared.config.clean import CleanConfig
+from tasks.shared.config.ingest import IngestConfig
+from tasks.shared.config.validate import ValidateConfig
+from tasks.shared.errors import UserError
+from tasks.shared.harness import stage_main
+from tasks.shared.io import atomic_dir, read_parquet
+from tasks.shared.tracking import Tracker
+from tasks.shared.validation import write_result
 
+SECTIONS = {"validate": ValidateConfig, "clean": CleanConfig, "ingest": IngestConfig}
+"""The params.yaml sections this stage reads (its dvc.yaml `params:`); thresholds come from all three."""
 SUITES = ("corpus", "labeled", "splits", "label_counts")
-RESULTS = "results.json"
+RESULT_KEYS = ("observed_value", "element_count", "missing_count", "unexpected_count", "unexpected_percent", "partial_unexpected_list")
+"""What a result record keeps of GE's result: values, no run ids or timestamps."""
 
 
 def tables(corpus: pd.DataFrame, labeled: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -65,6 +74,19 @@ def _describe_failure(r) -> str:
     return f"{r.expectation_config.type}({kw}){detail}"
 
 
+def _record(r) -> dict:
+    """One expectation's outcome, deterministic for the same data (GE's own JSON carries fresh ids)."""
+    cfg = r.expectation_config
+    res = r.result or {}
+    record = {
+        "expectation": cfg.type,
+        "kwargs": {k: v for k, v in cfg.kwargs.items() if k != "batch_id"},
+        "success": bool(r.success),
+        "result": {k: res[k] for k in RESULT_KEYS if k in res},
+    }
+    return json.loads(json.dumps(record, default=str))
+
+
 @dataclass
 class ValidateResult:
     success: bool
@@ -101,61 +123,47 @@ def run(
     }
     suite_params["n_label_splits"] = 3 * len(suite_params["labels"])
 
-    out = Path(paths.validation)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
-    ctx.add_data_docs_site(
-        site_name="lmforge",
-        site_config={
-            "class_name": "SiteBuilder",
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str((tmp / "docs").resolve())},
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        },
-    )
-    source = ctx.data_sources.add_pandas("lmforge")
     result = ValidateResult(success=True, evaluated=0)
-    report = {"suite_parameters": suite_params, "suites": {}}
-    for name, frame in tables(corpus, labeled).items():
-        suite = ctx.suites.add(load_suite(Path(paths.expectations) / f"{name}.json"))
-        batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
-        vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
-        res = vd.run(batch_parameters={"dataframe": frame}, expectation_parameters=suite_params)
-        failed = [f"{name}: {_describe_failure(r)}" for r in res.results if not r.success]
-        result.failed += failed
-        result.evaluated += len(res.results)
-        result.success &= bool(res.success)
-        result.per_suite[name] = {"success": bool(res.success), "evaluated": len(res.results), "failed": len(failed)}
-        report["suites"][name] = res.to_json_dict()
-    ctx.build_data_docs(site_names=["lmforge"])
-    write_json(tmp / RESULTS, {"success": result.success, "failed": result.failed, **report})
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    report: dict = {"suite_parameters": suite_params, "suites": {}}
+    with atomic_dir(paths.data_docs) as docs:
+        ctx.add_data_docs_site(
+            site_name="lmforge",
+            site_config={
+                "class_name": "SiteBuilder",
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs.resolve())},
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            },
+        )
+        source = ctx.data_sources.add_pandas("lmforge")
+        for name, frame in tables(corpus, labeled).items():
+            suite = ctx.suites.add(load_suite(Path(paths.expectations) / f"{name}.json"))
+            batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
+            vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
+            res = vd.run(batch_parameters={"dataframe": frame}, expectation_parameters=suite_params)
+            failed = [f"{name}: {_describe_failure(r)}" for r in res.results if not r.success]
+            result.failed += failed
+            result.evaluated += len(res.results)
+            result.success &= bool(res.success)
+            result.per_suite[name] = {"success": bool(res.success), "evaluated": len(res.results), "failed": len(failed)}
+            report["suites"][name] = {"success": bool(res.success), "results": [_record(r) for r in res.results]}
+        ctx.build_data_docs(site_names=["lmforge"])
+    write_result(paths.validation, {"success": result.success, "evaluated": result.evaluated, "failed": result.failed, **report})
     if tracker:
-        tracker.log_artifact(out, "validation")
+        tracker.log_artifact(paths.validation, "validation")
+        tracker.log_artifact(paths.data_docs, "validation/data_docs")
     if not result.success:
         raise UserError(f"data validation failed ({len(result.failed)} of {result.evaluated} expectations): " + "; ".join(result.failed))
     return result
 
 
-def require_passed(paths: Paths) -> None:
-    """Stop a downstream stage when the last validation did not pass."""
-    f = Path(paths.validation) / RESULTS
-    try:
-        ok = json.loads(f.read_text()).get("success") is True
-    except (OSError, json.JSONDecodeError):
-        raise UserError(f"{f}: no validation result (run the validate stage first)") from None
-    if not ok:
-        raise UserError(f"{f}: data validation failed; fix the data before training")
-
-
-def _main(p: Params, t: Tracker) -> dict:
-    return run(p.validate_, p.clean, p.ingest.packages, p.ingest.labeled == "stdlib", p.paths, t).metrics
+def _main(p: StageParams, t: Tracker) -> dict:
+    return run(p.validate, p.clean, p.ingest.packages, p.ingest.labeled == "stdlib", p.paths, t).metrics
 
 
 def main() -> None:
-    stage_main("validate", _main)
+    stage_main("validate", _main, SECTIONS)
 
 
 if __name__ == "__main__":

@@ -16,17 +16,15 @@ import pandas as pd
 import pytest
 import yaml
 
-from tasks.config import (
-    CleanConfig,
-    CompressConfig,
-    EvaluateConfig,
-    FinetuneConfig,
-    ModelSpec,
-    Paths,
-    PretrainConfig,
-    TokenizeConfig,
-    ValidateConfig,
-)
+from tasks.shared.config.base import Paths
+from tasks.shared.config.clean import CleanConfig
+from tasks.shared.config.compress import CompressConfig
+from tasks.shared.config.evaluate import EvaluateConfig
+from tasks.shared.config.finetune import FinetuneConfig
+from tasks.shared.config.pretrain import PretrainConfig
+from tasks.shared.config.tokenize import TokenizeConfig
+from tasks.shared.config.training import ModelSpec
+from tasks.shared.config.validate import ValidateConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,6 +41,20 @@ def write_params(folder: Path, **overrides) -> Path:
     f = folder / "params.yaml"
     f.write_text(yaml.safe_dump(params, sort_keys=False))
     return f
+
+
+def copy_project(dst: Path) -> Path:
+    """The repository's files as git sees them (tracked, plus untracked but not ignored) copied to `dst`."""
+    import subprocess
+
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        if (ROOT / rel).is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dst / rel)
+    return dst
 
 
 PARAMS_PATHS: dict[str, str] = yaml.safe_load((ROOT / "params.yaml").read_text())["paths"]

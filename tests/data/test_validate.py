@@ -9,7 +9,8 @@ import pytest
 
 from conftest import LABELS, TINY_CLEAN, TINY_VALIDATE
 from tasks import validate
-from tasks.errors import UserError
+from tasks.shared.errors import UserError
+from tasks.shared.validation import require_passed
 
 
 def _run(paths, labels=LABELS, stdlib=True):
@@ -17,7 +18,7 @@ def _run(paths, labels=LABELS, stdlib=True):
 
 
 def _results(paths) -> dict:
-    return json.loads((paths.validation / validate.RESULTS).read_text())
+    return json.loads(paths.validation.read_text())
 
 
 def _edit_labeled(paths, edit) -> None:
@@ -36,7 +37,7 @@ def _fails_with(paths, expectation: str, **kw) -> str:
     assert res["success"] is False
     assert any(expectation in f for f in res["failed"])
     with pytest.raises(UserError, match="data validation failed"):
-        validate.require_passed(paths)
+        require_passed(paths.validation)
     return msg
 
 
@@ -49,9 +50,24 @@ def test_good_data_passes_and_writes_results_and_docs(tiny_clean):
     assert out["success"] is True and out["failed"] == []
     assert out["suite_parameters"]["labels"] == LABELS
     assert out["suite_parameters"]["n_label_splits"] == 9
-    index = list((tiny_clean.validation / "docs").rglob("index.html"))
+    index = list(tiny_clean.data_docs.rglob("index.html"))
     assert index and "<html" in index[0].read_text().lower()
-    validate.require_passed(tiny_clean)  # does not raise
+    require_passed(tiny_clean.validation)  # does not raise
+
+
+def test_result_is_deterministic_and_apart_from_data_docs(tiny_clean):
+    """Downstream stages depend on the result file: rerunning on the same data must not change a byte
+    of it (the Data Docs, which embed timestamps, live in another output)."""
+    _run(tiny_clean)
+    first = tiny_clean.validation.read_bytes()
+    _run(tiny_clean)
+    assert tiny_clean.validation.read_bytes() == first
+    assert not tiny_clean.validation.is_relative_to(tiny_clean.data_docs)
+    out = json.loads(first)
+    records = [r for suite in out["suites"].values() for r in suite["results"]]
+    assert len(records) == out["evaluated"] and all({"expectation", "kwargs", "success", "result"} <= set(r) for r in records)
+    leftovers = [p.name for p in tiny_clean.validation.parent.iterdir() if p.name.startswith(".")]
+    assert leftovers == []  # the atomic writer left no temporary files behind
 
 
 def test_user_data_labels_come_from_the_training_split(tiny_clean):
@@ -111,7 +127,7 @@ def test_too_few_rows_per_label_and_split_fails(tiny_clean):
 
 def test_a_failure_replaces_an_earlier_pass(tiny_clean):
     _run(tiny_clean)
-    validate.require_passed(tiny_clean)
+    require_passed(tiny_clean.validation)
 
     def null(df):
         df.loc[df.index[0], "text"] = None
@@ -120,9 +136,9 @@ def test_a_failure_replaces_an_earlier_pass(tiny_clean):
     with pytest.raises(UserError):
         _run(tiny_clean)
     with pytest.raises(UserError):
-        validate.require_passed(tiny_clean)
+        require_passed(tiny_clean.validation)
 
 
 def test_require_passed_without_results(tiny_project):
     with pytest.raises(UserError, match="no validation result"):
-        validate.require_passed(tiny_project)
+        require_passed(tiny_project.validation)

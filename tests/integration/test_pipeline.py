@@ -2,14 +2,14 @@
 
 Real components throughout: a Prefect flow on its ephemeral server (own PREFECT_HOME), DVC in a
 fresh git repository, an MLflow sqlite store and registry, Great Expectations suites and
-`bentoml serve`.
+`bentoml serve`. Also what a user compares runs with: `dvc status` after a code edit, `dvc metrics
+diff`, `dvc plots diff` and `dvc exp run -S` (an experiment is an MLflow run too).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from conftest import copy_project
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -37,17 +39,6 @@ TINY = {
     "evaluate": {"latency_samples": 8},
     "promote": {"min_accuracy": 0.0, "min_macro_f1": 0.0, "min_gain_over_majority": 0.0, "max_regression": 1.0},
 }
-
-
-def _copy_project(dst: Path) -> None:
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
-    ).stdout.decode().split("\0")
-    for rel in filter(None, files):
-        src = ROOT / rel
-        if src.is_file():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / rel)
 
 
 def _tiny_params(project: Path) -> None:
@@ -78,7 +69,7 @@ def project(tmp_path_factory):
     base = tmp_path_factory.mktemp("lmforge")
     project = base / "project"
     project.mkdir()
-    _copy_project(project)
+    copy_project(project)
     _tiny_params(project)
     git = ["git", "-c", "user.email=ci@lmforge.test", "-c", "user.name=ci"]
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
@@ -95,6 +86,11 @@ def project(tmp_path_factory):
         "BENTOML_HOME": str(base / "bentoml"),
         "BENTOML_DO_NOT_TRACK": "true",
         "PYTHONUNBUFFERED": "1",
+        # `dvc exp run` commits experiments: it needs an identity in a fresh repository
+        "GIT_AUTHOR_NAME": "ci",
+        "GIT_AUTHOR_EMAIL": "ci@lmforge.test",
+        "GIT_COMMITTER_NAME": "ci",
+        "GIT_COMMITTER_EMAIL": "ci@lmforge.test",
     }
     env.pop("LMFORGE_PARENT_RUN_ID", None)
     env.pop("PREFECT_API_URL", None)
@@ -139,6 +135,74 @@ def test_second_dvc_repro_runs_nothing(project):
     assert res.returncode == 0, res.stderr
     assert "Running stage" not in res.stdout
     assert "Data and pipelines are up to date" in res.stdout
+
+
+def _dvc(project, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    res = subprocess.run(["dvc", *args], cwd=project["dir"], env=project["env"], capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res
+
+
+def test_rerunning_validate_on_unchanged_data_makes_nothing_stale(project):
+    """The Data Docs change on every run (timestamps); downstream depends only on the deterministic result."""
+    _dvc(project, "repro", "--force", "--single-item", "validate")
+    assert json.loads(_dvc(project, "status", "--json").stdout) == {}
+
+
+def test_editing_a_config_default_makes_its_readers_stale(project):
+    """A default edited in a config module (not in params.yaml) must not go unnoticed by DVC."""
+    f = project["dir"] / "tasks/shared/config/training.py"
+    original = f.read_text()
+    f.write_text(original.replace("beta2: float = Field(0.95", "beta2: float = Field(0.96"))
+    try:
+        status = json.loads(_dvc(project, "status", "--json").stdout)
+    finally:
+        f.write_text(original)
+    assert set(status) == {"pretrain", "finetune"}, status  # the two stages that import the module
+    assert json.loads(_dvc(project, "status", "--json").stdout) == {}
+
+
+def test_metrics_diff_shows_the_committed_run_beside_this_one(project):
+    """metrics/ is committed: `dvc metrics diff HEAD` puts HEAD's numbers beside this run's."""
+    committed = subprocess.run(["git", "show", "HEAD:metrics/evaluate.json"], cwd=project["dir"], capture_output=True, text=True)
+    diff = json.loads(_dvc(project, "metrics", "diff", "HEAD", "--all", "--json").stdout)
+    now = json.loads((project["dir"] / "metrics" / "evaluate.json").read_text())
+    entry = diff["metrics/evaluate.json"]["variants.fp32.accuracy"]
+    assert entry["new"] == now["variants"]["fp32"]["accuracy"]
+    if committed.returncode == 0:  # the repository's own committed run, copied with the project
+        assert entry["old"] == json.loads(committed.stdout)["variants"]["fp32"]["accuracy"]
+    shown = _dvc(project, "metrics", "show", "--md").stdout
+    assert "metrics/pretrain.json" in shown and "val_perplexity" in shown
+
+
+def test_an_experiment_is_an_mlflow_run_and_plots_overlay_it_on_the_commit(project):
+    """Commit the run, then `dvc exp run -S`: DVC reruns only what the change touches, its stages nest
+    under one MLflow run, and `dvc plots diff HEAD` overlays the experiment on the commit."""
+    from mlflow import MlflowClient
+
+    git = ["git", "-c", "user.email=ci@lmforge.test", "-c", "user.name=ci"]
+    subprocess.run(git + ["add", "-A"], cwd=project["dir"], check=True)
+    subprocess.run(git + ["commit", "-qm", "tiny run"], cwd=project["dir"], check=True)
+
+    res = _dvc(project, "exp", "run", "-n", "fewer-latency-samples", "-S", "evaluate.latency_samples=4", timeout=600)
+    assert "Running stage 'evaluate'" in res.stdout and "Running stage 'pretrain'" not in res.stdout
+    assert "fewer-latency-samples" in _dvc(project, "exp", "show", "--json").stdout
+
+    plots = json.loads(_dvc(project, "plots", "diff", "HEAD", "--json").stdout)
+    assert not plots.get("errors"), plots["errors"]
+    for name in ("pretrain_loss", "finetune_validation", "confusion", "per_class_f1", "accuracy_vs_latency"):
+        (rendered,) = plots["data"][name]
+        assert set(rendered["content"]["data"]["values"][0]) >= {"rev"}
+        assert {v["rev"] for v in rendered["content"]["data"]["values"]} == {"HEAD", "workspace"}, name
+
+    client = MlflowClient(tracking_uri=project["env"]["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("lmforge")
+    filt = "tags.`lmforge.dvc_exp` = 'fewer-latency-samples' and tags.`lmforge.stage` = 'experiment'"
+    (parent,) = client.search_runs([exp.experiment_id], filter_string=filt)
+    assert parent.data.params["evaluate.latency_samples"] == "4"
+    children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert [r.data.tags["lmforge.stage"] for r in children] == ["evaluate"]
+    assert children[0].data.params["evaluate.latency_samples"] == "4"
 
 
 def test_bentoml_serve_answers_classify_and_generate(project):

@@ -8,8 +8,8 @@ import torch
 from torch.testing import assert_close
 
 from conftest import LABELS, TINY_FINETUNE
-from models.bundle import EOT, Bundle, assemble_bundle, encode_texts, load_bundle, load_parts
-from tasks.tokenize import TOKENIZER_FILE
+from models.bundle import Bundle, load_bundle, load_parts, write_bundle
+from models.tokenizer import EOT, TOKENIZER_FILE, encode_texts
 
 TEXTS = [
     "def net_socket_host_1(self, port, recv=None):\n    return self.packet.send(port)",
@@ -24,7 +24,7 @@ TEXTS = [
 def bundle_dir(tiny_pipeline, tmp_path_factory):
     p = tiny_pipeline.paths
     target = tmp_path_factory.mktemp("bundle") / "bundle"
-    assemble_bundle(target, p.tokenizer / TOKENIZER_FILE, p.classifier, p.lm)
+    write_bundle(target, p.tokenizer / TOKENIZER_FILE, p.classifier, p.lm)
     return target
 
 
@@ -69,7 +69,7 @@ def test_bundle_agrees_with_evaluation(bundle, tiny_pipeline):
 
 def test_int8_bundle(tiny_pipeline, tmp_path):
     p = tiny_pipeline.paths
-    assemble_bundle(tmp_path / "b", p.tokenizer / TOKENIZER_FILE, p.compressed, None)
+    write_bundle(tmp_path / "b", p.tokenizer / TOKENIZER_FILE, p.compressed, None)
     b = load_bundle(tmp_path / "b")
     assert b.variant == "int8" and b.lm is None and b.max_length == TINY_FINETUNE.max_length
     preds = b.classify(TEXTS)

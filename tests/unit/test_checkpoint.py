@@ -58,30 +58,6 @@ def test_classifier_round_trip(tmp_path, clf):
     assert ckpt.read_config(tmp_path / "clf")["max_length"] == 24
 
 
-def test_save_replaces_an_existing_folder_atomically(tmp_path, clf):
-    target = tmp_path / "clf"
-    ckpt.save_classifier(clf, target)
-    (target / "stale.txt").write_text("old")
-    ckpt.save_classifier(clf, target)
-    assert sorted(p.name for p in target.iterdir()) == [ckpt.CONFIG, ckpt.WEIGHTS]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["clf"]  # no temp or old folders left behind
-
-
-def test_failed_write_leaves_the_old_folder(tmp_path, clf):
-    target = tmp_path / "clf"
-    ckpt.save_classifier(clf, target)
-    before = (target / ckpt.WEIGHTS).read_bytes()
-
-    def broken(d):
-        (d / "partial").write_text("x")
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError, match="disk full"):
-        ckpt.write_dir_atomically(target, broken)
-    assert (target / ckpt.WEIGHTS).read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["clf"]
-
-
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_int8_round_trip_matches_in_memory_quantized_model(tmp_path, clf, per_channel):
     qmodel = ckpt.quantize_classifier(clf, per_channel=per_channel)

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from tasks import clean
-from tasks.config import CleanConfig
-from tasks.errors import UserError
+from tasks.shared.config.clean import CleanConfig
+from tasks.shared.errors import UserError
 
 CFG = CleanConfig(unicode_form="NFKC", tab_size=4, min_chars=10, max_chars=50, labeled_max_chars=50)
 

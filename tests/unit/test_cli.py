@@ -26,12 +26,21 @@ def _run(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 def test_invalid_param_value_is_one_line_naming_file_and_key(tmp_path):
     cwd = _project(tmp_path, **{"pretrain.lr": -1})
-    res = _run(cwd, "-m", "tasks.ingest")
+    res = _run(cwd, "-m", "tasks.pretrain")
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1, res.stderr
     assert "params.yaml" in lines[0] and "pretrain.lr" in lines[0]
     assert "Traceback" not in res.stderr
+
+
+def test_lmforge_check_validates_every_section_before_anything_runs(tmp_path):
+    """A stage reads only its own sections; `lmforge check` (and the flow, before its first stage)
+    validates the whole file, so a typo in a late section stops a run at once."""
+    cwd = _project(tmp_path, **{"finetune.epoch": 3})
+    res = _run(cwd, "-m", "tasks.ops.cli", "check")
+    assert res.returncode == 2
+    assert res.stderr.strip() == "lmforge: error: params.yaml: finetune.epoch: unknown key"
 
 
 def test_unknown_param_key_is_rejected(tmp_path):
@@ -69,7 +78,7 @@ def test_missing_upstream_output_is_reported_not_raised(tmp_path):
 
 
 def test_lmforge_cli_lists_commands():
-    res = subprocess.run([sys.executable, "-m", "tasks.cli", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    res = subprocess.run([sys.executable, "-m", "tasks.ops.cli", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0
-    for command in ("stage", "pipeline", "promote", "rollback", "serve", "ui"):
+    for command in ("stage", "pipeline", "promote", "rollback", "serve", "ui", "check", "deps", "check-lock"):
         assert command in res.stdout

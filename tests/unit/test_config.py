@@ -8,8 +8,11 @@ import pytest
 import yaml
 
 from conftest import write_params
-from tasks.config import ModelSpec, Params, PretrainConfig, ValidateConfig, load_params
-from tasks.errors import UserError
+from tasks.shared.config.params import Params, load_params
+from tasks.shared.config.pretrain import PretrainConfig
+from tasks.shared.config.training import ModelSpec
+from tasks.shared.config.validate import ValidateConfig
+from tasks.shared.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
 

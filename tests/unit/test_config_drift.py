@@ -1,4 +1,4 @@
-"""dvc.yaml, params.yaml and the code agree: every stage module imports, every section validates."""
+"""params.yaml and the code agree: every section validates, every field is listed with the code's default."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
-from tasks.config import STAGE_SECTIONS, Params, Paths, load_params
+from tasks.ops.dag import stage_module, stage_names
+from tasks.shared.config.base import Paths, Section
+from tasks.shared.config.params import SECTION_TYPES, load_params
 
 ROOT = Path(__file__).resolve().parents[2]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -17,37 +20,48 @@ PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 STAGES = DVC["stages"]
 
 
-def test_params_yaml_loads_into_typed_config():
+def test_params_yaml_has_exactly_the_typed_sections():
     params = load_params(ROOT / "params.yaml")
-    for section in STAGE_SECTIONS:
-        assert params.section(section) is not None
-    assert set(PARAMS) == {"paths", "tracking", *STAGE_SECTIONS}
+    assert set(PARAMS) == set(SECTION_TYPES)
+    for name in SECTION_TYPES:
+        assert params.section(name) == SECTION_TYPES[name].model_validate(PARAMS[name])
 
 
-@pytest.mark.parametrize("section", STAGE_SECTIONS)
-def test_every_section_is_a_typed_config(section):
-    field = "validate_" if section == "validate" else section
-    config_type = Params.model_fields[field].annotation
-    assert config_type(**PARAMS[section]) == load_params(ROOT / "params.yaml").section(section)
+def _field_problems(config_type: type[Section], listed: dict, prefix: str) -> list[str]:
+    problems = []
+    for name, field in config_type.model_fields.items():
+        key = f"{prefix}.{name}"
+        default = field.get_default(call_default_factory=True)
+        if name not in listed:
+            problems.append(f"{key}: missing from params.yaml (code default {default!r})")
+        elif isinstance(default, BaseModel):
+            problems += _field_problems(type(default), listed[name] or {}, key)
+        elif config_type.model_validate({**listed, name: listed[name]}).__getattribute__(name) != default:
+            problems.append(f"{key}: params.yaml says {listed[name]!r}, the code default is {default!r}")
+    return problems
 
 
-@pytest.mark.parametrize("stage", sorted(STAGES))
-def test_stage_cmd_module_imports_and_has_main(stage):
-    cmd = STAGES[stage]["cmd"]
-    m = re.fullmatch(r"python -m (tasks\.\w+)", cmd)
-    assert m, f"{stage}: cmd {cmd!r} should be `python -m tasks.<stage>`"
-    module = importlib.import_module(m.group(1))
+@pytest.mark.parametrize("section", [s for s in SECTION_TYPES if s != "paths"])
+def test_every_field_is_in_params_yaml_with_the_code_default(section):
+    """One source of defaults: what the code would use is what params.yaml shows (and DVC tracks)."""
+    assert _field_problems(SECTION_TYPES[section], PARAMS[section], section) == []
+
+
+def test_the_drift_check_names_a_missing_field_and_a_changed_default():
+    listed = {k: v for k, v in PARAMS["pretrain"].items() if k != "beta2"}
+    listed["lr"] = 0.5
+    problems = _field_problems(SECTION_TYPES["pretrain"], listed, "pretrain")
+    assert any(p.startswith("pretrain.beta2: missing") for p in problems)
+    assert any(p.startswith("pretrain.lr: params.yaml says 0.5") for p in problems)
+
+
+@pytest.mark.parametrize("stage", stage_names(ROOT))
+def test_stage_module_declares_typed_sections_and_has_main(stage):
+    module = importlib.import_module(stage_module(stage, STAGES[stage]))
+    assert module.__name__ == f"tasks.{stage}"
     assert callable(module.main) and callable(module.run)
-    assert m.group(1) == f"tasks.{stage}"
-
-
-@pytest.mark.parametrize("stage", sorted(STAGES))
-def test_stage_depends_on_its_module_and_params(stage):
-    body = STAGES[stage]
-    assert f"tasks/{stage}.py" in body["deps"]
-    assert any(p == stage or str(p).startswith(f"{stage}") for p in body["params"])
-    uses_models = stage in ("pretrain", "finetune", "compress", "evaluate")
-    assert ("models" in body["deps"]) == uses_models
+    assert module.SECTIONS and all(SECTION_TYPES[name] is t for name, t in module.SECTIONS.items())
+    assert stage in module.SECTIONS
 
 
 def test_every_interpolated_path_is_declared():
@@ -58,17 +72,22 @@ def test_every_interpolated_path_is_declared():
     assert set(PARAMS["paths"]) == set(Paths.model_fields)
 
 
-def test_dvc_params_refer_to_existing_keys():
-    for stage, body in STAGES.items():
-        for ref in body["params"]:
-            node = PARAMS
-            for part in str(ref).split("."):
-                assert part in node, f"{stage}: params entry {ref!r} is not in params.yaml"
-                node = node[part]
-
-
 def test_every_stage_writes_its_metrics_file():
     for stage, body in STAGES.items():
         (metric,) = body["metrics"]
         (path,) = metric
         assert path == "${paths.metrics}/" + f"{stage}.json"
+        assert metric[path] == {"cache": False}  # committed to git: `dvc metrics diff` compares commits
+
+
+def test_plot_data_is_committed_not_cached():
+    """`dvc plots diff <rev>` reads plot data from git, so a fresh clone can overlay any commit."""
+    plot_files = {f for p in DVC["plots"] for spec in p.values() for f in spec["y"]}
+    declared = {}
+    for body in STAGES.values():
+        for out in body.get("outs", []):
+            if isinstance(out, dict):
+                declared.update(out)
+    assert plot_files and plot_files <= set(declared)
+    assert all(declared[f] == {"cache": False} for f in plot_files)
+    assert all(f.startswith("${paths.plots}/") for f in plot_files)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from models.transformer import GPT, tiny
-from tasks import engine
-from tasks.config import PretrainConfig
-from tasks.errors import UserError
+from tasks.shared import engine
+from tasks.shared.config.pretrain import PretrainConfig
+from tasks.shared.errors import UserError
 
 
 def cfg(**kw) -> PretrainConfig:

@@ -15,10 +15,11 @@ from models import checkpoint as ckpt
 from models.baselines import CNNClassifier, GRUClassifier
 from models.classifier import ClassifierConfig, TransformerClassifier
 from models.transformer import tiny
-from tasks import engine, finetune
-from tasks.config import FinetuneConfig
-from tasks.errors import UserError
-from tasks.tracking import Tracker
+from tasks import finetune
+from tasks.shared import engine
+from tasks.shared.config.finetune import FinetuneConfig
+from tasks.shared.errors import UserError
+from tasks.shared.tracking import Tracker
 
 VOCAB = 64
 

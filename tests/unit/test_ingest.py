@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from tasks import ingest
-from tasks.config import IngestConfig
-from tasks.errors import UserError
+from tasks.shared.config.ingest import IngestConfig
+from tasks.shared.errors import UserError
 
 SOURCE = '''"""Module doc."""
 

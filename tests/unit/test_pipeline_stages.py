@@ -23,7 +23,7 @@ def test_clean_and_validate_ran_on_the_tiny_data(tiny_pipeline):
     assert tiny_pipeline.clean.labeled["output"] == len(LABELS) * sum(N_PER_LABEL.values())
     assert tiny_pipeline.clean.labeled["duplicates"] == 0
     assert tiny_pipeline.validate.success
-    assert json.loads((tiny_pipeline.paths.validation / "results.json").read_text())["success"] is True
+    assert json.loads(tiny_pipeline.paths.validation.read_text())["success"] is True
 
 
 def test_tokenize_outputs(tiny_pipeline):
@@ -139,8 +139,8 @@ def test_models_learn_the_easy_task(tiny_pipeline):
 
 def test_promotion_chooses_only_among_the_transformer_variants(tiny_pipeline):
     """Trained baselines are reported under `baselines`; promote picks from `variants` alone."""
-    from tasks.config import PromoteConfig
-    from tasks.promote import choose_variant
+    from tasks.shared.config.promote import PromoteConfig
+    from tasks.ops.promote import choose_variant
 
     e = tiny_pipeline.evaluate.metrics
     assert not set(e["variants"]) & set(e["baselines"])

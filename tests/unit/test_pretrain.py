@@ -9,7 +9,8 @@ import pytest
 from conftest import LABELS, TINY_CLEAN, TINY_PRETRAIN, TINY_TOKENIZE, TINY_VALIDATE, _project, write_raw
 from models.checkpoint import load_lm, read_config
 from tasks import pretrain
-from tasks.errors import UserError
+from tasks.shared.errors import UserError
+from tasks.shared.tracking import NullTracker
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,7 @@ def test_a_finished_or_different_run_is_not_resumed(tokenized):
 
 
 def test_resume_never_ignores_checkpoints(tokenized, tmp_path):
-    from tasks import engine
+    from tasks.shared import engine
 
     ckpts = tokenized.checkpoints / pretrain.CHECKPOINTS
     pretrain.run(tiny(max_steps=10, checkpoint_interval=5), tokenized)
@@ -122,7 +123,7 @@ def test_batch_settings_that_do_not_divide_name_the_key(tmp_path):
     import yaml
 
     from conftest import ROOT
-    from tasks.config import load_params
+    from tasks.shared.config.params import load_params
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["pretrain"]["micro_batch_size"] = 5
@@ -155,3 +156,33 @@ def test_a_masked_lm_trunk_fine_tunes_quantizes_and_serves_without_generate(toke
         assert not bundle.can_generate
         with pytest.raises(RuntimeError, match="masked-LM"):
             bundle.generate("def ", max_new_tokens=2)
+
+
+class Recorder(NullTracker):
+    """Keeps what the stage logs."""
+
+    def __init__(self) -> None:
+        self.logged: list[tuple[int | None, dict]] = []
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.logged.append((step, dict(metrics)))
+
+
+def test_logged_throughput_has_no_spikes_after_evaluations_or_checkpoints(tokenized):
+    """Every logged tokens/s is within 2x of the stage's overall figure. A checkpoint right before a
+    log step (interval 10 and 10) used to restart the clock but keep the window's tokens: ~10x spikes."""
+    rec = Recorder()
+    cfg = tiny(model={"preset": "tiny", "n_embd": 64}, batch_size=16, max_steps=60, log_interval=10, eval_interval=20, eval_batches=4, checkpoint_interval=10)
+    r = pretrain.run(cfg, tokenized, rec)
+    logged = [m["tokens_per_s"] for _, m in rec.logged if "tokens_per_s" in m]
+    assert len(logged) == 6  # steps 10, 20, ..., 50 and the last; step 0 is the untimed warm-up step
+    assert all(r.tokens_per_s / 2 <= v <= 2 * r.tokens_per_s for v in logged), (r.tokens_per_s, logged)
+    assert 0 < r.wall_tokens_per_s < r.tokens_per_s  # the wall figure pays for evaluations and checkpoints
+
+
+def test_loss_curves_are_written_as_plot_data(tokenized):
+    pretrain.run(tiny(max_steps=20, log_interval=5, eval_interval=10), tokenized)
+    train = (tokenized.plots / pretrain.TRAIN_LOSS_PLOT).read_text().splitlines()
+    val = (tokenized.plots / pretrain.VAL_LOSS_PLOT).read_text().splitlines()
+    assert train[0] == "step,train_loss" and [line.split(",")[0] for line in train[1:]] == ["0", "5", "10", "15", "19"]
+    assert val[0] == "step,val_loss" and [line.split(",")[0] for line in val[1:]] == ["0", "10", "19"]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.config import PromoteConfig
-from tasks.errors import UserError
-from tasks.promote import choose_variant, dvc_lineage, metric_gates
+from tasks.shared.config.promote import PromoteConfig
+from tasks.shared.errors import UserError
+from tasks.ops.promote import choose_variant, dvc_lineage, metric_gates
 
 CFG = PromoteConfig(
     min_accuracy=0.5,

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from conftest import TINY_TOKENIZE, tiny_corpus, tiny_labeled
-from models.bundle import EOT, PAD
+from models.tokenizer import EOT, PAD, load_tokenizer
 from tasks import tokenize
-from tasks.errors import UserError
-from tasks.io import write_json
+from tasks.shared.errors import UserError
+from tasks.shared.io import write_json
+from tasks.shared.shards import META_FILE, load_tokens
 
 TEXTS = tiny_corpus(tiny_labeled())["text"].tolist()
 
@@ -83,20 +84,20 @@ def test_held_out_sources_fraction_and_bounds():
 def _clean_corpus_project(paths, passed: bool = True):
     paths.clean_corpus.parent.mkdir(parents=True)
     tiny_corpus(tiny_labeled()).to_parquet(paths.clean_corpus, index=False)
-    write_json(paths.validation / "results.json", {"success": passed})
+    write_json(paths.validation, {"success": passed})
 
 
 def test_run_writes_token_files_matching_meta(tiny_project):
     _clean_corpus_project(tiny_project)
     res = tokenize.run(TINY_TOKENIZE, tiny_project)
 
-    meta = json.loads((tiny_project.tokens / tokenize.META_FILE).read_text())
-    train, val = tokenize.load_tokens(tiny_project.tokens, "train"), tokenize.load_tokens(tiny_project.tokens, "val")
+    meta = json.loads((tiny_project.tokens / META_FILE).read_text())
+    train, val = load_tokens(tiny_project.tokens, "train"), load_tokens(tiny_project.tokens, "val")
     assert len(train) == meta["train_tokens"] == res.train_tokens > 0
     assert len(val) == meta["val_tokens"] == res.val_tokens > 0
     assert meta["vocab_size"] == res.vocab_size == 300 and meta["dtype"] == "uint16"
     assert int(train.max()) < meta["vocab_size"] and int(val.max()) < meta["vocab_size"]
-    tok = tokenize.load_tokenizer(tiny_project.tokenizer)
+    tok = load_tokenizer(tiny_project.tokenizer)
     assert meta["eot_id"] == tok.token_to_id(EOT) and meta["pad_id"] == tok.token_to_id(PAD)
     assert train[-1] == meta["eot_id"] and val[-1] == meta["eot_id"]
     assert res.chars_per_token > 1

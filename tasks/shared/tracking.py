@@ -1,23 +1,24 @@
 """MLflow plumbing: store setup, one nested run per stage, non-blocking metric logging.
 
-Nothing here runs at import time; `setup_tracking()` is called by the CLI, the flow or a stage main.
+Nothing here runs at import time; `setup_tracking()` is called by the CLI, the flow or the stage harness.
+A stage run nests under the pipeline run named by LMFORGE_PARENT_RUN_ID (the Prefect flow sets it) or,
+inside `dvc exp run`, under one run per DVC experiment, so every experiment is one MLflow run too.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
-from tasks.config import Params, TrackingConfig, load_params
-from tasks.errors import UserError
+from tasks.shared.config.base import StageParams, TrackingConfig
 
 PARENT_RUN_ENV = "LMFORGE_PARENT_RUN_ID"
 PARAMS_ENV = "LMFORGE_PARAMS"
+DVC_EXP_ENV = "DVC_EXP_NAME"
+"""Set by `dvc exp run` for the stages of one experiment."""
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
@@ -114,17 +115,51 @@ class MlflowTracker(Tracker):
         self._mlflow.log_params(params, synchronous=False)
 
 
+def dvc_experiment_run(experiment_id: str, params_file: Path) -> str | None:
+    """Inside `dvc exp run`: the MLflow run of this DVC experiment (found by name, else created)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    name = os.environ.get(DVC_EXP_ENV)
+    if not name:
+        return None
+    found = mlflow.search_runs(
+        [experiment_id], filter_string=f"tags.`lmforge.dvc_exp` = '{name}'", max_results=1, output_format="list"
+    )
+    if found:
+        return found[0].info.run_id
+    tags = {
+        "lmforge.stage": "experiment",
+        "lmforge.dvc_exp": name,
+        "dvc.baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
+        "mlflow.source.git.commit": git_commit(),
+    }
+    from mlflow.entities import Param
+
+    from tasks.shared.config.base import read_params_file
+
+    client = MlflowClient()
+    run = client.create_run(experiment_id, run_name=f"dvc exp {name}", tags=tags)
+    everything = [Param(k, str(v)[:6000]) for k, v in flatten(read_params_file(params_file)).items()]
+    for i in range(0, len(everything), 100):  # the experiment's whole params.yaml, for comparing runs
+        client.log_batch(run.info.run_id, params=everything[i : i + 100])
+    client.set_terminated(run.info.run_id)  # a grouping run: its stages are the nested runs
+    return run.info.run_id
+
+
 @contextmanager
-def stage_run(params: Params, stage: str) -> Iterator[MlflowTracker]:
-    """An MLflow run for one stage, nested under the pipeline run named by LMFORGE_PARENT_RUN_ID."""
+def stage_run(params: StageParams, stage: str, experiment_id: str) -> Iterator[MlflowTracker]:
+    """An MLflow run for one stage, nested under the pipeline run or the DVC experiment's run."""
     import mlflow
 
-    parent = os.environ.get(PARENT_RUN_ENV)
+    parent = os.environ.get(PARENT_RUN_ENV) or dvc_experiment_run(experiment_id, params.file)
     tags = {"lmforge.stage": stage, "mlflow.source.git.commit": git_commit()}
+    if os.environ.get(DVC_EXP_ENV):
+        tags["lmforge.dvc_exp"] = os.environ[DVC_EXP_ENV]
     with mlflow.start_run(run_name=stage, parent_run_id=parent or None, tags=tags) as run:
-        section = params.section(stage).model_dump(mode="json")
-        mlflow.log_params({f"{stage}.{k}": v for k, v in flatten(section).items()})
-        mlflow.log_dict(params.model_dump(mode="json", by_alias=True), "params.json")
+        resolved = {name: section.model_dump(mode="json") for name, section in params.sections.items()}
+        mlflow.log_params(flatten(resolved))
+        mlflow.log_dict({"paths": params.paths.model_dump(mode="json"), **resolved}, "params.json")
         tracker = MlflowTracker(run.info.run_id)
         try:
             yield tracker
@@ -135,32 +170,3 @@ def stage_run(params: Params, stage: str) -> Iterator[MlflowTracker]:
 def numeric(metrics: dict) -> dict[str, float]:
     """The numeric leaves of a nested metrics dict, with dotted keys."""
     return {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def stage_main(stage: str, run: Callable[[Params, Tracker], dict]) -> None:
-    """Entry point of `python -m tasks.<stage>`: load params, track, run, write metrics/<stage>.json.
-
-    A UserError becomes one line on stderr and exit code 2; anything else keeps its traceback.
-    """
-    from tasks.io import write_json
-
-    import argparse
-
-    parser = argparse.ArgumentParser(prog=f"python -m tasks.{stage}", description=f"Run the {stage} stage.")
-    parser.add_argument("--params", default=os.environ.get(PARAMS_ENV, "params.yaml"), help="params file")
-    args = parser.parse_args()
-    start = time.perf_counter()
-    try:
-        params = load_params(args.params)
-        if int(os.environ.get("RANK", 0)) > 0:  # a torchrun worker: rank 0 tracks and writes metrics
-            run(params, NullTracker())
-            return
-        setup_tracking(params.tracking)
-        with stage_run(params, stage) as tracker:
-            metrics = run(params, tracker)
-            metrics = {**metrics, "stage_seconds": round(time.perf_counter() - start, 2)}
-            write_json(params.paths.metrics / f"{stage}.json", metrics)
-            tracker.log_metrics(numeric(metrics))
-    except UserError as e:
-        print(f"lmforge {stage}: error: {e}", file=sys.stderr)
-        sys.exit(2)

@@ -1,41 +1,101 @@
-"""Small I/O helpers shared by the stages: atomic writes, tables, JSON metrics."""
+"""Workspace I/O shared by the stages: the one atomic writer (files and folders), tables, JSON.
+
+Every stage output goes through `atomic_file` or `atomic_dir`: the content is written under a
+temporary name beside the target and renamed into place only when complete, so an interrupted
+stage never leaves an output that looks valid. Leftovers of a killed writer are removed the next
+time anything writes that target.
+"""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import shutil
 import tempfile
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
-from tasks.errors import UserError
+from tasks.shared.errors import UserError
 
 TABLE_FORMATS = (".txt", ".md", ".jsonl", ".csv", ".parquet")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Temporary siblings of `target` left by a writer that no longer runs (killed, OOM)."""
+    for p in target.parent.glob(f".{target.name}.*-*-*"):
+        kind, pid = p.name[len(target.name) + 2 :].split("-")[:2]
+        if kind in ("tmp", "old") and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 @contextmanager
-def atomic_path(target: Path | str) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; it replaces `target` only if the block succeeds."""
+def _atomic(target: Path | str, directory: bool) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    _remove_leftovers(target)
+    prefix = f".{target.name}.tmp-{os.getpid()}-"
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
+        os.close(fd)
+        tmp = Path(name)
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod((0o777 if directory else 0o666) & ~umask)  # mkstemp/mkdtemp make private files; outputs are not
     try:
-        yield Path(tmp)
-        os.replace(tmp, target)
+        yield tmp
+        if directory and target.exists():
+            # A folder cannot replace a folder in one rename: move the old one aside first. An
+            # interruption between the two renames leaves no target at all, never a partial one.
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
+            os.replace(target, old / "x")
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
+
+
+def atomic_file(target: Path | str) -> AbstractContextManager[Path]:
+    """`with atomic_file(t) as tmp:` write `tmp`; it replaces `t` only if the block succeeds."""
+    return _atomic(target, directory=False)
+
+
+def atomic_dir(target: Path | str) -> AbstractContextManager[Path]:
+    """`with atomic_dir(t) as tmp:` fill folder `tmp`; it replaces folder `t` only if the block succeeds."""
+    return _atomic(target, directory=True)
 
 
 def write_json(path: Path | str, obj) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def write_csv(path: Path | str, rows: Iterable[dict], columns: list[str]) -> None:
+    """Rows as CSV with a header (plot data that `dvc plots` reads)."""
+    with atomic_file(path) as tmp, tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+
+
 def write_parquet(df, path: Path | str) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_file(path) as tmp:
         df.to_parquet(tmp, index=False)
 
 

@@ -2,7 +2,7 @@
 mixed precision, resumable checkpoints and throughput accounting.
 
 Nothing here knows about a particular stage; `tasks/pretrain.py` and `tasks/finetune.py` hold the
-loops. Multi-process runs are started by `torchrun` (`relaunch_under_torchrun`) and every process
+loops (and `bench/train_throughput.py` times the same step). Multi-process runs are started by `torchrun` (`relaunch_under_torchrun`) and every process
 calls `setup_runtime`, which joins the process group that torchrun's environment describes.
 """
 
@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from tasks.config import TrainLoop
-from tasks.errors import UserError
+from tasks.shared.config.training import TrainLoop
+from tasks.shared.errors import UserError
+from tasks.shared.io import atomic_dir
+from tasks.shared.shards import open_shards, shard_files
 
 # ---------------------------------------------------------------------------------------------
 # devices and processes
@@ -269,6 +272,63 @@ def mfu(flops_per_token: float, tokens_per_s: float, device: torch.device, preci
     return None if peak is None else flops_per_token * tokens_per_s / (peak * world)
 
 
+class Throughput:
+    """Tokens per second of training alone, per logging window and overall.
+
+    A step's time runs from the end of the previous step (batch assembly and logging included) to
+    its own end. Time inside `paused()` (evaluation, checkpointing) counts for nothing, and a
+    window's tokens and seconds always restart together, so a logged rate never divides one
+    window's tokens by another's time. The first `warmup` steps (allocator, compile) are not counted.
+    On CUDA the clock is read after a synchronize, so queued kernels count where they ran.
+    """
+
+    def __init__(self, device: torch.device, warmup: int = 1) -> None:
+        self.device, self.warmup = device, warmup
+        self.steps, self.tokens, self.seconds = 0, 0, 0.0
+        self._window_tokens, self._window_seconds = 0, 0.0
+        self._since = time.perf_counter()
+
+    def step(self, tokens: int) -> None:
+        """Count a finished optimizer step of `tokens` tokens."""
+        now = time.perf_counter()
+        if self.steps >= self.warmup:
+            self._window_tokens += tokens
+            self._window_seconds += now - self._since
+        self.steps += 1
+        self._since = now
+
+    def _close(self) -> None:
+        """Charge the time since the last step to the window (the device's queued work included)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        if self.steps > self.warmup:
+            self._window_seconds += now - self._since
+        self._since = now
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Leave the block's time out of every rate."""
+        self._close()
+        try:
+            yield
+        finally:
+            self._since = time.perf_counter()
+
+    def window_rate(self) -> float | None:
+        """Tokens/s of the window since the last call (None if it counted no step); starts a new window."""
+        self._close()
+        tokens, seconds = self._window_tokens, self._window_seconds
+        self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
+        self._window_tokens, self._window_seconds = 0, 0.0
+        return tokens / seconds if tokens and seconds > 0 else None
+
+    def overall_rate(self) -> float | None:
+        """Tokens/s over every counted step (closes the current window into the total)."""
+        self.window_rate()
+        return self.tokens / self.seconds if self.tokens and self.seconds > 0 else None
+
+
 # ---------------------------------------------------------------------------------------------
 # data
 
@@ -280,15 +340,9 @@ class TokenShards:
     run's data order does not depend on the number of processes.
     """
 
-    def __init__(self, folder: Path, split: str, dtype=np.uint16) -> None:
-        from tasks.tokenize import shard_files
-
-        files = shard_files(folder, split)
-        missing = [f for f in files if not f.exists()]
-        if missing:
-            raise UserError(f"{missing[0]}: token shard not found (run the tokenize stage first)")
-        self.files = files
-        self.shards = [np.memmap(f, dtype=dtype, mode="r") for f in files]
+    def __init__(self, folder: Path, split: str) -> None:
+        self.shards = open_shards(folder, split)
+        self.files = shard_files(folder, split)
 
     def __len__(self) -> int:
         return sum(len(s) for s in self.shards)
@@ -389,8 +443,6 @@ def save_checkpoint(folder: Path, state: TrainState, model: nn.Module, opt: torc
     """
     from safetensors.torch import save_file
 
-    from models.checkpoint import write_dir_atomically
-
     msd, osd = _full_state(model, opt)
     if not rt.is_main:
         return None
@@ -417,13 +469,11 @@ def save_checkpoint(folder: Path, state: TrainState, model: nn.Module, opt: torc
         "world": rt.world,
     }
 
-    def fill(d: Path) -> None:
+    target = Path(folder) / f"step-{state.step:08d}"
+    with atomic_dir(target) as d:
         save_file(weights, str(d / "model.safetensors"))
         save_file(tensors, str(d / "train_state.safetensors"))
         (d / "train_state.json").write_text(json.dumps(meta))
-
-    target = Path(folder) / f"step-{state.step:08d}"
-    write_dir_atomically(target, fill)
     for old in checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target

@@ -3,7 +3,7 @@
 Not a DVC stage (it changes the registry, outside the workspace): the Prefect flow calls it after
 evaluate, and `lmforge promote` runs it by hand after `dvc repro`. Every candidate becomes a
 registered model version tagged with its gate results and lineage; only a candidate that passes
-every gate gets the alias. `lmforge rollback` moves the alias back.
+every gate gets the alias. `lmforge rollback` (tasks/ops/rollback.py) moves the alias back.
 """
 
 from __future__ import annotations
@@ -16,14 +16,16 @@ from pathlib import Path
 
 import yaml
 
-from tasks.config import Params, PromoteConfig
-from tasks.errors import UserError
-from tasks.io import read_json
-from tasks.tokenize import TOKENIZER_FILE
-from tasks.tracking import PARENT_RUN_ENV, git_commit, setup_tracking
+from models.tokenizer import TOKENIZER_FILE
+from tasks.shared.config.params import Params
+from tasks.shared.config.promote import PromoteConfig
+from tasks.shared.errors import UserError
+from tasks.shared.io import read_json
+from tasks.shared.tracking import PARENT_RUN_ENV, git_commit, setup_tracking
 
 ALIAS = "champion"
-MODEL_CODE = Path(__file__).resolve().parent.parent / "deploy" / "mlflow_model.py"
+ROOT = Path(__file__).resolve().parents[2]
+MODEL_CODE = ROOT / "deploy" / "mlflow_model.py"
 
 
 @dataclass
@@ -132,12 +134,11 @@ def run(params: Params, params_file: Path = Path("params.yaml"), flow_run_id: st
     import mlflow
     from mlflow import MlflowClient
 
-    from models.bundle import assemble_bundle
+    from models.bundle import write_bundle
 
     cfg, paths = params.promote, params.paths
     evaluation = read_json(Path(paths.metrics) / "evaluate.json")
-    validation_file = Path(paths.validation) / "results.json"
-    validation_ok = read_json(validation_file).get("success") if validation_file.exists() else None
+    validation_ok = read_json(paths.validation).get("success") if Path(paths.validation).exists() else None
     variant = choose_variant(cfg, evaluation["variants"])
     m = evaluation["variants"][variant]
 
@@ -150,7 +151,7 @@ def run(params: Params, params_file: Path = Path("params.yaml"), flow_run_id: st
     folder = paths.compressed if variant == "int8" else paths.classifier
     with tempfile.TemporaryDirectory(prefix="lmforge-bundle-") as tmp:
         bundle_dir = Path(tmp) / "bundle"
-        assemble_bundle(bundle_dir, Path(paths.tokenizer) / TOKENIZER_FILE, Path(folder), Path(paths.lm))
+        write_bundle(bundle_dir, Path(paths.tokenizer) / TOKENIZER_FILE, Path(folder), Path(paths.lm))
         gates.append(smoke_gate(bundle_dir))
         decision = Decision(variant=variant, gates=gates)
         for g in gates:
@@ -170,7 +171,7 @@ def run(params: Params, params_file: Path = Path("params.yaml"), flow_run_id: st
                 name="model",
                 python_model=str(MODEL_CODE),
                 artifacts={"bundle": str(bundle_dir)},
-                code_paths=[str(MODEL_CODE.parent.parent / "models")],
+                code_paths=[str(ROOT / "models")],
                 pip_requirements=_requirements(),
                 registered_model_name=name,
             )
@@ -204,30 +205,3 @@ def _requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "tokenizers", "safetensors", "mlflow", "numpy")]
-
-
-def rollback(params: Params, to_version: str | None = None) -> str:
-    """Point `champion` at `to_version`, or at the newest gate-passing version older than the current one."""
-    from mlflow import MlflowClient
-
-    setup_tracking(params.tracking)
-    client = MlflowClient()
-    name = params.tracking.registered_model
-    champion = current_champion(client, name)
-    if to_version is None:
-        if champion is None:
-            raise UserError(f"registered model {name!r} has no @{ALIAS} to roll back from")
-        versions = client.search_model_versions(f"name='{name}'")
-        older = [v for v in versions if int(v.version) < int(champion["version"]) and v.tags.get("gates") == "passed"]
-        if not older:
-            raise UserError(f"{name}: no gate-passing version older than v{champion['version']}")
-        to_version = max(older, key=lambda v: int(v.version)).version
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_model_version(name, str(to_version))
-    except MlflowException:
-        raise UserError(f"{name}: version {to_version} does not exist") from None
-    client.set_registered_model_alias(name, ALIAS, str(to_version))
-    print(f"@{ALIAS} of {name} now points at v{to_version}" + (f" (was v{champion['version']})" if champion else ""))
-    return str(to_version)

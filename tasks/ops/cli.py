@@ -1,0 +1,170 @@
+"""`lmforge`: one command for the stages, the pipeline and the registry operations."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tasks.ops.dag import stage_names
+from tasks.shared.config.params import load_params
+from tasks.shared.errors import UserError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+
+
+def _fail(e: UserError) -> None:
+    typer.echo(f"lmforge: error: {e}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def stage(name: str = typer.Argument(..., help="a stage of dvc.yaml (ingest, clean, ..., evaluate)"), params: str = "params.yaml") -> None:
+    """Run one pipeline stage (what dvc.yaml calls)."""
+    if name not in (names := stage_names(Path.cwd())):
+        _fail(UserError(f"unknown stage {name!r}; dvc.yaml has {names}"))
+    os.environ["LMFORGE_PARAMS"] = params
+    sys.argv = [f"tasks.{name}"]
+    importlib.import_module(f"tasks.{name}").main()
+
+
+@app.command()
+def pipeline(promote: bool = typer.Option(True, help="apply the gates and promote at the end")) -> None:
+    """Run the whole Prefect flow (every stage through DVC, then promotion)."""
+    from flows.pipeline import StageFailed
+    from flows.pipeline import pipeline as flow
+
+    try:
+        flow(promote=promote)
+    except UserError as e:
+        _fail(e)
+    except StageFailed as e:
+        typer.echo(f"lmforge: pipeline stopped: {e}", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def promote(params: str = "params.yaml") -> None:
+    """Gate the evaluated candidate, register it and move @champion if every gate passes (exit 1 if not)."""
+    from tasks.ops.promote import run
+
+    try:
+        decision = run(load_params(params), params_file=params)
+    except UserError as e:
+        _fail(e)
+    raise typer.Exit(0 if decision.promoted else 1)
+
+
+@app.command()
+def rollback(to: Optional[str] = typer.Option(None, help="version to point @champion at (default: the previous passing one)"), params: str = "params.yaml") -> None:
+    """Move @champion back to an earlier registered version."""
+    from tasks.ops.rollback import run
+
+    try:
+        run(load_params(params), to)
+    except UserError as e:
+        _fail(e)
+
+
+@app.command()
+def serve(port: int = 3000, host: str = "127.0.0.1") -> None:
+    """Serve @champion with BentoML (`bentoml serve deploy.service:LMForge`)."""
+    os.execvp("bentoml", ["bentoml", "serve", "deploy.service:LMForge", "--host", host, "--port", str(port)])
+
+
+@app.command()
+def ui(port: int = 5000, params: str = "params.yaml") -> None:
+    """Open the MLflow UI on the project's tracking store."""
+    from tasks.shared.tracking import tracking_uri
+
+    try:
+        cfg = load_params(params).tracking
+    except UserError as e:
+        _fail(e)
+    os.execvp("mlflow", ["mlflow", "ui", "--backend-store-uri", tracking_uri(cfg), "--port", str(port)])
+
+
+@app.command()
+def metrics(stages: Optional[list[str]] = typer.Argument(None, help="stages to show (default: all)")) -> None:
+    """Each stage's metrics one per line: `dvc metrics show`, transposed so it stays readable."""
+    import json
+    import subprocess
+
+    from tasks.ops.dag import dvc_command
+    from tasks.shared.tracking import flatten
+
+    targets = [f"{load_params().paths.metrics}/{s}.json" for s in stages or []]
+    res = subprocess.run(dvc_command("metrics", "show", "--json", *targets), capture_output=True, text=True)
+    if res.returncode != 0:
+        _fail(UserError(f"dvc metrics show failed: {res.stderr.strip() or res.stdout.strip()}"))
+    files = next(iter(json.loads(res.stdout or "{}").values()), {}).get("data", {})
+    rows = [(path, key, value) for path, body in files.items() for key, value in flatten(body.get("data", {})).items()]
+    if not rows:
+        _fail(UserError("no metrics yet (run the pipeline: `make pipeline` or `dvc repro`)"))
+    width = [max(len(str(r[i])) for r in rows) for i in range(2)]
+    typer.echo(f"{'Path':<{width[0]}}  {'Metric':<{width[1]}}  Value")
+    for path, key, value in rows:
+        typer.echo(f"{path:<{width[0]}}  {key:<{width[1]}}  {value}")
+
+
+@app.command("check")
+def check(params: str = "params.yaml") -> None:
+    """Validate all of params.yaml, and check dvc.yaml's deps and params against the code (no training)."""
+    from tasks.ops.dag import check_deps
+
+    try:
+        load_params(params)
+    except UserError as e:
+        _fail(e)
+    problems = check_deps(Path.cwd())
+    for line in problems:
+        typer.echo(line, err=True)
+    if problems:
+        typer.echo("lmforge: dvc.yaml disagrees with the code; `lmforge deps --write` rewrites its deps", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{params} valid; dvc.yaml deps and params match the code")
+
+
+@app.command("deps")
+def deps(write: bool = typer.Option(False, "--write", help="rewrite dvc.yaml's code deps and params from the code")) -> None:
+    """Show (or --write) each stage's code deps: its import closure, and the params sections it reads."""
+    from tasks.ops.dag import expected, write_deps
+
+    if write:
+        typer.echo("dvc.yaml updated" if write_deps(Path.cwd()) else "dvc.yaml already matches the code")
+        return
+    for s in expected(Path.cwd()):
+        typer.echo(f"{s.stage}: params {s.sections}")
+        for f in s.code:
+            typer.echo(f"    {f}")
+
+
+@app.command("check-lock")
+def check_lock() -> None:
+    """Name every code or params dependency whose hash in dvc.lock differs from the working tree (exit 1 if any)."""
+    from tasks.ops.dag import stale_lock
+
+    problems = stale_lock(Path.cwd())
+    for line in problems:
+        typer.echo(line)
+    if problems:
+        typer.echo(f"lmforge: dvc.lock is stale ({len(problems)} entries); `make pipeline` (or `dvc repro`) refreshes it", err=True)
+        raise typer.Exit(1)
+    typer.echo("dvc.lock matches the code and params in the working tree")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context, name: str = typer.Argument("train_throughput", help="a script in bench/")) -> None:
+    """Run a benchmark from bench/; other options pass through (e.g. `--preset nanogpt-cpu`)."""
+    script = Path(__file__).resolve().parents[2] / "bench" / f"{name.replace('-', '_')}.py"
+    if not script.exists():
+        _fail(UserError(f"{script}: no such benchmark"))
+    os.execv(sys.executable, [sys.executable, str(script), *ctx.args])
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,306 @@
+"""The pipeline as dvc.yaml declares it, and the checks that keep dvc.yaml and dvc.lock honest.
+
+- `stage_names()`: the stages in dvc.yaml order, the one list that the flow and the CLI use.
+- `import_closure()`: every project file a module imports, transitively, imports inside functions included.
+- `check_deps()` / `write_deps()`: each stage's code deps in dvc.yaml must be exactly its import
+  closure, and its `params:` exactly the sections its module declares (`SECTIONS`); `write_deps`
+  rewrites dvc.yaml from the code (comments and data deps kept).
+- `stale_lock()`: every code or params dependency whose hash or value in dvc.lock differs from the
+  working tree (seconds, nothing runs), so a commit cannot carry a lock of other code.
+
+Nothing here imports a stage: modules are read as source (ast), so the check costs no torch import.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("tasks", "models", "flows", "deploy")
+"""Top-level packages of this project; imports of anything else are libraries."""
+PARAMS_FILE = "params.yaml"
+STAGE_CMD = re.compile(r"python -m (tasks\.\w+)")
+
+
+def dvc_command(*args: str) -> list[str]:
+    """`dvc <args>` run by this interpreter, so it works whether or not the venv is on PATH."""
+    return [sys.executable, "-m", "dvc", *args]
+
+
+def load_dvc_yaml(root: Path = ROOT) -> dict:
+    return yaml.safe_load((Path(root) / "dvc.yaml").read_text()) or {}
+
+
+def stage_names(root: Path = ROOT) -> list[str]:
+    """The DVC stages in the order dvc.yaml lists them (an order that respects their dependencies)."""
+    return list((load_dvc_yaml(root).get("stages") or {}))
+
+
+def stage_module(stage: str, body: dict) -> str:
+    """`tasks.<stage>` from a stage's `cmd: python -m tasks.<stage>`."""
+    m = STAGE_CMD.fullmatch(str(body.get("cmd", "")).strip())
+    if not m:
+        raise ValueError(f"dvc.yaml: stages.{stage}.cmd: expected `python -m tasks.<module>`, got {body.get('cmd')!r}")
+    return m.group(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# imports
+
+
+def module_file(name: str, root: Path = ROOT) -> Path | None:
+    """The file that defines project module `name` (module.py or package/__init__.py), if any."""
+    base = Path(root).joinpath(*name.split("."))
+    for f in (base.with_suffix(".py"), base / "__init__.py"):
+        if f.is_file():
+            return f
+    return None
+
+
+def imported_names(file: Path, module: str) -> set[str]:
+    """Dotted names a module's source imports anywhere (top level, functions, conditionals)."""
+    tree = ast.parse(Path(file).read_text(), filename=str(file))
+    package = module if Path(file).name == "__init__.py" else module.rpartition(".")[0]
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1])
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module or ""
+            names.add(target)
+            names.update(f"{target}.{alias.name}" for alias in node.names)  # `from pkg import module`
+    return names
+
+
+def import_closure(module: str, root: Path = ROOT) -> set[str]:
+    """Project files (relative POSIX paths) that importing `module` executes, itself included."""
+    root = Path(root)
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        if parts[0] not in PACKAGES:
+            continue
+        for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__, a/b/__init__, a/b/c
+            prefix = ".".join(parts[:i])
+            f = module_file(prefix, root)
+            if f is None:
+                continue
+            rel = f.relative_to(root).as_posix()
+            if rel not in seen:
+                seen.add(rel)
+                todo.extend(imported_names(f, prefix))
+    return seen
+
+
+def declared_sections(file: Path) -> list[str]:
+    """Keys of the module-level `SECTIONS = {...}` dict literal of a stage module."""
+    for node in ast.parse(Path(file).read_text()).body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == "SECTIONS" for t in targets) and isinstance(node.value, ast.Dict):
+                return [k.value for k in node.value.keys if isinstance(k, ast.Constant)]
+    raise ValueError(f"{file}: no module-level SECTIONS dict (the params.yaml sections the stage reads)")
+
+
+# ---------------------------------------------------------------------------------------------
+# dvc.yaml deps
+
+
+def is_code_dep(dep: str) -> bool:
+    """A dvc.yaml dep on project code (a literal path into a project package), not on data."""
+    return "${" not in dep and dep.split("/")[0] in PACKAGES
+
+
+@dataclass
+class StageDeps:
+    stage: str
+    module: str
+    code: list[str]
+    """What the stage's import closure says its code deps are."""
+    sections: list[str]
+    """What its module says it reads of params.yaml."""
+
+
+def expected(root: Path = ROOT) -> list[StageDeps]:
+    """Per stage, the code deps and params sections the code implies."""
+    out = []
+    for stage, body in (load_dvc_yaml(root).get("stages") or {}).items():
+        module = stage_module(stage, body)
+        file = module_file(module, root)
+        if file is None:
+            raise ValueError(f"dvc.yaml: stages.{stage}: module {module} not found")
+        out.append(StageDeps(stage, module, sorted(import_closure(module, root)), declared_sections(file)))
+    return out
+
+
+def check_deps(root: Path = ROOT) -> list[str]:
+    """One line per disagreement between dvc.yaml and the code (empty when they agree)."""
+    stages = load_dvc_yaml(root).get("stages") or {}
+    problems = []
+    for want in expected(root):
+        body = stages[want.stage]
+        listed = [str(d) for d in body.get("deps") or []]
+        code = {d.rstrip("/") for d in listed if is_code_dep(d)}
+        for f in sorted(set(want.code) - code):
+            problems.append(f"{want.stage}: imports {f} but dvc.yaml does not list it in deps")
+        for f in sorted(code - set(want.code)):
+            problems.append(f"{want.stage}: dvc.yaml lists {f} in deps but the stage does not import it")
+        params = [str(p) for p in body.get("params") or []]
+        if sorted(params) != sorted(want.sections):
+            problems.append(f"{want.stage}: dvc.yaml params {params} differ from {want.module}.SECTIONS {want.sections}")
+    return problems
+
+
+def write_deps(root: Path = ROOT) -> bool:
+    """Rewrite every stage's code deps and params in dvc.yaml from the code; True if anything changed."""
+    from ruamel.yaml import YAML
+
+    path = Path(root) / "dvc.yaml"
+    rt = YAML()
+    rt.preserve_quotes = True
+    rt.indent(mapping=2, sequence=4, offset=2)
+    rt.width = 4096
+    doc = rt.load(path.read_text())
+    before = json.dumps(doc, default=str)
+    for want in expected(root):
+        body = doc["stages"][want.stage]
+        data = [d for d in body.get("deps") or [] if not is_code_dep(str(d))]
+        body["deps"] = [*want.code, *data]
+        body["params"] = list(want.sections)
+    if json.dumps(doc, default=str) == before:
+        return False
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        rt.dump(doc, f)
+    os.replace(tmp, path)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# dvc.lock
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dvc_md5(path: Path) -> str:
+    """The md5 DVC 3 records for a file, or for a folder (`<md5 of its sorted entry list>.dir`)."""
+    path = Path(path)
+    if path.is_file():
+        return _md5(path)
+    entries = [
+        {"md5": _md5(Path(d) / f), "relpath": (Path(d) / f).relative_to(path).as_posix()}
+        for d, _, files in os.walk(path)
+        for f in files
+    ]
+    entries.sort(key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
+def git_tracked(root: Path = ROOT) -> set[str] | None:
+    """Files tracked by git (relative POSIX paths), or None outside a git work tree."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return set(filter(None, out.decode().split("\0")))
+
+
+def _resolve(entry: str, params: dict) -> str:
+    """dvc.yaml's `${paths.x}` interpolation for the simple `${a.b}` references this project uses."""
+
+    def value(m: re.Match) -> str:
+        node = params
+        for part in m.group(1).split("."):
+            node = node[part]
+        return str(node)
+
+    return re.sub(r"\$\{([\w.]+)\}", value, entry)
+
+
+def _checked(rel: str, tracked: set[str] | None, root: Path) -> bool:
+    """Whether a dependency is code-like: every file of it is tracked by git (not data)."""
+    if tracked is None:
+        return rel.split("/")[0] in PACKAGES
+    if rel in tracked:
+        return True
+    inside = [f for f in tracked if f.startswith(rel.rstrip("/") + "/")]
+    p = Path(root) / rel
+    if not inside or not p.is_dir():
+        return False
+    on_disk = {(Path(d) / f).relative_to(root).as_posix() for d, _, files in os.walk(p) for f in files}
+    return on_disk <= tracked
+
+
+def stale_lock(root: Path = ROOT) -> list[str]:
+    """One line per code or params dependency whose entry in dvc.lock differs from the working tree."""
+    root = Path(root)
+    lock_file = root / "dvc.lock"
+    if not lock_file.exists():
+        return ["dvc.lock: missing (run the pipeline: `make pipeline` or `dvc repro`)"]
+    lock = (yaml.safe_load(lock_file.read_text()) or {}).get("stages") or {}
+    params = yaml.safe_load((root / PARAMS_FILE).read_text()) or {}
+    tracked = git_tracked(root)
+    problems = []
+    for stage, body in (load_dvc_yaml(root).get("stages") or {}).items():
+        locked = lock.get(stage)
+        if locked is None:
+            problems.append(f"{stage}: not in dvc.lock (the stage never ran with this dvc.yaml)")
+            continue
+        if str(locked.get("cmd")) != str(body.get("cmd")):
+            problems.append(f"{stage}: cmd {body.get('cmd')!r} differs from dvc.lock's {locked.get('cmd')!r}")
+        recorded = {d["path"]: d for d in locked.get("deps") or []}
+        for entry in body.get("deps") or []:
+            rel = _resolve(str(entry), params).rstrip("/")
+            if not _checked(rel, tracked, root):
+                continue
+            if rel not in recorded:
+                problems.append(f"{stage}: {rel} is a dependency but not in dvc.lock")
+            elif not (root / rel).exists():
+                problems.append(f"{stage}: {rel} is in dvc.lock but missing from the working tree")
+            elif dvc_md5(root / rel) != recorded[rel].get("md5"):
+                problems.append(f"{stage}: {rel} changed since dvc.lock was written")
+        locked_params = (locked.get("params") or {}).get(PARAMS_FILE, {})
+        for key in body.get("params") or []:
+            node = params
+            for part in str(key).split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if str(key) not in locked_params:
+                problems.append(f"{stage}: params.yaml {key} is a dependency but not in dvc.lock")
+                continue
+            now, then = _flat(node, str(key)), _flat(locked_params[str(key)], str(key))
+            for k in sorted(set(now) | set(then)):
+                if now.get(k, "<absent>") != then.get(k, "<absent>"):
+                    problems.append(f"{stage}: params.yaml {k} is {now.get(k, '<absent>')!r}, dvc.lock has {then.get(k, '<absent>')!r}")
+    return problems
+
+
+def _flat(node, prefix: str) -> dict[str, object]:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict[str, object] = {}
+    for k, v in node.items():
+        out.update(_flat(v, f"{prefix}.{k}"))
+    return out

@@ -1,0 +1,5 @@
+"""Typed params.yaml: one module per section, each field documented where it is declared.
+
+Deliberately empty: a stage imports only the section modules it reads, so its DVC dependencies stay
+exactly those files (`tasks/ops/dag.py` checks this). `params.py` assembles the whole file.
+"""

@@ -1,0 +1,150 @@
+"""What every params.yaml section shares: the base class, `paths`, `tracking`, and the loader.
+
+A stage loads only the sections it declares (`load_stage_params`), so its DVC dependencies are
+exactly its own config modules; `tasks.shared.config.params.load_params` validates the whole file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from tasks.shared.errors import UserError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class Paths(Section):
+    """Every input and output of the pipeline, relative to the project root."""
+
+    user_data: Path
+    """Folder for your own corpora and labeled sets (track it with `dvc add`)."""
+    raw_corpus: Path
+    """Ingested pretraining corpus (parquet: text, source, kind)."""
+    raw_labeled: Path
+    """Ingested labeled set (parquet: text, label, source, split)."""
+    clean_corpus: Path
+    """Cleaned pretraining corpus."""
+    clean_labeled: Path
+    """Cleaned labeled set."""
+    expectations: Path
+    """Great Expectations suites (JSON), tracked in git."""
+    validation: Path
+    """The validation result (deterministic JSON): what downstream stages depend on."""
+    data_docs: Path
+    """Great Expectations Data Docs (HTML with timestamps: nothing depends on them)."""
+    tokenizer: Path
+    """Folder holding the trained BPE `tokenizer.json`."""
+    tokens: Path
+    """Memory-mapped token-id shards of the corpus (train-*.bin, val-*.bin, meta.json)."""
+    checkpoints: Path
+    """Resumable training checkpoints (git- and DVC-ignored scratch space)."""
+    lm: Path
+    """Pretrained language model (safetensors + config.json)."""
+    classifier: Path
+    """Fine-tuned classifier (safetensors + config.json)."""
+    baselines: Path
+    """Classifiers trained from scratch beside it, one subfolder per baseline (scratch, cnn, gru)."""
+    compressed: Path
+    """int8 dynamic-quantized classifier."""
+    evaluation: Path
+    """Evaluation predictions and plots."""
+    metrics: Path
+    """Folder of per-stage metrics JSON files (DVC metrics, committed to git)."""
+    plots: Path
+    """Folder of plot data (CSV) that `dvc plots diff` overlays across commits (committed to git)."""
+
+
+class TrackingConfig(Section):
+    """Where MLflow keeps runs and the model registry (`MLFLOW_TRACKING_URI` overrides `uri`)."""
+
+    uri: str = "sqlite:///mlflow/mlflow.db"
+    """MLflow tracking URI; a relative sqlite path is resolved against the project root."""
+    artifacts: Path = Path("mlflow/artifacts")
+    """Artifact root for new experiments on a local store."""
+    experiment: str = "lmforge"
+    """MLflow experiment name."""
+    registered_model: str = "lmforge-classifier"
+    """Name of the registered model that carries the `champion` alias."""
+
+
+def describe(err: ValidationError, source: Path, prefix: str = "") -> str:
+    """One line naming the file and the dotted key of the first problem."""
+    first = err.errors()[0]
+    loc = ".".join([prefix, *map(str, first["loc"])] if prefix else map(str, first["loc"])) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif "input" in first and not isinstance(first["input"], dict):
+        msg += f" (got {first['input']!r})"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {loc}: {msg}{more}"
+
+
+def read_params_file(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
+    """The raw mapping in params.yaml; a missing, unreadable or malformed file raises UserError."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found (run from the project root or pass --params)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{where} invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_section(raw: dict[str, Any], name: str, config_type: type[Section], source: Path | str = DEFAULT_PARAMS) -> Section:
+    """Validate section `name` of a raw params mapping (absent = the code defaults)."""
+    value = raw.get(name)
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise UserError(f"{source}: {name}: expected a mapping, got {type(value).__name__}")
+    try:
+        return config_type.model_validate(value)
+    except ValidationError as e:
+        raise UserError(describe(e, Path(source), name)) from None
+
+
+@dataclass(frozen=True)
+class StageParams:
+    """What one stage may read: `paths`, `tracking` and the sections it declared (as attributes)."""
+
+    file: Path
+    paths: Paths
+    tracking: TrackingConfig
+    sections: dict[str, Section] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Section:
+        sections = self.__dict__.get("sections", {})
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"section {name!r} was not declared by this stage (declared: {sorted(sections)})")
+
+
+def load_stage_params(path: Path | str, sections: dict[str, type[Section]]) -> StageParams:
+    """`paths`, `tracking` and the declared `sections` of params.yaml, each validated."""
+    path = Path(path)
+    raw = read_params_file(path)
+    if "paths" not in raw:
+        raise UserError(f"{path}: paths: missing (every input and output is declared there)")
+    return StageParams(
+        file=path,
+        paths=load_section(raw, "paths", Paths, path),
+        tracking=load_section(raw, "tracking", TrackingConfig, path),
+        sections={name: load_section(raw, name, t, path) for name, t in sections.items()},
+    )

@@ -1,0 +1,69 @@
+"""The whole params.yaml as one typed object, for the operations, the flow and the tests.
+
+Stages do not import this module: each loads only its own sections (`base.load_stage_params`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tasks.shared.config.base import DEFAULT_PARAMS, Paths, Section, TrackingConfig, describe, read_params_file
+from tasks.shared.config.clean import CleanConfig
+from tasks.shared.config.compress import CompressConfig
+from tasks.shared.config.evaluate import EvaluateConfig
+from tasks.shared.config.finetune import FinetuneConfig
+from tasks.shared.config.ingest import IngestConfig
+from tasks.shared.config.pretrain import PretrainConfig
+from tasks.shared.config.promote import PromoteConfig
+from tasks.shared.config.tokenize import TokenizeConfig
+from tasks.shared.config.validate import ValidateConfig
+from tasks.shared.errors import UserError
+
+SECTION_TYPES: dict[str, type[Section]] = {
+    "paths": Paths,
+    "tracking": TrackingConfig,
+    "ingest": IngestConfig,
+    "clean": CleanConfig,
+    "validate": ValidateConfig,
+    "tokenize": TokenizeConfig,
+    "pretrain": PretrainConfig,
+    "finetune": FinetuneConfig,
+    "compress": CompressConfig,
+    "evaluate": EvaluateConfig,
+    "promote": PromoteConfig,
+}
+"""Every top-level key of params.yaml and the config class that validates it."""
+
+
+class Params(BaseModel):
+    """The whole params.yaml."""
+
+    paths: Paths
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
+    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    compress: CompressConfig = Field(default_factory=CompressConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    promote: PromoteConfig = Field(default_factory=PromoteConfig)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def section(self, name: str) -> Section:
+        """The config of section `name` (params.yaml key)."""
+        return self.validate_ if name == "validate" else getattr(self, name)
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
+    """Read and validate all of params.yaml; a problem raises UserError naming the file and key."""
+    path = Path(path)
+    raw = read_params_file(path)
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(describe(e, path)) from None
