@@ -336,7 +336,9 @@ def run(cfg: FinetuneConfig, paths: Paths, tracker: Tracker | None = None) -> Fi
             (d / name).mkdir()
             write_classifier(trained.model, d / name, extra={**extra, "baseline": name})
             (d / name / "history.json").write_text(json.dumps(trained.history))
-        (d / "summary.json").write_text(json.dumps({n: t.summary() for n, t in baselines.items()}, indent=2))
+        # train_seconds stays in the stage's metrics: the same training must give the same folder bytes
+        summary = {n: {k: v for k, v in t.summary().items() if k != "train_seconds"} for n, t in baselines.items()}
+        (d / "summary.json").write_text(json.dumps(summary, indent=2))
         histories = {"pretrained": main.history, **{n: t.history for n, t in baselines.items()}}
         publish(tracker, plot_validation(histories, d / "validation_curves.png"), "validation_curves.png")
     return FinetuneResult(

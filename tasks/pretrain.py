@@ -37,6 +37,8 @@ CHECKPOINTS = "pretrain"
 TRAIN_LOSS_PLOT = "pretrain_train_loss.csv"
 VAL_LOSS_PLOT = "pretrain_val_loss.csv"
 """Plot data in `paths.plots` (dvc.yaml `plots:`), overlaid across commits by `dvc plots diff`."""
+TIMINGS = ("tokens_per_s", "mfu")
+"""Logged values that differ between two runs of the same training: kept out of the model folder."""
 # Settings that do not change what is trained: a checkpoint written under one value resumes under another.
 NOT_IN_FINGERPRINT = {"resume", "checkpoint_interval", "log_interval", "compile", "distributed", "eval_batches", "eval_interval"}
 
@@ -310,7 +312,8 @@ def _train(cfg: PretrainConfig, paths: Paths, tracker: Tracker, rt: engine.Runti
     if rt.is_main:
         with atomic_dir(paths.lm) as d:
             write_lm(trained, d, extra={"train_config": cfg.model_dump(mode="json"), "objective": cfg.objective})
-            (d / "history.json").write_text(json.dumps(history))
+            # the curve without timings: the same training gives the same bytes, so finetune is not rerun
+            (d / "history.json").write_text(json.dumps([{k: v for k, v in h.items() if k not in TIMINGS} for h in history]))
             publish(tracker, plot_curve(history, d / "loss_curve.png"), "loss_curve.png")
         write_plot_data(history, paths.plots)
     train_losses = [h["train_loss"] for h in history if "train_loss" in h]

@@ -25,7 +25,11 @@ def _fail(e: UserError) -> None:
 @app.command()
 def stage(name: str = typer.Argument(..., help="a stage of dvc.yaml (ingest, clean, ..., evaluate)"), params: str = "params.yaml") -> None:
     """Run one pipeline stage (what dvc.yaml calls)."""
-    if name not in (names := stage_names(Path.cwd())):
+    try:
+        names = stage_names(Path.cwd())
+    except UserError as e:
+        _fail(e)
+    if name not in names:
         _fail(UserError(f"unknown stage {name!r}; dvc.yaml has {names}"))
     os.environ["LMFORGE_PARAMS"] = params
     sys.argv = [f"tasks.{name}"]
@@ -118,9 +122,9 @@ def check(params: str = "params.yaml") -> None:
 
     try:
         load_params(params)
+        problems = check_deps(Path.cwd())
     except UserError as e:
         _fail(e)
-    problems = check_deps(Path.cwd())
     for line in problems:
         typer.echo(line, err=True)
     if problems:
@@ -134,10 +138,14 @@ def deps(write: bool = typer.Option(False, "--write", help="rewrite dvc.yaml's c
     """Show (or --write) each stage's code deps: its import closure, and the params sections it reads."""
     from tasks.ops.dag import expected, write_deps
 
-    if write:
-        typer.echo("dvc.yaml updated" if write_deps(Path.cwd()) else "dvc.yaml already matches the code")
-        return
-    for s in expected(Path.cwd()):
+    try:
+        if write:
+            typer.echo("dvc.yaml updated" if write_deps(Path.cwd()) else "dvc.yaml already matches the code")
+            return
+        stages = expected(Path.cwd())
+    except UserError as e:
+        _fail(e)
+    for s in stages:
         typer.echo(f"{s.stage}: params {s.sections}")
         for f in s.code:
             typer.echo(f"    {f}")
@@ -148,7 +156,10 @@ def check_lock() -> None:
     """Name every code or params dependency whose hash in dvc.lock differs from the working tree (exit 1 if any)."""
     from tasks.ops.dag import stale_lock
 
-    problems = stale_lock(Path.cwd())
+    try:
+        problems = stale_lock(Path.cwd())
+    except UserError as e:
+        _fail(e)
     for line in problems:
         typer.echo(line)
     if problems:

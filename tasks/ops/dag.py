@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from tasks.shared.errors import UserError
+
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("tasks", "models", "flows", "deploy")
 """Top-level packages of this project; imports of anything else are libraries."""
@@ -38,7 +40,13 @@ def dvc_command(*args: str) -> list[str]:
 
 
 def load_dvc_yaml(root: Path = ROOT) -> dict:
-    return yaml.safe_load((Path(root) / "dvc.yaml").read_text()) or {}
+    f = Path(root) / "dvc.yaml"
+    try:
+        return yaml.safe_load(f.read_text()) or {}
+    except FileNotFoundError:
+        raise UserError(f"{f}: not found (run lmforge from the project root)") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{f}: invalid YAML: {e}") from None
 
 
 def stage_names(root: Path = ROOT) -> list[str]:
@@ -50,7 +58,7 @@ def stage_module(stage: str, body: dict) -> str:
     """`tasks.<stage>` from a stage's `cmd: python -m tasks.<stage>`."""
     m = STAGE_CMD.fullmatch(str(body.get("cmd", "")).strip())
     if not m:
-        raise ValueError(f"dvc.yaml: stages.{stage}.cmd: expected `python -m tasks.<module>`, got {body.get('cmd')!r}")
+        raise UserError(f"dvc.yaml: stages.{stage}.cmd: expected `python -m tasks.<module>`, got {body.get('cmd')!r}")
     return m.group(1)
 
 
@@ -69,7 +77,10 @@ def module_file(name: str, root: Path = ROOT) -> Path | None:
 
 def imported_names(file: Path, module: str) -> set[str]:
     """Dotted names a module's source imports anywhere (top level, functions, conditionals)."""
-    tree = ast.parse(Path(file).read_text(), filename=str(file))
+    try:
+        tree = ast.parse(Path(file).read_text(), filename=str(file))
+    except SyntaxError as e:
+        raise UserError(f"{file}:{e.lineno}: cannot read its imports: {e.msg}") from None
     package = module if Path(file).name == "__init__.py" else module.rpartition(".")[0]
     names: set[str] = set()
     for node in ast.walk(tree):
@@ -116,7 +127,7 @@ def declared_sections(file: Path) -> list[str]:
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             if any(isinstance(t, ast.Name) and t.id == "SECTIONS" for t in targets) and isinstance(node.value, ast.Dict):
                 return [k.value for k in node.value.keys if isinstance(k, ast.Constant)]
-    raise ValueError(f"{file}: no module-level SECTIONS dict (the params.yaml sections the stage reads)")
+    raise UserError(f"{file}: no module-level SECTIONS dict (the params.yaml sections the stage reads)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +156,7 @@ def expected(root: Path = ROOT) -> list[StageDeps]:
         module = stage_module(stage, body)
         file = module_file(module, root)
         if file is None:
-            raise ValueError(f"dvc.yaml: stages.{stage}: module {module} not found")
+            raise UserError(f"dvc.yaml: stages.{stage}: module {module} not found")
         out.append(StageDeps(stage, module, sorted(import_closure(module, root)), declared_sections(file)))
     return out
 
@@ -257,14 +268,17 @@ def _checked(rel: str, tracked: set[str] | None, root: Path) -> bool:
 def stale_lock(root: Path = ROOT) -> list[str]:
     """One line per code or params dependency whose entry in dvc.lock differs from the working tree."""
     root = Path(root)
+    stages = load_dvc_yaml(root).get("stages") or {}
     lock_file = root / "dvc.lock"
     if not lock_file.exists():
         return ["dvc.lock: missing (run the pipeline: `make pipeline` or `dvc repro`)"]
     lock = (yaml.safe_load(lock_file.read_text()) or {}).get("stages") or {}
-    params = yaml.safe_load((root / PARAMS_FILE).read_text()) or {}
+    from tasks.shared.config.base import read_params_file
+
+    params = read_params_file(root / PARAMS_FILE)
     tracked = git_tracked(root)
     problems = []
-    for stage, body in (load_dvc_yaml(root).get("stages") or {}).items():
+    for stage, body in stages.items():
         locked = lock.get(stage)
         if locked is None:
             problems.append(f"{stage}: not in dvc.lock (the stage never ran with this dvc.yaml)")

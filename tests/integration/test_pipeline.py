@@ -173,6 +173,10 @@ def test_metrics_diff_shows_the_committed_run_beside_this_one(project):
         assert entry["old"] == json.loads(committed.stdout)["variants"]["fp32"]["accuracy"]
     shown = _dvc(project, "metrics", "show", "--md").stdout
     assert "metrics/pretrain.json" in shown and "val_perplexity" in shown
+    res = subprocess.run([str(BIN / "lmforge"), "metrics", "pretrain"], cwd=project["dir"], env=project["env"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    rows = {tuple(line.split()[:2]): line.split()[2] for line in res.stdout.splitlines()[1:]}
+    assert float(rows[("metrics/pretrain.json", "val_perplexity")]) == json.loads((project["dir"] / "metrics/pretrain.json").read_text())["val_perplexity"]
 
 
 def test_an_experiment_is_an_mlflow_run_and_plots_overlay_it_on_the_commit(project):

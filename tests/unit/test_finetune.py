@@ -210,7 +210,7 @@ def test_fit_without_patience_runs_every_epoch(monkeypatch):
 @pytest.fixture
 def finetune_paths(tiny_pipeline, tmp_path):
     """The tiny pipeline's LM, tokenizer and data, with this test's own finetune outputs."""
-    return tiny_pipeline.paths.model_copy(update={"classifier": tmp_path / "classifier", "baselines": tmp_path / "baselines"})
+    return tiny_pipeline.paths.model_copy(update={"classifier": tmp_path / "classifier", "baselines": tmp_path / "baselines", "plots": tmp_path / "plots"})
 
 
 def test_finetune_run_writes_classifier_requested_baselines_and_metrics(finetune_paths):
@@ -253,7 +253,10 @@ def test_finetune_run_writes_classifier_requested_baselines_and_metrics(finetune
     assert metrics["epochs_run"] == metrics["baselines"]["scratch"]["epochs_run"] == cfg.epochs
     assert metrics["baselines"]["cnn"]["epochs_run"] == metrics["baselines"]["gru"]["epochs_run"] == cfg.baseline_epochs
     assert metrics["baselines"]["scratch"]["params"] == n_params  # scratch trains every layer
-    assert json.loads((folder / "summary.json").read_text()) == metrics["baselines"]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary == {n: {k: v for k, v in m.items() if k != "train_seconds"} for n, m in metrics["baselines"].items()}
+    plot = (finetune_paths.plots / finetune.VALIDATION_PLOT).read_text().splitlines()
+    assert plot[0] == "epoch,val_accuracy,val_macro_f1" and len(plot) == 1 + cfg.epochs
 
     assert tracker.figures == ["validation_curves.png"]
     logged = {k for m in tracker.metrics for k in m}
@@ -262,6 +265,19 @@ def test_finetune_run_writes_classifier_requested_baselines_and_metrics(finetune
     # step 0 is the first warmup step: lr / warmup_steps of each model's peak lr
     assert tracker.at[("lr", 0)] == tracker.at[("scratch/lr", 0)] == pytest.approx(cfg.lr / cfg.warmup_steps)
     assert tracker.at[("cnn/lr", 0)] == tracker.at[("gru/lr", 0)] == pytest.approx(cfg.baseline_lr / cfg.warmup_steps)
+
+
+def test_the_same_training_writes_the_same_folders(finetune_paths, tmp_path):
+    """evaluate depends on both folders: nothing run-dependent (train_seconds) is written into them."""
+    from tasks.ops.dag import dvc_md5
+
+    cfg = TINY_FINETUNE.model_copy(update={"baselines": ["cnn"], "epochs": 1, "deterministic": True})
+    digests = []
+    for i in range(2):
+        paths = finetune_paths.model_copy(update={"classifier": tmp_path / f"c{i}", "baselines": tmp_path / f"b{i}"})
+        finetune.run(cfg, paths)
+        digests.append((dvc_md5(paths.classifier), dvc_md5(paths.baselines)))
+    assert digests[0] == digests[1]
 
 
 def test_finetune_without_baselines_leaves_an_empty_summary(finetune_paths):

@@ -186,3 +186,18 @@ def test_loss_curves_are_written_as_plot_data(tokenized):
     val = (tokenized.plots / pretrain.VAL_LOSS_PLOT).read_text().splitlines()
     assert train[0] == "step,train_loss" and [line.split(",")[0] for line in train[1:]] == ["0", "5", "10", "15", "19"]
     assert val[0] == "step,val_loss" and [line.split(",")[0] for line in val[1:]] == ["0", "10", "19"]
+
+
+def test_the_same_training_writes_the_same_model_folder(tokenized, tmp_path):
+    """finetune depends on the whole LM folder: timings (which differ run to run) stay out of it, so a
+    rerun that trains the same weights leaves finetune up to date."""
+    from tasks.ops.dag import dvc_md5
+
+    digests = []
+    for i in range(2):
+        paths = tokenized.model_copy(update={"lm": tmp_path / f"lm{i}", "checkpoints": tmp_path / f"ckpt{i}", "plots": tmp_path / f"plots{i}"})
+        pretrain.run(tiny(max_steps=12, log_interval=2, deterministic=True), paths)
+        history = json.loads((paths.lm / "history.json").read_text())
+        assert history and not any({"tokens_per_s", "mfu"} & set(h) for h in history)
+        digests.append(dvc_md5(paths.lm))
+    assert digests[0] == digests[1]
