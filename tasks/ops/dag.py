@@ -25,7 +25,9 @@ from pathlib import Path
 
 import yaml
 
+from tasks.shared.config.base import read_params_file
 from tasks.shared.errors import UserError
+from tasks.shared.tracking import flatten
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("tasks", "models", "flows", "deploy")
@@ -273,8 +275,6 @@ def stale_lock(root: Path = ROOT) -> list[str]:
     if not lock_file.exists():
         return ["dvc.lock: missing (run the pipeline: `make pipeline` or `dvc repro`)"]
     lock = (yaml.safe_load(lock_file.read_text()) or {}).get("stages") or {}
-    from tasks.shared.config.base import read_params_file
-
     params = read_params_file(root / PARAMS_FILE)
     tracked = git_tracked(root)
     problems = []
@@ -304,17 +304,9 @@ def stale_lock(root: Path = ROOT) -> list[str]:
             if str(key) not in locked_params:
                 problems.append(f"{stage}: params.yaml {key} is a dependency but not in dvc.lock")
                 continue
-            now, then = _flat(node, str(key)), _flat(locked_params[str(key)], str(key))
+            now, then = flatten({str(key): node}), flatten({str(key): locked_params[str(key)]})
             for k in sorted(set(now) | set(then)):
                 if now.get(k, "<absent>") != then.get(k, "<absent>"):
                     problems.append(f"{stage}: params.yaml {k} is {now.get(k, '<absent>')!r}, dvc.lock has {then.get(k, '<absent>')!r}")
     return problems
 
-
-def _flat(node, prefix: str) -> dict[str, object]:
-    if not isinstance(node, dict):
-        return {prefix: node}
-    out: dict[str, object] = {}
-    for k, v in node.items():
-        out.update(_flat(v, f"{prefix}.{k}"))
-    return out

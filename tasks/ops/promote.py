@@ -22,6 +22,7 @@ from tasks.shared.config.promote import PromoteConfig
 from tasks.shared.errors import UserError
 from tasks.shared.io import read_json
 from tasks.shared.tracking import PARENT_RUN_ENV, git_commit, setup_tracking
+from tasks.shared.validation import read_result
 
 ALIAS = "champion"
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,7 +139,7 @@ def run(params: Params, params_file: Path = Path("params.yaml"), flow_run_id: st
 
     cfg, paths = params.promote, params.paths
     evaluation = read_json(Path(paths.metrics) / "evaluate.json")
-    validation_ok = read_json(paths.validation).get("success") if Path(paths.validation).exists() else None
+    validation_ok = read_result(paths.validation)["success"] if Path(paths.validation).exists() else None
     variant = choose_variant(cfg, evaluation["variants"])
     m = evaluation["variants"][variant]
 
