@@ -2,8 +2,9 @@
 mixed precision, resumable checkpoints and throughput accounting.
 
 Nothing here knows about a particular stage; `tasks/pretrain.py` and `tasks/finetune.py` hold the
-loops (and `bench/train_throughput.py` times the same step). Multi-process runs are started by `torchrun` (`relaunch_under_torchrun`) and every process
-calls `setup_runtime`, which joins the process group that torchrun's environment describes.
+loops, and `bench/train_throughput.py` times the same step. Multi-process runs are started by
+`torchrun` (`relaunch_under_torchrun`) and every process calls `setup_runtime`, which joins the
+process group that torchrun's environment describes.
 """
 
 from __future__ import annotations

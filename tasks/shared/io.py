@@ -32,12 +32,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _remove(p: Path) -> None:
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
 def _remove_leftovers(target: Path) -> None:
     """Temporary siblings of `target` left by a writer that no longer runs (killed, OOM)."""
     for p in target.parent.glob(f".{target.name}.*-*-*"):
         kind, pid = p.name[len(target.name) + 2 :].split("-")[:2]
         if kind in ("tmp", "old") and pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            _remove(p)
 
 
 @contextmanager
@@ -63,12 +70,11 @@ def _atomic(target: Path | str, directory: bool) -> Iterator[Path]:
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
             os.replace(target, old / "x")
             os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         else:
             os.replace(tmp, target)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
+        _remove(tmp)
 
 
 def atomic_file(target: Path | str) -> AbstractContextManager[Path]:

@@ -16,7 +16,6 @@ from tasks.shared.errors import UserError
 
 META_FILE = "meta.json"
 DTYPE = np.uint16
-SPLITS = ("train", "val")
 
 
 def shard_files(folder: Path | str, split: str) -> list[Path]:
