@@ -2,14 +2,23 @@
 
 Each stage runs through DVC (`dvc repro --single-item <stage>`), so DVC alone decides what is stale
 and dvc.lock stays current whichever driver ran. The flow adds one MLflow parent run (stages open
-nested runs under it), a per-workspace global concurrency limit (DVC holds a repo lock), the
-promotion decision and a Prefect artifact summarising the run.
+nested runs under it), the workspace lock (one run per workspace: DVC holds a repo lock; see
+tasks/ops/lock.py), the promotion decision and a Prefect artifact summarising the run.
+
+Every stage runs in a process group of its own that the flow stops (SIGTERM, then SIGKILL) when it
+is interrupted; if the flow process is killed outright, the stage notices its supervisor is gone
+and stops itself (tasks/shared/lifeline.py). A user error (bad params or data: the stage's exit code
+2) ends the flow in a Failed state carrying the stage's one-line message, without a traceback.
+
+`python -m flows.pipeline` is what `lmforge pipeline` runs, in a session of its own so that Ctrl-C
+reaches Prefect's temporary server only after the flow has recorded how the run ended.
 """
 
 from __future__ import annotations
 
-import hashlib
+import argparse
 import json
+import logging
 import os
 import re
 import subprocess
@@ -18,8 +27,12 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
+from prefect.states import Failed
+
+from tasks.ops.lock import DEFAULT_TIMEOUT, held_fds, workspace_lock
+from tasks.shared import lifeline
+from tasks.shared.errors import UserError
 
 
 class StageFailed(RuntimeError):
@@ -31,7 +44,9 @@ class StageFailed(RuntimeError):
 
 
 USER_ERROR_EXIT = 2  # a stage's one-line user error (tasks/shared/harness.py): retrying cannot help
+INTERRUPTED_EXIT = 130
 RESUMABLE = {"pretrain": 2}  # stages that continue from their last checkpoint: retries are cheap
+_USER_ERROR_LINE = re.compile(r"^lmforge [\w-]+: error: ")
 
 
 def worth_retrying(task, task_run, state) -> bool:
@@ -40,41 +55,43 @@ def worth_retrying(task, task_run, state) -> bool:
     return not (isinstance(exc, StageFailed) and exc.returncode == USER_ERROR_EXIT)
 
 
-def workspace_limit(project: Path) -> str:
-    """Name of the global concurrency limit that serialises `dvc repro` on one workspace."""
-    return "lmforge-dvc-" + hashlib.sha1(str(project.resolve()).encode()).hexdigest()[:10]
-
-
-def ensure_limit(name: str) -> None:
-    from prefect import get_client
-
-    with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(name, 1)
-
-
 @task(task_run_name="{stage}", retries=0, retry_condition_fn=worth_retrying)
 def run_stage(stage: str, env: dict[str, str]) -> dict:
-    """`dvc repro --single-item <stage>`, streaming its output into the Prefect logs."""
+    """`dvc repro --single-item <stage>`, streaming its output into the Prefect logs.
+
+    A user error (exit code 2) ends the task Failed with the stage's one-line message; any other
+    failure raises StageFailed, which the retry policy may retry.
+    """
     from tasks.ops.dag import dvc_command
 
     logger = get_run_logger()
     proc = subprocess.Popen(
         dvc_command("repro", "--quiet", "--single-item", stage),
-        env=env,
+        env={**env, lifeline.SUPERVISOR_ENV: str(os.getpid())},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         bufsize=1,
+        start_new_session=True,  # Ctrl-C reaches the flow, which stops the whole stage (below)
+        pass_fds=held_fds(),  # the workspace stays locked until this dvc process has exited
     )
-    last = ""
+    last, error = "", ""
     assert proc.stdout is not None
-    for chunk in proc.stdout:
-        for line in re.split(r"[\r\n]", chunk):
-            line = line.rstrip()
-            if line and line != last:  # progress bars redraw the same line
-                logger.info(line)
-                last = line
-    if proc.wait() != 0:
+    try:
+        for chunk in proc.stdout:
+            for line in re.split(r"[\r\n]", chunk):
+                line = line.rstrip()
+                if line and line != last:  # progress bars redraw the same line
+                    logger.info(line)
+                    last = line
+                    error = line if _USER_ERROR_LINE.match(line) else error
+        proc.wait()
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM): stop the stage before anything else
+        lifeline.terminate_group(proc)
+        raise
+    if proc.returncode != 0:
+        if error:  # the stage's own one-line user error (`dvc repro --quiet` prints no exit code)
+            return Failed(message=error, data=USER_ERROR_EXIT)
         stage_code = re.search(r"exited with (-?\d+)", last)  # dvc reports the command's own exit code
         code = int(stage_code.group(1)) if stage_code else proc.returncode
         raise StageFailed(f"stage {stage!r} failed (dvc repro exit code {proc.returncode}): {last}", code)
@@ -85,14 +102,17 @@ def run_stage(stage: str, env: dict[str, str]) -> dict:
 
 
 @task(retries=0)
-def promote_candidate(parent_run_id: str) -> dict:
-    """Apply the promotion gates and move `champion` only if all pass."""
+def promote_candidate(parent_run_id: str) -> dict | str:
+    """Apply the promotion gates and move `champion` only if all pass; a refusal is its one-line reason."""
     from tasks.ops.promote import run as promote_run
     from tasks.shared.config.params import load_params
     from tasks.shared.tracking import PARENT_RUN_ENV
 
     os.environ[PARENT_RUN_ENV] = parent_run_id
-    decision = promote_run(load_params(), flow_run_id=str(flow_run.id or ""))
+    try:
+        decision = promote_run(load_params(), flow_run_id=str(flow_run.id or ""))
+    except UserError as e:
+        return f"lmforge promote: error: {e}"
     return {
         "variant": decision.variant,
         "version": decision.version,
@@ -115,28 +135,45 @@ def summary_markdown(evaluation: dict, decision: dict | None) -> str:
 
 
 @flow(name="lmforge-pipeline", log_prints=True)
-def pipeline(promote: bool = True) -> dict:
+def pipeline(promote: bool = True, lock_timeout: float = DEFAULT_TIMEOUT) -> dict:
     """Run every stage of the project in the working directory through DVC inside one MLflow
-    parent run, then gate and promote."""
+    parent run, then gate and promote. Ends Failed (with the one-line reason) on a user error."""
     import mlflow
 
     from tasks.ops.dag import stage_names
     from tasks.shared.config.params import load_params
     from tasks.shared.tracking import PARENT_RUN_ENV, setup_tracking
 
-    setup_tracking(load_params().tracking)  # validates all of params.yaml before any stage runs
-    limit = workspace_limit(Path.cwd())
-    ensure_limit(limit)
+    try:
+        setup_tracking(load_params().tracking)  # validates all of params.yaml before any stage runs
+        names = stage_names(Path.cwd())
+        with workspace_lock(Path.cwd(), f"lmforge pipeline (Prefect flow run {flow_run.name or '?'})", lock_timeout):
+            return _run_stages(names, promote, mlflow, PARENT_RUN_ENV)
+    except UserError as e:
+        return Failed(message=f"lmforge: error: {e}", data=USER_ERROR_EXIT)
+
+
+def _run_stages(names: list[str], promote: bool, mlflow, parent_env: str):
     results: dict = {"stages": {}}
-    with mlflow.start_run(run_name=f"pipeline {flow_run.name or ''}".strip(), tags={"lmforge.stage": "pipeline", "prefect.flow_run_id": str(flow_run.id or "")}) as parent:
-        env = {**os.environ, PARENT_RUN_ENV: parent.info.run_id, "TQDM_MININTERVAL": "5", "PYTHONUNBUFFERED": "1"}
+    run_name = f"pipeline {flow_run.name or ''}".strip()
+    with mlflow.start_run(run_name=run_name, tags={"lmforge.stage": "pipeline", "prefect.flow_run_id": str(flow_run.id or "")}) as parent:
+        env = {**os.environ, parent_env: parent.info.run_id, "TQDM_MININTERVAL": "5", "PYTHONUNBUFFERED": "1"}
         # dvc.yaml's `python -m tasks.<stage>` must find this interpreter even when the venv is not activated
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        with concurrency(limit, occupy=1, strict=True):
-            for stage in stage_names(Path.cwd()):
-                retries = RESUMABLE.get(stage, 0)
-                results["stages"][stage] = run_stage.with_options(retries=retries, retry_delay_seconds=5)(stage, env)
-            decision = promote_candidate(parent.info.run_id) if promote else None
+        for stage in names:
+            retries = RESUMABLE.get(stage, 0)
+            state = run_stage.with_options(retries=retries, retry_delay_seconds=5)(stage, env, return_state=True)
+            if not state.is_completed():
+                mlflow.set_tag("lmforge.failed_stage", stage)
+                exc = state.result(raise_on_failure=False)
+                code = exc if isinstance(exc, int) else getattr(exc, "returncode", 1)
+                mlflow.end_run("FAILED")
+                return Failed(message=state.message or f"stage {stage!r} failed", data=code)
+            results["stages"][stage] = state.result()
+        decision = promote_candidate(parent.info.run_id) if promote else None
+        if isinstance(decision, str):  # promotion refused with a one-line reason
+            mlflow.end_run("FAILED")
+            return Failed(message=decision, data=USER_ERROR_EXIT)
         results["promotion"] = decision
         evaluation = results["stages"]["evaluate"]
         mlflow.log_dict(results, "pipeline_results.json")
@@ -144,5 +181,47 @@ def pipeline(promote: bool = True) -> dict:
     return results
 
 
+class _NoEmptyTraceback(logging.Filter):
+    """Prefect logs a task that returned a Failed state with `exc_info` but no exception, which prints
+    a stray `NoneType: None`; a user error has no traceback to show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[0] is None:
+            record.exc_info = None
+        return True
+
+
+logging.getLogger("prefect.task_runs").addFilter(_NoEmptyTraceback())
+logging.getLogger("prefect.flow_runs").addFilter(_NoEmptyTraceback())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m flows.pipeline`: the flow, its outcome as one line and an exit code (0, 1 crash, 2 user error, 130 interrupted)."""
+    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description="Run the lmforge pipeline flow.")
+    parser.add_argument("--no-promote", dest="promote", action="store_false", help="skip the gates and promotion")
+    parser.add_argument("--lock-timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for another run on this workspace")
+    args = parser.parse_args(argv)
+    lifeline.interrupt_on_sigterm()
+    # In a session of its own (lmforge pipeline), the flow leads a process group: Prefect's server and
+    # the rest go with it if the supervisor dies. Otherwise it only stops itself.
+    lifeline.watch(lifeline.stop_group if os.getsid(0) == os.getpid() else lifeline.stop_self())
+    try:
+        from tasks.shared.config.params import load_params
+
+        load_params()  # a bad params.yaml is one line before Prefect starts
+        state = pipeline(promote=args.promote, lock_timeout=args.lock_timeout, return_state=True)
+    except UserError as e:
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        return USER_ERROR_EXIT
+    except KeyboardInterrupt:
+        print("lmforge: pipeline interrupted; finished stages are kept, a rerun continues from there (pretrain from its last checkpoint)", file=sys.stderr)
+        return INTERRUPTED_EXIT
+    if state.is_completed():
+        return 0
+    code = state.result(raise_on_failure=False)
+    print(f"lmforge: pipeline stopped: {state.message}", file=sys.stderr)
+    return code if isinstance(code, int) else 1
+
+
 if __name__ == "__main__":
-    pipeline()
+    sys.exit(main())

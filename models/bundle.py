@@ -5,9 +5,11 @@ Layout of a bundle folder:
     tokenizer.json      byte-level BPE (Hugging Face `tokenizers`)
     lm/                 pretrained language model (for /generate)
     classifier/         fine-tuned classifier (for /classify), float or int8
+    manifest.json       size and sha256 of every file above, checked on load
 
 The BentoML service, the MLflow pyfunc wrapper, the promotion smoke test and evaluation all load
-models through this module, so what was evaluated is what is served.
+models through this module, so what was evaluated is what is served. A broken bundle raises
+`models.checkpoint.ArtifactError` naming the file and what is wrong with it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import load_classifier, load_lm, read_config
+from models.checkpoint import CONFIG, ArtifactError, load_classifier, load_lm, read_config, verify_manifest, write_manifest
 from models.tokenizer import EOT, PAD, TOKENIZER_FILE, encode_texts, load_tokenizer
 
 @dataclass
@@ -75,32 +77,55 @@ class Bundle:
         return self.tokenizer.decode(new)
 
 
+def _tokenizer(file: Path):
+    try:
+        return load_tokenizer(file)
+    except FileNotFoundError:
+        raise ArtifactError(file, "tokenizer not found") from None
+    except Exception as e:  # the tokenizers library raises a bare Exception on a broken file
+        raise ArtifactError(file, f"not a readable tokenizer ({' '.join(str(e).split())[:200]})") from None
+
+
 def load_parts(tokenizer_file: Path, classifier_dir: Path, lm_dir: Path | None = None) -> Bundle:
     """A Bundle from its parts wherever they lie (stage outputs or a bundle folder)."""
     meta = read_config(classifier_dir)
     cfg = meta["config"]
+    try:
+        labels = list(cfg["labels"])
+        max_length = int(meta["max_length"] if "max_length" in meta else cfg["trunk"]["block_size"])
+    except (KeyError, TypeError, ValueError):
+        raise ArtifactError(Path(classifier_dir) / CONFIG, "no labels or max_length") from None
     return Bundle(
-        tokenizer=load_tokenizer(tokenizer_file),
+        tokenizer=_tokenizer(Path(tokenizer_file)),
         classifier=load_classifier(classifier_dir),
-        labels=list(cfg["labels"]),
-        max_length=int(meta.get("max_length", cfg["trunk"]["block_size"])),
+        labels=labels,
+        max_length=max_length,
         lm=load_lm(lm_dir) if lm_dir is not None else None,
         variant="int8" if meta["kind"] == "classifier-int8" else "fp32",
     )
 
 
 def load_bundle(path: Path | str, with_lm: bool = True) -> Bundle:
-    """Load a bundle folder (see the module docstring)."""
+    """Load a bundle folder (see the module docstring), after checking it against its manifest if it has one.
+
+    Raises:
+        ArtifactError: a file of the bundle is missing, truncated, corrupt or unreadable.
+    """
     path = Path(path)
+    if not path.is_dir():
+        raise ArtifactError(path, "no such bundle folder")
+    verify_manifest(path)
     lm = path / "lm" if with_lm and (path / "lm").exists() else None
     return load_parts(path / TOKENIZER_FILE, path / "classifier", lm)
 
 
 def write_bundle(folder: Path, tokenizer_file: Path, classifier_dir: Path, lm_dir: Path | None) -> None:
-    """Copy the parts of a bundle into the empty or new `folder` (not atomic: the caller's temp folder)."""
+    """Copy the parts of a bundle into the empty or new `folder` and record them in its manifest
+    (not atomic: the caller's temp folder)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy2(tokenizer_file, folder / TOKENIZER_FILE)
     shutil.copytree(classifier_dir, folder / "classifier")
     if lm_dir is not None:
         shutil.copytree(lm_dir, folder / "lm", ignore=shutil.ignore_patterns("*.png", "history.json"))
+    write_manifest(folder)

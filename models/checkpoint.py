@@ -3,24 +3,31 @@
 Quantized models store int8 weights with their scales as plain tensors and rebuild the module on
 load; nothing is ever unpickled. The `write_*` functions fill a folder; stages call them inside
 `tasks.shared.io.atomic_dir`, so a half-written model is never left where a valid one belongs.
+A folder that is copied on (a bundle, a training checkpoint) carries a `manifest.json` with the size
+and sha256 of every file, checked before loading. A missing, truncated or corrupt file is always an
+`ArtifactError` naming the file, never a raw safetensors or JSON error.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file, save_model
 
 from models.baselines import CNNClassifier, CNNConfig, GRUClassifier, GRUConfig
 from models.classifier import ClassifierConfig, TransformerClassifier
+from models.errors import ArtifactError
 from models.transformer import GPT, GPTConfig
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+MANIFEST = "manifest.json"
 
 # Float classifiers by `kind` in config.json: (config dataclass, module). int8 is "classifier-int8".
 CLASSIFIER_KINDS: dict[str, tuple[type, type[nn.Module]]] = {
@@ -30,17 +37,112 @@ CLASSIFIER_KINDS: dict[str, tuple[type, type[nn.Module]]] = {
 }
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
+
+
+def load_json(file: Path, keys: tuple[str, ...] = ()) -> dict:
+    """The JSON object in `file`, which must hold `keys`."""
+    file = Path(file)
+    try:
+        data = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(file, "missing") from None
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
+        raise ArtifactError(file, f"not valid JSON ({_one_line(e)})") from None
+    if not isinstance(data, dict) or (missing := [k for k in keys if k not in data]):
+        raise ArtifactError(file, f"no {', '.join(missing) if isinstance(data, dict) else 'JSON object'} entry")
+    return data
+
+
+def load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file."""
+    file = Path(file)
+    if not file.is_file():
+        raise ArtifactError(file, "missing")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise ArtifactError(file, f"not a readable safetensors file ({_one_line(e)})") from None
+
+
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Record the size and sha256 of every file under `folder` in `folder/manifest.json`."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p != folder / MANIFEST)
+    entries = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (folder / MANIFEST).write_text(json.dumps({"files": entries}, indent=2))
+
+
+def verify_manifest(folder: Path) -> bool:
+    """Check every file that `folder/manifest.json` lists; False when there is no manifest (older folders).
+
+    Raises:
+        ArtifactError: naming the first file that is missing, truncated or altered.
+    """
+    folder = Path(folder)
+    if not (folder / MANIFEST).exists():
+        return False
+    files = load_json(folder / MANIFEST, ("files",))["files"]
+    for rel, want in files.items():
+        f = folder / rel
+        try:
+            size, digest = int(want["size"]), str(want["sha256"])
+        except (TypeError, KeyError, ValueError):
+            raise ArtifactError(folder / MANIFEST, f"malformed entry for {rel}") from None
+        if not f.is_file():
+            raise ArtifactError(f, "missing")
+        if (actual := f.stat().st_size) != size:
+            problem = "truncated" if actual < size else "wrong size"
+            raise ArtifactError(f, f"{problem} ({actual} bytes, {size} expected)")
+        if _sha256(f) != digest:
+            raise ArtifactError(f, "corrupt (sha256 mismatch)")
+    return True
+
+
 def _write_config(d: Path, kind: str, config: dict, extra: dict | None) -> None:
     (d / CONFIG).write_text(json.dumps({"kind": kind, "config": config, **(extra or {})}, indent=2))
 
 
 def read_config(path: Path) -> dict:
-    """The JSON config of a saved model directory."""
+    """The JSON config of a saved model directory (with its `kind` and `config` entries)."""
     f = Path(path) / CONFIG
+    if not f.exists():
+        raise ArtifactError(f, "model config not found")
+    meta = load_json(f, ("kind", "config"))
+    if not isinstance(meta["kind"], str):
+        raise ArtifactError(f, f"kind {meta['kind']!r} is not a name")
+    return meta
+
+
+def _load_weights(model: nn.Module, path: Path) -> None:
+    """Fill `model` from `path/model.safetensors` (strict: every tensor, right shapes)."""
+    tensors = load_tensors(Path(path) / WEIGHTS)
+    named = model.state_dict(keep_vars=True)
+    for name, p in named.items():  # a tied weight is stored once, under one of its names
+        if name not in tensors and (twin := next((o for o, q in named.items() if q is p and o in tensors), None)):
+            tensors[name] = tensors[twin]
     try:
-        return json.loads(f.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{f}: model config not found") from None
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise ArtifactError(Path(path) / WEIGHTS, f"weights do not match {CONFIG} ({_one_line(e)})") from None
+
+
+def _config(config_type: type, meta: dict, path: Path):
+    """`config_type` built from the `config` entry of a model folder's config.json."""
+    build = getattr(config_type, "from_dict", None) or (lambda d: config_type(**d))
+    try:
+        return build(meta["config"])
+    except (TypeError, ValueError, AttributeError) as e:  # a key the dataclass does not have, a bad value
+        raise ArtifactError(Path(path) / CONFIG, f"config does not fit kind {meta['kind']!r}: {e}") from None
 
 
 def write_lm(model: GPT, d: Path, extra: dict | None = None) -> None:
@@ -61,9 +163,10 @@ def save_lm(model: GPT, path: Path, extra: dict | None = None) -> None:
 
 
 def load_lm(path: Path) -> GPT:
+    """Load a language-model directory; returns it in eval mode."""
     meta = read_config(path)
-    model = GPT(GPTConfig.from_dict(meta["config"]))
-    load_model(model, str(Path(path) / WEIGHTS))
+    model = GPT(_config(GPTConfig, meta, path))
+    _load_weights(model, path)
     return model.eval()
 
 
@@ -142,21 +245,22 @@ def save_quantized(qmodel: nn.Module, config: ClassifierConfig, path: Path, per_
 
 
 def _load_quantized(path: Path, meta: dict) -> nn.Module:
-    cfg = ClassifierConfig(**meta["config"])
+    cfg = _config(ClassifierConfig, meta, path)
     model = TransformerClassifier(cfg).eval()
     model.trunk.lm_head = nn.Identity()
     qmodel = _dynamic_quantize(model, meta.get("per_channel", True))
-    tensors = load_file(str(Path(path) / WEIGHTS))
+    file = Path(path) / WEIGHTS
+    tensors = load_tensors(file)
     for name, m in qmodel.named_modules():
         if not _is_dynamic_linear(m):
             continue
         keys = [f"{name}.{k}" for k in ("weight_int8", "weight_scale", "weight_zero_point")]
         if any(k not in tensors for k in keys):
-            raise ValueError(f"{path}: weights do not match config (missing {[k for k in keys if k not in tensors]})")
+            raise ArtifactError(file, f"weights do not match config (missing {[k for k in keys if k not in tensors]})")
         q, scale, zp = (tensors.pop(k) for k in keys)
         want = (m.out_features, m.in_features)
         if tuple(q.shape) != want:
-            raise ValueError(f"{path}: weights do not match config ({name}.weight_int8 is {tuple(q.shape)}, config says {want})")
+            raise ArtifactError(file, f"weights do not match config ({name}.weight_int8 is {tuple(q.shape)}, config says {want})")
         if meta.get("per_channel", True):
             w = torch._make_per_channel_quantized_tensor(q, scale.double(), zp.long(), 0)
         else:
@@ -165,9 +269,11 @@ def _load_quantized(path: Path, meta: dict) -> nn.Module:
     own = {**dict(qmodel.named_parameters()), **dict(qmodel.named_buffers())}
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     if unexpected or missing:
-        raise ValueError(f"{path}: weights do not match config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ArtifactError(file, f"weights do not match config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     with torch.no_grad():
         for name, t in tensors.items():
+            if own[name].shape != t.shape:
+                raise ArtifactError(file, f"weights do not match config ({name} is {tuple(t.shape)}, config says {tuple(own[name].shape)})")
             own[name].copy_(t)
     return qmodel
 
@@ -179,14 +285,10 @@ def load_classifier(path: Path) -> nn.Module:
         return _load_quantized(path, meta)
     if meta["kind"] not in CLASSIFIER_KINDS:
         known = sorted([*CLASSIFIER_KINDS, "classifier-int8"])
-        raise ValueError(f"{path}: not a classifier (kind {meta['kind']!r}; known kinds: {', '.join(known)})")
+        raise ArtifactError(Path(path) / CONFIG, f"not a classifier (kind {meta['kind']!r}; known kinds: {', '.join(known)})")
     config_type, module_type = CLASSIFIER_KINDS[meta["kind"]]
-    try:
-        config = config_type(**meta["config"])
-    except TypeError as e:  # a key the config dataclass does not have
-        raise ValueError(f"{path}: config does not fit kind {meta['kind']!r}: {e}") from None
-    model = module_type(config)
-    load_model(model, str(Path(path) / WEIGHTS))
+    model = module_type(_config(config_type, meta, path))
+    _load_weights(model, path)
     return model.eval()
 
 

@@ -21,6 +21,7 @@ from models.checkpoint import CONFIG, dir_size_mb, load_classifier, read_config
 from models.tokenizer import TOKENIZER_FILE, load_tokenizer
 from tasks.shared.config.base import Paths
 from tasks.shared.config.evaluate import EvaluateConfig
+from tasks.shared.digest import tree_sha256
 from tasks.shared.errors import UserError
 from tasks.shared.harness import stage_main
 from tasks.shared.io import atomic_dir, read_parquet, write_csv
@@ -158,6 +159,9 @@ class EvaluateResult:
     test_examples: int
     variants: dict[str, dict]
     baselines: dict[str, dict]
+    artifacts: dict[str, dict]
+    """What was scored, by path and sha256 (tasks.shared.digest.tree_sha256): the variants, the
+    tokenizer and the labeled data. Promotion registers a variant only if its hashes still match."""
 
     @property
     def metrics(self) -> dict:
@@ -171,8 +175,10 @@ def run(cfg: EvaluateConfig, paths: Paths, tracker: Tracker | None = None) -> Ev
     if test.empty:
         raise UserError(f"{paths.clean_labeled}: no test rows")
     tokenizer = Path(paths.tokenizer) / TOKENIZER_FILE
+    artifacts = {name: {"path": str(f), "sha256": tree_sha256(f)} for name, f in (("tokenizer", tokenizer), ("labeled_data", paths.clean_labeled))}
     variants, preds = {}, {}
     for name, folder in (("fp32", paths.classifier), ("int8", paths.compressed)):
+        artifacts[name] = {"path": str(folder), "sha256": tree_sha256(folder)}  # hashed before loading: a change after is caught
         bundle = load_parts(tokenizer, folder)
         variants[name], preds[name] = evaluate_bundle(bundle, test, cfg)
         variants[name]["size_mb"] = round(dir_size_mb(folder), 3)
@@ -195,7 +201,7 @@ def run(cfg: EvaluateConfig, paths: Paths, tracker: Tracker | None = None) -> Ev
         publish(tracker, cm, "confusion_matrix.png")
         publish(tracker, tr, "accuracy_vs_latency.png")
     write_plot_data(test["label"].tolist(), preds[best], labels, {**variants, **baselines}, paths.plots)
-    return EvaluateResult(test_examples=len(test), variants=variants, baselines=baselines)
+    return EvaluateResult(test_examples=len(test), variants=variants, baselines=baselines, artifacts=artifacts)
 
 
 def main() -> None:

@@ -178,10 +178,12 @@ def fit(
     epochs: int,
     lr_scale: dict[str, float] | None = None,
     prefix: str = "",
+    lr_key: str = "finetune.lr",
 ) -> Trained:
     """Train `model` for up to `epochs` on `train`, keep the epoch with the best macro-F1 on `val`.
 
-    Metrics go to `tracker` as `<prefix><metric>`; every model sees the same batch order.
+    Metrics go to `tracker` as `<prefix><metric>`; every model sees the same batch order. A nan or
+    inf loss stops the stage with a UserError naming the step and `lr_key` (the params.yaml key of the lr).
     """
     from tqdm import tqdm
 
@@ -197,6 +199,7 @@ def fit(
     start = time.perf_counter()
     bar = tqdm(total=total, desc=name, unit="step", dynamic_ncols=True)
     meter, step, tps = engine.Throughput(rt.device), 0, None
+    run_name = "finetune" if name == "finetune" else f"finetune {name}"  # names a diverged run
     for epoch in range(1, epochs + 1):
         order = torch.randperm(len(train), generator=gen)
         for i in range(0, len(order), cfg.batch_size):
@@ -211,6 +214,7 @@ def fit(
             (rt.scaler.scale(loss) if rt.scaler is not None else loss).backward()
             grad_norm = engine.clip_and_step(model, opt, rt, cfg.grad_clip)
             loss_value = loss.item()
+            engine.check_finite(run_name, step, lr, rt, cfg.grad_clip, loss=loss_value, grad_norm=grad_norm, lr_key=lr_key)
             meter.step(int(n.sum()))
             if step % LOG_EVERY == 0:
                 rec = {"train_loss": loss_value, "lr": lr, "grad_norm": grad_norm}
@@ -329,7 +333,8 @@ def run(cfg: FinetuneConfig, paths: Paths, tracker: Tracker | None = None) -> Fi
     for name in cfg.baselines:
         model = baseline_model(name, cfg, lm.config, labels)
         recipe, epochs = (cfg, cfg.epochs) if name == "scratch" else (small, cfg.baseline_epochs or cfg.epochs)
-        baselines[name] = fit(name, model, recipe, train, val, len(labels), rt, tracker, epochs, prefix=f"{name}/")
+        lr_key = "finetune.lr" if recipe is cfg or not cfg.baseline_lr else "finetune.baseline_lr"
+        baselines[name] = fit(name, model, recipe, train, val, len(labels), rt, tracker, epochs, prefix=f"{name}/", lr_key=lr_key)
 
     with atomic_dir(paths.baselines) as d:
         for name, trained in baselines.items():

@@ -5,18 +5,25 @@ the corpus is module source plus module/class/function docstrings, and the label
 "which top-level stdlib package does this function come from". Splits are assigned by whole
 source file (per label, in a seeded hash order) so no file's text appears in two splits, and
 files in the val/test splits are kept out of the pretraining corpus.
+
+User data (data/user/README.md) is checked row by row: a bad row stops the stage with one line
+naming its file and row; blank corpus rows and corpus rows that share a source with a val/test
+labeled row are left out, counted in the metrics and reported on stdout.
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import math
+import numbers
 import sysconfig
 import textwrap
 import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from tasks.shared.config.base import Paths
@@ -139,34 +146,132 @@ def split_labeled(df: pd.DataFrame, cfg: IngestConfig) -> pd.DataFrame:
     return df.assign(split=df["source"].map(mapping))
 
 
-def stdlib_corpus(files: list[Path], root: Path, exclude: set[str], max_files: int, seed: int) -> tuple[pd.DataFrame, int]:
-    rows, skipped = [], 0
+def stdlib_corpus(files: list[Path], root: Path, exclude: set[str], max_files: int, seed: int) -> tuple[pd.DataFrame, list[str]]:
+    """Source and docstrings of each file not in `exclude`; returns them and the files that did not parse."""
+    rows, skipped = [], []
     files = [f for f in files if str(f.relative_to(root)) not in exclude]
     if max_files:
         files = sorted(files, key=lambda f: _seeded_hash(seed, str(f.relative_to(root))))[:max_files]
     for f in files:
         src = _read_source(f)
         tree = _parse(src) if src else None
-        if tree is None:
-            skipped += 1
-            continue
         rel = str(f.relative_to(root))
+        if tree is None:
+            skipped.append(rel)
+            continue
         rows.append({"text": src, "source": rel, "kind": "code"})
         rows += [{"text": d, "source": rel, "kind": "docstring"} for d in docstrings(tree)]
     return pd.DataFrame(rows, columns=["text", "source", "kind"]), skipped
 
 
-def _user_labeled(cfg: IngestConfig, paths: Paths) -> pd.DataFrame:
+def _where(key) -> str:
+    """'file: row N' for a (file, row) index entry of `read_table`; just the file for a whole-file document."""
+    file, row = key
+    return f"{file}: row {row}" if row else file
+
+
+def _examples(keys, n: int = 3) -> str:
+    return ", ".join(_where(k) for k in list(keys)[:n])
+
+
+def _reject(bad: pd.Series, problem: str) -> None:
+    """A UserError naming the first row where `bad` holds (and how many more), if any."""
+    keys = bad.index[bad.to_numpy(dtype=bool)]
+    if len(keys):
+        rest = keys[1:]
+        more = f" (and {len(rest)} more: {_examples(rest)}{', ...' if len(rest) > 3 else ''})" if len(rest) else ""
+        raise UserError(f"{_where(keys[0])}: {problem}{more}")
+
+
+def _to_str(value, integers: bool) -> str | None:
+    """A cell as a string, None if it is null or blank; TypeError for a type that is not allowed."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, str):
+        return value if value.strip() else None
+    if integers and isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        return str(int(value))
+    if integers and isinstance(value, float) and value.is_integer():  # an integer column with nulls reads as floats
+        return str(int(value))
+    raise TypeError(type(value).__name__)
+
+
+def _strings(df: pd.DataFrame, column: str, integers: bool = False) -> pd.Series:
+    """`df[column]` as strings (None where null or blank); other types are a UserError naming the row.
+
+    With `integers`, an integer becomes its decimal string (label 3 -> "3"); text must be a string.
+    """
+    if column not in df.columns:
+        return pd.Series(None, index=df.index, dtype=object)
+    out = []
+    for key, value in df[column].items():
+        try:
+            out.append(_to_str(value, integers))
+        except TypeError as e:
+            allowed = "a string or an integer" if integers else "a string"
+            raise UserError(f"{_where(key)}: {column} is {e} {value!r:.40}, not {allowed}") from None
+    return pd.Series(out, index=df.index, dtype=object)
+
+
+def _sources(df: pd.DataFrame, kind: str) -> pd.Series:
+    """The `source` column; rows without one get an id of their own (`labeled:<file>#row-12`) that
+    cannot equal a generated id of the other input, so only real shared sources link the two."""
+    source = _strings(df, "source", integers=True)
+    generated = [f"{kind}:{file}#row-{row}" for file, row in df.index]
+    return source.where(source.notna(), pd.Series(generated, index=df.index, dtype=object))
+
+
+def _user_labeled(cfg: IngestConfig) -> pd.DataFrame:
+    """The user's labeled set; a row without text or label, or with a bad split, is an error naming it."""
     df = read_table(cfg.labeled, required=["text", "label"])
-    df["text"], df["label"] = df["text"].astype(str), df["label"].astype(str)
-    if "source" not in df.columns:
-        df["source"] = [f"row-{i}" for i in range(len(df))]
-    if "split" in df.columns:
-        bad = sorted(set(df["split"]) - set(SPLITS))
-        if bad:
-            raise UserError(f"{cfg.labeled}: column split has values {bad}; allowed: {list(SPLITS)}")
-        return df[["text", "label", "source", "split"]]
-    return split_labeled(df[["text", "label", "source"]], cfg)
+    out = pd.DataFrame({"text": _strings(df, "text"), "label": _strings(df, "label", integers=True)})
+    _reject(out["text"].isna(), "text is missing or blank (every labeled row needs one; fix or remove the row)")
+    _reject(out["label"].isna(), "label is missing or blank (every labeled row needs one; fix or remove the row)")
+    out["source"] = _sources(df, "labeled")
+    if "split" not in df.columns:
+        return split_labeled(out, cfg)
+    out["split"] = _strings(df, "split")
+    _reject(out["split"].isna(), f"split is missing (give every row one of {list(SPLITS)}, or drop the column)")
+    bad = ~out["split"].isin(SPLITS)
+    if bad.any():
+        _reject(bad, f"split is {out['split'][bad].iloc[0]!r}; allowed: {list(SPLITS)}")
+    return out
+
+
+def _user_corpus(cfg: IngestConfig) -> tuple[pd.DataFrame, pd.Index]:
+    """The user's corpus without rows whose text is missing or blank; returns it and where those were."""
+    df = read_table(cfg.corpus, required=["text"])
+    text = _strings(df, "text")
+    kind = _strings(df, "kind", integers=True).fillna("text")
+    corpus = pd.DataFrame({"text": text, "source": _sources(df, "corpus"), "kind": kind})
+    blank = text.isna()
+    return corpus[~blank], corpus.index[blank.to_numpy()]
+
+
+def check_labels(labeled: pd.DataFrame, name: str, min_examples: int) -> None:
+    """At least 2 labels, each with `min_examples` rows and rows in train; val and test not empty."""
+    counts = labeled["label"].value_counts()
+    if len(counts) < 2:
+        has = f"a single label {counts.index[0]!r}" if len(counts) else "no rows"
+        raise UserError(f"{name}: labeled set has {has}; a classifier needs at least 2")
+    small = counts[counts < min_examples]
+    if len(small):
+        raise UserError(f"params.yaml: ingest.min_examples_per_label: labels {dict(small)} have fewer than {min_examples} examples")
+    untrained = sorted(set(counts.index) - set(labeled.loc[labeled["split"] == "train", "label"]))
+    if untrained:
+        raise UserError(f"{name}: labels {untrained} have no rows in the train split; a classifier cannot learn them")
+    empty = [s for s in SPLITS[1:] if not (labeled["split"] == s).any()]
+    if empty:
+        splits = " and ".join(empty) + (" splits are" if len(empty) > 1 else " split is")
+        raise UserError(
+            f"{name}: the {splits} empty (rows are split by whole source: add rows or distinct sources, or give a split column)"
+        )
+
+
+def _report(n: int, what: str, examples: str) -> None:
+    """One stdout line for rows that were left out."""
+    if n:
+        print(f"ingest: {what}: {n} (e.g. {examples})", flush=True)
 
 
 @dataclass
@@ -176,6 +281,8 @@ class IngestResult:
     rows_per_split: dict[str, int]
     labels: list[str]
     skipped_files: int
+    corpus_blank: int = 0
+    corpus_held_out: int = 0
 
     @property
     def metrics(self) -> dict:
@@ -185,6 +292,8 @@ class IngestResult:
             "rows_per_split": self.rows_per_split,
             "n_labels": len(self.labels),
             "skipped_files": self.skipped_files,
+            "corpus_blank": self.corpus_blank,
+            "corpus_held_out": self.corpus_held_out,
         }
 
 
@@ -192,37 +301,39 @@ def run(cfg: IngestConfig, paths: Paths, tracker: Tracker | None = None) -> Inge
     root = stdlib_root()
     files = stdlib_files(root) if "stdlib" in (cfg.corpus, cfg.labeled) else []
 
-    labeled = split_labeled(stdlib_labeled(cfg, files, root), cfg) if cfg.labeled == "stdlib" else _user_labeled(cfg, paths)
-    counts = labeled["label"].value_counts()
-    small = counts[counts < cfg.min_examples_per_label]
-    if len(small):
-        raise UserError(
-            f"params.yaml: ingest.min_examples_per_label: labels {dict(small)} have fewer than "
-            f"{cfg.min_examples_per_label} examples"
-        )
+    labeled = split_labeled(stdlib_labeled(cfg, files, root), cfg) if cfg.labeled == "stdlib" else _user_labeled(cfg)
+    check_labels(labeled, cfg.labeled, cfg.min_examples_per_label)
 
     held_out = set(labeled.loc[labeled["split"] != "train", "source"])
-    skipped = 0
+    skipped, blank = [], pd.Index([])
     if cfg.corpus == "stdlib":
+        # the stdlib corpus leaves held-out files unread, so they are counted as files
+        n_held_out = sum(str(f.relative_to(root)) in held_out for f in files)
         corpus, skipped = stdlib_corpus(files, root, held_out, cfg.max_files, cfg.seed)
+        what = "stdlib files left out of the corpus (their functions are in val/test)"
+        _report(n_held_out, what, ", ".join(sorted(held_out)[:3]))
+        _report(len(skipped), "stdlib files skipped (not valid Python)", ", ".join(skipped[:3]))
     else:
-        corpus = read_table(cfg.corpus, required=["text"])
-        corpus["text"] = corpus["text"].astype(str)
-        if "source" not in corpus.columns:
-            corpus["source"] = [f"row-{i}" for i in range(len(corpus))]
-        corpus["kind"] = corpus["kind"].astype(str) if "kind" in corpus.columns else "text"
-        corpus = corpus[~corpus["source"].isin(held_out)][["text", "source", "kind"]]
+        corpus, blank = _user_corpus(cfg)
+        _report(len(blank), "corpus rows dropped (text missing or blank)", _examples(blank))
+        is_held_out = corpus["source"].isin(held_out).to_numpy()
+        n_held_out = int(is_held_out.sum())
+        what = "corpus rows left out of pretraining (their source is in the labeled val/test splits)"
+        _report(n_held_out, what, _examples(corpus.index[is_held_out]))
+        corpus = corpus[~is_held_out]
     if corpus.empty:
         raise UserError(f"ingest.corpus ({cfg.corpus}): no documents")
 
     write_parquet(corpus, paths.raw_corpus)
-    write_parquet(labeled, paths.raw_labeled)
+    write_parquet(labeled[["text", "label", "source", "split"]], paths.raw_labeled)
     return IngestResult(
         corpus_rows=len(corpus),
         labeled_rows=len(labeled),
         rows_per_split={s: int((labeled["split"] == s).sum()) for s in SPLITS},
-        labels=sorted(counts.index),
-        skipped_files=skipped,
+        labels=sorted(labeled["label"].unique()),
+        skipped_files=len(skipped),
+        corpus_blank=len(blank),
+        corpus_held_out=n_held_out,
     )
 
 

@@ -172,6 +172,14 @@ class Setup:
     ckpt_dir: Path
 
 
+def _unusable_report(unusable: list[tuple[Path, str]], resume_from: str | None) -> list[str]:
+    """One line per checkpoint that failed verification, the last saying what happens instead."""
+    lines = [f"pretrain: checkpoint {p} is unusable ({why})" for p, why in unusable]
+    if lines:
+        lines[-1] += f"; resuming from {resume_from}" if resume_from else "; no usable checkpoint, starting from scratch"
+    return lines
+
+
 def _setup(cfg: PretrainConfig, paths: Paths, rt: engine.Runtime) -> Setup:
     meta = read_meta(paths.tokens)
     if cfg.objective == "mlm" and meta.get("mask_id") is None:
@@ -194,12 +202,16 @@ def _setup(cfg: PretrainConfig, paths: Paths, rt: engine.Runtime) -> Setup:
     fp = _fingerprint(cfg, model_cfg, meta)
     ckpt_dir = Path(paths.checkpoints) / CHECKPOINTS
     state = engine.TrainState(step=0, fingerprint=fp)
-    if cfg.resume == "auto" and (last := engine.latest_checkpoint(ckpt_dir, fp)) is not None:
-        saved = json.loads((last / "train_state.json").read_text())["step"]
-        if saved < cfg.max_steps:
-            state = engine.load_checkpoint(last, model, opt, rt, gen)
+    if cfg.resume == "auto":
+        found, unusable = engine.latest_checkpoint(ckpt_dir, fp)
+        resume = found is not None and found.step < cfg.max_steps  # a finished run trains afresh
+        if rt.is_main:
+            for line in _unusable_report(unusable, found.path.name if resume else None):
+                print(line, flush=True)
+        if resume:
+            state = engine.restore_checkpoint(found, model, opt, rt, gen)
             if rt.is_main:
-                print(f"pretrain: resuming from {last} (step {state.step} of {cfg.max_steps})", flush=True)
+                print(f"pretrain: resuming from {found.path} (step {state.step} of {cfg.max_steps})", flush=True)
     per_rank = cfg.batch_size // rt.world
     return Setup(
         model_cfg=model_cfg,
@@ -290,17 +302,22 @@ def _train(cfg: PretrainConfig, paths: Paths, tracker: Tracker, rt: engine.Runti
         loss, grad_norm, lr = _step(s, cfg, rt, step)
         meter.step(s.tokens_per_step)
         last = step == cfg.max_steps - 1
+        save = last or bool(cfg.checkpoint_interval and (step + 1) % cfg.checkpoint_interval == 0)
+        train_loss = None  # read from the device only where it is logged or a checkpoint follows
         if step % cfg.log_interval == 0 or last:
             rec = _log_train(s, rt, tracker, meter, step, loss, grad_norm, lr)
-            last_mfu = rec.get("mfu", last_mfu)
+            train_loss, last_mfu = rec["train_loss"], rec.get("mfu", last_mfu)
             tok_s = {"tok_s": f"{rec['tokens_per_s']:,.0f}"} if "tokens_per_s" in rec else {}
             bar.set_postfix(loss=f"{rec['train_loss']:.3f}", **tok_s, **({"mfu": f"{last_mfu:.1%}"} if last_mfu else {}), refresh=False)
+        elif save:
+            train_loss = float(engine.all_reduce_mean(loss, rt))
+        engine.check_finite("pretrain", step, lr, rt, cfg.grad_clip, loss=train_loss, grad_norm=grad_norm)
         if step % cfg.eval_interval == 0 or last:
             with meter.paused():  # evaluation time is not training throughput
                 val_loss = _log_eval(s, cfg, rt, tracker, step)
             if rt.is_main:
                 bar.write(f"step {step}: val loss {val_loss:.3f}, perplexity {math.exp(val_loss):.1f}")
-        if last or (cfg.checkpoint_interval and (step + 1) % cfg.checkpoint_interval == 0):
+        if save:
             with meter.paused():
                 s.state.step = step + 1
                 engine.save_checkpoint(s.ckpt_dir, s.state, s.model, s.opt, rt, s.gen)

@@ -57,6 +57,121 @@ def copy_project(dst: Path) -> Path:
     return dst
 
 
+TINY_PROJECT = {
+    "ingest": {"packages": ["asyncio", "email", "xml"], "max_files": 8, "min_examples_per_label": 10},
+    "clean": {"min_chars": 40},
+    "validate": {"min_corpus_rows": 20, "min_rows_per_label": 1},
+    "tokenize": {"vocab_size": 512},
+    "pretrain": {
+        "model": {"preset": "tiny"},
+        "max_steps": 300,  # ~6 s: long enough to be killed in the middle (tests/faults)
+        "eval_interval": 150,
+        "eval_batches": 2,
+        "batch_size": 8,
+        "checkpoint_interval": 50,
+        "deterministic": True,
+    },
+    # every training row: a class-balanced subset makes the tiny model score below the majority class
+    "finetune": {"max_length": 32, "epochs": 1, "max_train_per_label": 0, "batch_size": 16, "deterministic": True},
+    "evaluate": {"latency_samples": 8},
+    "promote": {"min_accuracy": 0.0, "min_macro_f1": 0.0, "min_gain_over_majority": 0.0, "max_regression": 1.0},
+}
+"""A whole-pipeline config small enough for the tests: the default task on 3 stdlib packages, a tiny
+model, bit-exact training (so an interrupted and resumed run can be compared with an uninterrupted one)."""
+
+
+def make_tiny_project(base: Path, overrides: dict | None = None) -> tuple[Path, dict[str, str]]:
+    """A git + DVC copy of this repository under `base/project` with TINY_PROJECT params, and the
+    environment that keeps its Prefect, MLflow and BentoML state under `base`."""
+    import os
+    import subprocess
+    import sys
+
+    project = base / "project"
+    project.mkdir(parents=True)
+    copy_project(project)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for section, values in {**TINY_PROJECT, **(overrides or {})}.items():
+        for key, value in values.items():
+            params[section][key] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git = ["git", "-c", "user.email=ci@lmforge.test", "-c", "user.name=ci"]
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run(git + ["add", "-A"], cwd=project, check=True)
+    subprocess.run(git + ["commit", "-qm", "tiny"], cwd=project, check=True)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PREFECT_HOME": str(base / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{base}/mlflow.db",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "BENTOML_HOME": str(base / "bentoml"),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "PYTHONUNBUFFERED": "1",
+        # `dvc exp run` commits experiments: it needs an identity in a fresh repository
+        "GIT_AUTHOR_NAME": "ci",
+        "GIT_AUTHOR_EMAIL": "ci@lmforge.test",
+        "GIT_COMMITTER_NAME": "ci",
+        "GIT_COMMITTER_EMAIL": "ci@lmforge.test",
+    }
+    for var in ("LMFORGE_PARENT_RUN_ID", "PREFECT_API_URL", "LMFORGE_SUPERVISOR_PID", "LMFORGE_MODEL_URI"):
+        env.pop(var, None)
+    return project, env
+
+
+@pytest.fixture(scope="session")
+def tiny_flow_run(tmp_path_factory) -> dict:
+    """One uninterrupted `lmforge pipeline` of a tiny project: its folder, environment, output, time,
+    and a snapshot of dvc.lock and metrics/evaluate.json taken right after it (tests may change the
+    project later)."""
+    import subprocess
+    import sys
+    import time
+
+    base = tmp_path_factory.mktemp("lmforge")
+    project, env = make_tiny_project(base)
+    start = time.perf_counter()
+    lmforge = str(Path(sys.executable).parent / "lmforge")
+    res = subprocess.run([lmforge, "pipeline"], cwd=project, env=env, capture_output=True, text=True, timeout=900)
+    output = res.stdout + res.stderr
+    (base / "pipeline.log").write_text(output)
+    assert res.returncode == 0, output[-6000:]
+    return {
+        "dir": project,
+        "env": env,
+        "output": output,
+        "seconds": time.perf_counter() - start,
+        "dvc_lock": yaml.safe_load((project / "dvc.lock").read_text()),
+        "evaluation": yaml.safe_load((project / "metrics" / "evaluate.json").read_text()),
+    }
+
+
+
+# Ways to damage an artifact file (the fault tests of checkpoints, bundles and models share them).
+def truncate(f: Path) -> None:
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def flip_byte(f: Path) -> None:
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+def append(f: Path) -> None:
+    f.write_bytes(f.read_bytes() + b"\0")
+
+
+def garbage(f: Path) -> None:
+    f.write_text("{not json")
+
+
+def delete(f: Path) -> None:
+    f.unlink()
+
+
 PARAMS_PATHS: dict[str, str] = yaml.safe_load((ROOT / "params.yaml").read_text())["paths"]
 
 SEED = 1337

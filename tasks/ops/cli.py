@@ -37,46 +37,99 @@ def stage(name: str = typer.Argument(..., help="a stage of dvc.yaml (ingest, cle
 
 
 @app.command()
-def pipeline(promote: bool = typer.Option(True, help="apply the gates and promote at the end")) -> None:
-    """Run the whole Prefect flow (every stage through DVC, then promotion)."""
-    from flows.pipeline import StageFailed
-    from flows.pipeline import pipeline as flow
+def pipeline(
+    promote: bool = typer.Option(True, help="apply the gates and promote at the end"),
+    lock_timeout: float = typer.Option(3600.0, help="seconds to wait while another run holds this workspace"),
+) -> None:
+    """Run the whole Prefect flow (every stage through DVC, then promotion); Ctrl-C stops it and its stage."""
+    from tasks.ops import supervise
 
     try:
-        flow(promote=promote)
+        load_params()  # one line for a bad params.yaml, before Prefect starts
     except UserError as e:
         _fail(e)
-    except StageFailed as e:
-        typer.echo(f"lmforge: pipeline stopped: {e}", err=True)
-        raise typer.Exit(1)
+    cmd = [sys.executable, "-m", "flows.pipeline", "--lock-timeout", str(lock_timeout)] + ([] if promote else ["--no-promote"])
+    raise typer.Exit(supervise.run(cmd))
+
+
+def _registry_errors(e: Exception) -> UserError:
+    """An MLflow failure (unreachable server, bad store) as one line instead of a traceback."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(e, MlflowException):
+        return UserError(f"MLflow registry: {str(e.message if hasattr(e, 'message') else e).splitlines()[0]}")
+    raise e
 
 
 @app.command()
-def promote(params: str = "params.yaml") -> None:
-    """Gate the evaluated candidate, register it and move @champion if every gate passes (exit 1 if not)."""
+def promote(params: str = "params.yaml", lock_timeout: float = typer.Option(3600.0, help="seconds to wait while a pipeline holds this workspace")) -> None:
+    """Gate the evaluated candidate, register it and move @champion if every gate passes (exit 1 if not).
+
+    Refuses (exit 2) unless DVC reports every stage up to date and the artifacts match what evaluate scored."""
+    from tasks.ops.lock import workspace_lock
     from tasks.ops.promote import run
 
     try:
-        decision = run(load_params(params), params_file=params)
+        cfg = load_params(params)
+        with workspace_lock(Path.cwd(), "lmforge promote", lock_timeout):
+            decision = run(cfg, params_file=params)
     except UserError as e:
         _fail(e)
+    except Exception as e:
+        _fail(_registry_errors(e))
     raise typer.Exit(0 if decision.promoted else 1)
 
 
 @app.command()
-def rollback(to: Optional[str] = typer.Option(None, help="version to point @champion at (default: the previous passing one)"), params: str = "params.yaml") -> None:
-    """Move @champion back to an earlier registered version."""
+def rollback(
+    to: Optional[str] = typer.Option(None, help="version to point @champion at (default: the previous passing one)"),
+    force: bool = typer.Option(False, "--force", help="allow a version that failed its gates (needs --reason; recorded)"),
+    reason: Optional[str] = typer.Option(None, help="why: recorded in the alias history"),
+    params: str = "params.yaml",
+) -> None:
+    """Move @champion back to an earlier registered version that passed its gates (or --force one that did not)."""
     from tasks.ops.rollback import run
 
     try:
-        run(load_params(params), to)
+        run(load_params(params), to, force=force, reason=reason)
     except UserError as e:
         _fail(e)
+    except Exception as e:
+        _fail(_registry_errors(e))
+
+
+@app.command()
+def history(params: str = "params.yaml") -> None:
+    """Every move of @champion: when, from which version to which, why, and whether gates were overridden."""
+    from mlflow import MlflowClient
+
+    from tasks.ops.promote import alias_history
+    from tasks.shared.tracking import setup_tracking
+
+    try:
+        cfg = load_params(params).tracking
+        setup_tracking(cfg)
+        events = alias_history(MlflowClient(), cfg.registered_model)
+    except UserError as e:
+        _fail(e)
+    except Exception as e:
+        _fail(_registry_errors(e))
+    if not events:
+        typer.echo("no moves of @champion recorded yet")
+    for ev in events:
+        override = "  OVERRIDE" if ev.get("override") else ""
+        typer.echo(f"{ev['time']}  v{ev.get('from') or '-'} -> v{ev['to']}  {ev.get('user', '')}: {ev['reason']}{override}")
 
 
 @app.command()
 def serve(port: int = 3000, host: str = "127.0.0.1") -> None:
-    """Serve @champion with BentoML (`bentoml serve deploy.service:LMForge`)."""
+    """Serve @champion with BentoML (`bentoml serve deploy.service:LMForge`), after checking it loads."""
+    from deploy.service import ModelUnavailable, check_model
+
+    try:
+        typer.echo(f"serving {check_model()}", err=True)
+    except (UserError, ModelUnavailable) as e:
+        _fail(UserError(str(e)))
     os.execvp("bentoml", ["bentoml", "serve", "deploy.service:LMForge", "--host", host, "--port", str(port)])
 
 

@@ -4,12 +4,19 @@ Not a DVC stage (it changes the registry, outside the workspace): the Prefect fl
 evaluate, and `lmforge promote` runs it by hand after `dvc repro`. Every candidate becomes a
 registered model version tagged with its gate results and lineage; only a candidate that passes
 every gate gets the alias. `lmforge rollback` (tasks/ops/rollback.py) moves the alias back.
+
+Promotion acts only on evidence that describes what it registers: DVC must report every stage up
+to date (so metrics/evaluate.json and the dvc.lock lineage belong to the workspace's artifacts), and
+the sha256 of the variant and tokenizer copied into the registered bundle must equal the hashes
+evaluate recorded for what it scored. Otherwise it refuses in one line and registers nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +26,7 @@ import yaml
 from models.tokenizer import TOKENIZER_FILE
 from tasks.shared.config.params import Params
 from tasks.shared.config.promote import PromoteConfig
+from tasks.shared.digest import tree_sha256
 from tasks.shared.errors import UserError
 from tasks.shared.io import read_json
 from tasks.shared.tracking import PARENT_RUN_ENV, git_commit, setup_tracking
@@ -114,7 +122,41 @@ def current_champion(client, name: str) -> dict | None:
         f1 = float(mv.tags.get("test_macro_f1", "nan"))
     except ValueError:
         return None
-    return {"version": mv.version, "macro_f1": f1}
+    return {"version": str(mv.version), "macro_f1": f1}
+
+
+HISTORY_TAG = "champion.history."
+"""Registered-model tags `champion.history.<ns since epoch>`: one JSON record per move of @champion."""
+
+
+def move_champion(client, name: str, version: str, reason: str, previous: str | None, override: bool = False) -> None:
+    """Point @champion at `version`, recording when, from which version, why and whether gates were overridden.
+
+    The record is written before the alias moves, so no move (least of all an override) goes unrecorded.
+    """
+    import getpass
+    import time
+    from datetime import datetime, timezone
+
+    event = {
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "from": previous,
+        "to": str(version),
+        "reason": reason,
+        "override": override,
+        "user": getpass.getuser(),
+    }
+    client.set_registered_model_tag(name, f"{HISTORY_TAG}{time.time_ns()}", json.dumps(event))
+    if override:
+        client.set_model_version_tag(name, str(version), "override", f"{event['time']} {event['user']}: {reason}"[:5000])
+    client.set_registered_model_alias(name, ALIAS, str(version))
+
+
+def alias_history(client, name: str) -> list[dict]:
+    """Every recorded move of @champion, oldest first."""
+    model = client.get_registered_model(name)
+    events = [(k, v) for k, v in (model.tags or {}).items() if k.startswith(HISTORY_TAG)]
+    return [json.loads(v) for _, v in sorted(events, key=lambda kv: int(kv[0][len(HISTORY_TAG) :]))]
 
 
 def dvc_lineage(lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
@@ -131,6 +173,55 @@ def dvc_lineage(lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
     return out
 
 
+def stale_stages(root: Path = Path(".")) -> dict[str, list]:
+    """`dvc status` of the pipeline: stage -> what changed since dvc.lock recorded it (empty: all up to date)."""
+    from tasks.ops.dag import dvc_command
+
+    res = subprocess.run(dvc_command("status", "--json"), cwd=root, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise UserError(f"dvc status failed: {(res.stderr or res.stdout).strip().splitlines()[-1:]}")
+    try:
+        status = json.loads(res.stdout or "{}")
+    except ValueError:
+        raise UserError(f"dvc status printed something that is not JSON: {res.stdout[:200]!r}") from None
+    return {k: v for k, v in status.items() if v}
+
+
+def _describe(changes: list) -> str:
+    """The first change DVC reports for a stage, e.g. `changed deps: data/models/classifier (modified)`."""
+    for change in changes:
+        if isinstance(change, dict):
+            for kind, what in change.items():
+                if isinstance(what, dict) and what:
+                    path, how = next(iter(what.items()))
+                    return f"{kind}: {path} ({how})"
+                return str(kind)
+        return str(change)
+    return "changed"
+
+
+def require_current_evaluation(root: Path = Path(".")) -> None:
+    """Refuse unless DVC reports every stage up to date (evaluation and lineage describe the workspace)."""
+    stale = stale_stages(root)
+    if stale:
+        first = next(iter(stale))
+        raise UserError(
+            f"the evaluation is not evidence for the current artifacts: dvc status reports {len(stale)} stage(s) out of date "
+            f"({', '.join(stale)}; {first}: {_describe(stale[first])}); run `dvc repro` (or `make pipeline`), then promote"
+        )
+
+
+def verify_scored(evaluation: dict, name: str, path: Path, metrics_file: Path) -> str:
+    """sha256 of `path` (the copy being registered), which must equal what evaluate recorded for `name`."""
+    recorded = (evaluation.get("artifacts") or {}).get(name, {}).get("sha256")
+    if not recorded:
+        raise UserError(f"{metrics_file}: records no sha256 for {name!r} (written by an older lmforge); run `dvc repro evaluate`, then promote")
+    actual = tree_sha256(path)
+    if actual != recorded:
+        raise UserError(f"{name} is not what evaluate scored: sha256 {actual[:12]} now, {recorded[:12]} in {metrics_file}; run `dvc repro`, then promote")
+    return actual
+
+
 def run(params: Params, params_file: Path = Path("params.yaml"), flow_run_id: str | None = None) -> Decision:
     import mlflow
     from mlflow import MlflowClient
@@ -138,7 +229,9 @@ def run(params: Params, params_file: Path = Path("params.yaml"), flow_run_id: st
     from models.bundle import write_bundle
 
     cfg, paths = params.promote, params.paths
-    evaluation = read_json(Path(paths.metrics) / "evaluate.json")
+    require_current_evaluation()
+    metrics_file = Path(paths.metrics) / "evaluate.json"
+    evaluation = read_json(metrics_file)
     validation_ok = read_result(paths.validation)["success"] if Path(paths.validation).exists() else None
     variant = choose_variant(cfg, evaluation["variants"])
     m = evaluation["variants"][variant]
@@ -153,6 +246,11 @@ def run(params: Params, params_file: Path = Path("params.yaml"), flow_run_id: st
     with tempfile.TemporaryDirectory(prefix="lmforge-bundle-") as tmp:
         bundle_dir = Path(tmp) / "bundle"
         write_bundle(bundle_dir, Path(paths.tokenizer) / TOKENIZER_FILE, Path(folder), Path(paths.lm))
+        scored = {
+            "artifact_sha256": verify_scored(evaluation, variant, bundle_dir / "classifier", metrics_file),
+            "tokenizer_sha256": verify_scored(evaluation, "tokenizer", bundle_dir / TOKENIZER_FILE, metrics_file),
+            "test_data_sha256": evaluation["artifacts"].get("labeled_data", {}).get("sha256", ""),
+        }
         gates.append(smoke_gate(bundle_dir))
         decision = Decision(variant=variant, gates=gates)
         for g in gates:
@@ -165,6 +263,7 @@ def run(params: Params, params_file: Path = Path("params.yaml"), flow_run_id: st
             "ge_success": str(validation_ok),
             "prefect_flow_run_id": flow_run_id or os.environ.get("PREFECT__FLOW_RUN_ID", ""),
             "mlflow_parent_run_id": parent or "",
+            **scored,
             **dvc_lineage(),
         }
         with mlflow.start_run(run_name="promote", parent_run_id=parent or None, nested=mlflow.active_run() is not None, tags={"lmforge.stage": "promote"}) as run_:
@@ -193,7 +292,7 @@ def run(params: Params, params_file: Path = Path("params.yaml"), flow_run_id: st
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k[:250], v[:5000])
     if decision.passed:
-        client.set_registered_model_alias(name, ALIAS, version)
+        move_champion(client, name, version, f"promoted: every gate passed ({variant})", champion["version"] if champion else None)
         decision.promoted = True
         print(f"promoted {name} v{version} ({variant}) to @{ALIAS}")
     else:

@@ -1,17 +1,30 @@
-"""rollback: point `champion` back at an earlier registered version (an operation, not a stage)."""
+"""rollback: point `champion` back at an earlier registered version (an operation, not a stage).
+
+Only versions that passed their gates are eligible; moving @champion to one that failed them needs
+`force` and a reason, and the override is recorded (the version's `override` tag and the alias
+history, `lmforge history`).
+"""
 
 from __future__ import annotations
 
-from tasks.ops.promote import ALIAS, current_champion
+from tasks.ops.promote import ALIAS, current_champion, move_champion
 from tasks.shared.config.params import Params
 from tasks.shared.errors import UserError
 from tasks.shared.tracking import setup_tracking
 
 
-def run(params: Params, to_version: str | None = None) -> str:
+def failed_gates(tags: dict[str, str]) -> list[str]:
+    """Names of the gates a registered version failed (its `gate.<name>` tags)."""
+    return sorted(k[len("gate.") :] for k, v in tags.items() if k.startswith("gate.") and v.startswith("fail"))
+
+
+def run(params: Params, to_version: str | None = None, force: bool = False, reason: str | None = None) -> str:
     """Point `champion` at `to_version`, or at the newest gate-passing version older than the current one."""
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
+    if force and not (reason or "").strip():
+        raise UserError('--force needs --reason "why": the override is recorded in the registry')
     setup_tracking(params.tracking)
     client = MlflowClient()
     name = params.tracking.registered_model
@@ -24,12 +37,20 @@ def run(params: Params, to_version: str | None = None) -> str:
         if not older:
             raise UserError(f"{name}: no gate-passing version older than v{champion['version']}")
         to_version = max(older, key=lambda v: int(v.version)).version
-    from mlflow.exceptions import MlflowException
-
     try:
-        client.get_model_version(name, str(to_version))
+        mv = client.get_model_version(name, str(to_version))
     except MlflowException:
         raise UserError(f"{name}: version {to_version} does not exist") from None
-    client.set_registered_model_alias(name, ALIAS, str(to_version))
-    print(f"@{ALIAS} of {name} now points at v{to_version}" + (f" (was v{champion['version']})" if champion else ""))
+    previous = champion["version"] if champion else None
+    if previous == str(to_version):
+        print(f"@{ALIAS} of {name} already points at v{to_version}; nothing changed")
+        return str(to_version)
+    passed = mv.tags.get("gates") == "passed"
+    if not passed and not force:
+        failed = ", ".join(failed_gates(mv.tags)) or "gates not recorded"
+        raise UserError(f'{name} v{to_version} did not pass its gates ({failed}); to make it @{ALIAS} anyway: lmforge rollback --to {to_version} --force --reason "why"')
+    why = reason or (f"rollback from v{previous}" if previous else "rollback")
+    move_champion(client, name, str(to_version), why, previous, override=not passed)
+    note = " (gates overridden, recorded)" if not passed else ""
+    print(f"@{ALIAS} of {name} now points at v{to_version}{note}" + (f" (was v{previous})" if previous else ""))
     return str(to_version)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from models.checkpoint import ArtifactError, load_json, load_tensors, verify_manifest, write_manifest
 from tasks.shared.config.training import TrainLoop
 from tasks.shared.errors import UserError
 from tasks.shared.io import atomic_dir
@@ -222,6 +223,28 @@ def clip_and_step(model: nn.Module, opt: torch.optim.Optimizer, rt: Runtime, gra
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
+def check_finite(run: str, step: int, lr: float, rt: Runtime, grad_clip: float, *, loss: float | None = None,
+                 grad_norm: float | None = None, lr_key: str | None = None) -> None:  # fmt: skip
+    """Stop a diverged run: UserError when the loss or gradient norm of `step` is nan or inf.
+
+    Pass only values already on the host (the grad norm `clip_and_step` returns, the loss where it is
+    logged), so the check adds no device sync. Under fp16 loss scaling an infinite gradient is routine
+    (the scaler skips that step), so only the loss counts there. `run` starts with the params.yaml
+    section the fixes name (`pretrain`, `finetune cnn`).
+    """
+    norm = None if rt.scaler is not None else grad_norm
+    bad = [(name, v) for name, v in (("loss", loss), ("gradient norm", norm)) if v is not None and not math.isfinite(v)]
+    if not bad:
+        return
+    section = run.split()[0]
+    fixes = [f"lower {lr_key or section + '.lr'}"]
+    fixes += [] if grad_clip else [f"set {section}.grad_clip"]
+    fixes += [f"use {section}.precision: fp32"] if rt.precision != "fp32" else []
+    hint = fixes[0] if len(fixes) == 1 else f"{', '.join(fixes[:-1])} or {fixes[-1]}"
+    name, value = bad[0]
+    raise UserError(f"{run}: {name} is {value} at step {step} (lr {lr:.3g}): {hint}")
+
+
 # ---------------------------------------------------------------------------------------------
 # throughput accounting
 
@@ -390,6 +413,7 @@ def mlm_batch(
 # resumable checkpoints
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+CKPT_WEIGHTS, CKPT_TENSORS, CKPT_STATE = "model.safetensors", "train_state.safetensors", "train_state.json"
 
 
 def fingerprint(*parts: Any) -> str:
@@ -438,7 +462,7 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save_checkpoint(folder: Path, state: TrainState, model: nn.Module, opt: torch.optim.Optimizer, rt: Runtime, gen: torch.Generator, keep: int = 2) -> Path | None:
-    """Write `folder/step-XXXXXXXX/` atomically (model, optimizer, RNG, scaler, state); keep the newest `keep`.
+    """Write `folder/step-XXXXXXXX/` atomically (model, optimizer, RNG, scaler, state, manifest); keep the newest `keep`.
 
     Collective under FSDP (every rank must call it); only rank 0 writes.
     """
@@ -472,9 +496,10 @@ def save_checkpoint(folder: Path, state: TrainState, model: nn.Module, opt: torc
 
     target = Path(folder) / f"step-{state.step:08d}"
     with atomic_dir(target) as d:
-        save_file(weights, str(d / "model.safetensors"))
-        save_file(tensors, str(d / "train_state.safetensors"))
-        (d / "train_state.json").write_text(json.dumps(meta))
+        save_file(weights, str(d / CKPT_WEIGHTS))
+        save_file(tensors, str(d / CKPT_TENSORS))
+        (d / CKPT_STATE).write_text(json.dumps(meta))
+        write_manifest(d)  # resume checks every file against it
     for old in checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
@@ -487,26 +512,56 @@ def checkpoints(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.is_dir() and STEP_DIR.match(p.name))
 
 
-def latest_checkpoint(folder: Path, fp: str) -> Path | None:
-    """The newest checkpoint in `folder` whose fingerprint is `fp`."""
+@dataclass
+class Checkpoint:
+    """A checkpoint read from disk and verified, not yet applied to a model."""
+
+    path: Path
+    meta: dict
+    weights: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def step(self) -> int:
+        return self.meta["step"]
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Check a checkpoint folder against its manifest (older ones have none) and read it into memory.
+
+    Raises:
+        ArtifactError: naming the file that is missing, truncated, corrupt or incomplete.
+    """
+    path = Path(path)
+    verify_manifest(path)
+    meta = load_json(path / CKPT_STATE, ("step", "fingerprint", "history", "optimizer"))
+    if not isinstance(meta["step"], int) or not {"param_groups", "scalars"} <= set(meta["optimizer"] or {}):
+        raise ArtifactError(path / CKPT_STATE, "step or optimizer entry is malformed")
+    weights, tensors = load_tensors(path / CKPT_WEIGHTS), load_tensors(path / CKPT_TENSORS)
+    if "rng/data" not in tensors:
+        raise ArtifactError(path / CKPT_TENSORS, "no data RNG state")
+    return Checkpoint(path, meta, weights, tensors)
+
+
+def latest_checkpoint(folder: Path, fp: str) -> tuple[Checkpoint | None, list[tuple[Path, str]]]:
+    """The newest checkpoint of run `fp` in `folder` that reads back intact, and the newer ones that did
+    not, each with what is wrong (`model.safetensors: corrupt (sha256 mismatch)`)."""
+    unusable = []
     for p in reversed(checkpoints(folder)):
         try:
-            if json.loads((p / "train_state.json").read_text())["fingerprint"] == fp:
-                return p
-        except (OSError, ValueError, KeyError):
-            continue
-    return None
+            if load_json(p / CKPT_STATE).get("fingerprint") != fp:
+                continue  # another run's checkpoint
+            return read_checkpoint(p), unusable
+        except ArtifactError as e:
+            unusable.append((p, f"{e.file.relative_to(p) if e.file.is_relative_to(p) else e.file}: {e.problem}"))
+    return None, unusable
 
 
-def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, rt: Runtime, gen: torch.Generator) -> TrainState:
-    """Restore model, optimizer, scaler and RNG state in place; returns the saved TrainState."""
-    from safetensors.torch import load_file
+def restore_checkpoint(ck: Checkpoint, model: nn.Module, opt: torch.optim.Optimizer, rt: Runtime, gen: torch.Generator) -> TrainState:
+    """Restore model, optimizer, scaler and RNG state in place from a read checkpoint; returns its TrainState."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    path = Path(path)
-    meta = json.loads((path / "train_state.json").read_text())
-    weights = load_file(str(path / "model.safetensors"))
-    tensors = load_file(str(path / "train_state.safetensors"))
+    meta, weights, tensors = ck.meta, dict(ck.weights), ck.tensors
     inner = unwrap(model)
     named = inner.state_dict(keep_vars=True)
     for name, p in named.items():  # tied weights were stored once
@@ -529,3 +584,8 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, rt
     else:  # other ranks: a fresh stream that still depends only on (seed, rank, step)
         torch.manual_seed(hash((meta["step"], rt.rank)) & 0xFFFFFFFF)
     return TrainState(step=meta["step"], fingerprint=meta["fingerprint"], history=meta["history"], extra=meta.get("extra", {}))
+
+
+def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, rt: Runtime, gen: torch.Generator) -> TrainState:
+    """Read, verify and restore the checkpoint at `path` (see `read_checkpoint`, `restore_checkpoint`)."""
+    return restore_checkpoint(read_checkpoint(path), model, opt, rt, gen)

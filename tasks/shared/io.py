@@ -8,12 +8,14 @@ time anything writes that target.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import os
 import shutil
 import tempfile
 from contextlib import AbstractContextManager, contextmanager
+from io import StringIO
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -122,50 +124,137 @@ def read_parquet(path: Path | str, columns: list[str] | None = None):
     return df
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen.add(key)
+    return dict(pairs)
+
+
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean", type(None): "null"}
+
+
+def _decode(f: Path) -> str:
+    """The text of a user file; anything but UTF-8 (a BOM is fine) is a UserError naming line and byte."""
+    data = f.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise UserError(f"{f}: UTF-16 text; save the file as UTF-8")
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = bom + e.start
+        line = data.count(b"\n", 0, offset) + 1
+        raise UserError(f"{f}: line {line}: not UTF-8 (byte 0x{data[offset]:02x} at offset {offset}); save the file as UTF-8") from None
+
+
+def _read_jsonl(f: Path) -> tuple[list[dict], list[int]]:
+    """One JSON object per line; returns the objects and their line numbers."""
+    rows, lines = [], []
+    for i, line in enumerate(_decode(f).split("\n"), 1):  # not splitlines(): U+2028 may sit inside a JSON string
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line, object_pairs_hook=_no_duplicate_keys)
+        except _DuplicateKey as e:
+            raise UserError(f"{f}: row {i}: duplicate key {e.args[0]!r}") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{f}: row {i}: invalid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{f}: row {i}: expected a JSON object, got {_JSON_TYPES.get(type(obj), type(obj).__name__)}")
+        rows.append(obj)
+        lines.append(i)
+    return rows, lines
+
+
+def _read_csv(f: Path) -> tuple[list[dict], list[int]]:
+    """A CSV with a header; returns the rows (empty cells are None) and the line each one starts on."""
+    csv.field_size_limit(2**31 - 1)  # the default (128 KiB) is less than one long document
+    reader = csv.reader(StringIO(_decode(f), newline=""), strict=True)
+    rows, lines, start = [], [], 1
+    try:
+        header = next(reader, None)
+        if header is None:
+            return [], []
+        dups = sorted({c for c in header if header.count(c) > 1})
+        if dups:
+            raise UserError(f"{f}: duplicate column names {dups}")
+        start = reader.line_num + 1
+        for record in reader:
+            if record:  # a blank line
+                if len(record) != len(header):
+                    raise UserError(f"{f}: row {start}: {len(record)} fields, but the header has {len(header)}")
+                rows.append({c: v if v != "" else None for c, v in zip(header, record)})
+                lines.append(start)
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise UserError(f"{f}: row {start}: malformed CSV ({e})") from None
+    return rows, lines
+
+
+def _read_file(f: Path):
+    """One user file as an object-typed frame and the row number of each row (0: the whole file)."""
+    import pandas as pd
+
+    if f.suffix in (".txt", ".md"):
+        return pd.DataFrame({"text": [_decode(f)], "source": [str(f)]}, dtype=object), [0]
+    if f.suffix == ".parquet":
+        import pyarrow as pa
+
+        try:
+            df = pd.read_parquet(f).astype(object)
+        except (pa.ArrowException, ValueError) as e:
+            raise UserError(f"{f}: unreadable parquet file ({type(e).__name__}: {e})") from None
+        return df, list(range(1, len(df) + 1))
+    rows, lines = _read_jsonl(f) if f.suffix == ".jsonl" else _read_csv(f)
+    return pd.DataFrame(rows, dtype=object), lines
+
+
 def read_table(path: Path | str, required: list[str]):
     """Read user data (txt/md: one document per file or per folder entry; jsonl/csv/parquet: rows).
 
-    Errors name the file (and the row for malformed jsonl).
+    Every cell keeps its Python value (object columns; empty CSV cells are None). The index is
+    (file, row): the line a jsonl/csv row starts on (a CSV header is line 1), a parquet row's
+    1-based position, 0 for a txt/md document. In a folder, hidden and `.dvc` files are skipped
+    and any other format is an error. Errors are one line naming the file (and row or line).
     """
     import pandas as pd
 
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: data path not found")
-    files = sorted(p for p in path.rglob("*") if p.suffix in TABLE_FORMATS) if path.is_dir() else [path]
-    if not files:
-        raise UserError(f"{path}: no {'/'.join(TABLE_FORMATS)} files in this folder")
+    if path.is_dir():
+        files = [p for p in sorted(path.rglob("*")) if p.is_file() and p.suffix != ".dvc"]
+        files = [p for p in files if not any(part.startswith(".") for part in p.relative_to(path).parts)]
+        if not files:
+            raise UserError(f"{path}: no {'/'.join(TABLE_FORMATS)} files in this folder")
+    else:
+        files = [path]
     frames = []
     for f in files:
         if f.suffix not in TABLE_FORMATS:
             raise UserError(f"{f}: unsupported format (use one of {', '.join(TABLE_FORMATS)})")
         try:
-            if f.suffix in (".txt", ".md"):
-                df = pd.DataFrame({"text": [f.read_text(encoding="utf-8")], "source": [str(f)]})
-            elif f.suffix == ".jsonl":
-                rows = []
-                for i, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except json.JSONDecodeError as e:
-                            raise UserError(f"{f}: row {i}: invalid JSON ({e.msg})") from None
-                df = pd.DataFrame(rows)
-            elif f.suffix == ".csv":
-                df = pd.read_csv(f)
-            else:
-                df = pd.read_parquet(f)
-        except UserError:
-            raise
-        except (OSError, UnicodeDecodeError, ValueError) as e:
+            df, rows = _read_file(f)
+        except OSError as e:
             raise UserError(f"{f}: unreadable ({type(e).__name__}: {e})") from None
         if df.empty:
             raise UserError(f"{f}: no rows")
+        dups = sorted(set(df.columns[df.columns.duplicated()]))
+        if dups:
+            raise UserError(f"{f}: duplicate column names {dups}")
         missing = [c for c in required if c not in df.columns]
         if missing:
             raise UserError(f"{f}: missing column(s) {missing} (has {list(df.columns)})")
+        df.index = pd.MultiIndex.from_arrays([[str(f)] * len(df), rows], names=["file", "row"])
         frames.append(df)
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat(frames)
 
 
 def read_json(path: Path | str) -> dict:

@@ -20,34 +20,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import copy_project
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-TINY = {
-    "ingest": {"packages": ["asyncio", "email", "xml"], "max_files": 8, "min_examples_per_label": 10},
-    "clean": {"min_chars": 40},
-    "validate": {"min_corpus_rows": 20, "min_rows_per_label": 1},
-    "tokenize": {"vocab_size": 512},
-    "pretrain": {"model": {"preset": "tiny"}, "max_steps": 30, "eval_interval": 15, "eval_batches": 2, "batch_size": 8},
-    "finetune": {"max_length": 32, "epochs": 1, "max_train_per_label": 40, "batch_size": 16},
-    "evaluate": {"latency_samples": 8},
-    "promote": {"min_accuracy": 0.0, "min_macro_f1": 0.0, "min_gain_over_majority": 0.0, "max_regression": 1.0},
-}
-
-
-def _tiny_params(project: Path) -> None:
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    for section, values in TINY.items():
-        for key, value in values.items():
-            params[section][key] = value
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -65,41 +43,9 @@ def _post(url: str, body: dict, timeout: float = 60) -> tuple[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    base = tmp_path_factory.mktemp("lmforge")
-    project = base / "project"
-    project.mkdir()
-    copy_project(project)
-    _tiny_params(project)
-    git = ["git", "-c", "user.email=ci@lmforge.test", "-c", "user.name=ci"]
-    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
-    subprocess.run(git + ["add", "-A"], cwd=project, check=True)
-    subprocess.run(git + ["commit", "-qm", "tiny"], cwd=project, check=True)
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PREFECT_HOME": str(base / "prefect"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{base}/mlflow.db",
-        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-        "BENTOML_HOME": str(base / "bentoml"),
-        "BENTOML_DO_NOT_TRACK": "true",
-        "PYTHONUNBUFFERED": "1",
-        # `dvc exp run` commits experiments: it needs an identity in a fresh repository
-        "GIT_AUTHOR_NAME": "ci",
-        "GIT_AUTHOR_EMAIL": "ci@lmforge.test",
-        "GIT_COMMITTER_NAME": "ci",
-        "GIT_COMMITTER_EMAIL": "ci@lmforge.test",
-    }
-    env.pop("LMFORGE_PARENT_RUN_ID", None)
-    env.pop("PREFECT_API_URL", None)
-    start = time.perf_counter()
-    res = subprocess.run([str(BIN / "lmforge"), "pipeline"], cwd=project, env=env, capture_output=True, text=True, timeout=900)
-    output = res.stdout + res.stderr
-    (base / "pipeline.log").write_text(output)
-    assert res.returncode == 0, output[-6000:]
-    return {"dir": project, "env": env, "output": output, "seconds": time.perf_counter() - start}
+def project(tiny_flow_run):
+    """The tiny project after one uninterrupted `lmforge pipeline` (the session's reference run)."""
+    return tiny_flow_run
 
 
 def test_flow_succeeds_without_tracebacks(project):

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+
 import pandas as pd
 import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import LABELS, TINY_FINETUNE
+from conftest import append, delete, flip_byte, garbage, LABELS, TINY_FINETUNE, truncate
 from models.bundle import Bundle, load_bundle, load_parts, write_bundle
+from models.checkpoint import ArtifactError
 from models.tokenizer import EOT, TOKENIZER_FILE, encode_texts
 
 TEXTS = [
@@ -34,8 +39,10 @@ def bundle(bundle_dir) -> Bundle:
 
 
 def test_bundle_layout(bundle_dir):
-    assert {p.name for p in bundle_dir.iterdir()} == {"tokenizer.json", "classifier", "lm"}
+    assert {p.name for p in bundle_dir.iterdir()} == {"tokenizer.json", "classifier", "lm", "manifest.json"}
     assert {p.name for p in (bundle_dir / "lm").iterdir()} == {"model.safetensors", "config.json"}  # no plots or history
+    listed = json.loads((bundle_dir / "manifest.json").read_text())["files"]
+    assert set(listed) == {p.relative_to(bundle_dir).as_posix() for p in bundle_dir.rglob("*") if p.is_file()} - {"manifest.json"}
 
 
 def test_loaded_bundle(bundle):
@@ -134,8 +141,60 @@ def test_load_parts_from_stage_outputs(tiny_pipeline):
     p = tiny_pipeline.paths
     b = load_parts(p.tokenizer / TOKENIZER_FILE, p.classifier, p.lm)
     assert b.labels == LABELS and b.lm is not None
-    with pytest.raises(FileNotFoundError, match="tokenizer not found"):
+    with pytest.raises(ArtifactError, match="missing.json: tokenizer not found"):
         load_parts(p.tokenizer / "missing.json", p.classifier)
+
+
+# (file in the bundle, what happens to it, the error after the file name)
+WITH_MANIFEST = [
+    ("classifier/model.safetensors", truncate, r"truncated \(\d+ bytes, \d+ expected\)"),
+    ("classifier/model.safetensors", flip_byte, r"corrupt \(sha256 mismatch\)"),
+    ("lm/model.safetensors", flip_byte, "corrupt"),
+    ("lm/config.json", delete, "missing"),
+    ("tokenizer.json", truncate, "truncated"),
+    ("tokenizer.json", append, "wrong size"),
+    ("classifier/config.json", garbage, "truncated"),
+    ("manifest.json", garbage, "not valid JSON"),
+]
+WITHOUT_MANIFEST = [  # older bundles: what cannot be read is still one error naming the file
+    ("classifier/model.safetensors", truncate, "not a readable safetensors file"),
+    ("lm/model.safetensors", delete, "missing"),
+    ("classifier/config.json", garbage, "not valid JSON"),
+    ("lm/config.json", delete, "model config not found"),
+    ("tokenizer.json", truncate, "not a readable tokenizer"),
+    ("tokenizer.json", delete, "tokenizer not found"),
+]
+
+
+@pytest.mark.parametrize(
+    "manifest,file,corrupt,problem",
+    [(True, *case) for case in WITH_MANIFEST] + [(False, *case) for case in WITHOUT_MANIFEST],
+    ids=[f"manifest-{f}-{c.__name__}" for f, c, _ in WITH_MANIFEST] + [f"old-{f}-{c.__name__}" for f, c, _ in WITHOUT_MANIFEST],
+)
+def test_a_broken_bundle_raises_one_error_naming_the_file(bundle_dir, tmp_path, manifest, file, corrupt, problem):
+    b = shutil.copytree(bundle_dir, tmp_path / "b")
+    if not manifest:
+        (b / "manifest.json").unlink()
+    corrupt(b / file)
+    with pytest.raises(ArtifactError) as e:
+        load_bundle(b)
+    assert e.value.file == b / file and re.match(problem, e.value.problem), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_a_bundle_without_a_manifest_loads_unchecked(bundle_dir, tmp_path):
+    b = shutil.copytree(bundle_dir, tmp_path / "b")
+    (b / "manifest.json").unlink()
+    f = b / "classifier" / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0x01  # the last bit of the last weight: nothing can notice without a manifest
+    f.write_bytes(bytes(data))
+    assert load_bundle(b).labels == LABELS
+
+
+def test_a_missing_bundle_folder_is_an_artifact_error(tmp_path):
+    with pytest.raises(ArtifactError, match="no such bundle folder"):
+        load_bundle(tmp_path / "nope")
 
 
 def test_service_loads_a_local_bundle(bundle_dir):

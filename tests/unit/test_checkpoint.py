@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
+from conftest import append, delete, flip_byte, truncate
 from models import checkpoint as ckpt
 from models.classifier import ClassifierConfig, TransformerClassifier
 from models.transformer import GPT, tiny
@@ -96,18 +98,108 @@ def test_int8_folder_holds_only_plain_tensors(tmp_path, clf):
     json.loads((tmp_path / "int8" / ckpt.CONFIG).read_text())  # config is plain JSON
 
 
-def test_garbled_config_raises(tmp_path, clf):
-    ckpt.save_classifier(clf, tmp_path / "clf")
-    (tmp_path / "clf" / ckpt.CONFIG).write_text("{not json")
-    with pytest.raises(ValueError):
-        ckpt.load_classifier(tmp_path / "clf")
+def write(text: str | bytes):
+    def corrupt(f):
+        f.write_bytes(text if isinstance(text, bytes) else text.encode())
+
+    corrupt.__name__ = f"write-{text[:10]!r}"
+    return corrupt
 
 
-def test_missing_config_raises(tmp_path, clf):
-    ckpt.save_classifier(clf, tmp_path / "clf")
-    (tmp_path / "clf" / ckpt.CONFIG).unlink()
-    with pytest.raises(FileNotFoundError, match="model config not found"):
-        ckpt.load_classifier(tmp_path / "clf")
+def save(kind: str, clf, folder):
+    """A saved model folder of `kind` and the function that loads it."""
+    if kind == "lm":
+        torch.manual_seed(0)
+        ckpt.save_lm(GPT(tiny(vocab_size=VOCAB)), folder)
+        return ckpt.load_lm
+    if kind == "int8":
+        ckpt.save_quantized(ckpt.quantize_classifier(clf), clf.config, folder, per_channel=True)
+    else:
+        ckpt.save_classifier(clf, folder)
+    return ckpt.load_classifier
+
+
+# (file, what happens to it, what the error says after the file name)
+BROKEN_FILES = [
+    (ckpt.WEIGHTS, truncate, "not a readable safetensors file"),
+    (ckpt.WEIGHTS, write(b""), "not a readable safetensors file"),
+    (ckpt.WEIGHTS, write(b"\x08" + bytes(7) + b"{garbage"), "not a readable safetensors file"),
+    (ckpt.WEIGHTS, delete, "missing"),
+    (ckpt.CONFIG, write("{not json"), "not valid JSON"),
+    (ckpt.CONFIG, truncate, "not valid JSON"),
+    (ckpt.CONFIG, write(b"\xff\xfe\x00"), "not valid JSON"),
+    (ckpt.CONFIG, write("[1, 2]"), "no JSON object entry"),
+    (ckpt.CONFIG, write('{"kind": "gpt"}'), "no config entry"),
+    (ckpt.CONFIG, write('{"kind": ["gpt"], "config": {}}'), "kind ['gpt'] is not a name"),
+    (ckpt.CONFIG, delete, "model config not found"),
+]
+
+
+@pytest.mark.parametrize("kind", ["lm", "classifier", "int8"])
+@pytest.mark.parametrize("file,corrupt,problem", BROKEN_FILES, ids=[f"{f}-{c.__name__}" for f, c, _ in BROKEN_FILES])
+def test_a_broken_model_folder_raises_one_artifact_error_naming_the_file(tmp_path, clf, kind, file, corrupt, problem):
+    load = save(kind, clf, tmp_path / "m")
+    corrupt(tmp_path / "m" / file)
+    with pytest.raises(ckpt.ArtifactError) as e:
+        load(tmp_path / "m")
+    assert e.value.file == tmp_path / "m" / file and e.value.problem.startswith(problem)
+    assert str(e.value).startswith(f"{tmp_path / 'm' / file}: {problem}") and "\n" not in str(e.value)
+    assert isinstance(e.value, ValueError)
+    if file == ckpt.CONFIG:
+        with pytest.raises(ckpt.ArtifactError, match=re.escape(problem)):
+            ckpt.read_config(tmp_path / "m")
+
+
+def test_artifact_error_survives_pickling():
+    import pickle
+
+    e = pickle.loads(pickle.dumps(ckpt.ArtifactError("/x/model.safetensors", "missing")))
+    assert str(e) == "/x/model.safetensors: missing" and e.problem == "missing"
+
+
+# --- manifests -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def manifested(tmp_path, clf):
+    folder = tmp_path / "bundle"
+    ckpt.save_classifier(clf, folder / "classifier")
+    (folder / "notes.txt").write_text("hello")
+    ckpt.write_manifest(folder)
+    return folder
+
+
+def test_manifest_lists_every_file_with_size_and_sha256(manifested):
+    import hashlib
+
+    files = json.loads((manifested / ckpt.MANIFEST).read_text())["files"]
+    assert sorted(files) == ["classifier/config.json", "classifier/model.safetensors", "notes.txt"]
+    weights = manifested / "classifier" / ckpt.WEIGHTS
+    assert files["classifier/model.safetensors"] == {"size": weights.stat().st_size, "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    assert ckpt.verify_manifest(manifested) is True
+    (manifested / ckpt.MANIFEST).unlink()
+    assert ckpt.verify_manifest(manifested) is False  # older folders: nothing to check against
+
+
+# (file, what happens to it, the error)
+TAMPERED = [
+    ("classifier/model.safetensors", truncate, r"truncated \(\d+ bytes, \d+ expected\)"),
+    ("classifier/model.safetensors", flip_byte, r"corrupt \(sha256 mismatch\)"),
+    ("classifier/model.safetensors", append, r"wrong size \(\d+ bytes, \d+ expected\)"),
+    ("classifier/config.json", delete, "missing"),
+    ("notes.txt", write("hellO"), "corrupt"),
+    (ckpt.MANIFEST, write("{"), "not valid JSON"),
+    (ckpt.MANIFEST, write("{}"), "no files entry"),
+    (ckpt.MANIFEST, write('{"files": {"notes.txt": {"size": 5}}}'), "malformed entry for notes.txt"),
+]
+
+
+@pytest.mark.parametrize("file,corrupt,problem", TAMPERED, ids=[f"{f}-{c.__name__}" for f, c, _ in TAMPERED])
+def test_verify_manifest_names_the_first_bad_file(manifested, file, corrupt, problem):
+    corrupt(manifested / file)
+    with pytest.raises(ckpt.ArtifactError) as e:
+        ckpt.verify_manifest(manifested)
+    assert e.value.file == manifested / file and re.fullmatch(problem + ".*", e.value.problem)
 
 
 def _edit_config(folder, edit) -> None:
@@ -120,35 +212,35 @@ def _edit_config(folder, edit) -> None:
 def test_unknown_config_key_raises(tmp_path, clf):
     ckpt.save_classifier(clf, tmp_path / "clf")
     _edit_config(tmp_path / "clf", lambda m: m["config"]["trunk"].update(n_layers=2))
-    with pytest.raises(ValueError, match="unknown model config keys"):
+    with pytest.raises(ckpt.ArtifactError, match="config.json: config does not fit .*unknown model config keys"):
         ckpt.load_classifier(tmp_path / "clf")
 
 
 def test_wrong_kind_raises(tmp_path):
     torch.manual_seed(0)
     ckpt.save_lm(GPT(tiny(vocab_size=VOCAB)), tmp_path / "lm")
-    with pytest.raises(ValueError, match="not a classifier"):
+    with pytest.raises(ckpt.ArtifactError, match="config.json: not a classifier"):
         ckpt.load_classifier(tmp_path / "lm")
 
 
 def test_config_that_disagrees_with_weights_raises_fp32(tmp_path, clf):
     ckpt.save_classifier(clf, tmp_path / "clf")
     _edit_config(tmp_path / "clf", lambda m: m["config"]["trunk"].update(n_embd=32))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ckpt.ArtifactError, match="model.safetensors: weights do not match config.json .*size mismatch"):
         ckpt.load_classifier(tmp_path / "clf")
 
 
 def test_config_that_disagrees_with_weights_raises_int8_trunk(tmp_path, clf):
     ckpt.save_quantized(ckpt.quantize_classifier(clf), clf.config, tmp_path / "int8", per_channel=True)
     _edit_config(tmp_path / "int8", lambda m: m["config"]["trunk"].update(n_layer=3))
-    with pytest.raises((ValueError, KeyError), match="blocks.2"):  # names the tensor that is missing
+    with pytest.raises(ckpt.ArtifactError, match="weights do not match .*blocks.2"):  # names the tensor that is missing
         ckpt.load_classifier(tmp_path / "int8")
 
 
 def test_int8_weights_for_a_wider_trunk_raise(tmp_path, clf):
     ckpt.save_quantized(ckpt.quantize_classifier(clf), clf.config, tmp_path / "int8", per_channel=True)
     _edit_config(tmp_path / "int8", lambda m: m["config"]["trunk"].update(block_size=64))
-    with pytest.raises(RuntimeError):  # wpe (32, 16) cannot fill a (64, 16) table
+    with pytest.raises(ckpt.ArtifactError, match="trunk.wpe.weight is"):  # wpe (32, 16) cannot fill a (64, 16) table
         ckpt.load_classifier(tmp_path / "int8")
 
 
@@ -156,7 +248,7 @@ def test_config_that_disagrees_with_weights_raises_int8_labels(tmp_path, clf):
     """A label list that disagrees with the stored head must not load (the model would emit 3 logits for 4 labels)."""
     ckpt.save_quantized(ckpt.quantize_classifier(clf), clf.config, tmp_path / "int8", per_channel=True)
     _edit_config(tmp_path / "int8", lambda m: m["config"].update(labels=["a", "b", "c", "d"]))
-    with pytest.raises((ValueError, RuntimeError)):
+    with pytest.raises(ckpt.ArtifactError, match="weights do not match"):
         loaded = ckpt.load_classifier(tmp_path / "int8")
         ids, n = _batch()
         assert loaded(ids, n).shape == (4, 4), "loaded, but its logits do not match its labels"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+from conftest import write_raw
 
 from tasks import clean
 from tasks.shared.config.clean import CleanConfig
@@ -74,8 +75,9 @@ def test_clean_frame_counts_are_exact():
         "y" * 10,  # exactly min_chars: kept
     ]
     df = pd.DataFrame({"text": rows, "id": range(len(rows))})
-    out, counts = clean.clean_frame(df, CFG, max_chars=CFG.max_chars)
+    out, counts, examples = clean.clean_frame(df, CFG, max_chars=CFG.max_chars)
     assert counts == {"input": 9, "modified": 2, "too_short": 2, "too_long": 1, "duplicates": 2, "output": 4}
+    assert examples == {"too_short": "'short'", "too_long": repr("x" * 30), "duplicates": repr(ok)}
     assert out["id"].tolist() == [0, 6, 7, 8]  # first copy kept, order preserved, other columns carried
     assert out.index.tolist() == [0, 1, 2, 3]
     assert out["text"].tolist() == [ok, "another fine text", "x" * 50, "y" * 10]
@@ -83,7 +85,7 @@ def test_clean_frame_counts_are_exact():
 
 def test_clean_frame_uses_the_given_max_chars():
     df = pd.DataFrame({"text": ["z" * 30, "w" * 20]})
-    out, counts = clean.clean_frame(df, CFG, max_chars=25)
+    out, counts, _ = clean.clean_frame(df, CFG, max_chars=25)
     assert counts["too_long"] == 1 and out["text"].tolist() == ["w" * 20]
 
 
@@ -103,9 +105,49 @@ def test_run_prefers_the_training_copy_of_a_duplicate(tiny_project):
     corpus.to_parquet(tiny_project.raw_corpus, index=False)
     res = clean.run(CleanConfig(min_chars=10), tiny_project)
     out = pd.read_parquet(tiny_project.clean_labeled)
-    assert res.labeled["duplicates"] == 1
+    assert res.labeled["duplicates"] == 1 and res.labeled["cross_split_duplicates"] == 1
+    assert res.labeled["label_conflicts"] == 0
     assert out.loc[out["text"] == text, "split"].tolist() == ["train"]
     assert res.corpus["output"] == 1
+
+
+def test_duplicates_with_another_label_or_split_are_counted_and_reported(tiny_project, capsys):
+    same = "def same():\n    return 'one text'"
+    rows = [
+        (same, "a", "a.py", "train"),
+        (same, "b", "b.py", "train"),  # another label, same split
+        (same + "  ", "a", "c.py", "val"),  # same label, another split (equal after cleaning)
+        (same, "b", "d.py", "test"),  # both differ
+        (same, "a", "e.py", "train"),  # a plain duplicate
+        ("def other():\n    return 2", "b", "f.py", "val"),
+        ("tiny", "a", "g.py", "test"),
+    ]
+    labeled = pd.DataFrame(rows, columns=["text", "label", "source", "split"])
+    corpus = pd.DataFrame({"text": ["a corpus document long enough"] * 2, "source": ["x.py", "y.py"], "kind": ["code"] * 2})
+    write_raw(tiny_project, labeled, corpus)
+    res = clean.run(CleanConfig(min_chars=10), tiny_project)
+    assert res.labeled == {
+        "input": 7,
+        "modified": 1,
+        "too_short": 1,
+        "too_long": 0,
+        "duplicates": 4,
+        "label_conflicts": 2,
+        "cross_split_duplicates": 2,
+        "output": 2,
+    }
+    assert res.corpus == {"input": 2, "modified": 0, "too_short": 0, "too_long": 0, "duplicates": 1, "output": 1}
+    out = pd.read_parquet(tiny_project.clean_labeled)
+    assert out[["label", "source", "split"]].values.tolist() == [["a", "a.py", "train"], ["b", "f.py", "val"]]
+    lines = capsys.readouterr().out.splitlines()
+    snippet = repr(same[:30])
+    assert lines[0] == "clean: corpus: dropped 1 of 2 rows: 1 duplicates (e.g. 'a corpus document long enough' (y.py))"
+    assert lines[1] == (
+        f"clean: labeled: dropped 5 of 7 rows: 1 too_short (e.g. 'tiny' (g.py)); 4 duplicates (e.g. {snippet} (b.py)); "
+        f"2 label_conflicts (e.g. {snippet} (b.py) is 'b', the kept copy (a.py) is 'a'); "
+        f"2 cross_split_duplicates (e.g. {snippet} (c.py) is 'val', the kept copy (a.py) is 'train')"
+    )
+    assert len(lines) == 2
 
 
 def test_run_fails_when_everything_is_filtered(tiny_project):

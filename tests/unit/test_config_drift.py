@@ -77,7 +77,17 @@ def test_every_stage_writes_its_metrics_file():
         (metric,) = body["metrics"]
         (path,) = metric
         assert path == "${paths.metrics}/" + f"{stage}.json"
-        assert metric[path] == {"cache": False}  # committed to git: `dvc metrics diff` compares commits
+        assert metric[path] == {"cache": False, "persist": True}  # committed to git: `dvc metrics diff` compares commits
+
+
+def test_every_output_persists_so_dvc_never_deletes_it_before_the_stage_checks_it():
+    """DVC deletes a stage's outputs before running it unless `persist: true`; the stage itself refuses
+    to replace anything lmforge did not write (tasks/shared/outputs.py)."""
+    for stage, body in STAGES.items():
+        for item in body.get("outs", []) + body.get("metrics", []):
+            assert isinstance(item, dict), (stage, item)
+            (options,) = item.values()
+            assert options.get("persist") is True, (stage, item)
 
 
 def test_plot_data_is_committed_not_cached():
@@ -89,5 +99,5 @@ def test_plot_data_is_committed_not_cached():
             if isinstance(out, dict):
                 declared.update(out)
     assert plot_files and plot_files <= set(declared)
-    assert all(declared[f] == {"cache": False} for f in plot_files)
+    assert all(declared[f] == {"cache": False, "persist": True} for f in plot_files)
     assert all(f.startswith("${paths.plots}/") for f in plot_files)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import delete, flip_byte, garbage, truncate
 from models.transformer import GPT, tiny
 from tasks.shared import engine
 from tasks.shared.config.pretrain import PretrainConfig
@@ -231,7 +233,9 @@ def test_checkpoint_resume_is_bit_exact(tmp_path, rt):
 
     m2, gen2 = tiny_model(seed=99), torch.Generator()
     opt2 = engine.build_optimizer(m2, c, rt.device)
-    state = engine.load_checkpoint(engine.latest_checkpoint(tmp_path, "fp"), m2, opt2, rt, gen2)
+    found, unusable = engine.latest_checkpoint(tmp_path, "fp")
+    assert unusable == [] and found.step == 3
+    state = engine.restore_checkpoint(found, m2, opt2, rt, gen2)
     assert state.step == 3 and state.history == [{"step": 2}]
     assert m2.lm_head.weight is m2.wte.weight  # weight tying survives the round trip
     assert train_steps(m2, opt2, rt, gen2, 4) == reference
@@ -245,7 +249,114 @@ def test_only_matching_checkpoints_resume_and_old_ones_are_pruned(tmp_path, rt):
     for step in (1, 2, 3):
         engine.save_checkpoint(tmp_path, engine.TrainState(step, "a"), m, opt, rt, gen, keep=2)
     assert [p.name for p in engine.checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
-    assert engine.latest_checkpoint(tmp_path, "a").name == "step-00000003"
-    assert engine.latest_checkpoint(tmp_path, "b") is None
+    assert engine.latest_checkpoint(tmp_path, "a")[0].path.name == "step-00000003"
+    assert engine.latest_checkpoint(tmp_path, "b") == (None, [])
     (tmp_path / ".step-00000004.tmp").mkdir()  # an interrupted write is never a candidate
-    assert engine.latest_checkpoint(tmp_path, "a").name == "step-00000003"
+    assert engine.latest_checkpoint(tmp_path, "a")[0].path.name == "step-00000003"
+
+
+# (file of the newest checkpoint, what happens to it, the reason the resume names)
+CORRUPTIONS = [
+    ("model.safetensors", truncate, r"model.safetensors: truncated \(\d+ bytes, \d+ expected\)"),
+    ("model.safetensors", flip_byte, r"model.safetensors: corrupt \(sha256 mismatch\)"),
+    ("model.safetensors", delete, "model.safetensors: missing"),
+    ("train_state.safetensors", truncate, "train_state.safetensors: truncated"),
+    ("train_state.safetensors", flip_byte, "train_state.safetensors: corrupt"),
+    ("train_state.json", garbage, "train_state.json: not valid JSON"),
+    ("train_state.json", truncate, "train_state.json: not valid JSON"),
+    ("train_state.json", delete, "train_state.json: missing"),
+    ("manifest.json", garbage, "manifest.json: not valid JSON"),
+]
+
+
+def two_checkpoints(folder, rt):
+    m, gen = tiny_model(), torch.Generator().manual_seed(3)
+    opt = engine.build_optimizer(m, cfg(), rt.device)
+    for step in (1, 2):
+        train_steps(m, opt, rt, gen, 1)
+        engine.save_checkpoint(folder, engine.TrainState(step, "fp"), m, opt, rt, gen)
+    return m, opt
+
+
+@pytest.mark.parametrize("file,corrupt,reason", CORRUPTIONS, ids=[f"{f}-{c.__name__}" for f, c, _ in CORRUPTIONS])
+def test_a_broken_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, rt, file, corrupt, reason):
+    two_checkpoints(tmp_path, rt)
+    corrupt(tmp_path / "step-00000002" / file)
+    found, unusable = engine.latest_checkpoint(tmp_path, "fp")
+    assert found is not None and found.path.name == "step-00000001" and found.step == 1
+    [(path, why)] = unusable
+    assert path.name == "step-00000002" and re.fullmatch(reason + ".*", why), why
+    m, gen = tiny_model(seed=5), torch.Generator()
+    assert engine.restore_checkpoint(found, m, engine.build_optimizer(m, cfg(), rt.device), rt, gen).step == 1
+
+
+@pytest.mark.parametrize(
+    "file,corrupt,reason",
+    [
+        ("model.safetensors", truncate, "model.safetensors: not a readable safetensors file"),
+        ("train_state.safetensors", delete, "train_state.safetensors: missing"),
+        ("train_state.json", garbage, "train_state.json: not valid JSON"),
+    ],
+)
+def test_checkpoints_without_a_manifest_are_still_checked_by_loading(tmp_path, rt, file, corrupt, reason):
+    """Checkpoints written before manifests existed: what cannot be read is still caught, before the model changes."""
+    two_checkpoints(tmp_path, rt)
+    (tmp_path / "step-00000002" / "manifest.json").unlink()
+    corrupt(tmp_path / "step-00000002" / file)
+    found, [(path, why)] = engine.latest_checkpoint(tmp_path, "fp")
+    assert found.path.name == "step-00000001" and path.name == "step-00000002" and why.startswith(reason)
+
+
+def test_no_usable_checkpoint_reports_each_one(tmp_path, rt):
+    two_checkpoints(tmp_path, rt)
+    truncate(tmp_path / "step-00000002" / "model.safetensors")
+    delete(tmp_path / "step-00000001" / "train_state.safetensors")
+    found, unusable = engine.latest_checkpoint(tmp_path, "fp")
+    assert found is None
+    assert [(p.name, why.split(":")[0]) for p, why in unusable] == [
+        ("step-00000002", "model.safetensors"),
+        ("step-00000001", "train_state.safetensors"),
+    ]
+
+
+def test_load_checkpoint_raises_an_artifact_error_and_leaves_the_model_alone(tmp_path, rt):
+    from models.checkpoint import ArtifactError
+
+    two_checkpoints(tmp_path, rt)
+    flip_byte(tmp_path / "step-00000002" / "train_state.safetensors")
+    m = tiny_model(seed=5)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ArtifactError, match="train_state.safetensors: corrupt"):
+        engine.load_checkpoint(tmp_path / "step-00000002", m, engine.build_optimizer(m, cfg(), rt.device), rt, torch.Generator())
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+# --- diverged runs ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        ({"loss": 2.0, "grad_norm": 1.5}, None),
+        ({"loss": None, "grad_norm": 0.3}, None),  # loss not read this step
+        ({"loss": float("nan"), "grad_norm": 1.0}, "pretrain: loss is nan at step 7 (lr 0.01): lower pretrain.lr"),
+        ({"loss": float("inf")}, "pretrain: loss is inf at step 7"),
+        ({"grad_norm": float("nan")}, "pretrain: gradient norm is nan at step 7"),
+        ({"grad_norm": float("inf"), "grad_clip": 0.0}, "pretrain: gradient norm is inf at step 7 (lr 0.01): lower pretrain.lr or set pretrain.grad_clip"),
+        ({"loss": float("nan"), "lr": 1e30}, "(lr 1e+30)"),
+        ({"loss": float("nan"), "run": "finetune cnn", "lr_key": "finetune.baseline_lr"}, "finetune cnn: loss is nan at step 7 (lr 0.01): lower finetune.baseline_lr"),
+        ({"loss": float("nan"), "precision": torch.bfloat16, "grad_clip": 0.0}, "lower pretrain.lr, set pretrain.grad_clip or use pretrain.precision: fp32"),
+        ({"grad_norm": float("inf"), "scaler": True}, None),  # fp16: the scaler skips overflowing steps
+        ({"loss": float("nan"), "scaler": True, "precision": torch.float16}, "use pretrain.precision: fp32"),
+    ],
+)
+def test_check_finite_stops_a_diverged_run_in_words(kw, message):
+    kw = dict(kw)
+    rt = engine.Runtime(device=torch.device("cpu"), amp_dtype=kw.pop("precision", None), scaler=object() if kw.pop("scaler", False) else None)
+    run, lr, grad_clip = kw.pop("run", "pretrain"), kw.pop("lr", 0.01), kw.pop("grad_clip", 1.0)
+    if message is None:
+        engine.check_finite(run, 7, lr, rt, grad_clip, **kw)
+        return
+    with pytest.raises(UserError) as e:
+        engine.check_finite(run, 7, lr, rt, grad_clip, **kw)
+    assert message in str(e.value) and "\n" not in str(e.value)

@@ -305,3 +305,45 @@ def test_bad_finetune_options_name_the_key(update, msg):
 
     with pytest.raises(ValidationError, match=msg):
         FinetuneConfig(**update)
+
+
+# --- a diverged run stops before it writes anything ---------------------------------------------
+
+
+def nan_cross_entropy(bad_step: int):
+    """`F` for finetune whose loss turns nan at `bad_step`."""
+    from types import SimpleNamespace
+
+    calls = iter(range(10**6))
+
+    def cross_entropy(*a, **kw):
+        loss = F.cross_entropy(*a, **kw)
+        return loss * float("nan") if next(calls) == bad_step else loss
+
+    return SimpleNamespace(cross_entropy=cross_entropy)
+
+
+@pytest.mark.parametrize(
+    "name,cfg_update,lr_key,patch,message",
+    [
+        ("finetune", {"lr": 1e30, "min_lr": 0.0}, "finetune.lr", None, r"finetune: (loss|gradient norm) is (nan|inf) at step \d+ \(lr [0-9.e+]+\): lower finetune.lr"),
+        ("cnn", {"lr": 1e30, "min_lr": 0.0}, "finetune.baseline_lr", None, r"finetune cnn: .* at step \d+ .*: lower finetune.baseline_lr"),
+        ("gru", {"lr": 1e30, "min_lr": 0.0, "grad_clip": 0.0}, "finetune.lr", None, r"finetune gru: .*lower finetune.lr or set finetune.grad_clip"),
+        ("finetune", {}, "finetune.lr", nan_cross_entropy(4), r"finetune: loss is nan at step 4 \(lr "),
+    ],
+    ids=["lr-1e30", "baseline-lr-1e30", "no-clip", "nan-loss"],
+)
+def test_a_diverged_fit_is_a_user_error_naming_step_and_key(monkeypatch, name, cfg_update, lr_key, patch, message):
+    if patch is not None:
+        monkeypatch.setattr(finetune, "F", patch)
+    cfg = FinetuneConfig(**{"lr": 1e-2, "warmup_steps": 0, "batch_size": 4, "seed": SEED, **cfg_update})
+    model = finetune.baseline_model(name, cfg, tiny(vocab_size=VOCAB), LABELS) if name != "finetune" else classifier()
+    with pytest.raises(UserError, match=message):
+        finetune.fit(name, model, cfg, examples(), examples(seed=1), 3, engine.setup_runtime(cfg), Recorder(), epochs=3, lr_key=lr_key)
+
+
+def test_a_diverged_finetune_run_writes_no_classifier(finetune_paths):
+    cfg = TINY_FINETUNE.model_copy(update={"lr": 1e30, "min_lr": 0.0, "baselines": [], "epochs": 1})
+    with pytest.raises(UserError, match=r"finetune: .* at step \d+"):
+        finetune.run(cfg, finetune_paths)
+    assert not finetune_paths.classifier.exists() and not finetune_paths.baselines.exists()

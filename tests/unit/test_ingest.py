@@ -243,11 +243,183 @@ def test_too_few_examples_per_label_is_an_error(tiny_project, tmp_path):
 def test_corpus_excludes_held_out_sources(tiny_project, tmp_path):
     labeled = tmp_path / "labeled.csv"
     df = pd.DataFrame(
-        {"text": [f"t{i}" for i in range(6)], "label": ["a", "b"] * 3, "source": [f"s{i}" for i in range(6)], "split": ["train", "train", "val", "val", "test", "test"]}
+        {
+            "text": [f"t{i}" for i in range(6)],
+            "label": ["a", "b"] * 3,
+            "source": [f"s{i}" for i in range(6)],
+            "split": ["train", "train", "val", "val", "test", "test"],
+        }
     )
     df.to_csv(labeled, index=False)
     corpus = tmp_path / "corpus.csv"
     pd.DataFrame({"text": [f"doc {i}" for i in range(6)], "source": [f"s{i}" for i in range(6)]}).to_csv(corpus, index=False)
     res = ingest.run(_cfg(corpus=str(corpus), labeled=str(labeled)), tiny_project)
-    assert res.corpus_rows == 2
+    assert res.corpus_rows == 2 and res.metrics["corpus_held_out"] == 4
     assert sorted(pd.read_parquet(tiny_project.raw_corpus)["source"]) == ["s0", "s1"]
+
+
+def _jsonl(path, rows: list) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def _labeled_rows(n: int = 20) -> list[dict]:
+    return [{"text": f"def f{i}(): return {i}", "label": "ab"[i % 2]} for i in range(n)]
+
+
+def test_generated_ids_never_collide_so_no_corpus_row_is_held_out(tiny_project, tmp_path, capsys):
+    """Neither file has a `source` column: row ids are per file, and the corpus keeps every row."""
+    labeled = _jsonl(tmp_path / "labeled.jsonl", _labeled_rows(40))
+    corpus = _jsonl(tmp_path / "corpus.jsonl", [{"text": f"corpus document {i}"} for i in range(100)])
+    res = ingest.run(_cfg(corpus=corpus, labeled=labeled), tiny_project)
+    assert res.corpus_rows == 100 and res.metrics["corpus_held_out"] == 0 and res.metrics["corpus_blank"] == 0
+    c = pd.read_parquet(tiny_project.raw_corpus)
+    assert c["source"].tolist()[:2] == [f"corpus:{corpus}#row-1", f"corpus:{corpus}#row-2"]
+    out = pd.read_parquet(tiny_project.raw_labeled)
+    assert out["source"].str.startswith(f"labeled:{labeled}#row-").all() and out["source"].is_unique
+    assert "left out" not in capsys.readouterr().out
+
+
+def test_held_out_corpus_rows_are_counted_and_reported(tiny_project, tmp_path, capsys):
+    rows = [{**r, "source": f"file{i % 10}.py"} for i, r in enumerate(_labeled_rows(40))]
+    labeled = _jsonl(tmp_path / "labeled.jsonl", rows)
+    corpus = _jsonl(tmp_path / "corpus.jsonl", [{"text": f"doc {i}", "source": f"file{i}.py"} for i in range(10)])
+    res = ingest.run(_cfg(corpus=corpus, labeled=labeled), tiny_project)
+    out = pd.read_parquet(tiny_project.raw_labeled)
+    held = set(out.loc[out["split"] != "train", "source"])
+    assert 0 < len(held) < 10
+    assert res.metrics["corpus_held_out"] == len(held) and res.corpus_rows == 10 - len(held)
+    assert set(pd.read_parquet(tiny_project.raw_corpus)["source"]).isdisjoint(held)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "left out" in line]
+    what = "corpus rows left out of pretraining (their source is in the labeled val/test splits)"
+    assert len(lines) == 1 and lines[0].startswith(f"ingest: {what}: {len(held)} (e.g. {corpus}: row ")
+
+
+def test_blank_corpus_rows_are_dropped_counted_and_reported(tiny_project, tmp_path, capsys):
+    labeled = _jsonl(tmp_path / "labeled.jsonl", _labeled_rows())
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    _jsonl(docs / "c.jsonl", [{"text": "doc one"}, {"text": None}, {"text": " \t\n"}, {"text": "doc two", "kind": 3}, '{"text": NaN}'])
+    (docs / "empty.txt").write_text("")
+    (docs / "full.txt").write_text("a text file")
+    res = ingest.run(_cfg(corpus=str(docs), labeled=labeled), tiny_project)
+    assert res.corpus_rows == 3 and res.metrics["corpus_blank"] == 4
+    c = pd.read_parquet(tiny_project.raw_corpus)
+    assert c["text"].tolist() == ["doc one", "doc two", "a text file"] and c["kind"].tolist() == ["text", "3", "text"]
+    line = next(line for line in capsys.readouterr().out.splitlines() if "blank" in line)
+    c = docs / "c.jsonl"
+    assert line == f"ingest: corpus rows dropped (text missing or blank): 4 (e.g. {c}: row 2, {c}: row 3, {c}: row 5)"
+
+
+def test_numbers_as_labels_and_sources_become_strings(tiny_project, tmp_path):
+    rows = [{"text": f"t{i}", "label": i % 2, "source": i} for i in range(19)] + [{"text": "t19", "label": 1.0, "source": 19}]
+    labeled = _jsonl(tmp_path / "labeled.jsonl", rows)
+    corpus = _jsonl(tmp_path / "corpus.jsonl", [{"text": "doc"}])
+    res = ingest.run(_cfg(corpus=corpus, labeled=labeled), tiny_project)
+    out = pd.read_parquet(tiny_project.raw_labeled)
+    assert res.labels == ["0", "1"] and out["label"].value_counts().to_dict() == {"0": 10, "1": 10}
+    assert sorted(out["source"], key=int) == [str(i) for i in range(20)]
+
+
+def test_labeled_csv_keeps_na_like_texts_and_numeric_labels(tiny_project, tmp_path):
+    labeled = tmp_path / "labeled.csv"
+    labeled.write_text("text,label,split\nNA,1,train\nnull,2,train\nNone,1,val\nnan,2,test\n")
+    corpus = _jsonl(tmp_path / "corpus.jsonl", [{"text": "doc"}])
+    ingest.run(_cfg(corpus=corpus, labeled=str(labeled)), tiny_project)
+    out = pd.read_parquet(tiny_project.raw_labeled)
+    assert out["text"].tolist() == ["NA", "null", "None", "nan"] and out["label"].tolist() == ["1", "2", "1", "2"]
+
+
+GOOD = [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(20)]
+SPLIT = [{**r, "split": ("train", "train", "val", "val", "test", "test")[i % 6]} for i, r in enumerate(GOOD[:12])]
+NO_LABEL = "label is missing or blank (every labeled row needs one; fix or remove the row)"
+NO_TEXT = "text is missing or blank (every labeled row needs one; fix or remove the row)"
+SPLIT_ADVICE = "(rows are split by whole source: add rows or distinct sources, or give a split column)"
+
+# (labeled rows, the error after "<file>: "; {f} is the file); rows are 1-based lines of the jsonl file
+BAD_LABELED = [
+    pytest.param(GOOD[:4] + [{"text": "x", "label": None}] + GOOD[4:], f"row 5: {NO_LABEL}", id="null-label"),
+    pytest.param(
+        GOOD[:2] + [{"text": "x"}, {"text": "y", "label": ""}, {"text": "z", "label": "  "}] + GOOD,
+        f"row 3: {NO_LABEL} (and 2 more: {{f}}: row 4, {{f}}: row 5)",
+        id="absent-empty-blank-labels",
+    ),
+    pytest.param(GOOD + [{"text": None, "label": "a"}], f"row 21: {NO_TEXT}", id="null-text"),
+    pytest.param(GOOD + ['{"text": NaN, "label": "a"}'], f"row 21: {NO_TEXT}", id="nan-text"),
+    pytest.param(GOOD + [{"text": " \t", "label": "a"}], f"row 21: {NO_TEXT}", id="blank-text"),
+    pytest.param(GOOD[:1] + [{"text": {"code": "x"}, "label": "a"}], "row 2: text is dict {'code': 'x'}, not a string", id="dict-text"),
+    pytest.param(GOOD[:1] + [{"text": ["x"], "label": "a"}], "row 2: text is list ['x'], not a string", id="list-text"),
+    pytest.param(GOOD[:1] + [{"text": 42, "label": "a"}], "row 2: text is int 42, not a string", id="int-text"),
+    pytest.param(GOOD[:1] + [{"text": "x", "label": True}], "row 2: label is bool True, not a string or an integer", id="bool-label"),
+    pytest.param(GOOD[:1] + [{"text": "x", "label": 0.5}], "row 2: label is float 0.5, not a string or an integer", id="float-label"),
+    pytest.param(
+        GOOD[:1] + [{"text": "x", "label": "a", "source": {"f": 1}}],
+        "row 2: source is dict {'f': 1}, not a string or an integer",
+        id="dict-source",
+    ),
+    pytest.param(
+        SPLIT[:3] + [{**SPLIT[3], "split": None}] + SPLIT[4:],
+        "row 4: split is missing (give every row one of ['train', 'val', 'test'], or drop the column)",
+        id="null-split",
+    ),
+    pytest.param(SPLIT + [{**GOOD[0], "split": "dev"}], "row 13: split is 'dev'; allowed: ['train', 'val', 'test']", id="bad-split"),
+    pytest.param(GOOD[:1] + ["[1, 2]"], "row 2: expected a JSON object, got an array", id="array-row"),
+    pytest.param(
+        [{"text": f"t{i}", "label": "only"} for i in range(10)],
+        "labeled set has a single label 'only'; a classifier needs at least 2",
+        id="single-label",
+    ),
+    pytest.param(
+        [{"text": f"t{i}", "label": 7} for i in range(10)],
+        "labeled set has a single label '7'; a classifier needs at least 2",
+        id="single-int-label",
+    ),
+    pytest.param(
+        SPLIT + [{"text": "c", "label": "c", "split": "val"}],
+        "labels ['c'] have no rows in the train split; a classifier cannot learn them",
+        id="label-without-train-rows",
+    ),
+    pytest.param([r for r in SPLIT if r["split"] != "test"], f"the test split is empty {SPLIT_ADVICE}", id="empty-test-split"),
+    pytest.param([{**r, "source": "one.py"} for r in GOOD], f"the val and test splits are empty {SPLIT_ADVICE}", id="one-source"),
+]
+
+
+@pytest.mark.parametrize(("rows", "error"), BAD_LABELED)
+def test_bad_labeled_rows_are_one_line_errors_naming_file_and_row(tiny_project, tmp_path, rows, error):
+    labeled = _jsonl(tmp_path / "labeled.jsonl", rows)
+    corpus = _jsonl(tmp_path / "corpus.jsonl", [{"text": "doc"}])
+    msg = _ingest_error(tiny_project, corpus, labeled)
+    assert msg == f"{labeled}: " + error.replace("{f}", labeled)
+
+
+# (corpus rows, the error after "<file>: ")
+BAD_CORPUS = [
+    pytest.param([{"text": "ok"}, {"text": {"a": 1}}], "row 2: text is dict {'a': 1}, not a string", id="dict-text"),
+    pytest.param([{"text": "ok"}, {"text": 3.5}], "row 2: text is float 3.5, not a string", id="float-text"),
+    pytest.param([{"text": "x", "kind": ["code"]}], "row 1: kind is list ['code'], not a string or an integer", id="list-kind"),
+    pytest.param(['"a string"'], "row 1: expected a JSON object, got a string", id="string-row"),
+]
+
+
+@pytest.mark.parametrize(("rows", "error"), BAD_CORPUS)
+def test_bad_corpus_rows_are_one_line_errors_naming_file_and_row(tiny_project, tmp_path, rows, error):
+    labeled = _jsonl(tmp_path / "labeled.jsonl", _labeled_rows())
+    corpus = _jsonl(tmp_path / "corpus.jsonl", rows)
+    assert _ingest_error(tiny_project, corpus, labeled) == f"{corpus}: {error}"
+
+
+def test_a_folder_whose_files_lack_the_split_column_names_the_file(tiny_project, tmp_path):
+    folder = tmp_path / "labeled"
+    folder.mkdir()
+    pd.DataFrame(SPLIT).to_csv(folder / "a.csv", index=False)
+    _jsonl(folder / "b.jsonl", GOOD[:2])
+    msg = _ingest_error(tiny_project, _jsonl(tmp_path / "c.jsonl", [{"text": "doc"}]), folder)
+    b = folder / "b.jsonl"
+    missing = "split is missing (give every row one of ['train', 'val', 'test'], or drop the column)"
+    assert msg == f"{b}: row 1: {missing} (and 1 more: {b}: row 2)"
+
+
+def test_every_corpus_row_blank_is_an_error(tiny_project, tmp_path):
+    corpus = _jsonl(tmp_path / "corpus.jsonl", [{"text": ""}, {"text": None}])
+    msg = _ingest_error(tiny_project, corpus, _jsonl(tmp_path / "labeled.jsonl", _labeled_rows()))
+    assert msg == f"ingest.corpus ({corpus}): no documents"

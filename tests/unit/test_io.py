@@ -1,4 +1,6 @@
-"""The one atomic writer: a target is replaced whole or not at all, and leaves no litter behind."""
+"""The one atomic writer: a target is replaced whole or not at all, and leaves no litter behind.
+
+And `read_table`: user files are read exactly, and every malformed file is one error line naming it."""
 
 from __future__ import annotations
 
@@ -6,9 +8,11 @@ import os
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 
-from tasks.shared.io import atomic_dir, atomic_file, write_csv, write_json
+from tasks.shared.errors import UserError
+from tasks.shared.io import atomic_dir, atomic_file, read_table, write_csv, write_json
 
 
 def _listing(folder) -> list[str]:
@@ -83,3 +87,83 @@ def test_outputs_get_ordinary_permissions(tmp_path):
         os.umask(umask)
     assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+
+
+ROWS = '{"text": "a", "label": "x"}\n'
+
+# (file name, content, the error after "<file>: ")
+MALFORMED = [
+    ("bad.jsonl", ROWS + '{"text": "b", "label": \n', "row 2: invalid JSON (Expecting value)"),
+    ("list.jsonl", ROWS + "[1, 2]\n", "row 2: expected a JSON object, got an array"),
+    ("str.jsonl", ROWS + '\n"just a string"\n', "row 3: expected a JSON object, got a string"),
+    ("null.jsonl", "null\n", "row 1: expected a JSON object, got null"),
+    ("dupkey.jsonl", '{"text": "a", "text": "b", "label": "x"}\n', "row 1: duplicate key 'text'"),
+    (
+        "latin1.jsonl",
+        (ROWS + '{"text": "caf\xe9"}\n').encode("latin-1"),
+        "line 2: not UTF-8 (byte 0xe9 at offset 41); save the file as UTF-8",
+    ),
+    ("latin1.csv", "text,label\nok,x\ncaf\xe9,y\n".encode("latin-1"), "line 3: not UTF-8 (byte 0xe9 at offset 19); save the file as UTF-8"),
+    ("latin1.txt", b"\xef\xbb\xbfab\ncd\xff", "line 2: not UTF-8 (byte 0xff at offset 8); save the file as UTF-8"),
+    ("utf16.csv", "text,label\na,x\n".encode("utf-16"), "UTF-16 text; save the file as UTF-8"),
+    ("fields.csv", "text,label\na,x\nb,y,z\n", "row 3: 3 fields, but the header has 2"),
+    ("short.csv", "text,label\na,x\nb\n", "row 3: 1 fields, but the header has 2"),
+    ("quote.csv", 'text,label\na,x\n"b,y\nc,z\n', "row 3: malformed CSV (unexpected end of data)"),
+    ("dupcols.csv", "text,label,text\na,x,b\n", "duplicate column names ['text']"),
+    ("header.csv", "text,label\n", "no rows"),
+    ("empty.csv", "", "no rows"),
+    ("blank.jsonl", "\n  \n", "no rows"),
+    ("nolabel.jsonl", '{"text": "a"}\n', "missing column(s) ['label'] (has ['text'])"),
+    ("broken.parquet", b"PAR1 not really", "unreadable parquet file (ArrowInvalid: "),
+    ("data.tsv", "text\tlabel\n", "unsupported format (use one of .txt, .md, .jsonl, .csv, .parquet)"),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "error"), MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_read_table_malformed_file_is_one_line_naming_file_and_row(tmp_path, name, content, error):
+    f = tmp_path / name
+    f.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(UserError) as err:
+        read_table(f, required=["text", "label"])
+    msg = str(err.value)
+    assert msg.startswith(f"{f}: {error}") and "\n" not in msg
+
+
+def test_read_table_keeps_values_and_numbers_rows_as_the_file_shows_them(tmp_path):
+    f = tmp_path / "d.csv"
+    # a BOM, a quoted field over two lines, a blank line, empty cells, numbers and "NA" stay strings
+    f.write_bytes(b"\xef\xbb\xbftext,label\r\n" + b'"two\r\nlines",1\r\n\r\nNA,\r\n,007\r\n')
+    df = read_table(f, required=["text", "label"])
+    assert list(df.columns) == ["text", "label"]
+    assert df.index.tolist() == [(str(f), 2), (str(f), 5), (str(f), 6)]
+    assert df.to_dict("list") == {"text": ["two\r\nlines", "NA", None], "label": ["1", None, "007"]}
+
+
+def test_read_table_jsonl_keeps_python_values_and_line_numbers(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('\ufeff{"text": "a\u2028b", "label": 3}\n\n{"text": null, "label": "x", "extra": [1]}\n')
+    df = read_table(f, required=["text", "label"])
+    assert df.index.tolist() == [(str(f), 1), (str(f), 3)]
+    assert df["text"].tolist() == ["a\u2028b", None] and df["label"].tolist() == [3, "x"]
+
+
+def test_read_table_folder_mixes_formats_and_skips_hidden_and_dvc_files(tmp_path):
+    (tmp_path / "a.txt").write_text("doc a")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.jsonl").write_text('{"text": "doc b", "kind": "note"}\n')
+    pd.DataFrame({"text": ["doc c"]}).to_parquet(tmp_path / "c.parquet")
+    (tmp_path / ".DS_Store").write_bytes(b"\x00\xff")
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "x.bin").write_bytes(b"\x00")
+    (tmp_path / "a.txt.dvc").write_text("outs: []\n")
+    df = read_table(tmp_path, required=["text"])
+    assert df.index.tolist() == [(str(tmp_path / "a.txt"), 0), (str(tmp_path / "c.parquet"), 1), (str(tmp_path / "sub" / "b.jsonl"), 1)]
+    assert df["text"].tolist() == ["doc a", "doc c", "doc b"]
+    assert df["source"].tolist()[0] == str(tmp_path / "a.txt") and pd.isna(df["kind"].iloc[0])
+
+
+def test_read_table_folder_with_an_unsupported_file_names_it(tmp_path):
+    (tmp_path / "a.txt").write_text("doc a")
+    (tmp_path / "notes.json").write_text("{}")
+    with pytest.raises(UserError, match=r"notes\.json: unsupported format"):
+        read_table(tmp_path, required=["text"])

@@ -115,6 +115,16 @@ def test_evaluate_reports_variants_and_baselines(tiny_pipeline):
     assert e.baselines["majority"]["accuracy"] == pytest.approx(1 / len(LABELS), abs=1e-4)
 
 
+def test_evaluate_records_the_sha256_of_everything_it_scored(tiny_pipeline):
+    from tasks.shared.digest import tree_sha256
+
+    p, artifacts = tiny_pipeline.paths, tiny_pipeline.evaluate.artifacts
+    expected = {"fp32": p.classifier, "int8": p.compressed, "tokenizer": p.tokenizer / "tokenizer.json", "labeled_data": p.clean_labeled}
+    assert set(artifacts) == set(expected)
+    for name, path in expected.items():
+        assert artifacts[name] == {"path": str(path), "sha256": tree_sha256(path)}
+
+
 def test_evaluate_writes_plots_and_predictions(tiny_pipeline):
     d = tiny_pipeline.paths.evaluation
     for png in ("confusion_matrix.png", "accuracy_vs_latency.png"):

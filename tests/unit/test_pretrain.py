@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from conftest import LABELS, TINY_CLEAN, TINY_PRETRAIN, TINY_TOKENIZE, TINY_VALIDATE, _project, write_raw
+from conftest import _project, delete, flip_byte, garbage, LABELS, TINY_CLEAN, TINY_PRETRAIN, TINY_TOKENIZE, TINY_VALIDATE, truncate, write_raw
 from models.checkpoint import load_lm, read_config
 from tasks import pretrain
 from tasks.shared.errors import UserError
@@ -201,3 +202,124 @@ def test_the_same_training_writes_the_same_model_folder(tokenized, tmp_path):
         assert history and not any({"tokens_per_s", "mfu"} & set(h) for h in history)
         digests.append(dvc_md5(paths.lm))
     assert digests[0] == digests[1]
+
+
+# --- resume from the newest checkpoint that verifies ----------------------------------------------
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def interrupted(tokenized, tmp_path_factory):
+    """Checkpoints of a 12-step run stopped right after its step-8 checkpoint: step-4 and step-8 remain."""
+    from tasks.shared import engine
+
+    root = tmp_path_factory.mktemp("interrupted")
+    paths = tokenized.model_copy(update={"lm": root / "lm", "checkpoints": root / "ckpt", "plots": root / "plots"})
+    real = engine.save_checkpoint
+
+    def save_then_stop(folder, state, *a, **kw):
+        out = real(folder, state, *a, **kw)
+        if state.step == 8:
+            raise Interrupted
+        return out
+
+    engine.save_checkpoint = save_then_stop
+    try:
+        with pytest.raises(Interrupted):
+            pretrain.run(tiny(max_steps=12, checkpoint_interval=4), paths)
+    finally:
+        engine.save_checkpoint = real
+    assert sorted(p.name for p in (paths.checkpoints / pretrain.CHECKPOINTS).iterdir()) == ["step-00000004", "step-00000008"]
+    return paths.checkpoints
+
+
+# (file, what happens to it in step-8, the reason printed)
+CORRUPTIONS = [
+    ("model.safetensors", truncate, "model.safetensors: truncated"),
+    ("model.safetensors", flip_byte, "model.safetensors: corrupt (sha256 mismatch)"),
+    ("train_state.safetensors", truncate, "train_state.safetensors: truncated"),
+    ("train_state.json", garbage, "train_state.json: not valid JSON"),
+    ("train_state.safetensors", delete, "train_state.safetensors: missing"),
+]
+
+
+@pytest.mark.parametrize("file,corrupt,reason", CORRUPTIONS, ids=[f"{f}-{c.__name__}" for f, c, _ in CORRUPTIONS])
+def test_a_broken_newest_checkpoint_resumes_from_the_previous_one(interrupted, tokenized, tmp_path, capsys, file, corrupt, reason):
+    import shutil
+
+    paths = tokenized.model_copy(update={"lm": tmp_path / "lm", "checkpoints": tmp_path / "ckpt", "plots": tmp_path / "plots"})
+    shutil.copytree(interrupted, paths.checkpoints)
+    newest = paths.checkpoints / pretrain.CHECKPOINTS / "step-00000008"
+    corrupt(newest / file)
+    r = pretrain.run(tiny(max_steps=12, checkpoint_interval=4), paths)
+    assert r.resumed_from_step == 4 and load_lm(paths.lm) is not None
+    lines = [line for line in capsys.readouterr().out.splitlines() if "unusable" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"pretrain: checkpoint {newest} is unusable ({reason}")
+    assert lines[0].endswith("); resuming from step-00000004")
+    assert sorted(p.name for p in newest.parent.iterdir()) == ["step-00000008", "step-00000012"]  # the broken one was rewritten
+
+
+def test_no_usable_checkpoint_starts_from_scratch_and_says_so(interrupted, tokenized, tmp_path, capsys):
+    import shutil
+
+    paths = tokenized.model_copy(update={"lm": tmp_path / "lm", "checkpoints": tmp_path / "ckpt", "plots": tmp_path / "plots"})
+    shutil.copytree(interrupted, paths.checkpoints)
+    folder = paths.checkpoints / pretrain.CHECKPOINTS
+    truncate(folder / "step-00000008" / "model.safetensors")
+    garbage(folder / "step-00000004" / "train_state.json")
+    r = pretrain.run(tiny(max_steps=12, checkpoint_interval=4), paths)
+    assert r.resumed_from_step == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "unusable" in line]
+    assert len(lines) == 2 and "step-00000008 is unusable (model.safetensors: truncated" in lines[0]
+    assert "step-00000004 is unusable (train_state.json: not valid JSON" in lines[1]
+    assert lines[1].endswith("; no usable checkpoint, starting from scratch")
+
+
+# --- a diverged run stops before it writes anything ---------------------------------------------
+
+
+def nan_loss_at(bad_step: int):
+    """`pretrain._step` whose loss turns nan at `bad_step` (the gradients stay finite)."""
+    real = pretrain._step
+
+    def step(s, cfg, rt, i):
+        loss, grad_norm, lr = real(s, cfg, rt, i)
+        return (loss * float("nan") if i == bad_step else loss), grad_norm, lr
+
+    return step
+
+
+def inf_grad_norm_at(bad_step: int):
+    real = pretrain._step
+
+    def step(s, cfg, rt, i):
+        loss, grad_norm, lr = real(s, cfg, rt, i)
+        return loss, (float("inf") if i == bad_step else grad_norm), lr
+
+    return step
+
+
+@pytest.mark.parametrize(
+    "overrides,patch,message",
+    [
+        ({"lr": 1e30, "min_lr": 0.0}, None, r"pretrain: (loss|gradient norm) is (nan|inf) at step \d+ \(lr [0-9.e+]+\): lower pretrain.lr"),
+        ({"lr": 1e30, "min_lr": 0.0, "grad_clip": 0.0}, None, r"at step \d+ .*: lower pretrain.lr or set pretrain.grad_clip"),
+        ({}, nan_loss_at(4), r"pretrain: loss is nan at step 4 \(lr "),  # a log step
+        ({"checkpoint_interval": 6, "log_interval": 4}, nan_loss_at(5), r"pretrain: loss is nan at step 5 "),  # a checkpoint step
+        ({}, inf_grad_norm_at(3), r"pretrain: gradient norm is inf at step 3 "),
+    ],
+    ids=["lr-1e30", "lr-1e30-no-clip", "nan-loss-logged", "nan-loss-before-checkpoint", "inf-grad-norm"],
+)
+def test_a_diverged_run_is_a_user_error_and_writes_nothing(tokenized, tmp_path, monkeypatch, overrides, patch, message):
+    paths = tokenized.model_copy(update={"lm": tmp_path / "lm", "checkpoints": tmp_path / "ckpt", "plots": tmp_path / "plots"})
+    if patch is not None:
+        monkeypatch.setattr(pretrain, "_step", patch)
+    with pytest.raises(UserError, match=message) as e:
+        pretrain.run(tiny(max_steps=12, **{"checkpoint_interval": 2, **overrides}), paths)
+    bad_step = int(re.search(r"at step (\d+)", str(e.value)).group(1))
+    assert not paths.lm.exists() and not paths.plots.exists()
+    saved = [int(p.name[5:]) for p in (paths.checkpoints / pretrain.CHECKPOINTS).glob("step-*")]
+    assert all(s <= bad_step for s in saved), (saved, bad_step)  # step-N holds the weights after N steps (0..N-1)

@@ -180,3 +180,50 @@ def test_dvc_lineage_without_lock_or_stages(tmp_path):
     assert dvc_lineage(tmp_path / "empty.lock") == {}
     (tmp_path / "nostages.lock").write_text("schema: '2.0'\nstages:\n")
     assert dvc_lineage(tmp_path / "nostages.lock") == {}
+
+
+def _model(folder, weights: bytes = b"weights") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.safetensors").write_bytes(weights)
+    (folder / "config.json").write_text('{"kind": "classifier"}')
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda d: (d / "model.safetensors").write_bytes(b"other weights"), "is not what evaluate scored"),
+        (lambda d: (d / "model.safetensors").write_bytes(b"weigh"), "is not what evaluate scored"),  # truncated
+        (lambda d: (d / "extra.bin").write_bytes(b""), "is not what evaluate scored"),  # a file added
+        (lambda d: (d / "config.json").unlink(), "is not what evaluate scored"),  # a file lost
+        (lambda d: (d / "config.json").rename(d / "config2.json"), "is not what evaluate scored"),  # renamed
+    ],
+)
+def test_promotion_refuses_an_artifact_that_is_not_what_evaluate_scored(tmp_path, change, message):
+    from tasks.ops.promote import verify_scored
+    from tasks.shared.digest import tree_sha256
+
+    _model(tmp_path / "m")
+    evaluation = {"artifacts": {"fp32": {"path": "m", "sha256": tree_sha256(tmp_path / "m")}}}
+    assert verify_scored(evaluation, "fp32", tmp_path / "m", tmp_path / "evaluate.json") == evaluation["artifacts"]["fp32"]["sha256"]
+    change(tmp_path / "m")
+    with pytest.raises(UserError, match=message):
+        verify_scored(evaluation, "fp32", tmp_path / "m", tmp_path / "evaluate.json")
+
+
+@pytest.mark.parametrize("evaluation", [{}, {"artifacts": {}}, {"artifacts": {"int8": {"sha256": "x"}}}, {"artifacts": {"fp32": {}}}])
+def test_an_evaluation_without_hashes_is_not_evidence(tmp_path, evaluation):
+    from tasks.ops.promote import verify_scored
+
+    _model(tmp_path / "m")
+    with pytest.raises(UserError, match=r"records no sha256 for 'fp32'.*dvc repro evaluate"):
+        verify_scored(evaluation, "fp32", tmp_path / "m", tmp_path / "evaluate.json")
+
+
+def test_tree_hash_depends_on_names_and_contents_only(tmp_path):
+    from tasks.shared.digest import tree_sha256
+
+    _model(tmp_path / "a")
+    _model(tmp_path / "b")
+    assert tree_sha256(tmp_path / "a") == tree_sha256(tmp_path / "b")
+    with pytest.raises(UserError, match="not found"):
+        tree_sha256(tmp_path / "missing")

@@ -1,0 +1,92 @@
+"""Moving @champion in a real MLflow registry (sqlite): gates respected, overrides recorded, history kept."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import write_params
+from tasks.ops import rollback
+from tasks.ops.promote import ALIAS, alias_history, move_champion
+from tasks.shared.config.params import load_params
+from tasks.shared.errors import UserError
+
+NAME = "lmforge-classifier"
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch):
+    """Versions 1 (passed), 2 (passed), 3 (failed min_accuracy and smoke_test); @champion on v2."""
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    params = load_params(write_params(tmp_path, **{"tracking.artifacts": str(tmp_path / "artifacts")}))
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client.create_registered_model(NAME)
+    (tmp_path / "model").mkdir()
+    gates = {"1": "passed", "2": "passed", "3": "failed"}
+    for v, verdict in gates.items():
+        mv = client.create_model_version(NAME, source=str(tmp_path / "model"))
+        assert str(mv.version) == v
+        client.set_model_version_tag(NAME, v, "gates", verdict)
+        client.set_model_version_tag(NAME, v, "gate.min_accuracy", "pass: ok" if verdict == "passed" else "fail: accuracy 0.10 vs floor 0.40")
+        client.set_model_version_tag(NAME, v, "gate.smoke_test", "pass: ok" if verdict == "passed" else "fail: could not load")
+        client.set_model_version_tag(NAME, v, "test_macro_f1", "0.5")
+    move_champion(client, NAME, "2", "promoted: every gate passed", None)
+    return params, client
+
+
+def champion(client) -> str:
+    return str(client.get_model_version_by_alias(NAME, ALIAS).version)
+
+
+def test_rollback_goes_to_the_previous_passing_version_and_is_recorded(registry):
+    params, client = registry
+    assert rollback.run(params) == "1"
+    assert champion(client) == "1"
+    last = alias_history(client, NAME)[-1]
+    assert (last["from"], last["to"], last["override"]) == ("2", "1", False)
+    assert last["reason"] == "rollback from v2"
+
+
+@pytest.mark.parametrize("force,reason", [(False, None), (False, "because"), (True, None), (True, "  ")])
+def test_a_version_that_failed_its_gates_needs_force_and_a_reason(registry, force, reason):
+    params, client = registry
+    with pytest.raises(UserError) as e:
+        rollback.run(params, "3", force=force, reason=reason)
+    assert "\n" not in str(e.value)
+    assert ("min_accuracy, smoke_test" in str(e.value)) if not force else ("--reason" in str(e.value))
+    assert champion(client) == "2"
+    assert len(alias_history(client, NAME)) == 1  # nothing moved, nothing recorded
+
+
+def test_a_forced_move_is_recorded_on_the_version_and_in_the_history(registry):
+    params, client = registry
+    assert rollback.run(params, "3", force=True, reason="hotfix: v2 crashes on empty input") == "3"
+    assert champion(client) == "3"
+    last = alias_history(client, NAME)[-1]
+    assert (last["from"], last["to"], last["override"]) == ("2", "3", True)
+    assert last["reason"] == "hotfix: v2 crashes on empty input"
+    assert client.get_model_version(NAME, "3").tags["override"].endswith("hotfix: v2 crashes on empty input")
+
+
+@pytest.mark.parametrize("to,message", [("9", "version 9 does not exist"), ("2", None)])
+def test_missing_or_current_version(registry, to, message, capsys):
+    params, client = registry
+    if message:
+        with pytest.raises(UserError, match=message):
+            rollback.run(params, to)
+    else:
+        assert rollback.run(params, to) == "2"
+        assert "already points at v2" in capsys.readouterr().out
+    assert champion(client) == "2"
+    assert len(alias_history(client, NAME)) == 1
+
+
+def test_history_is_in_order(registry):
+    params, client = registry
+    rollback.run(params, "1")
+    rollback.run(params, "2", reason="v1 was slower")
+    events = alias_history(client, NAME)
+    assert [(e["from"], e["to"]) for e in events] == [(None, "2"), ("2", "1"), ("1", "2")]
+    assert events[-1]["reason"] == "v1 was slower"
