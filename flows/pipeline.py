@@ -28,7 +28,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
-from prefect.states import Failed
+from prefect.states import Failed, State
 
 from tasks.ops.lock import DEFAULT_TIMEOUT, held_fds, workspace_lock
 from tasks.shared import lifeline
@@ -138,26 +138,29 @@ def summary_markdown(evaluation: dict, decision: dict | None) -> str:
 def pipeline(promote: bool = True, lock_timeout: float = DEFAULT_TIMEOUT) -> dict:
     """Run every stage of the project in the working directory through DVC inside one MLflow
     parent run, then gate and promote. Ends Failed (with the one-line reason) on a user error."""
-    import mlflow
-
     from tasks.ops.dag import stage_names
     from tasks.shared.config.params import load_params
-    from tasks.shared.tracking import PARENT_RUN_ENV, setup_tracking
+    from tasks.shared.tracking import setup_tracking
 
     try:
         setup_tracking(load_params().tracking)  # validates all of params.yaml before any stage runs
         names = stage_names(Path.cwd())
         with workspace_lock(Path.cwd(), f"lmforge pipeline (Prefect flow run {flow_run.name or '?'})", lock_timeout):
-            return _run_stages(names, promote, mlflow, PARENT_RUN_ENV)
+            return _run_stages(names, promote)
     except UserError as e:
-        return Failed(message=f"lmforge: error: {e}", data=USER_ERROR_EXIT)
+        return Failed(message=str(e), data=USER_ERROR_EXIT)
 
 
-def _run_stages(names: list[str], promote: bool, mlflow, parent_env: str):
+def _run_stages(names: list[str], promote: bool) -> dict | State:
+    """The stages in order inside one MLflow parent run, then promotion; a Failed state at the first failure."""
+    import mlflow
+
+    from tasks.shared.tracking import PARENT_RUN_ENV
+
     results: dict = {"stages": {}}
     run_name = f"pipeline {flow_run.name or ''}".strip()
     with mlflow.start_run(run_name=run_name, tags={"lmforge.stage": "pipeline", "prefect.flow_run_id": str(flow_run.id or "")}) as parent:
-        env = {**os.environ, parent_env: parent.info.run_id, "TQDM_MININTERVAL": "5", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, PARENT_RUN_ENV: parent.info.run_id, "TQDM_MININTERVAL": "5", "PYTHONUNBUFFERED": "1"}
         # dvc.yaml's `python -m tasks.<stage>` must find this interpreter even when the venv is not activated
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         for stage in names:
