@@ -10,7 +10,6 @@ and sha256 of every file, checked before loading. A missing, truncated or corrup
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -23,6 +22,7 @@ from safetensors.torch import load_file, save_file, save_model
 from models.baselines import CNNClassifier, CNNConfig, GRUClassifier, GRUConfig
 from models.classifier import ClassifierConfig, TransformerClassifier
 from models.errors import ArtifactError
+from models.files import file_sha256
 from models.transformer import GPT, GPTConfig
 
 WEIGHTS = "model.safetensors"
@@ -66,19 +66,11 @@ def load_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise ArtifactError(file, f"not a readable safetensors file ({_one_line(e)})") from None
 
 
-def _sha256(file: Path) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_manifest(folder: Path) -> None:
     """Record the size and sha256 of every file under `folder` in `folder/manifest.json`."""
     folder = Path(folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p != folder / MANIFEST)
-    entries = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    entries = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
     (folder / MANIFEST).write_text(json.dumps({"files": entries}, indent=2))
 
 
@@ -103,7 +95,7 @@ def verify_manifest(folder: Path) -> bool:
         if (actual := f.stat().st_size) != size:
             problem = "truncated" if actual < size else "wrong size"
             raise ArtifactError(f, f"{problem} ({actual} bytes, {size} expected)")
-        if _sha256(f) != digest:
+        if file_sha256(f) != digest:
             raise ArtifactError(f, "corrupt (sha256 mismatch)")
     return True
 

@@ -5,17 +5,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from models.files import file_sha256
 from tasks.shared.errors import UserError
-
-CHUNK = 1 << 20
-
-
-def file_sha256(path: Path | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def tree_sha256(path: Path | str) -> str:

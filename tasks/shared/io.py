@@ -20,18 +20,9 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from tasks.shared.errors import UserError
+from tasks.shared.lifeline import pid_alive
 
 TABLE_FORMATS = (".txt", ".md", ".jsonl", ".csv", ".parquet")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _remove(p: Path) -> None:
@@ -45,7 +36,7 @@ def _remove_leftovers(target: Path) -> None:
     """Temporary siblings of `target` left by a writer that no longer runs (killed, OOM)."""
     for p in target.parent.glob(f".{target.name}.*-*-*"):
         kind, pid = p.name[len(target.name) + 2 :].split("-")[:2]
-        if kind in ("tmp", "old") and pid.isdigit() and not _pid_alive(int(pid)):
+        if kind in ("tmp", "old") and pid.isdigit() and not pid_alive(int(pid)):
             _remove(p)
 
 
@@ -205,12 +196,7 @@ def _read_file(f: Path):
     if f.suffix in (".txt", ".md"):
         return pd.DataFrame({"text": [_decode(f)], "source": [str(f)]}, dtype=object), [0]
     if f.suffix == ".parquet":
-        import pyarrow as pa
-
-        try:
-            df = pd.read_parquet(f).astype(object)
-        except (pa.ArrowException, ValueError) as e:
-            raise UserError(f"{f}: unreadable parquet file ({type(e).__name__}: {e})") from None
+        df = read_parquet(f).astype(object)
         return df, list(range(1, len(df) + 1))
     rows, lines = _read_jsonl(f) if f.suffix == ".jsonl" else _read_csv(f)
     return pd.DataFrame(rows, dtype=object), lines
