@@ -179,7 +179,8 @@ def stale_stages(root: Path = Path(".")) -> dict[str, list]:
 
     res = subprocess.run(dvc_command("status", "--json"), cwd=root, capture_output=True, text=True)
     if res.returncode != 0:
-        raise UserError(f"dvc status failed: {(res.stderr or res.stdout).strip().splitlines()[-1:]}")
+        last = (res.stderr or res.stdout).strip().splitlines()[-1:] or [f"exit code {res.returncode}"]
+        raise UserError(f"dvc status failed: {last[0]}")
     try:
         status = json.loads(res.stdout or "{}")
     except ValueError:
