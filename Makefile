@@ -14,7 +14,7 @@ export DO_NOT_TRACK ?= 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR ?= false
 export GIT_PYTHON_REFRESH ?= quiet
 
-.PHONY: install pipeline repro promote test test-fast serve ui check check-lock deps constraints clean-outputs
+.PHONY: install pipeline repro promote retrain schedule deploy test test-fast serve ui check check-lock deps constraints clean-outputs postgres stack-up stack-down
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,11 +35,35 @@ repro: install  ## the same stages with DVC alone (then `lmforge promote`); para
 promote: install
 	$(BIN)/lmforge promote
 
-test: install  ## the whole test suite, integration included
+retrain: install  ## retrain now unless data, code and params equal @champion's lineage (then it skips in seconds)
+	$(BIN)/lmforge retrain
+
+schedule: install  ## serve the weekly retrain schedule (prefect.yaml) on this machine until Ctrl-C; starts a local Prefect server
+	$(BIN)/lmforge schedule
+
+deploy: install  ## on the Prefect server in PREFECT_API_URL: create the cpu/gpu work pools and the deployments of prefect.yaml
+	$(BIN)/lmforge deploy
+
+test: install postgres  ## the whole test suite, integration included (the team stack's tests need PostgreSQL)
 	$(BIN)/python -m pytest
 
 test-fast: install  ## unit, data and model tests only
 	$(BIN)/python -m pytest -m "not integration"
+
+# initdb on PATH or in the OS package's folder, else the package: as root, or through sudo when it needs no password.
+PG_INSTALL := apt-get install -y -q --no-install-recommends postgresql
+postgres:  ## PostgreSQL's server binaries (OS package) for the team stack and its tests; installs them if missing
+	@if command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif ! command -v apt-get >/dev/null; then echo "make postgres: error: PostgreSQL's server is not installed and there is no apt-get: install PostgreSQL (initdb, pg_ctl) with your system's package manager" >&2; exit 1; \
+	elif [ "$$(id -u)" = 0 ]; then export DEBIAN_FRONTEND=noninteractive; $(PG_INSTALL) || { apt-get update -q && $(PG_INSTALL); }; \
+	elif sudo -n true 2>/dev/null; then sudo DEBIAN_FRONTEND=noninteractive $(PG_INSTALL) || { sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive $(PG_INSTALL); }; \
+	else echo "make postgres: error: PostgreSQL's server is not installed; run: sudo apt-get install -y --no-install-recommends postgresql" >&2; exit 1; fi
+
+stack-up: install postgres  ## team stack on loopback: PostgreSQL, mlflow server :5000, prefect server :4200 (deploy/stack/README.md)
+	deploy/stack/stack.sh up
+
+stack-down:  ## stop the team stack
+	deploy/stack/stack.sh down
 
 serve: install  ## BentoML service for @champion on http://127.0.0.1:3000
 	$(BIN)/lmforge serve

@@ -47,11 +47,14 @@ USER_ERROR_EXIT = 2  # a stage's one-line user error (tasks/shared/harness.py): 
 INTERRUPTED_EXIT = 130
 RESUMABLE = {"pretrain": 2}  # stages that continue from their last checkpoint: retries are cheap
 _USER_ERROR_LINE = re.compile(r"^lmforge [\w-]+: error: ")
+_STAGE_LINE = re.compile(r"^lmforge [\w-]+: failed: ")  # a failure that is not the input's fault (exit 3): retried
 
 
 def worth_retrying(task, task_run, state) -> bool:
     """Retry crashes (killed worker, lost device), not bad input."""
     exc = state.result(raise_on_failure=False)
+    if isinstance(exc, UserError) or (isinstance(exc, int) and exc == USER_ERROR_EXIT):
+        return False
     return not (isinstance(exc, StageFailed) and exc.returncode == USER_ERROR_EXIT)
 
 
@@ -75,7 +78,7 @@ def run_stage(stage: str, env: dict[str, str]) -> dict:
         start_new_session=True,  # Ctrl-C reaches the flow, which stops the whole stage (below)
         pass_fds=held_fds(),  # the workspace stays locked until this dvc process has exited
     )
-    last, error = "", ""
+    last, error, said = "", "", ""
     assert proc.stdout is not None
     try:
         for chunk in proc.stdout:
@@ -85,16 +88,17 @@ def run_stage(stage: str, env: dict[str, str]) -> dict:
                     logger.info(line)
                     last = line
                     error = line if _USER_ERROR_LINE.match(line) else error
+                    said = line if _STAGE_LINE.match(line) else said
         proc.wait()
     except BaseException:  # interrupted (Ctrl-C, SIGTERM): stop the stage before anything else
         lifeline.terminate_group(proc)
         raise
     if proc.returncode != 0:
-        if error:  # the stage's own one-line user error (`dvc repro --quiet` prints no exit code)
+        if error:  # the stage's own one-line user error (`dvc repro --quiet` prints no exit code): not retried
             return Failed(message=error, data=USER_ERROR_EXIT)
         stage_code = re.search(r"exited with (-?\d+)", last)  # dvc reports the command's own exit code
         code = int(stage_code.group(1)) if stage_code else proc.returncode
-        raise StageFailed(f"stage {stage!r} failed (dvc repro exit code {proc.returncode}): {last}", code)
+        raise StageFailed(said or f"stage {stage!r} failed (dvc repro exit code {proc.returncode}): {last}", code)
     from tasks.shared.config.params import load_params
 
     metrics = Path(load_params().paths.metrics) / f"{stage}.json"
@@ -138,58 +142,158 @@ def summary_markdown(evaluation: dict, decision: dict | None) -> str:
 def pipeline(promote: bool = True, lock_timeout: float = DEFAULT_TIMEOUT) -> dict:
     """Run every stage of the project in the working directory through DVC inside one MLflow
     parent run, then gate and promote. Ends Failed (with the one-line reason) on a user error."""
-    from tasks.ops.dag import stage_names
-    from tasks.shared.config.params import load_params
-    from tasks.shared.tracking import setup_tracking
-
     try:
-        setup_tracking(load_params().tracking)  # validates all of params.yaml before any stage runs
-        names = stage_names(Path.cwd())
+        params = prepare()
         with workspace_lock(Path.cwd(), f"lmforge pipeline (Prefect flow run {flow_run.name or '?'})", lock_timeout):
-            return _run_stages(names, promote)
+            return run_stages(params, promote)
     except UserError as e:
         return Failed(message=str(e), data=USER_ERROR_EXIT)
 
 
-def _run_stages(names: list[str], promote: bool) -> dict | State:
+def prepare():
+    """All of params.yaml validated and the tracking store reachable, before anything runs; returns the params."""
+    from tasks.shared.config.params import load_params
+    from tasks.shared.tracking import setup_tracking
+
+    params = load_params()
+    require_tracking(params.tracking)
+    setup_tracking(params.tracking)
+    return params
+
+
+def require_tracking(cfg, attempts: int = 3) -> None:
+    """One line naming the URI when a tracking server does not answer (a few tries with backoff first)."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    from tasks.shared.tracking import tracking_uri
+
+    uri = tracking_uri(cfg)
+    if not uri.startswith(("http://", "https://")):
+        return
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as r:
+                if r.status == 200:
+                    return
+                why = f"HTTP {r.status}"
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            why = getattr(reason, "strerror", None) or str(reason)
+        if attempt + 1 < attempts:
+            time.sleep(2**attempt)
+    raise UserError(f"MLflow tracking server {uri} is unreachable ({why}); nothing ran (MLFLOW_TRACKING_URI or tracking.uri in params.yaml)")
+
+
+def stage_env(parent_run_id: str) -> dict[str, str]:
+    """The environment of a stage process: nested under the parent MLflow run, this interpreter first on PATH."""
+    from tasks.shared.tracking import PARENT_RUN_ENV
+
+    env = {**os.environ, PARENT_RUN_ENV: parent_run_id, "TQDM_MININTERVAL": "5", "PYTHONUNBUFFERED": "1"}
+    # dvc.yaml's `python -m tasks.<stage>` must find this interpreter even when the venv is not activated
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+@task(task_run_name="{stage} (placed)", retries=0, retry_condition_fn=worth_retrying)
+def placed_stage(stage: str, parent_run_id: str, cfg) -> dict:
+    """A stage run by a worker of another pool (flows/placement.py); retried like a local one."""
+    from flows.placement import run_placed
+
+    return run_placed(stage, parent_run_id, cfg)
+
+
+def run_stages(params, promote: bool, run_name: str | None = None) -> dict | State:
     """The stages in order inside one MLflow parent run, then promotion; a Failed state at the first failure."""
     import mlflow
 
-    from tasks.shared.tracking import PARENT_RUN_ENV
+    from flows.placement import dvc_transfer, io_options
+    from tasks.ops.dag import stage_names
 
+    names = stage_names(Path.cwd())
+    orchestrate = params.orchestrate
+    placed = set(orchestrate.gpu_stages) if orchestrate.placement else set()
+    if placed - set(names):
+        raise UserError(f"params.yaml: orchestrate.gpu_stages: {sorted(placed - set(names))} are not stages of dvc.yaml ({names})")
     results: dict = {"stages": {}}
-    run_name = f"pipeline {flow_run.name or ''}".strip()
+    run_name = run_name or f"pipeline {flow_run.name or ''}".strip()
     with mlflow.start_run(run_name=run_name, tags={"lmforge.stage": "pipeline", "prefect.flow_run_id": str(flow_run.id or "")}) as parent:
-        env = {**os.environ, PARENT_RUN_ENV: parent.info.run_id, "TQDM_MININTERVAL": "5", "PYTHONUNBUFFERED": "1"}
-        # dvc.yaml's `python -m tasks.<stage>` must find this interpreter even when the venv is not activated
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env = stage_env(parent.info.run_id)
         for stage in names:
             retries = RESUMABLE.get(stage, 0)
-            state = run_stage.with_options(retries=retries, retry_delay_seconds=5)(stage, env, return_state=True)
+            if stage in placed:
+                state = placed_stage.with_options(retries=retries, retry_delay_seconds=5)(stage, parent.info.run_id, orchestrate, return_state=True)
+            else:
+                state = run_stage.with_options(retries=retries, retry_delay_seconds=5)(stage, env, return_state=True)
             if not state.is_completed():
-                mlflow.set_tag("lmforge.failed_stage", stage)
                 exc = state.result(raise_on_failure=False)
                 code = exc if isinstance(exc, int) else getattr(exc, "returncode", 1)
-                mlflow.end_run("FAILED")
+                _end_failed(stage)
                 return Failed(message=state.message or f"stage {stage!r} failed", data=code)
             results["stages"][stage] = state.result()
+            if placed and stage not in placed:  # workers share the DVC remote, not a disk
+                dvc_transfer.with_options(**io_options(orchestrate))("push", [stage])
         decision = promote_candidate(parent.info.run_id) if promote else None
         if isinstance(decision, str):  # promotion refused with a one-line reason
-            mlflow.end_run("FAILED")
+            _end_failed("promote")
             return Failed(message=decision, data=USER_ERROR_EXIT)
         results["promotion"] = decision
         evaluation = results["stages"]["evaluate"]
         mlflow.log_dict(results, "pipeline_results.json")
         create_markdown_artifact(markdown=summary_markdown(evaluation, decision), key="lmforge-evaluation", description="Test-split evaluation and promotion gates")
+        links_artifact(parent.info.run_id, decision, params)
     return results
+
+
+def _end_failed(stage: str) -> None:
+    """End the parent run FAILED, naming the stage; if the tracking store is gone too, say so and go on
+    (the stage's own failure is what the run reports)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    for record in (lambda: mlflow.set_tag("lmforge.failed_stage", stage), lambda: mlflow.end_run("FAILED")):
+        try:
+            record()
+        except MlflowException as e:  # end_run forgets the run before telling the store: nothing stays open here
+            get_run_logger().warning(f"could not record the failure in MLflow ({str(e.message).splitlines()[0][:200]})")
+
+
+def links_artifact(parent_run_id: str, decision: dict | None, params) -> None:
+    """A Prefect link artifact per run: the MLflow run, the registry version, the Data Docs."""
+    from prefect.artifacts import create_link_artifact
+
+    from tasks.shared.tracking import tracking_uri
+
+    uri = tracking_uri(params.tracking)
+    import mlflow
+
+    exp = mlflow.get_run(parent_run_id).info.experiment_id
+    web = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"  # `lmforge ui` serves the embedded store there
+    links = {"lmforge-mlflow-run": (f"{web}/#/experiments/{exp}/runs/{parent_run_id}", "MLflow run of this pipeline")}
+    if decision and decision.get("version"):
+        name = params.tracking.registered_model
+        links["lmforge-model-version"] = (f"{web}/#/models/{name}/versions/{decision['version']}", f"{name} v{decision['version']} in the MLflow registry")
+    validate = mlflow.search_runs(
+        [exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`lmforge.stage` = 'validate'", max_results=1, output_format="list"
+    )
+    docs = Path(params.paths.data_docs).resolve() / "index.html"
+    if validate:  # validate ran in this pipeline: its run holds the Data Docs (viewable in the MLflow UI)
+        link = f"{web}/#/experiments/{exp}/runs/{validate[0].info.run_id}/artifacts/validation/data_docs/index.html"
+        links["lmforge-data-docs"] = (link, "Great Expectations Data Docs of the data this run trained on (MLflow artifact)")
+    elif docs.exists():  # DVC found validate up to date: the workspace's Data Docs are those of this data
+        links["lmforge-data-docs"] = (docs.as_uri(), "Great Expectations Data Docs of the data this run trained on")
+    for key, (link, description) in links.items():
+        create_link_artifact(link=link, key=key, description=description)
 
 
 class _NoEmptyTraceback(logging.Filter):
     """Prefect logs a task that returned a Failed state with `exc_info` but no exception, which prints
-    a stray `NoneType: None`; a user error has no traceback to show."""
+    a stray `NoneType: None`; a user error has no traceback to show, and neither has a failed stage
+    (its own output, already in the log, says why; the flow's frames would not)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[0] is None:
+        if record.exc_info and (record.exc_info[0] is None or issubclass(record.exc_info[0], (StageFailed, UserError))):
             record.exc_info = None
         return True
 
@@ -204,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-promote", dest="promote", action="store_false", help="skip the gates and promotion")
     parser.add_argument("--lock-timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for another run on this workspace")
     args = parser.parse_args(argv)
+    return execute("pipeline", lambda: pipeline(promote=args.promote, lock_timeout=args.lock_timeout, return_state=True))
+
+
+def execute(what: str, run_flow) -> int:
+    """Run a flow in this process (`run_flow()` returns its final state) and turn the outcome into one line and an exit code."""
     lifeline.interrupt_on_sigterm()
     # In a session of its own (lmforge pipeline), the flow leads a process group: Prefect's server and
     # the rest go with it if the supervisor dies. Otherwise it only stops itself.
@@ -211,18 +320,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from tasks.shared.config.params import load_params
 
-        load_params()  # a bad params.yaml is one line before Prefect starts
-        state = pipeline(promote=args.promote, lock_timeout=args.lock_timeout, return_state=True)
+        require_tracking(load_params().tracking)  # a bad params.yaml or a dead tracking server: one line before Prefect starts
+        state = run_flow()
     except UserError as e:
         print(f"lmforge: error: {e}", file=sys.stderr)
         return USER_ERROR_EXIT
     except KeyboardInterrupt:
-        print("lmforge: pipeline interrupted; finished stages are kept, a rerun continues from there (pretrain from its last checkpoint)", file=sys.stderr)
+        print(f"lmforge: {what} interrupted; finished stages are kept, a rerun continues from there (pretrain from its last checkpoint)", file=sys.stderr)
         return INTERRUPTED_EXIT
     if state.is_completed():
         return 0
     code = state.result(raise_on_failure=False)
-    print(f"lmforge: pipeline stopped: {state.message}", file=sys.stderr)
+    print(f"lmforge: {what} stopped: {state.message}", file=sys.stderr)
     return code if isinstance(code, int) else 1
 
 

@@ -188,8 +188,10 @@ def _setup(cfg: PretrainConfig, paths: Paths, rt: engine.Runtime) -> Setup:
     train_data, val_data = engine.TokenShards(paths.tokens, "train"), engine.TokenShards(paths.tokens, "val")
     if len(train_data) <= model_cfg.block_size + 1:
         raise UserError(f"{paths.tokens}: {len(train_data)} training tokens, fewer than block_size {model_cfg.block_size}")
-    if cfg.distributed.nproc != rt.world:
-        raise UserError(f"params.yaml: pretrain.distributed.nproc is {cfg.distributed.nproc} but {rt.world} processes are running")
+    if cfg.distributed.world != rt.world:
+        raise UserError(
+            f"params.yaml: pretrain.distributed asks for {cfg.distributed.nproc} process(es) on {cfg.distributed.nnodes} node(s) but {rt.world} are running"
+        )
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = GPT(model_cfg)
@@ -212,6 +214,9 @@ def _setup(cfg: PretrainConfig, paths: Paths, rt: engine.Runtime) -> Setup:
             state = engine.restore_checkpoint(found, model, opt, rt, gen)
             if rt.is_main:
                 print(f"pretrain: resuming from {found.path} (step {state.step} of {cfg.max_steps})", flush=True)
+    if state.step == 0 and (removed := engine.clear_checkpoints(ckpt_dir, rt)) and rt.is_main:
+        # a finished run's (or another config's) checkpoints would outrank this run's and be kept in their stead
+        print(f"pretrain: starting afresh; removed {removed} checkpoint(s) of an earlier run from {ckpt_dir}", flush=True)
     per_rank = cfg.batch_size // rt.world
     return Setup(
         model_cfg=model_cfg,
@@ -350,21 +355,21 @@ def _train(cfg: PretrainConfig, paths: Paths, tracker: Tracker, rt: engine.Runti
     )
 
 
-def _requested_processes(argv: list[str]) -> int:
-    """`pretrain.distributed.nproc` from the params file named on the command line (1 if unreadable)."""
+def _requested_launch(argv: list[str]):
+    """`pretrain.distributed` from the params file named on the command line (None if unreadable)."""
     from tasks.shared.config.base import load_stage_params
     from tasks.shared.tracking import PARAMS_ENV
 
     path = argv[argv.index("--params") + 1] if "--params" in argv[:-1] else os.environ.get(PARAMS_ENV, "params.yaml")
     try:
-        return load_stage_params(path, SECTIONS).pretrain.distributed.nproc
+        return load_stage_params(path, SECTIONS).pretrain.distributed
     except UserError:
-        return 1  # stage_main reports the problem
+        return None  # stage_main reports the problem
 
 
 def main() -> None:
-    if not engine.under_torchrun() and (n := _requested_processes(sys.argv[1:])) > 1:
-        sys.exit(engine.relaunch_under_torchrun("tasks.pretrain", n))
+    if not engine.under_torchrun() and (dist := _requested_launch(sys.argv[1:])) is not None and dist.launched:
+        sys.exit(engine.relaunch_under_torchrun("tasks.pretrain", dist))
     stage_main("pretrain", lambda p, t: run(p.pretrain, p.paths, t).metrics, SECTIONS)
 
 

@@ -149,6 +149,58 @@ def tiny_flow_run(tmp_path_factory) -> dict:
 
 
 
+# Servers and background commands the integration tests start (Prefect, MLflow, workers, schedules).
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_logged(cmd: list[str], cwd: Path, env: dict, log: Path):
+    """`cmd` in a session of its own (stop it with `stop_group`), stdout and stderr into `log`."""
+    import subprocess
+
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_group(proc) -> None:
+    """SIGTERM to the process group `start_logged` made, SIGKILL after 15 s."""
+    import os
+    import signal
+    import subprocess
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=15)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def wait_http(url: str, proc, log: Path, timeout: float = 180) -> None:
+    """Until `url` answers 200; fails with the log's tail if `proc` exits or time runs out."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"{proc.args} exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"{url} did not answer in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
 # Ways to damage an artifact file (the fault tests of checkpoints, bundles and models share them).
 def truncate(f: Path) -> None:
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])

@@ -52,6 +52,102 @@ def pipeline(
     raise typer.Exit(supervise.run(cmd))
 
 
+@app.command()
+def retrain(
+    force: bool = typer.Option(False, "--force", help="run even when data, code and params equal @champion's lineage"),
+    promote: bool = typer.Option(True, help="apply the gates and promote at the end"),
+    lock_timeout: float = typer.Option(3600.0, help="seconds to wait while another run holds this workspace"),
+) -> None:
+    """Retrain now, on this machine: skip in seconds if nothing changed since @champion, else run the pipeline and promote."""
+    from tasks.ops import supervise
+
+    try:
+        load_params()
+    except UserError as e:
+        _fail(e)
+    cmd = [sys.executable, "-m", "flows.retrain", "--lock-timeout", str(lock_timeout)] + (["--force"] if force else []) + ([] if promote else ["--no-promote"])
+    raise typer.Exit(supervise.run(cmd))
+
+
+@app.command()
+def schedule(
+    cron: Optional[str] = typer.Option(None, help="override the cron of the `retrain` deployment in prefect.yaml"),
+    timezone: Optional[str] = typer.Option(None, help="override its timezone"),
+    port: int = typer.Option(4200, help="port of the local Prefect server started when PREFECT_API_URL is not set"),
+) -> None:
+    """Serve the retrain schedule on this machine until stopped (`flow.serve`), starting a local Prefect server if none is set."""
+    from flows.retrain import check_schedule
+    from tasks.ops import supervise
+    from tasks.ops.servers import local_prefect_server
+
+    try:
+        load_params()
+        check_schedule(cron, timezone)
+        with local_prefect_server(port) as url:
+            cmd = [sys.executable, "-m", "flows.retrain", "--serve"] + (["--cron", cron] if cron else []) + (["--timezone", timezone] if timezone else [])
+            code = supervise.run(cmd, env={**os.environ, "PREFECT_API_URL": url})
+    except UserError as e:
+        _fail(e)
+    raise typer.Exit(0 if code in (0, 130) else code)
+
+
+POOLS = ("cpu", "gpu")
+
+
+def _prefect_server() -> str:
+    """The Prefect server deployments and workers talk to; a temporary one would vanish with this command."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise UserError("deployments and workers need a Prefect server: start one (`prefect server start`, or deploy/stack/stack.sh up) and set PREFECT_API_URL")
+    return url
+
+
+@app.command()
+def deploy() -> None:
+    """Create the `cpu` and `gpu` process work pools and apply prefect.yaml's deployments on the Prefect server."""
+    import subprocess
+
+    try:
+        url = _prefect_server()
+    except UserError as e:
+        _fail(e)
+    prefect = [sys.executable, "-m", "prefect"]
+    env = {k: v for k, v in os.environ.items() if k != "LMFORGE_WORKDIR"}  # resolved on each worker, not here
+    for pool in POOLS:
+        res = subprocess.run([*prefect, "work-pool", "inspect", pool], capture_output=True, text=True, env=env)
+        if res.returncode == 0:
+            typer.echo(f"work pool {pool!r} exists on {url}")
+            continue
+        res = subprocess.run([*prefect, "work-pool", "create", pool, "--type", "process"], capture_output=True, text=True, env=env)
+        if res.returncode != 0:
+            _fail(UserError(f"prefect work-pool create {pool} failed: {(res.stderr or res.stdout).strip().splitlines()[-1:]}"))
+        typer.echo(f"work pool {pool!r} created on {url}")
+    res = subprocess.run([*prefect, "--no-prompt", "deploy", "--all"], capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        _fail(UserError(f"prefect deploy --all failed: {(res.stdout + res.stderr).strip().splitlines()[-1:]}"))
+    typer.echo("deployments applied from prefect.yaml: lmforge-retrain/retrain (pool cpu), lmforge-stage/gpu (pool gpu)")
+
+
+@app.command()
+def worker(
+    pool: str = typer.Option(..., help="work pool to serve: cpu or gpu"),
+    name: Optional[str] = typer.Option(None, help="worker name (default: Prefect's)"),
+) -> None:
+    """Start a Prefect process worker for `pool` that runs flows in this working copy (`prefect worker start`)."""
+    try:
+        _prefect_server()
+        if pool not in POOLS:
+            raise UserError(f"unknown pool {pool!r}; lmforge's pools are {', '.join(POOLS)}")
+        load_params()
+    except UserError as e:
+        _fail(e)
+    os.environ["LMFORGE_WORKDIR"] = str(Path.cwd().resolve())  # prefect.yaml's pull step runs flows here
+    cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process", "--install-policy", "never"]
+    os.execv(sys.executable, cmd + (["--name", name] if name else []))
+
+
 def _registry_errors(e: Exception) -> UserError:
     """An MLflow failure (unreachable server, bad store) as one line instead of a traceback."""
     from mlflow.exceptions import MlflowException

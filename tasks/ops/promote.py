@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from models.tokenizer import TOKENIZER_FILE
+from tasks.ops.lineage import tags as lineage_tags
 from tasks.shared.config.params import Params
 from tasks.shared.config.promote import PromoteConfig
 from tasks.shared.digest import tree_sha256
@@ -111,12 +112,21 @@ def smoke_gate(bundle_dir: Path) -> Gate:
     return Gate("smoke_test", True, f"service code loaded it, classified {len(preds)} texts, {generated}")
 
 
-def current_champion(client, name: str) -> dict | None:
+def current_version(client, name: str):
+    """The model version @champion points at, or None (no model, no alias yet)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        mv = client.get_model_version_by_alias(name, ALIAS)
-    except MlflowException:
+        return client.get_model_version_by_alias(name, ALIAS)
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def current_champion(client, name: str) -> dict | None:
+    mv = current_version(client, name)
+    if mv is None:
         return None
     try:
         f1 = float(mv.tags.get("test_macro_f1", "nan"))
@@ -265,6 +275,7 @@ def run(params: Params, params_file: Path = Path("params.yaml"), flow_run_id: st
             "prefect_flow_run_id": flow_run_id or os.environ.get("PREFECT__FLOW_RUN_ID", ""),
             "mlflow_parent_run_id": parent or "",
             **scored,
+            **lineage_tags(),
             **dvc_lineage(),
         }
         with mlflow.start_run(run_name="promote", parent_run_id=parent or None, nested=mlflow.active_run() is not None, tags={"lmforge.stage": "promote"}) as run_:

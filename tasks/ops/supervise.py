@@ -20,9 +20,9 @@ from tasks.shared.lifeline import group_alive
 GRACE_SECONDS = 20.0
 
 
-def run(cmd: list[str], grace: float = GRACE_SECONDS) -> int:
+def run(cmd: list[str], grace: float = GRACE_SECONDS, env: dict[str, str] | None = None) -> int:
     """Run `cmd` in a new session; returns its exit code (130 when interrupted)."""
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env)
     interrupted = []
 
     def forward(signum, frame):

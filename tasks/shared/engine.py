@@ -123,13 +123,10 @@ def under_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def relaunch_under_torchrun(module: str, nproc: int, argv: list[str] | None = None) -> int:
-    """Run `python -m <module>` in `nproc` processes with torchrun; returns its exit code."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        "-m", module, *(sys.argv[1:] if argv is None else argv),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
+def relaunch_under_torchrun(module: str, dist, argv: list[str] | None = None) -> int:
+    """Run `python -m <module>` under torchrun as `dist` (a DistributedConfig) says; returns its exit code."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", *dist.torchrun_args(), "-m", module, *(sys.argv[1:] if argv is None else argv)]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // dist.nproc)))}
     return subprocess.run(cmd, env=env).returncode
 
 
@@ -503,6 +500,18 @@ def save_checkpoint(folder: Path, state: TrainState, model: nn.Module, opt: torc
     for old in checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def clear_checkpoints(folder: Path, rt: Runtime) -> int:
+    """Remove every checkpoint in `folder` (a run starting afresh); returns how many. Collective: every
+    rank has finished looking for one to resume before rank 0 deletes."""
+    if rt.distributed:
+        torch.distributed.barrier()
+    found = checkpoints(folder)
+    if rt.is_main:
+        for old in found:
+            shutil.rmtree(old, ignore_errors=True)
+    return len(found)
 
 
 def checkpoints(folder: Path) -> list[Path]:

@@ -3,7 +3,8 @@
 Load the sections the stage declares (nothing else of params.yaml), open the stage's MLflow run,
 refuse to replace an existing output lmforge did not write (tasks/shared/outputs.py), call it, write
 `metrics/<stage>.json` atomically, and turn a UserError into one line on stderr with
-exit code 2 (anything else keeps its traceback). Ctrl-C, SIGTERM and the death of the process that
+exit code 2, a tracking-store failure into one line with exit code 3 (anything else keeps its
+traceback). Ctrl-C, SIGTERM and the death of the process that
 started the stage (tasks/shared/lifeline.py) stop it cleanly: one line, exit code 130, no output
 replaced by a partial one.
 """
@@ -22,9 +23,11 @@ from tasks.shared.config.base import Section, StageParams, load_stage_params
 from tasks.shared.errors import UserError
 from tasks.shared.io import write_json
 from tasks.shared.outputs import check_replaceable, record
-from tasks.shared.tracking import PARAMS_ENV, NullTracker, Tracker, numeric, setup_tracking, stage_run
+from tasks.shared.tracking import PARAMS_ENV, NullTracker, Tracker, TrackingError, numeric, setup_tracking, stage_run, tracking_errors
 
 USER_ERROR_EXIT = 2
+TRACKING_EXIT = 3
+"""The tracking store failed: not the user's input, and a later rerun (or the flow's retry) can succeed."""
 INTERRUPTED_EXIT = 130
 
 
@@ -47,16 +50,20 @@ def stage_main(stage: str, run: Callable[[StageParams, Tracker], dict], sections
             run(params, NullTracker())
             return
         check_replaceable(stage, params.paths)
-        experiment_id = setup_tracking(params.tracking)
+        with tracking_errors():
+            experiment_id = setup_tracking(params.tracking)
         with stage_run(params, stage, experiment_id) as tracker:
             metrics = run(params, tracker)
             metrics = {**metrics, "stage_seconds": round(time.perf_counter() - start, 2)}
             write_json(metrics_file(params, stage), metrics)
+            record(stage, params.paths)  # lmforge wrote them, whatever the tracking store does next
             tracker.log_metrics(numeric(metrics))
-        record(stage, params.paths)
     except (UserError, ArtifactError) as e:  # bad input, or a missing/corrupt artifact: one line
         print(f"lmforge {stage}: error: {e}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)
+    except TrackingError as e:  # the store went away: one line, and DVC does not record the stage as done
+        print(f"lmforge {stage}: failed: {e}", file=sys.stderr)
+        sys.exit(TRACKING_EXIT)
     except KeyboardInterrupt:
         print(f"lmforge {stage}: interrupted; its outputs were not replaced (a rerun starts it again)", file=sys.stderr)
         sys.exit(INTERRUPTED_EXIT)

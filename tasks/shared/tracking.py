@@ -87,16 +87,59 @@ class NullTracker(Tracker):
     """Logs nothing (unit tests, library use)."""
 
 
+class TrackingError(RuntimeError):
+    """The tracking store failed (unreachable, or writes lost): the stage is not done; a rerun can succeed."""
+
+
 class MlflowTracker(Tracker):
+    """Asynchronous writes, each one checked: a write the store lost (after MLflow's own retries with
+    backoff) fails the stage at the next log call, and `wait` checks the rest before the stage counts as
+    done — a store that went away mid-run never silently drops metrics."""
+
     def __init__(self, run_id: str) -> None:
         import mlflow
 
         self._mlflow = mlflow
         self.run_id = run_id
+        self._pending: list = []  # RunOperations of writes not yet known to have landed
+        self._written = 0
+        self._lost: list[BaseException] = []
+
+    def _track(self, ops) -> None:
+        self._written += 1
+        self._pending.append(ops)
+        self._settle(block=False)
+        if self._lost:  # the store lost a write after MLflow's own retries: stop now, not at the end of training
+            self.wait()
+
+    def _settle(self, block: bool) -> None:
+        """Move finished writes out of `_pending`, keeping the failures; `block` waits for all."""
+        still = []
+        for ops in self._pending:
+            futures = getattr(ops, "_operation_futures", None) or []
+            if not block and not all(f.done() for f in futures):
+                still.append(ops)
+                continue
+            for f in futures:
+                try:
+                    f.result()
+                except Exception as e:  # noqa: BLE001 - any failed write is a lost write
+                    self._lost.append(e)
+        self._pending = still
+
+    def wait(self) -> None:
+        """Block until every asynchronous write has landed; TrackingError if any was lost."""
+        self._settle(block=True)
+        if self._lost:
+            first = str(self._lost[0]).splitlines()[0][:300]
+            raise TrackingError(
+                f"MLflow tracking store {self._mlflow.get_tracking_uri()} lost {len(self._lost)} of {self._written} asynchronous writes "
+                f"of this stage ({first}); the stage is not recorded as done: rerun it once the store answers"
+            )
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         # Asynchronous: a synchronous log_metric on sqlite costs ~20 ms per call.
-        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, synchronous=False)
+        self._track(self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, synchronous=False))
 
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -112,7 +155,7 @@ class MlflowTracker(Tracker):
         self._mlflow.log_dict(obj, name)
 
     def log_params(self, params: dict) -> None:
-        self._mlflow.log_params(params, synchronous=False)
+        self._track(self._mlflow.log_params(params, synchronous=False))
 
 
 def dvc_experiment_run(experiment_id: str, params_file: Path) -> str | None:
@@ -152,19 +195,34 @@ def stage_run(params: StageParams, stage: str, experiment_id: str) -> Iterator[M
     """An MLflow run for one stage, nested under the pipeline run or the DVC experiment's run."""
     import mlflow
 
-    parent = os.environ.get(PARENT_RUN_ENV) or dvc_experiment_run(experiment_id, params.file)
-    tags = {"lmforge.stage": stage, "mlflow.source.git.commit": git_commit()}
-    if os.environ.get(DVC_EXP_ENV):
-        tags["lmforge.dvc_exp"] = os.environ[DVC_EXP_ENV]
-    with mlflow.start_run(run_name=stage, parent_run_id=parent or None, tags=tags) as run:
-        resolved = {name: section.model_dump(mode="json") for name, section in params.sections.items()}
-        mlflow.log_params(flatten(resolved))
-        mlflow.log_dict({"paths": params.paths.model_dump(mode="json"), **resolved}, "params.json")
-        tracker = MlflowTracker(run.info.run_id)
-        try:
-            yield tracker
-        finally:
-            mlflow.flush_async_logging()
+    with tracking_errors():
+        parent = os.environ.get(PARENT_RUN_ENV) or dvc_experiment_run(experiment_id, params.file)
+        tags = {"lmforge.stage": stage, "mlflow.source.git.commit": git_commit()}
+        if os.environ.get(DVC_EXP_ENV):
+            tags["lmforge.dvc_exp"] = os.environ[DVC_EXP_ENV]
+        with mlflow.start_run(run_name=stage, parent_run_id=parent or None, tags=tags) as run:
+            resolved = {name: section.model_dump(mode="json") for name, section in params.sections.items()}
+            mlflow.log_params(flatten(resolved))
+            mlflow.log_dict({"paths": params.paths.model_dump(mode="json"), **resolved}, "params.json")
+            tracker = MlflowTracker(run.info.run_id)
+            try:
+                yield tracker
+            except BaseException:
+                mlflow.flush_async_logging()
+                raise
+            tracker.wait()  # every metric landed, or the stage fails (the run ends FAILED)
+
+
+@contextmanager
+def tracking_errors() -> Iterator[None]:
+    """An MLflow failure (store unreachable, request failed after MLflow's own retries) as one TrackingError line."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as e:
+        first = str(getattr(e, "message", e)).splitlines()[0][:300]
+        raise TrackingError(f"MLflow tracking store {os.environ.get('MLFLOW_TRACKING_URI', '?')}: {first}") from None
 
 
 def numeric(metrics: dict) -> dict[str, float]:

@@ -83,6 +83,18 @@ def test_a_finished_or_different_run_is_not_resumed(tokenized):
     assert other.resumed_from_step == 0  # different config, different fingerprint
 
 
+def test_a_fresh_run_clears_an_earlier_runs_checkpoints_so_it_can_resume_its_own(tokenized, capsys):
+    """Otherwise the finished run's newer step numbers outrank the new run's: pruning (keep 2) deletes the
+    new run's checkpoints and an interrupted rerun cannot resume."""
+    from tasks.shared import engine
+
+    ckpts = tokenized.checkpoints / pretrain.CHECKPOINTS
+    pretrain.run(tiny(max_steps=10, checkpoint_interval=5), tokenized)
+    pretrain.run(tiny(max_steps=8, lr=1e-3, checkpoint_interval=4), tokenized)
+    assert [p.name for p in engine.checkpoints(ckpts)] == ["step-00000004", "step-00000008"]
+    assert "pretrain: starting afresh; removed 2 checkpoint(s) of an earlier run" in capsys.readouterr().out
+
+
 def test_resume_never_ignores_checkpoints(tokenized, tmp_path):
     from tasks.shared import engine
 
@@ -116,7 +128,7 @@ def test_mlm_without_a_mask_token_is_a_user_error(tokenized, tmp_path):
 
 
 def test_wrong_process_count_is_a_user_error(tokenized):
-    with pytest.raises(UserError, match="nproc is 2 but 1 processes"):
+    with pytest.raises(UserError, match="2 process\(es\) on 1 node\(s\) but 1 are running"):
         pretrain.run(tiny(distributed={"nproc": 2}), tokenized)
 
 

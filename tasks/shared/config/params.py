@@ -15,6 +15,7 @@ from tasks.shared.config.compress import CompressConfig
 from tasks.shared.config.evaluate import EvaluateConfig
 from tasks.shared.config.finetune import FinetuneConfig
 from tasks.shared.config.ingest import IngestConfig
+from tasks.shared.config.orchestrate import OrchestrateConfig
 from tasks.shared.config.pretrain import PretrainConfig
 from tasks.shared.config.promote import PromoteConfig
 from tasks.shared.config.tokenize import TokenizeConfig
@@ -33,6 +34,7 @@ SECTION_TYPES: dict[str, type[Section]] = {
     "compress": CompressConfig,
     "evaluate": EvaluateConfig,
     "promote": PromoteConfig,
+    "orchestrate": OrchestrateConfig,
 }
 """Every top-level key of params.yaml and the config class that validates it."""
 
@@ -51,6 +53,7 @@ class Params(BaseModel):
     compress: CompressConfig = Field(default_factory=CompressConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
+    orchestrate: OrchestrateConfig = Field(default_factory=OrchestrateConfig)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

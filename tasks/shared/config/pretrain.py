@@ -41,14 +41,14 @@ class PretrainConfig(TrainLoop):
 
     @model_validator(mode="after")
     def _check_batch(self) -> "PretrainConfig":
-        micro, n = self.micro_batch_size or self.batch_size // self.distributed.nproc, self.distributed.nproc
+        micro, n = self.micro_batch_size or self.batch_size // self.distributed.world, self.distributed.world
         if micro < 1 or self.batch_size % (micro * n):
             raise ValueError(
-                f"batch_size {self.batch_size} must be a multiple of micro_batch_size x nproc ({micro} x {n})"
+                f"batch_size {self.batch_size} must be a multiple of micro_batch_size x processes ({micro} x {n})"
             )
         return self
 
     @property
     def grad_accum(self) -> int:
-        n = self.distributed.nproc
+        n = self.distributed.world
         return self.batch_size // ((self.micro_batch_size or self.batch_size // n) * n)

@@ -83,3 +83,34 @@ class DistributedConfig(Section):
     """DDP replicates the model; FSDP shards parameters, gradients and optimizer state."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """Collective backend: `auto` = nccl on CUDA, gloo on CPU."""
+    nnodes: int = Field(1, ge=1)
+    """Machines in the job; >1 starts torchrun with a c10d rendezvous at `rdzv_endpoint` (run the stage on every node)."""
+    rdzv_endpoint: str = ""
+    """`host:port` every node can reach (node 0's address) when `nnodes` > 1."""
+    rdzv_id: str = "lmforge"
+    """Job id the nodes share at the rendezvous; change it between jobs on one endpoint."""
+
+    @model_validator(mode="after")
+    def _check_nodes(self):
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("nnodes > 1 needs rdzv_endpoint (host:port of node 0)")
+        return self
+
+    @property
+    def world(self) -> int:
+        """Processes in the whole job: nproc on each of nnodes machines."""
+        return self.nproc * self.nnodes
+
+    @property
+    def launched(self) -> bool:
+        """Whether the stage restarts itself under torchrun."""
+        return self.nproc > 1 or self.nnodes > 1
+
+    def torchrun_args(self) -> list[str]:
+        """torchrun's options for this job: one machine (`--standalone`) or a c10d rendezvous across `nnodes`."""
+        if self.nnodes == 1:
+            return ["--standalone", f"--nproc-per-node={self.nproc}"]
+        return [
+            f"--nnodes={self.nnodes}", f"--nproc-per-node={self.nproc}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={self.rdzv_endpoint}", f"--rdzv-id={self.rdzv_id}",
+        ]  # fmt: skip

@@ -1,0 +1,136 @@
+"""Scheduled retraining: the pipeline flow, skipped when it would rebuild the current champion.
+
+`retrain` compares the workspace with the lineage of `@champion` (tasks/ops/lineage.py): when
+`dvc status` reports nothing stale and the data, code and params digests equal the champion's, it stops
+in seconds, registers nothing and leaves a Prefect artifact saying why. Otherwise it runs the pipeline
+(DVC reruns only what is stale) and promotes through the gates.
+
+How it runs:
+- `lmforge retrain` — once, now, on this machine (Prefect's ephemeral server unless PREFECT_API_URL is set);
+- `make schedule` / `lmforge schedule` — `retrain.serve()` on this machine with the cron schedule of the
+  `retrain` deployment in prefect.yaml, for users without a Prefect server;
+- `lmforge deploy` + `lmforge worker --pool cpu` — the `retrain` deployment on a Prefect server's `cpu`
+  work pool (prefect.yaml), where its schedule fires.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+from prefect.states import Failed
+
+from flows.pipeline import USER_ERROR_EXIT, execute, prepare, run_stages
+from tasks.ops.lock import DEFAULT_TIMEOUT, workspace_lock
+from tasks.shared.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOYMENT = "retrain"
+
+
+@task(retries=3, retry_delay_seconds=[2, 4, 8], retry_jitter_factor=0.5, retry_condition_fn=lambda t, r, s: not isinstance(s.result(raise_on_failure=False), UserError))
+def compare(model: str) -> dict:
+    """Would a run rebuild @champion? (registry reads are retried with backoff.)"""
+    from mlflow import MlflowClient
+
+    from tasks.ops.lineage import compare_with_champion
+
+    c = compare_with_champion(MlflowClient(), model)
+    return {"changed": c.changed, "reason": c.reason, "champion": c.champion}
+
+
+@flow(name="lmforge-retrain", log_prints=True)
+def retrain(promote: bool = True, force: bool = False, lock_timeout: float = DEFAULT_TIMEOUT) -> dict:
+    """Retrain and promote through the gates, unless data, code and params equal @champion's lineage (or `force`)."""
+    logger = get_run_logger()
+    try:
+        params = prepare()
+        with workspace_lock(Path.cwd(), f"lmforge retrain (Prefect flow run {flow_run.name or '?'})", lock_timeout):
+            verdict = compare(params.tracking.registered_model)
+            if not verdict["changed"] and not force:
+                line = f"nothing changed: {verdict['reason']}; skipped, registered nothing"
+                create_markdown_artifact(
+                    key="lmforge-retrain",
+                    markdown=f"## Retrain skipped\n\n{line}.\n\n`lmforge retrain --force` (or the flow parameter `force`) runs it anyway.\n",
+                    description=f"retrain skipped: champion v{verdict['champion']} is current",
+                )
+                logger.info(f"lmforge retrain: {line}")
+                return {"skipped": True, **verdict}
+            logger.info(f"lmforge retrain: {'forced' if force and not verdict['changed'] else 'running the pipeline'}: {verdict['reason']}")
+            create_markdown_artifact(key="lmforge-retrain", markdown=f"## Retrain ran\n\nWhy: {verdict['reason']}{' (forced)' if force else ''}.\n", description="why retrain ran")
+            result = run_stages(params, promote, run_name=f"retrain {flow_run.name or ''}".strip())
+            return result if not isinstance(result, dict) else {"skipped": False, **verdict, **result}
+    except UserError as e:
+        return Failed(message=str(e), data=USER_ERROR_EXIT)
+
+
+def cron_schedule(prefect_yaml: Path = ROOT / "prefect.yaml") -> tuple[str, str]:
+    """(cron, timezone) of the `retrain` deployment in prefect.yaml: the one place the schedule is set."""
+    try:
+        spec = yaml.safe_load(prefect_yaml.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"{prefect_yaml}: {e}") from None
+    for dep in spec.get("deployments") or []:
+        if dep.get("name") == DEPLOYMENT:
+            for sched in dep.get("schedules") or []:
+                if sched.get("cron"):
+                    return str(sched["cron"]), str(sched.get("timezone") or "UTC")
+    raise UserError(f"{prefect_yaml}: deployments: no `{DEPLOYMENT}` deployment with a cron schedule")
+
+
+def check_schedule(cron: str | None = None, timezone: str | None = None):
+    """The validated schedule (prefect.yaml's unless overridden) and when it next fires."""
+    import asyncio
+
+    from pydantic import ValidationError
+
+    from prefect.server.schemas.schedules import CronSchedule
+
+    default_cron, default_tz = cron_schedule()
+    cron, timezone = cron or default_cron, timezone or default_tz
+    try:
+        schedule = CronSchedule(cron=cron, timezone=timezone)
+    except ValidationError as e:
+        raise UserError(f"schedule {cron!r} ({timezone}): {e.errors()[0]['msg']}") from None
+    return cron, timezone, asyncio.run(schedule.get_dates(n=1))[0]
+
+
+def serve(cron: str | None = None, timezone: str | None = None) -> None:
+    """Serve the retrain schedule from this process until stopped (Prefect's `flow.serve`; the Prefect
+    server in PREFECT_API_URL runs the scheduler — `lmforge schedule` starts one when there is none)."""
+    from prefect.schedules import Cron
+
+    cron, timezone, due = check_schedule(cron, timezone)
+    print(f"lmforge schedule: serving deployment lmforge-retrain/{DEPLOYMENT} on `{cron}` ({timezone}); next run due {due.isoformat(timespec='minutes')}; Ctrl-C stops", flush=True)
+    retrain.serve(name=DEPLOYMENT, schedule=Cron(cron, timezone=timezone), description="lmforge retrain on this machine (make schedule)", print_starting_message=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.retrain", description="Retrain unless nothing changed since @champion.")
+    parser.add_argument("--force", action="store_true", help="run even when data, code and params equal @champion's lineage")
+    parser.add_argument("--no-promote", dest="promote", action="store_false", help="skip the gates and promotion")
+    parser.add_argument("--lock-timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for another run on this workspace")
+    parser.add_argument("--serve", action="store_true", help="serve the schedule until stopped instead of running once")
+    parser.add_argument("--cron", help="with --serve: override prefect.yaml's cron")
+    parser.add_argument("--timezone", help="with --serve: override prefect.yaml's timezone")
+    args = parser.parse_args(argv)
+    if args.serve:
+        try:
+            serve(args.cron, args.timezone)
+        except UserError as e:
+            print(f"lmforge: error: {e}", file=sys.stderr)
+            return USER_ERROR_EXIT
+        except KeyboardInterrupt:
+            print("lmforge schedule: stopped", file=sys.stderr)
+            return 0
+        return 0
+    return execute("retrain", lambda: retrain(promote=args.promote, force=args.force, lock_timeout=args.lock_timeout, return_state=True))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""What a model was built from, and whether the workspace would build the same thing again.
+
+The *fingerprint* of a pipeline run is three digests taken from dvc.lock (DVC's own record of
+every stage's inputs):
+
+- `data`: the md5 of every stage input that no stage produces and that is not code (raw inputs such as
+  `data/user`, `dvc add`-ed files);
+- `code`: the md5 of every project source file a stage depends on (dvc.yaml's generated code deps);
+- `params`: every stage's params sections, as DVC recorded their values.
+
+Promotion tags each registered version with it (`lineage.data`, `lineage.code`, `lineage.params`).
+`lmforge retrain` compares the workspace's fingerprint with the champion's: when `dvc status` reports
+nothing stale and all three are equal, a run would rebuild the champion, so it skips. Outputs are not
+part of the fingerprint (training need not be bit-exact), and neither is anything DVC does not track
+(a README edit, a comment in params.yaml outside a stage's section, the git commit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from tasks.ops.dag import is_code_dep
+from tasks.shared.errors import UserError
+
+KINDS = ("data", "code", "params")
+TAG = "lineage.{}"
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_lock(lock_file: Path | str = "dvc.lock") -> dict:
+    """dvc.lock's `stages:` mapping ({} when there is none yet)."""
+    f = Path(lock_file)
+    if not f.exists():
+        return {}
+    try:
+        return (yaml.safe_load(f.read_text()) or {}).get("stages") or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{f}: invalid YAML: {e}") from None
+
+
+def fingerprint(lock_file: Path | str = "dvc.lock") -> dict[str, str]:
+    """{data, code, params} digests of the inputs dvc.lock records (see the module docstring)."""
+    stages = read_lock(lock_file)
+    produced = {o["path"] for body in stages.values() for o in body.get("outs") or []}
+    parts: dict[str, dict] = {kind: {} for kind in KINDS}
+    for stage, body in stages.items():
+        for dep in body.get("deps") or []:
+            if dep["path"] not in produced:
+                parts["code" if is_code_dep(dep["path"]) else "data"][dep["path"]] = dep.get("md5") or dep.get("hash")
+        parts["params"][stage] = body.get("params") or {}
+    return {kind: _digest(parts[kind]) for kind in KINDS}
+
+
+def tags(lock_file: Path | str = "dvc.lock") -> dict[str, str]:
+    """The fingerprint as registry tags."""
+    return {TAG.format(k): v for k, v in fingerprint(lock_file).items()}
+
+
+@dataclass
+class Comparison:
+    changed: bool
+    reason: str
+    champion: str | None = None
+    """The champion's version, if there is one."""
+
+
+def compare_with_champion(client, model: str, root: Path = Path(".")) -> Comparison:
+    """Would a run of the pipeline in `root` rebuild @champion? (`dvc status` first, then the fingerprints.)"""
+    from tasks.ops.promote import ALIAS, _describe, current_version, stale_stages
+
+    stale = stale_stages(root)
+    if stale:
+        first = next(iter(stale))
+        return Comparison(True, f"dvc status reports {len(stale)} stage(s) out of date ({', '.join(stale)}; {first}: {_describe(stale[first])})")
+    mv = current_version(client, model)
+    if mv is None:
+        return Comparison(True, f"registered model {model!r} has no @{ALIAS} yet")
+    recorded = {k: mv.tags.get(TAG.format(k)) for k in KINDS}
+    if not all(recorded.values()):
+        return Comparison(True, f"{model} v{mv.version} (@{ALIAS}) records no lineage fingerprint (registered by an older lmforge)", str(mv.version))
+    now = fingerprint(Path(root) / "dvc.lock")
+    differ = [k for k in KINDS if recorded[k] != now[k]]
+    if differ:
+        return Comparison(True, f"{' and '.join(differ)} differ from the lineage of {model} v{mv.version} (@{ALIAS})", str(mv.version))
+    return Comparison(False, f"data, code and params equal the lineage of {model} v{mv.version} (@{ALIAS})", str(mv.version))
