@@ -208,7 +208,7 @@ def stage(name: str, params_yaml: str, dvc_lock: str, code: dict[str, str], pare
             }
             publish_handoff.with_options(**opts)(parent_run_id, name, handoff)
     except UserError as e:
-        return Failed(message=f"lmforge stage {name}: error: {e}", data=USER_ERROR_EXIT)
+        return Failed(message=f"lmforge {name}: error: {e}", data=USER_ERROR_EXIT)  # read by the caller as a user error
     logger.info(f"{name} done on {handoff['worker']}; outputs pushed: {', '.join(cached)}")
     return {"stage": name, "worker": handoff["worker"], "outs": cached}
 
