@@ -264,13 +264,12 @@ def _end_failed(stage: str) -> None:
 
 def links_artifact(parent_run_id: str, decision: dict | None, params) -> None:
     """A Prefect link artifact per run: the MLflow run, the registry version, the Data Docs."""
+    import mlflow
     from prefect.artifacts import create_link_artifact
 
     from tasks.shared.tracking import tracking_uri
 
     uri = tracking_uri(params.tracking)
-    import mlflow
-
     exp = mlflow.get_run(parent_run_id).info.experiment_id
     web = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"  # `lmforge ui` serves the embedded store there
     links = {"lmforge-mlflow-run": (f"{web}/#/experiments/{exp}/runs/{parent_run_id}", "MLflow run of this pipeline")}

@@ -136,29 +136,23 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def merge_lock_entry(stage: str, entry: dict, root: Path = Path(".")) -> None:
     """Replace the stage's entry in dvc.lock (atomically), keeping the rest of the file as DVC wrote it."""
+    from io import StringIO
+
     from ruamel.yaml import YAML
+
+    from tasks.ops.dag import stage_names
 
     yaml = YAML()
     f = root / LOCK_FILE
-    lock = yaml.load(f.read_text()) if f.exists() else None
-    if not lock:
-        lock = {"schema": "2.0", "stages": {}}
-    lock.setdefault("stages", {})[stage] = entry
-    order = _stage_order(root)  # dvc.lock lists stages in dvc.yaml order
-    stages = lock["stages"]
+    lock = (yaml.load(f.read_text()) if f.exists() else None) or {"schema": "2.0", "stages": {}}
+    stages = lock.setdefault("stages", {})
+    stages[stage] = entry
+    order = stage_names(root)  # dvc.lock lists stages in dvc.yaml order
     for name in sorted(stages, key=lambda s: order.index(s) if s in order else len(order)):
         stages[name] = stages.pop(name)
-    from io import StringIO
-
     buf = StringIO()
     yaml.dump(lock, buf)
     _write_atomic(f, buf.getvalue().encode())
-
-
-def _stage_order(root: Path) -> list[str]:
-    from tasks.ops.dag import stage_names
-
-    return stage_names(root)
 
 
 @flow(name="lmforge-stage", log_prints=True)

@@ -183,6 +183,20 @@ def stop_group(proc) -> None:
             continue
 
 
+def post_json(url: str, body: dict, timeout: float = 60) -> tuple[int, object]:
+    """POST `body` as JSON: (status, decoded reply), for 4xx/5xx replies too."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
 def wait_http(url: str, proc, log: Path, timeout: float = 180) -> None:
     """Until `url` answers 200; fails with the log's tail if `proc` exits or time runs out."""
     import time

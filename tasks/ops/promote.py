@@ -21,9 +21,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 from models.tokenizer import TOKENIZER_FILE
+from tasks.ops.lineage import read_lock
 from tasks.ops.lineage import tags as lineage_tags
 from tasks.shared.config.params import Params
 from tasks.shared.config.promote import PromoteConfig
@@ -171,16 +171,13 @@ def alias_history(client, name: str) -> list[dict]:
 
 def dvc_lineage(lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
     """md5 of every stage dependency and output recorded in dvc.lock."""
-    if not lock_file.exists():
-        return {}
-    lock = yaml.safe_load(lock_file.read_text()) or {}
-    out = {}
-    for stage, body in (lock.get("stages") or {}).items():
-        for kind in ("deps", "outs"):
-            for item in body.get(kind, []) or []:
-                if "md5" in item:
-                    out[f"dvc.{stage}.{kind}.{item['path']}"] = item["md5"]
-    return out
+    return {
+        f"dvc.{stage}.{kind}.{item['path']}": item["md5"]
+        for stage, body in read_lock(lock_file).items()
+        for kind in ("deps", "outs")
+        for item in body.get(kind) or []
+        if "md5" in item
+    }
 
 
 def stale_stages(root: Path = Path(".")) -> dict[str, list]:

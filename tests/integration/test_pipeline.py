@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,25 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port, post_json
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url: str, body: dict, timeout: float = 60) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +142,7 @@ def test_an_experiment_is_an_mlflow_run_and_plots_overlay_it_on_the_commit(proje
 
 
 def test_bentoml_serve_answers_classify_and_generate(project):
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         ["bentoml", "serve", "deploy.service:LMForge", "--host", "127.0.0.1", "--port", str(port)],
         cwd=project["dir"],
@@ -180,7 +166,7 @@ def test_bentoml_serve_answers_classify_and_generate(project):
         else:
             pytest.fail("bentoml serve did not become ready in 120 s")
 
-        status, body = _post(f"{base}/classify", {"texts": ["def handle(self, msg):\n    return msg.get_payload()", "import asyncio"]})
+        status, body = post_json(f"{base}/classify", {"texts": ["def handle(self, msg):\n    return msg.get_payload()", "import asyncio"]})
         assert status == 200, body
         assert len(body) == 2
         for pred in body:
@@ -188,13 +174,13 @@ def test_bentoml_serve_answers_classify_and_generate(project):
             assert set(pred["probabilities"]) == {"asyncio", "email", "xml"}
             assert abs(sum(pred["probabilities"].values()) - 1) < 1e-3
 
-        status, body = _post(f"{base}/generate", {"prompt": "def parse(self, data):\n    ", "max_new_tokens": 16, "seed": 0})
+        status, body = post_json(f"{base}/generate", {"prompt": "def parse(self, data):\n    ", "max_new_tokens": 16, "seed": 0})
         assert status == 200, body
         assert isinstance(body["text"], str) and body["prompt"].startswith("def parse")
 
-        status, _ = _post(f"{base}/classify", {"texts": []})
+        status, _ = post_json(f"{base}/classify", {"texts": []})
         assert status == 400
-        status, _ = _post(f"{base}/generate", {"prompt": "x", "max_new_tokens": 100000})
+        status, _ = post_json(f"{base}/generate", {"prompt": "x", "max_new_tokens": 100000})
         assert status == 400
     finally:
         os.killpg(server.pid, signal.SIGTERM)

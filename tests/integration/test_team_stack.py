@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import TINY_PROJECT, free_port, make_tiny_project, start_logged, wait_http
+from conftest import TINY_PROJECT, free_port, make_tiny_project, post_json, start_logged, wait_http
 
 ROOT = Path(__file__).resolve().parents[2]
 STACK_SH = ROOT / "deploy" / "stack" / "stack.sh"
@@ -60,15 +60,6 @@ def _get(url: str, timeout: float = 5) -> tuple[int, bytes]:
         return e.code, e.read()
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return 0, b""
-
-
-def _post(url: str, body: dict, timeout: float = 60) -> tuple[int, object]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
 
 
 def _tree(pid: int) -> list[psutil.Process]:
@@ -206,7 +197,7 @@ def test_pipeline_on_the_stack_promotes_into_postgres_and_serves_the_champion(st
     base = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{base}/readyz", server, log)
-        status, body = _post(f"{base}/classify", {"texts": ["def handle(self, msg):\n    return msg.get_payload()", "async def main():\n    await asyncio.sleep(1)"]})
+        status, body = post_json(f"{base}/classify", {"texts": ["def handle(self, msg):\n    return msg.get_payload()", "async def main():\n    await asyncio.sleep(1)"]})
         assert status == 200, body
         assert [set(p) for p in body] == [{"label", "probabilities"}] * 2
         assert all(p["label"] in {"asyncio", "email", "xml"} for p in body), body

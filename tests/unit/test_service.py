@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LABELS, ROOT
+from conftest import LABELS, ROOT, free_port
 from deploy.service import MODEL_URI_ENV, LMForge, ModelUnavailable, check_model, load_service_bundle
 from models.bundle import write_bundle
 from models.tokenizer import TOKENIZER_FILE
@@ -152,12 +151,6 @@ def test_service_with_a_model_is_ready(app, bundles, monkeypatch):
 
 
 # --- a real `bentoml serve` ----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def request(url: str, body: bytes | None = None) -> tuple[int, str]:
