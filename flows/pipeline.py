@@ -122,19 +122,21 @@ def promote_candidate(parent_run_id: str) -> dict | str:
         "version": decision.version,
         "promoted": decision.promoted,
         "gates": [{"gate": g.name, "passed": g.passed, "reason": g.reason} for g in decision.gates],
+        "choice": decision.choice,
     }
 
 
 def summary_markdown(evaluation: dict, decision: dict | None) -> str:
-    rows = ["| model | accuracy | macro-F1 | p50 latency (ms) | size (MB) |", "|---|---|---|---|---|"]
+    rows = ["| model | accuracy | macro-F1 | p50 ms (1 text) | p50 ms (32 texts) | size (MB) |", "|---|---|---|---|---|---|"]
     for name, m in {**evaluation.get("variants", {}), **evaluation.get("baselines", {})}.items():
-        lat = m.get("latency_p50_ms", "")
-        rows.append(f"| {name} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {lat} | {m.get('size_mb', '')} |")
+        rows.append(f"| {name} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {m.get('p50_ms_b1', '')} | {m.get('p50_ms_b32', '')} | {m.get('size_mb', '')} |")
     text = "## Test-split evaluation\n\n" + "\n".join(rows)
     if decision:
         verdict = "promoted to @champion" if decision["promoted"] else "not promoted"
         gates = "\n".join(f"- {'PASS' if g['passed'] else 'FAIL'} **{g['gate']}**: {g['reason']}" for g in decision["gates"])
         text += f"\n\n## Promotion: {decision['variant']} v{decision['version']} {verdict}\n\n{gates}\n"
+        if decision.get("choice"):
+            text += "\n### Why this variant\n\n" + "\n".join(f"- **{v}**: {why}" for v, why in decision["choice"].items()) + "\n"
     return text
 
 

@@ -42,14 +42,19 @@ class Bundle:
         self.pad_id = tokenizer.token_to_id(PAD)
         self.eot_id = tokenizer.token_to_id(EOT)
 
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded token ids (N, T) and lengths (N,) of `texts`, as the classifier reads them."""
+        return encode_texts(self.tokenizer, texts, self.max_length, self.pad_id)
+
     @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (N, K) of encoded texts."""
+        return torch.softmax(self.classifier(ids, lengths).float(), dim=-1)
+
     def probabilities(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-        """Class probabilities (N, K)."""
-        out = []
-        for i in range(0, len(texts), batch_size):
-            ids, lengths = encode_texts(self.tokenizer, texts[i : i + batch_size], self.max_length, self.pad_id)
-            out.append(torch.softmax(self.classifier(ids, lengths).float(), dim=-1))
-        return torch.cat(out) if out else torch.zeros(0, len(self.labels))
+        """Class probabilities (N, K): `encode` then `forward`, `batch_size` texts at a time."""
+        out = [self.forward(*self.encode(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)]
+        return torch.cat(out) if len(out) > 1 else out[0] if out else torch.zeros(0, len(self.labels))
 
     def classify(self, texts: list[str]) -> list[Prediction]:
         probs = self.probabilities(texts)
@@ -101,7 +106,7 @@ def load_parts(tokenizer_file: Path, classifier_dir: Path, lm_dir: Path | None =
         labels=labels,
         max_length=max_length,
         lm=load_lm(lm_dir) if lm_dir is not None else None,
-        variant="int8" if meta["kind"] == "classifier-int8" else "fp32",
+        variant=str(meta.get("variant") or ("int8" if meta["kind"] == "classifier-int8" else "fp32")),
     )
 
 

@@ -1,7 +1,7 @@
 """On-disk model format: `model.safetensors` + `config.json` in one directory.
 
-Quantized models store int8 weights with their scales as plain tensors and rebuild the module on
-load; nothing is ever unpickled. The `write_*` functions fill a folder; stages call them inside
+Quantized models (`models.quantize`) store int8 weights with their scales as plain tensors and rebuild
+the module on load; nothing is ever unpickled. The `write_*` functions fill a folder; stages call them inside
 `tasks.shared.io.atomic_dir`, so a half-written model is never left where a valid one belongs.
 A folder that is copied on (a bundle, a training checkpoint) carries a `manifest.json` with the size
 and sha256 of every file, checked before loading. A missing, truncated or corrupt file is always an
@@ -11,13 +11,12 @@ and sha256 of every file, checked before loading. A missing, truncated or corrup
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file, save_model
+from safetensors.torch import load_file, save_model
 
 from models.baselines import CNNClassifier, CNNConfig, GRUClassifier, GRUConfig
 from models.classifier import ClassifierConfig, TransformerClassifier
@@ -182,99 +181,13 @@ def save_classifier(model: nn.Module, path: Path, extra: dict | None = None) -> 
     write_classifier(model, _new_dir(path), extra)
 
 
-def _dynamic_quantize(model: nn.Module, per_channel: bool) -> nn.Module:
-    """int8 dynamic quantization of every nn.Linear (torch.ao: deprecated but the fastest CPU path in 2.13)."""
-    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
-
-    qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-        return quantize_dynamic(model, {nn.Linear: qconfig}, dtype=torch.qint8)
-
-
-def _is_dynamic_linear(m: nn.Module) -> bool:
-    return type(m).__module__.startswith("torch.ao.nn.quantized.dynamic") and hasattr(m, "_packed_params")
-
-
-def quantize_classifier(model: TransformerClassifier, per_channel: bool = True) -> nn.Module:
-    """int8 dynamic-quantized copy of a float classifier (weights int8, activations quantized per batch)."""
-    import copy
-
-    model = copy.deepcopy(model).eval()
-    model.trunk.lm_head = nn.Identity()  # tied to the embedding; the classifier never uses it
-    return _dynamic_quantize(model, per_channel)
-
-
-def write_quantized(qmodel: nn.Module, config: ClassifierConfig, d: Path, per_channel: bool, extra: dict | None = None) -> None:
-    """Store int8 weights, scales and zero points as tensors (safetensors) in folder `d`, never packed objects."""
-    tensors: dict[str, torch.Tensor] = {}
-    quantized = set()
-    for name, m in qmodel.named_modules():
-        if _is_dynamic_linear(m):
-            w, b = m._weight_bias()
-            quantized.add(name)
-            tensors[f"{name}.weight_int8"] = w.int_repr().contiguous()
-            if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-                tensors[f"{name}.weight_scale"] = w.q_per_channel_scales().float()
-                tensors[f"{name}.weight_zero_point"] = w.q_per_channel_zero_points().to(torch.int32)
-            else:
-                tensors[f"{name}.weight_scale"] = torch.tensor([w.q_scale()], dtype=torch.float32)
-                tensors[f"{name}.weight_zero_point"] = torch.tensor([w.q_zero_point()], dtype=torch.int32)
-            if b is not None:
-                tensors[f"{name}.bias"] = b.detach().contiguous()
-    for name, t in qmodel.state_dict().items():
-        if isinstance(t, torch.Tensor) and not t.is_quantized and name.rsplit(".", 1)[0] not in quantized:
-            tensors[name] = t.detach().contiguous()
-
-    save_file(tensors, str(Path(d) / WEIGHTS))
-    _write_config(Path(d), "classifier-int8", config.to_dict(), {"per_channel": per_channel, **(extra or {})})
-
-
-def save_quantized(qmodel: nn.Module, config: ClassifierConfig, path: Path, per_channel: bool, extra: dict | None = None) -> None:
-    """`write_quantized` into `path`, created if needed (library use)."""
-    write_quantized(qmodel, config, _new_dir(path), per_channel, extra)
-
-
-def _load_quantized(path: Path, meta: dict) -> nn.Module:
-    cfg = _config(ClassifierConfig, meta, path)
-    model = TransformerClassifier(cfg).eval()
-    model.trunk.lm_head = nn.Identity()
-    qmodel = _dynamic_quantize(model, meta.get("per_channel", True))
-    file = Path(path) / WEIGHTS
-    tensors = load_tensors(file)
-    for name, m in qmodel.named_modules():
-        if not _is_dynamic_linear(m):
-            continue
-        keys = [f"{name}.{k}" for k in ("weight_int8", "weight_scale", "weight_zero_point")]
-        if any(k not in tensors for k in keys):
-            raise ArtifactError(file, f"weights do not match config (missing {[k for k in keys if k not in tensors]})")
-        q, scale, zp = (tensors.pop(k) for k in keys)
-        want = (m.out_features, m.in_features)
-        if tuple(q.shape) != want:
-            raise ArtifactError(file, f"weights do not match config ({name}.weight_int8 is {tuple(q.shape)}, config says {want})")
-        if meta.get("per_channel", True):
-            w = torch._make_per_channel_quantized_tensor(q, scale.double(), zp.long(), 0)
-        else:
-            w = torch._make_per_tensor_quantized_tensor(q, float(scale), int(zp))
-        m.set_weight_bias(w, tensors.pop(f"{name}.bias", None))
-    own = {**dict(qmodel.named_parameters()), **dict(qmodel.named_buffers())}
-    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-    if unexpected or missing:
-        raise ArtifactError(file, f"weights do not match config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    with torch.no_grad():
-        for name, t in tensors.items():
-            if own[name].shape != t.shape:
-                raise ArtifactError(file, f"weights do not match config ({name} is {tuple(t.shape)}, config says {tuple(own[name].shape)})")
-            own[name].copy_(t)
-    return qmodel
-
-
 def load_classifier(path: Path) -> nn.Module:
     """Load a classifier directory of any kind (Transformer fp32 or int8, CNN, GRU); returns it in eval mode."""
     meta = read_config(path)
     if meta["kind"] == "classifier-int8":
-        return _load_quantized(path, meta)
+        from models.quantize import load_quantized  # models.quantize imports this module
+
+        return load_quantized(path, meta)
     if meta["kind"] not in CLASSIFIER_KINDS:
         known = sorted([*CLASSIFIER_KINDS, "classifier-int8"])
         raise ArtifactError(Path(path) / CONFIG, f"not a classifier (kind {meta['kind']!r}; known kinds: {', '.join(known)})")

@@ -8,7 +8,7 @@ attention, the sparse-attention option.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -43,6 +43,10 @@ class GPTConfig:
     """Sliding-window attention: each token sees at most this many tokens (itself included); 0 = all."""
     causal: bool = True
     """Causal (decoder, next-token) attention; False = bidirectional (masked-LM encoder)."""
+    layer_heads: list[int] = field(default_factory=list)
+    """Attention heads kept in each block after structured pruning (head size stays n_embd / n_head); empty = n_head everywhere."""
+    layer_ffn: list[int] = field(default_factory=list)
+    """MLP hidden width of each block after structured pruning; empty = 4 * n_embd everywhere."""
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -58,6 +62,18 @@ class GPTConfig:
             raise ValueError("rope needs an even head size (n_embd / n_head)")
         if self.attn_window < 0:
             raise ValueError("attn_window must be >= 0")
+        self.layer_heads, self.layer_ffn = [int(h) for h in self.layer_heads], [int(f) for f in self.layer_ffn]
+        for name, sizes, top in (("layer_heads", self.layer_heads, self.n_head), ("layer_ffn", self.layer_ffn, 4 * self.n_embd)):
+            if sizes and (len(sizes) != self.n_layer or not all(1 <= n <= top for n in sizes)):
+                raise ValueError(f"{name} must list n_layer ({self.n_layer}) sizes in [1, {top}], got {sizes}")
+
+    def heads(self, layer: int) -> int:
+        """Attention heads of block `layer`."""
+        return self.layer_heads[layer] if self.layer_heads else self.n_head
+
+    def ffn(self, layer: int) -> int:
+        """MLP hidden width of block `layer`."""
+        return self.layer_ffn[layer] if self.layer_ffn else 4 * self.n_embd
 
     @property
     def head_dim(self) -> int:
@@ -126,33 +142,37 @@ def attention_mask(T: int, causal: bool, window: int, lengths: torch.Tensor | No
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTConfig, n_head: int | None = None) -> None:
         super().__init__()
-        self.n_head = cfg.n_head
+        self.n_head = n_head or cfg.n_head
+        self.head_dim = cfg.head_dim
+        inner = self.n_head * self.head_dim  # n_embd unless heads were pruned
         self.rope = cfg.pos_encoding == "rope"
         self.dropout = cfg.dropout
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.n_embd, 3 * inner, bias=cfg.bias)
+        self.proj = nn.Linear(inner, cfg.n_embd, bias=cfg.bias)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rope: tuple | None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)  # (B, T, C) each
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        inner = self.n_head * self.head_dim
+        q, k, v = self.qkv(x).split(inner, dim=2)  # (B, T, H*D) each
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0
         )  # (B, H, T, D)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, inner)  # (B, T, H*D)
         return self.resid_drop(self.proj(y))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTConfig, hidden: int | None = None) -> None:
         super().__init__()
-        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        hidden = hidden or 4 * cfg.n_embd
+        self.fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,12 +180,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTConfig, layer: int = 0) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.attn = SelfAttention(cfg)
+        self.attn = SelfAttention(cfg, cfg.heads(layer))
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, cfg.ffn(layer))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, rope: tuple | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), mask, rope)
@@ -187,7 +207,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(vocab, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_encoding == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, vocab, bias=False)
         self.lm_head.weight = self.wte.weight

@@ -1,15 +1,26 @@
-"""evaluate: every model variant and the baselines on the same held-out test split.
+"""evaluate: every model variant and every baseline on the same held-out test split.
 
-Reports accuracy, macro-F1, single-text latency (p50/p95), batch throughput and size of the fp32
-and int8 Transformer classifiers, next to a majority-class baseline, a TF-IDF + logistic-regression
-baseline and the baselines finetune trained (`paths.baselines`: scratch Transformer, CNN, GRU).
-Only the variants are candidates for promotion. Plots: the confusion matrix of the best variant
-and accuracy vs latency.
+Variants (the candidates for promotion) are the classifier folders the compression stages wrote
+(tasks/shared/variants.py): fp32, pruned, sparse, distilled and their int8 copies. Baselines (never
+promoted): majority class, TF-IDF + logistic regression, and what finetune trained beside the model
+(scratch Transformer, CNN, GRU).
+
+Per model: accuracy, macro-F1, per-class F1, expected calibration error (15 bins), CPU latency p50/p99
+at batch 1 and batch 32 with tokenization and forward timed separately, throughput, weights stored,
+size on disk and the peak resident memory added while loading and scoring it. Per variant also: the
+behavioral tests (tasks/shared/behavior.py) and a confusion matrix. The language model's perplexity on
+the test texts is reported beside them. Every scored artifact is recorded by path and sha256.
+
+Outputs: metrics/evaluate.json (DVC metrics), a Markdown report and the charts (Pareto front of
+macro-F1 against batch-1 latency, reliability diagram, confusion matrices) under `paths.evaluation`,
+the same table as an MLflow table artifact, and plot data for `dvc plots`.
 """
 
 from __future__ import annotations
 
+import gc
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +28,9 @@ import numpy as np
 import pandas as pd
 
 from models.bundle import Bundle, load_parts
-from models.checkpoint import CONFIG, dir_size_mb, load_classifier, read_config
-from models.tokenizer import TOKENIZER_FILE, load_tokenizer
+from models.checkpoint import CONFIG, WEIGHTS, dir_size_mb, load_lm, read_config
+from models.tokenizer import EOT, TOKENIZER_FILE, load_tokenizer
+from tasks.shared.behavior import load_mft, run_behavioral
 from tasks.shared.config.base import Paths
 from tasks.shared.config.evaluate import EvaluateConfig
 from tasks.shared.digest import tree_sha256
@@ -27,66 +39,274 @@ from tasks.shared.harness import stage_main
 from tasks.shared.io import atomic_dir, read_parquet, write_csv
 from tasks.shared.plots import publish, pyplot
 from tasks.shared.tracking import NullTracker, Tracker
+from tasks.shared.variants import built, skipped
 
 SECTIONS = {"evaluate": EvaluateConfig}
 """The params.yaml sections this stage reads (its dvc.yaml `params:`)."""
 CONFUSION_PLOT = "evaluate_confusion.csv"
 PER_CLASS_PLOT = "evaluate_per_class.csv"
-TRADEOFF_PLOT = "evaluate_accuracy_vs_latency.csv"
+TRADEOFF_PLOT = "evaluate_f1_vs_latency.csv"
 """Plot data in `paths.plots` (dvc.yaml `plots:`): test predictions of the best variant, its per-class
-scores, and every model's accuracy against its p50 latency."""
+scores, and every model's macro-F1 against its batch-1 p50 latency."""
+REPORT = "report.md"
+ECE_BINS = 15
+TABLE_COLUMNS = (
+    "accuracy", "macro_f1", "ece", "p50_ms_b1", "p99_ms_b1", "tokenize_ms_b1", "forward_ms_b1",
+    "p50_ms_b32", "p99_ms_b32", "tokenize_ms_b32", "forward_ms_b32", "throughput_per_s", "params", "size_mb", "peak_rss_mb",
+    "behavioral_min_pass_rate",
+)  # fmt: skip
+"""Columns of the comparison table (Markdown report, MLflow table), in order."""
 
 
-def scores(y_true: list[str], y_pred: list[str], labels: list[str]) -> dict[str, float]:
+def scores(y_true: list[str], y_pred: list[str], labels: list[str]) -> dict:
+    """Accuracy, macro-F1 and per-class F1."""
     from sklearn.metrics import accuracy_score, f1_score
 
+    per = f1_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
     return {
         "accuracy": round(float(accuracy_score(y_true, y_pred)), 4),
-        "macro_f1": round(float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)), 4),
+        "macro_f1": round(float(np.mean(per)), 4),
+        "per_class_f1": {lab: round(float(f), 4) for lab, f in zip(labels, per)},
     }
 
 
-def latency_ms(predict_one, texts: list[str]) -> dict[str, float]:
-    """p50/p95 wall time of single-text predictions, after two warm-up calls."""
-    for t in texts[:2]:
-        predict_one(t)
-    times = []
-    for t in texts:
+def calibration(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> tuple[float, list[dict]]:
+    """Expected calibration error of the top-class confidence (equal-width bins) and the bins behind it."""
+    conf, correct = probs.max(1), (probs.argmax(1) == y).astype(float)
+    edges = np.linspace(0, 1, bins + 1)
+    rows, ece = [], 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (conf > lo) & (conf <= hi) if lo > 0 else (conf >= lo) & (conf <= hi)
+        if inside.any():
+            acc, mean_conf, share = float(correct[inside].mean()), float(conf[inside].mean()), float(inside.mean())
+            ece += share * abs(acc - mean_conf)
+            rows.append({"lo": round(float(lo), 4), "hi": round(float(hi), 4), "accuracy": round(acc, 4), "confidence": round(mean_conf, 4), "count": int(inside.sum())})
+    return round(ece, 4), rows
+
+
+@dataclass
+class Scorer:
+    """A model as evaluate times it: `encode` (tokenization or vectorization) then `forward` (probabilities)."""
+
+    labels: list[str]
+    encode: Callable
+    forward: Callable
+    params: int = 0
+    folder: Path | None = None
+
+
+def bundle_scorer(bundle: Bundle, folder: Path) -> Scorer:
+    return Scorer(bundle.labels, bundle.encode, lambda enc: bundle.forward(*enc).numpy(), stored_weights(folder), Path(folder))
+
+
+def stored_weights(folder: Path) -> int:
+    """Weights a model folder stores (int8 counted like float; quantization scales and zero points not counted)."""
+    from safetensors import safe_open
+
+    n = 0
+    with safe_open(str(Path(folder) / WEIGHTS), framework="pt") as f:
+        for key in f.keys():
+            if not key.endswith((".weight_scale", ".weight_zero_point")):
+                n += int(np.prod(f.get_slice(key).get_shape()))
+    return n
+
+
+def percentile(times: list[float], q: float) -> float:
+    return round(float(np.percentile(times, q)), 3)
+
+
+def latency(scorers: dict[str, Scorer], texts: list[str], batch: int, reps: int, block: int = 8) -> dict[str, dict[str, float]]:
+    """Per model: p50/p99 of whole requests of `batch` texts, and the median tokenization and forward time of each.
+
+    The models take turns in blocks of `block` requests, each block after one untimed request, the order
+    rotating every round: drift in the machine's speed while timing (a shared VM, another process) falls
+    on every model alike, so their ratios stay fair, and no model is timed right after another's switch.
+    """
+    names = list(scorers)
+    times: dict[str, tuple[list, list, list]] = {n: ([], [], []) for n in names}
+    requests = [texts[(i * batch) % len(texts) :][:batch] for i in range(reps)]
+    requests = [r if len(r) == batch or len(texts) < batch else texts[:batch] for r in requests]
+    for start in range(0, reps, block):
+        chunk = requests[start : start + block]
+        for k in range(len(names)):
+            name = names[(start // block + k) % len(names)]
+            scorer = scorers[name]
+            scorer.forward(scorer.encode(chunk[0]))  # untimed: the switch from the previous model
+            total, tok, fwd = times[name]
+            for b in chunk:
+                t0 = time.perf_counter()
+                enc = scorer.encode(b)
+                t1 = time.perf_counter()
+                scorer.forward(enc)
+                t2 = time.perf_counter()
+                total.append((t2 - t0) * 1e3)
+                tok.append((t1 - t0) * 1e3)
+                fwd.append((t2 - t1) * 1e3)
+    s = f"b{batch}"
+    return {
+        n: {f"p50_ms_{s}": percentile(total, 50), f"p99_ms_{s}": percentile(total, 99), f"tokenize_ms_{s}": percentile(tok, 50), f"forward_ms_{s}": percentile(fwd, 50)}
+        for n, (total, tok, fwd) in times.items()
+    }
+
+
+class PeakRss:
+    """Peak resident memory added inside the block, sampled every 2 ms (freed memory returned to the OS first)."""
+
+    def __enter__(self):
+        import threading
+
+        import psutil
+
+        gc.collect()
+        _trim()
+        self._proc = psutil.Process()
+        self.base = self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    @property
+    def added_mb(self) -> float:
+        return round((self.peak - self.base) / 2**20, 1)
+
+
+def _trim() -> None:
+    """Give freed heap back to the OS (glibc), so one model's peak is not hidden by the last one's free pages."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def score_model(load: Callable[[], Scorer], test: pd.DataFrame, cfg: EvaluateConfig) -> tuple[dict, np.ndarray, Scorer]:
+    """Load one model and score it on the test split: quality, calibration, throughput, memory (latency: `timed`)."""
+    texts, y_true = test["text"].tolist(), test["label"].tolist()
+    with PeakRss() as mem:
+        scorer = load()
         start = time.perf_counter()
-        predict_one(t)
-        times.append((time.perf_counter() - start) * 1e3)
-    return {"latency_p50_ms": round(float(np.percentile(times, 50)), 3), "latency_p95_ms": round(float(np.percentile(times, 95)), 3)}
-
-
-def evaluate_bundle(bundle: Bundle, test: pd.DataFrame, cfg: EvaluateConfig) -> tuple[dict, list[str]]:
-    texts = test["text"].tolist()
-    start = time.perf_counter()
-    probs = bundle.probabilities(texts, batch_size=cfg.batch_size)
-    seconds = time.perf_counter() - start
-    pred = [bundle.labels[i] for i in probs.argmax(-1).tolist()]
-    m = scores(test["label"].tolist(), pred, bundle.labels)
-    m.update(latency_ms(lambda t: bundle.probabilities([t]), texts[: cfg.latency_samples]))
+        probs = np.concatenate([scorer.forward(scorer.encode(texts[i : i + cfg.batch_size])) for i in range(0, len(texts), cfg.batch_size)])
+        seconds = time.perf_counter() - start
+    pred = [scorer.labels[i] for i in probs.argmax(1)]
+    m = scores(y_true, pred, scorer.labels)
+    index = {lab: i for i, lab in enumerate(scorer.labels)}
+    m["ece"], m["reliability"] = calibration(probs, np.array([index.get(t, -1) for t in y_true]))
     m["throughput_per_s"] = round(len(texts) / seconds, 1)
-    return m, pred
+    m["params"] = scorer.params
+    m["peak_rss_mb"] = mem.added_mb
+    if scorer.folder is not None:
+        m["size_mb"] = round(dir_size_mb(scorer.folder), 3)
+    return m, probs, scorer
 
 
-def tfidf_baseline(train: pd.DataFrame, test: pd.DataFrame, labels: list[str], cfg: EvaluateConfig) -> tuple[dict, list[str]]:
+def timed(scorers: dict[str, Scorer], texts: list[str], cfg: EvaluateConfig) -> dict[str, dict[str, float]]:
+    """Batch-1 and batch-32 latency of every model, interleaved (see `latency`)."""
+    one = latency(scorers, texts, 1, cfg.latency_samples, block=8)
+    many = latency(scorers, texts, 32, cfg.latency_batches, block=4)
+    return {n: {**one[n], **many[n]} for n in scorers}
+
+
+def tfidf_scorer(train: pd.DataFrame, labels: list[str], cfg: EvaluateConfig) -> Scorer:
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
 
-    pipe = make_pipeline(
-        TfidfVectorizer(max_features=cfg.tfidf_max_features, token_pattern=r"(?u)\b\w+\b", sublinear_tf=True),
-        LogisticRegression(C=cfg.tfidf_c, max_iter=2000),
-    )
-    pipe.fit(train["text"], train["label"])
-    start = time.perf_counter()
-    pred = list(pipe.predict(test["text"]))
-    seconds = time.perf_counter() - start
-    m = scores(test["label"].tolist(), pred, labels)
-    m.update(latency_ms(lambda t: pipe.predict([t]), test["text"].tolist()[: cfg.latency_samples]))
-    m["throughput_per_s"] = round(len(test) / seconds, 1)
-    return m, pred
+    vec = TfidfVectorizer(max_features=cfg.tfidf_max_features, token_pattern=r"(?u)\b\w+\b", sublinear_tf=True)
+    clf = LogisticRegression(C=cfg.tfidf_c, max_iter=2000).fit(vec.fit_transform(train["text"]), train["label"])
+    order = [list(clf.classes_).index(lab) for lab in labels]
+    return Scorer(labels, vec.transform, lambda X: clf.predict_proba(X)[:, order], int(clf.coef_.size + clf.intercept_.size))
+
+
+@dataclass
+class EvaluateResult:
+    test_examples: int
+    variants: dict[str, dict]
+    baselines: dict[str, dict]
+    artifacts: dict[str, dict]
+    """What was scored, by path and sha256 (tasks.shared.digest.tree_sha256): every model, the tokenizer
+    and the labeled data. Promotion registers a variant only if its hashes still match."""
+    language_model: dict
+    skipped_variants: dict[str, str]
+
+    @property
+    def metrics(self) -> dict:
+        return self.__dict__.copy()
+
+
+def lm_perplexity(lm_dir: Path, tokenizer, texts: list[str], block: int) -> dict:
+    """Perplexity of the pretrained causal LM on `texts` (each from an end-of-text token, up to `block` tokens)."""
+    import torch
+    import torch.nn.functional as F
+
+    lm = load_lm(lm_dir)
+    if not lm.config.causal:
+        return {"test_perplexity": None, "note": "masked-LM trunk: no next-token perplexity"}
+    eot = tokenizer.token_to_id(EOT)
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for enc in tokenizer.encode_batch(texts):
+            ids = torch.tensor([[eot, *enc.ids[: block - 1]]])
+            logits = lm(ids[:, :-1])[0][0, :, : lm.config.vocab_size]
+            nll += float(F.cross_entropy(logits.float(), ids[0, 1:], reduction="sum"))
+            count += ids.size(1) - 1
+    return {"test_perplexity": round(float(np.exp(nll / max(count, 1))), 3), "test_tokens": count}
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """Names not dominated by another point of lower latency and higher score (x: latency, y: score), by latency."""
+    front, best = [], -np.inf
+    for name, (_, y) in sorted(points.items(), key=lambda kv: (kv[1][0], -kv[1][1])):
+        if y > best:
+            front.append(name)
+            best = y
+    return front
+
+
+def plot_pareto(results: dict[str, dict], variants: set[str], path: Path):
+    plt = pyplot()
+    pts = {n: (m["p50_ms_b1"], m["macro_f1"]) for n, m in results.items() if "p50_ms_b1" in m}
+    front = pareto_front(pts)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for name, (x, y) in pts.items():
+        ax.scatter(x, y, s=60, marker="o" if name in variants else "s", color="tab:blue" if name in variants else "tab:gray")
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.step([pts[n][0] for n in front], [pts[n][1] for n in front], where="post", color="tab:red", label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("p50 latency, batch 1 (ms, log scale; tokenization included)")
+    ax.set_ylabel("test macro-F1")
+    ax.set_title("Quality vs latency (circles: variants, squares: baselines)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return fig, front
+
+
+def plot_reliability(results: dict[str, dict], path: Path):
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    for name, m in results.items():
+        rows = m.get("reliability") or []
+        ax.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], "o-", ms=3, label=f"{name} (ECE {m['ece']:.3f})")
+    ax.set_xlabel("confidence (top class)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Reliability diagram, test split")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return fig
 
 
 def plot_confusion(y_true: list[str], y_pred: list[str], labels: list[str], title: str, path: Path):
@@ -97,24 +317,6 @@ def plot_confusion(y_true: list[str], y_pred: list[str], labels: list[str], titl
     ConfusionMatrixDisplay.from_predictions(y_true, y_pred, labels=labels, normalize="true", ax=ax, colorbar=False, values_format=".2f")
     ax.set_title(title)
     plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return fig
-
-
-def plot_tradeoff(results: dict[str, dict], path: Path):
-    plt = pyplot()
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, m in results.items():
-        if "latency_p50_ms" in m:
-            ax.scatter(m["latency_p50_ms"], m["accuracy"], s=60)
-            ax.annotate(name, (m["latency_p50_ms"], m["accuracy"]), textcoords="offset points", xytext=(6, 4))
-    ax.set_xscale("log")
-    ax.set_xlabel("p50 latency per text (ms, log scale)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("Accuracy vs latency")
-    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return fig
@@ -131,13 +333,39 @@ def per_class(y_true: list[str], y_pred: list[str], labels: list[str]) -> list[d
     ]
 
 
-def write_plot_data(y_true: list[str], y_pred: list[str], labels: list[str], results: dict[str, dict], folder: Path) -> None:
-    """CSV plot data for `dvc plots`: confusion (actual, predicted), per-class scores, accuracy vs latency."""
-    folder = Path(folder)
-    write_csv(folder / CONFUSION_PLOT, ({"actual": a, "predicted": p} for a, p in zip(y_true, y_pred)), ["actual", "predicted"])
-    write_csv(folder / PER_CLASS_PLOT, per_class(y_true, y_pred, labels), ["label", "precision", "recall", "f1", "support"])
-    points = [{"model": name, **m} for name, m in results.items() if "latency_p50_ms" in m]
-    write_csv(folder / TRADEOFF_PLOT, points, ["model", "latency_p50_ms", "accuracy", "macro_f1"])
+def table(results: dict[str, dict], variants: set[str]) -> dict[str, list]:
+    """The comparison table as columns (model, role, then TABLE_COLUMNS; blank where it does not apply)."""
+    cols: dict[str, list] = {"model": [], "role": [], **{c: [] for c in TABLE_COLUMNS}}
+    for name, m in results.items():
+        cols["model"].append(name)
+        cols["role"].append("variant" if name in variants else "baseline")
+        for c in TABLE_COLUMNS:
+            cols[c].append(m.get(c, ""))
+    return cols
+
+
+def markdown_report(cols: dict[str, list], front: list[str], lm: dict, skipped_variants: dict[str, str], artifacts: dict[str, dict], n_test: int) -> str:
+    head = list(cols)
+    lines = [
+        "# Evaluation report",
+        "",
+        f"{n_test} held-out test texts; every model scored on the same rows. Latency: one process, this machine's CPU threads;",
+        "`p50/p99_ms_bN` time whole requests of N texts (tokenization included), `tokenize_ms`/`forward_ms` their medians.",
+        "`peak_rss_mb`: resident memory added while loading and scoring the model. `params`: weights stored.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for i in range(len(cols["model"])):
+        lines.append("| " + " | ".join(str(cols[c][i]) for c in head) + " |")
+    lines += ["", f"Pareto front (macro-F1 vs batch-1 p50 latency): {', '.join(front)}.", ""]
+    if lm.get("test_perplexity") is not None:
+        lines.append(f"Language model: test perplexity {lm['test_perplexity']} over {lm['test_tokens']} tokens.")
+    for name, why in skipped_variants.items():
+        lines.append(f"Variant `{name}` not built: {why}.")
+    lines += ["", "## Artifacts scored", "", "| artifact | path | sha256 |", "|---|---|---|"]
+    lines += [f"| {k} | {a['path']} | `{a['sha256']}` |" for k, a in artifacts.items()]
+    return "\n".join(lines) + "\n"
 
 
 def trained_baselines(folder: Path) -> dict[str, Path]:
@@ -148,24 +376,13 @@ def trained_baselines(folder: Path) -> dict[str, Path]:
     return {d.name: d for d in sorted(folder.iterdir()) if (d / CONFIG).is_file()}
 
 
-def load_baseline(tokenizer_file: Path, folder: Path) -> Bundle:
-    """A Bundle around a baseline classifier (any kind load_classifier knows)."""
-    meta = read_config(folder)
-    return Bundle(load_tokenizer(tokenizer_file), load_classifier(folder), list(meta["config"]["labels"]), int(meta["max_length"]))
-
-
-@dataclass
-class EvaluateResult:
-    test_examples: int
-    variants: dict[str, dict]
-    baselines: dict[str, dict]
-    artifacts: dict[str, dict]
-    """What was scored, by path and sha256 (tasks.shared.digest.tree_sha256): the variants, the
-    tokenizer and the labeled data. Promotion registers a variant only if its hashes still match."""
-
-    @property
-    def metrics(self) -> dict:
-        return self.__dict__.copy()
+def write_plot_data(y_true: list[str], y_pred: list[str], labels: list[str], results: dict[str, dict], folder: Path) -> None:
+    """CSV plot data for `dvc plots`: confusion (actual, predicted), per-class scores, macro-F1 vs latency."""
+    folder = Path(folder)
+    write_csv(folder / CONFUSION_PLOT, ({"actual": a, "predicted": p} for a, p in zip(y_true, y_pred)), ["actual", "predicted"])
+    write_csv(folder / PER_CLASS_PLOT, per_class(y_true, y_pred, labels), ["label", "precision", "recall", "f1", "support"])
+    points = [{"model": name, **m} for name, m in results.items() if "p50_ms_b1" in m]
+    write_csv(folder / TRADEOFF_PLOT, points, ["model", "p50_ms_b1", "macro_f1", "accuracy"])
 
 
 def run(cfg: EvaluateConfig, paths: Paths, tracker: Tracker | None = None) -> EvaluateResult:
@@ -174,34 +391,69 @@ def run(cfg: EvaluateConfig, paths: Paths, tracker: Tracker | None = None) -> Ev
     train, test = data[data["split"] == "train"], data[data["split"] == "test"]
     if test.empty:
         raise UserError(f"{paths.clean_labeled}: no test rows")
+    variant_dirs = built(paths)
+    if not variant_dirs:
+        raise UserError(f"{paths.classifier}: no fine-tuned classifier to evaluate; run finetune")
+    mft = load_mft(paths.behavioral) if Path(paths.behavioral).is_file() else []
     tokenizer = Path(paths.tokenizer) / TOKENIZER_FILE
     artifacts = {name: {"path": str(f), "sha256": tree_sha256(f)} for name, f in (("tokenizer", tokenizer), ("labeled_data", paths.clean_labeled))}
-    variants, preds = {}, {}
-    for name, folder in (("fp32", paths.classifier), ("int8", paths.compressed)):
-        artifacts[name] = {"path": str(folder), "sha256": tree_sha256(folder)}  # hashed before loading: a change after is caught
-        bundle = load_parts(tokenizer, folder)
-        variants[name], preds[name] = evaluate_bundle(bundle, test, cfg)
-        variants[name]["size_mb"] = round(dir_size_mb(folder), 3)
-        print(f"{name}: {variants[name]}")
-    labels = bundle.labels
+    results: dict[str, dict] = {}
+    preds: dict[str, list[str]] = {}
+    scorers: dict[str, Scorer] = {}
+    texts = test["text"].tolist()
+    y_true = test["label"].tolist()
+
+    def evaluate(name: str, load: Callable[[], Scorer], folder: Path | None, behavioral: bool = False) -> None:
+        if folder is not None:
+            artifacts[name] = {"path": str(folder), "sha256": tree_sha256(folder)}  # hashed before loading: a change after is caught
+        m, probs, scorer = score_model(load, test, cfg)
+        scorers[name] = scorer
+        preds[name] = [scorer.labels[i] for i in probs.argmax(1)]
+        if behavioral:
+            report = run_behavioral(lambda ts: [scorer.labels[i] for i in np.concatenate([scorer.forward(scorer.encode(ts[j : j + cfg.batch_size])) for j in range(0, len(ts), cfg.batch_size)]).argmax(1)], texts, mft, cfg.behavioral_sample, cfg.seed, labels=scorer.labels)
+            m["behavioral"] = report
+            m["behavioral_min_pass_rate"] = report["min_pass_rate"]
+        results[name] = m
+        print(f"{name}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f}")
+
+    for name, folder in variant_dirs.items():
+        evaluate(name, lambda f=folder: bundle_scorer(load_parts(tokenizer, f), f), folder, behavioral=True)
+    labels = load_parts(tokenizer, variant_dirs["fp32"] if "fp32" in variant_dirs else next(iter(variant_dirs.values()))).labels
     majority = train["label"].value_counts().idxmax()
-    baselines = {"majority": scores(test["label"].tolist(), [majority] * len(test), labels)}
-    baselines["tfidf_logreg"], preds["tfidf_logreg"] = tfidf_baseline(train, test, labels, cfg)
+    results["majority"] = scores(y_true, [majority] * len(test), labels) | {"params": 0}
+    preds["majority"] = [majority] * len(test)
+    evaluate("tfidf_logreg", lambda: tfidf_scorer(train, labels, cfg), None)
     for name, folder in trained_baselines(paths.baselines).items():
-        baselines[name], preds[name] = evaluate_bundle(load_baseline(tokenizer, folder), test, cfg)
-        baselines[name]["size_mb"] = round(dir_size_mb(folder), 3)
-    print(f"baselines: {baselines}")
+        evaluate(name, lambda f=folder: bundle_scorer(load_parts(tokenizer, f), f), folder)
+    for name, t in timed(scorers, texts, cfg).items():
+        results[name].update(t)
+        print(f"{name}: p50 {t['p50_ms_b1']:.3f} ms for 1 text, {t['p50_ms_b32']:.3f} ms for 32")
+    lm = lm_perplexity(Path(paths.lm), load_tokenizer(tokenizer), texts, int(read_config(paths.lm)["config"]["block_size"])) if (Path(paths.lm) / CONFIG).is_file() else {}
+    print(f"language model: {lm}")
 
-    best = max(variants, key=lambda v: variants[v]["macro_f1"])
-
+    names = set(variant_dirs)
+    best = max(names, key=lambda v: results[v]["macro_f1"])
+    cols = table(results, names)
+    off = skipped(paths)
     with atomic_dir(paths.evaluation) as d:
         test.assign(**{f"pred_{k}": v for k, v in preds.items()}).to_parquet(d / "predictions.parquet", index=False)
-        cm = plot_confusion(test["label"].tolist(), preds[best], labels, f"Confusion matrix ({best}, test split)", d / "confusion_matrix.png")
-        tr = plot_tradeoff({**variants, **baselines}, d / "accuracy_vs_latency.png")  # majority has no latency: not drawn
-        publish(tracker, cm, "confusion_matrix.png")
-        publish(tracker, tr, "accuracy_vs_latency.png")
-    write_plot_data(test["label"].tolist(), preds[best], labels, {**variants, **baselines}, paths.plots)
-    return EvaluateResult(test_examples=len(test), variants=variants, baselines=baselines, artifacts=artifacts)
+        for name in variant_dirs:
+            fig = plot_confusion(y_true, preds[name], labels, f"Confusion matrix ({name}, test split)", d / f"confusion_{name}.png")
+            publish(tracker, fig, f"confusion/{name}.png")
+        fig, front = plot_pareto(results, names, d / "pareto.png")
+        publish(tracker, fig, "pareto.png")
+        publish(tracker, plot_reliability({n: results[n] for n in variant_dirs}, d / "reliability.png"), "reliability.png")
+        (d / REPORT).write_text(markdown_report(cols, front, lm, off, artifacts, len(test)))
+        tracker.log_artifact(d / REPORT)
+        tracker.log_table(cols, "comparison.json")
+    write_plot_data(y_true, preds[best], labels, results, paths.plots)
+    for m in results.values():
+        m.pop("reliability", None)  # in the chart; metrics keep the ECE
+    variants = {n: results[n] for n in variant_dirs}
+    baselines = {n: m for n, m in results.items() if n not in names}
+    for name, m in results.items():
+        m["pareto"] = name in front
+    return EvaluateResult(test_examples=len(test), variants=variants, baselines=baselines, artifacts=artifacts, language_model=lm, skipped_variants=off)
 
 
 def main() -> None:

@@ -18,10 +18,13 @@ import yaml
 
 from tasks.shared.config.base import Paths
 from tasks.shared.config.clean import CleanConfig
-from tasks.shared.config.compress import CompressConfig
+from tasks.shared.config.distill import DistillConfig
 from tasks.shared.config.evaluate import EvaluateConfig
 from tasks.shared.config.finetune import FinetuneConfig
 from tasks.shared.config.pretrain import PretrainConfig
+from tasks.shared.config.prune import PruneConfig
+from tasks.shared.config.quantize import QuantizeConfig
+from tasks.shared.config.sparsify import SparsifyConfig
 from tasks.shared.config.tokenize import TokenizeConfig
 from tasks.shared.config.training import ModelSpec
 from tasks.shared.config.validate import ValidateConfig
@@ -73,8 +76,11 @@ TINY_PROJECT = {
     },
     # every training row: a class-balanced subset makes the tiny model score below the majority class
     "finetune": {"max_length": 32, "epochs": 1, "max_train_per_label": 0, "batch_size": 16, "deterministic": True},
-    "evaluate": {"latency_samples": 8},
-    "promote": {"min_accuracy": 0.0, "min_macro_f1": 0.0, "min_gain_over_majority": 0.0, "max_regression": 1.0},
+    "prune": {"recovery_epochs": 1},
+    "sparsify": {"recovery_epochs": 0},
+    "distill": {"n_layer": 1, "epochs": 1},
+    "evaluate": {"latency_samples": 8, "latency_batches": 2, "behavioral_sample": 16},
+    "promote": {"min_accuracy": 0.0, "min_macro_f1": 0.0, "min_gain_over_majority": 0.0, "max_regression": 1.0, "min_behavioral_pass_rate": 0.0},
 }
 """A whole-pipeline config small enough for the tests: the default task on 3 stdlib packages, a tiny
 model, bit-exact training (so an interrupted and resumed run can be compared with an uninterrupted one)."""
@@ -283,8 +289,11 @@ TINY_FINETUNE = FinetuneConfig(
     gru_embd=16,
     gru_hidden=16,
 )
-TINY_COMPRESS = CompressConfig(per_channel=True)
-TINY_EVALUATE = EvaluateConfig(batch_size=32, latency_samples=4, tfidf_max_features=200)
+TINY_PRUNE = PruneConfig(recovery_epochs=1)
+TINY_SPARSIFY = SparsifyConfig(recovery_epochs=0)
+TINY_DISTILL = DistillConfig(n_layer=1, epochs=1)
+TINY_QUANTIZE = QuantizeConfig(backend="torch.ao")
+TINY_EVALUATE = EvaluateConfig(batch_size=32, latency_samples=4, latency_batches=2, behavioral_sample=16, tfidf_max_features=200)
 
 
 def pytest_configure(config) -> None:
@@ -302,6 +311,8 @@ def make_paths(root: Path) -> Paths:
 def _project(root: Path) -> Paths:
     paths = make_paths(root)
     shutil.copytree(ROOT / "data" / "expectations", paths.expectations)
+    paths.behavioral.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(ROOT / "data" / "behavioral" / "mft.jsonl", paths.behavioral)
     return paths
 
 
@@ -387,13 +398,16 @@ class PipelineRun:
     tokenize: object
     pretrain: object
     finetune: object
-    compress: object
+    prune: object
+    sparsify: object
+    distill: object
+    quantize: object
     evaluate: object
 
 
 def run_tiny_pipeline(paths: Paths) -> PipelineRun:
-    """clean -> validate -> tokenize -> pretrain -> finetune -> compress -> evaluate on the tiny data."""
-    from tasks import clean, compress, evaluate, finetune, pretrain, tokenize, validate
+    """clean -> validate -> tokenize -> pretrain -> finetune -> prune, sparsify, distill -> quantize -> evaluate on the tiny data."""
+    from tasks import clean, distill, evaluate, finetune, pretrain, prune, quantize, sparsify, tokenize, validate
 
     write_raw(paths)
     c = clean.run(TINY_CLEAN, paths)
@@ -401,9 +415,12 @@ def run_tiny_pipeline(paths: Paths) -> PipelineRun:
     t = tokenize.run(TINY_TOKENIZE, paths)
     p = pretrain.run(TINY_PRETRAIN, paths)
     f = finetune.run(TINY_FINETUNE, paths)
-    z = compress.run(TINY_COMPRESS, paths)
+    pr = prune.run(TINY_PRUNE, TINY_FINETUNE, paths)
+    sp = sparsify.run(TINY_SPARSIFY, TINY_FINETUNE, paths)
+    di = distill.run(TINY_DISTILL, TINY_FINETUNE, paths)
+    q = quantize.run(TINY_QUANTIZE, paths)
     e = evaluate.run(TINY_EVALUATE, paths)
-    return PipelineRun(paths, c, v, t, p, f, z, e)
+    return PipelineRun(paths, c, v, t, p, f, pr, sp, di, q, e)
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,8 @@ from tasks.shared.config.promote import PromoteConfig
 from tasks.shared.digest import tree_sha256
 from tasks.shared.errors import UserError
 from tasks.shared.io import read_json
-from tasks.shared.tracking import PARENT_RUN_ENV, git_commit, setup_tracking
+from tasks.shared.tracking import PARENT_RUN_ENV, git_commit, numeric, setup_tracking
+from tasks.shared.variants import folders as variant_folders
 from tasks.shared.validation import read_result
 
 ALIAS = "champion"
@@ -52,6 +53,8 @@ class Gate:
 class Decision:
     variant: str
     gates: list[Gate]
+    choice: dict[str, str] = field(default_factory=dict)
+    """Why each evaluated variant was or was not the one registered."""
     version: str | None = None
     promoted: bool = False
     lineage: dict = field(default_factory=dict)
@@ -61,15 +64,47 @@ class Decision:
         return all(g.passed for g in self.gates)
 
 
-def choose_variant(cfg: PromoteConfig, variants: dict[str, dict]) -> str:
-    """The configured variant, or (auto) the best macro-F1 among those within the budgets."""
+def choose_variant(cfg: PromoteConfig, variants: dict[str, dict]) -> tuple[str, dict[str, str]]:
+    """The variant to register and, for every evaluated variant, why it won or lost.
+
+    A named `promote.variant` is taken as is. `auto` keeps the variants whose macro-F1 is within
+    `f1_tolerance` of the best, whose batch-1 latency and size fit the budgets and whose behavioral tests
+    pass, and takes the fastest of them at batch 1; if none qualifies, the best macro-F1 (its gates then
+    say what fails).
+    """
+    if not variants:
+        raise UserError("metrics/evaluate.json: no variant was evaluated; run `dvc repro evaluate`")
     if cfg.variant != "auto":
         if cfg.variant not in variants:
             raise UserError(f"params.yaml: promote.variant: {cfg.variant!r} was not evaluated (have {sorted(variants)})")
-        return cfg.variant
-    within = [v for v, m in variants.items() if m["latency_p50_ms"] <= cfg.max_latency_ms and m["size_mb"] <= cfg.max_size_mb]
-    pool = within or list(variants)
-    return max(pool, key=lambda v: (variants[v]["macro_f1"], -variants[v]["size_mb"]))
+        return cfg.variant, {cfg.variant: "named in promote.variant", **{v: f"not chosen: promote.variant names {cfg.variant}" for v in variants if v != cfg.variant}}
+    top = max(variants, key=lambda v: variants[v]["macro_f1"])
+    floor = round(variants[top]["macro_f1"] - cfg.f1_tolerance, 6)
+    why, eligible = {}, []
+    for v, m in variants.items():
+        behavior = m.get("behavioral_min_pass_rate")
+        if m["macro_f1"] < floor:
+            why[v] = f"macro-F1 {m['macro_f1']:.4f} is more than {cfg.f1_tolerance:.4f} below the best ({top} {variants[top]['macro_f1']:.4f})"
+        elif m["p50_ms_b1"] > cfg.max_latency_ms:
+            why[v] = f"p50 {m['p50_ms_b1']:.2f} ms over the latency budget {cfg.max_latency_ms:.2f} ms"
+        elif m["size_mb"] > cfg.max_size_mb:
+            why[v] = f"{m['size_mb']:.2f} MB over the size budget {cfg.max_size_mb:.2f} MB"
+        elif behavior is not None and behavior < cfg.min_behavioral_pass_rate:
+            why[v] = f"behavioral tests pass {behavior:.3f} of cases, below {cfg.min_behavioral_pass_rate:.3f}"
+        else:
+            eligible.append(v)
+    if not eligible:
+        why[top] = f"best macro-F1 ({variants[top]['macro_f1']:.4f}); no variant qualified, so its gates decide"
+        return top, why
+    pick = min(eligible, key=lambda v: (variants[v]["p50_ms_b1"], -variants[v]["macro_f1"]))
+    fast = variants[pick]["p50_ms_b1"]
+    for v in eligible:
+        why[v] = (
+            f"chosen: fastest qualifying variant (p50 {fast:.3f} ms at batch 1, macro-F1 {variants[v]['macro_f1']:.4f}, within {cfg.f1_tolerance:.4f} of the best)"
+            if v == pick
+            else f"qualified but slower: p50 {variants[v]['p50_ms_b1']:.3f} ms vs {fast:.3f} ms ({pick})"
+        )
+    return pick, why
 
 
 def metric_gates(cfg: PromoteConfig, m: dict, majority: dict, champion: dict | None, validation_ok: bool | None) -> list[Gate]:
@@ -88,9 +123,23 @@ def metric_gates(cfg: PromoteConfig, m: dict, majority: dict, champion: dict | N
         gates.append(
             Gate("no_regression", drop <= cfg.max_regression, f"macro-F1 {m['macro_f1']:.4f} vs champion v{champion['version']} {champion['macro_f1']:.4f} (allowed drop {cfg.max_regression:.4f})")
         )
-    gates.append(Gate("latency", m["latency_p50_ms"] <= cfg.max_latency_ms, f"p50 {m['latency_p50_ms']:.2f} ms vs budget {cfg.max_latency_ms:.2f} ms"))
+    gates.append(Gate("latency", m["p50_ms_b1"] <= cfg.max_latency_ms, f"p50 {m['p50_ms_b1']:.2f} ms (one text) vs budget {cfg.max_latency_ms:.2f} ms"))
     gates.append(Gate("size", m["size_mb"] <= cfg.max_size_mb, f"{m['size_mb']:.2f} MB vs budget {cfg.max_size_mb:.2f} MB"))
+    behavior = m.get("behavioral_min_pass_rate")
+    if behavior is None:
+        gates.append(Gate("behavioral", True, "no behavioral test could run (no applicable cases)"))
+    else:
+        worst = _worst_behavioral(m.get("behavioral") or {})
+        gates.append(Gate("behavioral", behavior >= cfg.min_behavioral_pass_rate, f"lowest pass rate {behavior:.3f}{worst} vs floor {cfg.min_behavioral_pass_rate:.3f}"))
     return gates
+
+
+def _worst_behavioral(report: dict) -> str:
+    """` (<test>)` naming the behavioral test with the lowest pass rate."""
+    rates = {name: r.get("pass_rate") for name, r in (report.get("invariance") or {}).items()}
+    rates["minimum_functionality"] = (report.get("mft") or {}).get("pass_rate")
+    rates = {k: v for k, v in rates.items() if v is not None}
+    return f" ({min(rates, key=rates.get)})" if rates else ""
 
 
 def smoke_gate(bundle_dir: Path) -> Gate:
@@ -241,16 +290,23 @@ def run(params: Params, params_file: Path = Path("params.yaml"), flow_run_id: st
     metrics_file = Path(paths.metrics) / "evaluate.json"
     evaluation = read_json(metrics_file)
     validation_ok = read_result(paths.validation)["success"] if Path(paths.validation).exists() else None
-    variant = choose_variant(cfg, evaluation["variants"])
+    variant, choice = choose_variant(cfg, evaluation["variants"])
     m = evaluation["variants"][variant]
+    print(f"variant: {variant} (promote.variant: {cfg.variant})")
+    for v, why in choice.items():
+        if v != variant:
+            print(f"  {v}: {why}")
 
+    scalars = {k: v for k, v in m.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
     setup_tracking(params.tracking)
     client = MlflowClient()
     name = params.tracking.registered_model
     champion = current_champion(client, name)
     gates = metric_gates(cfg, m, evaluation["baselines"]["majority"], champion, validation_ok)
 
-    folder = paths.compressed if variant == "int8" else paths.classifier
+    folder = variant_folders(paths).get(variant)
+    if folder is None:
+        raise UserError(f"{metrics_file}: variant {variant!r} is not one lmforge builds (have {sorted(variant_folders(paths))})")
     with tempfile.TemporaryDirectory(prefix="lmforge-bundle-") as tmp:
         bundle_dir = Path(tmp) / "bundle"
         write_bundle(bundle_dir, Path(paths.tokenizer) / TOKENIZER_FILE, Path(folder), Path(paths.lm))
@@ -260,7 +316,7 @@ def run(params: Params, params_file: Path = Path("params.yaml"), flow_run_id: st
             "test_data_sha256": evaluation["artifacts"].get("labeled_data", {}).get("sha256", ""),
         }
         gates.append(smoke_gate(bundle_dir))
-        decision = Decision(variant=variant, gates=gates)
+        decision = Decision(variant=variant, gates=gates, choice=choice)
         for g in gates:
             print(g)
 
@@ -284,8 +340,8 @@ def run(params: Params, params_file: Path = Path("params.yaml"), flow_run_id: st
                 pip_requirements=_requirements(),
                 registered_model_name=name,
             )
-            mlflow.log_metrics({f"test_{k}": float(v) for k, v in m.items()})
-            mlflow.log_dict({"variant": variant, "gates": [g.__dict__ for g in gates]}, "gates.json")
+            mlflow.log_metrics({f"test_{k}": v for k, v in numeric(scalars).items()})
+            mlflow.log_dict({"variant": variant, "gates": [g.__dict__ for g in gates], "choice": choice}, "gates.json")
             mlflow.set_tags({f"gate.{g.name}": "pass" if g.passed else "fail" for g in gates})
             decision.lineage["mlflow_promote_run_id"] = run_.info.run_id
 
@@ -294,7 +350,8 @@ def run(params: Params, params_file: Path = Path("params.yaml"), flow_run_id: st
     tags = {
         "variant": variant,
         "gates": "passed" if decision.passed else "failed",
-        **{f"test_{k}": str(v) for k, v in m.items()},
+        **{f"test_{k}": str(v) for k, v in scalars.items()},
+        **{f"choice.{v}": why for v, why in choice.items()},
         **{f"gate.{g.name}": f"{'pass' if g.passed else 'fail'}: {g.reason}" for g in gates},
         **{k: str(v) for k, v in decision.lineage.items()},
     }

@@ -80,6 +80,8 @@ class Tracker:
 
     def log_dict(self, obj: dict, name: str) -> None: ...
 
+    def log_table(self, columns: dict[str, list], name: str) -> None: ...
+
     def log_params(self, params: dict) -> None: ...
 
 
@@ -153,6 +155,10 @@ class MlflowTracker(Tracker):
 
     def log_dict(self, obj: dict, name: str) -> None:
         self._mlflow.log_dict(obj, name)
+
+    def log_table(self, columns: dict[str, list], name: str) -> None:
+        """A table artifact (`name` ends in .json) that the MLflow UI shows and compares across runs."""
+        self._mlflow.log_table(data=columns, artifact_file=name)
 
     def log_params(self, params: dict) -> None:
         self._track(self._mlflow.log_params(params, synchronous=False))

@@ -226,7 +226,7 @@ def test_dvc_repro_never_empties_a_folder_of_yours(faulted):
 
 
 def test_promote_refuses_an_evaluation_of_other_artifacts(faulted):
-    """The issue's partial rerun: degrade the fine-tune, `dvc repro compress` (evaluate is now stale),
+    """The issue's partial rerun: degrade the fine-tune, `dvc repro quantize` (evaluate is now stale),
     `lmforge promote`: refused in one line, nothing registered, @champion unchanged."""
     from mlflow import MlflowClient
 
@@ -238,7 +238,7 @@ def test_promote_refuses_an_evaluation_of_other_artifacts(faulted):
     original = params.read_text()
     params.write_text(original.replace("  max_train_per_label: 0", "  max_train_per_label: 2"))
     try:
-        res = subprocess.run(["dvc", "repro", "compress"], cwd=project, env=env, capture_output=True, text=True, timeout=300)
+        res = subprocess.run(["dvc", "repro", "quantize"], cwd=project, env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-2000:]
         res = subprocess.run([LMFORGE, "promote"], cwd=project, env=env, capture_output=True, text=True, timeout=120)
     finally:

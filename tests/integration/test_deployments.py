@@ -120,7 +120,7 @@ def test_retrain_runs_placed_stages_promotes_then_skips(stack):
         handoff = client.download_artifacts(parent, f"handoff/{stage}.json", str(stack["base"]))
         assert json.loads(Path(handoff).read_text())["workdir"] == str(b.resolve())
         assert (b / "data" / "models" / ("lm" if stage == "pretrain" else "classifier")).is_dir()
-    assert not (b / "data" / "models" / "int8").exists()  # compress ran in A only
+    assert not (b / "data" / "models" / "quantized").exists()  # quantize ran in A only
     status = subprocess.run([str(BIN / "dvc"), "status", "--json"], cwd=a, capture_output=True, text=True, check=True)
     assert json.loads(status.stdout) == {}, status.stdout
     assert any(stack["remote"].rglob("*")), "nothing was pushed to the shared DVC remote"

@@ -37,7 +37,7 @@ def project(tiny_flow_run):
 def test_flow_succeeds_without_tracebacks(project):
     assert "Traceback" not in project["output"], project["output"][-4000:]
     assert "promoted lmforge-classifier v1" in project["output"]
-    for stage in ("ingest", "clean", "validate", "tokenize", "pretrain", "finetune", "compress", "evaluate"):
+    for stage in ("ingest", "clean", "validate", "tokenize", "pretrain", "finetune", "prune", "sparsify", "distill", "quantize", "evaluate"):
         assert (project["dir"] / "metrics" / f"{stage}.json").exists(), stage
 
 
@@ -57,7 +57,7 @@ def test_registry_has_champion_with_lineage(project):
     parent = client.get_run(mv.tags["mlflow_parent_run_id"])
     children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     stages = {r.data.tags["lmforge.stage"] for r in children}
-    assert stages == {"ingest", "clean", "validate", "tokenize", "pretrain", "finetune", "compress", "evaluate", "promote"}
+    assert stages == {"ingest", "clean", "validate", "tokenize", "pretrain", "finetune", "prune", "sparsify", "distill", "quantize", "evaluate", "promote"}
     pretrain = next(r for r in children if r.data.tags["lmforge.stage"] == "pretrain")
     assert "val_perplexity" in pretrain.data.metrics and "tokens_per_s" in pretrain.data.metrics
 
@@ -90,7 +90,7 @@ def test_editing_a_config_default_makes_its_readers_stale(project):
         status = json.loads(_dvc(project, "status", "--json").stdout)
     finally:
         f.write_text(original)
-    assert set(status) == {"pretrain", "finetune"}, status  # the two stages that import the module
+    assert set(status) == {"pretrain", "finetune", "prune", "sparsify", "distill"}, status  # the stages that import the module
     assert json.loads(_dvc(project, "status", "--json").stdout) == {}
 
 
@@ -126,7 +126,7 @@ def test_an_experiment_is_an_mlflow_run_and_plots_overlay_it_on_the_commit(proje
 
     plots = json.loads(_dvc(project, "plots", "diff", "HEAD", "--json").stdout)
     assert not plots.get("errors"), plots["errors"]
-    for name in ("pretrain_loss", "finetune_validation", "confusion", "per_class_f1", "accuracy_vs_latency"):
+    for name in ("pretrain_loss", "finetune_validation", "confusion", "per_class_f1", "f1_vs_latency"):
         (rendered,) = plots["data"][name]
         assert set(rendered["content"]["data"]["values"][0]) >= {"rev"}
         assert {v["rev"] for v in rendered["content"]["data"]["values"]} == {"HEAD", "workspace"}, name

@@ -53,7 +53,7 @@ def trained(tmp_path_factory):
     project, env = make_tiny_project(tmp_path_factory.mktemp("retrain"))
     res = lmforge(project, env, "retrain")
     assert res.returncode == 0, (res.stdout + res.stderr)[-5000:]
-    assert "lmforge retrain: running the pipeline: dvc status reports 8 stage(s) out of date" in res.stderr
+    assert "lmforge retrain: running the pipeline: dvc status reports 11 stage(s) out of date" in res.stderr
     return project, env
 
 

@@ -74,15 +74,25 @@ def test_bundle_agrees_with_evaluation(bundle, tiny_pipeline):
     assert [p.label for p in bundle.classify(pred["text"].tolist())] == pred["pred_fp32"].tolist()
 
 
-def test_int8_bundle(tiny_pipeline, tmp_path):
+@pytest.mark.parametrize("variant", ["int8", "pruned", "sparse", "distilled", "pruned-int8", "distilled-int8"])
+def test_every_variant_loads_as_a_bundle_and_in_the_service(tiny_pipeline, tmp_path, variant):
+    """Each compressed variant is a classifier folder the service code loads (no pickle) and answers with."""
+    from deploy.service import EXAMPLE_INPUT, load_service_bundle
+    from tasks.shared.variants import folders
+
     p = tiny_pipeline.paths
-    write_bundle(tmp_path / "b", p.tokenizer / TOKENIZER_FILE, p.compressed, None)
-    b = load_bundle(tmp_path / "b")
-    assert b.variant == "int8" and b.lm is None and b.max_length == TINY_FINETUNE.max_length
+    write_bundle(tmp_path / "b", p.tokenizer / TOKENIZER_FILE, folders(p)[variant], p.lm)
+    b = load_bundle(tmp_path / "b", with_lm=False)
+    assert b.variant == variant and b.lm is None and b.max_length == TINY_FINETUNE.max_length
     preds = b.classify(TEXTS)
     assert len(preds) == len(TEXTS) and all(x.label in LABELS for x in preds)
-    with pytest.raises(RuntimeError, match="no language model"):
-        b.generate("def f(")
+    scored = pd.read_parquet(p.evaluation / "predictions.parquet")
+    assert [x.label for x in b.classify(scored["text"].tolist())] == scored[f"pred_{variant}"].tolist()  # what evaluate scored
+    served = load_service_bundle(str(tmp_path / "b"))
+    assert [x.label for x in served.classify(EXAMPLE_INPUT)] == [x.label for x in b.classify(EXAMPLE_INPUT)]
+    if variant.endswith("int8"):
+        with pytest.raises(RuntimeError, match="no language model"):
+            b.generate("def f(")
 
 
 def test_generate_returns_the_continuation(bundle):

@@ -1,4 +1,4 @@
-"""On-disk model format: exact round trips, int8 without pickle, and loud failures on broken folders."""
+"""On-disk model format: exact round trips and loud failures on broken folders (int8 specifics: test_quantize.py)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from conftest import append, delete, flip_byte, truncate
 from models import checkpoint as ckpt
+from models import quantize as quant
 from models.classifier import ClassifierConfig, TransformerClassifier
 from models.transformer import GPT, tiny
 
@@ -60,44 +60,6 @@ def test_classifier_round_trip(tmp_path, clf):
     assert ckpt.read_config(tmp_path / "clf")["max_length"] == 24
 
 
-@pytest.mark.parametrize("per_channel", [True, False])
-def test_int8_round_trip_matches_in_memory_quantized_model(tmp_path, clf, per_channel):
-    qmodel = ckpt.quantize_classifier(clf, per_channel=per_channel)
-    ckpt.save_classifier(clf, tmp_path / "fp32")
-    ckpt.save_quantized(qmodel, clf.config, tmp_path / "int8", per_channel=per_channel, extra={"max_length": 24})
-    loaded = ckpt.load_classifier(tmp_path / "int8")
-    ids, n = _batch()
-    with torch.inference_mode():
-        expected = qmodel(ids, n)
-        assert_close(loaded(ids, n), expected, rtol=0, atol=0)
-        # quantization approximates the float model without changing its decisions much
-        assert_close(expected, clf(ids, n), rtol=0.1, atol=0.05)
-    meta = ckpt.read_config(tmp_path / "int8")
-    assert meta["kind"] == "classifier-int8" and meta["per_channel"] is per_channel and meta["max_length"] == 24
-    assert ckpt.dir_size_mb(tmp_path / "int8") < ckpt.dir_size_mb(tmp_path / "fp32")
-
-
-def test_quantize_leaves_the_float_model_alone(clf):
-    before = {k: v.clone() for k, v in clf.state_dict().items()}
-    ckpt.quantize_classifier(clf)
-    assert isinstance(clf.trunk.lm_head, torch.nn.Linear)
-    for k, v in clf.state_dict().items():
-        assert torch.equal(v, before[k])
-
-
-def test_int8_folder_holds_only_plain_tensors(tmp_path, clf):
-    ckpt.save_quantized(ckpt.quantize_classifier(clf), clf.config, tmp_path / "int8", per_channel=True)
-    assert sorted(p.name for p in (tmp_path / "int8").iterdir()) == [ckpt.CONFIG, ckpt.WEIGHTS]
-    tensors = load_file(str(tmp_path / "int8" / ckpt.WEIGHTS))  # safetensors: no code execution possible
-    int8 = {k for k, t in tensors.items() if t.dtype == torch.int8}
-    assert int8 and all(k.endswith(".weight_int8") for k in int8)
-    assert "head.weight_int8" in int8 and "trunk.blocks.0.attn.qkv.weight_int8" in int8
-    assert tensors["trunk.blocks.0.attn.qkv.weight_scale"].shape == (48,)  # one scale per output channel
-    assert tensors["trunk.wte.weight"].dtype == torch.float32  # embeddings stay float
-    assert not any(k.startswith("trunk.lm_head") for k in tensors)
-    json.loads((tmp_path / "int8" / ckpt.CONFIG).read_text())  # config is plain JSON
-
-
 def write(text: str | bytes):
     def corrupt(f):
         f.write_bytes(text if isinstance(text, bytes) else text.encode())
@@ -113,7 +75,7 @@ def save(kind: str, clf, folder):
         ckpt.save_lm(GPT(tiny(vocab_size=VOCAB)), folder)
         return ckpt.load_lm
     if kind == "int8":
-        ckpt.save_quantized(ckpt.quantize_classifier(clf), clf.config, folder, per_channel=True)
+        quant.save_quantized(quant.quantize_classifier(clf), clf.config, folder, "torch.ao", per_channel=True)
     else:
         ckpt.save_classifier(clf, folder)
     return ckpt.load_classifier
@@ -228,27 +190,3 @@ def test_config_that_disagrees_with_weights_raises_fp32(tmp_path, clf):
     _edit_config(tmp_path / "clf", lambda m: m["config"]["trunk"].update(n_embd=32))
     with pytest.raises(ckpt.ArtifactError, match="model.safetensors: weights do not match config.json .*size mismatch"):
         ckpt.load_classifier(tmp_path / "clf")
-
-
-def test_config_that_disagrees_with_weights_raises_int8_trunk(tmp_path, clf):
-    ckpt.save_quantized(ckpt.quantize_classifier(clf), clf.config, tmp_path / "int8", per_channel=True)
-    _edit_config(tmp_path / "int8", lambda m: m["config"]["trunk"].update(n_layer=3))
-    with pytest.raises(ckpt.ArtifactError, match="weights do not match .*blocks.2"):  # names the tensor that is missing
-        ckpt.load_classifier(tmp_path / "int8")
-
-
-def test_int8_weights_for_a_wider_trunk_raise(tmp_path, clf):
-    ckpt.save_quantized(ckpt.quantize_classifier(clf), clf.config, tmp_path / "int8", per_channel=True)
-    _edit_config(tmp_path / "int8", lambda m: m["config"]["trunk"].update(block_size=64))
-    with pytest.raises(ckpt.ArtifactError, match="trunk.wpe.weight is"):  # wpe (32, 16) cannot fill a (64, 16) table
-        ckpt.load_classifier(tmp_path / "int8")
-
-
-def test_config_that_disagrees_with_weights_raises_int8_labels(tmp_path, clf):
-    """A label list that disagrees with the stored head must not load (the model would emit 3 logits for 4 labels)."""
-    ckpt.save_quantized(ckpt.quantize_classifier(clf), clf.config, tmp_path / "int8", per_channel=True)
-    _edit_config(tmp_path / "int8", lambda m: m["config"].update(labels=["a", "b", "c", "d"]))
-    with pytest.raises(ckpt.ArtifactError, match="weights do not match"):
-        loaded = ckpt.load_classifier(tmp_path / "int8")
-        ids, n = _batch()
-        assert loaded(ids, n).shape == (4, 4), "loaded, but its logits do not match its labels"

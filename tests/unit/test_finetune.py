@@ -16,7 +16,7 @@ from models.baselines import CNNClassifier, GRUClassifier
 from models.classifier import ClassifierConfig, TransformerClassifier
 from models.transformer import tiny
 from tasks import finetune
-from tasks.shared import engine
+from tasks.shared import classify, engine
 from tasks.shared.config.finetune import FinetuneConfig
 from tasks.shared.errors import UserError
 from tasks.shared.tracking import Tracker
@@ -183,7 +183,7 @@ def test_fit_stops_after_patience_epochs_and_keeps_the_best(monkeypatch):
         snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
         return next(scores)
 
-    monkeypatch.setattr(finetune, "macro_f1", scripted_f1)
+    monkeypatch.setattr(classify, "macro_f1", scripted_f1)
     cfg = FinetuneConfig(lr=1e-2, warmup_steps=0, batch_size=8, patience=2, seed=SEED)
     tracker = Recorder()
     out = finetune.fit("t", model, cfg, examples(), examples(seed=1), 3, engine.setup_runtime(cfg), tracker, epochs=6, prefix="t/")
@@ -198,7 +198,7 @@ def test_fit_stops_after_patience_epochs_and_keeps_the_best(monkeypatch):
 
 def test_fit_without_patience_runs_every_epoch(monkeypatch):
     scores = iter([0.5, 0.4, 0.3])
-    monkeypatch.setattr(finetune, "macro_f1", lambda *a: next(scores))
+    monkeypatch.setattr(classify, "macro_f1", lambda *a: next(scores))
     cfg = FinetuneConfig(lr=1e-2, warmup_steps=0, batch_size=8, patience=0, seed=SEED)
     out = finetune.fit("t", classifier(), cfg, examples(), examples(seed=1), 3, engine.setup_runtime(cfg), Recorder(), epochs=3)
     assert (out.epochs_run, out.best_epoch) == (3, 1)
@@ -335,7 +335,7 @@ def nan_cross_entropy(bad_step: int):
 )
 def test_a_diverged_fit_is_a_user_error_naming_step_and_key(monkeypatch, name, cfg_update, lr_key, patch, message):
     if patch is not None:
-        monkeypatch.setattr(finetune, "F", patch)
+        monkeypatch.setattr(classify, "F", patch)
     cfg = FinetuneConfig(**{"lr": 1e-2, "warmup_steps": 0, "batch_size": 4, "seed": SEED, **cfg_update})
     model = finetune.baseline_model(name, cfg, tiny(vocab_size=VOCAB), LABELS) if name != "finetune" else classifier()
     with pytest.raises(UserError, match=message):

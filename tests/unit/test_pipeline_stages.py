@@ -87,30 +87,75 @@ def test_finetune_trains_every_requested_baseline(tiny_pipeline):
     assert f.baselines["scratch"]["params"] == f.trainable_params
 
 
-def test_compress_makes_a_smaller_int8_model(tiny_pipeline):
-    z = tiny_pipeline.compress
-    assert z.method == "dynamic-int8-per-channel"
-    assert 0 < z.int8_size_mb < z.fp32_size_mb
-    assert z.metrics["size_ratio"] < 1
-    folder = tiny_pipeline.paths.compressed
-    assert {p.name for p in folder.iterdir()} == {ckpt.WEIGHTS, ckpt.CONFIG}
-    meta = ckpt.read_config(folder)
-    assert meta["kind"] == "classifier-int8" and meta["per_channel"] is True
-    assert meta["max_length"] == TINY_FINETUNE.max_length  # carried over from the float model
+VARIANTS = {"fp32", "pruned", "sparse", "distilled", "int8", "pruned-int8", "distilled-int8"}
+"""What the default quantize.sources and the three compression stages build."""
+
+
+def test_quantize_makes_a_smaller_int8_model_of_each_source(tiny_pipeline):
+    q, p = tiny_pipeline.quantize, tiny_pipeline.paths
+    assert q.backend == "torch.ao" and set(q.variants) == {"int8", "pruned-int8", "distilled-int8"}
+    for name, v in q.variants.items():
+        assert 0 < v["int8_size_mb"] < v["float_size_mb"]
+        assert v["linear_weight_ratio"] > 3  # int8 + one float32 scale per row (tiny rows: below 4x)
+        folder = p.quantized / name
+        assert {x.name for x in folder.iterdir()} == {ckpt.WEIGHTS, ckpt.CONFIG}
+        meta = ckpt.read_config(folder)
+        assert meta["kind"] == "classifier-int8" and meta["per_channel"] is True and meta["backend"] == "torch.ao"
+        assert meta["variant"] == name and meta["source"] == v["source"]
+        assert meta["max_length"] == TINY_FINETUNE.max_length  # carried over from the float model
+
+
+def test_prune_removes_heads_and_channels_physically(tiny_pipeline):
+    from models.compression import count_params
+
+    r, p = tiny_pipeline.prune, tiny_pipeline.paths
+    fp32, pruned = ckpt.load_classifier(p.classifier), ckpt.load_classifier(p.pruned)
+    trunk = pruned.config.trunk
+    assert trunk.layer_heads == r.layer_heads and all(1 <= h < fp32.config.trunk.n_head for h in trunk.layer_heads)
+    assert trunk.layer_ffn == r.layer_ffn and all(f < 4 * fp32.config.trunk.n_embd for f in trunk.layer_ffn)
+    assert pruned.trunk.blocks[0].mlp.fc.weight.shape[0] == trunk.layer_ffn[0]  # smaller matrices, not masks
+    assert count_params(pruned) == r.params_after < r.params_before == count_params(fp32)
+    assert 0 < r.metrics["params_removed"] < 1
+    assert 0 <= r.val_macro_f1_pruned <= 1 and 0 <= r.val_macro_f1_recovered <= 1
+
+
+def test_sparsify_zeroes_the_smallest_weights_and_keeps_shapes(tiny_pipeline):
+    from models.compression import sparsity
+
+    r, p = tiny_pipeline.sparsify, tiny_pipeline.paths
+    fp32, sparse = ckpt.load_classifier(p.sparse), ckpt.load_classifier(p.classifier)
+    assert r.sparsity == pytest.approx(0.5, abs=0.01) and sparsity(ckpt.load_classifier(p.sparse)) == pytest.approx(r.sparsity, abs=1e-4)
+    assert {k: v.shape for k, v in fp32.state_dict().items()} == {k: v.shape for k, v in sparse.state_dict().items()}
+    assert "dense kernels" in r.speedup
+
+
+def test_distill_builds_a_shallower_student_from_teacher_blocks(tiny_pipeline):
+    r, p = tiny_pipeline.distill, tiny_pipeline.paths
+    student = ckpt.load_classifier(p.distilled)
+    assert student.config.trunk.n_layer == r.student_layers == 1 and r.copied_teacher_blocks == [1]
+    assert r.student_params < r.teacher_params
+    assert ckpt.read_config(p.distilled)["teacher_blocks"] == [1]
 
 
 def test_evaluate_reports_variants_and_baselines(tiny_pipeline):
     e = tiny_pipeline.evaluate
     assert e.test_examples == len(LABELS) * N_PER_LABEL["test"]
-    assert set(e.variants) == {"fp32", "int8"}
+    assert set(e.variants) == VARIANTS and not e.skipped_variants
     assert set(e.baselines) == {"majority", "tfidf_logreg", *TINY_FINETUNE.baselines}
     for m in [*e.variants.values(), *e.baselines.values()]:
         assert _in_unit(m["accuracy"]) and _in_unit(m["macro_f1"])
     for m in [*e.variants.values(), e.baselines["tfidf_logreg"], *(e.baselines[b] for b in TINY_FINETUNE.baselines)]:
-        assert 0 < m["latency_p50_ms"] <= m["latency_p95_ms"] and m["throughput_per_s"] > 0
+        assert 0 < m["p50_ms_b1"] <= m["p99_ms_b1"] and 0 < m["p50_ms_b32"] <= m["p99_ms_b32"] and m["throughput_per_s"] > 0
+        assert 0 < m["tokenize_ms_b1"] < m["p50_ms_b1"] * 2 and 0 < m["forward_ms_b1"]
+        assert 0 <= m["ece"] <= 1 and set(m["per_class_f1"]) == set(LABELS) and m["params"] > 0
+        assert m["macro_f1"] == pytest.approx(sum(m["per_class_f1"].values()) / len(LABELS), abs=1e-3)
+    for m in e.variants.values():  # behavioral tests run on every promotable variant
+        assert 0 <= m["behavioral_min_pass_rate"] <= 1 and set(m["behavioral"]["invariance"]) == {"whitespace", "blank_lines", "rename_identifiers"}
     for name in TINY_FINETUNE.baselines:
         assert 0 < e.baselines[name]["size_mb"]
     assert e.variants["int8"]["size_mb"] < e.variants["fp32"]["size_mb"]
+    assert e.variants["pruned"]["params"] < e.variants["fp32"]["params"] == e.variants["int8"]["params"] == e.variants["sparse"]["params"]
+    assert e.language_model["test_perplexity"] > 1
     # balanced classes: the majority baseline is exactly chance
     assert e.baselines["majority"]["accuracy"] == pytest.approx(1 / len(LABELS), abs=1e-4)
 
@@ -119,7 +164,10 @@ def test_evaluate_records_the_sha256_of_everything_it_scored(tiny_pipeline):
     from tasks.shared.digest import tree_sha256
 
     p, artifacts = tiny_pipeline.paths, tiny_pipeline.evaluate.artifacts
-    expected = {"fp32": p.classifier, "int8": p.compressed, "tokenizer": p.tokenizer / "tokenizer.json", "labeled_data": p.clean_labeled}
+    from tasks.shared.variants import folders
+
+    expected = {**{v: folders(p)[v] for v in VARIANTS}, "tokenizer": p.tokenizer / "tokenizer.json", "labeled_data": p.clean_labeled}
+    expected.update({b: p.baselines / b for b in TINY_FINETUNE.baselines})
     assert set(artifacts) == set(expected)
     for name, path in expected.items():
         assert artifacts[name] == {"path": str(path), "sha256": tree_sha256(path)}
@@ -127,12 +175,14 @@ def test_evaluate_records_the_sha256_of_everything_it_scored(tiny_pipeline):
 
 def test_evaluate_writes_plots_and_predictions(tiny_pipeline):
     d = tiny_pipeline.paths.evaluation
-    for png in ("confusion_matrix.png", "accuracy_vs_latency.png"):
+    for png in ("pareto.png", "reliability.png", *(f"confusion_{v}.png" for v in VARIANTS)):
         assert (d / png).read_bytes()[:4] == b"\x89PNG"
+    report = (d / "report.md").read_text()
+    assert all(f"| {name} |" in report for name in [*VARIANTS, "tfidf_logreg", "majority"]) and "Pareto front" in report
     pred = pd.read_parquet(d / "predictions.parquet")
     assert len(pred) == tiny_pipeline.evaluate.test_examples
     assert set(pred["split"]) == {"test"}
-    for name in ("fp32", "int8", "tfidf_logreg", *TINY_FINETUNE.baselines):
+    for name in (*VARIANTS, "tfidf_logreg", *TINY_FINETUNE.baselines):
         assert set(pred[f"pred_{name}"]) <= set(LABELS)
         reported = {**tiny_pipeline.evaluate.variants, **tiny_pipeline.evaluate.baselines}[name]["accuracy"]
         assert accuracy_score(pred["label"], pred[f"pred_{name}"]) == pytest.approx(reported, abs=1e-4)
@@ -154,4 +204,5 @@ def test_promotion_chooses_only_among_the_transformer_variants(tiny_pipeline):
 
     e = tiny_pipeline.evaluate.metrics
     assert not set(e["variants"]) & set(e["baselines"])
-    assert choose_variant(PromoteConfig(variant="auto"), e["variants"]) in {"fp32", "int8"}
+    chosen, why = choose_variant(PromoteConfig(variant="auto"), e["variants"])
+    assert chosen in VARIANTS and set(why) == set(e["variants"]) and why[chosen]

@@ -147,22 +147,22 @@ def test_batch_settings_that_do_not_divide_name_the_key(tmp_path):
 
 
 def test_a_masked_lm_trunk_fine_tunes_quantizes_and_serves_without_generate(tokenized, tmp_path):
-    from conftest import TINY_COMPRESS, TINY_FINETUNE
+    from conftest import TINY_FINETUNE, TINY_QUANTIZE
     from models.bundle import load_parts
     from models.checkpoint import load_classifier
-    from tasks import compress, finetune
+    from tasks import finetune, quantize
 
     paths = tokenized.model_copy(
-        update={k: tmp_path / k for k in ("lm", "checkpoints", "classifier", "baselines", "compressed")}
+        update={k: tmp_path / k for k in ("lm", "checkpoints", "classifier", "baselines", "quantized")}
     )
     pretrain.run(tiny(objective="mlm", max_steps=20, lr=1e-2), paths)
     result = finetune.run(TINY_FINETUNE.model_copy(update={"baselines": ["scratch"], "epochs": 1}), paths)
     assert 0 <= result.val_macro_f1 <= 1
     assert load_classifier(paths.classifier).trunk.config.causal is False
     assert load_classifier(paths.baselines / "scratch").trunk.config.causal is False  # same architecture, random init
-    compress.run(TINY_COMPRESS, paths)
+    quantize.run(TINY_QUANTIZE.model_copy(update={"sources": ["fp32"]}), paths)
 
-    for classifier in (paths.classifier, paths.compressed):
+    for classifier in (paths.classifier, paths.quantized / "int8"):
         bundle = load_parts(paths.tokenizer, classifier, paths.lm)
         (pred,) = bundle.classify(["def f(x):\n    return x"])
         assert pred.label in LABELS and sum(pred.probabilities.values()) == pytest.approx(1, abs=1e-4)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from tasks.ops.promote import choose_variant, dvc_lineage, metric_gates
 from tasks.shared.config.promote import PromoteConfig
 from tasks.shared.errors import UserError
-from tasks.ops.promote import choose_variant, dvc_lineage, metric_gates
 
 CFG = PromoteConfig(
     min_accuracy=0.5,
@@ -17,7 +17,7 @@ CFG = PromoteConfig(
     max_size_mb=5.0,
     require_validation=True,
 )
-GOOD = {"accuracy": 0.8, "macro_f1": 0.75, "latency_p50_ms": 2.5, "size_mb": 1.25}
+GOOD = {"accuracy": 0.8, "macro_f1": 0.75, "p50_ms_b1": 2.5, "size_mb": 1.25}
 MAJORITY = {"accuracy": 0.34, "macro_f1": 0.17}
 
 
@@ -27,13 +27,13 @@ def _gates(m=GOOD, majority=MAJORITY, champion=None, validation_ok=True, cfg=CFG
 
 def test_all_gates_pass_on_good_numbers():
     gates = _gates()
-    assert list(gates) == ["data_validation", "min_accuracy", "min_macro_f1", "beats_majority", "no_regression", "latency", "size"]
+    assert list(gates) == ["data_validation", "min_accuracy", "min_macro_f1", "beats_majority", "no_regression", "latency", "size", "behavioral"]
     assert all(g.passed for g in gates.values())
     assert gates["min_accuracy"].reason == "accuracy 0.8000 vs floor 0.5000"
     assert gates["min_macro_f1"].reason == "macro-F1 0.7500 vs floor 0.4000"
     assert gates["beats_majority"].reason == "accuracy gain over majority class +0.4600 vs required +0.1000"
     assert gates["no_regression"].reason == "no current champion"
-    assert gates["latency"].reason == "p50 2.50 ms vs budget 10.00 ms"
+    assert gates["latency"].reason == "p50 2.50 ms (one text) vs budget 10.00 ms"
     assert gates["size"].reason == "1.25 MB vs budget 5.00 MB"
     assert str(gates["size"]).startswith("PASS  size: ")
 
@@ -43,7 +43,7 @@ def test_all_gates_pass_on_good_numbers():
     [
         ("min_accuracy", {"accuracy": 0.45}, ["0.4500", "0.5000"]),
         ("min_macro_f1", {"macro_f1": 0.3}, ["0.3000", "0.4000"]),
-        ("latency", {"latency_p50_ms": 12.345}, ["12.35", "10.00"]),
+        ("latency", {"p50_ms_b1": 12.345}, ["12.35", "10.00"]),
         ("size", {"size_mb": 7.5}, ["7.50", "5.00"]),
     ],
 )
@@ -56,7 +56,7 @@ def test_each_threshold_gate_fails_with_its_numbers(gate, change, numbers):
 
 
 def test_thresholds_are_inclusive():
-    edge = {"accuracy": 0.5, "macro_f1": 0.4, "latency_p50_ms": 10.0, "size_mb": 5.0}
+    edge = {"accuracy": 0.5, "macro_f1": 0.4, "p50_ms_b1": 10.0, "size_mb": 5.0}
     assert all(g.passed for g in _gates(m=edge, majority={"accuracy": 0.375}).values())
 
 
@@ -95,36 +95,58 @@ def test_validation_gate():
 
 
 VARIANTS = {
-    "fp32": {"macro_f1": 0.80, "latency_p50_ms": 4.0, "size_mb": 4.0},
-    "int8": {"macro_f1": 0.78, "latency_p50_ms": 2.0, "size_mb": 1.0},
+    "fp32": {"macro_f1": 0.800, "p50_ms_b1": 4.0, "size_mb": 4.0, "behavioral_min_pass_rate": 0.9},
+    "int8": {"macro_f1": 0.795, "p50_ms_b1": 2.0, "size_mb": 1.0, "behavioral_min_pass_rate": 0.9},
+    "distilled": {"macro_f1": 0.780, "p50_ms_b1": 1.0, "size_mb": 2.0, "behavioral_min_pass_rate": 0.9},
 }
+"""int8 is within the default tolerance (0.01) of the best; distilled is faster but 0.02 below."""
 
 
-def test_auto_picks_best_macro_f1_within_budgets():
-    assert choose_variant(CFG, VARIANTS) == "fp32"
+def test_auto_picks_the_fastest_variant_within_the_f1_tolerance_and_says_why_the_others_lost():
+    chosen, why = choose_variant(CFG, VARIANTS)
+    assert chosen == "int8" and why["int8"].startswith("chosen: fastest qualifying variant")
+    assert why["fp32"] == "qualified but slower: p50 4.000 ms vs 2.000 ms (int8)"
+    assert why["distilled"] == "macro-F1 0.7800 is more than 0.0100 below the best (fp32 0.8000)"
 
 
-def test_auto_skips_a_variant_over_budget():
-    slow = {**VARIANTS, "fp32": {**VARIANTS["fp32"], "latency_p50_ms": 50.0}}
-    assert choose_variant(CFG, slow) == "int8"
-    big = {**VARIANTS, "fp32": {**VARIANTS["fp32"], "size_mb": 6.0}}
-    assert choose_variant(CFG, big) == "int8"
+def test_a_wider_tolerance_lets_the_faster_variant_win():
+    chosen, why = choose_variant(CFG.model_copy(update={"f1_tolerance": 0.05}), VARIANTS)
+    assert chosen == "distilled" and why["int8"].startswith("qualified but slower")
 
 
-def test_auto_falls_back_to_all_variants_when_none_fits():
-    over = {k: {**v, "latency_p50_ms": 99.0} for k, v in VARIANTS.items()}
-    assert choose_variant(CFG, over) == "fp32"
+def test_auto_skips_a_variant_over_a_budget_or_failing_behavioral_tests():
+    slow = {**VARIANTS, "int8": {**VARIANTS["int8"], "p50_ms_b1": 50.0}}
+    chosen, why = choose_variant(CFG, slow)
+    assert chosen == "fp32" and why["int8"] == "p50 50.00 ms over the latency budget 10.00 ms"
+    big = {**VARIANTS, "int8": {**VARIANTS["int8"], "size_mb": 6.0}}
+    assert choose_variant(CFG, big)[0] == "fp32" and "size budget" in choose_variant(CFG, big)[1]["int8"]
+    brittle = {**VARIANTS, "int8": {**VARIANTS["int8"], "behavioral_min_pass_rate": 0.3}}
+    chosen, why = choose_variant(CFG, brittle)
+    assert chosen == "fp32" and why["int8"] == "behavioral tests pass 0.300 of cases, below 0.600"
 
 
-def test_auto_breaks_ties_by_smaller_size():
-    tie = {**VARIANTS, "int8": {**VARIANTS["int8"], "macro_f1": 0.80}}
-    assert choose_variant(CFG, tie) == "int8"
+def test_auto_falls_back_to_the_best_f1_when_none_qualifies():
+    over = {k: {**v, "p50_ms_b1": 99.0} for k, v in VARIANTS.items()}
+    chosen, why = choose_variant(CFG, over)
+    assert chosen == "fp32" and "no variant qualified" in why["fp32"]
+
+
+def test_auto_breaks_latency_ties_by_higher_f1():
+    tie = {**VARIANTS, "fp32": {**VARIANTS["fp32"], "p50_ms_b1": 2.0}}
+    assert choose_variant(CFG, tie)[0] == "fp32"
 
 
 def test_explicit_variant():
-    assert choose_variant(CFG.model_copy(update={"variant": "int8"}), VARIANTS) == "int8"
+    chosen, why = choose_variant(CFG.model_copy(update={"variant": "distilled"}), VARIANTS)
+    assert chosen == "distilled" and why["fp32"] == "not chosen: promote.variant names distilled"
     with pytest.raises(UserError, match="promote.variant"):
         choose_variant(CFG.model_copy(update={"variant": "int8"}), {"fp32": VARIANTS["fp32"]})
+
+
+def test_behavioral_gate_names_the_weakest_test():
+    report = {"invariance": {"whitespace": {"pass_rate": 0.9}, "rename_identifiers": {"pass_rate": 0.5}}, "mft": {"pass_rate": 0.8}}
+    gates = {g.name: g for g in metric_gates(CFG, {**GOOD, "behavioral_min_pass_rate": 0.5, "behavioral": report}, {"accuracy": 0.1}, None, True)}
+    assert not gates["behavioral"].passed and gates["behavioral"].reason == "lowest pass rate 0.500 (rename_identifiers) vs floor 0.600"
 
 
 LOCK = """\

@@ -53,8 +53,16 @@ class Paths(Section):
     """Fine-tuned classifier (safetensors + config.json)."""
     baselines: Path
     """Classifiers trained from scratch beside it, one subfolder per baseline (scratch, cnn, gru)."""
-    compressed: Path
-    """int8 dynamic-quantized classifier."""
+    pruned: Path
+    """Structurally pruned classifier: fewer heads and MLP channels (prune)."""
+    sparse: Path
+    """Magnitude-pruned classifier: the same shapes, half its weights zero (sparsify)."""
+    distilled: Path
+    """Student classifier distilled from the fine-tuned one (distill)."""
+    quantized: Path
+    """int8 variants, one subfolder each (`int8`, `pruned-int8`, ...) (quantize)."""
+    behavioral: Path
+    """Minimum-functionality examples (JSONL: text, label) for the behavioral tests, tracked in git."""
     evaluation: Path
     """Evaluation predictions and plots."""
     metrics: Path

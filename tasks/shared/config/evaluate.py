@@ -13,7 +13,13 @@ class EvaluateConfig(Section):
     batch_size: int = Field(64, ge=1)
     """Examples per forward pass for accuracy."""
     latency_samples: int = Field(64, ge=1)
-    """Single-example requests timed for latency."""
+    """Single-text requests timed per model (batch-1 latency)."""
+    latency_batches: int = Field(16, ge=1)
+    """Requests of 32 texts timed per model (batch-32 latency)."""
+    behavioral_sample: int = Field(200, ge=1)
+    """Test texts perturbed per invariance test (whitespace, blank lines, identifier renaming)."""
+    seed: int = 1337
+    """Seeds the behavioral tests' sample and perturbations."""
     tfidf_max_features: int = Field(50000, ge=100)
     """Vocabulary cap of the TF-IDF baseline."""
     tfidf_c: float = Field(10.0, gt=0)

@@ -11,13 +11,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.shared.config.base import DEFAULT_PARAMS, Paths, Section, TrackingConfig, describe, read_params_file
 from tasks.shared.config.clean import CleanConfig
-from tasks.shared.config.compress import CompressConfig
+from tasks.shared.config.distill import DistillConfig
 from tasks.shared.config.evaluate import EvaluateConfig
 from tasks.shared.config.finetune import FinetuneConfig
 from tasks.shared.config.ingest import IngestConfig
 from tasks.shared.config.orchestrate import OrchestrateConfig
 from tasks.shared.config.pretrain import PretrainConfig
 from tasks.shared.config.promote import PromoteConfig
+from tasks.shared.config.prune import PruneConfig
+from tasks.shared.config.quantize import QuantizeConfig
+from tasks.shared.config.sparsify import SparsifyConfig
 from tasks.shared.config.tokenize import TokenizeConfig
 from tasks.shared.config.validate import ValidateConfig
 from tasks.shared.errors import UserError
@@ -31,7 +34,10 @@ SECTION_TYPES: dict[str, type[Section]] = {
     "tokenize": TokenizeConfig,
     "pretrain": PretrainConfig,
     "finetune": FinetuneConfig,
-    "compress": CompressConfig,
+    "prune": PruneConfig,
+    "sparsify": SparsifyConfig,
+    "distill": DistillConfig,
+    "quantize": QuantizeConfig,
     "evaluate": EvaluateConfig,
     "promote": PromoteConfig,
     "orchestrate": OrchestrateConfig,
@@ -50,7 +56,10 @@ class Params(BaseModel):
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
-    compress: CompressConfig = Field(default_factory=CompressConfig)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    sparsify: SparsifyConfig = Field(default_factory=SparsifyConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
     orchestrate: OrchestrateConfig = Field(default_factory=OrchestrateConfig)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field
 
 from tasks.shared.config.base import Section
@@ -12,8 +10,11 @@ from tasks.shared.config.base import Section
 class PromoteConfig(Section):
     """Gates a candidate must pass before the `champion` alias moves to it."""
 
-    variant: Literal["auto", "fp32", "int8"] = "auto"
-    """Which variant to register; `auto` takes the best macro-F1 among those within budgets."""
+    variant: str = Field("auto", min_length=1)
+    """Which variant to register (fp32, int8, pruned, pruned-int8, sparse, distilled, distilled-int8, ...), or `auto`:
+    the fastest at batch 1 among those within `f1_tolerance` of the best macro-F1 and within the budgets."""
+    f1_tolerance: float = Field(0.01, ge=0, le=1)
+    """auto: a variant competes on speed only if its macro-F1 is at most this far below the best variant's."""
     min_accuracy: float = Field(0.4, ge=0, le=1)
     """Absolute floor on test accuracy."""
     min_macro_f1: float = Field(0.3, ge=0, le=1)
@@ -23,7 +24,9 @@ class PromoteConfig(Section):
     max_regression: float = Field(0.02, ge=0, le=1)
     """Macro-F1 may be at most this much below the current champion's."""
     max_latency_ms: float = Field(100.0, gt=0)
-    """p50 latency budget for one text."""
+    """p50 latency budget for a request of one text (tokenization included)."""
+    min_behavioral_pass_rate: float = Field(0.6, ge=0, le=1)
+    """Every behavioral test (invariances, minimum functionality) must pass at least this share of its cases."""
     max_size_mb: float = Field(100.0, gt=0)
     """Size budget of the model files."""
     require_validation: bool = True

@@ -1,0 +1,269 @@
+"""Training and scoring of text classifiers, shared by the stages that train one (finetune, prune, distill).
+
+`fit` trains any classifier (right-padded ids + lengths -> logits) through the engine (device, autocast,
+optimizer, schedule, clipping) and keeps the epoch with the best validation macro-F1; `loss_fn` replaces
+plain cross-entropy (distillation). `load_examples` encodes the labeled splits the same way for all.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.tokenizer import PAD, encode_texts, load_tokenizer
+from tasks.shared import engine
+from tasks.shared.config.base import Paths
+from tasks.shared.config.finetune import FinetuneConfig
+from tasks.shared.errors import UserError
+from tasks.shared.io import read_parquet
+from tasks.shared.tracking import Tracker
+
+LOG_EVERY = 10
+"""Steps between train-loss logs to the tracker."""
+
+
+def cap_per_label(df: pd.DataFrame, cap: int, seed: int) -> pd.DataFrame:
+    """At most `cap` rows per label (seeded sample); 0 keeps everything."""
+    if not cap:
+        return df
+    return df.sample(frac=1.0, random_state=seed).groupby("label").head(cap).sort_index()
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(y_true, y_pred, labels=list(range(n_classes)), average="macro", zero_division=0))
+
+
+def balanced_class_weights(y: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """scikit-learn's `balanced` weights: n_examples / (n_classes x examples of the class)."""
+    counts = torch.bincount(y, minlength=n_classes).float()
+    return len(y) / (n_classes * counts.clamp(min=1))
+
+
+@dataclass
+class EarlyStopping:
+    """Tracks the best validation score; `stop` once `patience` epochs in a row did not beat it (0 = never)."""
+
+    patience: int
+    best: float = -math.inf
+    best_epoch: int = 0
+    waited: int = 0
+
+    def update(self, score: float, epoch: int) -> bool:
+        """Record an epoch's score; True when it is a new best."""
+        if score > self.best:
+            self.best, self.best_epoch, self.waited = score, epoch, 0
+            return True
+        self.waited += 1
+        return False
+
+    @property
+    def stop(self) -> bool:
+        return self.patience > 0 and self.waited >= self.patience
+
+
+@dataclass
+class Examples:
+    """Right-padded token ids (N, T), real lengths (N,) and class indices (N,)."""
+
+    ids: torch.Tensor
+    lengths: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: Examples, rt: engine.Runtime, batch_size: int = 128) -> np.ndarray:
+    """Predicted class indices (N,)."""
+    model.eval()
+    preds = []
+    for i in range(0, len(data), batch_size):
+        n = data.lengths[i : i + batch_size]
+        x = data.ids[i : i + batch_size, : int(n.max())].to(rt.device)
+        with rt.autocast():
+            preds.append(model(x, n.to(rt.device)).argmax(-1).cpu())
+    model.train()
+    return torch.cat(preds).numpy()
+
+
+@dataclass
+class Trained:
+    """A model at its best epoch (on CPU, eval mode) and how it got there."""
+
+    model: nn.Module
+    history: list[dict]
+    best_epoch: int
+    epochs_run: int
+    val_accuracy: float
+    val_macro_f1: float
+    train_seconds: float
+    params: int
+
+    def summary(self) -> dict:
+        keys = ("best_epoch", "epochs_run", "val_accuracy", "val_macro_f1", "train_seconds", "params")
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items() if k in keys}
+
+
+def fit(
+    name: str,
+    model: nn.Module,
+    cfg: FinetuneConfig,
+    train: Examples,
+    val: Examples,
+    n_classes: int,
+    rt: engine.Runtime,
+    tracker: Tracker,
+    epochs: int,
+    lr_scale: dict[str, float] | None = None,
+    prefix: str = "",
+    lr_key: str = "finetune.lr",
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> Trained:
+    """Train `model` for up to `epochs` on `train`, keep the epoch with the best macro-F1 on `val`.
+
+    Metrics go to `tracker` as `<prefix><metric>`; every model sees the same batch order. `loss_fn(logits,
+    y, rows)` (rows: the batch's indices into `train`) replaces cross-entropy, e.g. for distillation. A nan or
+    inf loss stops the stage with a UserError naming the step and `lr_key` (the params.yaml key of the lr).
+    """
+    from tqdm import tqdm
+
+    n_params = sum(p.numel() for p in model.parameters())
+    model.train()
+    model = engine.wrap_model(model, rt, "ddp", cfg.compile)
+    opt = engine.build_optimizer(engine.unwrap(model), cfg, rt.device, lr_scale)  # names without compile's prefix
+    weight = balanced_class_weights(train.y, n_classes).to(rt.device) if cfg.class_weights == "balanced" else None
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total = steps_per_epoch * epochs
+    gen = torch.Generator().manual_seed(cfg.seed)
+    stopper, best_state, history = EarlyStopping(cfg.patience), None, []
+    start = time.perf_counter()
+    bar = tqdm(total=total, desc=name, unit="step", dynamic_ncols=True)
+    meter, step, tps = engine.Throughput(rt.device), 0, None
+    run_name = "finetune" if name == "finetune" else f"finetune {name}"  # names a diverged run
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(len(train), generator=gen)
+        for i in range(0, len(order), cfg.batch_size):
+            b = order[i : i + cfg.batch_size]
+            n = train.lengths[b]
+            x, y = train.ids[b, : int(n.max())].to(rt.device), train.y[b].to(rt.device)
+            lr = engine.lr_at(step, total, cfg)
+            engine.set_lr(opt, lr)
+            with rt.autocast():
+                logits = model(x, n.to(rt.device))  # (B, K)
+            loss = F.cross_entropy(logits.float(), y, weight=weight) if loss_fn is None else loss_fn(logits.float(), y, b)
+            (rt.scaler.scale(loss) if rt.scaler is not None else loss).backward()
+            grad_norm = engine.clip_and_step(model, opt, rt, cfg.grad_clip)
+            loss_value = loss.item()
+            engine.check_finite(run_name, step, lr, rt, cfg.grad_clip, loss=loss_value, grad_norm=grad_norm, lr_key=lr_key)
+            meter.step(int(n.sum()))
+            if step % LOG_EVERY == 0:
+                rec = {"train_loss": loss_value, "lr": lr, "grad_norm": grad_norm}
+                if (rate := meter.window_rate()) is not None:
+                    rec["tokens_per_s"] = tps = rate
+                tracker.log_metrics({f"{prefix}{k}": v for k, v in rec.items()}, step=step)
+            bar.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}", **({"tok_s": f"{tps:,.0f}"} if tps else {}), refresh=False)
+            bar.update()
+            step += 1
+        with meter.paused():  # validation time is not training throughput
+            pred = predict(model, val, rt)
+            y_val = val.y.numpy()
+            acc, f1 = float((pred == y_val).mean()), macro_f1(y_val, pred, n_classes)
+            history.append({"epoch": epoch, "val_accuracy": acc, "val_macro_f1": f1})
+            tracker.log_metrics({f"{prefix}val_accuracy": acc, f"{prefix}val_macro_f1": f1}, step=step)
+            bar.write(f"{name} epoch {epoch}: val accuracy {acc:.3f}, macro-F1 {f1:.3f}")
+            if stopper.update(f1, epoch):
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in engine.unwrap(model).state_dict().items()}
+        if stopper.stop:
+            bar.write(f"{name}: no better macro-F1 for {cfg.patience} epochs, stopping after epoch {epoch}")
+            break
+    bar.close()
+    seconds = time.perf_counter() - start
+    tracker.log_metrics({f"{prefix}train_seconds": seconds, f"{prefix}best_epoch": stopper.best_epoch}, step=step)
+    best = engine.unwrap(model).to("cpu")
+    best.load_state_dict(best_state)
+    best_acc = history[stopper.best_epoch - 1]["val_accuracy"]
+    return Trained(best.eval(), history, stopper.best_epoch, len(history), best_acc, stopper.best, seconds, n_params)
+
+
+def load_examples(cfg: FinetuneConfig, paths: Paths, max_length: int) -> tuple[list[str], Examples, Examples]:
+    """Labels (sorted) and the encoded train (capped per label) and validation examples."""
+    tok = load_tokenizer(paths.tokenizer)
+    pad_id = tok.token_to_id(PAD)
+    data = read_parquet(paths.clean_labeled, ["text", "label", "split"])
+    labels = sorted(data.loc[data["split"] == "train", "label"].unique())
+    index = {lab: i for i, lab in enumerate(labels)}
+    train = cap_per_label(data[data["split"] == "train"], cfg.max_train_per_label, cfg.seed)
+    val = data[(data["split"] == "val") & data["label"].isin(index)]
+    if val.empty:
+        raise UserError(f"{paths.clean_labeled}: no validation rows with a training label")
+
+    def encode(df: pd.DataFrame) -> Examples:
+        ids, lengths = encode_texts(tok, df["text"].tolist(), max_length, pad_id)
+        return Examples(ids, lengths, torch.tensor(df["label"].map(index).to_numpy()))
+
+    return labels, encode(train), encode(val)
+
+
+@dataclass
+class Teacher:
+    """The fine-tuned classifier a compression stage starts from, with its data encoded as it was trained."""
+
+    model: nn.Module
+    meta: dict
+    """Its config.json (kind, config, max_length, ...): a variant keeps everything but the shape."""
+    labels: list[str]
+    train: Examples
+    val: Examples
+
+    @property
+    def extra(self) -> dict:
+        """config.json entries besides kind and config, for a variant written from this model."""
+        return {k: v for k, v in self.meta.items() if k not in ("kind", "config")}
+
+
+def load_teacher(cfg: FinetuneConfig, paths: Paths) -> Teacher:
+    """The fine-tuned classifier (`paths.classifier`) and the train/val examples, encoded at its max_length."""
+    from models.checkpoint import load_classifier, read_config
+
+    meta = read_config(paths.classifier)
+    model = load_classifier(paths.classifier)
+    labels, train, val = load_examples(cfg, paths, int(meta.get("max_length", cfg.max_length)))
+    if labels != list(model.config.labels):
+        raise UserError(f"{paths.classifier}: trained on labels {list(model.config.labels)}, but {paths.clean_labeled} has {labels}; rerun finetune")
+    return Teacher(model, meta, labels, train, val)
+
+
+def recipe(cfg: FinetuneConfig, epochs: int, lr: float) -> FinetuneConfig:
+    """finetune's recipe with another length and peak lr (min_lr scaled alike); no early stopping."""
+    return cfg.model_copy(update={"epochs": epochs, "lr": lr, "min_lr": cfg.min_lr * lr / cfg.lr, "patience": 0})
+
+
+def recover(name: str, model: nn.Module, t: Teacher, cfg: FinetuneConfig, rt: engine.Runtime, tracker: Tracker, epochs: int, lr: float, lr_key: str, before: float) -> tuple[nn.Module, float, float, list[dict]]:
+    """A short fine-tune of a compressed model with finetune's recipe at peak `lr` (0 epochs: as it is).
+
+    Returns the model at its best validation epoch, that epoch's macro-F1 (`before` when nothing ran),
+    the training seconds and the per-epoch history.
+    """
+    if not epochs:
+        return model, before, 0.0, []
+    trained = fit(name, model, recipe(cfg, epochs, lr), t.train, t.val, len(t.labels), rt, tracker, epochs, lr_key=lr_key)
+    return trained.model, trained.val_macro_f1, trained.train_seconds, trained.history
+
+
+def val_scores(model: nn.Module, data: Examples, n_classes: int, rt: engine.Runtime) -> dict[str, float]:
+    """Validation accuracy and macro-F1 of `model`."""
+    pred = predict(model.to(rt.device), data, rt)
+    y = data.y.numpy()
+    model.to("cpu")
+    return {"val_accuracy": round(float((pred == y).mean()), 4), "val_macro_f1": round(macro_f1(y, pred, n_classes), 4)}

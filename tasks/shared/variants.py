@@ -1,0 +1,52 @@
+"""The model variants: where each one lives, which exist, and the marker a switched-off variant leaves.
+
+A variant is a classifier folder that the service code loads (`models.bundle.load_parts`): `fp32` (the
+fine-tuned model), `pruned`, `sparse`, `distilled`, and the int8 copy of any of them (`int8` for fp32,
+`<source>-int8` for the others). Each compression stage writes one folder; a stage switched off in
+params.yaml writes `skipped.json` there instead, so DVC still has its output and evaluate knows why the
+variant is missing. Evaluate, promotion and the benchmark all find variants here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tasks.shared.config.base import Paths
+
+FLOAT_VARIANTS = ("fp32", "pruned", "sparse", "distilled")
+SKIPPED = "skipped.json"
+MODEL_CONFIG = "config.json"
+
+
+def int8_name(source: str) -> str:
+    """The int8 variant made from float variant `source`."""
+    return "int8" if source == "fp32" else f"{source}-int8"
+
+
+def folders(paths: Paths) -> dict[str, Path]:
+    """Every variant name and its folder, float variants first (whether or not it was built)."""
+    base = {"fp32": paths.classifier, "pruned": paths.pruned, "sparse": paths.sparse, "distilled": paths.distilled}
+    return {**{k: Path(v) for k, v in base.items()}, **{int8_name(s): Path(paths.quantized) / int8_name(s) for s in FLOAT_VARIANTS}}
+
+
+def built(paths: Paths) -> dict[str, Path]:
+    """The variants whose folder holds a model, in `folders` order."""
+    return {name: f for name, f in folders(paths).items() if (f / MODEL_CONFIG).is_file()}
+
+
+def skipped(paths: Paths) -> dict[str, str]:
+    """Variants switched off, with the reason their stage recorded."""
+    out = {}
+    for name, f in folders(paths).items():
+        if (f / SKIPPED).is_file():
+            try:
+                out[name] = str(json.loads((f / SKIPPED).read_text()).get("reason", "switched off"))
+            except (OSError, ValueError):
+                out[name] = "switched off"
+    return out
+
+
+def write_skipped(folder: Path, reason: str) -> None:
+    """Mark `folder` (a fresh temp folder of the stage) as a switched-off variant."""
+    (Path(folder) / SKIPPED).write_text(json.dumps({"reason": reason}, indent=2) + "\n")
