@@ -61,8 +61,7 @@ def teacher_logits(model, data, batch_size: int = 128) -> torch.Tensor:
 def run(cfg: DistillConfig, ft: FinetuneConfig, paths: Paths, tracker: Tracker | None = None) -> DistillResult:
     tracker = tracker or NullTracker()
     if not cfg.enabled:
-        with atomic_dir(paths.distilled) as d:
-            write_skipped(d, "distill.enabled is false in params.yaml")
+        write_skipped(paths.distilled, "distill.enabled is false in params.yaml")
         return DistillResult(enabled=False)
     require_passed(paths.validation)
     t = load_teacher(ft, paths)

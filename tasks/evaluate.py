@@ -94,6 +94,13 @@ class Scorer:
     params: int = 0
     folder: Path | None = None
 
+    def probabilities(self, texts: list[str], batch_size: int) -> np.ndarray:
+        """Class probabilities (N, K) of `texts`, `batch_size` at a time."""
+        return np.concatenate([self.forward(self.encode(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)])
+
+    def predict(self, texts: list[str], batch_size: int) -> list[str]:
+        return [self.labels[i] for i in self.probabilities(texts, batch_size).argmax(1)]
+
 
 def bundle_scorer(bundle: Bundle, folder: Path) -> Scorer:
     return Scorer(bundle.labels, bundle.encode, lambda enc: bundle.forward(*enc).numpy(), stored_weights(folder), Path(folder))
@@ -196,7 +203,7 @@ def score_model(load: Callable[[], Scorer], test: pd.DataFrame, cfg: EvaluateCon
     with PeakRss() as mem:
         scorer = load()
         start = time.perf_counter()
-        probs = np.concatenate([scorer.forward(scorer.encode(texts[i : i + cfg.batch_size])) for i in range(0, len(texts), cfg.batch_size)])
+        probs = scorer.probabilities(texts, cfg.batch_size)
         seconds = time.perf_counter() - start
     pred = [scorer.labels[i] for i in probs.argmax(1)]
     m = scores(y_true, pred, scorer.labels)
@@ -410,7 +417,7 @@ def run(cfg: EvaluateConfig, paths: Paths, tracker: Tracker | None = None) -> Ev
         scorers[name] = scorer
         preds[name] = [scorer.labels[i] for i in probs.argmax(1)]
         if behavioral:
-            report = run_behavioral(lambda ts: [scorer.labels[i] for i in np.concatenate([scorer.forward(scorer.encode(ts[j : j + cfg.batch_size])) for j in range(0, len(ts), cfg.batch_size)]).argmax(1)], texts, mft, cfg.behavioral_sample, cfg.seed, labels=scorer.labels)
+            report = run_behavioral(lambda ts: scorer.predict(ts, cfg.batch_size), texts, mft, cfg.behavioral_sample, cfg.seed, labels=scorer.labels)
             m["behavioral"] = report
             m["behavioral_min_pass_rate"] = report["min_pass_rate"]
         results[name] = m
@@ -418,7 +425,7 @@ def run(cfg: EvaluateConfig, paths: Paths, tracker: Tracker | None = None) -> Ev
 
     for name, folder in variant_dirs.items():
         evaluate(name, lambda f=folder: bundle_scorer(load_parts(tokenizer, f), f), folder, behavioral=True)
-    labels = load_parts(tokenizer, variant_dirs["fp32"] if "fp32" in variant_dirs else next(iter(variant_dirs.values()))).labels
+    labels = scorers[next(iter(variant_dirs))].labels
     majority = train["label"].value_counts().idxmax()
     results["majority"] = scores(y_true, [majority] * len(test), labels) | {"params": 0}
     preds["majority"] = [majority] * len(test)

@@ -53,8 +53,7 @@ class PruneResult:
 def run(cfg: PruneConfig, ft: FinetuneConfig, paths: Paths, tracker: Tracker | None = None) -> PruneResult:
     tracker = tracker or NullTracker()
     if not cfg.enabled:
-        with atomic_dir(paths.pruned) as d:
-            write_skipped(d, "prune.enabled is false in params.yaml")
+        write_skipped(paths.pruned, "prune.enabled is false in params.yaml")
         return PruneResult(enabled=False)
     require_passed(paths.validation)
     t = load_teacher(ft, paths)

@@ -60,17 +60,17 @@ def run(cfg: QuantizeConfig, paths: Paths, tracker: Tracker | None = None) -> Qu
             raise UserError(f"params.yaml: quantize.sources: {source} has no model at {folder} (is its stage switched off?)")
         sources[source] = folder
     backend, timings = cfg.backend, {}
-    if sources and cfg.backend == "auto":
-        first = next(iter(sources.values()))
-        ids, lengths = sample_batch(paths, int(read_config(first).get("max_length", 128)))
-        choice = pick_backend(load_classifier(first), ids, lengths, cfg.per_channel)
+    models = {source: (read_config(folder), load_classifier(folder)) for source, folder in sources.items()}
+    if models and cfg.backend == "auto":
+        meta, model = next(iter(models.values()))
+        ids, lengths = sample_batch(paths, int(meta.get("max_length", 128)))
+        choice = pick_backend(model, ids, lengths, cfg.per_channel)
         backend, timings = choice.backend, {**{k: round(v, 3) for k, v in choice.ms.items()}, **choice.errors}
         print(f"quantize: backend auto -> {backend} (median forward ms on {len(ids)} validation texts: {timings})")
     result = QuantizeResult(backend=backend, backend_ms=timings)
     with atomic_dir(paths.quantized) as d:
-        for source, folder in sources.items():
-            meta = read_config(folder)
-            model = load_classifier(folder)
+        for source, (meta, model) in models.items():
+            folder = sources[source]
             qmodel = quantize_classifier(model, backend=backend, per_channel=cfg.per_channel)
             name = int8_name(source)
             (d / name).mkdir()

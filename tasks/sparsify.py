@@ -50,8 +50,7 @@ class SparsifyResult:
 def run(cfg: SparsifyConfig, ft: FinetuneConfig, paths: Paths, tracker: Tracker | None = None) -> SparsifyResult:
     tracker = tracker or NullTracker()
     if not cfg.enabled:
-        with atomic_dir(paths.sparse) as d:
-            write_skipped(d, "sparsify.enabled is false in params.yaml")
+        write_skipped(paths.sparse, "sparsify.enabled is false in params.yaml")
         return SparsifyResult(enabled=False, speedup="")
     require_passed(paths.validation)
     t = load_teacher(ft, paths)

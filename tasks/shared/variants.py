@@ -48,5 +48,8 @@ def skipped(paths: Paths) -> dict[str, str]:
 
 
 def write_skipped(folder: Path, reason: str) -> None:
-    """Mark `folder` (a fresh temp folder of the stage) as a switched-off variant."""
-    (Path(folder) / SKIPPED).write_text(json.dumps({"reason": reason}, indent=2) + "\n")
+    """Replace a variant's `folder` (atomically) with the marker of a switched-off variant."""
+    from tasks.shared.io import atomic_dir
+
+    with atomic_dir(folder) as d:
+        (d / SKIPPED).write_text(json.dumps({"reason": reason}, indent=2) + "\n")

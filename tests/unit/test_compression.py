@@ -141,3 +141,28 @@ def test_distillation_loss_mixes_soft_and_hard_targets():
     assert float(distillation_loss(t, t, y, temperature=2.0, alpha=1.0)) == pytest.approx(0.0, abs=1e-6)  # student = teacher
     kl = F.kl_div(F.log_softmax(s / 3, -1), F.softmax(t / 3, -1), reduction="batchmean")
     assert distillation_loss(s, t, y, temperature=3.0, alpha=1.0) == pytest.approx(9 * float(kl), rel=1e-5)
+
+
+def test_a_switched_off_variant_leaves_a_marker_and_quantizing_it_is_refused(tmp_path):
+    from conftest import TINY_FINETUNE, TINY_QUANTIZE, make_paths
+    from tasks import distill, prune, quantize, sparsify
+    from tasks.shared.config.distill import DistillConfig
+    from tasks.shared.config.prune import PruneConfig
+    from tasks.shared.config.sparsify import SparsifyConfig
+    from tasks.shared.errors import UserError
+    from tasks.shared.variants import built, skipped
+
+    paths = make_paths(tmp_path)
+    assert not prune.run(PruneConfig(enabled=False), TINY_FINETUNE, paths).enabled
+    sparsify.run(SparsifyConfig(enabled=False), TINY_FINETUNE, paths)
+    distill.run(DistillConfig(enabled=False), TINY_FINETUNE, paths)
+    assert built(paths) == {}
+    assert skipped(paths) == {
+        "pruned": "prune.enabled is false in params.yaml",
+        "sparse": "sparsify.enabled is false in params.yaml",
+        "distilled": "distill.enabled is false in params.yaml",
+    }
+    with pytest.raises(UserError, match=r"quantize.sources: pruned has no model .* switched off"):
+        quantize.run(TINY_QUANTIZE.model_copy(update={"sources": ["pruned"]}), paths)
+    quantize.run(TINY_QUANTIZE.model_copy(update={"sources": []}), paths)  # no int8 variant at all: an empty folder
+    assert paths.quantized.is_dir() and not any(paths.quantized.iterdir())
