@@ -14,7 +14,7 @@ export DO_NOT_TRACK ?= 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR ?= false
 export GIT_PYTHON_REFRESH ?= quiet
 
-.PHONY: install pipeline repro promote retrain schedule deploy test test-fast serve ui check check-lock deps constraints clean-outputs postgres stack-up stack-down
+.PHONY: install pipeline repro promote retrain schedule deploy test test-fast serve serve-grpc bento grpc-stubs ui check check-lock deps constraints clean-outputs postgres stack-up stack-down
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,15 @@ stack-down:  ## stop the team stack
 
 serve: install  ## BentoML service for @champion on http://127.0.0.1:3000
 	$(BIN)/lmforge serve
+
+serve-grpc: install  ## gRPC server for @champion on 127.0.0.1:50051 (deploy/grpc_server.py; the same model and limits as `make serve`)
+	$(BIN)/lmforge serve --grpc
+
+bento: install  ## a Bento of @champion that serves without the project or a tracking store (lmforge build; bentoml serve lmforge:latest)
+	$(BIN)/lmforge build
+
+grpc-stubs: install  ## regenerate deploy/lmforge_pb2*.py from deploy/lmforge.proto (commit them; run after editing the .proto)
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. deploy/lmforge.proto
 
 ui: install  ## MLflow UI on the embedded store, http://127.0.0.1:5000
 	$(BIN)/lmforge ui

@@ -1,175 +1,75 @@
-"""BentoML service: the `champion` classifier and its pretrained LM behind POST /classify and /generate.
+"""BentoML service: the `champion` classifier and its pretrained LM over REST.
 
-Start it with `make serve` (`bentoml serve deploy.service:LMForge`). The model comes from the MLflow
-registry (`models:/<registered_model>@champion` in the store named by MLFLOW_TRACKING_URI or
-params.yaml); LMFORGE_MODEL_URI overrides it with another model URI or a local bundle folder.
+Start it with `make serve` (`lmforge serve`, i.e. `bentoml serve deploy.service:LMForge`). Which model it
+serves, and how a registry version lands in BentoML's model store, is deploy/core.py's docstring.
+
+Endpoints:
+
+- `POST /classify {"texts": [...]}`: label, class probabilities and model version per text; adaptive
+  batching merges concurrent requests (LMFORGE_BATCH_MAX_SIZE texts, default 256;
+  LMFORGE_BATCH_MAX_LATENCY_MS, default 10000: BentoML answers 503 to a request that would wait longer);
+- `POST /generate`, `POST /generate_stream` (plain-text chunks as they are sampled): max_new_tokens,
+  temperature, top_k, top_p, stop strings, seed, all bounded (deploy/core.py's Limits);
+- `GET /metadata`: registered model name and version, variant, lineage, gates and test metrics;
+- `POST /reload`: load the registry's current @champion without a restart (needs LMFORGE_API_KEY);
+- `/healthz`, `/livez` (the process is up), `/readyz` (a model is loaded; 503 with the reason otherwise),
+  `/metrics` (Prometheus: request counts and latency by endpoint and status), all BentoML's own.
+
+Bad requests get a 4xx with a message, never a 5xx: invalid JSON, wrong types, empty or too-long texts,
+too many items (400), a body that is not JSON (415), too large (413). With LMFORGE_API_KEY set, every
+endpoint but the probes, /metrics and the API docs needs `Authorization: Bearer <key>` or `X-API-Key: <key>` (401).
 
 A model that cannot be found or loaded never crash-loops the server: `check_model` names the problem
 in one line before start-up, and a worker started anyway stays up, logs that line once, and answers
-/readyz, /classify and /generate with HTTP 503 and the same line.
+/readyz, /classify, /generate and /metadata with HTTP 503 and the same line.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
-import re
-import tempfile
-from pathlib import Path
-from typing import Annotated
+import threading
+from typing import Annotated, Generator
 
 import bentoml
-from pydantic import BaseModel, Field
+from fastapi import FastAPI
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from starlette.responses import JSONResponse
 
-from models.bundle import Bundle, load_bundle
-from models.checkpoint import ArtifactError
+from deploy.core import (  # noqa: F401  (re-exported: promotion's smoke gate and the tests use them)
+    API_KEY_ENV,
+    LIMITS,
+    MAX_BODY_BYTES,
+    MODEL_URI_ENV,
+    CannotGenerate,
+    GenerationRequest,
+    InvalidInput,
+    ModelUnavailable,
+    ServedModel,
+    check_can_generate,
+    classify,
+    default_model_uri,
+    describe,
+    load_service_bundle,
+    open_model,
+    stream,
+    unicode_problem,
+)
+from deploy.core import generate as generate_text
 
-MODEL_URI_ENV = "LMFORGE_MODEL_URI"
+BATCH_SIZE_ENV, BATCH_LATENCY_ENV = "LMFORGE_BATCH_MAX_SIZE", "LMFORGE_BATCH_MAX_LATENCY_MS"
+WORKERS_ENV, ACCESS_LOG_ENV, TRACING_ENV = "LMFORGE_WORKERS", "LMFORGE_ACCESS_LOG", "LMFORGE_TRACING"
 EXAMPLE_INPUT = [
     "def run_until_complete(self, future):\n    future = tasks.ensure_future(future, loop=self)\n    return future.result()",
     "def get_content_type(self):\n    \"\"\"Return the message's content type.\"\"\"\n    return self.get('content-type', 'text/plain')",
 ]
 EXAMPLE_PROMPT = "def read_config(path):\n    "
-BUNDLE_ARTIFACT = Path("artifacts") / "bundle"
-"""Where the bundle lies inside a model logged by `lmforge promote`."""
+PUBLIC = ("/healthz", "/livez", "/readyz", "/metrics", "/docs.json", "/")
+"""Paths open without the API key: the probes, Prometheus and the API docs."""
+JSON_ROUTES = ("/classify", "/generate", "/generate_stream", "/reload")
 
 logger = logging.getLogger("bentoml.lmforge")
-
-
-class ModelUnavailable(Exception):
-    """The model to serve cannot be found or loaded; the message is one line naming what and where."""
-
-
-class Classification(BaseModel):
-    label: str
-    probabilities: dict[str, float]
-
-
-class Generation(BaseModel):
-    prompt: str
-    text: str
-
-
-def default_model_uri() -> str:
-    """LMFORGE_MODEL_URI, else the champion of the registered model named in params.yaml."""
-    if os.environ.get(MODEL_URI_ENV):
-        return os.environ[MODEL_URI_ENV]
-    from tasks.shared.config.params import load_params
-    from tasks.shared.errors import UserError
-
-    try:
-        return f"models:/{load_params().tracking.registered_model}@champion"
-    except UserError as e:
-        raise ModelUnavailable(str(e)) from None
-
-
-def _line(e: Exception) -> str:
-    """The message of `e` on one line."""
-    return " ".join(str(e).split())
-
-
-def _broken(e: ArtifactError, root: Path, shown: str) -> ModelUnavailable:
-    """`shown: <file inside the bundle>: <what is wrong>`."""
-    file = e.file.relative_to(root) if e.file.is_relative_to(root) else e.file
-    return ModelUnavailable(f"{shown}: {file}: {e.problem}")
-
-
-def _registry_uri() -> str:
-    """The MLflow store holding the registry: MLFLOW_REGISTRY_URI, MLFLOW_TRACKING_URI or params.yaml."""
-    from tasks.shared.config.params import load_params
-    from tasks.shared.errors import UserError
-    from tasks.shared.tracking import tracking_uri
-
-    if os.environ.get("MLFLOW_REGISTRY_URI"):
-        return os.environ["MLFLOW_REGISTRY_URI"]
-    try:
-        return tracking_uri(load_params().tracking)
-    except UserError as e:
-        raise ModelUnavailable(str(e)) from None
-
-
-def _registered_source(uri: str, store: str) -> str:
-    """Where the artifacts of a `models:/<name>@<alias>` or `models:/<name>/<version>` URI lie in `store`
-    (other URIs come back as they are).
-
-    Looked up here rather than by MLflow, which resolves registry URIs against its global store and
-    answers "not found" in one line only some of the time.
-    """
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    m = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))/?", uri)
-    if m is None:
-        return uri
-    name, alias, version = m.groups()
-    db = store.removeprefix("sqlite:///") if store.startswith("sqlite:///") else None
-    if db is not None and not Path(db).exists():  # do not create an empty store just to look in it
-        raise ModelUnavailable(f"no registered model {name!r} in {store} (no MLflow store yet): run `make pipeline` first")
-    client = MlflowClient(tracking_uri=store, registry_uri=store)
-    try:
-        client.get_registered_model(name)
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise ModelUnavailable(f"{uri}: {_line(e)}") from None
-        raise ModelUnavailable(f"no registered model {name!r} in {store}: run `make pipeline` first") from None
-    try:
-        version = client.get_model_version_by_alias(name, alias).version if alias else version
-        return client.get_model_version_download_uri(name, version)
-    except MlflowException as e:
-        if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):  # the store failed, not the lookup
-            raise ModelUnavailable(f"{uri}: {_line(e)}") from None
-        if alias:
-            raise ModelUnavailable(f"{uri}: alias {alias} not set (no version passed the gates yet)") from None
-        raise ModelUnavailable(f"{uri}: no version {version} of {name!r} in {store}") from None
-
-
-def load_service_bundle(uri: str) -> Bundle:
-    """Load a bundle from a local folder or an MLflow model URI (downloaded, then loaded without pickle).
-
-    Raises:
-        ModelUnavailable: the folder or URI does not exist, the registry has no such model or alias,
-            or a file of the bundle is missing, truncated or corrupt.
-    """
-    if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:/", uri):  # a local path, not a URI
-        if not Path(uri).is_dir():
-            raise ModelUnavailable(f"{uri}: no such folder or model URI")
-        try:
-            return load_bundle(uri)
-        except ArtifactError as e:
-            raise _broken(e, Path(uri), uri) from None
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    store = _registry_uri()
-    source = _registered_source(uri, store)
-    with tempfile.TemporaryDirectory(prefix="lmforge-") as tmp:  # the bundle is read into memory
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=store, registry_uri=store))
-        except (MlflowException, OSError) as e:
-            raise ModelUnavailable(f"{uri}: {_line(e)} (MLflow store {store})") from None
-        if not (local / BUNDLE_ARTIFACT).is_dir():
-            raise ModelUnavailable(f"{uri}: not an lmforge model (no {BUNDLE_ARTIFACT.as_posix()})")
-        try:
-            return load_bundle(local / BUNDLE_ARTIFACT)
-        except ArtifactError as e:
-            raise _broken(e, local, uri) from None
-
-
-def open_model(uri: str | None = None) -> tuple[str, Bundle]:
-    """The model URI to serve (`uri`, else LMFORGE_MODEL_URI, else the registry's champion) and its bundle.
-
-    Raises:
-        ModelUnavailable: one line naming what is wrong and where (a URI from LMFORGE_MODEL_URI is
-            shown as `LMFORGE_MODEL_URI=<uri>`).
-    """
-    env = os.environ.get(MODEL_URI_ENV) if uri is None else None
-    uri = uri or default_model_uri()
-    try:
-        return uri, load_service_bundle(uri)
-    except ModelUnavailable as e:
-        if env and str(e).startswith(env):
-            raise ModelUnavailable(f"{MODEL_URI_ENV}={e}") from None
-        raise
 
 
 def check_model(uri: str | None = None) -> str:
@@ -178,25 +78,161 @@ def check_model(uri: str | None = None) -> str:
     Raises:
         ModelUnavailable: with one line naming what is wrong and where.
     """
-    uri, bundle = open_model(uri)
-    generate = "with /generate" if bundle.can_generate else "no /generate"
-    return f"{uri}: {bundle.variant} classifier over {len(bundle.labels)} labels, {generate}"
+    return describe(open_model(uri, to_store=False))
 
 
-Texts = Annotated[list[Annotated[str, Field(min_length=1, max_length=20000)]], Field(min_length=1, max_length=256)]
+def _env_int(name: str, default: int, low: int) -> int:
+    raw = os.environ.get(name, "")
+    try:
+        value = int(raw) if raw.strip() else default
+    except ValueError:
+        raise SystemExit(f"lmforge: error: {name}={raw!r} is not an integer") from None
+    if value < low:
+        raise SystemExit(f"lmforge: error: {name}={value} must be at least {low}")
+    return value
 
 
-@bentoml.service(name="lmforge", traffic={"timeout": 60})
+def _nonblank(s: str) -> str:
+    if not s.strip():
+        raise ValueError("text is empty or only whitespace")
+    return _unicode(s)
+
+
+def _unicode(s: str) -> str:
+    if problem := unicode_problem(s):
+        raise ValueError(problem)
+    return s
+
+
+Text = Annotated[str, Field(min_length=1, max_length=LIMITS.max_text_chars), AfterValidator(_nonblank)]
+Texts = Annotated[list[Text], Field(min_length=1, max_length=LIMITS.max_items)]
+Prompt = Annotated[str, Field(min_length=1, max_length=LIMITS.max_prompt_chars), AfterValidator(_nonblank)]
+Stop = Annotated[list[Annotated[str, Field(min_length=1, max_length=LIMITS.max_stop_chars), AfterValidator(_unicode)]], Field(max_length=LIMITS.max_stop)]
+MaxNewTokens = Annotated[int, Field(ge=1, le=LIMITS.max_new_tokens, strict=True)]
+Temperature = Annotated[float, Field(ge=0.0, le=LIMITS.max_temperature, allow_inf_nan=False)]
+TopK = Annotated[int, Field(ge=0, le=LIMITS.max_top_k, strict=True)]
+TopP = Annotated[float, Field(ge=LIMITS.min_top_p, le=1.0, allow_inf_nan=False)]  # ge, not gt: BentoML's OpenAPI is 3.0
+Seed = Annotated[int, Field(ge=0, le=LIMITS.max_seed, strict=True)]
+
+
+class GenerateInput(BaseModel):
+    """The body of /generate and /generate_stream (deploy/core.py's GenerationRequest checks the same bounds)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt setting (`max_tokens`) is a 400, not silently ignored
+
+    prompt: Annotated[Prompt, Field(examples=[EXAMPLE_PROMPT])]
+    max_new_tokens: MaxNewTokens = 64
+    temperature: Temperature = 0.8
+    top_k: TopK = 50
+    """0: no top-k cut."""
+    top_p: TopP = 1.0
+    """Nucleus sampling; 1: no cut."""
+    stop: Stop = []
+    """Generation ends before the first of these strings (not returned)."""
+    seed: Seed | None = None
+
+
+class Classification(BaseModel):
+    label: str
+    probabilities: dict[str, float]
+    model_version: str
+    """`<registered model>/<version>` that answered (`/local` for a bundle folder)."""
+
+
+class Generation(BaseModel):
+    prompt: str
+    text: str
+    finish_reason: str
+    """`length`, `stop` (a stop string, not included) or `eos` (the model ended the text)."""
+    tokens: int
+    model_version: str
+
+
+_state: dict[str, object] = {"service": None}
+"""This worker's LMForge instance, for the ASGI middleware (which BentoML builds apart from the service)."""
+
+
+class Gatekeeper:
+    """ASGI middleware: API key, content type, body size, and 503 while no model is loaded; answered
+    before BentoML parses the request, so none of these can surface as a 5xx."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, headers = scope["path"], {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        error = self._refuse(scope["method"], path, headers)
+        if error is not None:
+            status, message = error
+            extra = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+            return await JSONResponse({"error": message}, status_code=status, headers=extra)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    def _refuse(self, method: str, path: str, headers: dict[str, str]) -> tuple[int, str] | None:
+        key = os.environ.get(API_KEY_ENV)
+        if key and path not in PUBLIC and not path.startswith("/static_content"):
+            given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if not given or not hmac.compare_digest(given.encode(), key.encode()):
+                return 401, f"missing or wrong API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>` ({API_KEY_ENV} is set on the server)"
+        if method == "POST" and path in JSON_ROUTES:
+            ctype = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+            if ctype != "application/json" and not ctype.endswith("+json"):
+                return 415, f"{path}: Content-Type {ctype!r} is not supported; send a JSON body with Content-Type: application/json"
+            size = headers.get("content-length", "0")
+            if size.isdigit() and int(size) > MAX_BODY_BYTES:
+                return 413, f"{path}: body of {int(size)} bytes is over the limit of {MAX_BODY_BYTES} bytes"
+        service = _state["service"]
+        if service is not None and service.unavailable is not None and path in ("/classify", "/generate", "/generate_stream", "/metadata"):
+            return 503, f"model unavailable: {service.unavailable}"
+        return None
+
+
+class _OneLineBadRequests(logging.Filter):
+    """BentoML logs a traceback for every request that fails validation; a 400 is the client's error, so one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[0] is not None and record.exc_info[0].__name__ in ("ValidationError", "InvalidArgument", "BadInput"):
+            record.msg, record.args = f"{record.getMessage()}: {' '.join(str(record.exc_info[1]).split())[:300]}", ()
+            record.exc_info, record.levelno, record.levelname = None, logging.WARNING, "WARNING"
+        return True
+
+
+logging.getLogger("bentoml._internal.server.http_app").addFilter(_OneLineBadRequests())
+
+http = FastAPI()
+
+
+@bentoml.service(
+    name="lmforge",
+    traffic={"timeout": 60},
+    workers=_env_int(WORKERS_ENV, 1, 1),
+    logging={"access": {"enabled": os.environ.get(ACCESS_LOG_ENV, "1") != "0", "skip_paths": ["/metrics", "/healthz", "/livez", "/readyz"]}},
+    # OpenTelemetry spans cost a tenth of the worker's CPU per request even unsampled: only with LMFORGE_TRACING=1
+    # (and an exporter in BentoML's configuration)
+    tracing={} if os.environ.get(TRACING_ENV) == "1" else {"excluded_urls": ".*"},
+)
+@bentoml.asgi_app(http, path="/")
 class LMForge:
     def __init__(self) -> None:
-        self.model_uri, self.bundle, self.unavailable = None, None, None
+        self.model: ServedModel | None = None
+        self.unavailable: str | None = None
+        self._reload = threading.Lock()
+        _state["service"] = self
+        workers = _env_int(WORKERS_ENV, 1, 1)
+        if workers > 1:  # one share of the cores per worker process: oversubscribed OpenMP threads spin against each other
+            import torch
+
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
         try:
-            self.model_uri, self.bundle = open_model()
+            self.model = open_model()
+            logger.info("lmforge: serving %s", describe(self.model))
         except ModelUnavailable as e:  # stay up and say why on every request, instead of crash-looping
             self.unavailable = str(e)
             logger.error("lmforge: no model to serve, answering 503: %s", self.unavailable)
         except Exception as e:  # a bug: its traceback once, then the same 503s (a restart would fail again)
-            self.unavailable = f"{type(e).__name__}: {_line(e)}"
+            self.unavailable = f"{type(e).__name__}: {' '.join(str(e).split())}"
             logger.exception("lmforge: loading the model failed, answering 503")
 
     def __is_ready__(self) -> bool:
@@ -207,33 +243,65 @@ class LMForge:
             raise HTTPException(status_code=503, detail=f"model unavailable: {self.unavailable}")
         return True
 
-    def _unavailable(self):
-        from starlette.responses import JSONResponse
+    @bentoml.api(
+        batchable=True,
+        max_batch_size=_env_int(BATCH_SIZE_ENV, LIMITS.max_items, LIMITS.max_items),
+        max_latency_ms=_env_int(BATCH_LATENCY_ENV, 10_000, 10),
+    )
+    def classify(self, texts: Annotated[Texts, Field(examples=[EXAMPLE_INPUT])]) -> list[Classification]:
+        """Label each text with the stdlib package it most likely comes from, with class probabilities and the model version."""
+        model = self.model  # one model for the whole batch, even if /reload swaps it meanwhile
+        return [Classification(**p) for p in classify(model, texts)]
 
-        return JSONResponse({"error": f"model unavailable: {self.unavailable}"}, status_code=503)
+    def _request(self, params: dict) -> GenerationRequest | JSONResponse:
+        try:
+            check_can_generate(self.model)
+            return GenerationRequest(**{**params, "stop": tuple(params["stop"])})
+        except (CannotGenerate, InvalidInput) as e:
+            return JSONResponse({"error": str(e)}, status_code=400)
 
-    @bentoml.api
-    def classify(self, texts: Texts = EXAMPLE_INPUT) -> list[Classification]:
-        """Label each text with the stdlib package it most likely comes from, with class probabilities."""
-        if self.bundle is None:
-            return self._unavailable()
-        return [Classification(label=p.label, probabilities=p.probabilities) for p in self.bundle.classify(texts)]
+    @bentoml.api(input_spec=GenerateInput)
+    def generate(self, **params) -> Generation:
+        """Continue `prompt` with the pretrained language model; ends at max_new_tokens, a stop string or the model's end of text."""
+        model = self.model
+        req = self._request(params)
+        if isinstance(req, JSONResponse):
+            return req
+        out = generate_text(model, req)
+        return Generation(prompt=req.prompt, text=out.text, finish_reason=out.finish_reason, tokens=out.tokens, model_version=model.model_version)
 
-    @bentoml.api
-    def generate(
-        self,
-        prompt: Annotated[str, Field(min_length=1, max_length=4000)] = EXAMPLE_PROMPT,
-        max_new_tokens: Annotated[int, Field(ge=1, le=256)] = 64,
-        temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.8,
-        top_k: Annotated[int, Field(ge=0, le=1000)] = 50,
-        seed: int | None = None,
-    ) -> Generation:
-        """Continue `prompt` with the pretrained language model (bounded by `max_new_tokens`)."""
-        if self.bundle is None:
-            return self._unavailable()
-        if not self.bundle.can_generate:
-            from bentoml.exceptions import InvalidArgument
+    @bentoml.api(route="/generate_stream", input_spec=GenerateInput)
+    def generate_stream(self, **params) -> Generator[str, None, None]:
+        """/generate as plain-text chunks, sent as they are sampled."""
+        req = self._request(params)
+        if isinstance(req, JSONResponse):
+            return req
+        return stream(self.model, req)
 
-            raise InvalidArgument("the champion was pretrained as a masked LM and cannot generate text")
-        text = self.bundle.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None, seed=seed)
-        return Generation(prompt=prompt, text=text)
+    @bentoml.api(route="/reload")
+    def reload(self) -> dict:
+        """Load the registry's current @champion (or LMFORGE_MODEL_URI) in this worker; needs LMFORGE_API_KEY on the server."""
+        if not os.environ.get(API_KEY_ENV):
+            return JSONResponse({"error": f"/reload is disabled: set {API_KEY_ENV} on the server to enable it (or restart the server)"}, status_code=403)
+        with self._reload:
+            before = self.model.model_version if self.model else None
+            try:
+                model = open_model()
+            except ModelUnavailable as e:  # keep serving what we have
+                return JSONResponse({"error": f"reload failed, still serving {before}: {e}"}, status_code=409)
+            self.model, self.unavailable = model, None
+        logger.info("lmforge: reloaded: %s (was %s)", describe(model), before)
+        return {"model_version": model.model_version, "previous": before, "changed": model.model_version != before}
+
+    @http.get("/metadata")
+    def metadata(self) -> dict:
+        """Registered model name and version, variant, lineage (git commit, data hashes, params hash, validation, flow run), gates and test metrics."""
+        if self.model is None:
+            return JSONResponse({"error": f"model unavailable: {self.unavailable}"}, status_code=503)
+        return self.model.metadata()
+
+
+LMForge.add_asgi_middleware(Gatekeeper)
+# BentoML derives the media type of a list output from its JSON schema, rebuilt on every response (an eighth of
+# the worker's CPU under load); declared once here instead.
+LMForge.apis["classify"].output_spec.media_type = "application/json"

@@ -121,9 +121,15 @@ def promote_candidate(parent_run_id: str) -> dict | str:
         "variant": decision.variant,
         "version": decision.version,
         "promoted": decision.promoted,
-        "gates": [{"gate": g.name, "passed": g.passed, "reason": g.reason} for g in decision.gates],
+        "gates": [{"gate": g.name, "status": g.status, "passed": g.passed, "reason": g.reason} for g in decision.gates],
         "choice": decision.choice,
     }
+
+
+def _status(gate: dict) -> str:
+    """PASS, FAIL or `not configured` (a switched-off gate, which does not block)."""
+    status = gate.get("status") or ("pass" if gate["passed"] else "fail")
+    return status.upper() if status in ("pass", "fail") else status
 
 
 def summary_markdown(evaluation: dict, decision: dict | None) -> str:
@@ -133,7 +139,7 @@ def summary_markdown(evaluation: dict, decision: dict | None) -> str:
     text = "## Test-split evaluation\n\n" + "\n".join(rows)
     if decision:
         verdict = "promoted to @champion" if decision["promoted"] else "not promoted"
-        gates = "\n".join(f"- {'PASS' if g['passed'] else 'FAIL'} **{g['gate']}**: {g['reason']}" for g in decision["gates"])
+        gates = "\n".join(f"- {_status(g)} **{g['gate']}**: {g['reason']}" for g in decision["gates"])
         text += f"\n\n## Promotion: {decision['variant']} v{decision['version']} {verdict}\n\n{gates}\n"
         if decision.get("choice"):
             text += "\n### Why this variant\n\n" + "\n".join(f"- **{v}**: {why}" for v, why in decision["choice"].items()) + "\n"

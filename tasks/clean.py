@@ -7,8 +7,6 @@ one line with an example; among labeled duplicates, those with another label or 
 from __future__ import annotations
 
 import hashlib
-import re
-import unicodedata
 from dataclasses import dataclass
 
 import pandas as pd
@@ -18,25 +16,16 @@ from tasks.shared.config.clean import CleanConfig
 from tasks.shared.errors import UserError
 from tasks.shared.harness import stage_main
 from tasks.shared.io import read_parquet, write_parquet
+from tasks.shared.text import normalize_text
 from tasks.shared.tracking import Tracker
 
 SECTIONS = {"clean": CleanConfig}
 """The params.yaml sections this stage reads (its dvc.yaml `params:`)."""
 
-_BLANK_RUNS = re.compile(r"\n{3,}")
-_DROP_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn"}
-
-
 def clean_text(text: str, cfg: CleanConfig) -> str:
-    """Normalize one text: Unicode form, newlines, tabs, control/format characters, blank lines."""
-    text = unicodedata.normalize(cfg.unicode_form, text)
-    text = text.replace("\r\n", "\n").replace("\r", "\n").expandtabs(cfg.tab_size)
-    if not text.isascii():
-        text = "".join(c for c in text if c == "\n" or unicodedata.category(c) not in _DROP_CATEGORIES)
-    else:
-        text = "".join(c for c in text if c == "\n" or c >= " " and c != "\x7f")
-    text = "\n".join(line.rstrip() for line in text.split("\n"))
-    return _BLANK_RUNS.sub("\n\n", text).strip("\n")
+    """Normalize one text: Unicode form, newlines, tabs, control/format characters, blank lines (the servers
+    apply the same function to requests, with the values recorded in the registered model)."""
+    return normalize_text(text, cfg.unicode_form, cfg.tab_size)
 
 
 def _where(row: pd.Series) -> str:

@@ -80,7 +80,7 @@ TINY_PROJECT = {
     "sparsify": {"recovery_epochs": 0},
     "distill": {"n_layer": 1, "epochs": 1},
     "evaluate": {"latency_samples": 8, "latency_batches": 2, "behavioral_sample": 16},
-    "promote": {"min_accuracy": 0.0, "min_macro_f1": 0.0, "min_gain_over_majority": 0.0, "max_regression": 1.0, "min_behavioral_pass_rate": 0.0},
+    "promote": {"min_accuracy": 0.0, "min_macro_f1": 0.0, "min_gain_over_majority": 0.0, "max_regression": 1.0, "min_behavioral_pass_rate": 0.0, "max_perplexity": 1000.0},
 }
 """A whole-pipeline config small enough for the tests: the default task on 3 stdlib packages, a tiny
 model, bit-exact training (so an interrupted and resumed run can be compared with an uninterrupted one)."""
@@ -173,20 +173,33 @@ def start_logged(cmd: list[str], cwd: Path, env: dict, log: Path):
 
 def stop_group(proc) -> None:
     """SIGTERM to the process group `start_logged` made, SIGKILL after 15 s."""
+    from tasks.ops.servers import stop_group as stop
+
+    stop(proc)
+
+
+def stop_server(proc) -> None:
+    """Stop a `bentoml serve` and its workers (BentoML starts each worker in a session of its own)."""
     import os
     import signal
     import subprocess
 
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    import psutil
+
+    try:
+        groups = {os.getpgid(p.pid) for p in psutil.Process(proc.pid).children(recursive=True) if p.is_running()}
+    except (psutil.NoSuchProcess, ProcessLookupError):
+        groups = set()
+    for pgid in {proc.pid, *groups}:
         try:
-            os.killpg(proc.pid, sig)
+            os.killpg(pgid, signal.SIGTERM)
         except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=15)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            pass
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def post_json(url: str, body: dict, timeout: float = 60) -> tuple[int, object]:

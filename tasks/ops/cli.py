@@ -158,17 +158,25 @@ def _registry_errors(e: Exception) -> UserError:
 
 
 @app.command()
-def promote(params: str = "params.yaml", lock_timeout: float = typer.Option(3600.0, help="seconds to wait while a pipeline holds this workspace")) -> None:
-    """Gate the evaluated candidate, register it and move @champion if every gate passes (exit 1 if not).
+def promote(
+    params: str = "params.yaml",
+    lock_timeout: float = typer.Option(3600.0, help="seconds to wait while a pipeline holds this workspace"),
+    force: bool = typer.Option(False, "--force", help="move @champion even if gates fail (needs --reason; recorded as an override)"),
+    reason: Optional[str] = typer.Option(None, help="why: recorded in the alias history (and on the version when forced)"),
+) -> None:
+    """Gate the evaluated candidate, register it as @candidate and move @champion if every gate passes (exit 1 if not).
 
-    Refuses (exit 2) unless DVC reports every stage up to date and the artifacts match what evaluate scored."""
+    Refuses (exit 2) unless DVC reports every stage up to date and the artifacts match what evaluate scored.
+    With --force --reason "…" a candidate that fails gates becomes @champion anyway, recorded as an override."""
     from tasks.ops.lock import workspace_lock
     from tasks.ops.promote import run
 
     try:
+        if force and not (reason or "").strip():
+            raise UserError('--force needs --reason "why": the override is recorded in the registry')
         cfg = load_params(params)
         with workspace_lock(Path.cwd(), "lmforge promote", lock_timeout):
-            decision = run(cfg, params_file=params)
+            decision = run(cfg, params_file=params, force=force, reason=reason)
     except UserError as e:
         _fail(e)
     except Exception as e:
@@ -196,9 +204,9 @@ def rollback(
 
 @app.command()
 def history(params: str = "params.yaml") -> None:
-    """Every move of @champion: when, from which version to which, why, and whether gates were overridden."""
+    """Every move of @champion and @candidate: when, which alias, from which version to which, who, why, and
+    whether gates were overridden."""
     from mlflow import MlflowClient
-
     from tasks.ops.promote import alias_history
     from tasks.shared.tracking import setup_tracking
 
@@ -211,22 +219,56 @@ def history(params: str = "params.yaml") -> None:
     except Exception as e:
         _fail(_registry_errors(e))
     if not events:
-        typer.echo("no moves of @champion recorded yet")
+        typer.echo("no moves of @champion or @candidate recorded yet")
     for ev in events:
         override = "  OVERRIDE" if ev.get("override") else ""
-        typer.echo(f"{ev['time']}  v{ev.get('from') or '-'} -> v{ev['to']}  {ev.get('user', '')}: {ev['reason']}{override}")
+        typer.echo(f"{ev['time']}  {ev['alias']:<9}  v{ev.get('from') or '-'} -> v{ev['to']}  {ev.get('user', '')}: {ev['reason']}{override}")
 
 
 @app.command()
-def serve(port: int = 3000, host: str = "127.0.0.1") -> None:
-    """Serve @champion with BentoML (`bentoml serve deploy.service:LMForge`), after checking it loads."""
-    from deploy.service import ModelUnavailable, check_model
+def serve(
+    port: Optional[int] = typer.Option(None, help="port (default: 3000; 50051 with --grpc)"),
+    host: str = "127.0.0.1",
+    grpc: bool = typer.Option(False, "--grpc", help="serve gRPC (`python -m deploy.grpc_server`, contract deploy/lmforge.proto) instead of REST"),
+) -> None:
+    """Serve @champion with BentoML (`bentoml serve deploy.service:LMForge`), or over gRPC with --grpc, after
+    loading it into BentoML's model store."""
+    typer.echo(f"serving {_preflight()}", err=True)
+    if grpc:
+        os.execv(sys.executable, [sys.executable, "-m", "deploy.grpc_server", "--host", host] + ([] if port is None else ["--port", str(port)]))
+    os.execv(_bentoml(), ["bentoml", "serve", "deploy.service:LMForge", "--host", host, "--port", str(3000 if port is None else port)])
+
+
+def _bentoml() -> str:
+    """BentoML's command beside this Python (the project's venv), else on PATH."""
+    beside = Path(sys.executable).parent / "bentoml"
+    return str(beside) if beside.exists() else "bentoml"
+
+
+def _preflight() -> str:
+    """Load the model the servers will serve (a registry version lands in BentoML's model store); one line describing it."""
+    from deploy.core import ModelUnavailable, describe, open_model
 
     try:
-        typer.echo(f"serving {check_model()}", err=True)
+        return describe(open_model())
     except (UserError, ModelUnavailable) as e:
         _fail(UserError(str(e)))
-    os.execvp("bentoml", ["bentoml", "serve", "deploy.service:LMForge", "--host", host, "--port", str(port)])
+
+
+@app.command()
+def build() -> None:
+    """Build a Bento of @champion (`bentoml build -f deploy/bentofile.yaml`): the model goes inside, so it serves with no tracking store."""
+    import subprocess
+
+    from deploy.core import IN_BENTO
+
+    if IN_BENTO:
+        _fail(UserError("lmforge build runs in the project, not inside a Bento"))
+    typer.echo(f"packing {_preflight()}", err=True)
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run([_bentoml(), "build", "-f", str(root / "deploy" / "bentofile.yaml"), str(root)], cwd=root)
+    if res.returncode != 0:
+        _fail(UserError(f"bentoml build exited with code {res.returncode}"))
 
 
 @app.command()

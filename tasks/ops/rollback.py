@@ -1,13 +1,16 @@
 """rollback: point `champion` back at an earlier registered version (an operation, not a stage).
 
-Only versions that passed their gates are eligible; moving @champion to one that failed them needs
-`force` and a reason, and the override is recorded (the version's `override` tag and the alias
-history, `lmforge history`).
+By default it restores the previous champion: the alias history (`lmforge history`) is replayed as a
+stack (a promotion pushes, a rollback removes the version rolled back from), so a version once rolled
+back from is not restored by the next rollback. Only versions that passed their gates are eligible;
+moving @champion to one that failed them needs `force` and a reason, and the override is recorded (the
+version's `override` tag and the alias history). A registry whose history does not say falls back to the
+newest gate-passing version older than the champion.
 """
 
 from __future__ import annotations
 
-from tasks.ops.promote import ALIAS, current_champion, move_champion
+from tasks.ops.promote import ALIAS, alias_history, current_champion, move_champion
 from tasks.shared.config.params import Params
 from tasks.shared.errors import UserError
 from tasks.shared.tracking import setup_tracking
@@ -18,8 +21,36 @@ def failed_gates(tags: dict[str, str]) -> list[str]:
     return sorted(k[len("gate.") :] for k, v in tags.items() if k.startswith("gate.") and v.startswith("fail"))
 
 
+def champion_stack(events: list[dict]) -> list[str]:
+    """The versions that were @champion, the current one last, with every version rolled back from removed.
+
+    `events` are @champion's history records, oldest first: a promotion pushes its version; a rollback
+    drops the version it left and brings its target to the top. A record written before records had an
+    `action` is a rollback if it moved to an older version (a promotion always registers a newer one).
+    """
+    stack: list[str] = []
+    for ev in events:
+        to, frm = str(ev["to"]), ev.get("from")
+        action = ev.get("action") or ("rollback" if frm is not None and int(to) < int(frm) else "promote")
+        if action == "rollback" and frm is not None:
+            stack = [v for v in stack if v != str(frm)]
+        stack = [v for v in stack if v != to] + [to]
+    return stack
+
+
+def previous_champion(client, name: str, current: str) -> str | None:
+    """The gate-passing version that was @champion before `current`, by the alias history; None if it does not say."""
+    stack = champion_stack(alias_history(client, name, ALIAS))
+    if not stack or stack[-1] != current:
+        return None
+    for v in reversed(stack[:-1]):
+        if client.get_model_version(name, v).tags.get("gates") == "passed":
+            return v
+    return None
+
+
 def run(params: Params, to_version: str | None = None, force: bool = False, reason: str | None = None) -> str:
-    """Point `champion` at `to_version`, or at the newest gate-passing version older than the current one."""
+    """Point `champion` at `to_version`, or at the previous champion that passed its gates (see the module docstring)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -32,11 +63,13 @@ def run(params: Params, to_version: str | None = None, force: bool = False, reas
     if to_version is None:
         if champion is None:
             raise UserError(f"registered model {name!r} has no @{ALIAS} to roll back from")
-        versions = client.search_model_versions(f"name='{name}'")
-        older = [v for v in versions if int(v.version) < int(champion["version"]) and v.tags.get("gates") == "passed"]
-        if not older:
-            raise UserError(f"{name}: no gate-passing version older than v{champion['version']}")
-        to_version = max(older, key=lambda v: int(v.version)).version
+        to_version = previous_champion(client, name, champion["version"])
+        if to_version is None:
+            versions = client.search_model_versions(f"name='{name}'")
+            older = [v for v in versions if int(v.version) < int(champion["version"]) and v.tags.get("gates") == "passed"]
+            if not older:
+                raise UserError(f"{name}: no gate-passing version older than v{champion['version']}")
+            to_version = max(older, key=lambda v: int(v.version)).version
     try:
         mv = client.get_model_version(name, str(to_version))
     except MlflowException:
@@ -49,8 +82,8 @@ def run(params: Params, to_version: str | None = None, force: bool = False, reas
     if not passed and not force:
         failed = ", ".join(failed_gates(mv.tags)) or "gates not recorded"
         raise UserError(f'{name} v{to_version} did not pass its gates ({failed}); to make it @{ALIAS} anyway: lmforge rollback --to {to_version} --force --reason "why"')
-    why = reason or (f"rollback from v{previous}" if previous else "rollback")
-    move_champion(client, name, str(to_version), why, previous, override=not passed)
+    why = (reason or "").strip() or (f"rollback from v{previous}" if previous else "rollback")
+    move_champion(client, name, str(to_version), why, previous, override=not passed, action="rollback")
     note = " (gates overridden, recorded)" if not passed else ""
     print(f"@{ALIAS} of {name} now points at v{to_version}{note}" + (f" (was v{previous})" if previous else ""))
     return str(to_version)

@@ -66,3 +66,17 @@ def local_prefect_server(port: int = 4200, startup_timeout: float = 180) -> Iter
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 15) -> None:
+    """SIGTERM to the process group of `proc` (started with `start_new_session=True`), SIGKILL after `grace` s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue

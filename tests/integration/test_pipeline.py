@@ -9,18 +9,11 @@ diff`, `dvc plots diff` and `dvc exp run -S` (an experiment is an MLflow run too
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
-
-from conftest import free_port, post_json
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -139,52 +132,3 @@ def test_an_experiment_is_an_mlflow_run_and_plots_overlay_it_on_the_commit(proje
     children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert [r.data.tags["lmforge.stage"] for r in children] == ["evaluate"]
     assert children[0].data.params["evaluate.latency_samples"] == "4"
-
-
-def test_bentoml_serve_answers_classify_and_generate(project):
-    port = free_port()
-    server = subprocess.Popen(
-        ["bentoml", "serve", "deploy.service:LMForge", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=project["dir"],
-        env=project["env"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            assert server.poll() is None, server.stdout.read()
-            try:
-                with urllib.request.urlopen(f"{base}/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                time.sleep(1)
-        else:
-            pytest.fail("bentoml serve did not become ready in 120 s")
-
-        status, body = post_json(f"{base}/classify", {"texts": ["def handle(self, msg):\n    return msg.get_payload()", "import asyncio"]})
-        assert status == 200, body
-        assert len(body) == 2
-        for pred in body:
-            assert pred["label"] in {"asyncio", "email", "xml"}
-            assert set(pred["probabilities"]) == {"asyncio", "email", "xml"}
-            assert abs(sum(pred["probabilities"].values()) - 1) < 1e-3
-
-        status, body = post_json(f"{base}/generate", {"prompt": "def parse(self, data):\n    ", "max_new_tokens": 16, "seed": 0})
-        assert status == 200, body
-        assert isinstance(body["text"], str) and body["prompt"].startswith("def parse")
-
-        status, _ = post_json(f"{base}/classify", {"texts": []})
-        assert status == 400
-        status, _ = post_json(f"{base}/generate", {"prompt": "x", "max_new_tokens": 100000})
-        assert status == 400
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)

@@ -1,10 +1,10 @@
-"""promote: the number-only gates, variant choice and dvc.lock lineage (no MLflow needed)."""
+"""promote: the number-only gates, the data-validation gate on dvc.lock, variant choice and lineage (no MLflow needed)."""
 
 from __future__ import annotations
 
 import pytest
 
-from tasks.ops.promote import choose_variant, dvc_lineage, metric_gates
+from tasks.ops.promote import Gate, Rescore, choose_variant, dvc_lineage, metric_gates, no_regression_gate, perplexity_gate
 from tasks.shared.config.promote import PromoteConfig
 from tasks.shared.errors import UserError
 
@@ -21,13 +21,20 @@ GOOD = {"accuracy": 0.8, "macro_f1": 0.75, "p50_ms_b1": 2.5, "size_mb": 1.25}
 MAJORITY = {"accuracy": 0.34, "macro_f1": 0.17}
 
 
-def _gates(m=GOOD, majority=MAJORITY, champion=None, validation_ok=True, cfg=CFG) -> dict:
-    return {g.name: g for g in metric_gates(cfg, m, majority, champion, validation_ok)}
+LM = {"test_perplexity": 59.1, "test_tokens": 1000}
+
+
+def _gates(m=GOOD, majority=MAJORITY, champion=None, cfg=CFG, lm=LM) -> dict:
+    return {g.name: g for g in metric_gates(cfg, m, majority, champion, lm)}
+
+
+def _champion(version="3", macro_f1=0.76, stored=0.77, rows=120, **kw) -> Rescore:
+    return Rescore(version=version, stored_macro_f1=stored, macro_f1=macro_f1, rows=rows, labels=kw.pop("labels", ["db", "net", "ui"]), **kw)
 
 
 def test_all_gates_pass_on_good_numbers():
     gates = _gates()
-    assert list(gates) == ["data_validation", "min_accuracy", "min_macro_f1", "beats_majority", "no_regression", "latency", "size", "behavioral"]
+    assert list(gates) == ["min_accuracy", "min_macro_f1", "beats_majority", "no_regression", "latency", "size", "behavioral", "lm_perplexity"]
     assert all(g.passed for g in gates.values())
     assert gates["min_accuracy"].reason == "accuracy 0.8000 vs floor 0.5000"
     assert gates["min_macro_f1"].reason == "macro-F1 0.7500 vs floor 0.4000"
@@ -35,7 +42,9 @@ def test_all_gates_pass_on_good_numbers():
     assert gates["no_regression"].reason == "no current champion"
     assert gates["latency"].reason == "p50 2.50 ms (one text) vs budget 10.00 ms"
     assert gates["size"].reason == "1.25 MB vs budget 5.00 MB"
+    assert gates["lm_perplexity"].reason == "test perplexity 59.10 vs ceiling 200.00"
     assert str(gates["size"]).startswith("PASS  size: ")
+    assert all(g.status == "pass" and g.configured for g in gates.values())
 
 
 @pytest.mark.parametrize(
@@ -68,7 +77,7 @@ def test_gain_exactly_at_the_required_margin_passes():
 
 def test_drop_exactly_at_the_allowed_regression_passes():
     """0.77 - 0.75 is 0.020000000000000018 in floating point; a 0.0200 drop is allowed by max_regression 0.02."""
-    gate = _gates(champion={"version": "1", "macro_f1": 0.77})["no_regression"]
+    gate = _gates(champion=_champion(version="1", macro_f1=0.77))["no_regression"]
     assert gate.passed, str(gate)
 
 
@@ -79,19 +88,62 @@ def test_beats_majority_gate():
     assert _gates(m={**GOOD, "accuracy": 0.65}, majority={"accuracy": 0.5})["beats_majority"].passed
 
 
-def test_no_regression_gate_against_champion():
-    ok = _gates(champion={"version": "3", "macro_f1": 0.76})["no_regression"]
+def test_no_regression_compares_the_candidate_with_the_champion_scored_again_on_the_same_rows():
+    ok = _gates(champion=_champion(macro_f1=0.76, stored=0.50))["no_regression"]
     assert ok.passed
-    bad = _gates(champion={"version": "3", "macro_f1": 0.80})["no_regression"]
-    assert not bad.passed
-    assert "0.7500" in bad.reason and "v3" in bad.reason and "0.8000" in bad.reason and "0.0200" in bad.reason
+    assert ok.reason == (
+        "macro-F1 0.7500 (candidate, as evaluate scored it) vs 0.7600 (champion v3 scored again on the same 120 test rows; stored 0.5000); allowed drop 0.0200"
+    )
+    assert ok.detail["candidate_macro_f1"] == 0.75 and ok.detail["champion_macro_f1"] == 0.76 and ok.detail["champion_stored_macro_f1"] == 0.5
+    bad = _gates(champion=_champion(macro_f1=0.80, stored=0.70))["no_regression"]
+    assert not bad.passed, "the stored score (0.70) would pass; the champion scored again (0.80) must decide"
+    assert "0.7500" in bad.reason and "v3" in bad.reason and "0.8000" in bad.reason and "stored 0.7000" in bad.reason and "0.0200" in bad.reason
 
 
-def test_validation_gate():
-    for ok in (False, None):
-        g = _gates(validation_ok=ok)["data_validation"]
-        assert not g.passed and "did not pass" in g.reason
-    assert "data_validation" not in _gates(validation_ok=None, cfg=CFG.model_copy(update={"require_validation": False}))
+def test_no_regression_without_a_stored_score_still_compares():
+    gate = no_regression_gate(CFG, GOOD, _champion(stored=None))
+    assert gate.passed and "stored none" in gate.reason
+
+
+def test_no_regression_fails_in_one_line_when_the_champion_cannot_be_loaded():
+    gate = no_regression_gate(CFG, GOOD, Rescore(version="3", stored_macro_f1=0.7, error="models:/m/3: no such artifact"))
+    assert not gate.passed
+    assert gate.reason == "champion v3 could not be scored again: models:/m/3: no such artifact"
+
+
+def test_no_regression_after_a_label_change_compares_on_the_shared_labels():
+    champ = _champion(macro_f1=0.70, candidate_macro_f1=0.72, rows=80, labels=["db", "net"], added=["ui"], removed=["gui"])
+    gate = no_regression_gate(CFG, GOOD, champ)
+    assert gate.passed
+    assert gate.reason == (
+        "label set changed (added: ui; removed: gui); on the 80 test rows of the 2 shared labels macro-F1 0.7200 (candidate) vs 0.7000 "
+        "(champion v3; stored 0.7700); candidate on all its labels 0.7500; allowed drop 0.0200"
+    )
+    worse = no_regression_gate(CFG, GOOD, _champion(macro_f1=0.80, candidate_macro_f1=0.72, labels=["db", "net"], added=["ui"]))
+    assert not worse.passed and "added: ui; removed: none" in worse.reason
+
+
+def test_no_regression_with_no_shared_label_is_not_comparable():
+    gate = no_regression_gate(CFG, GOOD, Rescore(version="3", stored_macro_f1=0.7, labels=[], added=["a", "b"], removed=["x"]))
+    assert not gate.passed
+    assert gate.reason == "label set changed (added: a, b; removed: x); not comparable: the candidate and champion v3 share no label"
+
+
+def test_perplexity_gate():
+    assert perplexity_gate(CFG, {"test_perplexity": 250.0}).status == "fail"
+    assert perplexity_gate(CFG, {"test_perplexity": 200.0}).passed  # inclusive
+    assert perplexity_gate(CFG, {"test_perplexity": float("inf")}).status == "fail"
+    masked = perplexity_gate(CFG, {"test_perplexity": None, "note": "masked-LM trunk: no next-token perplexity"})
+    assert masked.passed and masked.reason == "nothing to check: masked-LM trunk: no next-token perplexity; the service has no /generate"
+    assert "no language model was evaluated" in perplexity_gate(CFG, {}).reason
+
+
+def test_a_switched_off_gate_is_shown_as_not_configured_and_does_not_block():
+    off = perplexity_gate(CFG.model_copy(update={"max_perplexity": None}), {"test_perplexity": 1e6})
+    assert (off.status, off.passed, off.configured) == ("not configured", True, False)
+    assert str(off) == "not configured  lm_perplexity: promote.max_perplexity is null: no ceiling on the language model's perplexity"
+    assert off.as_dict()["status"] == "not configured"
+    assert str(Gate("size", False, "9 MB")) == "FAIL  size: 9 MB"
 
 
 VARIANTS = {
@@ -145,7 +197,7 @@ def test_explicit_variant():
 
 def test_behavioral_gate_names_the_weakest_test():
     report = {"invariance": {"whitespace": {"pass_rate": 0.9}, "rename_identifiers": {"pass_rate": 0.5}}, "mft": {"pass_rate": 0.8}}
-    gates = {g.name: g for g in metric_gates(CFG, {**GOOD, "behavioral_min_pass_rate": 0.5, "behavioral": report}, {"accuracy": 0.1}, None, True)}
+    gates = {g.name: g for g in metric_gates(CFG, {**GOOD, "behavioral_min_pass_rate": 0.5, "behavioral": report}, {"accuracy": 0.1}, None, LM)}
     assert not gates["behavioral"].passed and gates["behavioral"].reason == "lowest pass rate 0.500 (rename_identifiers) vs floor 0.600"
 
 
@@ -249,3 +301,129 @@ def test_tree_hash_depends_on_names_and_contents_only(tmp_path):
     assert tree_sha256(tmp_path / "a") == tree_sha256(tmp_path / "b")
     with pytest.raises(UserError, match="not found"):
         tree_sha256(tmp_path / "missing")
+
+
+def _validated_project(tmp_path, success: bool = True) -> tuple:
+    """Cleaned data, a validation result and a dvc.lock in which validate, tokenize and finetune agree on their md5."""
+    import hashlib
+    import json
+
+    import yaml
+
+    from conftest import make_paths
+
+    paths = make_paths(tmp_path)
+    for f, body in ((paths.clean_labeled, b"labeled rows"), (paths.clean_corpus, b"corpus rows")):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(body)
+    result = {"success": success, "evaluated": 19, "failed": [] if success else ["labeled: expect_column_values_to_not_be_null(text): 2 nulls", "corpus: x"]}
+    paths.validation.parent.mkdir(parents=True, exist_ok=True)
+    paths.validation.write_text(json.dumps(result))
+
+    def md5(f) -> str:
+        return hashlib.md5(f.read_bytes()).hexdigest()
+
+    def entry(f) -> dict:
+        return {"path": str(f.relative_to(tmp_path)), "hash": "md5", "md5": md5(f)}
+
+    labeled, corpus, res = entry(paths.clean_labeled), entry(paths.clean_corpus), entry(paths.validation)
+    lock = {
+        "schema": "2.0",
+        "stages": {
+            "clean": {"cmd": "python -m tasks.clean", "outs": [corpus, labeled]},
+            "validate": {"cmd": "python -m tasks.validate", "deps": [corpus, labeled, {"path": "data/expectations", "md5": "e.dir"}], "outs": [res]},
+            "tokenize": {"cmd": "python -m tasks.tokenize", "deps": [dict(corpus), dict(res)]},
+            "finetune": {"cmd": "python -m tasks.finetune", "deps": [dict(labeled), dict(res)]},
+        },
+    }
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
+    return paths, lock, md5
+
+
+def _validation(tmp_path, paths, cfg=CFG):
+    from tasks.ops.promote import data_validation_gate
+
+    return data_validation_gate(cfg, paths, tmp_path / "dvc.lock")
+
+
+def _rewrite(tmp_path, lock) -> None:
+    import yaml
+
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
+
+
+def test_data_validation_passes_on_the_validated_data_version_and_names_its_hashes(tmp_path):
+    paths, _, md5 = _validated_project(tmp_path)
+    gate = _validation(tmp_path, paths)
+    assert gate.passed, str(gate)
+    assert md5(paths.clean_labeled)[:12] in gate.reason and md5(paths.clean_corpus)[:12] in gate.reason
+    assert "the data version finetune, tokenize consumed" in gate.reason and "19 expectations" in gate.reason
+    assert gate.detail["data_md5"][str(paths.clean_labeled)] == md5(paths.clean_labeled)
+
+
+def test_data_validation_fails_when_training_consumed_another_data_version(tmp_path):
+    paths, lock, md5 = _validated_project(tmp_path)
+    lock["stages"]["finetune"]["deps"][0]["md5"] = "f" * 32  # finetune trained on data validate never saw
+    _rewrite(tmp_path, lock)
+    gate = _validation(tmp_path, paths)
+    assert not gate.passed
+    assert gate.reason == (
+        f"{paths.clean_labeled}: validate validated md5 {md5(paths.clean_labeled)[:12]}, but finetune consumed ffffffffffff (dvc.lock): the candidate's data was not validated"
+    )
+
+
+def test_data_validation_fails_when_the_result_file_is_not_validates_output(tmp_path):
+    import json
+
+    paths, _, md5 = _validated_project(tmp_path, success=False)
+    recorded = md5(paths.validation)
+    paths.validation.write_text(json.dumps({"success": True, "evaluated": 1, "failed": []}))  # a passing result pasted over a failing one
+    gate = _validation(tmp_path, paths)
+    assert not gate.passed and f"md5 {md5(paths.validation)[:12]} now, {recorded[:12]} in dvc.lock as validate's output" in gate.reason
+    paths.validation.unlink()
+    assert "missing" in _validation(tmp_path, paths).reason
+
+
+def test_data_validation_fails_when_a_stage_read_another_result(tmp_path):
+    paths, lock, _ = _validated_project(tmp_path)
+    lock["stages"]["tokenize"]["deps"][1]["md5"] = "a" * 32
+    _rewrite(tmp_path, lock)
+    gate = _validation(tmp_path, paths)
+    assert not gate.passed and "tokenize read md5 aaaaaaaaaaaa" in gate.reason
+
+
+def test_data_validation_reports_a_failed_validation_of_the_right_data(tmp_path):
+    paths, _, md5 = _validated_project(tmp_path, success=False)
+    gate = _validation(tmp_path, paths)
+    assert not gate.passed
+    assert gate.reason.startswith(f"validation failed on {paths.clean_labeled} md5 {md5(paths.clean_labeled)[:12]}")
+    assert "2 of 19 expectations; first: labeled: expect_column_values_to_not_be_null(text): 2 nulls" in gate.reason
+
+
+@pytest.mark.parametrize("drop", ["validate", "lock"])
+def test_data_validation_without_a_validate_record_fails(tmp_path, drop):
+    paths, lock, _ = _validated_project(tmp_path)
+    if drop == "lock":
+        (tmp_path / "dvc.lock").unlink()
+    else:
+        del lock["stages"]["validate"]
+        _rewrite(tmp_path, lock)
+    gate = _validation(tmp_path, paths)
+    assert not gate.passed and "the data was never validated" in gate.reason
+
+
+def test_data_validation_switched_off_is_not_configured_but_says_what_it_found(tmp_path):
+    paths, _, _ = _validated_project(tmp_path, success=False)
+    gate = _validation(tmp_path, paths, CFG.model_copy(update={"require_validation": False}))
+    assert (gate.status, gate.passed) == ("not configured", True)
+    assert gate.reason.startswith("promote.require_validation is false (the check would say: fail: validation failed on ")
+
+
+@pytest.mark.parametrize("reason", [None, "", "   "])
+def test_forced_promotion_needs_a_reason_before_anything_runs(reason):
+    from conftest import ROOT
+    from tasks.ops.promote import run
+    from tasks.shared.config.params import load_params
+
+    with pytest.raises(UserError, match=r'^--force needs --reason "why"'):
+        run(load_params(ROOT / "params.yaml"), force=True, reason=reason)

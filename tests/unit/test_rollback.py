@@ -90,3 +90,68 @@ def test_history_is_in_order(registry):
     events = alias_history(client, NAME)
     assert [(e["from"], e["to"]) for e in events] == [(None, "2"), ("2", "1"), ("1", "2")]
     assert events[-1]["reason"] == "v1 was slower"
+
+
+def _add_version(client, tmp_path, verdict: str = "passed") -> str:
+    mv = client.create_model_version(NAME, source=str(tmp_path / "model"))
+    client.set_model_version_tag(NAME, mv.version, "gates", verdict)
+    return str(mv.version)
+
+
+def test_rollback_restores_the_previous_champion_not_a_version_rolled_back_from(registry, tmp_path):
+    """v2 is rolled back to v1, then v4 is promoted: the next rollback must go to v1 (the previous champion), not v2."""
+    from tasks.ops.promote import move_alias
+
+    params, client = registry
+    rollback.run(params, reason="v2 misclassifies http")
+    v4 = _add_version(client, tmp_path)
+    move_alias(client, NAME, "candidate", v4, "evaluated: gates passed; fp32", None, action="evaluate")
+    move_champion(client, NAME, v4, "promoted: every gate passed (fp32)", "1")
+    assert rollback.run(params) == "1"
+    events = alias_history(client, NAME)
+    assert [(e["alias"], e["from"], e["to"], e["action"]) for e in events] == [
+        ("champion", None, "2", "promote"),
+        ("champion", "2", "1", "rollback"),
+        ("candidate", None, "4", "evaluate"),
+        ("champion", "1", "4", "promote"),
+        ("champion", "4", "1", "rollback"),
+    ]
+    assert [e["reason"] for e in events if e["action"] == "rollback"] == ["v2 misclassifies http", "rollback from v4"]
+    assert all(e["user"] and e["time"] for e in events)
+    assert alias_history(client, NAME, "candidate") == [events[2]]
+    with pytest.raises(UserError, match="no gate-passing version older than v1"):
+        rollback.run(params)  # v2 was rolled back from; nothing older than v1
+
+
+def test_rollback_skips_an_earlier_champion_that_failed_its_gates(registry, tmp_path):
+    """v3 (failed) was forced in over v2, then v4 promoted: rollback from v4 goes to v2, not the overridden v3."""
+    params, client = registry
+    rollback.run(params, "3", force=True, reason="hotfix")
+    v4 = _add_version(client, tmp_path)
+    move_champion(client, NAME, v4, "promoted: every gate passed (fp32)", "3")
+    assert rollback.run(params) == "2"
+    assert alias_history(client, NAME)[-1]["override"] is False
+
+
+def test_records_written_before_aliases_were_named_read_as_champion_moves(registry, tmp_path):
+    """Legacy `champion.history.<ns>` records (no alias, no action) are still read, in order with the new ones."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from tasks.ops.cli import app
+    from tasks.ops.rollback import champion_stack
+
+    params, client = registry
+    legacy = {"time": "2024-01-01T00:00:00+00:00", "from": None, "to": "1", "reason": "promoted: every gate passed", "override": False, "user": "ci"}
+    client.set_registered_model_tag(NAME, "champion.history.1", json.dumps(legacy))
+    client.set_registered_model_tag(NAME, "champion.history.2", json.dumps({**legacy, "from": "1", "to": "2", "time": "2024-01-02T00:00:00+00:00"}))
+    client.set_registered_model_tag(NAME, "champion.history.3", json.dumps({**legacy, "from": "2", "to": "1", "reason": "rollback from v2", "time": "2024-01-03T00:00:00+00:00"}))
+    events = alias_history(client, NAME)
+    assert [(e["alias"], e["from"], e["to"]) for e in events] == [("champion", None, "1"), ("champion", "1", "2"), ("champion", "2", "1"), ("champion", None, "2")]
+    assert champion_stack(events[:3]) == ["1"]  # a legacy move to an older version is a rollback
+    res = CliRunner().invoke(app, ["history"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.strip().splitlines()
+    assert lines[0] == "2024-01-01T00:00:00+00:00  champion   v- -> v1  ci: promoted: every gate passed"
+    assert len(lines) == 4 and all("  champion   " in line for line in lines)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -13,8 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import LABELS, ROOT, free_port, stop_server
 
-from conftest import LABELS, ROOT, free_port
 from deploy.service import MODEL_URI_ENV, LMForge, ModelUnavailable, check_model, load_service_bundle
 from models.bundle import write_bundle
 from models.tokenizer import TOKENIZER_FILE
@@ -102,10 +102,10 @@ def test_check_model_names_what_is_wrong_in_one_line(case, bundles, registry, tm
 @pytest.mark.parametrize("uri", ["good", "models:/served@champion"])
 def test_check_model_describes_a_loadable_model(uri, bundles, registry, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry)
-    uri = str(bundles / uri) if uri == "good" else uri
-    assert check_model(uri) == f"{uri}: fp32 classifier over {len(LABELS)} labels, with /generate"
+    uri, version = (str(bundles / uri), "") if uri == "good" else (uri, " (served/1)")
+    assert check_model(uri) == f"{uri}{version}: fp32 classifier over {len(LABELS)} labels, with /generate"
     monkeypatch.setenv(MODEL_URI_ENV, uri)
-    assert check_model().startswith(f"{uri}: ")
+    assert check_model().startswith(f"{uri}{version}: ")
     assert load_service_bundle(uri).labels == LABELS
 
 
@@ -120,8 +120,21 @@ def app():
 
 
 def client(app):
+    """A TestClient (a new event loop): BentoML's adaptive-batching dispatcher binds itself to the loop of its
+    first request, so it is unbound first (in a served app there is one loop per worker, forever)."""
+    import gc
+    import warnings
+
+    from bentoml._internal.marshal.dispatcher import CorkDispatcher
     from starlette.testclient import TestClient
 
+    with warnings.catch_warnings():  # touching every object wakes deprecation warnings (torch's)
+        warnings.simplefilter("ignore")
+        dispatchers = [o for o in gc.get_objects() if isinstance(o, CorkDispatcher)]
+    for d in dispatchers:
+        d.__dict__.pop("_loop", None)
+        d.__dict__.pop("_wake_event", None)
+        d._controller = None
     return TestClient(app)
 
 
@@ -136,7 +149,7 @@ def test_service_without_a_model_stays_up_and_answers_503_with_the_reason(app, c
         ready = c.get("/readyz")
         assert ready.status_code == 503 and ready.text.startswith(f"model unavailable: {message}")
         for path, body in (("/classify", {"texts": ["def f(): pass"]}), ("/generate", {"prompt": "def f("})):
-            r = c.post(path, json=body)
+            r = c.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"})  # ASCII JSON: \\ud800 escapes too
             assert r.status_code == 503 and r.json()["error"].startswith(f"model unavailable: {message}")
     logged = [r for r in caplog.records if "no model to serve" in r.getMessage()]
     assert len(logged) == 1 and logged[0].exc_info is None  # one line, no traceback
@@ -161,23 +174,6 @@ def request(url: str, body: bytes | None = None) -> tuple[int, str]:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Stop the server and its worker (BentoML starts the worker in a session of its own)."""
-    import psutil
-
-    groups = {os.getpgid(p.pid) for p in psutil.Process(proc.pid).children(recursive=True) if p.is_running()}
-    for pgid in {proc.pid, *groups}:
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 @pytest.mark.slow
@@ -205,4 +201,203 @@ def test_bentoml_serve_without_a_model_does_not_crash_loop(model, bundles, tmp_p
         assert text.count("no model to serve") == 1 and text.count("Service lmforge initialized") == 1, text
         assert "Traceback" not in text, text
     finally:
-        stop(proc)
+        stop_server(proc)
+
+
+# --- the API: batching, validation, auth, metadata, generation, reload, BentoML's model store ---------
+
+
+@pytest.fixture(autouse=True)
+def model_store(tmp_path):
+    """A BentoML model store of the test's own (the service copies registry versions into it)."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.models.model import ModelStore
+
+    BentoMLContainer.model_store.set(ModelStore(str(tmp_path / "bentoml-models")))
+    yield tmp_path / "bentoml-models"
+    BentoMLContainer.model_store.reset()
+
+
+@pytest.fixture()
+def two_versions(bundles, tmp_path, monkeypatch) -> tuple[str, object]:
+    """A fresh store with `two` v1 (@champion) and v2 (the same bundle), as `lmforge promote` lays them out."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("two")
+    for v in (1, 2):
+        shutil.copytree(bundles / "good", tmp_path / f"v{v}" / "artifacts" / "bundle")
+        tags = {"variant": "fp32", "git_commit": f"{v}" * 40, "test_macro_f1": "0.5", "lineage.data": "d" * 64, "gate.data_validation": "pass: suites passed"}
+        client.create_model_version("two", source=str(tmp_path / f"v{v}"), tags=tags)
+    client.set_registered_model_alias("two", "champion", "1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv(MODEL_URI_ENV, "models:/two@champion")
+    return uri, client
+
+
+def test_classify_answers_with_labels_probabilities_and_the_model_version(app, bundles, monkeypatch):
+    monkeypatch.setenv(MODEL_URI_ENV, str(bundles / "good"))
+    with client(app) as c:
+        r = c.post("/classify", json={"texts": ["def f(): pass", "import asyncio", "x = 1"]})
+    assert r.status_code == 200, r.text
+    assert [p["model_version"] for p in r.json()] == ["lmforge-classifier/local"] * 3
+    assert all(p["label"] in LABELS and abs(sum(p["probabilities"].values()) - 1) < 1e-3 for p in r.json())
+
+
+BAD_REQUESTS = {
+    "empty list": ("/classify", {"texts": []}, 400, "at least 1 item"),
+    "blank text": ("/classify", {"texts": ["ok", "  \n"]}, 400, "empty or only whitespace"),
+    "text too long": ("/classify", {"texts": ["a" * 20_001]}, 400, "at most 20000 characters"),
+    "too many items": ("/classify", {"texts": ["a"] * 257}, 400, "at most 256 items"),
+    "wrong type": ("/classify", {"texts": [1]}, 400, "valid string"),
+    "not a list": ("/classify", {"texts": "def f(): pass"}, 400, "valid array"),
+    "missing field": ("/classify", {}, 400, "Field required"),
+    "max_new_tokens too big": ("/generate", {"prompt": "x", "max_new_tokens": 257}, 400, "less than or equal to 256"),
+    "max_new_tokens a string": ("/generate", {"prompt": "x", "max_new_tokens": "5"}, 400, "valid integer"),
+    "temperature nan": ("/generate", {"prompt": "x", "temperature": "nan"}, 400, "finite number"),
+    "top_p zero": ("/generate", {"prompt": "x", "top_p": 0}, 400, "greater than or equal to 0.001"),
+    "top_k negative": ("/generate", {"prompt": "x", "top_k": -1}, 400, "greater than or equal to 0"),
+    "too many stops": ("/generate", {"prompt": "x", "stop": ["a"] * 9}, 400, "at most 8 items"),
+    "empty stop": ("/generate", {"prompt": "x", "stop": [""]}, 400, "at least 1 character"),
+    "negative seed": ("/generate_stream", {"prompt": "x", "seed": -1}, 400, "greater than or equal to 0"),
+    "empty prompt": ("/generate_stream", {"prompt": ""}, 400, "at least 1 character"),
+    "unknown setting": ("/generate", {"prompt": "x", "max_tokens": 5}, 400, "Extra inputs are not permitted"),
+    "unpaired surrogate in a text": ("/classify", {"texts": ["def f(): \ud800"]}, 400, "Invalid JSON"),  # no tokenizer takes one
+    "unpaired surrogate in the prompt": ("/generate", {"prompt": "x\udfff"}, 400, "Invalid JSON"),
+    "unpaired surrogate in a stop string": ("/generate_stream", {"prompt": "x", "stop": ["\ud800"]}, 400, "Invalid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_bad_requests_get_a_4xx_naming_the_field(case, app, bundles, monkeypatch):
+    path, body, status, message = BAD_REQUESTS[case]
+    monkeypatch.setenv(MODEL_URI_ENV, str(bundles / "good"))
+    with client(app) as c:
+        r = c.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"})  # ASCII JSON: \\ud800 escapes too
+    assert r.status_code == status, r.text
+    assert message in r.text
+
+
+@pytest.mark.parametrize(
+    "content, ctype, status, message",
+    [
+        (b'{"texts": ["def f(', "application/json", 400, "Invalid JSON"),
+        (b"texts=def+f", "application/x-www-form-urlencoded", 415, "send a JSON body with Content-Type: application/json"),
+        (b"def f(): pass", "text/plain", 415, "'text/plain' is not supported"),
+    ],
+)
+def test_invalid_json_and_wrong_content_types_are_4xx(content, ctype, status, message, app, bundles, monkeypatch):
+    monkeypatch.setenv(MODEL_URI_ENV, str(bundles / "good"))
+    with client(app) as c:
+        r = c.post("/classify", content=content, headers={"Content-Type": ctype})
+    assert r.status_code == status and message in r.text, r.text
+
+
+def test_a_body_over_the_size_limit_is_413_before_it_is_read(app, bundles, monkeypatch):
+    from deploy.service import MAX_BODY_BYTES
+
+    monkeypatch.setenv(MODEL_URI_ENV, str(bundles / "good"))
+    with client(app) as c:
+        r = c.post("/classify", content=b"{}", headers={"Content-Type": "application/json", "Content-Length": str(MAX_BODY_BYTES + 1)})
+    assert r.status_code == 413 and "over the limit" in r.text
+
+
+def test_api_key_guards_everything_but_probes_metrics_and_docs(app, bundles, monkeypatch):
+    monkeypatch.setenv(MODEL_URI_ENV, str(bundles / "good"))
+    monkeypatch.setenv("LMFORGE_API_KEY", "s3cret")
+    body = {"texts": ["def f(): pass"]}
+    with client(app) as c:
+        assert c.post("/classify", json=body).status_code == 401
+        r = c.post("/classify", json=body, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer" and "API key" in r.json()["error"]
+        assert c.get("/metadata").status_code == 401
+        assert c.post("/classify", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert c.post("/classify", json=body, headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert [c.get(p).status_code for p in ("/healthz", "/livez", "/readyz", "/docs.json")] == [200] * 4
+
+
+def test_without_a_key_there_is_no_auth(app, bundles, monkeypatch):
+    monkeypatch.setenv(MODEL_URI_ENV, str(bundles / "good"))
+    with client(app) as c:
+        assert c.post("/classify", json={"texts": ["def f(): pass"]}).status_code == 200
+
+
+def test_generate_bounds_stop_strings_and_streams_the_same_text(app, bundles, monkeypatch):
+    monkeypatch.setenv(MODEL_URI_ENV, str(bundles / "good"))
+    body = {"prompt": "def parse(self, data):\n    ", "max_new_tokens": 24, "seed": 3, "temperature": 1.0}
+    with client(app) as c:
+        full = c.post("/generate", json=body).json()
+        again = c.post("/generate", json=body).json()
+        streamed = c.post("/generate_stream", json=body)
+        assert full == again and full["model_version"] == "lmforge-classifier/local"  # seeded: reproducible
+        assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/plain")
+        assert streamed.text == full["text"]
+        assert full["finish_reason"] in ("length", "eos") and full["tokens"] <= 24
+        if full["text"][1:]:
+            stop = full["text"][1:3]  # a stop string that occurs in the unconstrained text
+            cut = c.post("/generate", json={**body, "stop": [stop]}).json()
+            assert cut["finish_reason"] == "stop" and stop not in cut["text"] and full["text"].startswith(cut["text"])
+        tiny = c.post("/generate", json={**body, "temperature": 6.8e-63})  # found by schemathesis: once a 500 (inf / inf)
+        assert tiny.status_code == 200, tiny.text
+        greedy = c.post("/generate", json={**body, "temperature": 0, "seed": None}).json()
+        assert tiny.json()["text"] == greedy["text"]
+        nucleus = c.post("/generate", json={**body, "top_p": 0.001, "seed": 11}).json()
+        assert nucleus["text"] == greedy["text"]  # a nucleus of one token is greedy decoding
+
+
+def test_metadata_names_the_registry_version_and_its_lineage(app, two_versions, model_store):
+    with client(app) as c:
+        meta = c.get("/metadata").json()
+        label = c.post("/classify", json={"texts": ["def f(): pass"]}).json()[0]
+    assert (meta["registered_model"], meta["version"], meta["model_version"], meta["source"]) == ("two", "1", "two/1", "registry")
+    assert meta["lineage"]["git_commit"] == "1" * 40 and meta["lineage"]["data_sha256"] == "d" * 64
+    assert meta["lineage"]["validation"] == "pass: suites passed" and meta["metrics"]["macro_f1"] == 0.5
+    assert label["model_version"] == "two/1"
+    assert meta["bentoml_model"] == "two:v1" and (model_store / "two" / "v1" / "lmforge.json").is_file()  # served from BentoML's store
+
+
+def test_reload_picks_up_a_new_champion_only_with_the_api_key(app, two_versions, monkeypatch):
+    _, registry_client = two_versions
+    with client(app) as c:
+        assert c.post("/reload", json={}).status_code == 403  # off without a key
+        monkeypatch.setenv("LMFORGE_API_KEY", "k")
+        registry_client.set_registered_model_alias("two", "champion", "2")
+        assert c.post("/reload", json={}).status_code == 401
+        r = c.post("/reload", json={}, headers={"X-API-Key": "k"})
+        assert r.status_code == 200 and r.json() == {"model_version": "two/2", "previous": "two/1", "changed": True}
+        assert c.get("/metadata", headers={"X-API-Key": "k"}).json()["version"] == "2"
+        registry_client.delete_registered_model_alias("two", "champion")
+        r = c.post("/reload", json={}, headers={"X-API-Key": "k"})  # nothing to load: keeps serving v2
+        assert r.status_code == 409 and "still serving two/2" in r.json()["error"]
+        assert c.post("/classify", json={"texts": ["x"]}, headers={"X-API-Key": "k"}).json()[0]["model_version"] == "two/2"
+
+
+def test_the_store_latest_is_always_the_version_last_loaded(two_versions, model_store):
+    """What `bentoml build` packs (`<name>:latest`) is the version served last, after a rollback too."""
+    import bentoml
+
+    from deploy.core import open_model
+
+    for version, latest in (("1", "two:v1"), ("2", "two:v2"), ("1", "two:v1")):
+        assert open_model(f"models:/two/{version}").bentoml_model == f"two:v{version}"
+        assert str(bentoml.models.get("two:latest").tag) == latest
+    assert sorted(str(m.tag) for m in bentoml.models.list("two")) == ["two:v1", "two:v2"]
+
+
+def test_texts_are_normalized_the_way_the_training_texts_were(bundles, tmp_path):
+    """A registered bundle records the clean stage's normalization; the servers apply it to every text to classify."""
+    from deploy.core import classify, open_model, write_preprocess
+    from tasks.clean import clean_text
+    from tasks.shared.config.clean import CleanConfig
+
+    shutil.copytree(bundles / "good", tmp_path / "normalized")
+    write_preprocess(tmp_path / "normalized", {"unicode_form": "NFKC", "tab_size": 4})
+    raw = "def f(x):\r\n\tif x:\t# ﬁne\r\n\t\treturn x\u200b   \r\n\r\n\r\n\r\nimport asyncio\x07"
+    cleaned = clean_text(raw, CleanConfig(unicode_form="NFKC", tab_size=4))
+    assert cleaned != raw
+    model, plain = open_model(str(tmp_path / "normalized")), open_model(str(bundles / "good"))
+    assert model.normalize == {"unicode_form": "NFKC", "tab_size": 4} and plain.normalize is None
+    probs = lambda m, t: classify(m, [t])[0]["probabilities"]  # noqa: E731
+    assert probs(model, raw) == probs(model, cleaned) == probs(plain, cleaned)  # served like the test split was scored
+    assert classify(model, ["\x00\x01"])[0]["label"] in LABELS  # nothing left after normalizing: classified as sent

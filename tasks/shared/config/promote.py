@@ -22,12 +22,15 @@ class PromoteConfig(Section):
     min_gain_over_majority: float = Field(0.1, ge=0, le=1)
     """Accuracy must beat the majority-class baseline by this much."""
     max_regression: float = Field(0.02, ge=0, le=1)
-    """Macro-F1 may be at most this much below the current champion's."""
+    """Macro-F1 may be at most this much below the current champion's, both scored on the candidate's test rows
+    (the champion is loaded from the registry and scored again; on the shared labels if the label set changed)."""
     max_latency_ms: float = Field(100.0, gt=0)
     """p50 latency budget for a request of one text (tokenization included)."""
     min_behavioral_pass_rate: float = Field(0.6, ge=0, le=1)
     """Every behavioral test (invariances, minimum functionality) must pass at least this share of its cases."""
     max_size_mb: float = Field(100.0, gt=0)
     """Size budget of the model files."""
+    max_perplexity: float | None = Field(200.0, gt=0)
+    """Ceiling on the test perplexity of the language model behind /generate; null: not configured (no ceiling)."""
     require_validation: bool = True
-    """Data validation must have passed."""
+    """The validation of the data version (DVC md5) the candidate was trained on must have passed; false: not configured."""

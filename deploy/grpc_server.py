@@ -1,0 +1,291 @@
+"""gRPC front end: the REST service's model, limits and answers over gRPC (BentoML's SDK serves no gRPC).
+
+Start it with `make serve-grpc` (`lmforge serve --grpc`, i.e. `python -m deploy.grpc_server`); it serves
+the model deploy/core.py resolves (LMFORGE_MODEL_URI, a Bento's model, else the registry's @champion) on
+127.0.0.1:50051. The contract is deploy/lmforge.proto (`lmforge.v1.Inference`: Classify, Generate,
+GenerateStream, Metadata); `make grpc-stubs` regenerates deploy/lmforge_pb2*.py from it.
+
+Besides Inference the server carries the standard health service (`grpc.health.v1.Health`: SERVING for
+"" and "lmforge.v1.Inference" while a model is loaded) and server reflection, so `grpcurl` needs no .proto.
+
+Errors are status codes with a one-line message, never INTERNAL for a client's mistake: a request outside
+the limits is INVALID_ARGUMENT (deploy/core.py's check_texts and GenerationRequest decide, as for REST's
+400s); Generate on a masked-LM model is FAILED_PRECONDITION; with no loadable model the server stays up,
+health says NOT_SERVING and every Inference call is UNAVAILABLE with the reason (no crash loop); with
+LMFORGE_API_KEY set, Inference calls without `authorization: Bearer <key>` or `x-api-key: <key>`
+metadata are UNAUTHENTICATED (health and reflection stay open, like REST's probes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hmac
+import logging
+import os
+import signal
+import sys
+import threading
+from concurrent import futures
+from typing import Callable, Iterator
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from deploy import lmforge_pb2 as pb
+from deploy import lmforge_pb2_grpc as pb_grpc
+from deploy.core import (
+    API_KEY_ENV,
+    MAX_BODY_BYTES,
+    CannotGenerate,
+    GenerationRequest,
+    InvalidInput,
+    ModelUnavailable,
+    ServedModel,
+    check_can_generate,
+    check_texts,
+    classify,
+    describe,
+    generate,
+    open_model,
+    stream,
+)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+"""`lmforge.v1.Inference`: the name health checks and reflection know the service by."""
+DEFAULT_PORT = 50051
+MAX_MESSAGE_BYTES = MAX_BODY_BYTES
+UNAUTHENTICATED = f"missing or wrong API key: send metadata `authorization: Bearer <key>` or `x-api-key: <key>` ({API_KEY_ENV} is set on the server)"
+OPEN_METHODS = (f"/{health.SERVICE_NAME}/", "/grpc.reflection.")
+"""Method prefixes served without the API key: health checks and reflection (any version a client tries)."""
+
+logger = logging.getLogger("lmforge.grpc")
+
+
+def _rpc(method: Callable) -> Callable:
+    """Turn the core's exceptions into status codes with their one-line message; anything else is a bug:
+    its traceback goes to the log and the client gets INTERNAL with one line."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except InvalidInput as e:
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
+        except CannotGenerate as e:
+            code, message = grpc.StatusCode.FAILED_PRECONDITION, str(e)
+        except ModelUnavailable as e:
+            code, message = grpc.StatusCode.UNAVAILABLE, f"model unavailable: {e}"
+        except Exception as e:
+            logger.exception("lmforge: %s failed", method.__name__)
+            code, message = grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {' '.join(str(e).split())}"
+        context.abort(code, message)  # raises; outside the `try` so that it is not caught above
+
+    return wrapper
+
+
+def generation_request(request: pb.GenerateRequest) -> GenerationRequest:
+    """The core's request from a GenerateRequest: unset optional fields keep the core's defaults.
+
+    Raises:
+        InvalidInput: a field is outside the limits (the message names it).
+    """
+    given = {name: getattr(request, name) for name in ("max_new_tokens", "temperature", "top_k", "top_p", "seed") if request.HasField(name)}
+    return GenerationRequest(prompt=request.prompt, stop=tuple(request.stop), **given)
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    """`lmforge.v1.Inference` over one loaded model (or none, with the reason); every method is safe to call
+    from the server's thread pool at once (inference only reads the model)."""
+
+    def __init__(self, model: ServedModel | None, unavailable: str | None = None) -> None:
+        self.model = model
+        self.unavailable = None if model is not None else unavailable or "no model loaded"
+
+    def _model(self) -> ServedModel:
+        if self.model is None:
+            raise ModelUnavailable(self.unavailable)
+        return self.model
+
+    def _generating(self, request: pb.GenerateRequest) -> tuple[ServedModel, GenerationRequest]:
+        model = self._model()
+        check_can_generate(model)
+        return model, generation_request(request)
+
+    @_rpc
+    def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
+        model = self._model()  # one model for the whole call
+        results = classify(model, check_texts(list(request.texts)))
+        return pb.ClassifyResponse(results=[pb.Classification(**r) for r in results])
+
+    @_rpc
+    def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+        model, req = self._generating(request)
+        out = generate(model, req)
+        return pb.GenerateResponse(text=out.text, finish_reason=out.finish_reason, tokens=out.tokens, model_version=model.model_version)
+
+    @_rpc
+    def GenerateStream(self, request: pb.GenerateRequest, context) -> Iterator[pb.GenerateChunk]:
+        model, req = self._generating(request)  # checked before the first message, so a bad request gets its status at once
+        return self._chunks(model, req, context)
+
+    def _chunks(self, model: ServedModel, req: GenerationRequest, context) -> Iterator[pb.GenerateChunk]:
+        """The pieces of `stream`, then the summary; stops sampling when the call is cancelled or past its deadline."""
+        pieces = stream(model, req)
+        while context.is_active():
+            try:
+                piece = next(pieces)
+            except StopIteration as done:
+                out = done.value
+                yield pb.GenerateChunk(finish_reason=out.finish_reason, tokens=out.tokens, model_version=model.model_version)
+                return
+            except Exception as e:  # after the first message `_rpc` no longer applies: the same one line, the traceback in the log
+                logger.exception("lmforge: GenerateStream failed")
+                context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {' '.join(str(e).split())}")
+            yield pb.GenerateChunk(text=piece)
+
+    @_rpc
+    def Metadata(self, request: pb.MetadataRequest, context) -> pb.MetadataResponse:
+        model = self._model()
+        meta = model.metadata()
+        document = struct_pb2.Struct()
+        json_format.ParseDict(meta, document)
+        return pb.MetadataResponse(
+            registered_model=meta["registered_model"],
+            version=meta["version"],
+            model_version=meta["model_version"],
+            variant=meta["variant"],
+            labels=meta["labels"],
+            can_generate=meta["can_generate"],
+            metadata=document,
+        )
+
+
+class ApiKeyInterceptor(grpc.ServerInterceptor):
+    """Refuse Inference calls without the key (`authorization: Bearer <key>` or `x-api-key: <key>`) with
+    UNAUTHENTICATED; health checks and reflection pass (OPEN_METHODS)."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key.encode()
+
+    def _allowed(self, details: grpc.HandlerCallDetails) -> bool:
+        if details.method.startswith(OPEN_METHODS):
+            return True
+        md = {k.lower(): v for k, v in details.invocation_metadata or () if isinstance(v, str)}
+        given = md.get("x-api-key") or md.get("authorization", "").removeprefix("Bearer ").strip()
+        return bool(given) and hmac.compare_digest(given.encode(), self.key)
+
+    def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = continuation(details)
+        if handler is None or self._allowed(details):
+            return handler
+
+        def refuse(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
+
+        kind = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(handler.request_streaming, handler.response_streaming)]
+        return kind(refuse, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+
+
+def address(host: str, port: int) -> str:
+    """`host:port`, with an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def build_server(
+    model: ServedModel | None,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    max_workers: int = 8,
+    *,
+    unavailable: str | None = None,
+    api_key: str | None = None,
+    checks: health.HealthServicer | None = None,
+) -> tuple[grpc.Server, int]:
+    """An unstarted server for `model` (None: every Inference call answers UNAVAILABLE with `unavailable`),
+    with health checks and reflection, listening on `host:port` (port 0: any free port).
+
+    `max_workers` calls run at once (a stream holds its worker until it ends); with 8 times as many in
+    flight, the next call is refused at once with RESOURCE_EXHAUSTED instead of queueing without bound.
+    `api_key` defaults to LMFORGE_API_KEY; `checks` is the health servicer to register (pass one in to
+    call its `enter_graceful_shutdown()` before stopping; default: a new one).
+
+    Returns:
+        The server and the port it is bound to.
+
+    Raises:
+        OSError: nothing can listen on `host:port` (taken, or no such address).
+    """
+    api_key = os.environ.get(API_KEY_ENV) if api_key is None else api_key
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="lmforge-grpc"),
+        interceptors=[ApiKeyInterceptor(api_key)] if api_key else None,
+        options=options,
+        maximum_concurrent_rpcs=8 * max_workers,
+    )
+    servicer = InferenceServicer(model, unavailable)
+    pb_grpc.add_InferenceServicer_to_server(servicer, server)
+    checks = health.HealthServicer() if checks is None else checks
+    status = health_pb2.HealthCheckResponse.SERVING if model is not None else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE):
+        checks.set(name, status)
+    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
+    reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    where = address(host, port)
+    try:
+        bound = server.add_insecure_port(where)
+    except RuntimeError:  # grpcio's "Failed to bind to address"
+        bound = 0
+    if not bound:
+        raise OSError(f"cannot listen on {where}: the port is taken or the address is not this machine's")
+    return server, bound
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m deploy.grpc_server [--host H] [--port P]`: load the model, serve until SIGTERM or Ctrl-C,
+    then finish the calls in flight (up to --grace seconds)."""
+    parser = argparse.ArgumentParser(prog="python -m deploy.grpc_server", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 or :: for every interface)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0: any free port, printed at start-up)")
+    parser.add_argument("--max-workers", type=int, default=8, help="calls served at once")
+    parser.add_argument("--grace", type=float, default=10.0, help="seconds calls in flight may take to finish on shutdown")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model, unavailable = None, None
+    try:
+        model = open_model()
+    except ModelUnavailable as e:  # stay up and say why on every call, instead of crash-looping
+        unavailable = str(e)
+    except Exception as e:  # a bug: its traceback once, then the same UNAVAILABLE answers (a restart would fail again)
+        logger.exception("lmforge: loading the model failed")
+        unavailable = f"{type(e).__name__}: {' '.join(str(e).split())}"
+    checks = health.HealthServicer()
+    try:
+        server, port = build_server(model, args.host, args.port, args.max_workers, unavailable=unavailable, checks=checks)
+    except OSError as e:
+        sys.exit(f"lmforge: error: {e}")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    where = address(args.host, port)
+    if model is not None:
+        print(f"lmforge: gRPC on {where}: serving {describe(model)}", file=sys.stderr, flush=True)
+    else:
+        print(f"lmforge: gRPC on {where}: no model to serve, answering UNAVAILABLE: {unavailable}", file=sys.stderr, flush=True)
+    stop.wait()
+    checks.enter_graceful_shutdown()  # health checks say NOT_SERVING while calls in flight finish
+    server.stop(args.grace).wait()
+    print(f"lmforge: gRPC on {where}: stopped", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()
