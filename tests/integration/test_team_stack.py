@@ -199,7 +199,8 @@ def test_pipeline_on_the_stack_promotes_into_postgres_and_serves_the_champion(st
         wait_http(f"{base}/readyz", server, log)
         status, body = post_json(f"{base}/classify", {"texts": ["def handle(self, msg):\n    return msg.get_payload()", "async def main():\n    await asyncio.sleep(1)"]})
         assert status == 200, body
-        assert [set(p) for p in body] == [{"label", "probabilities"}] * 2
+        assert [set(p) for p in body] == [{"label", "probabilities", "model_version"}] * 2
+        assert {p["model_version"] for p in body} == {"lmforge-classifier/1"}  # the version promoted into PostgreSQL's registry
         assert all(p["label"] in {"asyncio", "email", "xml"} for p in body), body
     finally:
         _stop_tree(server.pid)
