@@ -154,13 +154,18 @@ def test_the_rerun_after_the_kills_ends_with_the_reference_run_s_models_and_scor
 
 
 def test_a_second_run_waits_for_the_first_in_one_line_then_proceeds(faulted):
-    first = Run(faulted["dir"], faulted["env"], "--no-promote")
-    time.sleep(1)
-    second = Run(faulted["dir"], faulted["env"], "--no-promote", "--lock-timeout", "300")
-    assert first.wait() == 0, first.output[-3000:]
+    """The first holder is this test, through the same lock a pipeline run takes: two real runs started a second
+    apart raced for it (whichever Prefect came up first won), and with every stage cached the first could finish
+    before the second even asked."""
+    from tasks.ops.lock import workspace_lock
+
+    with workspace_lock(faulted["dir"], what="lmforge pipeline (the first run)"):
+        second = Run(faulted["dir"], faulted["env"], "--no-promote", "--lock-timeout", "300")
+        wait_for(lambda: "lmforge: waiting up to 300 s for `lmforge pipeline (the first run)`" in second.output, 180, "the second run to wait", run=second)
+        time.sleep(2)  # still waiting, and said so once
     assert second.wait() == 0, second.output[-3000:]
-    waits = [line for line in (first.output + second.output).splitlines() if "lmforge: waiting up to 300 s for `lmforge pipeline" in line]
-    assert len(waits) == 1, (first.output + second.output)[-3000:]
+    waits = [line for line in second.output.splitlines() if "lmforge: waiting up to 300 s for `lmforge pipeline" in line]
+    assert len(waits) == 1, second.output[-3000:]
 
 
 def test_a_run_that_cannot_get_the_workspace_gives_up_in_one_line(faulted):
