@@ -169,11 +169,10 @@ def promote(
     Refuses (exit 2) unless DVC reports every stage up to date and the artifacts match what evaluate scored.
     With --force --reason "…" a candidate that fails gates becomes @champion anyway, recorded as an override."""
     from tasks.ops.lock import workspace_lock
-    from tasks.ops.promote import run
+    from tasks.ops.promote import override_reason, run
 
     try:
-        if force and not (reason or "").strip():
-            raise UserError('--force needs --reason "why": the override is recorded in the registry')
+        override_reason(force, reason)  # before waiting for the workspace
         cfg = load_params(params)
         with workspace_lock(Path.cwd(), "lmforge promote", lock_timeout):
             decision = run(cfg, params_file=params, force=force, reason=reason)
@@ -207,6 +206,7 @@ def history(params: str = "params.yaml") -> None:
     """Every move of @champion and @candidate: when, which alias, from which version to which, who, why, and
     whether gates were overridden."""
     from mlflow import MlflowClient
+
     from tasks.ops.promote import alias_history
     from tasks.shared.tracking import setup_tracking
 

@@ -397,6 +397,14 @@ def _one_line(e: Exception) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
+def override_reason(force: bool, reason: str | None) -> str:
+    """`reason` stripped; a forced move of @champion without one is refused (the override must say why)."""
+    reason = (reason or "").strip()
+    if force and not reason:
+        raise UserError('--force needs --reason "why": the override is recorded in the registry')
+    return reason
+
+
 def current_version(client, name: str, alias: str = ALIAS):
     """The model version `alias` points at, or None (no model, no alias yet)."""
     from mlflow.exceptions import MlflowException
@@ -545,9 +553,7 @@ def run(params: Params, params_file: Path = Path("params.yaml"), flow_run_id: st
     from deploy.core import load_service_bundle, write_preprocess
     from models.bundle import write_bundle
 
-    reason = (reason or "").strip()
-    if force and not reason:
-        raise UserError('--force needs --reason "why": the override is recorded in the registry')
+    reason = override_reason(force, reason)
     cfg, paths = params.promote, params.paths
     require_current_evaluation()
     metrics_file = Path(paths.metrics) / "evaluate.json"

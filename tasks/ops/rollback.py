@@ -10,7 +10,7 @@ newest gate-passing version older than the champion.
 
 from __future__ import annotations
 
-from tasks.ops.promote import ALIAS, alias_history, current_champion, move_champion
+from tasks.ops.promote import ALIAS, alias_history, current_champion, move_champion, override_reason
 from tasks.shared.config.params import Params
 from tasks.shared.errors import UserError
 from tasks.shared.tracking import setup_tracking
@@ -54,8 +54,7 @@ def run(params: Params, to_version: str | None = None, force: bool = False, reas
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    if force and not (reason or "").strip():
-        raise UserError('--force needs --reason "why": the override is recorded in the registry')
+    override_reason(force, reason)
     setup_tracking(params.tracking)
     client = MlflowClient()
     name = params.tracking.registered_model
