@@ -373,15 +373,13 @@ def _open(uri: str, to_store: bool) -> ServedModel:
         if not Path(uri).is_dir():
             raise ModelUnavailable(f"{uri}: no such folder or model URI")
         return ServedModel(_load_folder(Path(uri), uri), uri=uri, source="folder", normalize=read_preprocess(Path(uri)))
-    from mlflow import MlflowClient
 
     store = registry_uri()
     mv = registered_version(uri, store)
     if mv is not None and to_store:
         return _from_store(uri, mv, store)
-    source = MlflowClient(tracking_uri=store, registry_uri=store).get_model_version_download_uri(mv.name, mv.version) if mv is not None else uri
     with tempfile.TemporaryDirectory(prefix="lmforge-") as tmp:  # the bundle is read into memory
-        local = _download(uri, source, store, Path(tmp))
+        local = _download(uri, _source(mv, store) if mv is not None else uri, store, Path(tmp))
         bundle = _load_folder(local / BUNDLE_ARTIFACT, uri, local)
         normalize = read_preprocess(local / BUNDLE_ARTIFACT)
     if mv is None:
@@ -399,32 +397,37 @@ def store_tag(name: str, version: str) -> str:
     return f"{name.lower()}:v{version}"
 
 
-def _from_store(uri: str, mv, store: str) -> ServedModel:
-    """The registry version `mv`, copied into BentoML's model store (once) and loaded from there."""
-    import bentoml
-
+def _source(mv, store: str) -> str:
+    """Where the artifacts of registry version `mv` lie."""
     from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=store, registry_uri=store).get_model_version_download_uri(mv.name, mv.version)
+
+
+def _from_store(uri: str, mv, store: str) -> ServedModel:
+    """The registry version `mv`, copied into BentoML's model store (once) and served from there."""
+    import bentoml
 
     tag = store_tag(mv.name, str(mv.version))
     with _store_lock, _file_lock():
         existing = _get_model(tag)
-        if existing is not None and _latest_tag(mv.name) != str(existing.tag):
-            bentoml.models.delete(tag)  # re-imported below, so that `latest` (what `bentoml build` packs) is the served version
-            existing = None
-        if existing is None:
-            source = MlflowClient(tracking_uri=store, registry_uri=store).get_model_version_download_uri(mv.name, mv.version)
-            with tempfile.TemporaryDirectory(prefix="lmforge-") as tmp:
-                local = _download(uri, source, store, Path(tmp))
-                _load_folder(local / BUNDLE_ARTIFACT, uri, local)  # a broken version never enters the store
-                info = {"registered_model": mv.name, "version": str(mv.version), "model_uri": uri, "tags": dict(mv.tags or {})}
-                labels = {"registered_model": mv.name, "registry_version": str(mv.version), "variant": (mv.tags or {}).get("variant", "")}
-                with bentoml.models.create(tag, labels=labels, metadata={"model_uri": uri}) as bm:
-                    shutil.copytree(local / BUNDLE_ARTIFACT, Path(bm.path) / "bundle")
-                    (Path(bm.path) / INFO_FILE).write_text(json.dumps(info, indent=1))
-            existing = bentoml.models.get(tag)
-    served = from_bentoml_model(existing, uri)
-    served.source = "registry"
-    return served
+        if existing is not None and _latest_tag(mv.name) == str(existing.tag):
+            served = from_bentoml_model(existing, uri)
+            served.source = "registry"
+            return served
+        if existing is not None:
+            bentoml.models.delete(tag)  # imported again below, so that `latest` (what `bentoml build` packs) is the served version
+        tags = dict(mv.tags or {})
+        with tempfile.TemporaryDirectory(prefix="lmforge-") as tmp:
+            local = _download(uri, _source(mv, store), store, Path(tmp))
+            bundle = _load_folder(local / BUNDLE_ARTIFACT, uri, local)  # loaded before it enters the store: a broken version never does
+            normalize = read_preprocess(local / BUNDLE_ARTIFACT)
+            info = {"registered_model": mv.name, "version": str(mv.version), "model_uri": uri, "tags": tags}
+            labels = {"registered_model": mv.name, "registry_version": str(mv.version), "variant": tags.get("variant", "")}
+            with bentoml.models.create(tag, labels=labels, metadata={"model_uri": uri}) as bm:
+                shutil.copytree(local / BUNDLE_ARTIFACT, Path(bm.path) / "bundle")
+                (Path(bm.path) / INFO_FILE).write_text(json.dumps(info, indent=1))
+    return ServedModel(bundle, uri=uri, source="registry", name=mv.name, version=str(mv.version), tags=tags, bentoml_model=tag, normalize=normalize)
 
 
 def _get_model(tag: str):
