@@ -250,23 +250,90 @@ class EvaluateResult:
         return self.__dict__.copy()
 
 
-def lm_perplexity(lm_dir: Path, tokenizer, texts: list[str], block: int) -> dict:
-    """Perplexity of the pretrained causal LM on `texts` (each from an end-of-text token, up to `block` tokens)."""
+class NGram:
+    """Add-one unigram and interpolated bigram next-token models counted on a token stream, the yardsticks
+    for the LM: p(t | prev) = lam * c(prev, t) / c(prev) + (1 - lam) * p_unigram(t)."""
+
+    def __init__(self, tokens: np.ndarray, vocab: int, lam: float = 0.5) -> None:
+        tokens = np.asarray(tokens, dtype=np.int64)
+        self.vocab, self.lam = vocab, lam
+        self.unigram = (np.bincount(tokens, minlength=vocab) + 1.0) / (len(tokens) + vocab)
+        self.context = np.bincount(tokens[:-1], minlength=vocab).astype(np.float64)
+        self.pairs, self.counts = np.unique(tokens[:-1] * vocab + tokens[1:], return_counts=True)
+
+    def bigram(self, prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+        """Maximum-likelihood p(nxt | prev) (0 for an unseen context or pair)."""
+        codes = np.asarray(prev, dtype=np.int64) * self.vocab + nxt
+        i = np.minimum(np.searchsorted(self.pairs, codes), len(self.pairs) - 1)
+        counts = np.where(self.pairs[i] == codes, self.counts[i], 0)
+        return np.divide(counts, self.context[prev], out=np.zeros(len(codes)), where=self.context[prev] > 0)
+
+    def nll(self, prev: np.ndarray, nxt: np.ndarray, lam: float | None = None) -> tuple[float, float]:
+        """Summed negative log-likelihood of `nxt` given `prev`: (unigram, bigram)."""
+        lam = self.lam if lam is None else lam
+        uni = self.unigram[nxt]
+        return float(-np.log(uni).sum()), float(-np.log(lam * self.bigram(prev, nxt) + (1 - lam) * uni).sum())
+
+    @classmethod
+    def fit(cls, tokens: np.ndarray, vocab: int, held_out: float = 0.1) -> "NGram":
+        """Counts on all of `tokens`, with lam picked on their last `held_out` share counted without it."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        cut = int(len(tokens) * (1 - held_out))
+        part, tail = cls(tokens[:cut], vocab), tokens[cut:]
+        lam = min(LAMBDAS, key=lambda lam: part.nll(tail[:-1], tail[1:], lam)[1])
+        return cls(tokens, vocab, lam)
+
+
+LAMBDAS = tuple(round(0.05 * k, 2) for k in range(1, 20)) + (0.99,)
+"""Bigram interpolation weights tried on the held-out tail of the training tokens."""
+
+
+def lm_perplexity(lm_dir: Path, tokenizer, texts: list[str], block: int, tokens: Path | None = None) -> dict:
+    """Perplexity of the pretrained causal LM on `texts` (each from an end-of-text token, up to `block`
+    tokens) and on the validation token shard (consecutive `block`-token windows), beside a unigram and a
+    bigram model counted on the training shard (`NGram`) and scored on the same next tokens."""
     import torch
     import torch.nn.functional as F
+
+    from tasks.shared.shards import load_tokens
 
     lm = load_lm(lm_dir)
     if not lm.config.causal:
         return {"test_perplexity": None, "note": "masked-LM trunk: no next-token perplexity"}
     eot = tokenizer.token_to_id(EOT)
-    nll, count = 0.0, 0
+    vocab = lm.config.vocab_size
+    ngram = NGram.fit(load_tokens(tokens, "train"), vocab) if tokens is not None else None
+    nll, uni, bi, count = 0.0, 0.0, 0.0, 0
     with torch.inference_mode():
         for enc in tokenizer.encode_batch(texts):
             ids = torch.tensor([[eot, *enc.ids[: block - 1]]])
-            logits = lm(ids[:, :-1])[0][0, :, : lm.config.vocab_size]
+            logits = lm(ids[:, :-1])[0][0, :, :vocab]
             nll += float(F.cross_entropy(logits.float(), ids[0, 1:], reduction="sum"))
             count += ids.size(1) - 1
-    return {"test_perplexity": round(float(np.exp(nll / max(count, 1))), 3), "test_tokens": count}
+            if ngram is not None:
+                u, b = ngram.nll(ids[0, :-1].numpy(), ids[0, 1:].numpy())
+                uni, bi = uni + u, bi + b
+    out = {"test_perplexity": round(float(np.exp(nll / max(count, 1))), 3), "test_tokens": count}
+    if ngram is None:
+        return out
+    out |= {"unigram_test_perplexity": _ppl(uni, count), "bigram_test_perplexity": _ppl(bi, count), "bigram_lambda": ngram.lam}
+    val = np.asarray(load_tokens(tokens, "val"), dtype=np.int64)
+    if len(val) <= block:
+        return out
+    windows = torch.from_numpy(val[: (len(val) - 1) // block * block + 1])
+    x, y = windows[:-1].view(-1, block), windows[1:].view(-1, block)
+    nll = 0.0
+    with torch.inference_mode():
+        for i in range(0, len(x), 64):
+            logits = lm(x[i : i + 64])[0][..., :vocab]
+            nll += float(F.cross_entropy(logits.float().flatten(0, 1), y[i : i + 64].flatten(), reduction="sum"))
+    u, b = ngram.nll(x.flatten().numpy(), y.flatten().numpy())
+    n = y.numel()
+    return out | {"val_perplexity": _ppl(nll, n), "unigram_val_perplexity": _ppl(u, n), "bigram_val_perplexity": _ppl(b, n), "val_tokens": n}
+
+
+def _ppl(nll: float, n: int) -> float:
+    return round(float(np.exp(nll / max(n, 1))), 3)
 
 
 def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
@@ -368,6 +435,12 @@ def markdown_report(cols: dict[str, list], front: list[str], lm: dict, skipped_v
     lines += ["", f"Pareto front (macro-F1 vs batch-1 p50 latency): {', '.join(front)}.", ""]
     if lm.get("test_perplexity") is not None:
         lines.append(f"Language model: test perplexity {lm['test_perplexity']} over {lm['test_tokens']} tokens.")
+        if "bigram_test_perplexity" in lm:
+            lines.append(
+                f"Next-token yardsticks counted on the training tokens, same targets: unigram {lm['unigram_test_perplexity']}, "
+                f"bigram {lm['bigram_test_perplexity']} (interpolation {lm['bigram_lambda']}) on the test functions"
+                + (f"; on the validation shard ({lm['val_tokens']} tokens) LM {lm['val_perplexity']}, unigram {lm['unigram_val_perplexity']}, bigram {lm['bigram_val_perplexity']}." if "val_perplexity" in lm else ".")
+            )
     for name, why in skipped_variants.items():
         lines.append(f"Variant `{name}` not built: {why}.")
     lines += ["", "## Artifacts scored", "", "| artifact | path | sha256 |", "|---|---|---|"]
@@ -435,7 +508,7 @@ def run(cfg: EvaluateConfig, paths: Paths, tracker: Tracker | None = None) -> Ev
     for name, t in timed(scorers, texts, cfg).items():
         results[name].update(t)
         print(f"{name}: p50 {t['p50_ms_b1']:.3f} ms for 1 text, {t['p50_ms_b32']:.3f} ms for 32")
-    lm = lm_perplexity(Path(paths.lm), load_tokenizer(tokenizer), texts, int(read_config(paths.lm)["config"]["block_size"])) if (Path(paths.lm) / CONFIG).is_file() else {}
+    lm = lm_perplexity(Path(paths.lm), load_tokenizer(tokenizer), texts, int(read_config(paths.lm)["config"]["block_size"]), Path(paths.tokens)) if (Path(paths.lm) / CONFIG).is_file() else {}
     print(f"language model: {lm}")
 
     names = set(variant_dirs)

@@ -103,6 +103,8 @@ class FinetuneResult:
     train_seconds: float
     trainable_params: int
     device: str
+    precision: str
+    """What the pretrained classifier trained in (`precision: auto` on CPU: timed, see engine.probe_cpu_precision)."""
     baselines: dict[str, dict]
     """Per baseline: best_epoch, epochs_run, val_accuracy, val_macro_f1, train_seconds, params."""
 
@@ -119,7 +121,7 @@ def run(cfg: FinetuneConfig, paths: Paths, tracker: Tracker | None = None) -> Fi
         raise UserError(f"params.yaml: finetune.max_length: {cfg.max_length} exceeds the LM block_size {lm.config.block_size}")
     labels, train, val = load_examples(cfg, paths, cfg.max_length)
     rt = engine.setup_runtime(cfg)
-    tracker.log_params({"device": engine.device_name(rt.device), "precision": rt.precision})
+    tracker.log_params({"device": engine.device_name(rt.device)})  # precision: per model, logged by fit (timed under `auto`)
     extra = {"max_length": cfg.max_length, "train_config": cfg.model_dump(mode="json")}
 
     torch.manual_seed(cfg.seed)
@@ -165,6 +167,7 @@ def run(cfg: FinetuneConfig, paths: Paths, tracker: Tracker | None = None) -> Fi
         train_seconds=round(main.train_seconds, 2),
         trainable_params=trainable,
         device=engine.device_name(rt.device),
+        precision=main.precision,
         baselines={n: t.summary() for n, t in baselines.items()},
     )
 

@@ -98,11 +98,17 @@ def functions(tree: ast.Module, src: str) -> list[str]:
     return out
 
 
+OVERSHOOT = 1.5
+"""A group goes to a held-out split only if that split stays within OVERSHOOT x its quota for the label."""
+
+
 def assign_splits(groups: pd.DataFrame, cfg: IngestConfig) -> dict[str, str]:
     """Map each group (source file) to a split so each label gets ~val/test_fraction of its rows.
 
-    `groups` has columns group, label, n. Groups are visited in seeded hash order: test fills
-    first, then val, the rest (always at least the last group) is train.
+    `groups` has columns group, label, n. Groups are visited in seeded hash order: test fills first,
+    then val, the rest is train (always at least the last group). A group that would take a split past
+    OVERSHOOT x its quota stays in train, so one big file cannot become most of a label's test rows; a
+    held-out split that no group fits gets the label's smallest train group (while train keeps one).
     """
     out: dict[str, str] = {}
     for _, g in groups.groupby("label", sort=True):
@@ -112,10 +118,14 @@ def assign_splits(groups: pd.DataFrame, cfg: IngestConfig) -> dict[str, str]:
         filled = {"test": 0, "val": 0}
         for i, (key, n) in enumerate(zip(g["group"], g["n"])):
             last = i == len(g) - 1
-            split = next((s for s in ("test", "val") if not last and filled[s] < quota[s]), "train")
-            if split != "train":
-                filled[split] += n
-            out[key] = split
+            fits = [s for s in ("test", "val") if not last and filled[s] < quota[s] and filled[s] + n <= OVERSHOOT * quota[s]]
+            out[key] = fits[0] if fits else "train"
+            if fits:
+                filled[fits[0]] += n
+        for split in ("test", "val"):
+            train = g[g["group"].map(out) == "train"].sort_values(["n", "h"])
+            if not filled[split] and quota[split] > 0 and len(train) > 1:
+                out[train["group"].iloc[0]] = split
     return out
 
 

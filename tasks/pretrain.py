@@ -105,6 +105,15 @@ class PretrainResult:
     resumed_from_step: int
     mfu: float | None
     device: str
+    precision: str
+    """fp32 / bf16 / fp16: what trained (`precision: auto` on CPU is timed per shape, see precision_probe_*_ms)."""
+    precision_probe_fp32_ms: float | None
+    precision_probe_bf16_ms: float | None
+    engine_tokens_per_s: float | None
+    """The engine benchmark's figure for this model (`engine.step_throughput`: bare steps on random tokens), mean of
+    a measurement before and after the loop; None with several processes."""
+    loop_efficiency: float | None
+    """tokens_per_s / engine_tokens_per_s: what batch assembly, logging and bookkeeping leave of the bare step."""
 
     @property
     def metrics(self) -> dict:
@@ -170,6 +179,8 @@ class Setup:
     state: engine.TrainState
     """Step to start from and the loss history so far (a resumed run continues its curve)."""
     ckpt_dir: Path
+    probe: engine.PrecisionProbe
+    """How `precision: auto` was resolved (CPU: timed on this model)."""
 
 
 def _unusable_report(unusable: list[tuple[Path, str]], resume_from: str | None) -> list[str]:
@@ -197,6 +208,11 @@ def _setup(cfg: PretrainConfig, paths: Paths, rt: engine.Runtime) -> Setup:
     model = GPT(model_cfg)
     n_params, flops_per_token = model.num_params(), model.flops_per_token()
     model.train()
+    train_batches = Batches(train_data, cfg, meta, model_cfg.block_size)
+    fused = engine.use_fused_loss(cfg.fused_loss, rt.device)
+    micro = cfg.batch_size // rt.world // cfg.grad_accum
+    x, y = train_batches(micro, torch.Generator().manual_seed(cfg.seed + 1))  # not the training stream
+    probe = engine.probe_cpu_precision(rt, cfg.precision, model, lambda: model(x, y, fused_loss=fused)[1])
     model = engine.wrap_model(model, rt, cfg.distributed.strategy, cfg.compile)
     opt = engine.build_optimizer(model, cfg, rt.device)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -223,16 +239,17 @@ def _setup(cfg: PretrainConfig, paths: Paths, rt: engine.Runtime) -> Setup:
         model=model,
         opt=opt,
         gen=gen,
-        train_batches=Batches(train_data, cfg, meta, model_cfg.block_size),
+        train_batches=train_batches,
         val_batches=Batches(val_data, cfg, meta, min(model_cfg.block_size, len(val_data) - 2)),
-        fused=engine.use_fused_loss(cfg.fused_loss, rt.device),
+        fused=fused,
         per_rank=per_rank,
-        micro=per_rank // cfg.grad_accum,
+        micro=micro,
         tokens_per_step=cfg.batch_size * model_cfg.block_size,
         n_params=n_params,
         flops_per_token=flops_per_token,
         state=state,
         ckpt_dir=ckpt_dir,
+        probe=probe,
     )
 
 
@@ -295,9 +312,13 @@ def _train(cfg: PretrainConfig, paths: Paths, tracker: Tracker, rt: engine.Runti
 
     s = _setup(cfg, paths, rt)
     start_step, history = s.state.step, s.state.history
+    if rt.is_main and s.probe.fp32_s is not None:
+        print(f"pretrain: precision {rt.precision} ({s.probe.reason})", flush=True)
     tracker.log_params({"device": engine.device_name(rt.device), "precision": rt.precision, "world_size": rt.world,
                         "grad_accum": cfg.grad_accum, "flops_per_token": s.flops_per_token, "fused_loss": s.fused})  # fmt: skip
     val_loss = next((h["val_loss"] for h in reversed(history) if "val_loss" in h), float("nan"))
+    bench = (lambda: engine.step_throughput(s.model, cfg, rt, s.micro, s.model_cfg.block_size, s.model_cfg.vocab_size, s.fused)) if rt.world == 1 else None
+    engine_rates = [bench()] if bench else []
     meter = engine.Throughput(rt.device)
     last_mfu = None
     start = time.perf_counter()
@@ -329,6 +350,11 @@ def _train(cfg: PretrainConfig, paths: Paths, tracker: Tracker, rt: engine.Runti
     bar.close()
     seconds = time.perf_counter() - start
     tokens_per_s = meter.overall_rate()
+    if bench:
+        engine_rates.append(bench())
+    engine_tps = float(np.mean(engine_rates)) if engine_rates else None
+    if rt.is_main and engine_tps and tokens_per_s:
+        print(f"pretrain: {tokens_per_s:,.0f} tokens/s in the loop, {engine_tps:,.0f} for the bare engine step ({tokens_per_s / engine_tps:.0%})", flush=True)
     trained = _full_model(s.model, s.model_cfg)
 
     if rt.is_main:
@@ -352,6 +378,9 @@ def _train(cfg: PretrainConfig, paths: Paths, tracker: Tracker, rt: engine.Runti
         resumed_from_step=start_step,
         mfu=None if last_mfu is None else round(last_mfu, 4),
         device=engine.device_name(rt.device),
+        **s.probe.metrics(),
+        engine_tokens_per_s=None if engine_tps is None else round(engine_tps, 1),
+        loop_efficiency=round(tokens_per_s / engine_tps, 3) if engine_tps and tokens_per_s else None,
     )
 
 

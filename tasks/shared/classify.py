@@ -83,18 +83,41 @@ class Examples:
         return len(self.y)
 
 
+BUCKET_BATCHES = 16
+"""Batches drawn together and sorted by length (see `bucketed_batches`)."""
+
+
+def bucketed_batches(lengths: torch.Tensor, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """One epoch of row indices in batches of similar lengths: rows are shuffled, each run of
+    BUCKET_BATCHES x batch_size rows is sorted by length and cut into batches, and the batches are
+    shuffled. A batch is padded to its longest row, so this trains on far fewer pad tokens than
+    random batches while every batch stays a random draw of the epoch."""
+    order = torch.randperm(len(lengths), generator=gen)
+    span = batch_size * BUCKET_BATCHES
+    batches = []
+    for i in range(0, len(order), span):
+        chunk = order[i : i + span]
+        chunk = chunk[torch.argsort(lengths[chunk], stable=True)]
+        batches += list(chunk.split(batch_size))
+    return [batches[j] for j in torch.randperm(len(batches), generator=gen).tolist()]
+
+
 @torch.no_grad()
 def predict(model: nn.Module, data: Examples, rt: engine.Runtime, batch_size: int = 128) -> np.ndarray:
     """Predicted class indices (N,)."""
     model.eval()
+    order = torch.argsort(data.lengths, stable=True)  # similar lengths together: little padding
     preds = []
     for i in range(0, len(data), batch_size):
-        n = data.lengths[i : i + batch_size]
-        x = data.ids[i : i + batch_size, : int(n.max())].to(rt.device)
+        rows = order[i : i + batch_size]
+        n = data.lengths[rows]
+        x = data.ids[rows, : int(n.max())].to(rt.device)
         with rt.autocast():
             preds.append(model(x, n.to(rt.device)).argmax(-1).cpu())
     model.train()
-    return torch.cat(preds).numpy()
+    out = torch.empty(len(data), dtype=torch.long)
+    out[order] = torch.cat(preds) if preds else out[:0]
+    return out.numpy()
 
 
 @dataclass
@@ -109,9 +132,11 @@ class Trained:
     val_macro_f1: float
     train_seconds: float
     params: int
+    precision: str = "fp32"
+    """What it trained in (`precision: auto` on CPU: timed for this model, see `engine.probe_cpu_precision`)."""
 
     def summary(self) -> dict:
-        keys = ("best_epoch", "epochs_run", "val_accuracy", "val_macro_f1", "train_seconds", "params")
+        keys = ("best_epoch", "epochs_run", "val_accuracy", "val_macro_f1", "train_seconds", "params", "precision")
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items() if k in keys}
 
 
@@ -140,6 +165,9 @@ def fit(
 
     n_params = sum(p.numel() for p in model.parameters())
     model.train()
+    probe = engine.probe_cpu_precision(rt, cfg.precision, model, lambda: _probe_loss(model, train, cfg.batch_size, rt))
+    if probe.fp32_s is not None:
+        tracker.log_params({f"{prefix}precision": probe.chosen, f"{prefix}precision_probe": probe.reason})
     model = engine.wrap_model(model, rt, "ddp", cfg.compile)
     opt = engine.build_optimizer(engine.unwrap(model), cfg, rt.device, lr_scale)  # names without compile's prefix
     weight = balanced_class_weights(train.y, n_classes).to(rt.device) if cfg.class_weights == "balanced" else None
@@ -152,9 +180,7 @@ def fit(
     meter, step, tps = engine.Throughput(rt.device), 0, None
     run_name = "finetune" if name == "finetune" else f"finetune {name}"  # names a diverged run
     for epoch in range(1, epochs + 1):
-        order = torch.randperm(len(train), generator=gen)
-        for i in range(0, len(order), cfg.batch_size):
-            b = order[i : i + cfg.batch_size]
+        for b in bucketed_batches(train.lengths, cfg.batch_size, gen):
             n = train.lengths[b]
             x, y = train.ids[b, : int(n.max())].to(rt.device), train.y[b].to(rt.device)
             lr = engine.lr_at(step, total, cfg)
@@ -193,7 +219,13 @@ def fit(
     best = engine.unwrap(model).to("cpu")
     best.load_state_dict(best_state)
     best_acc = history[stopper.best_epoch - 1]["val_accuracy"]
-    return Trained(best.eval(), history, stopper.best_epoch, len(history), best_acc, stopper.best, seconds, n_params)
+    return Trained(best.eval(), history, stopper.best_epoch, len(history), best_acc, stopper.best, seconds, n_params, rt.precision)
+
+
+def _probe_loss(model: nn.Module, train: Examples, batch_size: int, rt: engine.Runtime) -> torch.Tensor:
+    """A scalar of one full-size training batch's logits (the first rows), for timing the precisions."""
+    n = train.lengths[:batch_size]
+    return model(train.ids[:batch_size, : int(n.max())].to(rt.device), n.to(rt.device)).float().square().mean()
 
 
 def load_examples(cfg: FinetuneConfig, paths: Paths, max_length: int) -> tuple[list[str], Examples, Examples]:

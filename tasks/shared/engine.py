@@ -19,6 +19,8 @@ import shutil
 import subprocess
 import sys
 import time
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +87,73 @@ def _amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bf16":
         return torch.bfloat16
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16  # auto on CUDA
+
+
+BF16_MIN_GAIN = 1.1
+"""`precision: auto` on CPU trains in bf16 only when the probe finds it at least this much faster than fp32."""
+
+
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX) that oneDNN uses."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@dataclass
+class PrecisionProbe:
+    """What `probe_cpu_precision` measured: median seconds of one forward + backward in each precision."""
+
+    chosen: str
+    fp32_s: float | None = None
+    bf16_s: float | None = None
+    reason: str = ""
+
+    def metrics(self) -> dict:
+        return {"precision": self.chosen, "precision_probe_fp32_ms": _ms(self.fp32_s), "precision_probe_bf16_ms": _ms(self.bf16_s)}
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(1000 * seconds, 2)
+
+
+def probe_cpu_precision(rt: Runtime, precision: str, model: nn.Module, loss: Callable[[], torch.Tensor], reps: int = 5) -> PrecisionProbe:
+    """Resolve `precision: auto` on CPU by timing the model itself: bf16 autocast where it is faster.
+
+    Whether bf16 pays depends on the CPU and the shape (on the 2-core AVX512-BF16 VM of docs/benchmarks.md:
+    1.12x for the 4 x 128 default at batch 16, 2.61x for 6 x 512; a CPU without native bf16 loses), so it is
+    measured here, on this machine and this model: `loss()` (a forward on a representative batch) plus its backward runs
+    once untimed and `reps` times timed in each precision, interleaved, and bf16 is chosen when the median
+    ratio of each fp32 run to the bf16 run right after it is at least BF16_MIN_GAIN (pairs see the same
+    load on the machine). Weights, gradients and random state are left as they were. Sets
+    `rt.amp_dtype` and returns what it measured. Explicit precisions and GPUs are left alone.
+    """
+    if precision != "auto" or rt.device.type != "cpu":
+        return PrecisionProbe(rt.precision, reason=f"precision: {precision} on {rt.device.type}")
+    if not cpu_bf16_supported():
+        rt.amp_dtype = None
+        return PrecisionProbe("fp32", reason="this CPU has no native bf16 instructions")
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    with torch.random.fork_rng(devices=[]):
+        for i in range(reps + 1):
+            for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+                rt.amp_dtype = dtype
+                t0 = time.perf_counter()
+                with rt.autocast():
+                    out = loss()
+                out.float().backward()
+                if i:
+                    times[name].append(time.perf_counter() - t0)
+    model.zero_grad(set_to_none=True)
+    fp32, bf16 = float(np.median(times["fp32"])), float(np.median(times["bf16"]))
+    # each fp32 run against the bf16 run right after it: drift on the machine falls on both sides of a ratio
+    gain = float(np.median([a / b for a, b in zip(times["fp32"], times["bf16"])]))
+    use_bf16 = torch.tensor(int(gain >= BF16_MIN_GAIN))
+    if rt.distributed:  # every process trains alike: rank 0's timing decides
+        torch.distributed.broadcast(use_bf16, 0)
+    rt.amp_dtype = torch.bfloat16 if use_bf16.item() else None
+    return PrecisionProbe(rt.precision, fp32, bf16, f"fp32 {_ms(fp32)} ms vs bf16 {_ms(bf16)} ms per forward + backward (median ratio {gain:.2f})")
 
 
 def set_deterministic(on: bool) -> None:
@@ -218,6 +287,31 @@ def clip_and_step(model: nn.Module, opt: torch.optim.Optimizer, rt: Runtime, gra
         opt.step()
     opt.zero_grad(set_to_none=True)
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def step_throughput(model: nn.Module, cfg: TrainLoop, rt: Runtime, batch: int, block: int, vocab: int, fused: bool, steps: int = 10, warmup: int = 2) -> float:
+    """Tokens/s of the bare training step (forward, loss, backward, clipping, optimizer) on random tokens:
+    what `bench/train_throughput.py` measures, here for `model` as configured. Runs on a copy with its own
+    optimizer and a forked random stream, so the training it is compared with is untouched."""
+    import copy
+
+    twin = copy.deepcopy(unwrap(model)).train()
+    opt = build_optimizer(twin, cfg, rt.device)
+    rt = dataclasses.replace(rt, scaler=None if rt.scaler is None else torch.amp.GradScaler(rt.device.type))  # fp16: its own loss scale
+    sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
+    with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
+        data = torch.randint(vocab, (steps + warmup, batch, block + 1))
+        for i in range(steps + warmup):
+            if i == warmup:
+                sync()
+                start = time.perf_counter()
+            x, y = data[i, :, :-1].to(rt.device, non_blocking=True), data[i, :, 1:].to(rt.device, non_blocking=True)
+            with rt.autocast():
+                _, loss = twin(x, y, fused_loss=fused)
+            (rt.scaler.scale(loss) if rt.scaler is not None else loss).backward()
+            clip_and_step(twin, opt, rt, cfg.grad_clip)
+        sync()
+    return steps * batch * block / (time.perf_counter() - start)
 
 
 def check_finite(run: str, step: int, lr: float, rt: Runtime, grad_clip: float, *, loss: float | None = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 
 import numpy as np
 import pytest
@@ -360,3 +361,50 @@ def test_check_finite_stops_a_diverged_run_in_words(kw, message):
     with pytest.raises(UserError) as e:
         engine.check_finite(run, 7, lr, rt, grad_clip, **kw)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# precision: auto on CPU is timed per shape
+
+
+def _probe_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 1))
+
+
+def _timed_loss(model, bf16_ms: float, fp32_ms: float):
+    def loss():
+        time.sleep((bf16_ms if torch.is_autocast_enabled("cpu") else fp32_ms) / 1000)
+        return model(torch.ones(4, 8)).sum()
+
+    return loss
+
+
+@pytest.mark.parametrize("bf16_ms,fp32_ms,chosen", [(1, 30, "bf16"), (30, 1, "fp32"), (10, 10.5, "fp32")])
+def test_auto_precision_on_cpu_takes_bf16_only_where_it_is_measured_faster(monkeypatch, bf16_ms, fp32_ms, chosen):
+    monkeypatch.setattr(engine, "cpu_bf16_supported", lambda: True)
+    cfg = PretrainConfig(precision="auto")
+    rt = engine.setup_runtime(cfg)
+    model = _probe_model()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    probe = engine.probe_cpu_precision(rt, "auto", model, _timed_loss(model, bf16_ms, fp32_ms))
+    assert probe.chosen == rt.precision == chosen  # 10 vs 10.5 ms is under BF16_MIN_GAIN: fp32 stays
+    assert probe.fp32_s >= fp32_ms / 1000 and probe.bf16_s >= bf16_ms / 1000 and "median ratio" in probe.reason
+    assert probe.metrics()["precision"] == chosen and probe.metrics()["precision_probe_bf16_ms"] >= bf16_ms
+    # the probe leaves no trace: same weights, no gradients, the same random stream (dropout drew from a fork)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_auto_precision_without_native_bf16_or_when_set_is_not_timed(monkeypatch):
+    monkeypatch.setattr(engine, "cpu_bf16_supported", lambda: False)
+    model = _probe_model()
+    never = lambda: pytest.fail("the model was run")  # noqa: E731
+    rt = engine.setup_runtime(PretrainConfig(precision="auto"))
+    probe = engine.probe_cpu_precision(rt, "auto", model, never)
+    assert (probe.chosen, rt.precision, probe.fp32_s) == ("fp32", "fp32", None) and "no native bf16" in probe.reason
+    for precision in ("fp32", "bf16"):
+        rt = engine.setup_runtime(PretrainConfig(precision=precision))
+        assert engine.probe_cpu_precision(rt, precision, model, never).chosen == precision == rt.precision

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import json
 
 import numpy as np
@@ -246,7 +247,7 @@ def test_finetune_run_writes_classifier_requested_baselines_and_metrics(finetune
     metrics = result.metrics
     assert set(metrics["baselines"]) == {"gru", "scratch", "cnn"}
     for name, m in metrics["baselines"].items():
-        assert set(m) == {"best_epoch", "epochs_run", "val_accuracy", "val_macro_f1", "train_seconds", "params"}
+        assert set(m) == {"best_epoch", "epochs_run", "val_accuracy", "val_macro_f1", "train_seconds", "params", "precision"}
         assert 1 <= m["best_epoch"] <= m["epochs_run"]
         assert 0 <= m["val_macro_f1"] <= 1 and 0 <= m["val_accuracy"] <= 1 and m["train_seconds"] > 0
     # no patience: every epoch runs; scratch keeps the Transformer's recipe, cnn/gru take baseline_epochs
@@ -347,3 +348,31 @@ def test_a_diverged_finetune_run_writes_no_classifier(finetune_paths):
     with pytest.raises(UserError, match=r"finetune: .* at step \d+"):
         finetune.run(cfg, finetune_paths)
     assert not finetune_paths.classifier.exists() and not finetune_paths.baselines.exists()
+
+
+def test_bucketed_batches_cover_every_row_once_in_batches_of_similar_length():
+    from tasks.shared.classify import BUCKET_BATCHES, bucketed_batches
+
+    lengths = torch.randint(1, 200, (1000,), generator=torch.Generator().manual_seed(0))
+    batches = bucketed_batches(lengths, 8, torch.Generator().manual_seed(1))
+    assert len(batches) == math.ceil(1000 / 8) and all(1 <= len(b) <= 8 for b in batches)
+    assert sorted(torch.cat(batches).tolist()) == list(range(1000))
+    # sorted within runs of BUCKET_BATCHES batches: far less padding than random batches of the same rows
+    padded = sum(int(lengths[b].max()) * len(b) for b in batches)
+    random = sum(int(lengths[b].max()) * len(b) for b in torch.randperm(1000).split(8))
+    assert padded < 0.8 * random and BUCKET_BATCHES > 1
+    # seeded: the same generator state gives the same epoch, another gives another
+    again = bucketed_batches(lengths, 8, torch.Generator().manual_seed(1))
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))
+    assert not all(torch.equal(a, b) for a, b in zip(batches, bucketed_batches(lengths, 8, torch.Generator().manual_seed(2))))
+
+
+def test_predict_returns_rows_in_input_order():
+    data = examples(n=50, T=12)
+    model = finetune.baseline_model("cnn", FinetuneConfig(seed=SEED), tiny(vocab_size=VOCAB), LABELS)
+    rt = engine.setup_runtime(FinetuneConfig())
+    got = finetune.predict(model, data, rt, batch_size=7)
+    with torch.no_grad():
+        model.eval()
+        want = [int(model(data.ids[i : i + 1, : int(data.lengths[i])], data.lengths[i : i + 1]).argmax(-1)) for i in range(50)]
+    assert got.tolist() == want

@@ -423,3 +423,22 @@ def test_every_corpus_row_blank_is_an_error(tiny_project, tmp_path):
     corpus = _jsonl(tmp_path / "corpus.jsonl", [{"text": ""}, {"text": None}])
     msg = _ingest_error(tiny_project, corpus, _jsonl(tmp_path / "labeled.jsonl", _labeled_rows()))
     assert msg == f"ingest.corpus ({corpus}): no documents"
+
+
+def test_assign_splits_keeps_a_file_bigger_than_the_quota_out_of_the_held_out_splits():
+    # one file is half the label's rows: wherever the seeded order puts it, it stays in train
+    groups = pd.DataFrame([{"group": "big.py", "label": "a", "n": 100}] + [{"group": f"f{i}.py", "label": "a", "n": 5} for i in range(20)])
+    for seed in range(5):
+        mapping = ingest.assign_splits(groups, _cfg(seed=seed))
+        assert mapping["big.py"] == "train"
+        rows = groups.assign(split=groups["group"].map(mapping)).groupby("split")["n"].sum()
+        for split in ("val", "test"):
+            assert 0 < rows[split] <= ingest.OVERSHOOT * 0.15 * 200
+
+
+def test_assign_splits_gives_an_empty_held_out_split_the_smallest_train_file():
+    # no file fits (each is a third of the label, over 1.5 x the 15% quota): test and val still get one file each
+    groups = pd.DataFrame([{"group": f"f{i}.py", "label": "a", "n": 30 + i} for i in range(3)])
+    mapping = ingest.assign_splits(groups, _cfg())
+    assert mapping["f2.py"] == "train"
+    assert {mapping["f0.py"], mapping["f1.py"]} == {"test", "val"}

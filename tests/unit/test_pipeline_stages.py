@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import accuracy_score
@@ -155,7 +156,8 @@ def test_evaluate_reports_variants_and_baselines(tiny_pipeline):
         assert 0 < e.baselines[name]["size_mb"]
     assert e.variants["int8"]["size_mb"] < e.variants["fp32"]["size_mb"]
     assert e.variants["pruned"]["params"] < e.variants["fp32"]["params"] == e.variants["int8"]["params"] == e.variants["sparse"]["params"]
-    assert e.language_model["test_perplexity"] > 1
+    lm = e.language_model
+    assert lm["test_perplexity"] > 1 and lm["unigram_test_perplexity"] > 1 and lm["bigram_test_perplexity"] > 1 and 0 < lm["bigram_lambda"] < 1
     # balanced classes: the majority baseline is exactly chance
     assert e.baselines["majority"]["accuracy"] == pytest.approx(1 / len(LABELS), abs=1e-4)
 
@@ -206,3 +208,18 @@ def test_promotion_chooses_only_among_the_transformer_variants(tiny_pipeline):
     assert not set(e["variants"]) & set(e["baselines"])
     chosen, why = choose_variant(PromoteConfig(variant="auto"), e["variants"])
     assert chosen in VARIANTS and set(why) == set(e["variants"]) and why[chosen]
+
+
+def test_ngram_yardsticks_match_counts_by_hand():
+    from tasks.evaluate import NGram
+
+    tokens = np.array([0, 1, 2, 0, 1, 1, 0, 2])  # vocab 4: token 3 never occurs
+    g = NGram(tokens, vocab=4, lam=0.5)
+    assert g.unigram.tolist() == pytest.approx([4 / 12, 4 / 12, 3 / 12, 1 / 12])  # add-one over 8 tokens
+    # after 0: 1 twice, 2 once; after 1: 2, 1, 0; token 2 is never followed by 3; 3 is never a context
+    assert g.bigram(np.array([0, 0, 1, 2, 3]), np.array([1, 2, 1, 3, 0])).tolist() == pytest.approx([2 / 3, 1 / 3, 1 / 3, 0, 0])
+    uni, bi = g.nll(np.array([0, 3]), np.array([1, 0]))
+    assert uni == pytest.approx(-math.log(4 / 12) - math.log(4 / 12))
+    assert bi == pytest.approx(-math.log(0.5 * 2 / 3 + 0.5 * 4 / 12) - math.log(0.5 * 0 + 0.5 * 4 / 12))
+    # fit picks the interpolation weight on the held-out tail: a stream that repeats one bigram wants it high
+    assert NGram.fit(np.tile([5, 6], 500), vocab=8).lam == 0.99

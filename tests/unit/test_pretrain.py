@@ -6,9 +6,11 @@ import json
 import re
 
 import pytest
+import torch
 
 from conftest import _project, delete, flip_byte, garbage, LABELS, TINY_CLEAN, TINY_PRETRAIN, TINY_TOKENIZE, TINY_VALIDATE, truncate, write_raw
 from models.checkpoint import load_lm, read_config
+from models.transformer import GPT, GPTConfig
 from tasks import pretrain
 from tasks.shared.errors import UserError
 from tasks.shared.tracking import NullTracker
@@ -191,6 +193,23 @@ def test_logged_throughput_has_no_spikes_after_evaluations_or_checkpoints(tokeni
     assert len(logged) == 6  # steps 10, 20, ..., 50 and the last; step 0 is the untimed warm-up step
     assert all(r.tokens_per_s / 2 <= v <= 2 * r.tokens_per_s for v in logged), (r.tokens_per_s, logged)
     assert 0 < r.wall_tokens_per_s < r.tokens_per_s  # the wall figure pays for evaluations and checkpoints
+    # the engine benchmark's figure for the same model, measured by the stage beside its own
+    assert r.engine_tokens_per_s > 0 and r.loop_efficiency == pytest.approx(r.tokens_per_s / r.engine_tokens_per_s, abs=1e-3)
+    assert r.precision in ("fp32", "bf16") and r.metrics["precision"] == r.precision
+
+
+def test_the_engine_benchmark_inside_the_stage_leaves_the_training_untouched():
+    from tasks.shared import engine
+    from tasks.shared.config.pretrain import PretrainConfig
+
+    cfg = PretrainConfig(precision="fp32")
+    rt = engine.setup_runtime(cfg)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    assert engine.step_throughput(model, cfg, rt, batch=4, block=16, vocab=64, fused=False, steps=3, warmup=1) > 0
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items()) and torch.equal(torch.get_rng_state(), rng)
 
 
 def test_loss_curves_are_written_as_plot_data(tokenized):

@@ -59,7 +59,8 @@ class TrainLoop(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; `auto` takes CUDA when present."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Autocast dtype: `auto` = bf16 on CUDA (fp16 + GradScaler where bf16 is unsupported), fp32 on CPU."""
+    """Autocast dtype: `auto` = bf16 on CUDA (fp16 + GradScaler where bf16 is unsupported); on a CPU with native bf16,
+    bf16 where timing the model itself finds it >= 1.1x faster (engine.probe_cpu_precision), else fp32."""
     compile: bool = False
     """Wrap the model in torch.compile."""
     deterministic: bool = False
