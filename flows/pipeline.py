@@ -224,6 +224,7 @@ def run_stages(params, promote: bool, run_name: str | None = None) -> dict | Sta
     placed = set(orchestrate.gpu_stages) if orchestrate.placement else set()
     if placed - set(names):
         raise UserError(f"params.yaml: orchestrate.gpu_stages: {sorted(placed - set(names))} are not stages of dvc.yaml ({names})")
+    track_inputs(params)
     results: dict = {"stages": {}}
     run_name = run_name or f"pipeline {flow_run.name or ''}".strip()
     with mlflow.start_run(run_name=run_name, tags={"lmforge.stage": "pipeline", "prefect.flow_run_id": str(flow_run.id or "")}) as parent:
@@ -234,6 +235,8 @@ def run_stages(params, promote: bool, run_name: str | None = None) -> dict | Sta
                 state = placed_stage.with_options(retries=retries, retry_delay_seconds=5)(stage, parent.info.run_id, orchestrate, return_state=True)
             else:
                 state = run_stage.with_options(retries=retries, retry_delay_seconds=5)(stage, env, return_state=True)
+            if stage == "validate":  # passed or failed, the Data Docs show what the data looked like
+                data_docs_artifact(parent.info.run_id, params)
             if not state.is_completed():
                 exc = state.result(raise_on_failure=False)
                 code = exc if isinstance(exc, int) else getattr(exc, "returncode", 1)
@@ -257,6 +260,34 @@ def run_stages(params, promote: bool, run_name: str | None = None) -> dict | Sta
     return results
 
 
+def track_inputs(params) -> None:
+    """Version the user data before anything reads it: `dvc add` the inputs DVC does not track yet (in the
+    project, not in git), then `dvc push` every input to the default remote. A push that fails after its
+    retries is a warning (the data stays in the local DVC cache; `dvc push` later), not a failed run."""
+    from flows.placement import dvc_transfer, io_options
+    from tasks.ops.dag import dvc_command
+    from tasks.shared.datasets import dvc_file, untracked_inputs
+    from tasks.shared.io import expand_inputs
+
+    specs = [i for s in (params.ingest.corpus, params.ingest.labeled) if s != "stdlib" for i in ([s] if isinstance(s, str) else s)]
+    if not specs:
+        return
+    logger = get_run_logger()
+    added = [str(p) for p in untracked_inputs(specs)]
+    if added:
+        res = subprocess.run(dvc_command("add", "--quiet", *added), capture_output=True, text=True)
+        if res.returncode != 0:
+            last = (res.stderr or res.stdout).strip().splitlines()[-1:] or [f"exit code {res.returncode}"]
+            raise UserError(f"dvc add {' '.join(added)} failed: {last[0]}")
+        more = f" and {len(added) - 5} more" if len(added) > 5 else ""
+        logger.info(f"dvc add {' '.join(added[:5])}{more} (commit the new .dvc files and .gitignore entries)")
+    tracked = sorted({str(d.relative_to(Path.cwd().absolute())) for f in expand_inputs(specs) if (d := dvc_file(f)) and Path.cwd().absolute() in d.parents})
+    try:
+        dvc_transfer.with_options(**io_options(params.orchestrate))("push", tracked)
+    except Exception as e:  # noqa: BLE001 - the data is safe in the local cache: warn, train
+        logger.warning(f"the input data was not pushed to the DVC remote ({str(e).splitlines()[0][:200]}); run `dvc push` later")
+
+
 def _end_failed(stage: str) -> None:
     """End the parent run FAILED, naming the stage; if the tracking store is gone too, say so and go on
     (the stage's own failure is what the run reports)."""
@@ -271,7 +302,7 @@ def _end_failed(stage: str) -> None:
 
 
 def links_artifact(parent_run_id: str, decision: dict | None, params) -> None:
-    """A Prefect link artifact per run: the MLflow run, the registry version, the Data Docs."""
+    """A Prefect link artifact per run: the MLflow run, the registry version (the Data Docs: `data_docs_artifact`)."""
     import mlflow
     from prefect.artifacts import create_link_artifact
 
@@ -284,17 +315,33 @@ def links_artifact(parent_run_id: str, decision: dict | None, params) -> None:
     if decision and decision.get("version"):
         name = params.tracking.registered_model
         links["lmforge-model-version"] = (f"{web}/#/models/{name}/versions/{decision['version']}", f"{name} v{decision['version']} in the MLflow registry")
-    validate = mlflow.search_runs(
-        [exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`lmforge.stage` = 'validate'", max_results=1, output_format="list"
-    )
-    docs = Path(params.paths.data_docs).resolve() / "index.html"
-    if validate:  # validate ran in this pipeline: its run holds the Data Docs (viewable in the MLflow UI)
-        link = f"{web}/#/experiments/{exp}/runs/{validate[0].info.run_id}/artifacts/validation/data_docs/index.html"
-        links["lmforge-data-docs"] = (link, "Great Expectations Data Docs of the data this run trained on (MLflow artifact)")
-    elif docs.exists():  # DVC found validate up to date: the workspace's Data Docs are those of this data
-        links["lmforge-data-docs"] = (docs.as_uri(), "Great Expectations Data Docs of the data this run trained on")
     for key, (link, description) in links.items():
         create_link_artifact(link=link, key=key, description=description)
+
+
+def data_docs_artifact(parent_run_id: str, params) -> None:
+    """A Prefect link artifact to the Great Expectations Data Docs index, made when validate ends, pass or fail;
+    a link is a convenience: failing to make one is a warning."""
+    import mlflow
+    from prefect.artifacts import create_link_artifact
+
+    from tasks.shared.tracking import tracking_uri
+
+    try:
+        uri = tracking_uri(params.tracking)
+        exp = mlflow.get_run(parent_run_id).info.experiment_id
+        web = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"  # `lmforge ui` serves the embedded store there
+        validate = mlflow.search_runs(
+            [exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`lmforge.stage` = 'validate'", max_results=1, output_format="list"
+        )
+        docs = Path(params.paths.data_docs).resolve() / "index.html"
+        if validate:  # validate ran in this pipeline: its run holds the Data Docs (viewable in the MLflow UI)
+            link = f"{web}/#/experiments/{exp}/runs/{validate[0].info.run_id}/artifacts/validation/data_docs/index.html"
+            create_link_artifact(link=link, key="lmforge-data-docs", description="Great Expectations Data Docs of this run's data (MLflow artifact)")
+        elif docs.exists():  # DVC found validate up to date: the workspace's Data Docs are those of this data
+            create_link_artifact(link=docs.as_uri(), key="lmforge-data-docs", description="Great Expectations Data Docs of this run's data")
+    except Exception as e:  # noqa: BLE001 - never fail a run over a link
+        get_run_logger().warning(f"could not create the Data Docs link artifact: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
 
 
 class _NoEmptyTraceback(logging.Filter):

@@ -20,7 +20,8 @@ import numbers
 import sysconfig
 import textwrap
 import tokenize
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,15 +29,19 @@ import pandas as pd
 
 from tasks.shared.config.base import Paths
 from tasks.shared.config.ingest import IngestConfig
+from tasks.shared.datasets import log_dataset
 from tasks.shared.errors import UserError
 from tasks.shared.harness import stage_main
-from tasks.shared.io import read_table, write_parquet
+from tasks.shared.io import MB, EmptyOutput, ReadOptions, expand_inputs, iter_table, read_table, write_parquet, write_parquet_chunks
 from tasks.shared.tracking import Tracker
 
 SECTIONS = {"ingest": IngestConfig}
 """The params.yaml sections this stage reads (its dvc.yaml `params:`)."""
 
 SPLITS = ("train", "val", "test")
+CORPUS_COLUMNS = ["id", "text", "source", "kind"]
+LABELED_COLUMNS = ["id", "text", "label", "source", "split"]
+"""The columns of paths.raw_corpus / paths.raw_labeled (all strings; ids unique per file)."""
 SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib-dynload", "_bundled"}
 
 
@@ -144,8 +149,8 @@ def stdlib_labeled(cfg: IngestConfig, files: list[Path], root: Path) -> pd.DataF
             if tree is None:
                 continue
             rel = str(f.relative_to(root))
-            rows += [{"text": t, "label": pkg, "source": rel} for t in functions(tree, src)]
-    return pd.DataFrame(rows, columns=["text", "label", "source"])
+            rows += [{"id": f"{rel}#{i}", "text": t, "label": pkg, "source": rel} for i, t in enumerate(functions(tree, src))]
+    return pd.DataFrame(rows, columns=["id", "text", "label", "source"])
 
 
 def split_labeled(df: pd.DataFrame, cfg: IngestConfig) -> pd.DataFrame:
@@ -169,9 +174,9 @@ def stdlib_corpus(files: list[Path], root: Path, exclude: set[str], max_files: i
         if tree is None:
             skipped.append(rel)
             continue
-        rows.append({"text": src, "source": rel, "kind": "code"})
-        rows += [{"text": d, "source": rel, "kind": "docstring"} for d in docstrings(tree)]
-    return pd.DataFrame(rows, columns=["text", "source", "kind"]), skipped
+        rows.append({"id": rel, "text": src, "source": rel, "kind": "code"})
+        rows += [{"id": f"{rel}#doc{i}", "text": d, "source": rel, "kind": "docstring"} for i, d in enumerate(docstrings(tree))]
+    return pd.DataFrame(rows, columns=CORPUS_COLUMNS), skipped
 
 
 def _where(key) -> str:
@@ -231,12 +236,25 @@ def _sources(df: pd.DataFrame, kind: str) -> pd.Series:
     return source.where(source.notna(), pd.Series(generated, index=df.index, dtype=object))
 
 
+def _ids(df: pd.DataFrame, column: str) -> pd.Series:
+    """The id column (strings or integers); a row without one gets `<file>#<row>` (a txt/md document: `<file>`)."""
+    ids = _strings(df, column, integers=True)
+    generated = [f"{file}#{row}" if row else file for file, row in df.index]
+    return ids.where(ids.notna(), pd.Series(generated, index=df.index, dtype=object))
+
+
+def read_options(cfg: IngestConfig) -> ReadOptions:
+    return ReadOptions(encoding=cfg.encoding, max_record_bytes=int(cfg.max_record_mb * MB), text_column=cfg.text_column)
+
+
 def _user_labeled(cfg: IngestConfig) -> pd.DataFrame:
-    """The user's labeled set; a row without text or label, or with a bad split, is an error naming it."""
-    df = read_table(cfg.labeled, required=["text", "label"])
-    out = pd.DataFrame({"text": _strings(df, "text"), "label": _strings(df, "label", integers=True)})
-    _reject(out["text"].isna(), "text is missing or blank (every labeled row needs one; fix or remove the row)")
-    _reject(out["label"].isna(), "label is missing or blank (every labeled row needs one; fix or remove the row)")
+    """The user's labeled set (held whole: splitting needs every source); a row without text or label,
+    or with a bad split, is an error naming it."""
+    text, label = cfg.text_column, cfg.label_column
+    df = read_table(cfg.labeled, required=[text, label], columns=[text, label, cfg.id_column, "source", "split"], opts=read_options(cfg))
+    out = pd.DataFrame({"id": _ids(df, cfg.id_column), "text": _strings(df, text), "label": _strings(df, label, integers=True)})
+    _reject(out["text"].isna(), f"{text} is missing or blank (every labeled row needs one; fix or remove the row)")
+    _reject(out["label"].isna(), f"{label} is missing or blank (every labeled row needs one; fix or remove the row)")
     out["source"] = _sources(df, "labeled")
     if "split" not in df.columns:
         return split_labeled(out, cfg)
@@ -248,14 +266,35 @@ def _user_labeled(cfg: IngestConfig) -> pd.DataFrame:
     return out
 
 
-def _user_corpus(cfg: IngestConfig) -> tuple[pd.DataFrame, pd.Index]:
-    """The user's corpus without rows whose text is missing or blank; returns it and where those were."""
-    df = read_table(cfg.corpus, required=["text"])
-    text = _strings(df, "text")
-    kind = _strings(df, "kind", integers=True).fillna("text")
-    corpus = pd.DataFrame({"text": text, "source": _sources(df, "corpus"), "kind": kind})
-    blank = text.isna()
-    return corpus[~blank], corpus.index[blank.to_numpy()]
+@dataclass
+class CorpusCounts:
+    rows: int = 0
+    blank: int = 0
+    held_out: int = 0
+    blank_examples: list = field(default_factory=list)
+    held_out_examples: list = field(default_factory=list)
+
+
+def _user_corpus_chunks(cfg: IngestConfig, held_out: set[str], counts: CorpusCounts, on_bytes) -> Iterator[pd.DataFrame]:
+    """The user's corpus, chunk by chunk, without rows whose text is missing or blank or whose source is
+    held out (in the labeled val/test splits); both are counted in `counts`, with examples."""
+    text = cfg.text_column
+    columns = [text, cfg.id_column, "source", "kind"]
+    for df in iter_table(cfg.corpus, required=[text], columns=columns, opts=read_options(cfg), on_bytes=on_bytes):
+        chunk = pd.DataFrame(
+            {"id": _ids(df, cfg.id_column), "text": _strings(df, text), "source": _sources(df, "corpus"), "kind": _strings(df, "kind", integers=True).fillna("text")}
+        )
+        blank = chunk["text"].isna().to_numpy()
+        counts.blank += int(blank.sum())
+        counts.blank_examples += list(chunk.index[blank][: 3 - len(counts.blank_examples)])
+        chunk = chunk[~blank]
+        out = chunk["source"].isin(held_out).to_numpy()
+        counts.held_out += int(out.sum())
+        counts.held_out_examples += list(chunk.index[out][: 3 - len(counts.held_out_examples)])
+        chunk = chunk[~out]
+        counts.rows += len(chunk)
+        if len(chunk):
+            yield chunk.reset_index(drop=True)
 
 
 def check_labels(labeled: pd.DataFrame, name: str, min_examples: int) -> None:
@@ -307,44 +346,75 @@ class IngestResult:
         }
 
 
+def _progress(desc: str, specs: list) -> tuple[Callable[[int], None], Callable[[], None]]:
+    """A tqdm bar over the bytes of the user inputs (MB/s); returns (update, close)."""
+    from tqdm import tqdm
+
+    total = sum(f.stat().st_size for f in expand_inputs(specs))
+    bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True)
+    return bar.update, bar.close
+
+
 def run(cfg: IngestConfig, paths: Paths, tracker: Tracker | None = None) -> IngestResult:
     root = stdlib_root()
     files = stdlib_files(root) if "stdlib" in (cfg.corpus, cfg.labeled) else []
 
     labeled = split_labeled(stdlib_labeled(cfg, files, root), cfg) if cfg.labeled == "stdlib" else _user_labeled(cfg)
-    check_labels(labeled, cfg.labeled, cfg.min_examples_per_label)
+    check_labels(labeled, _name(cfg.labeled), cfg.min_examples_per_label)
 
+    _warn_outside(cfg, paths.user_data)
     held_out = set(labeled.loc[labeled["split"] != "train", "source"])
-    skipped, blank = [], pd.Index([])
+    skipped, counts = [], CorpusCounts()
     if cfg.corpus == "stdlib":
         # the stdlib corpus leaves held-out files unread, so they are counted as files
-        n_held_out = sum(str(f.relative_to(root)) in held_out for f in files)
+        counts.held_out = sum(str(f.relative_to(root)) in held_out for f in files)
         corpus, skipped = stdlib_corpus(files, root, held_out, cfg.max_files, cfg.seed)
+        counts.rows = len(corpus)
         what = "stdlib files left out of the corpus (their functions are in val/test)"
-        _report(n_held_out, what, ", ".join(sorted(held_out)[:3]))
+        _report(counts.held_out, what, ", ".join(sorted(held_out)[:3]))
         _report(len(skipped), "stdlib files skipped (not valid Python)", ", ".join(skipped[:3]))
+        write_parquet(corpus, paths.raw_corpus)
     else:
-        corpus, blank = _user_corpus(cfg)
-        _report(len(blank), "corpus rows dropped (text missing or blank)", _examples(blank))
-        is_held_out = corpus["source"].isin(held_out).to_numpy()
-        n_held_out = int(is_held_out.sum())
+        update, close = _progress("ingest corpus", cfg.corpus if isinstance(cfg.corpus, list) else [cfg.corpus])
+        try:
+            write_parquet_chunks(_user_corpus_chunks(cfg, held_out, counts, update), paths.raw_corpus, CORPUS_COLUMNS, empty_ok=False)
+        except EmptyOutput:
+            raise UserError(f"ingest.corpus ({_name(cfg.corpus)}): no documents (every row's text is missing or blank, or its source is held out)") from None
+        finally:
+            close()
+        _report(counts.blank, "corpus rows dropped (text missing or blank)", _examples(counts.blank_examples))
         what = "corpus rows left out of pretraining (their source is in the labeled val/test splits)"
-        _report(n_held_out, what, _examples(corpus.index[is_held_out]))
-        corpus = corpus[~is_held_out]
-    if corpus.empty:
-        raise UserError(f"ingest.corpus ({cfg.corpus}): no documents")
-
-    write_parquet(corpus, paths.raw_corpus)
-    write_parquet(labeled[["text", "label", "source", "split"]], paths.raw_labeled)
+        _report(counts.held_out, what, _examples(counts.held_out_examples))
+    if not counts.rows:
+        raise UserError(f"ingest.corpus ({_name(cfg.corpus)}): no documents")
+    write_parquet(labeled[LABELED_COLUMNS], paths.raw_labeled)
+    if tracker:
+        for name, spec, output in (("corpus", cfg.corpus, paths.raw_corpus), ("labeled", cfg.labeled, paths.raw_labeled)):
+            log_dataset(tracker, name, spec, output, context="ingest")
     return IngestResult(
-        corpus_rows=len(corpus),
+        corpus_rows=counts.rows,
         labeled_rows=len(labeled),
         rows_per_split={s: int((labeled["split"] == s).sum()) for s in SPLITS},
         labels=sorted(labeled["label"].unique()),
         skipped_files=len(skipped),
-        corpus_blank=len(blank),
-        corpus_held_out=n_held_out,
+        corpus_blank=counts.blank,
+        corpus_held_out=counts.held_out,
     )
+
+
+def _warn_outside(cfg: IngestConfig, user_data: Path) -> None:
+    """One line for input files outside paths.user_data: the ingest stage's DVC dependency does not cover
+    them, so `dvc repro` would not notice when they change."""
+    specs = [s for s in (cfg.corpus, cfg.labeled) if s != "stdlib"]
+    root = Path(user_data).absolute()
+    outside = [str(f) for f in expand_inputs([i for s in specs for i in ([s] if isinstance(s, str) else s)]) if root not in f.absolute().parents]
+    if outside:
+        more = f" and {len(outside) - 3} more" if len(outside) > 3 else ""
+        print(f"ingest: outside {user_data} (the stage's DVC dependency), so `dvc repro` will not see them change: {', '.join(outside[:3])}{more}", flush=True)
+
+
+def _name(spec: str | list[str]) -> str:
+    return ", ".join(spec) if isinstance(spec, list) else spec
 
 
 def main() -> None:

@@ -1,22 +1,32 @@
-"""validate: run the Great Expectations suites in data/expectations/ on the cleaned data.
+"""validate: run the Great Expectations checkpoints of the gx/ project on the cleaned data.
 
-Suites are GE 1.x JSON files with `$PARAMETER` placeholders filled from params.yaml, so the
-contract lives in git and the thresholds live with the other parameters. The result goes to
-`paths.validation` in the deterministic format of `tasks/shared/validation.py` (what downstream
-stages depend on); the Data Docs go to `paths.data_docs` (they embed timestamps, so nothing depends
-on them). Any failed expectation fails the stage, which stops everything downstream in `dvc repro`
-and in the Prefect flow.
+gx/ (`paths.gx`) is a GX Core File Data Context kept in git: one expectation suite, validation
+definition and checkpoint per table, named after it. The tables are the cleaned corpus, each labeled
+split (train, val, test), and two tables derived from the labeled set: `splits` (one row per split and
+source, and per split and text: a source or text in two splits is a duplicate there) and `classes` (one
+row per split and label, with its row count and share). A checkpoint hands one dataframe to all of its
+validation definitions, hence one checkpoint per table. Thresholds are `$PARAMETER`s filled from
+params.yaml, so the contract lives in gx/ and the numbers live with the other parameters.
+
+Each run works on a copy of gx/ inside the temporary folder of the Data Docs output, because GE writes
+into its project as it runs (store ids, validation results, Data Docs): the tracked files stay untouched,
+two clones (or two runs) never share a folder, and a killed run leaves only a temporary folder that the
+next run removes. The checkpoints' UpdateDataDocsAction builds the Data Docs there; they replace
+`paths.data_docs` in one rename. The result goes to `paths.validation` in the deterministic format of
+tasks/shared/validation.py (what downstream stages depend on). Any failed expectation fails the stage
+with one line naming each failure and up to three offending rows by `id`.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from tasks.shared.config.base import Paths, StageParams
+from tasks.shared.config.base import Paths, StageParams, load_stage_params
 from tasks.shared.config.clean import CleanConfig
 from tasks.shared.config.ingest import IngestConfig
 from tasks.shared.config.validate import ValidateConfig
@@ -28,54 +38,102 @@ from tasks.shared.validation import write_result
 
 SECTIONS = {"validate": ValidateConfig, "clean": CleanConfig, "ingest": IngestConfig}
 """The params.yaml sections this stage reads (its dvc.yaml `params:`); thresholds come from all three."""
-SUITES = ("corpus", "labeled", "splits", "label_counts")
-RESULT_KEYS = ("observed_value", "element_count", "missing_count", "unexpected_count", "unexpected_percent", "partial_unexpected_list")
+SPLITS = ("train", "val", "test")
+TABLES = ("corpus", *SPLITS, "splits", "classes")
+"""One suite, validation definition and checkpoint per table in gx/, each named after the table."""
+SITE = "local_site"
+"""The Data Docs site of gx/great_expectations.yml that the checkpoints update."""
+SAMPLES = 3
+"""Offending rows named per failed expectation in the error line."""
+RESULT_KEYS = ("observed_value", "details", "element_count", "missing_count", "unexpected_count", "unexpected_percent", "partial_unexpected_list", "partial_unexpected_index_list", "partial_missing_list")
 """What a result record keeps of GE's result: values, no run ids or timestamps."""
 
 
 def tables(corpus: pd.DataFrame, labeled: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """The frames each suite checks; `splits` and `label_counts` are derived from `labeled`."""
+    """The frame each checkpoint validates, by table name; vectorized (no per-row Python)."""
+    lab = labeled.reindex(columns=["id", "text", "label", "source", "split"])  # a missing column is the split suites' finding
+    frames = {"corpus": corpus}
+    for split in SPLITS:
+        frames[split] = labeled[labeled["split"] == split].reset_index(drop=True)
+    by_source = lab.drop_duplicates(["split", "source"])[["id", "split", "source"]]
+    by_text = lab.drop_duplicates(["split", "text"])[["id", "split", "text"]]
+    frames["splits"] = pd.concat([by_source, by_text], ignore_index=True)[["id", "split", "source", "text"]]
+    classes = lab.groupby(["split", "label"]).size().reset_index(name="rows")
+    classes["share"] = classes["rows"] / classes.groupby("split")["rows"].transform("sum")
+    classes.insert(0, "id", classes["split"].astype(str) + "/" + classes["label"].astype(str))
+    frames["classes"] = classes
+    return frames
+
+
+def expected_labels(cfg: ValidateConfig, packages: list[str], labeled: pd.DataFrame, stdlib: bool) -> list[str]:
+    """The label set the data must have: `validate.labels`, else the configured packages (stdlib task) or the training labels."""
+    if cfg.labels:
+        return sorted(cfg.labels)
+    if stdlib:
+        return sorted(packages)
+    return sorted(labeled.loc[labeled["split"] == "train", "label"].dropna().unique())
+
+
+def suite_parameters(cfg: ValidateConfig, clean: CleanConfig, labels: list[str]) -> dict:
+    """The values of the suites' `$PARAMETER`s."""
     return {
-        "corpus": corpus,
-        "labeled": labeled,
-        "splits": labeled[["source", "split"]].drop_duplicates().reset_index(drop=True),
-        "label_counts": labeled.groupby(["label", "split"]).size().reset_index(name="n"),
+        "min_corpus_rows": cfg.min_corpus_rows,
+        "min_rows_per_label": cfg.min_rows_per_label,
+        "min_class_share": cfg.min_class_share,
+        "min_unique_text_share": 1.0 - cfg.max_duplicate_ratio,
+        "min_chars": clean.min_chars,
+        "max_chars": clean.max_chars,
+        "labeled_max_chars": clean.labeled_max_chars,
+        "labels": labels,
     }
 
 
-def expected_labels(params_labels: list[str], labeled: pd.DataFrame, stdlib: bool) -> list[str]:
-    """The label set the data must have: the configured packages, or the training labels."""
-    if stdlib:
-        return sorted(params_labels)
-    return sorted(labeled.loc[labeled["split"] == "train", "label"].unique())
+def _short(value, n: int = 40) -> str:
+    s = repr(value) if isinstance(value, str) else f"{value:.4g}" if isinstance(value, float) else str(value)
+    return s if len(s) <= n else s[: n - 3] + "..."
 
 
-def load_suite(path: Path):
-    import great_expectations as gx
-
-    try:
-        d = json.loads(path.read_text())
-        return gx.ExpectationSuite(**{k: d[k] for k in ("name", "expectations", "meta", "notes") if k in d})
-    except FileNotFoundError:
-        raise UserError(f"{path}: expectation suite not found") from None
-    except (json.JSONDecodeError, TypeError, ValueError, KeyError) as e:
-        raise UserError(f"{path}: invalid expectation suite ({e})") from None
+def _error(r) -> str | None:
+    """The message of an exception GE caught while evaluating `r` (a flat dict, or one per metric), if any."""
+    info = r.exception_info or {}
+    for item in [info] if "raised_exception" in info else info.values():
+        if isinstance(item, dict) and item.get("raised_exception"):
+            message = str(item.get("exception_message") or "").strip().removeprefix("Error: ")
+            return (message.splitlines() or ["(no message)"])[0][:120]
+    return None
 
 
-def _describe_failure(r) -> str:
-    kw = {k: v for k, v in r.expectation_config.kwargs.items() if k in ("column", "column_set", "value_set", "min_value", "max_value", "value")}
+def _bounds(kw: dict) -> str | None:
+    lo, hi = kw.get("min_value"), kw.get("max_value")
+    if lo is None and hi is None:
+        return None
+    return f"{_short(lo)}..{_short(hi)}" if lo is not None and hi is not None else f">={_short(lo)}" if lo is not None else f"<={_short(hi)}"
+
+
+def describe_failure(table: str, r) -> str:
+    """One failed expectation: its type and arguments, then the offending rows (id=value) or what GE observed."""
+    kw = r.expectation_config.kwargs
+    column = kw.get("column")
+    args = [a for a in (column, _bounds(kw), f"mostly={kw['mostly']:.4g}" if kw.get("mostly", 1) != 1 else None) if a is not None]
     res = r.result or {}
-    detail = ""
-    if res.get("unexpected_count"):
-        sample = res.get("partial_unexpected_list", [])[:3]
-        detail = f": {res['unexpected_count']} unexpected, e.g. {[str(s)[:40] for s in sample]}"
-    elif "observed_value" in res:
-        detail = f": observed {str(res['observed_value'])[:80]}"
-    return f"{r.expectation_config.type}({kw}){detail}"
+    mismatched = (res.get("details") or {}).get("mismatched") or {}
+    if (error := _error(r)) is not None:
+        detail = f"error: {error}"
+    elif res.get("unexpected_count"):
+        rows = [str(row.get("id")) + (f"={_short(row[column])}" if column in row and column != "id" else "") for row in res.get("partial_unexpected_index_list") or []]
+        sample = ", ".join(rows[:SAMPLES]) or ", ".join(_short(v) for v in (res.get("partial_unexpected_list") or [])[:SAMPLES])
+        detail = f"{res['unexpected_count']} of {res.get('element_count', '?')} rows, e.g. {sample}"
+    elif mismatched:
+        detail = ", ".join(f"{k} {sorted(v)}" for k, v in sorted(mismatched.items()) if v)
+    elif res.get("partial_missing_list"):
+        detail = f"missing {sorted(res['partial_missing_list'])[:10]}"
+    else:
+        detail = f"observed {_short(res.get('observed_value'), 80)}"
+    return f"{table}: {r.expectation_config.type}({', '.join(args)}): {detail}"
 
 
 def _record(r) -> dict:
-    """One expectation's outcome, deterministic for the same data (GE's own JSON carries fresh ids)."""
+    """One expectation's outcome, deterministic for the same data (GE's own JSON carries fresh ids and times)."""
     cfg = r.expectation_config
     res = r.result or {}
     record = {
@@ -84,7 +142,45 @@ def _record(r) -> dict:
         "success": bool(r.success),
         "result": {k: res[k] for k in RESULT_KEYS if k in res},
     }
+    if (error := _error(r)) is not None:
+        record["error"] = error
     return json.loads(json.dumps(record, default=str))
+
+
+def open_project(src: Path, work: Path) -> dict:
+    """The checkpoints, by table, of a File Data Context on a copy of the GE project `src` made at `work`
+    (see the module docstring)."""
+    import great_expectations as gx
+
+    if not (Path(src) / "great_expectations.yml").is_file():
+        raise UserError(f"{src}: not a Great Expectations project (no great_expectations.yml; paths.gx in params.yaml)")
+    shutil.copytree(src, work, ignore=shutil.ignore_patterns("uncommitted", ".ge_store_backend_id"))
+    try:
+        ctx = gx.get_context(mode="file", context_root_dir=work)
+        return {name: ctx.checkpoints.get(name) for name in TABLES}
+    except Exception as e:  # noqa: BLE001 - a hand-edited suite, definition or checkpoint that GE cannot load
+        raise UserError(f"{src}: cannot load the Great Expectations project ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def checkpoint_inputs(cfg: ValidateConfig, clean: CleanConfig, packages: list[str], stdlib: bool, paths: Paths) -> tuple[dict[str, pd.DataFrame], dict]:
+    """What the checkpoints run on: the frame of each table, and the suite parameters.
+
+    For a run by hand: `frames, params = checkpoint_inputs(*hand_run_args())`, then
+    `ctx.checkpoints.get(name).run(batch_parameters={"dataframe": frames[name]}, expectation_parameters=params)`.
+    """
+    corpus = read_parquet(paths.clean_corpus, columns=["id"])  # GE names offending rows by id
+    labeled = read_parquet(paths.clean_labeled, columns=["id", "split"])
+    return tables(corpus, labeled), suite_parameters(cfg, clean, expected_labels(cfg, packages, labeled, stdlib))
+
+
+def stage_args(p: StageParams) -> tuple:
+    """The arguments of `run` and `checkpoint_inputs` (without the tracker), from the stage's params."""
+    return p.validate, p.clean, p.ingest.packages, p.ingest.labeled == "stdlib", p.paths
+
+
+def hand_run_args(params_file: str = "params.yaml") -> tuple:
+    """`stage_args` as the stage reads them from `params_file`."""
+    return stage_args(load_stage_params(params_file, SECTIONS))
 
 
 @dataclass
@@ -102,64 +198,46 @@ class ValidateResult:
 def run(
     cfg: ValidateConfig,
     clean: CleanConfig,
-    labels: list[str],
+    packages: list[str],
     stdlib: bool,
     paths: Paths,
     tracker: Tracker | None = None,
 ) -> ValidateResult:
-    """Validate the cleaned data; writes results + Data Docs, raises UserError if any expectation fails."""
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
+    """Validate the cleaned data; writes the result and the Data Docs, raises UserError if any expectation fails."""
+    from great_expectations.core.run_identifier import RunIdentifier
 
-    corpus = read_parquet(paths.clean_corpus)
-    labeled = read_parquet(paths.clean_labeled)
-    suite_params = {
-        "min_corpus_rows": cfg.min_corpus_rows,
-        "min_rows_per_label": cfg.min_rows_per_label,
-        "min_chars": clean.min_chars,
-        "max_chars": clean.max_chars,
-        "labeled_max_chars": clean.labeled_max_chars,
-        "labels": expected_labels(labels, labeled, stdlib),
-    }
-    suite_params["n_label_splits"] = 3 * len(suite_params["labels"])
-
-    ctx = gx.get_context(mode="ephemeral")
-    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+    frames, params = checkpoint_inputs(cfg, clean, packages, stdlib, paths)
     result = ValidateResult(success=True, evaluated=0)
-    report: dict = {"suite_parameters": suite_params, "suites": {}}
+    report: dict = {"suite_parameters": params, "suites": {}}
     with atomic_dir(paths.data_docs) as docs:
-        ctx.add_data_docs_site(
-            site_name="lmforge",
-            site_config={
-                "class_name": "SiteBuilder",
-                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs.resolve())},
-                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            },
-        )
-        source = ctx.data_sources.add_pandas("lmforge")
-        for name, frame in tables(corpus, labeled).items():
-            suite = ctx.suites.add(load_suite(Path(paths.expectations) / f"{name}.json"))
-            batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
-            vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
-            res = vd.run(batch_parameters={"dataframe": frame}, expectation_parameters=suite_params)
-            failed = [f"{name}: {_describe_failure(r)}" for r in res.results if not r.success]
-            result.failed += failed
-            result.evaluated += len(res.results)
-            result.success &= bool(res.success)
-            result.per_suite[name] = {"success": bool(res.success), "evaluated": len(res.results), "failed": len(failed)}
-            report["suites"][name] = {"success": bool(res.success), "results": [_record(r) for r in res.results]}
-        ctx.build_data_docs(site_names=["lmforge"])
+        work = docs / ".gx"
+        checkpoints = open_project(Path(paths.gx), work)
+        run_id = RunIdentifier(run_name="lmforge-validate")  # one run: the Data Docs list its tables together
+        for name in TABLES:
+            checkpoint_result = checkpoints[name].run(batch_parameters={"dataframe": frames[name]}, expectation_parameters=params, run_id=run_id)
+            for res in checkpoint_result.run_results.values():
+                failed = [describe_failure(name, r) for r in res.results if not r.success]
+                result.failed += failed
+                result.evaluated += len(res.results)
+                result.success &= bool(res.success)
+                result.per_suite[name] = {"success": bool(res.success), "evaluated": len(res.results), "failed": len(failed)}
+                report["suites"][name] = {"success": bool(res.success), "results": [_record(r) for r in res.results]}
+        site = work / "uncommitted" / "data_docs" / SITE
+        for item in site.iterdir():
+            item.replace(docs / item.name)
+        shutil.rmtree(work)
     write_result(paths.validation, {"success": result.success, "evaluated": result.evaluated, "failed": result.failed, **report})
     if tracker:
         tracker.log_artifact(paths.validation, "validation")
         tracker.log_artifact(paths.data_docs, "validation/data_docs")
     if not result.success:
-        raise UserError(f"data validation failed ({len(result.failed)} of {result.evaluated} expectations): " + "; ".join(result.failed))
+        index = Path(paths.data_docs) / "index.html"
+        raise UserError(f"data validation failed ({len(result.failed)} of {result.evaluated} expectations; Data Docs: {index}): " + "; ".join(result.failed))
     return result
 
 
 def _main(p: StageParams, t: Tracker) -> dict:
-    return run(p.validate, p.clean, p.ingest.packages, p.ingest.labeled == "stdlib", p.paths, t).metrics
+    return run(*stage_args(p), t).metrics
 
 
 def main() -> None:

@@ -323,7 +323,7 @@ def make_paths(root: Path) -> Paths:
 
 def _project(root: Path) -> Paths:
     paths = make_paths(root)
-    shutil.copytree(ROOT / "data" / "expectations", paths.expectations)
+    shutil.copytree(ROOT / "gx", paths.gx, ignore=shutil.ignore_patterns("uncommitted", ".ge_store_backend_id"))
     paths.behavioral.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(ROOT / "data" / "behavioral" / "mft.jsonl", paths.behavioral)
     return paths
@@ -331,7 +331,7 @@ def _project(root: Path) -> Paths:
 
 @pytest.fixture
 def tiny_project(tmp_path) -> Paths:
-    """Paths under tmp_path, with the real expectation suites copied in."""
+    """Paths under tmp_path, with the real Great Expectations project (gx/) copied in."""
     return _project(tmp_path)
 
 

@@ -84,6 +84,8 @@ class Tracker:
 
     def log_params(self, params: dict) -> None: ...
 
+    def log_input(self, name: str, source: str, digest: str, context: str, tags: dict[str, str] | None = None) -> None: ...
+
 
 class NullTracker(Tracker):
     """Logs nothing (unit tests, library use)."""
@@ -162,6 +164,19 @@ class MlflowTracker(Tracker):
 
     def log_params(self, params: dict) -> None:
         self._track(self._mlflow.log_params(params, synchronous=False))
+
+    def log_input(self, name: str, source: str, digest: str, context: str, tags: dict[str, str] | None = None) -> None:
+        """An input dataset of the run (MLflow's Inputs), named by `digest` (its DVC hash)."""
+        import warnings
+
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local path, either way
+            warnings.simplefilter("ignore")
+            src = resolve_dataset_source(source.split(", ")[0]) if ", " not in source else resolve_dataset_source(str(Path.cwd()))
+        dataset = MetaDataset(source=src, name=name, digest=digest)
+        self._mlflow.log_input(dataset, context=context, tags={"source": source, **(tags or {})})
 
 
 def dvc_experiment_run(experiment_id: str, params_file: Path) -> str | None:

@@ -4,8 +4,10 @@
 timestamps, no run ids), so downstream stages depend on it without going stale when validate
 reruns on unchanged data. The Data Docs HTML lies elsewhere (`paths.data_docs`) and nothing depends on it.
 
-    {"success": bool, "evaluated": int, "failed": ["<suite>: <expectation>(<kwargs>): <detail>", ...],
-     "suite_parameters": {...}, "suites": {"<suite>": {"success": bool, "results": [...]}}}
+    {"success": bool, "evaluated": int, "failed": ["<table>: <expectation>(<args>): <offending rows or observation>", ...],
+     "suite_parameters": {...}, "suites": {"<table>": {"success": bool, "results": [...]}}}
+
+with one suite per table of the Great Expectations project (`paths.gx`; see tasks/validate.py).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _project(tmp_path: Path, **overrides) -> Path:
     tmp_path.mkdir(parents=True, exist_ok=True)
     write_params(tmp_path, **overrides)
-    shutil.copytree(ROOT / "data" / "expectations", tmp_path / "data" / "expectations")
+    shutil.copytree(ROOT / "gx", tmp_path / "gx", ignore=shutil.ignore_patterns("uncommitted", ".ge_store_backend_id"))
     return tmp_path
 
 

@@ -144,12 +144,12 @@ def test_run_with_user_data(tiny_project, tmp_path):
     assert res.labels == ["alpha", "beta"]
     assert sum(res.rows_per_split.values()) == 40 and all(res.rows_per_split[s] > 0 for s in ingest.SPLITS)
     out = pd.read_parquet(tiny_project.raw_labeled)
-    assert list(out.columns) == ["text", "label", "source", "split"]
+    assert list(out.columns) == ["id", "text", "label", "source", "split"]
     assert sorted(out["text"]) == sorted(json.loads(line)["text"] for line in labeled.read_text().splitlines())
     for lab in ("alpha", "beta"):
         assert set(out.loc[out["label"] == lab, "split"]) == set(ingest.SPLITS)
     c = pd.read_parquet(tiny_project.raw_corpus)
-    assert list(c.columns) == ["text", "source", "kind"]
+    assert list(c.columns) == ["id", "text", "source", "kind"]
     assert set(c["kind"]) == {"text"}
     assert "document number 3\nwith two lines\n" in set(c["text"])
 
@@ -306,8 +306,10 @@ def test_blank_corpus_rows_are_dropped_counted_and_reported(tiny_project, tmp_pa
     assert res.corpus_rows == 3 and res.metrics["corpus_blank"] == 4
     c = pd.read_parquet(tiny_project.raw_corpus)
     assert c["text"].tolist() == ["doc one", "doc two", "a text file"] and c["kind"].tolist() == ["text", "3", "text"]
-    line = next(line for line in capsys.readouterr().out.splitlines() if "blank" in line)
+    out = capsys.readouterr().out.splitlines()
+    line = next(line for line in out if line.startswith("ingest: corpus rows dropped"))
     c = docs / "c.jsonl"
+    assert out[0].startswith(f"ingest: outside {tiny_project.user_data} (the stage's DVC dependency), so `dvc repro` will not see them change: ")
     assert line == f"ingest: corpus rows dropped (text missing or blank): 4 (e.g. {c}: row 2, {c}: row 3, {c}: row 5)"
 
 
@@ -422,7 +424,7 @@ def test_a_folder_whose_files_lack_the_split_column_names_the_file(tiny_project,
 def test_every_corpus_row_blank_is_an_error(tiny_project, tmp_path):
     corpus = _jsonl(tmp_path / "corpus.jsonl", [{"text": ""}, {"text": None}])
     msg = _ingest_error(tiny_project, corpus, _jsonl(tmp_path / "labeled.jsonl", _labeled_rows()))
-    assert msg == f"ingest.corpus ({corpus}): no documents"
+    assert msg == f"ingest.corpus ({corpus}): no documents (every row's text is missing or blank, or its source is held out)"
 
 
 def test_assign_splits_keeps_a_file_bigger_than_the_quota_out_of_the_held_out_splits():
@@ -442,3 +444,85 @@ def test_assign_splits_gives_an_empty_held_out_split_the_smallest_train_file():
     mapping = ingest.assign_splits(groups, _cfg())
     assert mapping["f2.py"] == "train"
     assert {mapping["f0.py"], mapping["f1.py"]} == {"test", "val"}
+
+
+def test_configured_columns_ids_and_globs(tiny_project, tmp_path):
+    """`text_column`/`label_column`/`id_column` name the user's columns; globs and lists pick the files."""
+    d = tmp_path / "user"
+    d.mkdir()
+    rows = [{"body": f"def f{i}(): return {i}", "tag": "ab"[i % 2], "uid": f"u{i}", "label": "ignored"} for i in range(40)]
+    pd.DataFrame(rows[:20]).to_parquet(d / "part-0.parquet")
+    _jsonl(d / "part-1.jsonl", rows[20:])
+    (d / "notes.csv").write_text("body\nnot part of the glob\n")
+    _jsonl(d / "c1.jsonl", [{"body": f"corpus {i}", "uid": i} for i in range(3)])
+    _jsonl(d / "c2.jsonl", [{"body": "no id here"}])
+    cfg = _cfg(corpus=[str(d / "c*.jsonl")], labeled=str(d / "part-*"), text_column="body", label_column="tag", id_column="uid")
+    res = ingest.run(cfg, tiny_project)
+    assert res.labeled_rows == 40 and res.labels == ["a", "b"] and res.corpus_rows == 4
+    out = pd.read_parquet(tiny_project.raw_labeled)
+    assert sorted(out["id"]) == sorted(r["uid"] for r in rows) and set(out["label"]) == {"a", "b"}
+    c = pd.read_parquet(tiny_project.raw_corpus)
+    assert c["id"].tolist() == ["0", "1", "2", f"{d / 'c2.jsonl'}#1"] and c["text"].tolist()[0] == "corpus 0"
+
+
+def test_a_glob_that_matches_nothing_is_one_line(tiny_project, tmp_path):
+    labeled = _jsonl(tmp_path / "labeled.jsonl", _labeled_rows())
+    msg = _ingest_error(tiny_project, tmp_path / "nope" / "*.jsonl", labeled)
+    assert msg == f"{tmp_path / 'nope' / '*.jsonl'}: no files match this pattern"
+
+
+def test_a_missing_configured_text_column_names_file_and_columns(tiny_project, tmp_path):
+    labeled = _jsonl(tmp_path / "labeled.jsonl", _labeled_rows())
+    corpus = _jsonl(tmp_path / "corpus.jsonl", [{"text": "doc"}])
+    msg = _ingest_error(tiny_project, corpus, labeled, text_column="content")
+    assert msg == f"{labeled}: missing column(s) ['content'] (has ['text', 'label'])"
+
+
+def test_utf16_with_a_bom_is_decoded_and_latin1_needs_the_encoding(tiny_project, tmp_path):
+    labeled = tmp_path / "labeled.csv"
+    labeled.write_bytes(("text,label\n" + "".join(f"café {i},{'ab'[i % 2]}\n" for i in range(20))).encode("utf-16"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes("naïve résumé".encode("latin-1"))
+    msg = _ingest_error(tiny_project, corpus, labeled)
+    assert msg == f"{corpus}: line 1: not UTF-8 (byte 0xef at offset 2); save the file as UTF-8 or set ingest.encoding (e.g. latin-1)"
+    ingest.run(_cfg(corpus=str(corpus), labeled=str(labeled), encoding="latin-1"), tiny_project)
+    assert pd.read_parquet(tiny_project.raw_corpus)["text"].tolist() == ["naïve résumé"]
+    assert "café 3" in set(pd.read_parquet(tiny_project.raw_labeled)["text"])
+
+
+def test_a_binary_file_is_named(tiny_project, tmp_path):
+    labeled = _jsonl(tmp_path / "labeled.jsonl", _labeled_rows())
+    corpus = tmp_path / "model.txt"
+    corpus.write_bytes(b"\x7fELF\x02\x01\x01\x00\x00")
+    assert _ingest_error(tiny_project, corpus, labeled) == f"{corpus}: line 1: a NUL byte at offset 7: a binary file, not text"
+
+
+def test_a_50_mb_line_without_newline_is_refused_with_bounded_memory(tiny_project, tmp_path):
+    import tracemalloc
+
+    labeled = _jsonl(tmp_path / "labeled.jsonl", _labeled_rows())
+    corpus = tmp_path / "huge.jsonl"
+    with corpus.open("wb") as f:
+        f.write(b'{"text": "')
+        for _ in range(50):
+            f.write(b"x" * (1 << 20))
+    tracemalloc.start()
+    try:
+        msg = _ingest_error(tiny_project, corpus, labeled)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert msg.startswith(f"{corpus}: line 1: longer than 16 MB with no line break (ingest.max_record_mb")
+    assert peak < 40 * (1 << 20)  # the 16 MB it read and one copy at most: never the whole 50 MB line
+
+
+def test_the_user_corpus_streams_in_bounded_chunks(tiny_project, tmp_path):
+    """A corpus bigger than one chunk is written chunk by chunk, in order, with nothing lost."""
+    labeled = _jsonl(tmp_path / "labeled.jsonl", _labeled_rows())
+    corpus = _jsonl(tmp_path / "corpus.jsonl", [{"text": f"document {i}"} for i in range(20000)])
+    res = ingest.run(_cfg(corpus=corpus, labeled=labeled), tiny_project)
+    import pyarrow.parquet as pq
+
+    f = pq.ParquetFile(tiny_project.raw_corpus)
+    assert res.corpus_rows == 20000 and f.metadata.num_row_groups >= 3  # 8192-row chunks
+    assert f.read().column("text").to_pylist() == [f"document {i}" for i in range(20000)]

@@ -4,6 +4,7 @@ And `read_table`: user files are read exactly, and every malformed file is one e
 
 from __future__ import annotations
 
+import codecs
 import os
 import subprocess
 import sys
@@ -12,7 +13,9 @@ import pandas as pd
 import pytest
 
 from tasks.shared.errors import UserError
-from tasks.shared.io import atomic_dir, atomic_file, read_table, write_csv, write_json
+from pathlib import Path
+
+from tasks.shared.io import ReadOptions, atomic_dir, atomic_file, expand_inputs, iter_table, read_table, write_csv, write_json
 
 
 def _listing(folder) -> list[str]:
@@ -105,7 +108,9 @@ MALFORMED = [
     ),
     ("latin1.csv", "text,label\nok,x\ncaf\xe9,y\n".encode("latin-1"), "line 3: not UTF-8 (byte 0xe9 at offset 19); save the file as UTF-8"),
     ("latin1.txt", b"\xef\xbb\xbfab\ncd\xff", "line 2: not UTF-8 (byte 0xff at offset 8); save the file as UTF-8"),
-    ("utf16.csv", "text,label\na,x\n".encode("utf-16"), "UTF-16 text; save the file as UTF-8"),
+    ("nul.jsonl", ROWS.encode() + b'{"text": "\x00\x01"}\n', "line 2: a NUL byte at offset 38: a binary file, not text"),
+    ("png.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "line 3: a NUL byte at offset 8: a binary file, not text"),
+    ("bad16.csv", codecs.BOM_UTF16_LE + "text,label\n".encode("utf-16-le") + b"\x00\xd8a\x00", "not valid UTF-16 (illegal UTF-16 surrogate)"),
     ("fields.csv", "text,label\na,x\nb,y,z\n", "row 3: 3 fields, but the header has 2"),
     ("short.csv", "text,label\na,x\nb\n", "row 3: 1 fields, but the header has 2"),
     ("quote.csv", 'text,label\na,x\n"b,y\nc,z\n', "row 3: malformed CSV (unexpected end of data)"),
@@ -167,3 +172,59 @@ def test_read_table_folder_with_an_unsupported_file_names_it(tmp_path):
     (tmp_path / "notes.json").write_text("{}")
     with pytest.raises(UserError, match=r"notes\.json: unsupported format"):
         read_table(tmp_path, required=["text"])
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+def test_read_table_decodes_utf16_and_utf32_with_a_bom(tmp_path, encoding):
+    f = tmp_path / "d.csv"
+    bom = {"utf-16-be": codecs.BOM_UTF16_BE}.get(encoding, b"")
+    f.write_bytes(bom + "text,label\ncafé ☕,x\nzwei,y\n".encode(encoding))
+    df = read_table(f, required=["text", "label"])
+    assert df["text"].tolist() == ["café ☕", "zwei"] and df.index.tolist() == [(str(f), 2), (str(f), 3)]
+
+
+def test_read_table_latin1_with_the_encoding_set(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_bytes('{"text": "café", "label": "x"}\n'.encode("latin-1"))
+    with pytest.raises(UserError, match=r"line 1: not UTF-8 \(byte 0xe9 at offset 13\); save the file as UTF-8 or set ingest.encoding"):
+        read_table(f, required=["text"])
+    assert read_table(f, required=["text"], opts=ReadOptions(encoding="latin-1"))["text"].tolist() == ["café"]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".txt"])
+def test_a_line_over_the_record_limit_is_an_error_read_with_bounded_memory(tmp_path, suffix):
+    f = tmp_path / f"big{suffix}"
+    head = {".jsonl": b'{"text": "ok"}\n', ".csv": b"text\nok\n", ".txt": b"ok\n"}[suffix]
+    with f.open("wb") as fh:  # 3 MB on one line, no newline; the limit is 1 MB
+        fh.write(head)
+        fh.write(b"x" * (3 << 20))
+    with pytest.raises(UserError, match=r"over 1 MB|more than 1 MB|longer than 1 MB") as err:
+        read_table(f, required=["text"], opts=ReadOptions(max_record_bytes=1 << 20))
+    assert str(err.value).startswith(f"{f}: ") and "\n" not in str(err.value)
+
+
+def test_iter_table_streams_bounded_chunks_with_row_numbers(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(f'{{"text": "t{i}", "n": {i}}}\n' for i in range(25)))
+    p = tmp_path / "d.parquet"
+    pd.DataFrame({"text": [f"p{i}" for i in range(25)], "other": range(25)}).to_parquet(p, row_group_size=7)
+    seen = []
+    chunks = list(iter_table([f, p], required=["text"], columns=["text"], opts=ReadOptions(chunk_rows=10), on_bytes=seen.append))
+    assert [len(c) for c in chunks] == [10, 10, 5, 7, 7, 7, 4]  # parquet: never across a row group
+    assert all(list(c.columns) == ["text"] for c in chunks)
+    rows = pd.concat(chunks)
+    assert rows.index.tolist()[:2] == [(str(f), 1), (str(f), 2)] and rows.index.tolist()[-1] == (str(p), 25)
+    assert sum(seen[:25]) == f.stat().st_size
+
+
+def test_globs_folders_and_lists_expand_to_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("a/x.jsonl", "a/y.csv", "a/sub/z.jsonl", "a/.hidden/h.jsonl", "a/x.jsonl.dvc"):
+        Path(name).parent.mkdir(parents=True, exist_ok=True)
+        Path(name).write_text("{}")
+    assert expand_inputs("a/*.jsonl") == [Path("a/x.jsonl")]
+    assert expand_inputs("a/**/*.jsonl") == [Path("a/sub/z.jsonl"), Path("a/x.jsonl")]
+    assert expand_inputs(["a/y.csv", "a/*.jsonl", "a/x.jsonl"]) == [Path("a/y.csv"), Path("a/x.jsonl")]
+    assert expand_inputs(str(tmp_path / "a" / "*.csv")) == [tmp_path / "a" / "y.csv"]
+    with pytest.raises(UserError, match=r"^a/\*\.parquet: no files match this pattern$"):
+        expand_inputs("a/*.parquet")

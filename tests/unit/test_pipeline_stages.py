@@ -21,8 +21,8 @@ def _in_unit(x: float) -> bool:
 
 
 def test_clean_and_validate_ran_on_the_tiny_data(tiny_pipeline):
-    assert tiny_pipeline.clean.labeled["output"] == len(LABELS) * sum(N_PER_LABEL.values())
-    assert tiny_pipeline.clean.labeled["duplicates"] == 0
+    assert tiny_pipeline.clean.labeled["output_rows"] == len(LABELS) * sum(N_PER_LABEL.values())
+    assert tiny_pipeline.clean.labeled["removed"]["duplicates"] == 0
     assert tiny_pipeline.validate.success
     assert json.loads(tiny_pipeline.paths.validation.read_text())["success"] is True
 

@@ -331,7 +331,7 @@ def _validated_project(tmp_path, success: bool = True) -> tuple:
         "schema": "2.0",
         "stages": {
             "clean": {"cmd": "python -m tasks.clean", "outs": [corpus, labeled]},
-            "validate": {"cmd": "python -m tasks.validate", "deps": [corpus, labeled, {"path": "data/expectations", "md5": "e.dir"}], "outs": [res]},
+            "validate": {"cmd": "python -m tasks.validate", "deps": [corpus, labeled, {"path": "gx", "md5": "e.dir"}], "outs": [res]},
             "tokenize": {"cmd": "python -m tasks.tokenize", "deps": [dict(corpus), dict(res)]},
             "finetune": {"cmd": "python -m tasks.finetune", "deps": [dict(labeled), dict(res)]},
         },

@@ -35,8 +35,10 @@ class Paths(Section):
     """Cleaned pretraining corpus."""
     clean_labeled: Path
     """Cleaned labeled set."""
-    expectations: Path
-    """Great Expectations suites (JSON), tracked in git."""
+    clean_report: Path
+    """The clean stage's Markdown report: rows each filter removed or changed, why, with examples."""
+    gx: Path
+    """The Great Expectations project (File Data Context: suites, validation definitions, checkpoints), tracked in git."""
     validation: Path
     """The validation result (deterministic JSON): what downstream stages depend on."""
     data_docs: Path

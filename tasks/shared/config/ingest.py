@@ -10,10 +10,23 @@ from tasks.shared.config.base import Section
 class IngestConfig(Section):
     """Build the raw corpus and labeled set."""
 
-    corpus: str = "stdlib"
-    """`stdlib` (built from the installed Python standard library) or a txt/md/jsonl/csv/parquet path."""
-    labeled: str = "stdlib"
-    """`stdlib` (which package a function comes from) or a jsonl/csv/parquet path with text,label columns."""
+    corpus: str | list[str] = "stdlib"
+    """`stdlib` (built from the installed Python standard library), or your txt/md/jsonl/csv/parquet data:
+    a file, a folder (read recursively), a glob (`data/user/*.jsonl`, `**` for any depth) or a list of them."""
+    labeled: str | list[str] = "stdlib"
+    """`stdlib` (which package a function comes from), or jsonl/csv/parquet data with text and label columns
+    (files, folders or globs, as for `corpus`)."""
+    text_column: str = Field("text", min_length=1)
+    """The column of your data that holds the text."""
+    label_column: str = Field("label", min_length=1)
+    """The column of your labeled data that holds the label."""
+    id_column: str = Field("id", min_length=1)
+    """The column with each row's id (optional: a row without one gets `<file>#<row>`); ids must be unique."""
+    encoding: str = "utf-8"
+    """Encoding of your text files (jsonl/csv/txt/md); a UTF-8, UTF-16 or UTF-32 byte-order mark overrides it."""
+    max_record_mb: float = Field(16.0, gt=0, le=1024)
+    """The largest record read (a jsonl line, a CSV row, a txt/md file); a bigger one is an error, found
+    without reading more than this much of it."""
     packages: list[str] = Field(
         default_factory=lambda: ["asyncio", "email", "idlelib", "tkinter", "multiprocessing", "xml", "importlib", "unittest", "http", "urllib"]
     )
@@ -31,6 +44,18 @@ class IngestConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "IngestConfig":
+        import codecs
+
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ValueError(f"encoding: unknown encoding {self.encoding!r}") from None
+        for name in ("corpus", "labeled"):
+            value = getattr(self, name)
+            if isinstance(value, list) and (not value or "stdlib" in value):
+                raise ValueError(f"{name}: a list names your files, folders or globs (at least one; `stdlib` alone, not in a list)")
+        if len({self.text_column, self.label_column, self.id_column}) < 3:
+            raise ValueError("text_column, label_column and id_column must be three different columns")
         if self.labeled == "stdlib" and len(set(self.packages)) < 2:
             raise ValueError("packages: the stdlib task needs at least 2 distinct packages")
         if self.val_fraction + self.test_fraction >= 0.8:
