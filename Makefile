@@ -14,7 +14,7 @@ export DO_NOT_TRACK ?= 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR ?= false
 export GIT_PYTHON_REFRESH ?= quiet
 
-.PHONY: install pipeline repro promote retrain schedule deploy test test-fast serve serve-grpc bento grpc-stubs ui check check-lock deps constraints clean-outputs postgres stack-up stack-down
+.PHONY: install lint pipeline repro promote retrain schedule deploy test test-fast serve serve-grpc bento grpc-stubs ui check check-lock deps constraints clean-outputs postgres stack-up stack-down
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -44,10 +44,14 @@ schedule: install  ## serve the weekly retrain schedule (prefect.yaml) on this m
 deploy: install  ## on the Prefect server in PREFECT_API_URL: create the cpu/gpu work pools and the deployments of prefect.yaml
 	$(BIN)/lmforge deploy
 
-test: install postgres  ## the whole test suite, integration included (the team stack's tests need PostgreSQL)
+lint: install  ## ruff check (pyflakes, import order, a bugbear subset, line length 120) and ruff format --check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install postgres lint  ## lint, then the whole test suite, integration included (the team stack's tests need PostgreSQL)
 	$(BIN)/python -m pytest
 
-test-fast: install  ## unit, data and model tests only
+test-fast: install lint  ## lint, then unit, data and model tests only
 	$(BIN)/python -m pytest -m "not integration"
 
 # initdb on PATH or in the OS package's folder, else the package: as root, or through sudo when it needs no password.

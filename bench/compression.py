@@ -25,22 +25,56 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 TARGETS = {
     # variant: (what, check(variant metrics, fp32 metrics) -> (value, passed))
     "int8": [
-        ("throughput at batch 32 >= 2.5x fp32", lambda v, f: (f["p50_ms_b32"] / v["p50_ms_b32"], f["p50_ms_b32"] / v["p50_ms_b32"] >= 2.5)),
-        ("Linear weights >= 3.5x smaller", lambda v, f: (v.get("linear_weight_ratio", 0), v.get("linear_weight_ratio", 0) >= 3.5)),
-        ("macro-F1 drop <= 1 point", lambda v, f: (100 * (f["macro_f1"] - v["macro_f1"]), f["macro_f1"] - v["macro_f1"] <= 0.01)),
+        (
+            "throughput at batch 32 >= 2.5x fp32",
+            lambda v, f: (f["p50_ms_b32"] / v["p50_ms_b32"], f["p50_ms_b32"] / v["p50_ms_b32"] >= 2.5),
+        ),
+        (
+            "Linear weights >= 3.5x smaller",
+            lambda v, f: (v.get("linear_weight_ratio", 0), v.get("linear_weight_ratio", 0) >= 3.5),
+        ),
+        (
+            "macro-F1 drop <= 1 point",
+            lambda v, f: (100 * (f["macro_f1"] - v["macro_f1"]), f["macro_f1"] - v["macro_f1"] <= 0.01),
+        ),
     ],
     "distilled": [
-        ("batch-1 latency >= 2x faster", lambda v, f: (f["p50_ms_b1"] / v["p50_ms_b1"], f["p50_ms_b1"] / v["p50_ms_b1"] >= 2)),
-        ("macro-F1 drop <= 2 points", lambda v, f: (100 * (f["macro_f1"] - v["macro_f1"]), f["macro_f1"] - v["macro_f1"] <= 0.02)),
+        (
+            "batch-1 latency >= 2x faster",
+            lambda v, f: (f["p50_ms_b1"] / v["p50_ms_b1"], f["p50_ms_b1"] / v["p50_ms_b1"] >= 2),
+        ),
+        (
+            "macro-F1 drop <= 2 points",
+            lambda v, f: (100 * (f["macro_f1"] - v["macro_f1"]), f["macro_f1"] - v["macro_f1"] <= 0.02),
+        ),
     ],
     "pruned": [
-        (">= 30% fewer parameters", lambda v, f: (100 * (1 - v["params"] / f["params"]), v["params"] <= 0.7 * f["params"])),
-        ("macro-F1 drop <= 1 point", lambda v, f: (100 * (f["macro_f1"] - v["macro_f1"]), f["macro_f1"] - v["macro_f1"] <= 0.01)),
+        (
+            ">= 30% fewer parameters",
+            lambda v, f: (100 * (1 - v["params"] / f["params"]), v["params"] <= 0.7 * f["params"]),
+        ),
+        (
+            "macro-F1 drop <= 1 point",
+            lambda v, f: (100 * (f["macro_f1"] - v["macro_f1"]), f["macro_f1"] - v["macro_f1"] <= 0.01),
+        ),
         ("speedup at batch 1 (reported)", lambda v, f: (f["p50_ms_b1"] / v["p50_ms_b1"], None)),
         ("speedup at batch 32 (reported)", lambda v, f: (f["p50_ms_b32"] / v["p50_ms_b32"], None)),
     ],
 }
-KEYS = ("macro_f1", "accuracy", "p50_ms_b1", "p99_ms_b1", "tokenize_ms_b1", "forward_ms_b1", "p50_ms_b32", "p99_ms_b32", "throughput_per_s", "size_mb", "params", "peak_rss_mb")
+KEYS = (
+    "macro_f1",
+    "accuracy",
+    "p50_ms_b1",
+    "p99_ms_b1",
+    "tokenize_ms_b1",
+    "forward_ms_b1",
+    "p50_ms_b32",
+    "p99_ms_b32",
+    "throughput_per_s",
+    "size_mb",
+    "params",
+    "peak_rss_mb",
+)
 
 
 def main() -> None:
@@ -74,7 +108,9 @@ def main() -> None:
     tokenizer = Path(paths.tokenizer) / TOKENIZER_FILE
     results, scorers = {}, {}
     for name, folder in variants.items():
-        results[name], _, scorers[name] = score_model(lambda f=folder: bundle_scorer(load_parts(tokenizer, f), f), test, cfg)
+        results[name], _, scorers[name] = score_model(
+            lambda f=folder: bundle_scorer(load_parts(tokenizer, f), f), test, cfg
+        )
         results[name]["linear_weight_bytes"] = linear_weight_bytes(load_parts(tokenizer, folder).classifier)
     for name, t in timed(scorers, test["text"].tolist(), cfg).items():  # all variants take turns: fair ratios
         results[name].update(t)
@@ -86,12 +122,31 @@ def main() -> None:
         m["speedup_b32"] = round(fp32["p50_ms_b32"] / m["p50_ms_b32"], 3)
         m["f1_drop_points"] = round(100 * (fp32["macro_f1"] - m["macro_f1"]), 2)
 
-    cols = ["macro_f1", "f1_drop_points", "p50_ms_b1", "p99_ms_b1", "tokenize_ms_b1", "forward_ms_b1", "p50_ms_b32", "speedup_b1", "speedup_b32", "size_mb", "params", "linear_weight_ratio"]
-    print(f"{len(test)} test texts; {torch.get_num_threads()} torch threads; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+    cols = [
+        "macro_f1",
+        "f1_drop_points",
+        "p50_ms_b1",
+        "p99_ms_b1",
+        "tokenize_ms_b1",
+        "forward_ms_b1",
+        "p50_ms_b32",
+        "speedup_b1",
+        "speedup_b32",
+        "size_mb",
+        "params",
+        "linear_weight_ratio",
+    ]
+    print(
+        f"{len(test)} test texts; {torch.get_num_threads()} torch threads; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    )
     print(f"{'variant':<15}" + "".join(f"{c:>20}" for c in cols))
     for name, m in results.items():
         print(f"{name:<15}" + "".join(f"{m[c]:>20}" for c in cols))
-    print("\nbatch-1 request, where the time goes (medians, ms): tokenization | forward | p50 of the whole minus both (softmax, Python; medians do not add exactly)")
+    print(
+        "\nbatch-1 request, where the time goes (medians, ms): tokenization | forward | "
+        "p50 of the whole minus both (softmax, Python; medians do not add exactly)"
+    )
     for name, m in results.items():
         rest = m["p50_ms_b1"] - m["tokenize_ms_b1"] - m["forward_ms_b1"]
         print(f"  {name:<15} {m['tokenize_ms_b1']:>7.3f} | {m['forward_ms_b1']:>7.3f} | {rest:>7.3f}")
@@ -106,7 +161,19 @@ def main() -> None:
             verdict = "reported" if ok is None else "met" if ok else "MISSED"
             verdicts[f"{name}: {what}"] = {"value": round(value, 3), "verdict": verdict}
             print(f"  {name:<10} {what:<34} {value:>8.3f}  {verdict}")
-    print(json.dumps({"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, torch {torch.__version__}", "test_texts": len(test), "variants": results, "targets": verdicts}))
+    print(
+        json.dumps(
+            {
+                "machine": (
+                    f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+                    f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+                ),
+                "test_texts": len(test),
+                "variants": results,
+                "targets": verdicts,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

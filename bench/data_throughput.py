@@ -66,12 +66,27 @@ PASSES = ("clean", "near_dup")
 
 TARGETS = [
     # (key, what, value(result), passed(value))
-    ("clean_mb_per_s_per_core", "clean + exact dedup >= 20 MB/s per core (worst size)", lambda r: _worst(r, "clean", "mb_per_s_per_core"), lambda v: v >= 20),
-    ("dedup_mb_per_s_per_core", "near-dup >= 5 MB/s per core (worst size)", lambda r: _worst(r, "near_dup", "mb_per_s_per_core"), lambda v: v >= 5),
-    ("peak_rss_ratio", "peak RSS at the largest size <= 1.2x the smallest's", lambda r: _rss_ratio(r), lambda v: v <= 1.2),
+    (
+        "clean_mb_per_s_per_core",
+        "clean + exact dedup >= 20 MB/s per core (worst size)",
+        lambda r: _worst(r, "clean", "mb_per_s_per_core"),
+        lambda v: v >= 20,
+    ),
+    (
+        "dedup_mb_per_s_per_core",
+        "near-dup >= 5 MB/s per core (worst size)",
+        lambda r: _worst(r, "near_dup", "mb_per_s_per_core"),
+        lambda v: v >= 5,
+    ),
+    (
+        "peak_rss_ratio",
+        "peak RSS at the largest size <= 1.2x the smallest's",
+        lambda r: _rss_ratio(r),
+        lambda v: v <= 1.2,
+    ),
     ("near_dup_recall", "near_dup_recall >= 0.9 (worst size)", lambda r: r["near_dup_recall"], lambda v: v >= 0.9),
     ("pii_recall", "pii_recall >= 0.95 (worst size)", lambda r: r["pii_recall"], lambda v: v >= 0.95),
-]  # fmt: skip
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,7 +118,9 @@ class Vocab:
         return [data[a:b].decode().rstrip() for a, b in zip(begin[first].tolist(), end[last].tolist())]
 
 
-def _build(variants: list[list[str]], suffixes: list[str], word_p: np.ndarray, variant_p: list[float], suffix_p: list[float]) -> Vocab:
+def _build(
+    variants: list[list[str]], suffixes: list[str], word_p: np.ndarray, variant_p: list[float], suffix_p: list[float]
+) -> Vocab:
     tokens = [(w + s).encode() for forms in variants for w in forms for s in suffixes]
     lengths = np.array([len(t) for t in tokens], np.int64)
     table = np.zeros((len(tokens), lengths.max()), np.uint8)
@@ -121,7 +138,28 @@ def _zipf(n: int) -> np.ndarray:
 
 
 ACCENTS = str.maketrans({"a": "á", "e": "é", "o": "ö", "u": "ü", "n": "ñ", "c": "ç", "i": "ï"})
-KEYWORDS = ["self", "return", "def", "if", "for", "in", "None", "import", "not", "and", "0", "1", "2", "True", "False", "len", "range", "print", "class", "from"]
+KEYWORDS = [
+    "self",
+    "return",
+    "def",
+    "if",
+    "for",
+    "in",
+    "None",
+    "import",
+    "not",
+    "and",
+    "0",
+    "1",
+    "2",
+    "True",
+    "False",
+    "len",
+    "range",
+    "print",
+    "class",
+    "from",
+]
 
 
 def make_words(rng: np.random.Generator, n: int) -> list[str]:
@@ -132,7 +170,10 @@ def make_words(rng: np.random.Generator, n: int) -> list[str]:
     words: dict[str, None] = {}
     while len(words) < n:
         k = int(rng.integers(1, 4))
-        w = "".join(onsets[rng.integers(len(onsets))] + vowels[rng.integers(len(vowels))] for _ in range(k)) + codas[rng.integers(len(codas))]
+        w = (
+            "".join(onsets[rng.integers(len(onsets))] + vowels[rng.integers(len(vowels))] for _ in range(k))
+            + codas[rng.integers(len(codas))]
+        )
         words.setdefault(w)
     return list(words)
 
@@ -146,8 +187,13 @@ class Vocabs:
 
 def make_vocabs(rng: np.random.Generator) -> Vocabs:
     words = make_words(rng, 8000)
-    accented = set(rng.choice(len(words), len(words) // 50, replace=False).tolist())  # ~2% of words carry non-ASCII letters
-    prose_forms = [[(w.translate(ACCENTS) if i in accented else w), (w.translate(ACCENTS) if i in accented else w).capitalize()] for i, w in enumerate(words)]
+    accented = set(
+        rng.choice(len(words), len(words) // 50, replace=False).tolist()
+    )  # ~2% of words carry non-ASCII letters
+    prose_forms = [
+        [(w.translate(ACCENTS) if i in accented else w), (w.translate(ACCENTS) if i in accented else w).capitalize()]
+        for i, w in enumerate(words)
+    ]
     prose = _build(
         prose_forms,
         [" ", ", ", ". ", ".\n\n", "; ", ": ", "? ", " — ", "\n"],
@@ -155,10 +201,30 @@ def make_vocabs(rng: np.random.Generator) -> Vocabs:
         [0.92, 0.08],
         [0.80, 0.07, 0.06, 0.015, 0.01, 0.01, 0.005, 0.01, 0.02],
     )
-    idents = KEYWORDS + ["_".join(words[j] for j in rng.integers(0, 2000, int(rng.integers(1, 4)))) for _ in range(3000)]
+    idents = KEYWORDS + [
+        "_".join(words[j] for j in rng.integers(0, 2000, int(rng.integers(1, 4)))) for _ in range(3000)
+    ]
     code = _build(
         [[w, "".join(p.capitalize() for p in w.split("_"))] for w in idents],
-        ["(", ")", ", ", " = ", ".", ":\n    ", "\n    ", "\n", " + ", "[", "]", " ", ")\n    ", "):\n        ", "\n        ", " == ", "\n\t"],
+        [
+            "(",
+            ")",
+            ", ",
+            " = ",
+            ".",
+            ":\n    ",
+            "\n    ",
+            "\n",
+            " + ",
+            "[",
+            "]",
+            " ",
+            ")\n    ",
+            "):\n        ",
+            "\n        ",
+            " == ",
+            "\n\t",
+        ],
         _zipf(len(idents)),
         [0.9, 0.1],
         [0.10, 0.09, 0.10, 0.08, 0.12, 0.03, 0.08, 0.04, 0.03, 0.03, 0.03, 0.12, 0.05, 0.02, 0.05, 0.02, 0.01],
@@ -195,15 +261,28 @@ def make_pii(rng: np.random.Generator, kind: str, words: list[str]) -> tuple[str
     """(value, the snippet that carries it) for one planted PII item of `kind`."""
     d = lambda lo, hi: int(rng.integers(lo, hi + 1))  # noqa: E731
     if kind == "email":
-        v = f"{_pick(rng, words)}.{_pick(rng, words)}{d(1, 99)}@{_pick(rng, words)}.{_pick(rng, ['com', 'org', 'net', 'io', 'de', 'co.uk'])}"
+        v = (
+            f"{_pick(rng, words)}.{_pick(rng, words)}{d(1, 99)}@{_pick(rng, words)}."
+            f"{_pick(rng, ['com', 'org', 'net', 'io', 'de', 'co.uk'])}"
+        )
         return v, _pick(rng, [f"write to {v} for", f"Contact: <{v}>", f'email = "{v}"', f"({v})"])
     if kind == "ipv4":
         v = f"{_pick(rng, [str(d(1, 126)), str(d(128, 223))])}.{d(0, 255)}.{d(0, 255)}.{d(1, 254)}"
         return v, _pick(rng, [f"host {v} is", f'ip = "{v}"', f"connect to {v}:{d(1024, 65535)} now", f"from {v},"])
     if kind == "phone":
         a, b, c = d(201, 989), d(200, 999), d(0, 9999)
-        v = _pick(rng, [f"({a}) {b}-{c:04d}", f"{a}-{b}-{c:04d}", f"{a}.{b}.{c:04d}", f"+1 {a} {b} {c:04d}", f"+1-{a}-{b}-{c:04d}",
-                        f"+44 20 {d(7000, 8999)} {c:04d}", f"+49 30 {d(1000000, 99999999)}"])  # fmt: skip
+        v = _pick(
+            rng,
+            [
+                f"({a}) {b}-{c:04d}",
+                f"{a}-{b}-{c:04d}",
+                f"{a}.{b}.{c:04d}",
+                f"+1 {a} {b} {c:04d}",
+                f"+1-{a}-{b}-{c:04d}",
+                f"+44 20 {d(7000, 8999)} {c:04d}",
+                f"+49 30 {d(1000000, 99999999)}",
+            ],
+        )
         return v, _pick(rng, [f"call {v} today", f"Tel: {v}", f'phone = "{v}"', f"or {v}."])
     if kind == "aws_access_key":
         v = "AKIA" + _chars(rng, AWS, 16)
@@ -242,7 +321,8 @@ def jaccard(a: str, b: str, k: int = SHINGLE) -> float:
 
 
 def near_copy(text: str, rng: np.random.Generator, words: list[str]) -> tuple[str, float]:
-    """`text` with a few words replaced, inserted or deleted (up to one edit per 300 words), and its Jaccard to `text`."""
+    """`text` with a few words replaced, inserted or deleted (up to one edit per 300 words),
+    and its Jaccard to `text`."""
     for edits in (max(1, len(text.split(" ")) // 300), 1):
         parts = text.split(" ")
         for _ in range(int(rng.integers(1, edits + 1))):
@@ -271,7 +351,8 @@ def near_copy(text: str, rng: np.random.Generator, words: list[str]) -> tuple[st
 
 def generate_corpus(path: Path, size_mb: float, seed: int = 1337, row_group_mb: float = 16) -> dict:
     """Write a corpus of `size_mb` MB of text to `path` (parquet: id, text, source, kind), one row group per
-    `row_group_mb`; returns what was planted: exact / near pairs [source id, copy id(, jaccard)], pii [id, kind, value]."""
+    `row_group_mb`; returns what was planted: exact / near pairs [source id, copy id(, jaccard)],
+    pii [id, kind, value]."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -311,7 +392,9 @@ def generate_corpus(path: Path, size_mb: float, seed: int = 1337, row_group_mb: 
             texts = np.empty(n, object)
             texts[is_code] = render_docs(voc.code, rng, n_bytes[is_code])
             texts[~is_code] = render_docs(voc.prose, rng, n_bytes[~is_code])
-            role = np.searchsorted(np.cumsum([EXACT_SHARE, NEAR_SHARE, PII_SHARE]), rng.random(n), side="right")  # 0 exact, 1 near, 2 pii, 3 plain
+            role = np.searchsorted(
+                np.cumsum([EXACT_SHARE, NEAR_SHARE, PII_SHARE]), rng.random(n), side="right"
+            )  # 0 exact, 1 near, 2 pii, 3 plain
             ids, out, sources, kinds = [], [], [], []
             for i in range(n):
                 doc_id, text, kind = next_id + i, texts[i], "code" if is_code[i] else "text"
@@ -325,26 +408,55 @@ def generate_corpus(path: Path, size_mb: float, seed: int = 1337, row_group_mb: 
                     text, pii = plant_pii(text, rng, voc.words)
                     planted["pii"] += [[doc_id, k, v] for k, v in pii]
                 else:
-                    remember(pool_near if len(text) >= NEAR_MIN_BYTES and rng.random() < 0.5 else pool_exact, (doc_id, text))
+                    remember(
+                        pool_near if len(text) >= NEAR_MIN_BYTES and rng.random() < 0.5 else pool_exact, (doc_id, text)
+                    )
                 ids.append(doc_id)
                 out.append(text)
-                sources.append(f"synthetic/{kind}/{doc_id // 1000:05d}/{doc_id:08d}.{'py' if kind == 'code' else 'txt'}")
+                sources.append(
+                    f"synthetic/{kind}/{doc_id // 1000:05d}/{doc_id:08d}.{'py' if kind == 'code' else 'txt'}"
+                )
                 kinds.append(kind)
             table = pa.table({"id": ids, "text": out, "source": sources, "kind": kinds}, schema=schema)
             writer.write_table(table, row_group_size=n)
             written += pc.sum(pc.binary_length(table["text"])).as_py()
             next_id += n
     near_j = [p[2] for p in planted["near"]]
-    return {**planted, "docs": next_id, "text_bytes": written,
-            "near_jaccard_min": min(near_j, default=None), "near_jaccard_mean": round(float(np.mean(near_j)), 4) if near_j else None}  # fmt: skip
+    return {
+        **planted,
+        "docs": next_id,
+        "text_bytes": written,
+        "near_jaccard_min": min(near_j, default=None),
+        "near_jaccard_mean": round(float(np.mean(near_j)), 4) if near_j else None,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # Labeled set for validation
 
 LABELED_BYTES = (60, 600)
-SPLIT_CYCLE = ["train", "val", "train", "test", "train", "train", "val", "train", "test", "train",
-               "train", "train", "val", "train", "test", "train", "train", "train", "train", "train"]  # fmt: skip
+SPLIT_CYCLE = [
+    "train",
+    "val",
+    "train",
+    "test",
+    "train",
+    "train",
+    "val",
+    "train",
+    "test",
+    "train",
+    "train",
+    "train",
+    "val",
+    "train",
+    "test",
+    "train",
+    "train",
+    "train",
+    "train",
+    "train",
+]
 """Each source file lies in one split: 14 train, 3 val, 3 test of every 20 files of a label."""
 
 
@@ -381,14 +493,18 @@ def validate_labeled(labeled, folder: Path, params: dict) -> tuple[float, dict]:
 
     tracked = {"gx", "expectations"}  # the data contract lives in the repository; everything else goes under `folder`
     paths = Paths(**{k: (ROOT if k in tracked else folder) / v for k, v in params["paths"].items()})
-    corpus = labeled[["id", "text", "source"]].head(max(params["validate"]["min_corpus_rows"], 1000)).assign(kind="code")
+    corpus = (
+        labeled[["id", "text", "source"]].head(max(params["validate"]["min_corpus_rows"], 1000)).assign(kind="code")
+    )
     for frame, path in ((corpus, paths.clean_corpus), (labeled, paths.clean_labeled)):
         path.parent.mkdir(parents=True, exist_ok=True)
         frame.to_parquet(path, index=False)
     packages = sorted(set(labeled["label"]))
     t0 = time.perf_counter()
     try:
-        summary = validate.run(ValidateConfig(**params["validate"]), CleanConfig(**params["clean"]), packages, True, paths).metrics
+        summary = validate.run(
+            ValidateConfig(**params["validate"]), CleanConfig(**params["clean"]), packages, True, paths
+        ).metrics
     except Exception as e:  # a failed contract still timed every check: report it beside the figure
         summary = {"success": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
     return time.perf_counter() - t0, summary
@@ -463,11 +579,17 @@ def run_child(args: list[str], folder: Path) -> dict:
     wall = time.perf_counter() - t0
     if proc.returncode != 0 or not out.exists():
         lines = [line for line in err.read_text(errors="replace").splitlines() if line.strip()]
-        raise RuntimeError(f"child {' '.join(args[:1])} failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}")
+        raise RuntimeError(
+            f"child {' '.join(args[:1])} failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}"
+        )
     result = json.loads(out.read_text())
     out.unlink()
     err.unlink()
-    return {**result, "peak_rss_mb": round(max(usage.ru_maxrss * 1024, tree_peak) / MB, 1), "child_wall_s": round(wall, 2)}
+    return {
+        **result,
+        "peak_rss_mb": round(max(usage.ru_maxrss * 1024, tree_peak) / MB, 1),
+        "child_wall_s": round(wall, 2),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,7 +625,9 @@ def score(out_path: Path, planted: dict, n_docs: int, kept_before: np.ndarray | 
     placeholder = placeholder_pattern()
     f = pq.ParquetFile(out_path)
     for batch in f.iter_batches(columns=["id", "text"], batch_size=4096):
-        ids = pc.cast(batch.column("id"), pa.int64()).to_numpy()  # clean_file keeps the input's ids (as strings if it made them)
+        ids = pc.cast(
+            batch.column("id"), pa.int64()
+        ).to_numpy()  # clean_file keeps the input's ids (as strings if it made them)
         kept[ids] = True
         text = batch.column("text")
         out_bytes += pc.sum(pc.binary_length(text)).as_py() or 0
@@ -570,8 +694,15 @@ def machine() -> dict:
         memory_gb = None
     import pyarrow
 
-    return {"cpu": cpu, "cores": cores(), "cpu_count": os.cpu_count(), "memory_gb": memory_gb, "python": platform.python_version(),
-            "numpy": np.__version__, "pyarrow": pyarrow.__version__}  # fmt: skip
+    return {
+        "cpu": cpu,
+        "cores": cores(),
+        "cpu_count": os.cpu_count(),
+        "memory_gb": memory_gb,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "pyarrow": pyarrow.__version__,
+    }
 
 
 def _key(size: float) -> str:
@@ -605,25 +736,44 @@ def bench_size(size: float, folder: Path, seed: int, row_group_mb: float, params
         meta.write_text(json.dumps(planted))
         log(f"{_key(size)} MB: generated {planted['docs']:,} documents in {generate_s} s")
     text_mb = planted["text_bytes"] / MB
-    per: dict = {"corpus": {
-        "docs": planted["docs"], "text_mb": round(text_mb, 2), "file_mb": round(corpus.stat().st_size / MB, 1), "generate_s": generate_s,
-        "exact_pairs": len(planted["exact"]), "near_pairs": len(planted["near"]), "pii_values": len(planted["pii"]),
-        "pii_docs": len({p[0] for p in planted["pii"]}), "near_jaccard_min": planted["near_jaccard_min"], "near_jaccard_mean": planted["near_jaccard_mean"],
-    }}  # fmt: skip
+    per: dict = {
+        "corpus": {
+            "docs": planted["docs"],
+            "text_mb": round(text_mb, 2),
+            "file_mb": round(corpus.stat().st_size / MB, 1),
+            "generate_s": generate_s,
+            "exact_pairs": len(planted["exact"]),
+            "near_pairs": len(planted["near"]),
+            "pii_values": len(planted["pii"]),
+            "pii_docs": len({p[0] for p in planted["pii"]}),
+            "near_jaccard_min": planted["near_jaccard_min"],
+            "near_jaccard_mean": planted["near_jaccard_mean"],
+        }
+    }
     kept_clean = None
     try:
         for pass_ in PASSES:
             dst = folder / f"out-{_key(size)}mb-{pass_}.parquet"
-            c = run_child(["clean", "--src", str(corpus), "--dst", str(dst), "--params", str(params_path)] + (["--near-dup"] if pass_ == "near_dup" else []), folder)
+            c = run_child(
+                ["clean", "--src", str(corpus), "--dst", str(dst), "--params", str(params_path)]
+                + (["--near-dup"] if pass_ == "near_dup" else []),
+                folder,
+            )
             scores, kept = score(dst, planted, planted["docs"], kept_clean)
             kept_clean = kept if pass_ == "clean" else kept_clean
             mb_per_s = text_mb / c["seconds"]
             per[pass_] = {
-                "seconds": round(c["seconds"], 2), "cpu_s": round(c["cpu_s"], 2), "mb_per_s": round(mb_per_s, 2),
-                "mb_per_s_per_core": round(mb_per_s / cores(), 2), "mb_per_cpu_s": round(text_mb / c["cpu_s"], 2) if c["cpu_s"] else None,
-                "peak_rss_mb": c["peak_rss_mb"], "child_wall_s": c["child_wall_s"], "output_file_mb": round(dst.stat().st_size / MB, 1),
-                **scores, "report": c["report"],
-            }  # fmt: skip
+                "seconds": round(c["seconds"], 2),
+                "cpu_s": round(c["cpu_s"], 2),
+                "mb_per_s": round(mb_per_s, 2),
+                "mb_per_s_per_core": round(mb_per_s / cores(), 2),
+                "mb_per_cpu_s": round(text_mb / c["cpu_s"], 2) if c["cpu_s"] else None,
+                "peak_rss_mb": c["peak_rss_mb"],
+                "child_wall_s": c["child_wall_s"],
+                "output_file_mb": round(dst.stat().st_size / MB, 1),
+                **scores,
+                "report": c["report"],
+            }
             dst.unlink()
             log(f"{_key(size)} MB {pass_}: {mb_per_s:.1f} MB/s, peak RSS {c['peak_rss_mb']:.0f} MB")
     finally:
@@ -633,21 +783,49 @@ def bench_size(size: float, folder: Path, seed: int, row_group_mb: float, params
     return per
 
 
-def run(sizes: list[float], validate_rows: int, workdir: Path | None = None, seed: int = 1337, row_group_mb: float = 16,
-        params_path: Path = ROOT / "params.yaml", log=lambda line: None) -> dict:  # fmt: skip
-    """The whole benchmark; see the module docstring. With `workdir`, corpora stay there and are reused by later runs."""
+def run(
+    sizes: list[float],
+    validate_rows: int,
+    workdir: Path | None = None,
+    seed: int = 1337,
+    row_group_mb: float = 16,
+    params_path: Path = ROOT / "params.yaml",
+    log=lambda line: None,
+) -> dict:
+    """The whole benchmark; see the module docstring. With `workdir`, corpora stay there and are reused
+    by later runs."""
     load_params(params_path)  # a bad params file fails before any corpus is generated
     folder = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="lmforge-data-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        runs = {_key(s): bench_size(s, folder, seed, row_group_mb, params_path, workdir is not None, log) for s in sizes}
+        runs = {
+            _key(s): bench_size(s, folder, seed, row_group_mb, params_path, workdir is not None, log) for s in sizes
+        }
         validation = None
         if validate_rows:
-            v = run_child(["validate", "--rows", str(validate_rows), "--folder", str(folder / "validate"), "--params", str(params_path),
-                           "--seed", str(seed)], folder)  # fmt: skip
+            v = run_child(
+                [
+                    "validate",
+                    "--rows",
+                    str(validate_rows),
+                    "--folder",
+                    str(folder / "validate"),
+                    "--params",
+                    str(params_path),
+                    "--seed",
+                    str(seed),
+                ],
+                folder,
+            )
             shutil.rmtree(folder / "validate", ignore_errors=True)
-            validation = {"rows": v["rows"], "seconds": round(v["seconds"], 2), "rows_per_s": round(v["rows"] / v["seconds"], 1),
-                          "peak_rss_mb": v["peak_rss_mb"], "success": v["summary"].get("success"), "summary": v["summary"]}  # fmt: skip
+            validation = {
+                "rows": v["rows"],
+                "seconds": round(v["seconds"], 2),
+                "rows_per_s": round(v["rows"] / v["seconds"], 1),
+                "peak_rss_mb": v["peak_rss_mb"],
+                "success": v["summary"].get("success"),
+                "summary": v["summary"],
+            }
             log(f"validate: {validation['rows_per_s']:,.0f} rows/s")
     finally:
         if not workdir:
@@ -686,31 +864,66 @@ def _fmt(v, digits: int = 1) -> str:
 
 def table(r: dict) -> list[str]:
     """The report: one row per size and pass, the validation line, the targets."""
-    head = ["size MB", "docs", "pass", "seconds", "MB/s", "MB/s/core", "MB/CPU-s", "peak RSS MB", "removed",
-            "exact 1-of-2", "near 1-of-2", "near FP", "PII recall", "PII FP docs"]  # fmt: skip
+    head = [
+        "size MB",
+        "docs",
+        "pass",
+        "seconds",
+        "MB/s",
+        "MB/s/core",
+        "MB/CPU-s",
+        "peak RSS MB",
+        "removed",
+        "exact 1-of-2",
+        "near 1-of-2",
+        "near FP",
+        "PII recall",
+        "PII FP docs",
+    ]
     rows = []
     for k, run in r["runs"].items():
         for p in PASSES:
             x = run[p]
-            rows.append([k, _fmt(run["corpus"]["docs"]), p, _fmt(x["seconds"], 2), _fmt(x["mb_per_s"]), _fmt(x["mb_per_s_per_core"]),
-                         _fmt(x["mb_per_cpu_s"]), _fmt(x["peak_rss_mb"], 0), _fmt(run["corpus"]["docs"] - x["docs_out"]),
-                         _fmt(x["exact_one_survives"], 3), _fmt(x["near_one_survives"], 3) if p == "near_dup" else "-",
-                         _fmt(x.get("near_false_positives")) if p == "near_dup" else "-", _fmt(x["pii_recall"], 3),
-                         _fmt(x["pii_false_positive_docs"])])  # fmt: skip
+            rows.append(
+                [
+                    k,
+                    _fmt(run["corpus"]["docs"]),
+                    p,
+                    _fmt(x["seconds"], 2),
+                    _fmt(x["mb_per_s"]),
+                    _fmt(x["mb_per_s_per_core"]),
+                    _fmt(x["mb_per_cpu_s"]),
+                    _fmt(x["peak_rss_mb"], 0),
+                    _fmt(run["corpus"]["docs"] - x["docs_out"]),
+                    _fmt(x["exact_one_survives"], 3),
+                    _fmt(x["near_one_survives"], 3) if p == "near_dup" else "-",
+                    _fmt(x.get("near_false_positives")) if p == "near_dup" else "-",
+                    _fmt(x["pii_recall"], 3),
+                    _fmt(x["pii_false_positive_docs"]),
+                ]
+            )
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     out = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
     out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     for k, run in r["runs"].items():
         c = run["corpus"]
-        out.append(f"{k} MB corpus: {c['docs']:,} docs, {c['text_mb']} MB text, {c['file_mb']} MB parquet; planted {c['exact_pairs']} exact and "
-                   f"{c['near_pairs']} near pairs (Jaccard min {c['near_jaccard_min']}, mean {c['near_jaccard_mean']}), "
-                   f"{c['pii_values']} PII values in {c['pii_docs']} docs")  # fmt: skip
+        out.append(
+            f"{k} MB corpus: {c['docs']:,} docs, {c['text_mb']} MB text, {c['file_mb']} MB parquet; "
+            f"planted {c['exact_pairs']} exact and "
+            f"{c['near_pairs']} near pairs (Jaccard min {c['near_jaccard_min']}, mean {c['near_jaccard_mean']}), "
+            f"{c['pii_values']} PII values in {c['pii_docs']} docs"
+        )
     v = r["validate"]
     if v:
-        out.append(f"validate: {v['rows']:,} labeled rows in {v['seconds']} s = {v['rows_per_s']:,.0f} rows/s "
-                   f"(peak RSS {v['peak_rss_mb']:.0f} MB, contract {'passed' if v['success'] else 'FAILED'})")  # fmt: skip
+        out.append(
+            f"validate: {v['rows']:,} labeled rows in {v['seconds']} s = {v['rows_per_s']:,.0f} rows/s "
+            f"(peak RSS {v['peak_rss_mb']:.0f} MB, contract {'passed' if v['success'] else 'FAILED'})"
+        )
     m = r["machine"]
-    out.append(f"machine: {m['cpu']}, {m['cores']} usable cores (os.cpu_count() {m['cpu_count']}), {m['memory_gb']} GB; per core = MB/s / {m['cores']}")
+    out.append(
+        f"machine: {m['cpu']}, {m['cores']} usable cores (os.cpu_count() {m['cpu_count']}), {m['memory_gb']} GB; "
+        f"per core = MB/s / {m['cores']}"
+    )
     out.append("")
     w = max(len(t["what"]) for t in r["targets"].values())
     out.append(f"{'target'.ljust(w)}  {'value':>9}  result")
@@ -734,7 +947,9 @@ def _sizes(text: str) -> list[float]:
     try:
         sizes = [float(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--sizes {text!r}: give MB as comma-separated numbers, e.g. 250,1024") from None
+        raise argparse.ArgumentTypeError(
+            f"--sizes {text!r}: give MB as comma-separated numbers, e.g. 250,1024"
+        ) from None
     if not sizes or min(sizes) <= 0:
         raise argparse.ArgumentTypeError(f"--sizes {text!r}: every size must be > 0")
     return sizes
@@ -742,12 +957,26 @@ def _sizes(text: str) -> list[float]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=_sizes, default=[250.0, 1024.0], help="corpus sizes in MB of text (2^20 bytes), comma-separated (default 250,1024)")
+    ap.add_argument(
+        "--sizes",
+        type=_sizes,
+        default=[250.0, 1024.0],
+        help="corpus sizes in MB of text (2^20 bytes), comma-separated (default 250,1024)",
+    )
     ap.add_argument("--validate-rows", type=int, default=1_000_000, help="labeled rows to validate (0: skip)")
-    ap.add_argument("--workdir", type=Path, default=None, help="keep (and reuse) corpora here instead of a temporary folder")
+    ap.add_argument(
+        "--workdir", type=Path, default=None, help="keep (and reuse) corpora here instead of a temporary folder"
+    )
     ap.add_argument("--seed", type=int, default=1337)
-    ap.add_argument("--row-group-mb", type=float, default=16, help="MB of text per parquet row group of the generated corpora")
-    ap.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="params.yaml whose clean / validate sections configure the passes")
+    ap.add_argument(
+        "--row-group-mb", type=float, default=16, help="MB of text per parquet row group of the generated corpora"
+    )
+    ap.add_argument(
+        "--params",
+        type=Path,
+        default=ROOT / "params.yaml",
+        help="params.yaml whose clean / validate sections configure the passes",
+    )
     ap.add_argument("--child", choices=["clean", "validate"], help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     ap.add_argument("--src", help=argparse.SUPPRESS)
@@ -763,8 +992,15 @@ def main(argv: list[str] | None = None) -> None:
     if not args.params.is_file():
         raise SystemExit(f"data_throughput: {args.params}: no such params file")
     try:
-        r = run(args.sizes, args.validate_rows, args.workdir, args.seed, args.row_group_mb, args.params,
-                log=lambda line: print(f"{time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True))  # fmt: skip
+        r = run(
+            args.sizes,
+            args.validate_rows,
+            args.workdir,
+            args.seed,
+            args.row_group_mb,
+            args.params,
+            log=lambda line: print(f"{time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True),
+        )
     except RuntimeError as e:
         raise SystemExit(f"data_throughput: {e}") from None
     print("\n".join(table(r)))

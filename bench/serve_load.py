@@ -63,13 +63,33 @@ Call = Callable[[str], Awaitable[str | None]]
 
 def snippets(n: int = 256) -> list[str]:
     """A deterministic set of short Python snippets (used when there is no test split)."""
-    modules = ["os", "json", "asyncio", "email", "http.client", "urllib.request", "xml.etree.ElementTree", "unittest", "tkinter", "importlib"]
+    modules = [
+        "os",
+        "json",
+        "asyncio",
+        "email",
+        "http.client",
+        "urllib.request",
+        "xml.etree.ElementTree",
+        "unittest",
+        "tkinter",
+        "importlib",
+    ]
     bodies = [
         "def {f}(path):\n    import {m}\n    return {m}.__name__ + str(path)",
-        "class {F}:\n    def __init__(self, value):\n        self.value = value\n\n    def {f}(self):\n        return repr(self.value)",
-        "import {m}\n\n\ndef {f}(items):\n    result = []\n    for item in items:\n        result.append(item * 2)\n    return result",
+        (
+            "class {F}:\n    def __init__(self, value):\n        self.value = value\n\n"
+            "    def {f}(self):\n        return repr(self.value)"
+        ),
+        (
+            "import {m}\n\n\ndef {f}(items):\n    result = []\n"
+            "    for item in items:\n        result.append(item * 2)\n    return result"
+        ),
         "async def {f}(loop):\n    await loop.sleep(0)\n    return {{'module': '{m}'}}",
-        "def test_{f}(self):\n    self.assertEqual({f}(1), 2)\n    with self.assertRaises(ValueError):\n        {f}(None)",
+        (
+            "def test_{f}(self):\n    self.assertEqual({f}(1), 2)\n"
+            "    with self.assertRaises(ValueError):\n        {f}(None)"
+        ),
     ]
     names = ["read", "parse", "run", "close", "fetch", "send", "load", "render"]
     out = []
@@ -89,7 +109,11 @@ def load_texts(params_file: str, limit: int) -> tuple[list[str], str]:
     try:
         path = load_params(params_file).paths.clean_labeled
         data = read_parquet(path, ["text", "split"])
-        texts = [t for t in data.loc[data["split"] == "test", "text"].tolist() if t.strip() and len(t) <= LIMITS.max_text_chars]
+        texts = [
+            t
+            for t in data.loc[data["split"] == "test", "text"].tolist()
+            if t.strip() and len(t) <= LIMITS.max_text_chars
+        ]
         source = f"{path}, test split"
     except UserError as e:
         print(f"no test split ({e}); using generated code snippets", file=sys.stderr)
@@ -108,13 +132,22 @@ def inproc(uri: str, texts: list[str], batches: tuple[int, ...], seconds: float)
     model = open_model(uri, to_store=False)
     out = {}
     for b in batches:
-        chunks = [texts[i : i + b] for i in range(0, len(texts), b)] if len(texts) >= b else [(texts * (b // len(texts) + 1))[:b]]
+        chunks = (
+            [texts[i : i + b] for i in range(0, len(texts), b)]
+            if len(texts) >= b
+            else [(texts * (b // len(texts) + 1))[:b]]
+        )
         classify(model, chunks[0])  # warm-up
         done, i, t0 = 0, 0, time.perf_counter()
         while (elapsed := time.perf_counter() - t0) < seconds or done == 0:
             classify(model, chunks[i % len(chunks)])
             done, i = done + len(chunks[i % len(chunks)]), i + 1
-        out[str(b)] = {"rps": round(done / elapsed, 1), "texts": done, "seconds": round(elapsed, 2), "threads": torch.get_num_threads()}
+        out[str(b)] = {
+            "rps": round(done / elapsed, 1),
+            "texts": done,
+            "seconds": round(elapsed, 2),
+            "threads": torch.get_num_threads(),
+        }
     return out, model.model_version
 
 
@@ -132,7 +165,9 @@ def tail(log: Path, chars: int = 3000) -> str:
 
 
 @contextmanager
-def server(cmd: list[str], env: dict, log: Path, ready: Callable[[], bool], timeout: float) -> Iterator[subprocess.Popen]:
+def server(
+    cmd: list[str], env: dict, log: Path, ready: Callable[[], bool], timeout: float
+) -> Iterator[subprocess.Popen]:
     """`cmd` in a process group of its own, yielded once `ready()` is true; the group is always stopped."""
     with log.open("w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
@@ -140,9 +175,13 @@ def server(cmd: list[str], env: dict, log: Path, ready: Callable[[], bool], time
         deadline = time.monotonic() + timeout
         while not ready():
             if proc.poll() is not None:
-                raise SystemExit(f"bench/serve_load.py: `{' '.join(cmd)}` exited with {proc.returncode}; log tail:\n{tail(log)}")
+                raise SystemExit(
+                    f"bench/serve_load.py: `{' '.join(cmd)}` exited with {proc.returncode}; log tail:\n{tail(log)}"
+                )
             if time.monotonic() > deadline:
-                raise SystemExit(f"bench/serve_load.py: `{' '.join(cmd)}` not ready after {timeout:.0f} s; log tail:\n{tail(log)}")
+                raise SystemExit(
+                    f"bench/serve_load.py: `{' '.join(cmd)}` not ready after {timeout:.0f} s; log tail:\n{tail(log)}"
+                )
             time.sleep(0.5)
         yield proc
     finally:
@@ -210,7 +249,14 @@ def percentile(values: list[float], q: float) -> float | None:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-def summarize(latencies_s: list[float], errors: list[str], wall_s: float, client_cpu_s: float, server_cpu_s: float | None = None, batch: tuple[float, float] | None = None) -> dict:
+def summarize(
+    latencies_s: list[float],
+    errors: list[str],
+    wall_s: float,
+    client_cpu_s: float,
+    server_cpu_s: float | None = None,
+    batch: tuple[float, float] | None = None,
+) -> dict:
     """One level's numbers: successful requests per second, latency percentiles in ms, errors, CPU shares."""
     p50, p99 = percentile(latencies_s, 50), percentile(latencies_s, 99)
     out = {
@@ -230,7 +276,9 @@ def summarize(latencies_s: list[float], errors: list[str], wall_s: float, client
     return out
 
 
-async def closed_loop(call: Call, texts: list[str], concurrency: int, seconds: float) -> tuple[list[float], list[str], float]:
+async def closed_loop(
+    call: Call, texts: list[str], concurrency: int, seconds: float
+) -> tuple[list[float], list[str], float]:
     """`concurrency` clients, each sending one text, waiting for the answer, sending the next, until `seconds`
     have passed (requests in flight then are finished and counted). Returns the latencies of the good
     answers, the errors, and the wall time from the first request to the last answer."""
@@ -262,7 +310,15 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-async def run_level(call: Call, texts: list[str], concurrency: int, seconds: float, warmup: float, proc: subprocess.Popen, base: str | None) -> dict:
+async def run_level(
+    call: Call,
+    texts: list[str],
+    concurrency: int,
+    seconds: float,
+    warmup: float,
+    proc: subprocess.Popen,
+    base: str | None,
+) -> dict:
     """Warm up, then one measured closed-loop run, with the client's and the server's CPU time around it."""
     await closed_loop(call, texts, concurrency, warmup)
     before = batch_metric(base) if base else None
@@ -283,14 +339,24 @@ def check_reply(body: bytes, status: int) -> str | None:
     return None
 
 
-async def http_levels(base: str, texts: list[str], levels: tuple[int, ...], seconds: float, warmup: float, proc: subprocess.Popen, client: str) -> dict:
+async def http_levels(
+    base: str,
+    texts: list[str],
+    levels: tuple[int, ...],
+    seconds: float,
+    warmup: float,
+    proc: subprocess.Popen,
+    client: str,
+) -> dict:
     """Every concurrency level against POST /classify, with a connection pool of at least the level."""
     url, out = f"{base}/classify", {}
     for c in levels:
         if client == "aiohttp":
             import aiohttp
 
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=c), timeout=aiohttp.ClientTimeout(total=120)) as session:
+            async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=c), timeout=aiohttp.ClientTimeout(total=120)
+            ) as session:
 
                 async def call(text: str) -> str | None:
                     async with session.post(url, json={"texts": [text]}) as r:
@@ -339,7 +405,9 @@ def grpc_ready(target: str) -> bool:
             from deploy import lmforge_pb2, lmforge_pb2_grpc
 
             try:
-                lmforge_pb2_grpc.InferenceStub(channel).Classify(lmforge_pb2.ClassifyRequest(texts=["import os"]), timeout=5)
+                lmforge_pb2_grpc.InferenceStub(channel).Classify(
+                    lmforge_pb2.ClassifyRequest(texts=["import os"]), timeout=5
+                )
                 return True
             except grpc.RpcError:
                 return False
@@ -347,7 +415,9 @@ def grpc_ready(target: str) -> bool:
             return False
 
 
-async def grpc_levels(target: str, texts: list[str], levels: tuple[int, ...], seconds: float, warmup: float, proc: subprocess.Popen) -> dict:
+async def grpc_levels(
+    target: str, texts: list[str], levels: tuple[int, ...], seconds: float, warmup: float, proc: subprocess.Popen
+) -> dict:
     """Every concurrency level against lmforge.v1.Inference/Classify over one grpc.aio channel."""
     import grpc
 
@@ -379,10 +449,27 @@ def table(result: dict) -> str:
     def cell(v, width: int) -> str:
         return f"{'-' if v is None else v:>{width}}"
 
-    cols = [("rps", 9), ("p50_ms", 9), ("p99_ms", 9), ("errors", 7), ("requests", 9), ("client_cpu_pct", 15), ("server_cpu_pct", 15), ("mean_batch", 11)]
+    cols = [
+        ("rps", 9),
+        ("p50_ms", 9),
+        ("p99_ms", 9),
+        ("errors", 7),
+        ("requests", 9),
+        ("client_cpu_pct", 15),
+        ("server_cpu_pct", 15),
+        ("mean_batch", 11),
+    ]
     lines = [f"{'what':<16}" + "".join(f"{c:>{w}}" for c, w in cols)]
     for b, m in result.get("inproc", {}).items():
-        lines.append(f"{'in-process b=' + b:<16}" + cell(m["rps"], 9) + cell(None, 9) * 2 + cell(0, 7) + cell(m["texts"], 9) + cell(None, 15) * 3 + cell(int(b), 11))
+        lines.append(
+            f"{'in-process b=' + b:<16}"
+            + cell(m["rps"], 9)
+            + cell(None, 9) * 2
+            + cell(0, 7)
+            + cell(m["texts"], 9)
+            + cell(None, 15) * 3
+            + cell(int(b), 11)
+        )
     for proto, key in (("http", "concurrency"), ("grpc", "grpc")):
         levels = result.get(key) or {}
         if "skipped" in levels:
@@ -392,8 +479,13 @@ def table(result: dict) -> str:
             lines.append(f"{proto + ' c=' + c:<16}" + "".join(cell(m.get(col), w) for col, w in cols))
     ratio = result.get("ratio_http32_vs_inproc")
     verdict = "" if ratio is None else f"  ({'met' if ratio >= result['target_ratio'] else 'MISSED'})"
-    lines.append(f"\nhttp c=32 / in-process: {ratio if ratio is not None else '-'} (target >= {result['target_ratio']}){verdict}")
-    for level, m in {**result.get("concurrency", {}), **{f"grpc {k}": v for k, v in (result.get("grpc") or {}).items() if k != "skipped"}}.items():
+    lines.append(
+        f"\nhttp c=32 / in-process: {ratio if ratio is not None else '-'} (target >= {result['target_ratio']}){verdict}"
+    )
+    for level, m in {
+        **result.get("concurrency", {}),
+        **{f"grpc {k}": v for k, v in (result.get("grpc") or {}).items() if k != "skipped"},
+    }.items():
         if isinstance(m, dict) and m.get("first_error"):
             lines.append(f"first error at {level}: {m['first_error']}")
     return "\n".join(lines)
@@ -413,16 +505,36 @@ def parse_levels(s: str) -> tuple[int, ...]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="bundle folder or MLflow model URI (default: LMFORGE_MODEL_URI, else the registry's @champion)")
-    ap.add_argument("--seconds", type=float, default=30, help="measured seconds per level and per in-process batch size")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="bundle folder or MLflow model URI (default: LMFORGE_MODEL_URI, else the registry's @champion)",
+    )
+    ap.add_argument(
+        "--seconds", type=float, default=30, help="measured seconds per level and per in-process batch size"
+    )
     ap.add_argument("--quick", action="store_true", help="3 s per level, 1 s warm-up: a smoke run")
     ap.add_argument("--warmup", type=float, default=3, help="unmeasured seconds of the same load before each level")
     ap.add_argument("--levels", type=parse_levels, default=LEVELS, help="REST concurrency levels, comma-separated")
-    ap.add_argument("--grpc-levels", type=parse_levels, default=GRPC_LEVELS, help="gRPC concurrency levels ('' for none)")
+    ap.add_argument(
+        "--grpc-levels", type=parse_levels, default=GRPC_LEVELS, help="gRPC concurrency levels ('' for none)"
+    )
     ap.add_argument("--inproc-batches", type=parse_levels, default=INPROC_BATCHES, help="in-process batch sizes")
-    ap.add_argument("--batch-max-latency-ms", type=int, default=None, help="LMFORGE_BATCH_MAX_LATENCY_MS for the servers (default: theirs)")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="LMFORGE_WORKERS for bentoml serve (default: one per CPU)")
-    ap.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp", help="HTTP client library of the load generator")
+    ap.add_argument(
+        "--batch-max-latency-ms",
+        type=int,
+        default=None,
+        help="LMFORGE_BATCH_MAX_LATENCY_MS for the servers (default: theirs)",
+    )
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="LMFORGE_WORKERS for bentoml serve (default: one per CPU)",
+    )
+    ap.add_argument(
+        "--client", choices=["aiohttp", "httpx"], default="aiohttp", help="HTTP client library of the load generator"
+    )
     ap.add_argument("--texts", type=int, default=0, help="use only the first N inputs (0: all)")
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--ready-timeout", type=float, default=180, help="seconds a server may take to become ready")
@@ -442,7 +554,11 @@ def main() -> None:
     try:
         uri = args.model or default_model_uri()
         texts, source = load_texts(args.params, args.texts)
-        print(f"model {uri}; {len(texts)} inputs from {source}; in process: batches of {', '.join(map(str, args.inproc_batches))} ...", file=sys.stderr)
+        print(
+            f"model {uri}; {len(texts)} inputs from {source}; "
+            f"in process: batches of {', '.join(map(str, args.inproc_batches))} ...",
+            file=sys.stderr,
+        )
         inproc_results, version = inproc(uri, texts, args.inproc_batches, args.seconds)
     except ModelUnavailable as e:
         sys.exit(f"bench/serve_load.py: {e}")
@@ -463,15 +579,27 @@ def main() -> None:
         with server(cmd, env, Path(tmp) / "bentoml.log", lambda: http_ok(f"{base}/readyz"), args.ready_timeout) as proc:
             import urllib.request
 
-            req = urllib.request.Request(f"{base}/classify", data=json.dumps({"texts": [texts[0]]}).encode(), headers={"Content-Type": "application/json"})
+            req = urllib.request.Request(
+                f"{base}/classify",
+                data=json.dumps({"texts": [texts[0]]}).encode(),
+                headers={"Content-Type": "application/json"},
+            )
             try:
                 with urllib.request.urlopen(req, timeout=60) as r:
                     served_version = json.loads(r.read())[0]["model_version"]
             except OSError as e:
-                sys.exit(f"bench/serve_load.py: the first POST /classify failed ({e}); log tail:\n{tail(Path(tmp) / 'bentoml.log')}")
-            result["concurrency"] = asyncio.run(http_levels(base, texts, args.levels, args.seconds, args.warmup, proc, args.client))
+                sys.exit(
+                    f"bench/serve_load.py: the first POST /classify failed ({e}); "
+                    f"log tail:\n{tail(Path(tmp) / 'bentoml.log')}"
+                )
+            result["concurrency"] = asyncio.run(
+                http_levels(base, texts, args.levels, args.seconds, args.warmup, proc, args.client)
+            )
             if proc.poll() is not None:
-                sys.exit(f"bench/serve_load.py: the BentoML server died during the run; log tail:\n{tail(Path(tmp) / 'bentoml.log')}")
+                sys.exit(
+                    "bench/serve_load.py: the BentoML server died during the run; "
+                    f"log tail:\n{tail(Path(tmp) / 'bentoml.log')}"
+                )
 
         mods = grpc_modules() if args.grpc_levels else "no --grpc-levels"
         if isinstance(mods, str):
@@ -482,9 +610,14 @@ def main() -> None:
             cmd = [sys.executable, "-m", "deploy.grpc_server", "--host", "127.0.0.1", "--port", str(port)]
             print(f"starting {' '.join(cmd[1:])} ...", file=sys.stderr)
             with server(cmd, env, Path(tmp) / "grpc.log", lambda: grpc_ready(target), args.ready_timeout) as proc:
-                result["grpc"] = asyncio.run(grpc_levels(target, texts, args.grpc_levels, args.seconds, args.warmup, proc))
+                result["grpc"] = asyncio.run(
+                    grpc_levels(target, texts, args.grpc_levels, args.seconds, args.warmup, proc)
+                )
                 if proc.poll() is not None:
-                    sys.exit(f"bench/serve_load.py: the gRPC server died during the run; log tail:\n{tail(Path(tmp) / 'grpc.log')}")
+                    sys.exit(
+                        "bench/serve_load.py: the gRPC server died during the run; "
+                        f"log tail:\n{tail(Path(tmp) / 'grpc.log')}"
+                    )
 
     if served_version != version:
         print(f"warning: the server answered as {served_version}, the in-process model is {version}", file=sys.stderr)
@@ -493,7 +626,10 @@ def main() -> None:
         {
             "ratio_http32_vs_inproc": ratio(result),
             "target_ratio": TARGET_RATIO,
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads in process), load {load1:.2f} at start",
+            "machine": (
+                f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+                f"({torch.get_num_threads()} threads in process), load {load1:.2f} at start"
+            ),
             "model_version": version,
             "model": uri,
             "inputs": f"{len(texts)} texts from {source}",
@@ -503,7 +639,10 @@ def main() -> None:
             "workers": args.workers,
         }
     )
-    print(f"{result['inputs']}; model {uri} ({version}); {result['machine']}; {args.seconds:g} s per level, {args.warmup:g} s warm-up")
+    print(
+        f"{result['inputs']}; model {uri} ({version}); {result['machine']}; "
+        f"{args.seconds:g} s per level, {args.warmup:g} s warm-up"
+    )
     print(table(result))
     print(json.dumps(result))
 

@@ -39,11 +39,26 @@ from tasks.shared.config.pretrain import PretrainConfig  # noqa: E402
 
 PRESETS = {
     # nanoGPT bench.py shrunk for a CPU: 4 x 128, block 64, batch 12, GPT-2 vocabulary, fp32, no compile.
-    "nanogpt-cpu": dict(model=dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=50304), batch=12, device="cpu", precision="fp32"),
+    "nanogpt-cpu": dict(
+        model=dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=50304),
+        batch=12,
+        device="cpu",
+        precision="fp32",
+    ),
     # The pipeline's CPU default (params.yaml: preset small, 4096-token BPE vocabulary, batch 16).
-    "cpu-default": dict(model=dict(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=4096), batch=16, device="cpu", precision="fp32"),
+    "cpu-default": dict(
+        model=dict(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=4096),
+        batch=16,
+        device="cpu",
+        precision="fp32",
+    ),
     # GPT-2 small as in nanoGPT bench.py: batch 16 x 1024 tokens, bf16 autocast.
-    "gpt2-124m": dict(model=dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304), batch=16, device="cuda", precision="bf16"),
+    "gpt2-124m": dict(
+        model=dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304),
+        batch=16,
+        device="cuda",
+        precision="bf16",
+    ),
 }
 
 
@@ -53,7 +68,9 @@ def measure(preset: str, compile: bool, steps: int, warmup: int, fused_loss: str
         torch.set_num_threads(threads)
     if p["device"] == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"preset {preset} needs a CUDA GPU")
-    cfg = PretrainConfig(device=p["device"], precision=p["precision"], compile=compile, lr=6e-4, min_lr=6e-5, fused_loss=fused_loss)
+    cfg = PretrainConfig(
+        device=p["device"], precision=p["precision"], compile=compile, lr=6e-4, min_lr=6e-5, fused_loss=fused_loss
+    )
     rt = engine.setup_runtime(cfg)
     torch.manual_seed(0)
     model_cfg = GPTConfig(**p["model"])
@@ -112,7 +129,9 @@ NANOGPT_FILES = ("bench.py", "model.py", "configurator.py")
 NANOGPT_WARMUP, NANOGPT_STEPS = 10, 20  # bench.py: `for stage, num_steps in enumerate([10, 20])`, only stage 1 is timed
 NANOGPT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 NANOGPT_TIMEOUT_S = 3600
-NANOGPT_TIME = re.compile(r"time per iteration:\s*([0-9.]+(?:[eE][-+]?\d+)?)\s*ms(?:,\s*MFU:\s*(-?[0-9.]+(?:[eE][-+]?\d+)?)\s*%)?")
+NANOGPT_TIME = re.compile(
+    r"time per iteration:\s*([0-9.]+(?:[eE][-+]?\d+)?)\s*ms(?:,\s*MFU:\s*(-?[0-9.]+(?:[eE][-+]?\d+)?)\s*%)?"
+)
 SHIM_TAG = "lmforge-shim: GPTConfig "
 
 SHIM = '''"""lmforge's shim for nanoGPT's bench.py: bench/train_throughput.py --compare-nanogpt writes it as
@@ -187,18 +206,30 @@ def nanogpt_checkout(path: str | Path) -> Path:
     return folder.resolve()
 
 
-def nanogpt_command(path: Path, preset: str, compile: bool, threads: int | None, python: str = sys.executable) -> tuple[list[str], dict[str, str]]:
-    """nanoGPT's bench.py command line (to run with cwd = `path`) and the environment variables `SHIM` reads, for `preset`.
+def nanogpt_command(
+    path: Path, preset: str, compile: bool, threads: int | None, python: str = sys.executable
+) -> tuple[list[str], dict[str, str]]:
+    """nanoGPT's bench.py command line (to run with cwd = `path`) and the environment variables `SHIM` reads,
+    for `preset`.
 
     bench.py takes batch_size / block_size / bias / real_data / device / dtype / compile / profile as `--key=value`;
     the shape (n_layer, n_head, n_embd, vocab_size) goes through LMFORGE_NANOGPT_SHAPE. bias=False and dropout 0
-    (bench.py's own) match our GPT; dtype is what bench.py autocasts to on CUDA (on CPU it runs fp32 whatever dtype says).
+    (bench.py's own) match our GPT; dtype is what bench.py autocasts to on CUDA (on CPU it runs fp32 whatever
+    dtype says).
     """
     p, m = PRESETS[preset], PRESETS[preset]["model"]
     argv = [
-        python, "bench.py", f"--batch_size={p['batch']}", f"--block_size={m['block_size']}", "--bias=False", "--real_data=False",
-        f"--device={p['device']}", f"--dtype={NANOGPT_DTYPES[p['precision']]}", f"--compile={bool(compile)}", "--profile=False",
-    ]  # fmt: skip
+        python,
+        "bench.py",
+        f"--batch_size={p['batch']}",
+        f"--block_size={m['block_size']}",
+        "--bias=False",
+        "--real_data=False",
+        f"--device={p['device']}",
+        f"--dtype={NANOGPT_DTYPES[p['precision']]}",
+        f"--compile={bool(compile)}",
+        "--profile=False",
+    ]
     env = {
         "LMFORGE_NANOGPT_MODEL": str(Path(path) / "model.py"),
         "LMFORGE_NANOGPT_SHAPE": json.dumps({k: m[k] for k in ("n_layer", "n_head", "n_embd", "vocab_size")}),
@@ -219,7 +250,9 @@ def parse_nanogpt_output(stdout: str) -> dict:
     `time per iteration: 123.4567ms, MFU: 1.23%` line, and the GPTConfig the shim printed (None without one)."""
     found = NANOGPT_TIME.findall(stdout)
     if not found:
-        raise NanoGPTError(f"could not find 'time per iteration: <ms>ms' in nanoGPT's output (last line: {_last_line(stdout)[:200]!r})")
+        raise NanoGPTError(
+            f"could not find 'time per iteration: <ms>ms' in nanoGPT's output (last line: {_last_line(stdout)[:200]!r})"
+        )
     ms, mfu = found[-1]
     config = None
     for line in stdout.splitlines():
@@ -228,8 +261,11 @@ def parse_nanogpt_output(stdout: str) -> dict:
     return {"ms_per_iter": float(ms), "mfu_a100": float(mfu) / 100 if mfu else None, "config": config}
 
 
-def run_nanogpt(path: Path, preset: str, compile: bool, threads: int | None, timeout: float = NANOGPT_TIMEOUT_S) -> dict:
-    """Run nanoGPT's bench.py from checkout `path` with `preset`'s shape: ms/iter over its 20 timed steps (after 10 burn-in), tokens/s."""
+def run_nanogpt(
+    path: Path, preset: str, compile: bool, threads: int | None, timeout: float = NANOGPT_TIMEOUT_S
+) -> dict:
+    """Run nanoGPT's bench.py from checkout `path` with `preset`'s shape: ms/iter over its 20 timed steps
+    (after 10 burn-in), tokens/s."""
     argv, extra = nanogpt_command(path, preset, compile, threads)
     with tempfile.TemporaryDirectory(prefix="lmforge-nanogpt-shim-") as shim_dir:
         (Path(shim_dir) / "sitecustomize.py").write_text(SHIM)
@@ -244,12 +280,20 @@ def run_nanogpt(path: Path, preset: str, compile: bool, threads: int | None, tim
         raise NanoGPTError(f"nanoGPT's bench.py in {path} failed (exit {proc.returncode}): {why[:300]}")
     out = parse_nanogpt_output(proc.stdout)
     p = PRESETS[preset]
-    want = {**{k: p["model"][k] for k in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")}, "bias": False, "dropout": 0}
+    want = {
+        **{k: p["model"][k] for k in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")},
+        "bias": False,
+        "dropout": 0,
+    }
     got = {k: (out["config"] or {}).get(k) for k in want}
     if got != want:
         raise NanoGPTError(f"nanoGPT's bench.py ran with GPTConfig {got}, not the preset's {want} (did the shim load?)")
     B, T = p["batch"], p["model"]["block_size"]
-    return {"ms_per_iter": out["ms_per_iter"], "tokens_per_s": B * T / (out["ms_per_iter"] / 1000), "mfu_a100": out["mfu_a100"]}
+    return {
+        "ms_per_iter": out["ms_per_iter"],
+        "tokens_per_s": B * T / (out["ms_per_iter"] / 1000),
+        "mfu_a100": out["mfu_a100"],
+    }
 
 
 def nanogpt_commit(path: Path) -> str | None:
@@ -257,13 +301,27 @@ def nanogpt_commit(path: Path) -> str | None:
     if not (Path(path) / ".git").exists():
         return None
     try:
-        return subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.CalledProcessError):
         return None
 
 
-def run(preset: str, compile: bool, steps: int, warmup: int, fused_loss: str, threads: int | None, repeat: int = 1,
-        nanogpt: str | Path | None = None, log=None) -> dict:  # fmt: skip
+def run(
+    preset: str,
+    compile: bool,
+    steps: int,
+    warmup: int,
+    fused_loss: str,
+    threads: int | None,
+    repeat: int = 1,
+    nanogpt: str | Path | None = None,
+    log=None,
+) -> dict:
     """`measure()` `repeat` times, alternating with nanoGPT's bench.py when `nanogpt` is a checkout; medians.
 
     The result is the last run's `measure()` dict with tokens_per_s / ms_per_iter / mfu replaced by medians, plus the
@@ -286,13 +344,22 @@ def run(preset: str, compile: bool, steps: int, warmup: int, fused_loss: str, th
             log(line)
     r = dict(ours[-1])
     med = {k: statistics.median(o[k] for o in ours) for k in ("tokens_per_s", "ms_per_iter")}
-    r.update(tokens_per_s=round(med["tokens_per_s"], 1), ms_per_iter=round(med["ms_per_iter"], 2), warmup=warmup, threads=torch.get_num_threads(), runs=repeat)
+    r.update(
+        tokens_per_s=round(med["tokens_per_s"], 1),
+        ms_per_iter=round(med["ms_per_iter"], 2),
+        warmup=warmup,
+        threads=torch.get_num_threads(),
+        runs=repeat,
+    )
     if r["mfu"] is not None:
         r["mfu"] = round(statistics.median(o["mfu"] for o in ours), 4)
     if repeat > 1:
         r["tokens_per_s_runs"] = [o["tokens_per_s"] for o in ours]
     if nanogpt is not None:
-        tps, ms = statistics.median(t["tokens_per_s"] for t in theirs), statistics.median(t["ms_per_iter"] for t in theirs)
+        tps, ms = (
+            statistics.median(t["tokens_per_s"] for t in theirs),
+            statistics.median(t["ms_per_iter"] for t in theirs),
+        )
         r.update(
             nanogpt_tokens_per_s=round(tps, 1),
             nanogpt_ms_per_iter=round(ms, 2),
@@ -318,25 +385,54 @@ def _cell(v) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="nanogpt-cpu")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model (nanoGPT's too with --compare-nanogpt)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on CPU, 50 on GPU; 20 with --compare-nanogpt)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 on CPU, 10 on GPU; 10 with --compare-nanogpt)")
-    ap.add_argument("--fused-loss", choices=["auto", "on", "off"], default="auto", help="chunked LM-head + cross-entropy")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU); with --compare-nanogpt, for both")
-    ap.add_argument("--compare-nanogpt", metavar="PATH", default=None, help="a local karpathy/nanoGPT checkout: run its bench.py with the same shape")
+    ap.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (nanoGPT's too with --compare-nanogpt)"
+    )
+    ap.add_argument(
+        "--steps", type=int, default=None, help="timed steps (default 20 on CPU, 50 on GPU; 20 with --compare-nanogpt)"
+    )
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed steps first (default 3 on CPU, 10 on GPU; 10 with --compare-nanogpt)",
+    )
+    ap.add_argument(
+        "--fused-loss", choices=["auto", "on", "off"], default="auto", help="chunked LM-head + cross-entropy"
+    )
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (CPU); with --compare-nanogpt, for both"
+    )
+    ap.add_argument(
+        "--compare-nanogpt",
+        metavar="PATH",
+        default=None,
+        help="a local karpathy/nanoGPT checkout: run its bench.py with the same shape",
+    )
     ap.add_argument("--repeat", type=int, default=1, help="runs, alternating ours and nanoGPT's; medians are reported")
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error("--repeat must be >= 1")
     gpu = PRESETS[args.preset]["device"] == "cuda"
-    if args.compare_nanogpt:  # nanoGPT's bench.py times 20 steps after 10 burn-in steps; ours does the same unless told otherwise
+    if (
+        args.compare_nanogpt
+    ):  # nanoGPT's bench.py times 20 steps after 10 burn-in steps; ours does the same unless told otherwise
         steps, warmup = args.steps or NANOGPT_STEPS, args.warmup if args.warmup is not None else NANOGPT_WARMUP
     else:
         steps = args.steps or (50 if gpu else 20)
         warmup = args.warmup if args.warmup is not None else ((15 if args.compile else 10) if gpu else 3)
     try:
-        r = run(args.preset, args.compile, steps, warmup, args.fused_loss, args.threads, args.repeat, args.compare_nanogpt,
-                log=lambda line: print(line, file=sys.stderr, flush=True))  # fmt: skip
+        r = run(
+            args.preset,
+            args.compile,
+            steps,
+            warmup,
+            args.fused_loss,
+            args.threads,
+            args.repeat,
+            args.compare_nanogpt,
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+        )
     except NanoGPTError as e:
         raise SystemExit(f"train_throughput: {e}") from None
     rows = [(k, _cell(v)) for k, v in r.items()]

@@ -4,7 +4,8 @@ how texts are classified and continued, so the two protocols cannot drift apart.
 
 Which model (first that applies):
 
-1. `LMFORGE_MODEL_URI`: a bundle folder or an MLflow model URI (`models:/<name>@<alias>`, `models:/<name>/<n>`, `runs:/...`);
+1. `LMFORGE_MODEL_URI`: a bundle folder or an MLflow model URI (`models:/<name>@<alias>`, `models:/<name>/<n>`,
+   `runs:/...`);
 2. inside a built Bento: the model the Bento carries (BentoML's model store of the Bento, no tracking store needed);
 3. the registry's `@champion` (MLFLOW_TRACKING_URI, else params.yaml's store).
 
@@ -145,7 +146,11 @@ class GenerationRequest:
 def check_generation(r: GenerationRequest, limits: Limits = LIMITS) -> GenerationRequest:
     def number(name: str, kind: type) -> None:
         v = getattr(r, name)
-        if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int) or (kind is float and not math.isfinite(v)):
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float) if kind is float else int)
+            or (kind is float and not math.isfinite(v))
+        ):
             raise InvalidInput(f"{name}: expected {'a number' if kind is float else 'an integer'}, got {v!r}")
 
     if not isinstance(r.prompt, str) or not r.prompt.strip():
@@ -171,7 +176,9 @@ def check_generation(r: GenerationRequest, limits: Limits = LIMITS) -> Generatio
             raise InvalidInput(f"stop[{i}]: must be a non-empty string of at most {limits.max_stop_chars} characters")
         if problem := unicode_problem(s):
             raise InvalidInput(f"stop[{i}]: {problem}")
-    if r.seed is not None and (isinstance(r.seed, bool) or not isinstance(r.seed, int) or not 0 <= r.seed <= limits.max_seed):
+    if r.seed is not None and (
+        isinstance(r.seed, bool) or not isinstance(r.seed, int) or not 0 <= r.seed <= limits.max_seed
+    ):
         raise InvalidInput(f"seed: {r.seed!r}, must be an integer 0..2^63-1")
     return r
 
@@ -203,7 +210,11 @@ class ServedModel:
     def metadata(self) -> dict:
         """Name, version, variant, lineage and test metrics of the served model (GET /metadata)."""
         tags = self.tags
-        data = {k.split(".", 3)[3]: v for k, v in tags.items() if k.startswith("dvc.") and k.count(".") >= 3 and ".outs." in k and not k.endswith(".py")}
+        data = {
+            k.split(".", 3)[3]: v
+            for k, v in tags.items()
+            if k.startswith("dvc.") and k.count(".") >= 3 and ".outs." in k and not k.endswith(".py")
+        }
         return {
             "registered_model": self.name,
             "version": self.version,
@@ -232,7 +243,11 @@ class ServedModel:
                 "mlflow_parent_run_id": tags.get("mlflow_parent_run_id") or None,
             },
             "gates": {k[len("gate.") :]: v for k, v in tags.items() if k.startswith("gate.")},
-            "metrics": {k[len("test_") :]: _number(v) for k, v in tags.items() if k.startswith("test_") and _number(v) is not None},
+            "metrics": {
+                k[len("test_") :]: _number(v)
+                for k, v in tags.items()
+                if k.startswith("test_") and _number(v) is not None
+            },
         }
 
 
@@ -294,7 +309,9 @@ def registered_version(uri: str, store: str):
     name, alias, version = m.groups()
     db = store.removeprefix("sqlite:///") if store.startswith("sqlite:///") else None
     if db is not None and not Path(db).exists():  # do not create an empty store just to look in it
-        raise ModelUnavailable(f"no registered model {name!r} in {store} (no MLflow store yet): run `make pipeline` first")
+        raise ModelUnavailable(
+            f"no registered model {name!r} in {store} (no MLflow store yet): run `make pipeline` first"
+        )
     client = MlflowClient(tracking_uri=store, registry_uri=store)
     try:
         client.get_registered_model(name)
@@ -305,7 +322,10 @@ def registered_version(uri: str, store: str):
     try:
         return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException as e:
-        if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):  # the store failed, not the lookup
+        if e.error_code not in (
+            "RESOURCE_DOES_NOT_EXIST",
+            "INVALID_PARAMETER_VALUE",
+        ):  # the store failed, not the lookup
             raise ModelUnavailable(f"{uri}: {_line(e)}") from None
         if alias:
             raise ModelUnavailable(f"{uri}: alias {alias} not set (no version passed the gates yet)") from None
@@ -346,7 +366,11 @@ def _download(uri: str, source: str, store: str, dst: Path) -> Path:
     import mlflow
 
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=store, registry_uri=store))
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=source, dst_path=str(dst), tracking_uri=store, registry_uri=store
+            )
+        )
     except (MlflowException, OSError) as e:
         raise ModelUnavailable(f"{uri}: {_line(e)} (MLflow store {store})") from None
     if not (local / BUNDLE_ARTIFACT).is_dir():
@@ -384,7 +408,15 @@ def _open(uri: str, to_store: bool) -> ServedModel:
         normalize = read_preprocess(local / BUNDLE_ARTIFACT)
     if mv is None:
         return ServedModel(bundle, uri=uri, source="mlflow", normalize=normalize)
-    return ServedModel(bundle, uri=uri, source="registry", name=mv.name, version=str(mv.version), tags=dict(mv.tags or {}), normalize=normalize)
+    return ServedModel(
+        bundle,
+        uri=uri,
+        source="registry",
+        name=mv.name,
+        version=str(mv.version),
+        tags=dict(mv.tags or {}),
+        normalize=normalize,
+    )
 
 
 # --- BentoML's model store -------------------------------------------------------------------------
@@ -416,18 +448,35 @@ def _from_store(uri: str, mv, store: str) -> ServedModel:
             served.source = "registry"
             return served
         if existing is not None:
-            bentoml.models.delete(tag)  # imported again below, so that `latest` (what `bentoml build` packs) is the served version
+            bentoml.models.delete(
+                tag
+            )  # imported again below, so that `latest` (what `bentoml build` packs) is the served version
         tags = dict(mv.tags or {})
         with tempfile.TemporaryDirectory(prefix="lmforge-") as tmp:
             local = _download(uri, _source(mv, store), store, Path(tmp))
-            bundle = _load_folder(local / BUNDLE_ARTIFACT, uri, local)  # loaded before it enters the store: a broken version never does
+            bundle = _load_folder(
+                local / BUNDLE_ARTIFACT, uri, local
+            )  # loaded before it enters the store: a broken version never does
             normalize = read_preprocess(local / BUNDLE_ARTIFACT)
             info = {"registered_model": mv.name, "version": str(mv.version), "model_uri": uri, "tags": tags}
-            labels = {"registered_model": mv.name, "registry_version": str(mv.version), "variant": tags.get("variant", "")}
+            labels = {
+                "registered_model": mv.name,
+                "registry_version": str(mv.version),
+                "variant": tags.get("variant", ""),
+            }
             with bentoml.models.create(tag, labels=labels, metadata={"model_uri": uri}) as bm:
                 shutil.copytree(local / BUNDLE_ARTIFACT, Path(bm.path) / "bundle")
                 (Path(bm.path) / INFO_FILE).write_text(json.dumps(info, indent=1))
-    return ServedModel(bundle, uri=uri, source="registry", name=mv.name, version=str(mv.version), tags=tags, bentoml_model=tag, normalize=normalize)
+    return ServedModel(
+        bundle,
+        uri=uri,
+        source="registry",
+        name=mv.name,
+        version=str(mv.version),
+        tags=tags,
+        bentoml_model=tag,
+        normalize=normalize,
+    )
 
 
 def _get_model(tag: str):
@@ -520,7 +569,10 @@ def classify(model: ServedModel, texts: list[str]) -> list[dict]:
     way the clean stage normalized the training texts (a text that would normalize to nothing stays as it is)."""
     if model.normalize is not None:
         texts = [normalize_text(t, **model.normalize) or t for t in texts]
-    return [{"label": p.label, "probabilities": p.probabilities, "model_version": model.model_version} for p in model.bundle.classify(texts)]
+    return [
+        {"label": p.label, "probabilities": p.probabilities, "model_version": model.model_version}
+        for p in model.bundle.classify(texts)
+    ]
 
 
 @dataclass
@@ -581,7 +633,9 @@ def _sample(lm, ids: list[int], req: GenerationRequest) -> Iterator[int]:
         if req.temperature <= 0:
             nxt = int(logits.argmax())
         else:
-            logits = (logits.double() - logits.max()) / req.temperature  # shifted, in float64: a tiny temperature gives -inf, never NaN
+            logits = (
+                logits.double() - logits.max()
+            ) / req.temperature  # shifted, in float64: a tiny temperature gives -inf, never NaN
             if req.top_k:
                 kth = torch.topk(logits, min(req.top_k, logits.numel())).values[-1]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -599,6 +653,6 @@ def describe(model: ServedModel) -> str:
     """One line: what is served (for `lmforge serve` and the logs)."""
     generate_ = "with /generate" if model.bundle.can_generate else "no /generate"
     version = f" ({model.model_version})" if model.version != "local" else ""
-    return f"{model.uri}{version}: {model.bundle.variant} classifier over {len(model.bundle.labels)} labels, {generate_}"
-
-
+    return (
+        f"{model.uri}{version}: {model.bundle.variant} classifier over {len(model.bundle.labels)} labels, {generate_}"
+    )

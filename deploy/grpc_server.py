@@ -57,7 +57,10 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 """`lmforge.v1.Inference`: the name health checks and reflection know the service by."""
 DEFAULT_PORT = 50051
 MAX_MESSAGE_BYTES = MAX_BODY_BYTES
-UNAUTHENTICATED = f"missing or wrong API key: send metadata `authorization: Bearer <key>` or `x-api-key: <key>` ({API_KEY_ENV} is set on the server)"
+UNAUTHENTICATED = (
+    "missing or wrong API key: send metadata `authorization: Bearer <key>` or `x-api-key: <key>` "
+    f"({API_KEY_ENV} is set on the server)"
+)
 OPEN_METHODS = (f"/{health.SERVICE_NAME}/", "/grpc.reflection.")
 """Method prefixes served without the API key: health checks and reflection (any version a client tries)."""
 
@@ -92,7 +95,11 @@ def generation_request(request: pb.GenerateRequest) -> GenerationRequest:
     Raises:
         InvalidInput: a field is outside the limits (the message names it).
     """
-    given = {name: getattr(request, name) for name in ("max_new_tokens", "temperature", "top_k", "top_p", "seed") if request.HasField(name)}
+    given = {
+        name: getattr(request, name)
+        for name in ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
+        if request.HasField(name)
+    }
     return GenerationRequest(prompt=request.prompt, stop=tuple(request.stop), **given)
 
 
@@ -124,11 +131,15 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         model, req = self._generating(request)
         out = generate(model, req)
-        return pb.GenerateResponse(text=out.text, finish_reason=out.finish_reason, tokens=out.tokens, model_version=model.model_version)
+        return pb.GenerateResponse(
+            text=out.text, finish_reason=out.finish_reason, tokens=out.tokens, model_version=model.model_version
+        )
 
     @_rpc
     def GenerateStream(self, request: pb.GenerateRequest, context) -> Iterator[pb.GenerateChunk]:
-        model, req = self._generating(request)  # checked before the first message, so a bad request gets its status at once
+        model, req = self._generating(
+            request
+        )  # checked before the first message, so a bad request gets its status at once
         return self._chunks(model, req, context)
 
     def _chunks(self, model: ServedModel, req: GenerationRequest, context) -> Iterator[pb.GenerateChunk]:
@@ -139,9 +150,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 piece = next(pieces)
             except StopIteration as done:
                 out = done.value
-                yield pb.GenerateChunk(finish_reason=out.finish_reason, tokens=out.tokens, model_version=model.model_version)
+                yield pb.GenerateChunk(
+                    finish_reason=out.finish_reason, tokens=out.tokens, model_version=model.model_version
+                )
                 return
-            except Exception as e:  # after the first message `_rpc` no longer applies: the same one line, the traceback in the log
+            except (
+                Exception
+            ) as e:  # after the first message `_rpc` no longer applies: the same one line, the traceback in the log
                 logger.exception("lmforge: GenerateStream failed")
                 context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {' '.join(str(e).split())}")
             yield pb.GenerateChunk(text=piece)
@@ -191,7 +206,9 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
             (True, False): grpc.stream_unary_rpc_method_handler,
             (True, True): grpc.stream_stream_rpc_method_handler,
         }[(handler.request_streaming, handler.response_streaming)]
-        return kind(refuse, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        return kind(
+            refuse, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
 
 
 def address(host: str, port: int) -> str:
@@ -224,7 +241,11 @@ def build_server(
         OSError: nothing can listen on `host:port` (taken, or no such address).
     """
     api_key = os.environ.get(API_KEY_ENV) if api_key is None else api_key
-    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)]
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.so_reuseport", 0),
+    ]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="lmforge-grpc"),
         interceptors=[ApiKeyInterceptor(api_key)] if api_key else None,
@@ -256,7 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 or :: for every interface)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0: any free port, printed at start-up)")
     parser.add_argument("--max-workers", type=int, default=8, help="calls served at once")
-    parser.add_argument("--grace", type=float, default=10.0, help="seconds calls in flight may take to finish on shutdown")
+    parser.add_argument(
+        "--grace", type=float, default=10.0, help="seconds calls in flight may take to finish on shutdown"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model, unavailable = None, None
@@ -269,7 +292,9 @@ def main(argv: list[str] | None = None) -> None:
         unavailable = f"{type(e).__name__}: {' '.join(str(e).split())}"
     checks = health.HealthServicer()
     try:
-        server, port = build_server(model, args.host, args.port, args.max_workers, unavailable=unavailable, checks=checks)
+        server, port = build_server(
+            model, args.host, args.port, args.max_workers, unavailable=unavailable, checks=checks
+        )
     except OSError as e:
         sys.exit(f"lmforge: error: {e}")
     stop = threading.Event()
@@ -280,7 +305,11 @@ def main(argv: list[str] | None = None) -> None:
     if model is not None:
         print(f"lmforge: gRPC on {where}: serving {describe(model)}", file=sys.stderr, flush=True)
     else:
-        print(f"lmforge: gRPC on {where}: no model to serve, answering UNAVAILABLE: {unavailable}", file=sys.stderr, flush=True)
+        print(
+            f"lmforge: gRPC on {where}: no model to serve, answering UNAVAILABLE: {unavailable}",
+            file=sys.stderr,
+            flush=True,
+        )
     stop.wait()
     checks.enter_graceful_shutdown()  # health checks say NOT_SERVING while calls in flight finish
     server.stop(args.grace).wait()

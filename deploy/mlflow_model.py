@@ -4,9 +4,10 @@
 returns one prediction (label + class probabilities) per text.
 """
 
-import mlflow
 from mlflow.pyfunc import PythonModel
 from pydantic import BaseModel
+
+import mlflow
 
 
 class Prediction(BaseModel):

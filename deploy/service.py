@@ -61,8 +61,14 @@ from deploy.core import generate as generate_text
 BATCH_SIZE_ENV, BATCH_LATENCY_ENV = "LMFORGE_BATCH_MAX_SIZE", "LMFORGE_BATCH_MAX_LATENCY_MS"
 WORKERS_ENV, ACCESS_LOG_ENV, TRACING_ENV = "LMFORGE_WORKERS", "LMFORGE_ACCESS_LOG", "LMFORGE_TRACING"
 EXAMPLE_INPUT = [
-    "def run_until_complete(self, future):\n    future = tasks.ensure_future(future, loop=self)\n    return future.result()",
-    "def get_content_type(self):\n    \"\"\"Return the message's content type.\"\"\"\n    return self.get('content-type', 'text/plain')",
+    (
+        "def run_until_complete(self, future):\n    future = tasks.ensure_future(future, loop=self)\n"
+        "    return future.result()"
+    ),
+    (
+        'def get_content_type(self):\n    """Return the message\'s content type."""\n'
+        "    return self.get('content-type', 'text/plain')"
+    ),
 ]
 EXAMPLE_PROMPT = "def read_config(path):\n    "
 PUBLIC = ("/healthz", "/livez", "/readyz", "/metrics", "/docs.json", "/")
@@ -107,7 +113,10 @@ def _unicode(s: str) -> str:
 Text = Annotated[str, Field(min_length=1, max_length=LIMITS.max_text_chars), AfterValidator(_nonblank)]
 Texts = Annotated[list[Text], Field(min_length=1, max_length=LIMITS.max_items)]
 Prompt = Annotated[str, Field(min_length=1, max_length=LIMITS.max_prompt_chars), AfterValidator(_nonblank)]
-Stop = Annotated[list[Annotated[str, Field(min_length=1, max_length=LIMITS.max_stop_chars), AfterValidator(_unicode)]], Field(max_length=LIMITS.max_stop)]
+Stop = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=LIMITS.max_stop_chars), AfterValidator(_unicode)]],
+    Field(max_length=LIMITS.max_stop),
+]
 MaxNewTokens = Annotated[int, Field(ge=1, le=LIMITS.max_new_tokens, strict=True)]
 Temperature = Annotated[float, Field(ge=0.0, le=LIMITS.max_temperature, allow_inf_nan=False)]
 TopK = Annotated[int, Field(ge=0, le=LIMITS.max_top_k, strict=True)]
@@ -175,16 +184,32 @@ class Gatekeeper:
         if key and path not in PUBLIC and not path.startswith("/static_content"):
             given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
             if not given or not hmac.compare_digest(given.encode(), key.encode()):
-                return 401, f"missing or wrong API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>` ({API_KEY_ENV} is set on the server)"
+                return (
+                    401,
+                    (
+                        "missing or wrong API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>` "
+                        f"({API_KEY_ENV} is set on the server)"
+                    ),
+                )
         if method == "POST" and path in JSON_ROUTES:
             ctype = headers.get("content-type", "application/json").split(";")[0].strip().lower()
             if ctype != "application/json" and not ctype.endswith("+json"):
-                return 415, f"{path}: Content-Type {ctype!r} is not supported; send a JSON body with Content-Type: application/json"
+                return (
+                    415,
+                    (
+                        f"{path}: Content-Type {ctype!r} is not supported; "
+                        "send a JSON body with Content-Type: application/json"
+                    ),
+                )
             size = headers.get("content-length", "0")
             if size.isdigit() and int(size) > MAX_BODY_BYTES:
                 return 413, f"{path}: body of {int(size)} bytes is over the limit of {MAX_BODY_BYTES} bytes"
         service = _state["service"]
-        if service is not None and service.unavailable is not None and path in ("/classify", "/generate", "/generate_stream", "/metadata"):
+        if (
+            service is not None
+            and service.unavailable is not None
+            and path in ("/classify", "/generate", "/generate_stream", "/metadata")
+        ):
             return 503, f"model unavailable: {service.unavailable}"
         return None
 
@@ -193,7 +218,11 @@ class _OneLineBadRequests(logging.Filter):
     """BentoML logs a traceback for every request that fails validation; a 400 is the client's error, so one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[0] is not None and record.exc_info[0].__name__ in ("ValidationError", "InvalidArgument", "BadInput"):
+        if (
+            record.exc_info
+            and record.exc_info[0] is not None
+            and record.exc_info[0].__name__ in ("ValidationError", "InvalidArgument", "BadInput")
+        ):
             record.msg, record.args = f"{record.getMessage()}: {' '.join(str(record.exc_info[1]).split())[:300]}", ()
             record.exc_info, record.levelno, record.levelname = None, logging.WARNING, "WARNING"
         return True
@@ -208,7 +237,12 @@ http = FastAPI()
     name="lmforge",
     traffic={"timeout": 60},
     workers=_env_int(WORKERS_ENV, 1, 1),
-    logging={"access": {"enabled": os.environ.get(ACCESS_LOG_ENV, "1") != "0", "skip_paths": ["/metrics", "/healthz", "/livez", "/readyz"]}},
+    logging={
+        "access": {
+            "enabled": os.environ.get(ACCESS_LOG_ENV, "1") != "0",
+            "skip_paths": ["/metrics", "/healthz", "/livez", "/readyz"],
+        }
+    },
     # OpenTelemetry spans cost a tenth of the worker's CPU per request even unsampled: only with LMFORGE_TRACING=1
     # (and an exporter in BentoML's configuration)
     tracing={} if os.environ.get(TRACING_ENV) == "1" else {"excluded_urls": ".*"},
@@ -221,7 +255,9 @@ class LMForge:
         self._reload = threading.Lock()
         _state["service"] = self
         workers = _env_int(WORKERS_ENV, 1, 1)
-        if workers > 1:  # one share of the cores per worker process: oversubscribed OpenMP threads spin against each other
+        if (
+            workers > 1
+        ):  # one share of the cores per worker process: oversubscribed OpenMP threads spin against each other
             import torch
 
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
@@ -249,7 +285,8 @@ class LMForge:
         max_latency_ms=_env_int(BATCH_LATENCY_ENV, 10_000, 10),
     )
     def classify(self, texts: Annotated[Texts, Field(examples=[EXAMPLE_INPUT])]) -> list[Classification]:
-        """Label each text with the stdlib package it most likely comes from, with class probabilities and the model version."""
+        """Label each text with the stdlib package it most likely comes from, with class probabilities
+        and the model version."""
         model = self.model  # one model for the whole batch, even if /reload swaps it meanwhile
         return [Classification(**p) for p in classify(model, texts)]
 
@@ -262,13 +299,20 @@ class LMForge:
 
     @bentoml.api(input_spec=GenerateInput)
     def generate(self, **params) -> Generation:
-        """Continue `prompt` with the pretrained language model; ends at max_new_tokens, a stop string or the model's end of text."""
+        """Continue `prompt` with the pretrained language model; ends at max_new_tokens, a stop string
+        or the model's end of text."""
         model = self.model
         req = self._request(params)
         if isinstance(req, JSONResponse):
             return req
         out = generate_text(model, req)
-        return Generation(prompt=req.prompt, text=out.text, finish_reason=out.finish_reason, tokens=out.tokens, model_version=model.model_version)
+        return Generation(
+            prompt=req.prompt,
+            text=out.text,
+            finish_reason=out.finish_reason,
+            tokens=out.tokens,
+            model_version=model.model_version,
+        )
 
     @bentoml.api(route="/generate_stream", input_spec=GenerateInput)
     def generate_stream(self, **params) -> Generator[str, None, None]:
@@ -280,9 +324,13 @@ class LMForge:
 
     @bentoml.api(route="/reload")
     def reload(self) -> dict:
-        """Load the registry's current @champion (or LMFORGE_MODEL_URI) in this worker; needs LMFORGE_API_KEY on the server."""
+        """Load the registry's current @champion (or LMFORGE_MODEL_URI) in this worker; needs LMFORGE_API_KEY
+        on the server."""
         if not os.environ.get(API_KEY_ENV):
-            return JSONResponse({"error": f"/reload is disabled: set {API_KEY_ENV} on the server to enable it (or restart the server)"}, status_code=403)
+            return JSONResponse(
+                {"error": f"/reload is disabled: set {API_KEY_ENV} on the server to enable it (or restart the server)"},
+                status_code=403,
+            )
         with self._reload:
             before = self.model.model_version if self.model else None
             try:
@@ -295,7 +343,8 @@ class LMForge:
 
     @http.get("/metadata")
     def metadata(self) -> dict:
-        """Registered model name and version, variant, lineage (git commit, data hashes, params hash, validation, flow run), gates and test metrics."""
+        """Registered model name and version, variant, lineage (git commit, data hashes, params hash, validation,
+        flow run), gates and test metrics."""
         if self.model is None:
             return JSONResponse({"error": f"model unavailable: {self.unavailable}"}, status_code=503)
         return self.model.metadata()

@@ -133,16 +133,26 @@ def _status(gate: dict) -> str:
 
 
 def summary_markdown(evaluation: dict, decision: dict | None) -> str:
-    rows = ["| model | accuracy | macro-F1 | p50 ms (1 text) | p50 ms (32 texts) | size (MB) |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| model | accuracy | macro-F1 | p50 ms (1 text) | p50 ms (32 texts) | size (MB) |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, m in {**evaluation.get("variants", {}), **evaluation.get("baselines", {})}.items():
-        rows.append(f"| {name} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {m.get('p50_ms_b1', '')} | {m.get('p50_ms_b32', '')} | {m.get('size_mb', '')} |")
+        rows.append(
+            f"| {name} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {m.get('p50_ms_b1', '')} | "
+            f"{m.get('p50_ms_b32', '')} | {m.get('size_mb', '')} |"
+        )
     text = "## Test-split evaluation\n\n" + "\n".join(rows)
     if decision:
         verdict = "promoted to @champion" if decision["promoted"] else "not promoted"
         gates = "\n".join(f"- {_status(g)} **{g['gate']}**: {g['reason']}" for g in decision["gates"])
         text += f"\n\n## Promotion: {decision['variant']} v{decision['version']} {verdict}\n\n{gates}\n"
         if decision.get("choice"):
-            text += "\n### Why this variant\n\n" + "\n".join(f"- **{v}**: {why}" for v, why in decision["choice"].items()) + "\n"
+            text += (
+                "\n### Why this variant\n\n"
+                + "\n".join(f"- **{v}**: {why}" for v, why in decision["choice"].items())
+                + "\n"
+            )
     return text
 
 
@@ -191,7 +201,10 @@ def require_tracking(cfg, attempts: int = 3) -> None:
             why = getattr(reason, "strerror", None) or str(reason)
         if attempt + 1 < attempts:
             time.sleep(2**attempt)
-    raise UserError(f"MLflow tracking server {uri} is unreachable ({why}); nothing ran (MLFLOW_TRACKING_URI or tracking.uri in params.yaml)")
+    raise UserError(
+        f"MLflow tracking server {uri} is unreachable ({why}); nothing ran "
+        "(MLFLOW_TRACKING_URI or tracking.uri in params.yaml)"
+    )
 
 
 def stage_env(parent_run_id: str) -> dict[str, str]:
@@ -215,7 +228,6 @@ def placed_stage(stage: str, parent_run_id: str, cfg) -> dict:
 def run_stages(params, promote: bool, run_name: str | None = None) -> dict | State:
     """The stages in order inside one MLflow parent run, then promotion; a Failed state at the first failure."""
     import mlflow
-
     from flows.placement import dvc_transfer, io_options
     from tasks.ops.dag import stage_names
 
@@ -223,16 +235,22 @@ def run_stages(params, promote: bool, run_name: str | None = None) -> dict | Sta
     orchestrate = params.orchestrate
     placed = set(orchestrate.gpu_stages) if orchestrate.placement else set()
     if placed - set(names):
-        raise UserError(f"params.yaml: orchestrate.gpu_stages: {sorted(placed - set(names))} are not stages of dvc.yaml ({names})")
+        raise UserError(
+            f"params.yaml: orchestrate.gpu_stages: {sorted(placed - set(names))} are not stages of dvc.yaml ({names})"
+        )
     track_inputs(params)
     results: dict = {"stages": {}}
     run_name = run_name or f"pipeline {flow_run.name or ''}".strip()
-    with mlflow.start_run(run_name=run_name, tags={"lmforge.stage": "pipeline", "prefect.flow_run_id": str(flow_run.id or "")}) as parent:
+    with mlflow.start_run(
+        run_name=run_name, tags={"lmforge.stage": "pipeline", "prefect.flow_run_id": str(flow_run.id or "")}
+    ) as parent:
         env = stage_env(parent.info.run_id)
         for stage in names:
             retries = RESUMABLE.get(stage, 0)
             if stage in placed:
-                state = placed_stage.with_options(retries=retries, retry_delay_seconds=5)(stage, parent.info.run_id, orchestrate, return_state=True)
+                state = placed_stage.with_options(retries=retries, retry_delay_seconds=5)(
+                    stage, parent.info.run_id, orchestrate, return_state=True
+                )
             else:
                 state = run_stage.with_options(retries=retries, retry_delay_seconds=5)(stage, env, return_state=True)
             if stage == "validate":  # passed or failed, the Data Docs show what the data looked like
@@ -252,11 +270,17 @@ def run_stages(params, promote: bool, run_name: str | None = None) -> dict | Sta
         results["promotion"] = decision
         evaluation = results["stages"]["evaluate"]
         mlflow.log_dict(results, "pipeline_results.json")
-        create_markdown_artifact(markdown=summary_markdown(evaluation, decision), key="lmforge-evaluation", description="Test-split evaluation and promotion gates")
+        create_markdown_artifact(
+            markdown=summary_markdown(evaluation, decision),
+            key="lmforge-evaluation",
+            description="Test-split evaluation and promotion gates",
+        )
         try:
             links_artifact(parent.info.run_id, decision, params)
         except Exception as e:  # noqa: BLE001 - links are a convenience: never fail a promoted run over them
-            get_run_logger().warning(f"could not create the run's link artifacts: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            get_run_logger().warning(
+                f"could not create the run's link artifacts: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            )
     return results
 
 
@@ -269,7 +293,12 @@ def track_inputs(params) -> None:
     from tasks.shared.datasets import dvc_file, untracked_inputs
     from tasks.shared.io import expand_inputs
 
-    specs = [i for s in (params.ingest.corpus, params.ingest.labeled) if s != "stdlib" for i in ([s] if isinstance(s, str) else s)]
+    specs = [
+        i
+        for s in (params.ingest.corpus, params.ingest.labeled)
+        if s != "stdlib"
+        for i in ([s] if isinstance(s, str) else s)
+    ]
     if not specs:
         return
     logger = get_run_logger()
@@ -281,18 +310,27 @@ def track_inputs(params) -> None:
             raise UserError(f"dvc add {' '.join(added)} failed: {last[0]}")
         more = f" and {len(added) - 5} more" if len(added) > 5 else ""
         logger.info(f"dvc add {' '.join(added[:5])}{more} (commit the new .dvc files and .gitignore entries)")
-    tracked = sorted({str(d.relative_to(Path.cwd().absolute())) for f in expand_inputs(specs) if (d := dvc_file(f)) and Path.cwd().absolute() in d.parents})
+    tracked = sorted(
+        {
+            str(d.relative_to(Path.cwd().absolute()))
+            for f in expand_inputs(specs)
+            if (d := dvc_file(f)) and Path.cwd().absolute() in d.parents
+        }
+    )
     try:
         dvc_transfer.with_options(**io_options(params.orchestrate))("push", tracked)
     except Exception as e:  # noqa: BLE001 - the data is safe in the local cache: warn, train
-        logger.warning(f"the input data was not pushed to the DVC remote ({str(e).splitlines()[0][:200]}); run `dvc push` later")
+        logger.warning(
+            f"the input data was not pushed to the DVC remote ({str(e).splitlines()[0][:200]}); run `dvc push` later"
+        )
 
 
 def _end_failed(stage: str) -> None:
     """End the parent run FAILED, naming the stage; if the tracking store is gone too, say so and go on
     (the stage's own failure is what the run reports)."""
-    import mlflow
     from mlflow.exceptions import MlflowException
+
+    import mlflow
 
     for record in (lambda: mlflow.set_tag("lmforge.failed_stage", stage), lambda: mlflow.end_run("FAILED")):
         try:
@@ -303,18 +341,23 @@ def _end_failed(stage: str) -> None:
 
 def links_artifact(parent_run_id: str, decision: dict | None, params) -> None:
     """A Prefect link artifact per run: the MLflow run, the registry version (the Data Docs: `data_docs_artifact`)."""
-    import mlflow
     from prefect.artifacts import create_link_artifact
 
+    import mlflow
     from tasks.shared.tracking import tracking_uri
 
     uri = tracking_uri(params.tracking)
     exp = mlflow.get_run(parent_run_id).info.experiment_id
-    web = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"  # `lmforge ui` serves the embedded store there
+    web = (
+        uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    )  # `lmforge ui` serves the embedded store there
     links = {"lmforge-mlflow-run": (f"{web}/#/experiments/{exp}/runs/{parent_run_id}", "MLflow run of this pipeline")}
     if decision and decision.get("version"):
         name = params.tracking.registered_model
-        links["lmforge-model-version"] = (f"{web}/#/models/{name}/versions/{decision['version']}", f"{name} v{decision['version']} in the MLflow registry")
+        links["lmforge-model-version"] = (
+            f"{web}/#/models/{name}/versions/{decision['version']}",
+            f"{name} v{decision['version']} in the MLflow registry",
+        )
     for key, (link, description) in links.items():
         create_link_artifact(link=link, key=key, description=description)
 
@@ -322,26 +365,41 @@ def links_artifact(parent_run_id: str, decision: dict | None, params) -> None:
 def data_docs_artifact(parent_run_id: str, params) -> None:
     """A Prefect link artifact to the Great Expectations Data Docs index, made when validate ends, pass or fail;
     a link is a convenience: failing to make one is a warning."""
-    import mlflow
     from prefect.artifacts import create_link_artifact
 
+    import mlflow
     from tasks.shared.tracking import tracking_uri
 
     try:
         uri = tracking_uri(params.tracking)
         exp = mlflow.get_run(parent_run_id).info.experiment_id
-        web = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"  # `lmforge ui` serves the embedded store there
+        web = (
+            uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+        )  # `lmforge ui` serves the embedded store there
         validate = mlflow.search_runs(
-            [exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`lmforge.stage` = 'validate'", max_results=1, output_format="list"
+            [exp],
+            filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`lmforge.stage` = 'validate'",
+            max_results=1,
+            output_format="list",
         )
         docs = Path(params.paths.data_docs).resolve() / "index.html"
         if validate:  # validate ran in this pipeline: its run holds the Data Docs (viewable in the MLflow UI)
             link = f"{web}/#/experiments/{exp}/runs/{validate[0].info.run_id}/artifacts/validation/data_docs/index.html"
-            create_link_artifact(link=link, key="lmforge-data-docs", description="Great Expectations Data Docs of this run's data (MLflow artifact)")
+            create_link_artifact(
+                link=link,
+                key="lmforge-data-docs",
+                description="Great Expectations Data Docs of this run's data (MLflow artifact)",
+            )
         elif docs.exists():  # DVC found validate up to date: the workspace's Data Docs are those of this data
-            create_link_artifact(link=docs.as_uri(), key="lmforge-data-docs", description="Great Expectations Data Docs of this run's data")
+            create_link_artifact(
+                link=docs.as_uri(),
+                key="lmforge-data-docs",
+                description="Great Expectations Data Docs of this run's data",
+            )
     except Exception as e:  # noqa: BLE001 - never fail a run over a link
-        get_run_logger().warning(f"could not create the Data Docs link artifact: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        get_run_logger().warning(
+            f"could not create the Data Docs link artifact: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        )
 
 
 class _NoEmptyTraceback(logging.Filter):
@@ -360,16 +418,22 @@ logging.getLogger("prefect.flow_runs").addFilter(_NoEmptyTraceback())
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m flows.pipeline`: the flow, its outcome as one line and an exit code (0, 1 crash, 2 user error, 130 interrupted)."""
+    """`python -m flows.pipeline`: the flow, its outcome as one line and an exit code
+    (0, 1 crash, 2 user error, 130 interrupted)."""
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description="Run the lmforge pipeline flow.")
     parser.add_argument("--no-promote", dest="promote", action="store_false", help="skip the gates and promotion")
-    parser.add_argument("--lock-timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for another run on this workspace")
+    parser.add_argument(
+        "--lock-timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for another run on this workspace"
+    )
     args = parser.parse_args(argv)
-    return execute("pipeline", lambda: pipeline(promote=args.promote, lock_timeout=args.lock_timeout, return_state=True))
+    return execute(
+        "pipeline", lambda: pipeline(promote=args.promote, lock_timeout=args.lock_timeout, return_state=True)
+    )
 
 
 def execute(what: str, run_flow) -> int:
-    """Run a flow in this process (`run_flow()` returns its final state) and turn the outcome into one line and an exit code."""
+    """Run a flow in this process (`run_flow()` returns its final state) and turn the outcome into one line
+    and an exit code."""
     lifeline.interrupt_on_sigterm()
     # In a session of its own (lmforge pipeline), the flow leads a process group: Prefect's server and
     # the rest go with it if the supervisor dies. Otherwise it only stops itself.
@@ -377,13 +441,19 @@ def execute(what: str, run_flow) -> int:
     try:
         from tasks.shared.config.params import load_params
 
-        require_tracking(load_params().tracking)  # a bad params.yaml or a dead tracking server: one line before Prefect starts
+        require_tracking(
+            load_params().tracking
+        )  # a bad params.yaml or a dead tracking server: one line before Prefect starts
         state = run_flow()
     except UserError as e:
         print(f"lmforge: error: {e}", file=sys.stderr)
         return USER_ERROR_EXIT
     except KeyboardInterrupt:
-        print(f"lmforge: {what} interrupted; finished stages are kept, a rerun continues from there (pretrain from its last checkpoint)", file=sys.stderr)
+        print(
+            f"lmforge: {what} interrupted; finished stages are kept, "
+            "a rerun continues from there (pretrain from its last checkpoint)",
+            file=sys.stderr,
+        )
         return INTERRUPTED_EXIT
     if state.is_completed():
         return 0

@@ -156,7 +156,9 @@ def merge_lock_entry(stage: str, entry: dict, root: Path = Path(".")) -> None:
 
 
 @flow(name="lmforge-stage", log_prints=True)
-def stage(name: str, params_yaml: str, dvc_lock: str, code: dict[str, str], parent_run_id: str, lock_timeout: float = 3600.0) -> dict:
+def stage(
+    name: str, params_yaml: str, dvc_lock: str, code: dict[str, str], parent_run_id: str, lock_timeout: float = 3600.0
+) -> dict:
     """Run one pipeline stage in this worker's working copy, exchanging data through the DVC remote.
 
     `params_yaml` and `dvc_lock` are the caller's files; `code` the md5 of the stage's code deps there.
@@ -173,7 +175,8 @@ def stage(name: str, params_yaml: str, dvc_lock: str, code: dict[str, str], pare
         differ = sorted(f for f in code if here.get(f) != code[f])
         if differ:
             raise UserError(
-                f"worker's working copy {root} has other code than the caller for stage {name!r}: {', '.join(differ[:5])}; check out the same commit on both"
+                f"worker's working copy {root} has other code than the caller for stage {name!r}: "
+                f"{', '.join(differ[:5])}; check out the same commit on both"
             )
         with workspace_lock(root, f"lmforge stage {name} (placed)", lock_timeout):
             _write_atomic(root / PARAMS_FILE, params_yaml.encode())
@@ -186,7 +189,9 @@ def stage(name: str, params_yaml: str, dvc_lock: str, code: dict[str, str], pare
             logger.info(f"pulling {len(inputs)} input(s) of {name} from the DVC remote: {', '.join(inputs)}")
             dvc_transfer.with_options(**opts)("pull", inputs, str(root))
             env = stage_env(parent_run_id)
-            state = run_stage.with_options(retries=_resumable(name), retry_delay_seconds=5)(name, env, return_state=True)
+            state = run_stage.with_options(retries=_resumable(name), retry_delay_seconds=5)(
+                name, env, return_state=True
+            )
             if not state.is_completed():
                 exc = state.result(raise_on_failure=False)
                 code_ = exc if isinstance(exc, int) else getattr(exc, "returncode", 1)
@@ -198,7 +203,9 @@ def stage(name: str, params_yaml: str, dvc_lock: str, code: dict[str, str], pare
                 "worker": os.uname().nodename,
                 "workdir": str(root),
                 "lock_entry": stage_entry(name, root),
-                "files": {p: base64.b64encode((root / p).read_bytes()).decode() for p in uncached if (root / p).is_file()},
+                "files": {
+                    p: base64.b64encode((root / p).read_bytes()).decode() for p in uncached if (root / p).is_file()
+                },
             }
             publish_handoff.with_options(**opts)(parent_run_id, name, handoff)
     except UserError as e:
@@ -209,8 +216,9 @@ def stage(name: str, params_yaml: str, dvc_lock: str, code: dict[str, str], pare
 
 def require_run(run_id: str) -> None:
     """The caller's MLflow run must be in this worker's tracking store: the hand-off goes through it."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
+
+    from mlflow import MlflowClient
 
     try:
         MlflowClient().get_run(run_id)
@@ -275,8 +283,13 @@ def run_placed(name: str, parent_run_id: str, cfg, root: Path = Path(".")):
             from prefect import get_client
 
             with get_client(sync_client=True) as client:  # gave up waiting: do not leave it running
-                client.set_flow_run_state(run.id, Failed(message=f"cancelled by the caller after {cfg.stage_timeout_s:.0f} s"), force=True)
-            raise RuntimeError(f"stage {name!r} on {cfg.gpu_deployment} did not finish within orchestrate.stage_timeout_s={cfg.stage_timeout_s:.0f}")
+                client.set_flow_run_state(
+                    run.id, Failed(message=f"cancelled by the caller after {cfg.stage_timeout_s:.0f} s"), force=True
+                )
+            raise RuntimeError(
+                f"stage {name!r} on {cfg.gpu_deployment} did not finish within "
+                f"orchestrate.stage_timeout_s={cfg.stage_timeout_s:.0f}"
+            )
         message = state.message or f"stage {name!r} on {cfg.gpu_deployment} ended {state.type.value}"
         if _USER_ERROR_LINE.match(message):  # the stage's own one-line user error
             return Failed(message=message.split("\n")[0], data=USER_ERROR_EXIT)
@@ -288,7 +301,10 @@ def run_placed(name: str, parent_run_id: str, cfg, root: Path = Path(".")):
     cached = [o["path"] for o in handoff["lock_entry"].get("outs") or [] if o["path"] not in handoff["files"]]
     dvc_transfer.with_options(**opts)("pull", cached, str(root))
     if name in stale_stages(root):
-        raise UserError(f"stage {name!r} from worker {handoff['worker']} is not up to date here after the hand-off (dvc status); are both working copies on the same commit?")
+        raise UserError(
+            f"stage {name!r} from worker {handoff['worker']} is not up to date here after the hand-off (dvc status); "
+            "are both working copies on the same commit?"
+        )
     logger.info(f"{name} ran on {handoff['worker']} ({handoff['workdir']}); outputs pulled from the DVC remote")
     from tasks.shared.config.params import load_params
 

@@ -33,11 +33,15 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOYMENT = "retrain"
 
 
-@task(retries=3, retry_delay_seconds=[2, 4, 8], retry_jitter_factor=0.5, retry_condition_fn=lambda t, r, s: not isinstance(s.result(raise_on_failure=False), UserError))
+@task(
+    retries=3,
+    retry_delay_seconds=[2, 4, 8],
+    retry_jitter_factor=0.5,
+    retry_condition_fn=lambda t, r, s: not isinstance(s.result(raise_on_failure=False), UserError),
+)
 def compare(model: str) -> dict:
     """Would a run rebuild @champion? (registry reads are retried with backoff.)"""
     from mlflow import MlflowClient
-
     from tasks.ops.lineage import compare_with_champion
 
     c = compare_with_champion(MlflowClient(), model)
@@ -56,13 +60,23 @@ def retrain(promote: bool = True, force: bool = False, lock_timeout: float = DEF
                 line = f"nothing changed: {verdict['reason']}; skipped, registered nothing"
                 create_markdown_artifact(
                     key="lmforge-retrain",
-                    markdown=f"## Retrain skipped\n\n{line}.\n\n`lmforge retrain --force` (or the flow parameter `force`) runs it anyway.\n",
+                    markdown=(
+                        f"## Retrain skipped\n\n{line}.\n\n"
+                        "`lmforge retrain --force` (or the flow parameter `force`) runs it anyway.\n"
+                    ),
                     description=f"retrain skipped: champion v{verdict['champion']} is current",
                 )
                 logger.info(f"lmforge retrain: {line}")
                 return {"skipped": True, **verdict}
-            logger.info(f"lmforge retrain: {'forced' if force and not verdict['changed'] else 'running the pipeline'}: {verdict['reason']}")
-            create_markdown_artifact(key="lmforge-retrain", markdown=f"## Retrain ran\n\nWhy: {verdict['reason']}{' (forced)' if force else ''}.\n", description="why retrain ran")
+            logger.info(
+                f"lmforge retrain: {'forced' if force and not verdict['changed'] else 'running the pipeline'}: "
+                f"{verdict['reason']}"
+            )
+            create_markdown_artifact(
+                key="lmforge-retrain",
+                markdown=f"## Retrain ran\n\nWhy: {verdict['reason']}{' (forced)' if force else ''}.\n",
+                description="why retrain ran",
+            )
             result = run_stages(params, promote, run_name=f"retrain {flow_run.name or ''}".strip())
             return result if not isinstance(result, dict) else {"skipped": False, **verdict, **result}
     except UserError as e:
@@ -87,9 +101,8 @@ def check_schedule(cron: str | None = None, timezone: str | None = None):
     """The validated schedule (prefect.yaml's unless overridden) and when it next fires."""
     import asyncio
 
-    from pydantic import ValidationError
-
     from prefect.server.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
 
     default_cron, default_tz = cron_schedule()
     cron, timezone = cron or default_cron, timezone or default_tz
@@ -106,15 +119,30 @@ def serve(cron: str | None = None, timezone: str | None = None) -> None:
     from prefect.schedules import Cron
 
     cron, timezone, due = check_schedule(cron, timezone)
-    print(f"lmforge schedule: serving deployment lmforge-retrain/{DEPLOYMENT} on `{cron}` ({timezone}); next run due {due.isoformat(timespec='minutes')}; Ctrl-C stops", flush=True)
-    retrain.serve(name=DEPLOYMENT, schedule=Cron(cron, timezone=timezone), description="lmforge retrain on this machine (make schedule)", print_starting_message=False)
+    print(
+        f"lmforge schedule: serving deployment lmforge-retrain/{DEPLOYMENT} on `{cron}` ({timezone}); "
+        f"next run due {due.isoformat(timespec='minutes')}; Ctrl-C stops",
+        flush=True,
+    )
+    retrain.serve(
+        name=DEPLOYMENT,
+        schedule=Cron(cron, timezone=timezone),
+        description="lmforge retrain on this machine (make schedule)",
+        print_starting_message=False,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.retrain", description="Retrain unless nothing changed since @champion.")
-    parser.add_argument("--force", action="store_true", help="run even when data, code and params equal @champion's lineage")
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.retrain", description="Retrain unless nothing changed since @champion."
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="run even when data, code and params equal @champion's lineage"
+    )
     parser.add_argument("--no-promote", dest="promote", action="store_false", help="skip the gates and promotion")
-    parser.add_argument("--lock-timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for another run on this workspace")
+    parser.add_argument(
+        "--lock-timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for another run on this workspace"
+    )
     parser.add_argument("--serve", action="store_true", help="serve the schedule until stopped instead of running once")
     parser.add_argument("--cron", help="with --serve: override prefect.yaml's cron")
     parser.add_argument("--timezone", help="with --serve: override prefect.yaml's timezone")
@@ -129,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
             print("lmforge schedule: stopped", file=sys.stderr)
             return 0
         return 0
-    return execute("retrain", lambda: retrain(promote=args.promote, force=args.force, lock_timeout=args.lock_timeout, return_state=True))
+    return execute(
+        "retrain",
+        lambda: retrain(promote=args.promote, force=args.force, lock_timeout=args.lock_timeout, return_state=True),
+    )
 
 
 if __name__ == "__main__":

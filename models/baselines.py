@@ -140,4 +140,3 @@ class GRUClassifier(nn.Module):
             out, _ = pad_packed_sequence(out, batch_first=True)  # (B, max(lengths), 2H), zeros past each length
             pooled = out.sum(1) / lengths.to(out.device, out.dtype)[:, None]  # (B, 2H)
         return self.head(self.drop(pooled))  # (B, K)
-

@@ -20,8 +20,17 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import CONFIG, ArtifactError, load_classifier, load_lm, read_config, verify_manifest, write_manifest
+from models.checkpoint import (
+    CONFIG,
+    ArtifactError,
+    load_classifier,
+    load_lm,
+    read_config,
+    verify_manifest,
+    write_manifest,
+)
 from models.tokenizer import EOT, PAD, TOKENIZER_FILE, encode_texts, load_tokenizer
+
 
 @dataclass
 class Prediction:
@@ -32,7 +41,9 @@ class Prediction:
 class Bundle:
     """Tokenizer + classifier (+ optional LM) ready for inference."""
 
-    def __init__(self, tokenizer, classifier: torch.nn.Module, labels: list[str], max_length: int, lm=None, variant: str = "fp32"):
+    def __init__(
+        self, tokenizer, classifier: torch.nn.Module, labels: list[str], max_length: int, lm=None, variant: str = "fp32"
+    ):
         self.tokenizer = tokenizer
         self.classifier = classifier.eval()
         self.labels = labels
@@ -69,7 +80,14 @@ class Bundle:
         return self.lm is not None and self.lm.config.causal
 
     @torch.inference_mode()
-    def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int | None = 50, seed: int | None = None) -> str:
+    def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int = 64,
+        temperature: float = 0.8,
+        top_k: int | None = 50,
+        seed: int | None = None,
+    ) -> str:
         """Continuation of `prompt` from the pretrained LM (the prompt itself is not repeated)."""
         if not self.can_generate:
             raise RuntimeError("this bundle has no language model that can generate (none, or a masked-LM encoder)")

@@ -190,7 +190,9 @@ def load_classifier(path: Path) -> nn.Module:
         return load_quantized(path, meta)
     if meta["kind"] not in CLASSIFIER_KINDS:
         known = sorted([*CLASSIFIER_KINDS, "classifier-int8"])
-        raise ArtifactError(Path(path) / CONFIG, f"not a classifier (kind {meta['kind']!r}; known kinds: {', '.join(known)})")
+        raise ArtifactError(
+            Path(path) / CONFIG, f"not a classifier (kind {meta['kind']!r}; known kinds: {', '.join(known)})"
+        )
     config_type, module_type = CLASSIFIER_KINDS[meta["kind"]]
     model = module_type(_config(config_type, meta, path))
     _load_weights(model, path)

@@ -49,7 +49,9 @@ def _head_rows(head: int, head_dim: int, inner: int) -> torch.Tensor:
     return torch.cat([base, base + inner, base + 2 * inner])
 
 
-def taylor_importance(model: TransformerClassifier, batches, loss_fn=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def taylor_importance(
+    model: TransformerClassifier, batches, loss_fn=None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per block: importance of each attention head (H,) and each MLP channel (F,).
 
     `batches` yields (ids, lengths, y); the loss is cross-entropy unless `loss_fn(logits, y)` is given.
@@ -81,7 +83,8 @@ def taylor_importance(model: TransformerClassifier, batches, loss_fn=None) -> tu
 
 
 def keep_top(scores: list[torch.Tensor], fraction: float) -> list[list[int]]:
-    """Per block, the indices (ascending) of the highest-scoring units after removing `fraction` of them (at least one kept)."""
+    """Per block, the indices (ascending) of the highest-scoring units after removing `fraction` of them
+    (at least one kept)."""
     out = []
     for s in scores:
         keep = max(1, round(len(s) * (1 - fraction)))
@@ -90,11 +93,15 @@ def keep_top(scores: list[torch.Tensor], fraction: float) -> list[list[int]]:
 
 
 @torch.no_grad()
-def prune_structured(model: TransformerClassifier, keep_heads: list[list[int]], keep_ffn: list[list[int]]) -> TransformerClassifier:
+def prune_structured(
+    model: TransformerClassifier, keep_heads: list[list[int]], keep_ffn: list[list[int]]
+) -> TransformerClassifier:
     """A smaller copy of `model` with only the given heads and MLP channels of each block."""
     trunk_cfg = model.config.trunk
     new_trunk = replace(trunk_cfg, layer_heads=[len(h) for h in keep_heads], layer_ffn=[len(f) for f in keep_ffn])
-    small = TransformerClassifier(ClassifierConfig(trunk=new_trunk, labels=list(model.config.labels), pooling=model.config.pooling))
+    small = TransformerClassifier(
+        ClassifierConfig(trunk=new_trunk, labels=list(model.config.labels), pooling=model.config.pooling)
+    )
     src = model.state_dict()
     dst = small.state_dict()
     for name in dst:  # everything outside the blocks' attention and MLP matrices keeps its shape
@@ -103,7 +110,9 @@ def prune_structured(model: TransformerClassifier, keep_heads: list[list[int]], 
     for i, (heads, chans) in enumerate(zip(keep_heads, keep_ffn)):
         a, b = model.trunk.blocks[i], small.trunk.blocks[i]
         inner = a.attn.n_head * a.attn.head_dim
-        rows = torch.cat([_head_rows(h, a.attn.head_dim, inner).view(3, -1) for h in heads], dim=1).flatten()  # q..., k..., v...
+        rows = torch.cat(
+            [_head_rows(h, a.attn.head_dim, inner).view(3, -1) for h in heads], dim=1
+        ).flatten()  # q..., k..., v...
         cols = torch.cat([torch.arange(h * a.attn.head_dim, (h + 1) * a.attn.head_dim) for h in heads])
         chans = torch.tensor(chans)
         b.attn.qkv.weight.copy_(a.attn.qkv.weight[rows])
@@ -142,12 +151,14 @@ def make_permanent(model: nn.Module) -> nn.Module:
 
 
 def magnitude_prune(model: nn.Module, amount: float) -> nn.Module:
-    """A copy of `model` with the globally smallest `amount` of classification-Linear weights set to zero, permanently."""
+    """A copy of `model` with the globally smallest `amount` of classification-Linear weights set to zero,
+    permanently."""
     return make_permanent(magnitude_masks(model, amount)).eval()
 
 
 def student_layers(teacher_layers: int, student_layers: int) -> list[int]:
-    """Teacher blocks a student copies, evenly spaced and ending with the top block (DistilBERT takes every other one)."""
+    """Teacher blocks a student copies, evenly spaced and ending with the top block
+    (DistilBERT takes every other one)."""
     if not 1 <= student_layers <= teacher_layers:
         raise ValueError(f"student layers must be in [1, {teacher_layers}], got {student_layers}")
     step = teacher_layers / student_layers
@@ -155,7 +166,9 @@ def student_layers(teacher_layers: int, student_layers: int) -> list[int]:
 
 
 @torch.no_grad()
-def student_from_teacher(teacher: TransformerClassifier, n_layer: int, n_embd: int | None = None, n_head: int | None = None) -> tuple[TransformerClassifier, list[int]]:
+def student_from_teacher(
+    teacher: TransformerClassifier, n_layer: int, n_embd: int | None = None, n_head: int | None = None
+) -> tuple[TransformerClassifier, list[int]]:
     """A classifier with `n_layer` blocks (and width `n_embd`), initialised from the teacher where shapes allow.
 
     Returns the student and the teacher blocks it copied (none when the width differs: then only the
@@ -163,8 +176,17 @@ def student_from_teacher(teacher: TransformerClassifier, n_layer: int, n_embd: i
     """
     t = teacher.config.trunk
     width = n_embd or t.n_embd
-    trunk = replace(t, n_layer=n_layer, n_embd=width, n_head=n_head or (t.n_head if width == t.n_embd else max(1, width // t.head_dim)), layer_heads=[], layer_ffn=[])
-    student = TransformerClassifier(ClassifierConfig(trunk=trunk, labels=list(teacher.config.labels), pooling=teacher.config.pooling))
+    trunk = replace(
+        t,
+        n_layer=n_layer,
+        n_embd=width,
+        n_head=n_head or (t.n_head if width == t.n_embd else max(1, width // t.head_dim)),
+        layer_heads=[],
+        layer_ffn=[],
+    )
+    student = TransformerClassifier(
+        ClassifierConfig(trunk=trunk, labels=list(teacher.config.labels), pooling=teacher.config.pooling)
+    )
     if width != t.n_embd or t.layer_heads or t.layer_ffn:
         return student.train(), []
     picked = student_layers(t.n_layer, n_layer)
@@ -178,8 +200,15 @@ def student_from_teacher(teacher: TransformerClassifier, n_layer: int, n_embd: i
     return student.train(), picked
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor, temperature: float, alpha: float) -> torch.Tensor:
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor, temperature: float, alpha: float
+) -> torch.Tensor:
     """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, y) (Hinton et al. 2015)."""
     T = temperature
-    kl = F.kl_div(F.log_softmax(student_logits / T, -1), F.log_softmax(teacher_logits / T, -1), log_target=True, reduction="batchmean")
+    kl = F.kl_div(
+        F.log_softmax(student_logits / T, -1),
+        F.log_softmax(teacher_logits / T, -1),
+        log_target=True,
+        reduction="batchmean",
+    )
     return alpha * T * T * kl + (1 - alpha) * F.cross_entropy(student_logits, y)

@@ -49,7 +49,9 @@ class BackendChoice(NamedTuple):
     def reason(self) -> str:
         """One line saying why `backend` was chosen."""
         timed = " < ".join(f"{b} {ms:.2f} ms" for b, ms in sorted(self.ms.items(), key=lambda kv: kv[1]))
-        return "; ".join([f"forward on the sample batch: {timed}", *(f"{b} failed: {e}" for b, e in self.errors.items())])
+        return "; ".join(
+            [f"forward on the sample batch: {timed}", *(f"{b} failed: {e}" for b, e in self.errors.items())]
+        )
 
 
 def _check_backend(backend: str) -> None:
@@ -107,7 +109,10 @@ def _int8_tensors(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
         if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
             scale, zp = w.q_per_channel_scales().float(), w.q_per_channel_zero_points().to(torch.int32)
         else:
-            scale, zp = torch.tensor([w.q_scale()], dtype=torch.float32), torch.tensor([w.q_zero_point()], dtype=torch.int32)
+            scale, zp = (
+                torch.tensor([w.q_scale()], dtype=torch.float32),
+                torch.tensor([w.q_zero_point()], dtype=torch.int32),
+            )
         return w.int_repr(), scale, zp, b
     w = m.weight
     zp = w.zero_point if w.zero_point is not None else torch.zeros_like(w.scale)
@@ -162,7 +167,9 @@ def write_quantized(
             tensors[name] = t.detach().contiguous()
 
     save_file(tensors, str(Path(d) / WEIGHTS))
-    _write_config(Path(d), "classifier-int8", config.to_dict(), {"backend": backend, "per_channel": per_channel, **(extra or {})})
+    _write_config(
+        Path(d), "classifier-int8", config.to_dict(), {"backend": backend, "per_channel": per_channel, **(extra or {})}
+    )
 
 
 def save_quantized(
@@ -177,11 +184,15 @@ def _fill_torch_ao(m: nn.Module, q, scale, zp, bias, per_channel: bool, file: Pa
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
         if per_channel:  # dequantize, then quantize again with the same scales: gives back exactly q
-            w = torch.quantize_per_channel((q.float() - zp.float()[:, None]) * scale[:, None], scale.double(), zp.long(), 0, torch.qint8)
+            w = torch.quantize_per_channel(
+                (q.float() - zp.float()[:, None]) * scale[:, None], scale.double(), zp.long(), 0, torch.qint8
+            )
         else:
             w = torch.quantize_per_tensor((q.float() - zp.float()) * scale, float(scale), int(zp), torch.qint8)
     if not torch.equal(w.int_repr(), q):
-        raise ArtifactError(file, f"{name}.weight_scale and {name}.weight_zero_point do not reproduce {name}.weight_int8")
+        raise ArtifactError(
+            file, f"{name}.weight_scale and {name}.weight_zero_point do not reproduce {name}.weight_int8"
+        )
     m.set_weight_bias(w, bias)
 
 
@@ -232,18 +243,25 @@ def load_quantized(path: Path, meta: dict, backend: str | None = None) -> nn.Mod
             quantized.add(name)
             keys = [f"{name}.{k}" for k in ("weight_int8", "weight_scale", "weight_zero_point")]
             if any(k not in tensors for k in keys):
-                raise ArtifactError(file, f"weights do not match config (missing {[k for k in keys if k not in tensors]})")
+                raise ArtifactError(
+                    file, f"weights do not match config (missing {[k for k in keys if k not in tensors]})"
+                )
             q, scale, zp = (tensors.pop(k) for k in keys)
             _, _, _, own_bias = _int8_tensors(m)
             want = (m.out_features, m.in_features)
             if tuple(q.shape) != want or q.dtype != torch.int8:
                 got = f"{str(q.dtype).removeprefix('torch.')} {tuple(q.shape)}"
-                raise ArtifactError(file, f"weights do not match config ({name}.weight_int8 is {got}, config says int8 {want})")
+                raise ArtifactError(
+                    file, f"weights do not match config ({name}.weight_int8 is {got}, config says int8 {want})"
+                )
             n = want[0] if per_channel else 1
             for key, t in ((keys[1], scale), (keys[2], zp)):
                 if tuple(t.shape) != (n,):
                     granularity = "per-channel" if per_channel else "per-tensor"
-                    raise ArtifactError(file, f"weights do not match config ({key} is {tuple(t.shape)}, {granularity} int8 needs ({n},))")
+                    raise ArtifactError(
+                        file,
+                        f"weights do not match config ({key} is {tuple(t.shape)}, {granularity} int8 needs ({n},))",
+                    )
             if not (torch.isfinite(scale).all() and (scale > 0).all()):
                 raise ArtifactError(file, f"{keys[1]} holds zero, negative or non-finite scales")
             bias = tensors.pop(f"{name}.bias", None)
@@ -255,13 +273,22 @@ def load_quantized(path: Path, meta: dict, backend: str | None = None) -> nn.Mod
                 _fill_torch_ao(m, q, scale, zp, bias, per_channel, file, name)
             else:
                 _fill_torchao(m, q, scale, zp, bias, file, name)
-        own = {n: t for n, t in [*qmodel.named_parameters(), *qmodel.named_buffers()] if n.rsplit(".", 1)[0] not in quantized}
+        own = {
+            n: t
+            for n, t in [*qmodel.named_parameters(), *qmodel.named_buffers()]
+            if n.rsplit(".", 1)[0] not in quantized
+        }
         missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
         if unexpected or missing:
-            raise ArtifactError(file, f"weights do not match config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise ArtifactError(
+                file, f"weights do not match config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         for name, t in tensors.items():
             if own[name].shape != t.shape:
-                raise ArtifactError(file, f"weights do not match config ({name} is {tuple(t.shape)}, config says {tuple(own[name].shape)})")
+                raise ArtifactError(
+                    file,
+                    f"weights do not match config ({name} is {tuple(t.shape)}, config says {tuple(own[name].shape)})",
+                )
             own[name].copy_(t)
     return qmodel.eval()
 

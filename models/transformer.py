@@ -44,7 +44,8 @@ class GPTConfig:
     causal: bool = True
     """Causal (decoder, next-token) attention; False = bidirectional (masked-LM encoder)."""
     layer_heads: list[int] = field(default_factory=list)
-    """Attention heads kept in each block after structured pruning (head size stays n_embd / n_head); empty = n_head everywhere."""
+    """Attention heads kept in each block after structured pruning (head size stays n_embd / n_head);
+    empty = n_head everywhere."""
     layer_ffn: list[int] = field(default_factory=list)
     """MLP hidden width of each block after structured pruning; empty = 4 * n_embd everywhere."""
 
@@ -63,7 +64,10 @@ class GPTConfig:
         if self.attn_window < 0:
             raise ValueError("attn_window must be >= 0")
         self.layer_heads, self.layer_ffn = [int(h) for h in self.layer_heads], [int(f) for f in self.layer_ffn]
-        for name, sizes, top in (("layer_heads", self.layer_heads, self.n_head), ("layer_ffn", self.layer_ffn, 4 * self.n_embd)):
+        for name, sizes, top in (
+            ("layer_heads", self.layer_heads, self.n_head),
+            ("layer_ffn", self.layer_ffn, 4 * self.n_embd),
+        ):
             if sizes and (len(sizes) != self.n_layer or not all(1 <= n <= top for n in sizes)):
                 raise ValueError(f"{name} must list n_layer ({self.n_layer}) sizes in [1, {top}], got {sizes}")
 

@@ -69,7 +69,9 @@ def run(cfg: DistillConfig, ft: FinetuneConfig, paths: Paths, tracker: Tracker |
     if cfg.n_layer > trunk.n_layer:
         raise UserError(f"params.yaml: distill.n_layer: {cfg.n_layer} exceeds the teacher's {trunk.n_layer} blocks")
     if cfg.n_embd and cfg.n_embd % trunk.head_dim:
-        raise UserError(f"params.yaml: distill.n_embd: {cfg.n_embd} is not a multiple of the teacher's head size {trunk.head_dim}")
+        raise UserError(
+            f"params.yaml: distill.n_embd: {cfg.n_embd} is not a multiple of the teacher's head size {trunk.head_dim}"
+        )
     rt = engine.setup_runtime(ft)
     k = len(t.labels)
     soft = teacher_logits(t.model, t.train).to(rt.device)
@@ -80,9 +82,25 @@ def run(cfg: DistillConfig, ft: FinetuneConfig, paths: Paths, tracker: Tracker |
         return distillation_loss(logits, soft[rows.to(soft.device)], y, cfg.temperature, cfg.alpha)
 
     teacher_f1 = val_scores(t.model, t.val, k, rt)["val_macro_f1"]
-    trained = fit("distill", student, recipe(ft, cfg.epochs, cfg.lr), t.train, t.val, k, rt, tracker, cfg.epochs, lr_key="distill.lr", loss_fn=loss_fn)
+    trained = fit(
+        "distill",
+        student,
+        recipe(ft, cfg.epochs, cfg.lr),
+        t.train,
+        t.val,
+        k,
+        rt,
+        tracker,
+        cfg.epochs,
+        lr_key="distill.lr",
+        loss_fn=loss_fn,
+    )
     with atomic_dir(paths.distilled) as d:
-        write_classifier(trained.model, d, extra={**t.extra, "variant": "distilled", "distill": cfg.model_dump(mode="json"), "teacher_blocks": copied})
+        write_classifier(
+            trained.model,
+            d,
+            extra={**t.extra, "variant": "distilled", "distill": cfg.model_dump(mode="json"), "teacher_blocks": copied},
+        )
         (d / "history.json").write_text(json.dumps(trained.history))
     return DistillResult(
         enabled=True,

@@ -51,10 +51,23 @@ scores, and every model's macro-F1 against its batch-1 p50 latency."""
 REPORT = "report.md"
 ECE_BINS = 15
 TABLE_COLUMNS = (
-    "accuracy", "macro_f1", "ece", "p50_ms_b1", "p99_ms_b1", "tokenize_ms_b1", "forward_ms_b1",
-    "p50_ms_b32", "p99_ms_b32", "tokenize_ms_b32", "forward_ms_b32", "throughput_per_s", "params", "size_mb", "peak_rss_mb",
+    "accuracy",
+    "macro_f1",
+    "ece",
+    "p50_ms_b1",
+    "p99_ms_b1",
+    "tokenize_ms_b1",
+    "forward_ms_b1",
+    "p50_ms_b32",
+    "p99_ms_b32",
+    "tokenize_ms_b32",
+    "forward_ms_b32",
+    "throughput_per_s",
+    "params",
+    "size_mb",
+    "peak_rss_mb",
     "behavioral_min_pass_rate",
-)  # fmt: skip
+)
 """Columns of the comparison table (Markdown report, MLflow table), in order."""
 
 
@@ -80,7 +93,15 @@ def calibration(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> tuple
         if inside.any():
             acc, mean_conf, share = float(correct[inside].mean()), float(conf[inside].mean()), float(inside.mean())
             ece += share * abs(acc - mean_conf)
-            rows.append({"lo": round(float(lo), 4), "hi": round(float(hi), 4), "accuracy": round(acc, 4), "confidence": round(mean_conf, 4), "count": int(inside.sum())})
+            rows.append(
+                {
+                    "lo": round(float(lo), 4),
+                    "hi": round(float(hi), 4),
+                    "accuracy": round(acc, 4),
+                    "confidence": round(mean_conf, 4),
+                    "count": int(inside.sum()),
+                }
+            )
     return round(ece, 4), rows
 
 
@@ -96,14 +117,18 @@ class Scorer:
 
     def probabilities(self, texts: list[str], batch_size: int) -> np.ndarray:
         """Class probabilities (N, K) of `texts`, `batch_size` at a time."""
-        return np.concatenate([self.forward(self.encode(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)])
+        return np.concatenate(
+            [self.forward(self.encode(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)]
+        )
 
     def predict(self, texts: list[str], batch_size: int) -> list[str]:
         return [self.labels[i] for i in self.probabilities(texts, batch_size).argmax(1)]
 
 
 def bundle_scorer(bundle: Bundle, folder: Path) -> Scorer:
-    return Scorer(bundle.labels, bundle.encode, lambda enc: bundle.forward(*enc).numpy(), stored_weights(folder), Path(folder))
+    return Scorer(
+        bundle.labels, bundle.encode, lambda enc: bundle.forward(*enc).numpy(), stored_weights(folder), Path(folder)
+    )
 
 
 def stored_weights(folder: Path) -> int:
@@ -122,7 +147,9 @@ def percentile(times: list[float], q: float) -> float:
     return round(float(np.percentile(times, q)), 3)
 
 
-def latency(scorers: dict[str, Scorer], texts: list[str], batch: int, reps: int, block: int = 8) -> dict[str, dict[str, float]]:
+def latency(
+    scorers: dict[str, Scorer], texts: list[str], batch: int, reps: int, block: int = 8
+) -> dict[str, dict[str, float]]:
     """Per model: p50/p99 of whole requests of `batch` texts, and the median tokenization and forward time of each.
 
     The models take turns in blocks of `block` requests, each block after one untimed request, the order
@@ -151,7 +178,12 @@ def latency(scorers: dict[str, Scorer], texts: list[str], batch: int, reps: int,
                 fwd.append((t2 - t1) * 1e3)
     s = f"b{batch}"
     return {
-        n: {f"p50_ms_{s}": percentile(total, 50), f"p99_ms_{s}": percentile(total, 99), f"tokenize_ms_{s}": percentile(tok, 50), f"forward_ms_{s}": percentile(fwd, 50)}
+        n: {
+            f"p50_ms_{s}": percentile(total, 50),
+            f"p99_ms_{s}": percentile(total, 99),
+            f"tokenize_ms_{s}": percentile(tok, 50),
+            f"forward_ms_{s}": percentile(fwd, 50),
+        }
         for n, (total, tok, fwd) in times.items()
     }
 
@@ -231,7 +263,9 @@ def tfidf_scorer(train: pd.DataFrame, labels: list[str], cfg: EvaluateConfig) ->
     vec = TfidfVectorizer(max_features=cfg.tfidf_max_features, token_pattern=r"(?u)\b\w+\b", sublinear_tf=True)
     clf = LogisticRegression(C=cfg.tfidf_c, max_iter=2000).fit(vec.fit_transform(train["text"]), train["label"])
     order = [list(clf.classes_).index(lab) for lab in labels]
-    return Scorer(labels, vec.transform, lambda X: clf.predict_proba(X)[:, order], int(clf.coef_.size + clf.intercept_.size))
+    return Scorer(
+        labels, vec.transform, lambda X: clf.predict_proba(X)[:, order], int(clf.coef_.size + clf.intercept_.size)
+    )
 
 
 @dataclass
@@ -316,7 +350,11 @@ def lm_perplexity(lm_dir: Path, tokenizer, texts: list[str], block: int, tokens:
     out = {"test_perplexity": round(float(np.exp(nll / max(count, 1))), 3), "test_tokens": count}
     if ngram is None:
         return out
-    out |= {"unigram_test_perplexity": _ppl(uni, count), "bigram_test_perplexity": _ppl(bi, count), "bigram_lambda": ngram.lam}
+    out |= {
+        "unigram_test_perplexity": _ppl(uni, count),
+        "bigram_test_perplexity": _ppl(bi, count),
+        "bigram_lambda": ngram.lam,
+    }
     val = np.asarray(load_tokens(tokens, "val"), dtype=np.int64)
     if len(val) <= block:
         return out
@@ -329,7 +367,12 @@ def lm_perplexity(lm_dir: Path, tokenizer, texts: list[str], block: int, tokens:
             nll += float(F.cross_entropy(logits.float().flatten(0, 1), y[i : i + 64].flatten(), reduction="sum"))
     u, b = ngram.nll(x.flatten().numpy(), y.flatten().numpy())
     n = y.numel()
-    return out | {"val_perplexity": _ppl(nll, n), "unigram_val_perplexity": _ppl(u, n), "bigram_val_perplexity": _ppl(b, n), "val_tokens": n}
+    return out | {
+        "val_perplexity": _ppl(nll, n),
+        "unigram_val_perplexity": _ppl(u, n),
+        "bigram_val_perplexity": _ppl(b, n),
+        "val_tokens": n,
+    }
 
 
 def _ppl(nll: float, n: int) -> float:
@@ -352,7 +395,9 @@ def plot_pareto(results: dict[str, dict], variants: set[str], path: Path):
     front = pareto_front(pts)
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for name, (x, y) in pts.items():
-        ax.scatter(x, y, s=60, marker="o" if name in variants else "s", color="tab:blue" if name in variants else "tab:gray")
+        ax.scatter(
+            x, y, s=60, marker="o" if name in variants else "s", color="tab:blue" if name in variants else "tab:gray"
+        )
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.step([pts[n][0] for n in front], [pts[n][1] for n in front], where="post", color="tab:red", label="Pareto front")
     ax.set_xscale("log")
@@ -372,7 +417,13 @@ def plot_reliability(results: dict[str, dict], path: Path):
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
     for name, m in results.items():
         rows = m.get("reliability") or []
-        ax.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], "o-", ms=3, label=f"{name} (ECE {m['ece']:.3f})")
+        ax.plot(
+            [r["confidence"] for r in rows],
+            [r["accuracy"] for r in rows],
+            "o-",
+            ms=3,
+            label=f"{name} (ECE {m['ece']:.3f})",
+        )
     ax.set_xlabel("confidence (top class)")
     ax.set_ylabel("accuracy")
     ax.set_title("Reliability diagram, test split")
@@ -388,7 +439,9 @@ def plot_confusion(y_true: list[str], y_pred: list[str], labels: list[str], titl
     from sklearn.metrics import ConfusionMatrixDisplay
 
     fig, ax = plt.subplots(figsize=(8, 7))
-    ConfusionMatrixDisplay.from_predictions(y_true, y_pred, labels=labels, normalize="true", ax=ax, colorbar=False, values_format=".2f")
+    ConfusionMatrixDisplay.from_predictions(
+        y_true, y_pred, labels=labels, normalize="true", ax=ax, colorbar=False, values_format=".2f"
+    )
     ax.set_title(title)
     plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
     fig.tight_layout()
@@ -402,7 +455,13 @@ def per_class(y_true: list[str], y_pred: list[str], labels: list[str]) -> list[d
 
     p, r, f, n = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     return [
-        {"label": lab, "precision": round(float(a), 4), "recall": round(float(b), 4), "f1": round(float(c), 4), "support": int(d)}
+        {
+            "label": lab,
+            "precision": round(float(a), 4),
+            "recall": round(float(b), 4),
+            "f1": round(float(c), 4),
+            "support": int(d),
+        }
         for lab, a, b, c, d in zip(labels, p, r, f, n)
     ]
 
@@ -418,13 +477,26 @@ def table(results: dict[str, dict], variants: set[str]) -> dict[str, list]:
     return cols
 
 
-def markdown_report(cols: dict[str, list], front: list[str], lm: dict, skipped_variants: dict[str, str], artifacts: dict[str, dict], n_test: int) -> str:
+def markdown_report(
+    cols: dict[str, list],
+    front: list[str],
+    lm: dict,
+    skipped_variants: dict[str, str],
+    artifacts: dict[str, dict],
+    n_test: int,
+) -> str:
     head = list(cols)
     lines = [
         "# Evaluation report",
         "",
-        f"{n_test} held-out test texts; every model scored on the same rows. Latency: one process, this machine's CPU threads;",
-        "`p50/p99_ms_bN` time whole requests of N texts (tokenization included), `tokenize_ms`/`forward_ms` their medians.",
+        (
+            f"{n_test} held-out test texts; every model scored on the same rows. "
+            "Latency: one process, this machine's CPU threads;"
+        ),
+        (
+            "`p50/p99_ms_bN` time whole requests of N texts (tokenization included), "
+            "`tokenize_ms`/`forward_ms` their medians."
+        ),
         "`peak_rss_mb`: resident memory added while loading and scoring the model. `params`: weights stored.",
         "",
         "| " + " | ".join(head) + " |",
@@ -437,9 +509,15 @@ def markdown_report(cols: dict[str, list], front: list[str], lm: dict, skipped_v
         lines.append(f"Language model: test perplexity {lm['test_perplexity']} over {lm['test_tokens']} tokens.")
         if "bigram_test_perplexity" in lm:
             lines.append(
-                f"Next-token yardsticks counted on the training tokens, same targets: unigram {lm['unigram_test_perplexity']}, "
+                "Next-token yardsticks counted on the training tokens, same targets: "
+                f"unigram {lm['unigram_test_perplexity']}, "
                 f"bigram {lm['bigram_test_perplexity']} (interpolation {lm['bigram_lambda']}) on the test functions"
-                + (f"; on the validation shard ({lm['val_tokens']} tokens) LM {lm['val_perplexity']}, unigram {lm['unigram_val_perplexity']}, bigram {lm['bigram_val_perplexity']}." if "val_perplexity" in lm else ".")
+                + (
+                    f"; on the validation shard ({lm['val_tokens']} tokens) LM {lm['val_perplexity']}, "
+                    f"unigram {lm['unigram_val_perplexity']}, bigram {lm['bigram_val_perplexity']}."
+                    if "val_perplexity" in lm
+                    else "."
+                )
             )
     for name, why in skipped_variants.items():
         lines.append(f"Variant `{name}` not built: {why}.")
@@ -456,11 +534,19 @@ def trained_baselines(folder: Path) -> dict[str, Path]:
     return {d.name: d for d in sorted(folder.iterdir()) if (d / CONFIG).is_file()}
 
 
-def write_plot_data(y_true: list[str], y_pred: list[str], labels: list[str], results: dict[str, dict], folder: Path) -> None:
+def write_plot_data(
+    y_true: list[str], y_pred: list[str], labels: list[str], results: dict[str, dict], folder: Path
+) -> None:
     """CSV plot data for `dvc plots`: confusion (actual, predicted), per-class scores, macro-F1 vs latency."""
     folder = Path(folder)
-    write_csv(folder / CONFUSION_PLOT, ({"actual": a, "predicted": p} for a, p in zip(y_true, y_pred)), ["actual", "predicted"])
-    write_csv(folder / PER_CLASS_PLOT, per_class(y_true, y_pred, labels), ["label", "precision", "recall", "f1", "support"])
+    write_csv(
+        folder / CONFUSION_PLOT,
+        ({"actual": a, "predicted": p} for a, p in zip(y_true, y_pred)),
+        ["actual", "predicted"],
+    )
+    write_csv(
+        folder / PER_CLASS_PLOT, per_class(y_true, y_pred, labels), ["label", "precision", "recall", "f1", "support"]
+    )
     points = [{"model": name, **m} for name, m in results.items() if "p50_ms_b1" in m]
     write_csv(folder / TRADEOFF_PLOT, points, ["model", "p50_ms_b1", "macro_f1", "accuracy"])
 
@@ -476,7 +562,10 @@ def run(cfg: EvaluateConfig, paths: Paths, tracker: Tracker | None = None) -> Ev
         raise UserError(f"{paths.classifier}: no fine-tuned classifier to evaluate; run finetune")
     mft = load_mft(paths.behavioral) if Path(paths.behavioral).is_file() else []
     tokenizer = Path(paths.tokenizer) / TOKENIZER_FILE
-    artifacts = {name: {"path": str(f), "sha256": tree_sha256(f)} for name, f in (("tokenizer", tokenizer), ("labeled_data", paths.clean_labeled))}
+    artifacts = {
+        name: {"path": str(f), "sha256": tree_sha256(f)}
+        for name, f in (("tokenizer", tokenizer), ("labeled_data", paths.clean_labeled))
+    }
     results: dict[str, dict] = {}
     preds: dict[str, list[str]] = {}
     scorers: dict[str, Scorer] = {}
@@ -485,12 +574,22 @@ def run(cfg: EvaluateConfig, paths: Paths, tracker: Tracker | None = None) -> Ev
 
     def evaluate(name: str, load: Callable[[], Scorer], folder: Path | None, behavioral: bool = False) -> None:
         if folder is not None:
-            artifacts[name] = {"path": str(folder), "sha256": tree_sha256(folder)}  # hashed before loading: a change after is caught
+            artifacts[name] = {
+                "path": str(folder),
+                "sha256": tree_sha256(folder),
+            }  # hashed before loading: a change after is caught
         m, probs, scorer = score_model(load, test, cfg)
         scorers[name] = scorer
         preds[name] = [scorer.labels[i] for i in probs.argmax(1)]
         if behavioral:
-            report = run_behavioral(lambda ts: scorer.predict(ts, cfg.batch_size), texts, mft, cfg.behavioral_sample, cfg.seed, labels=scorer.labels)
+            report = run_behavioral(
+                lambda ts: scorer.predict(ts, cfg.batch_size),
+                texts,
+                mft,
+                cfg.behavioral_sample,
+                cfg.seed,
+                labels=scorer.labels,
+            )
             m["behavioral"] = report
             m["behavioral_min_pass_rate"] = report["min_pass_rate"]
         results[name] = m
@@ -508,7 +607,17 @@ def run(cfg: EvaluateConfig, paths: Paths, tracker: Tracker | None = None) -> Ev
     for name, t in timed(scorers, texts, cfg).items():
         results[name].update(t)
         print(f"{name}: p50 {t['p50_ms_b1']:.3f} ms for 1 text, {t['p50_ms_b32']:.3f} ms for 32")
-    lm = lm_perplexity(Path(paths.lm), load_tokenizer(tokenizer), texts, int(read_config(paths.lm)["config"]["block_size"]), Path(paths.tokens)) if (Path(paths.lm) / CONFIG).is_file() else {}
+    lm = (
+        lm_perplexity(
+            Path(paths.lm),
+            load_tokenizer(tokenizer),
+            texts,
+            int(read_config(paths.lm)["config"]["block_size"]),
+            Path(paths.tokens),
+        )
+        if (Path(paths.lm) / CONFIG).is_file()
+        else {}
+    )
     print(f"language model: {lm}")
 
     names = set(variant_dirs)
@@ -518,11 +627,15 @@ def run(cfg: EvaluateConfig, paths: Paths, tracker: Tracker | None = None) -> Ev
     with atomic_dir(paths.evaluation) as d:
         test.assign(**{f"pred_{k}": v for k, v in preds.items()}).to_parquet(d / "predictions.parquet", index=False)
         for name in variant_dirs:
-            fig = plot_confusion(y_true, preds[name], labels, f"Confusion matrix ({name}, test split)", d / f"confusion_{name}.png")
+            fig = plot_confusion(
+                y_true, preds[name], labels, f"Confusion matrix ({name}, test split)", d / f"confusion_{name}.png"
+            )
             publish(tracker, fig, f"confusion/{name}.png")
         fig, front = plot_pareto(results, names, d / "pareto.png")
         publish(tracker, fig, "pareto.png")
-        publish(tracker, plot_reliability({n: results[n] for n in variant_dirs}, d / "reliability.png"), "reliability.png")
+        publish(
+            tracker, plot_reliability({n: results[n] for n in variant_dirs}, d / "reliability.png"), "reliability.png"
+        )
         (d / REPORT).write_text(markdown_report(cols, front, lm, off, artifacts, len(test)))
         tracker.log_artifact(d / REPORT)
         tracker.log_table(cols, "comparison.json")
@@ -533,7 +646,14 @@ def run(cfg: EvaluateConfig, paths: Paths, tracker: Tracker | None = None) -> Ev
     baselines = {n: m for n, m in results.items() if n not in names}
     for name, m in results.items():
         m["pareto"] = name in front
-    return EvaluateResult(test_examples=len(test), variants=variants, baselines=baselines, artifacts=artifacts, language_model=lm, skipped_variants=off)
+    return EvaluateResult(
+        test_examples=len(test),
+        variants=variants,
+        baselines=baselines,
+        artifacts=artifacts,
+        language_model=lm,
+        skipped_variants=off,
+    )
 
 
 def main() -> None:

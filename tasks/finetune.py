@@ -22,7 +22,10 @@ from models.checkpoint import load_lm, write_classifier
 from models.classifier import ClassifierConfig, TransformerClassifier
 from models.transformer import GPTConfig
 from tasks.shared import engine
-from tasks.shared.classify import EarlyStopping, Examples, Trained, balanced_class_weights, cap_per_label, fit, load_examples, macro_f1, predict  # noqa: F401
+from tasks.shared.classify import (
+    fit,
+    load_examples,
+)  # noqa: F401
 from tasks.shared.config.base import Paths
 from tasks.shared.config.finetune import FinetuneConfig
 from tasks.shared.errors import UserError
@@ -81,7 +84,9 @@ def baseline_model(name: str, cfg: FinetuneConfig, trunk: GPTConfig, labels: lis
         return TransformerClassifier(ClassifierConfig(trunk=trunk, labels=labels, pooling=cfg.pooling))
     common = {"vocab_size": trunk.vocab_size, "labels": labels, "dropout": cfg.baseline_dropout}
     if name == "cnn":
-        return CNNClassifier(CNNConfig(n_embd=cfg.cnn_embd, channels=cfg.cnn_channels, kernel_sizes=cfg.cnn_kernel_sizes, **common))
+        return CNNClassifier(
+            CNNConfig(n_embd=cfg.cnn_embd, channels=cfg.cnn_channels, kernel_sizes=cfg.cnn_kernel_sizes, **common)
+        )
     if name == "gru":
         return GRUClassifier(GRUConfig(n_embd=cfg.gru_embd, hidden=cfg.gru_hidden, pooling=cfg.pooling, **common))
     raise ValueError(f"unknown baseline {name!r}")
@@ -89,7 +94,9 @@ def baseline_model(name: str, cfg: FinetuneConfig, trunk: GPTConfig, labels: lis
 
 def plot_validation(histories: dict[str, list[dict]], path: Path):
     """Validation macro-F1 per epoch of every model finetune trained, on one chart."""
-    lines = [(name, [h["epoch"] for h in hist], [h["val_macro_f1"] for h in hist], "o-") for name, hist in histories.items()]
+    lines = [
+        (name, [h["epoch"] for h in hist], [h["val_macro_f1"] for h in hist], "o-") for name, hist in histories.items()
+    ]
     return line_chart(lines, path, "epoch", "validation macro-F1", "Fine-tuning: pretrained Transformer vs baselines")
 
 
@@ -118,10 +125,14 @@ def run(cfg: FinetuneConfig, paths: Paths, tracker: Tracker | None = None) -> Fi
     require_passed(paths.validation)
     lm = load_lm(paths.lm)
     if cfg.max_length > lm.config.block_size:
-        raise UserError(f"params.yaml: finetune.max_length: {cfg.max_length} exceeds the LM block_size {lm.config.block_size}")
+        raise UserError(
+            f"params.yaml: finetune.max_length: {cfg.max_length} exceeds the LM block_size {lm.config.block_size}"
+        )
     labels, train, val = load_examples(cfg, paths, cfg.max_length)
     rt = engine.setup_runtime(cfg)
-    tracker.log_params({"device": engine.device_name(rt.device)})  # precision: per model, logged by fit (timed under `auto`)
+    tracker.log_params(
+        {"device": engine.device_name(rt.device)}
+    )  # precision: per model, logged by fit (timed under `auto`)
     extra = {"max_length": cfg.max_length, "train_config": cfg.model_dump(mode="json")}
 
     torch.manual_seed(cfg.seed)
@@ -146,7 +157,9 @@ def run(cfg: FinetuneConfig, paths: Paths, tracker: Tracker | None = None) -> Fi
         model = baseline_model(name, cfg, lm.config, labels)
         recipe, epochs = (cfg, cfg.epochs) if name == "scratch" else (small, cfg.baseline_epochs or cfg.epochs)
         lr_key = "finetune.lr" if recipe is cfg or not cfg.baseline_lr else "finetune.baseline_lr"
-        baselines[name] = fit(name, model, recipe, train, val, len(labels), rt, tracker, epochs, prefix=f"{name}/", lr_key=lr_key)
+        baselines[name] = fit(
+            name, model, recipe, train, val, len(labels), rt, tracker, epochs, prefix=f"{name}/", lr_key=lr_key
+        )
 
     with atomic_dir(paths.baselines) as d:
         for name, trained in baselines.items():

@@ -32,7 +32,16 @@ from tasks.shared.config.ingest import IngestConfig
 from tasks.shared.datasets import log_dataset
 from tasks.shared.errors import UserError
 from tasks.shared.harness import stage_main
-from tasks.shared.io import MB, EmptyOutput, ReadOptions, expand_inputs, iter_table, read_table, write_parquet, write_parquet_chunks
+from tasks.shared.io import (
+    MB,
+    EmptyOutput,
+    ReadOptions,
+    expand_inputs,
+    iter_table,
+    read_table,
+    write_parquet,
+    write_parquet_chunks,
+)
 from tasks.shared.tracking import Tracker
 
 SECTIONS = {"ingest": IngestConfig}
@@ -123,7 +132,11 @@ def assign_splits(groups: pd.DataFrame, cfg: IngestConfig) -> dict[str, str]:
         filled = {"test": 0, "val": 0}
         for i, (key, n) in enumerate(zip(g["group"], g["n"])):
             last = i == len(g) - 1
-            fits = [s for s in ("test", "val") if not last and filled[s] < quota[s] and filled[s] + n <= OVERSHOOT * quota[s]]
+            fits = [
+                s
+                for s in ("test", "val")
+                if not last and filled[s] < quota[s] and filled[s] + n <= OVERSHOOT * quota[s]
+            ]
             out[key] = fits[0] if fits else "train"
             if fits:
                 filled[fits[0]] += n
@@ -149,7 +162,9 @@ def stdlib_labeled(cfg: IngestConfig, files: list[Path], root: Path) -> pd.DataF
             if tree is None:
                 continue
             rel = str(f.relative_to(root))
-            rows += [{"id": f"{rel}#{i}", "text": t, "label": pkg, "source": rel} for i, t in enumerate(functions(tree, src))]
+            rows += [
+                {"id": f"{rel}#{i}", "text": t, "label": pkg, "source": rel} for i, t in enumerate(functions(tree, src))
+            ]
     return pd.DataFrame(rows, columns=["id", "text", "label", "source"])
 
 
@@ -161,7 +176,9 @@ def split_labeled(df: pd.DataFrame, cfg: IngestConfig) -> pd.DataFrame:
     return df.assign(split=df["source"].map(mapping))
 
 
-def stdlib_corpus(files: list[Path], root: Path, exclude: set[str], max_files: int, seed: int) -> tuple[pd.DataFrame, list[str]]:
+def stdlib_corpus(
+    files: list[Path], root: Path, exclude: set[str], max_files: int, seed: int
+) -> tuple[pd.DataFrame, list[str]]:
     """Source and docstrings of each file not in `exclude`; returns them and the files that did not parse."""
     rows, skipped = [], []
     files = [f for f in files if str(f.relative_to(root)) not in exclude]
@@ -175,7 +192,10 @@ def stdlib_corpus(files: list[Path], root: Path, exclude: set[str], max_files: i
             skipped.append(rel)
             continue
         rows.append({"id": rel, "text": src, "source": rel, "kind": "code"})
-        rows += [{"id": f"{rel}#doc{i}", "text": d, "source": rel, "kind": "docstring"} for i, d in enumerate(docstrings(tree))]
+        rows += [
+            {"id": f"{rel}#doc{i}", "text": d, "source": rel, "kind": "docstring"}
+            for i, d in enumerate(docstrings(tree))
+        ]
     return pd.DataFrame(rows, columns=CORPUS_COLUMNS), skipped
 
 
@@ -251,8 +271,15 @@ def _user_labeled(cfg: IngestConfig) -> pd.DataFrame:
     """The user's labeled set (held whole: splitting needs every source); a row without text or label,
     or with a bad split, is an error naming it."""
     text, label = cfg.text_column, cfg.label_column
-    df = read_table(cfg.labeled, required=[text, label], columns=[text, label, cfg.id_column, "source", "split"], opts=read_options(cfg))
-    out = pd.DataFrame({"id": _ids(df, cfg.id_column), "text": _strings(df, text), "label": _strings(df, label, integers=True)})
+    df = read_table(
+        cfg.labeled,
+        required=[text, label],
+        columns=[text, label, cfg.id_column, "source", "split"],
+        opts=read_options(cfg),
+    )
+    out = pd.DataFrame(
+        {"id": _ids(df, cfg.id_column), "text": _strings(df, text), "label": _strings(df, label, integers=True)}
+    )
     _reject(out["text"].isna(), f"{text} is missing or blank (every labeled row needs one; fix or remove the row)")
     _reject(out["label"].isna(), f"{label} is missing or blank (every labeled row needs one; fix or remove the row)")
     out["source"] = _sources(df, "labeled")
@@ -275,14 +302,21 @@ class CorpusCounts:
     held_out_examples: list = field(default_factory=list)
 
 
-def _user_corpus_chunks(cfg: IngestConfig, held_out: set[str], counts: CorpusCounts, on_bytes) -> Iterator[pd.DataFrame]:
+def _user_corpus_chunks(
+    cfg: IngestConfig, held_out: set[str], counts: CorpusCounts, on_bytes
+) -> Iterator[pd.DataFrame]:
     """The user's corpus, chunk by chunk, without rows whose text is missing or blank or whose source is
     held out (in the labeled val/test splits); both are counted in `counts`, with examples."""
     text = cfg.text_column
     columns = [text, cfg.id_column, "source", "kind"]
     for df in iter_table(cfg.corpus, required=[text], columns=columns, opts=read_options(cfg), on_bytes=on_bytes):
         chunk = pd.DataFrame(
-            {"id": _ids(df, cfg.id_column), "text": _strings(df, text), "source": _sources(df, "corpus"), "kind": _strings(df, "kind", integers=True).fillna("text")}
+            {
+                "id": _ids(df, cfg.id_column),
+                "text": _strings(df, text),
+                "source": _sources(df, "corpus"),
+                "kind": _strings(df, "kind", integers=True).fillna("text"),
+            }
         )
         blank = chunk["text"].isna().to_numpy()
         counts.blank += int(blank.sum())
@@ -305,7 +339,9 @@ def check_labels(labeled: pd.DataFrame, name: str, min_examples: int) -> None:
         raise UserError(f"{name}: labeled set has {has}; a classifier needs at least 2")
     small = counts[counts < min_examples]
     if len(small):
-        raise UserError(f"params.yaml: ingest.min_examples_per_label: labels {dict(small)} have fewer than {min_examples} examples")
+        raise UserError(
+            f"params.yaml: ingest.min_examples_per_label: labels {dict(small)} have fewer than {min_examples} examples"
+        )
     untrained = sorted(set(counts.index) - set(labeled.loc[labeled["split"] == "train", "label"]))
     if untrained:
         raise UserError(f"{name}: labels {untrained} have no rows in the train split; a classifier cannot learn them")
@@ -313,7 +349,8 @@ def check_labels(labeled: pd.DataFrame, name: str, min_examples: int) -> None:
     if empty:
         splits = " and ".join(empty) + (" splits are" if len(empty) > 1 else " split is")
         raise UserError(
-            f"{name}: the {splits} empty (rows are split by whole source: add rows or distinct sources, or give a split column)"
+            f"{name}: the {splits} empty "
+            "(rows are split by whole source: add rows or distinct sources, or give a split column)"
         )
 
 
@@ -377,9 +414,14 @@ def run(cfg: IngestConfig, paths: Paths, tracker: Tracker | None = None) -> Inge
     else:
         update, close = _progress("ingest corpus", cfg.corpus if isinstance(cfg.corpus, list) else [cfg.corpus])
         try:
-            write_parquet_chunks(_user_corpus_chunks(cfg, held_out, counts, update), paths.raw_corpus, CORPUS_COLUMNS, empty_ok=False)
+            write_parquet_chunks(
+                _user_corpus_chunks(cfg, held_out, counts, update), paths.raw_corpus, CORPUS_COLUMNS, empty_ok=False
+            )
         except EmptyOutput:
-            raise UserError(f"ingest.corpus ({_name(cfg.corpus)}): no documents (every row's text is missing or blank, or its source is held out)") from None
+            raise UserError(
+                f"ingest.corpus ({_name(cfg.corpus)}): no documents "
+                "(every row's text is missing or blank, or its source is held out)"
+            ) from None
         finally:
             close()
         _report(counts.blank, "corpus rows dropped (text missing or blank)", _examples(counts.blank_examples))
@@ -389,7 +431,10 @@ def run(cfg: IngestConfig, paths: Paths, tracker: Tracker | None = None) -> Inge
         raise UserError(f"ingest.corpus ({_name(cfg.corpus)}): no documents")
     write_parquet(labeled[LABELED_COLUMNS], paths.raw_labeled)
     if tracker:
-        for name, spec, output in (("corpus", cfg.corpus, paths.raw_corpus), ("labeled", cfg.labeled, paths.raw_labeled)):
+        for name, spec, output in (
+            ("corpus", cfg.corpus, paths.raw_corpus),
+            ("labeled", cfg.labeled, paths.raw_labeled),
+        ):
             log_dataset(tracker, name, spec, output, context="ingest")
     return IngestResult(
         corpus_rows=counts.rows,
@@ -407,10 +452,18 @@ def _warn_outside(cfg: IngestConfig, user_data: Path) -> None:
     them, so `dvc repro` would not notice when they change."""
     specs = [s for s in (cfg.corpus, cfg.labeled) if s != "stdlib"]
     root = Path(user_data).absolute()
-    outside = [str(f) for f in expand_inputs([i for s in specs for i in ([s] if isinstance(s, str) else s)]) if root not in f.absolute().parents]
+    outside = [
+        str(f)
+        for f in expand_inputs([i for s in specs for i in ([s] if isinstance(s, str) else s)])
+        if root not in f.absolute().parents
+    ]
     if outside:
         more = f" and {len(outside) - 3} more" if len(outside) > 3 else ""
-        print(f"ingest: outside {user_data} (the stage's DVC dependency), so `dvc repro` will not see them change: {', '.join(outside[:3])}{more}", flush=True)
+        print(
+            f"ingest: outside {user_data} (the stage's DVC dependency), so `dvc repro` will not see them change: "
+            f"{', '.join(outside[:3])}{more}",
+            flush=True,
+        )
 
 
 def _name(spec: str | list[str]) -> str:

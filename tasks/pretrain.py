@@ -40,7 +40,15 @@ VAL_LOSS_PLOT = "pretrain_val_loss.csv"
 TIMINGS = ("tokens_per_s", "mfu")
 """Logged values that differ between two runs of the same training: kept out of the model folder."""
 # Settings that do not change what is trained: a checkpoint written under one value resumes under another.
-NOT_IN_FINGERPRINT = {"resume", "checkpoint_interval", "log_interval", "compile", "distributed", "eval_batches", "eval_interval"}
+NOT_IN_FINGERPRINT = {
+    "resume",
+    "checkpoint_interval",
+    "log_interval",
+    "compile",
+    "distributed",
+    "eval_batches",
+    "eval_interval",
+}
 
 
 class Batches:
@@ -59,7 +67,16 @@ class Batches:
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, batches: Batches, rt: engine.Runtime, batch_size: int, micro: int, n_batches: int, seed: int, fused: bool) -> float:
+def evaluate_loss(
+    model: torch.nn.Module,
+    batches: Batches,
+    rt: engine.Runtime,
+    batch_size: int,
+    micro: int,
+    n_batches: int,
+    seed: int,
+    fused: bool,
+) -> float:
     """Mean loss over a fixed (seeded) set of validation windows.
 
     The same windows whatever the number of processes or the micro-batch size: each rank scores its
@@ -187,7 +204,9 @@ def _unusable_report(unusable: list[tuple[Path, str]], resume_from: str | None) 
     """One line per checkpoint that failed verification, the last saying what happens instead."""
     lines = [f"pretrain: checkpoint {p} is unusable ({why})" for p, why in unusable]
     if lines:
-        lines[-1] += f"; resuming from {resume_from}" if resume_from else "; no usable checkpoint, starting from scratch"
+        lines[-1] += (
+            f"; resuming from {resume_from}" if resume_from else "; no usable checkpoint, starting from scratch"
+        )
     return lines
 
 
@@ -195,13 +214,18 @@ def _setup(cfg: PretrainConfig, paths: Paths, rt: engine.Runtime) -> Setup:
     meta = read_meta(paths.tokens)
     if cfg.objective == "mlm" and meta.get("mask_id") is None:
         raise UserError(f"{Path(paths.tokens) / META_FILE}: tokenizer has no <mask> token (re-run the tokenize stage)")
-    model_cfg = PRESETS[cfg.model.preset](vocab_size=meta["vocab_size"], causal=cfg.objective == "causal", **cfg.model.overrides())
+    model_cfg = PRESETS[cfg.model.preset](
+        vocab_size=meta["vocab_size"], causal=cfg.objective == "causal", **cfg.model.overrides()
+    )
     train_data, val_data = engine.TokenShards(paths.tokens, "train"), engine.TokenShards(paths.tokens, "val")
     if len(train_data) <= model_cfg.block_size + 1:
-        raise UserError(f"{paths.tokens}: {len(train_data)} training tokens, fewer than block_size {model_cfg.block_size}")
+        raise UserError(
+            f"{paths.tokens}: {len(train_data)} training tokens, fewer than block_size {model_cfg.block_size}"
+        )
     if cfg.distributed.world != rt.world:
         raise UserError(
-            f"params.yaml: pretrain.distributed asks for {cfg.distributed.nproc} process(es) on {cfg.distributed.nnodes} node(s) but {rt.world} are running"
+            f"params.yaml: pretrain.distributed asks for {cfg.distributed.nproc} process(es) "
+            f"on {cfg.distributed.nnodes} node(s) but {rt.world} are running"
         )
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -232,7 +256,9 @@ def _setup(cfg: PretrainConfig, paths: Paths, rt: engine.Runtime) -> Setup:
                 print(f"pretrain: resuming from {found.path} (step {state.step} of {cfg.max_steps})", flush=True)
     if state.step == 0 and (removed := engine.clear_checkpoints(ckpt_dir, rt)) and rt.is_main:
         # a finished run's (or another config's) checkpoints would outrank this run's and be kept in their stead
-        print(f"pretrain: starting afresh; removed {removed} checkpoint(s) of an earlier run from {ckpt_dir}", flush=True)
+        print(
+            f"pretrain: starting afresh; removed {removed} checkpoint(s) of an earlier run from {ckpt_dir}", flush=True
+        )
     per_rank = cfg.batch_size // rt.world
     return Setup(
         model_cfg=model_cfg,
@@ -277,7 +303,16 @@ def _step(s: Setup, cfg: PretrainConfig, rt: engine.Runtime, step: int) -> tuple
     return loss_sum, grad_norm, lr
 
 
-def _log_train(s: Setup, rt: engine.Runtime, tracker: Tracker, meter: engine.Throughput, step: int, loss: torch.Tensor, grad_norm: float, lr: float) -> dict:
+def _log_train(
+    s: Setup,
+    rt: engine.Runtime,
+    tracker: Tracker,
+    meter: engine.Throughput,
+    step: int,
+    loss: torch.Tensor,
+    grad_norm: float,
+    lr: float,
+) -> dict:
     """Record the step's loss, lr, grad norm and the window's tokens/s (and MFU on a known GPU)."""
     rec = {"step": step, "train_loss": float(engine.all_reduce_mean(loss, rt)), "lr": lr, "grad_norm": grad_norm}
     tps = meter.window_rate()
@@ -291,7 +326,9 @@ def _log_train(s: Setup, rt: engine.Runtime, tracker: Tracker, meter: engine.Thr
 
 
 def _log_eval(s: Setup, cfg: PretrainConfig, rt: engine.Runtime, tracker: Tracker, step: int) -> float:
-    val_loss = evaluate_loss(engine.unwrap(s.model), s.val_batches, rt, cfg.batch_size, s.micro, cfg.eval_batches, cfg.seed, s.fused)
+    val_loss = evaluate_loss(
+        engine.unwrap(s.model), s.val_batches, rt, cfg.batch_size, s.micro, cfg.eval_batches, cfg.seed, s.fused
+    )
     s.state.history.append({"step": step, "val_loss": val_loss})
     tracker.log_metrics({"val_loss": val_loss, "val_perplexity": math.exp(val_loss)}, step=step)
     return val_loss
@@ -314,16 +351,39 @@ def _train(cfg: PretrainConfig, paths: Paths, tracker: Tracker, rt: engine.Runti
     start_step, history = s.state.step, s.state.history
     if rt.is_main and s.probe.fp32_s is not None:
         print(f"pretrain: precision {rt.precision} ({s.probe.reason})", flush=True)
-    tracker.log_params({"device": engine.device_name(rt.device), "precision": rt.precision, "world_size": rt.world,
-                        "grad_accum": cfg.grad_accum, "flops_per_token": s.flops_per_token, "fused_loss": s.fused})  # fmt: skip
+    tracker.log_params(
+        {
+            "device": engine.device_name(rt.device),
+            "precision": rt.precision,
+            "world_size": rt.world,
+            "grad_accum": cfg.grad_accum,
+            "flops_per_token": s.flops_per_token,
+            "fused_loss": s.fused,
+        }
+    )
     val_loss = next((h["val_loss"] for h in reversed(history) if "val_loss" in h), float("nan"))
-    bench = (lambda: engine.step_throughput(s.model, cfg, rt, s.micro, s.model_cfg.block_size, s.model_cfg.vocab_size, s.fused)) if rt.world == 1 else None
+    bench = (
+        (
+            lambda: engine.step_throughput(
+                s.model, cfg, rt, s.micro, s.model_cfg.block_size, s.model_cfg.vocab_size, s.fused
+            )
+        )
+        if rt.world == 1
+        else None
+    )
     engine_rates = [bench()] if bench else []
     meter = engine.Throughput(rt.device)
     last_mfu = None
     start = time.perf_counter()
-    bar = tqdm(range(start_step, cfg.max_steps), desc="pretrain", unit="step", dynamic_ncols=True, disable=not rt.is_main,
-               initial=start_step, total=cfg.max_steps)  # fmt: skip
+    bar = tqdm(
+        range(start_step, cfg.max_steps),
+        desc="pretrain",
+        unit="step",
+        dynamic_ncols=True,
+        disable=not rt.is_main,
+        initial=start_step,
+        total=cfg.max_steps,
+    )
     for step in bar:
         loss, grad_norm, lr = _step(s, cfg, rt, step)
         meter.step(s.tokens_per_step)
@@ -334,7 +394,12 @@ def _train(cfg: PretrainConfig, paths: Paths, tracker: Tracker, rt: engine.Runti
             rec = _log_train(s, rt, tracker, meter, step, loss, grad_norm, lr)
             train_loss, last_mfu = rec["train_loss"], rec.get("mfu", last_mfu)
             tok_s = {"tok_s": f"{rec['tokens_per_s']:,.0f}"} if "tokens_per_s" in rec else {}
-            bar.set_postfix(loss=f"{rec['train_loss']:.3f}", **tok_s, **({"mfu": f"{last_mfu:.1%}"} if last_mfu else {}), refresh=False)
+            bar.set_postfix(
+                loss=f"{rec['train_loss']:.3f}",
+                **tok_s,
+                **({"mfu": f"{last_mfu:.1%}"} if last_mfu else {}),
+                refresh=False,
+            )
         elif save:
             train_loss = float(engine.all_reduce_mean(loss, rt))
         engine.check_finite("pretrain", step, lr, rt, cfg.grad_clip, loss=train_loss, grad_norm=grad_norm)
@@ -354,14 +419,20 @@ def _train(cfg: PretrainConfig, paths: Paths, tracker: Tracker, rt: engine.Runti
         engine_rates.append(bench())
     engine_tps = float(np.mean(engine_rates)) if engine_rates else None
     if rt.is_main and engine_tps and tokens_per_s:
-        print(f"pretrain: {tokens_per_s:,.0f} tokens/s in the loop, {engine_tps:,.0f} for the bare engine step ({tokens_per_s / engine_tps:.0%})", flush=True)
+        print(
+            f"pretrain: {tokens_per_s:,.0f} tokens/s in the loop, "
+            f"{engine_tps:,.0f} for the bare engine step ({tokens_per_s / engine_tps:.0%})",
+            flush=True,
+        )
     trained = _full_model(s.model, s.model_cfg)
 
     if rt.is_main:
         with atomic_dir(paths.lm) as d:
             write_lm(trained, d, extra={"train_config": cfg.model_dump(mode="json"), "objective": cfg.objective})
             # the curve without timings: the same training gives the same bytes, so finetune is not rerun
-            (d / "history.json").write_text(json.dumps([{k: v for k, v in h.items() if k not in TIMINGS} for h in history]))
+            (d / "history.json").write_text(
+                json.dumps([{k: v for k, v in h.items() if k not in TIMINGS} for h in history])
+            )
             publish(tracker, plot_curve(history, d / "loss_curve.png"), "loss_curve.png")
         write_plot_data(history, paths.plots)
     train_losses = [h["train_loss"] for h in history if "train_loss" in h]

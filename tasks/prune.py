@@ -63,14 +63,22 @@ def run(cfg: PruneConfig, ft: FinetuneConfig, paths: Paths, tracker: Tracker | N
     starts = range(0, len(val), n)
     if cfg.importance_batches:
         starts = starts[: cfg.importance_batches]
-    batches = [(val.ids[i : i + n, : int(val.lengths[i : i + n].max())], val.lengths[i : i + n], val.y[i : i + n]) for i in starts]
+    batches = [
+        (val.ids[i : i + n, : int(val.lengths[i : i + n].max())], val.lengths[i : i + n], val.y[i : i + n])
+        for i in starts
+    ]
     heads, ffn = taylor_importance(t.model, batches)
     pruned = prune_structured(t.model, keep_top(heads, cfg.heads), keep_top(ffn, cfg.ffn))
     k = len(t.labels)
     teacher_f1 = val_scores(t.model, val, k, rt)["val_macro_f1"]
     cut_f1 = val_scores(pruned, val, k, rt)["val_macro_f1"]
-    print(f"prune: {count_params(t.model):,} -> {count_params(pruned):,} parameters; validation macro-F1 {teacher_f1:.4f} -> {cut_f1:.4f} before recovery")
-    pruned, recovered, seconds, history = recover("prune", pruned, t, ft, rt, tracker, cfg.recovery_epochs, cfg.recovery_lr, "prune.recovery_lr", cut_f1)
+    print(
+        f"prune: {count_params(t.model):,} -> {count_params(pruned):,} parameters; "
+        f"validation macro-F1 {teacher_f1:.4f} -> {cut_f1:.4f} before recovery"
+    )
+    pruned, recovered, seconds, history = recover(
+        "prune", pruned, t, ft, rt, tracker, cfg.recovery_epochs, cfg.recovery_lr, "prune.recovery_lr", cut_f1
+    )
     trunk = pruned.config.trunk
     with atomic_dir(paths.pruned) as d:
         write_classifier(pruned, d, extra={**t.extra, "variant": "pruned", "prune": cfg.model_dump(mode="json")})

@@ -57,7 +57,9 @@ def run(cfg: QuantizeConfig, paths: Paths, tracker: Tracker | None = None) -> Qu
     for source in dict.fromkeys(cfg.sources):
         folder = where[source]
         if not (folder / "config.json").is_file():
-            raise UserError(f"params.yaml: quantize.sources: {source} has no model at {folder} (is its stage switched off?)")
+            raise UserError(
+                f"params.yaml: quantize.sources: {source} has no model at {folder} (is its stage switched off?)"
+            )
         sources[source] = folder
     backend, timings = cfg.backend, {}
     models = {source: (read_config(folder), load_classifier(folder)) for source, folder in sources.items()}
@@ -75,7 +77,14 @@ def run(cfg: QuantizeConfig, paths: Paths, tracker: Tracker | None = None) -> Qu
             name = int8_name(source)
             (d / name).mkdir()
             extra = {k: v for k, v in meta.items() if k not in ("kind", "config")}
-            write_quantized(qmodel, model.config, d / name, backend, cfg.per_channel, extra={**extra, "variant": name, "source": source})
+            write_quantized(
+                qmodel,
+                model.config,
+                d / name,
+                backend,
+                cfg.per_channel,
+                extra={**extra, "variant": name, "source": source},
+            )
             fp32_bytes, int8_bytes = linear_weight_bytes(model), linear_weight_bytes(qmodel)
             result.variants[name] = {
                 "source": source,

@@ -59,8 +59,13 @@ def run(cfg: SparsifyConfig, ft: FinetuneConfig, paths: Paths, tracker: Tracker 
     masked = magnitude_masks(t.model, cfg.sparsity)
     teacher_f1 = val_scores(t.model, t.val, k, rt)["val_macro_f1"]
     cut_f1 = val_scores(masked, t.val, k, rt)["val_macro_f1"]
-    print(f"sparsify: {cfg.sparsity:.0%} of Linear weights zeroed; validation macro-F1 {teacher_f1:.4f} -> {cut_f1:.4f} before recovery")
-    masked, recovered, seconds, history = recover("sparsify", masked, t, ft, rt, tracker, cfg.recovery_epochs, cfg.recovery_lr, "sparsify.recovery_lr", cut_f1)
+    print(
+        f"sparsify: {cfg.sparsity:.0%} of Linear weights zeroed; "
+        f"validation macro-F1 {teacher_f1:.4f} -> {cut_f1:.4f} before recovery"
+    )
+    masked, recovered, seconds, history = recover(
+        "sparsify", masked, t, ft, rt, tracker, cfg.recovery_epochs, cfg.recovery_lr, "sparsify.recovery_lr", cut_f1
+    )
     sparse = make_permanent(masked).eval()
     with atomic_dir(paths.sparse) as d:
         write_classifier(sparse, d, extra={**t.extra, "variant": "sparse", "sparsify": cfg.model_dump(mode="json")})

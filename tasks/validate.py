@@ -45,13 +45,25 @@ SITE = "local_site"
 """The Data Docs site of gx/great_expectations.yml that the checkpoints update."""
 SAMPLES = 3
 """Offending rows named per failed expectation in the error line."""
-RESULT_KEYS = ("observed_value", "details", "element_count", "missing_count", "unexpected_count", "unexpected_percent", "partial_unexpected_list", "partial_unexpected_index_list", "partial_missing_list")
+RESULT_KEYS = (
+    "observed_value",
+    "details",
+    "element_count",
+    "missing_count",
+    "unexpected_count",
+    "unexpected_percent",
+    "partial_unexpected_list",
+    "partial_unexpected_index_list",
+    "partial_missing_list",
+)
 """What a result record keeps of GE's result: values, no run ids or timestamps."""
 
 
 def tables(corpus: pd.DataFrame, labeled: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """The frame each checkpoint validates, by table name; vectorized (no per-row Python)."""
-    lab = labeled.reindex(columns=["id", "text", "label", "source", "split"])  # a missing column is the split suites' finding
+    lab = labeled.reindex(
+        columns=["id", "text", "label", "source", "split"]
+    )  # a missing column is the split suites' finding
     frames = {"corpus": corpus}
     for split in SPLITS:
         frames[split] = labeled[labeled["split"] == split].reset_index(drop=True)
@@ -66,7 +78,8 @@ def tables(corpus: pd.DataFrame, labeled: pd.DataFrame) -> dict[str, pd.DataFram
 
 
 def expected_labels(cfg: ValidateConfig, packages: list[str], labeled: pd.DataFrame, stdlib: bool) -> list[str]:
-    """The label set the data must have: `validate.labels`, else the configured packages (stdlib task) or the training labels."""
+    """The label set the data must have: `validate.labels`, else the configured packages (stdlib task)
+    or the training labels."""
     if cfg.labels:
         return sorted(cfg.labels)
     if stdlib:
@@ -107,21 +120,36 @@ def _bounds(kw: dict) -> str | None:
     lo, hi = kw.get("min_value"), kw.get("max_value")
     if lo is None and hi is None:
         return None
-    return f"{_short(lo)}..{_short(hi)}" if lo is not None and hi is not None else f">={_short(lo)}" if lo is not None else f"<={_short(hi)}"
+    return (
+        f"{_short(lo)}..{_short(hi)}"
+        if lo is not None and hi is not None
+        else f">={_short(lo)}"
+        if lo is not None
+        else f"<={_short(hi)}"
+    )
 
 
 def describe_failure(table: str, r) -> str:
     """One failed expectation: its type and arguments, then the offending rows (id=value) or what GE observed."""
     kw = r.expectation_config.kwargs
     column = kw.get("column")
-    args = [a for a in (column, _bounds(kw), f"mostly={kw['mostly']:.4g}" if kw.get("mostly", 1) != 1 else None) if a is not None]
+    args = [
+        a
+        for a in (column, _bounds(kw), f"mostly={kw['mostly']:.4g}" if kw.get("mostly", 1) != 1 else None)
+        if a is not None
+    ]
     res = r.result or {}
     mismatched = (res.get("details") or {}).get("mismatched") or {}
     if (error := _error(r)) is not None:
         detail = f"error: {error}"
     elif res.get("unexpected_count"):
-        rows = [str(row.get("id")) + (f"={_short(row[column])}" if column in row and column != "id" else "") for row in res.get("partial_unexpected_index_list") or []]
-        sample = ", ".join(rows[:SAMPLES]) or ", ".join(_short(v) for v in (res.get("partial_unexpected_list") or [])[:SAMPLES])
+        rows = [
+            str(row.get("id")) + (f"={_short(row[column])}" if column in row and column != "id" else "")
+            for row in res.get("partial_unexpected_index_list") or []
+        ]
+        sample = ", ".join(rows[:SAMPLES]) or ", ".join(
+            _short(v) for v in (res.get("partial_unexpected_list") or [])[:SAMPLES]
+        )
         detail = f"{res['unexpected_count']} of {res.get('element_count', '?')} rows, e.g. {sample}"
     elif mismatched:
         detail = ", ".join(f"{k} {sorted(v)}" for k, v in sorted(mismatched.items()) if v)
@@ -159,10 +187,14 @@ def open_project(src: Path, work: Path) -> dict:
         ctx = gx.get_context(mode="file", context_root_dir=work)
         return {name: ctx.checkpoints.get(name) for name in TABLES}
     except Exception as e:  # noqa: BLE001 - a hand-edited suite, definition or checkpoint that GE cannot load
-        raise UserError(f"{src}: cannot load the Great Expectations project ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise UserError(
+            f"{src}: cannot load the Great Expectations project ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
 
 
-def checkpoint_inputs(cfg: ValidateConfig, clean: CleanConfig, packages: list[str], stdlib: bool, paths: Paths) -> tuple[dict[str, pd.DataFrame], dict]:
+def checkpoint_inputs(
+    cfg: ValidateConfig, clean: CleanConfig, packages: list[str], stdlib: bool, paths: Paths
+) -> tuple[dict[str, pd.DataFrame], dict]:
     """What the checkpoints run on: the frame of each table, and the suite parameters.
 
     For a run by hand: `frames, params = checkpoint_inputs(*hand_run_args())`, then
@@ -192,7 +224,12 @@ class ValidateResult:
 
     @property
     def metrics(self) -> dict:
-        return {"success": self.success, "evaluated": self.evaluated, "failed": len(self.failed), "suites": self.per_suite}
+        return {
+            "success": self.success,
+            "evaluated": self.evaluated,
+            "failed": len(self.failed),
+            "suites": self.per_suite,
+        }
 
 
 def run(
@@ -214,25 +251,36 @@ def run(
         checkpoints = open_project(Path(paths.gx), work)
         run_id = RunIdentifier(run_name="lmforge-validate")  # one run: the Data Docs list its tables together
         for name in TABLES:
-            checkpoint_result = checkpoints[name].run(batch_parameters={"dataframe": frames[name]}, expectation_parameters=params, run_id=run_id)
+            checkpoint_result = checkpoints[name].run(
+                batch_parameters={"dataframe": frames[name]}, expectation_parameters=params, run_id=run_id
+            )
             for res in checkpoint_result.run_results.values():
                 failed = [describe_failure(name, r) for r in res.results if not r.success]
                 result.failed += failed
                 result.evaluated += len(res.results)
                 result.success &= bool(res.success)
-                result.per_suite[name] = {"success": bool(res.success), "evaluated": len(res.results), "failed": len(failed)}
+                result.per_suite[name] = {
+                    "success": bool(res.success),
+                    "evaluated": len(res.results),
+                    "failed": len(failed),
+                }
                 report["suites"][name] = {"success": bool(res.success), "results": [_record(r) for r in res.results]}
         site = work / "uncommitted" / "data_docs" / SITE
         for item in site.iterdir():
             item.replace(docs / item.name)
         shutil.rmtree(work)
-    write_result(paths.validation, {"success": result.success, "evaluated": result.evaluated, "failed": result.failed, **report})
+    write_result(
+        paths.validation, {"success": result.success, "evaluated": result.evaluated, "failed": result.failed, **report}
+    )
     if tracker:
         tracker.log_artifact(paths.validation, "validation")
         tracker.log_artifact(paths.data_docs, "validation/data_docs")
     if not result.success:
         index = Path(paths.data_docs) / "index.html"
-        raise UserError(f"data validation failed ({len(result.failed)} of {result.evaluated} expectations; Data Docs: {index}): " + "; ".join(result.failed))
+        raise UserError(
+            f"data validation failed ({len(result.failed)} of {result.evaluated} expectations; Data Docs: {index}): "
+            + "; ".join(result.failed)
+        )
     return result
 
 

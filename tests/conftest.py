@@ -50,9 +50,16 @@ def copy_project(dst: Path) -> Path:
     """The repository's files as git sees them (tracked, plus untracked but not ignored) copied to `dst`."""
     import subprocess
 
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
-    ).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, files):
         if (ROOT / rel).is_file():
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +87,14 @@ TINY_PROJECT = {
     "sparsify": {"recovery_epochs": 0},
     "distill": {"n_layer": 1, "epochs": 1},
     "evaluate": {"latency_samples": 8, "latency_batches": 2, "behavioral_sample": 16},
-    "promote": {"min_accuracy": 0.0, "min_macro_f1": 0.0, "min_gain_over_majority": 0.0, "max_regression": 1.0, "min_behavioral_pass_rate": 0.0, "max_perplexity": 1000.0},
+    "promote": {
+        "min_accuracy": 0.0,
+        "min_macro_f1": 0.0,
+        "min_gain_over_majority": 0.0,
+        "max_regression": 1.0,
+        "min_behavioral_pass_rate": 0.0,
+        "max_perplexity": 1000.0,
+    },
 }
 """A whole-pipeline config small enough for the tests: the default task on 3 stdlib packages, a tiny
 model, bit-exact training (so an interrupted and resumed run can be compared with an uninterrupted one)."""
@@ -154,7 +168,6 @@ def tiny_flow_run(tmp_path_factory) -> dict:
     }
 
 
-
 # Servers and background commands the integration tests start (Prefect, MLflow, workers, schedules).
 def free_port() -> int:
     import socket
@@ -168,7 +181,9 @@ def start_logged(cmd: list[str], cwd: Path, env: dict, log: Path):
     """`cmd` in a session of its own (stop it with `stop_group`), stdout and stderr into `log`."""
     import subprocess
 
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def stop_group(proc) -> None:
@@ -306,7 +321,9 @@ TINY_PRUNE = PruneConfig(recovery_epochs=1)
 TINY_SPARSIFY = SparsifyConfig(recovery_epochs=0)
 TINY_DISTILL = DistillConfig(n_layer=1, epochs=1)
 TINY_QUANTIZE = QuantizeConfig(backend="torch.ao")
-TINY_EVALUATE = EvaluateConfig(batch_size=32, latency_samples=4, latency_batches=2, behavioral_sample=16, tfidf_max_features=200)
+TINY_EVALUATE = EvaluateConfig(
+    batch_size=32, latency_samples=4, latency_batches=2, behavioral_sample=16, tfidf_max_features=200
+)
 
 
 def pytest_configure(config) -> None:
@@ -360,7 +377,14 @@ def tiny_labeled(seed: int = SEED) -> pd.DataFrame:
             for _ in range(n_files):
                 source = f"{label}/mod_{file_no:02d}.py"
                 for fn_no in range(FUNCTIONS_PER_FILE):
-                    rows.append({"text": _function(rng, label, file_no, fn_no), "label": label, "source": source, "split": split})
+                    rows.append(
+                        {
+                            "text": _function(rng, label, file_no, fn_no),
+                            "label": label,
+                            "source": source,
+                            "split": split,
+                        }
+                    )
                 file_no += 1
     return pd.DataFrame(rows, columns=["text", "label", "source", "split"])
 
@@ -375,7 +399,9 @@ def tiny_corpus(labeled: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["text", "source", "kind"])
 
 
-def write_raw(paths: Paths, labeled: pd.DataFrame | None = None, corpus: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def write_raw(
+    paths: Paths, labeled: pd.DataFrame | None = None, corpus: pd.DataFrame | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Write the raw parquet files (what ingest would produce); returns (labeled, corpus)."""
     labeled = tiny_labeled() if labeled is None else labeled
     corpus = tiny_corpus(labeled) if corpus is None else corpus
@@ -419,7 +445,8 @@ class PipelineRun:
 
 
 def run_tiny_pipeline(paths: Paths) -> PipelineRun:
-    """clean -> validate -> tokenize -> pretrain -> finetune -> prune, sparsify, distill -> quantize -> evaluate on the tiny data."""
+    """clean -> validate -> tokenize -> pretrain -> finetune -> prune, sparsify, distill -> quantize -> evaluate
+    on the tiny data."""
     from tasks import clean, distill, evaluate, finetune, pretrain, prune, quantize, sparsify, tokenize, validate
 
     write_raw(paths)

@@ -23,7 +23,10 @@ def _fail(e: UserError) -> None:
 
 
 @app.command()
-def stage(name: str = typer.Argument(..., help="a stage of dvc.yaml (ingest, clean, ..., evaluate)"), params: str = "params.yaml") -> None:
+def stage(
+    name: str = typer.Argument(..., help="a stage of dvc.yaml (ingest, clean, ..., evaluate)"),
+    params: str = "params.yaml",
+) -> None:
     """Run one pipeline stage (what dvc.yaml calls)."""
     try:
         names = stage_names(Path.cwd())
@@ -48,7 +51,9 @@ def pipeline(
         load_params()  # one line for a bad params.yaml, before Prefect starts
     except UserError as e:
         _fail(e)
-    cmd = [sys.executable, "-m", "flows.pipeline", "--lock-timeout", str(lock_timeout)] + ([] if promote else ["--no-promote"])
+    cmd = [sys.executable, "-m", "flows.pipeline", "--lock-timeout", str(lock_timeout)] + (
+        [] if promote else ["--no-promote"]
+    )
     raise typer.Exit(supervise.run(cmd))
 
 
@@ -58,14 +63,19 @@ def retrain(
     promote: bool = typer.Option(True, help="apply the gates and promote at the end"),
     lock_timeout: float = typer.Option(3600.0, help="seconds to wait while another run holds this workspace"),
 ) -> None:
-    """Retrain now, on this machine: skip in seconds if nothing changed since @champion, else run the pipeline and promote."""
+    """Retrain now, on this machine: skip in seconds if nothing changed since @champion, else run the pipeline
+    and promote."""
     from tasks.ops import supervise
 
     try:
         load_params()
     except UserError as e:
         _fail(e)
-    cmd = [sys.executable, "-m", "flows.retrain", "--lock-timeout", str(lock_timeout)] + (["--force"] if force else []) + ([] if promote else ["--no-promote"])
+    cmd = (
+        [sys.executable, "-m", "flows.retrain", "--lock-timeout", str(lock_timeout)]
+        + (["--force"] if force else [])
+        + ([] if promote else ["--no-promote"])
+    )
     raise typer.Exit(supervise.run(cmd))
 
 
@@ -75,7 +85,8 @@ def schedule(
     timezone: Optional[str] = typer.Option(None, help="override its timezone"),
     port: int = typer.Option(4200, help="port of the local Prefect server started when PREFECT_API_URL is not set"),
 ) -> None:
-    """Serve the retrain schedule on this machine until stopped (`flow.serve`), starting a local Prefect server if none is set."""
+    """Serve the retrain schedule on this machine until stopped (`flow.serve`), starting a local Prefect server
+    if none is set."""
     from flows.retrain import check_schedule
     from tasks.ops import supervise
     from tasks.ops.servers import local_prefect_server
@@ -84,7 +95,11 @@ def schedule(
         load_params()
         check_schedule(cron, timezone)
         with local_prefect_server(port) as url:
-            cmd = [sys.executable, "-m", "flows.retrain", "--serve"] + (["--cron", cron] if cron else []) + (["--timezone", timezone] if timezone else [])
+            cmd = (
+                [sys.executable, "-m", "flows.retrain", "--serve"]
+                + (["--cron", cron] if cron else [])
+                + (["--timezone", timezone] if timezone else [])
+            )
             code = supervise.run(cmd, env={**os.environ, "PREFECT_API_URL": url})
     except UserError as e:
         _fail(e)
@@ -100,7 +115,10 @@ def _prefect_server() -> str:
 
     url = PREFECT_API_URL.value()
     if not url:
-        raise UserError("deployments and workers need a Prefect server: start one (`prefect server start`, or deploy/stack/stack.sh up) and set PREFECT_API_URL")
+        raise UserError(
+            "deployments and workers need a Prefect server: start one (`prefect server start`, "
+            "or deploy/stack/stack.sh up) and set PREFECT_API_URL"
+        )
     return url
 
 
@@ -120,14 +138,22 @@ def deploy() -> None:
         if res.returncode == 0:
             typer.echo(f"work pool {pool!r} exists on {url}")
             continue
-        res = subprocess.run([*prefect, "work-pool", "create", pool, "--type", "process"], capture_output=True, text=True, env=env)
+        res = subprocess.run(
+            [*prefect, "work-pool", "create", pool, "--type", "process"], capture_output=True, text=True, env=env
+        )
         if res.returncode != 0:
-            _fail(UserError(f"prefect work-pool create {pool} failed: {(res.stderr or res.stdout).strip().splitlines()[-1:]}"))
+            _fail(
+                UserError(
+                    f"prefect work-pool create {pool} failed: {(res.stderr or res.stdout).strip().splitlines()[-1:]}"
+                )
+            )
         typer.echo(f"work pool {pool!r} created on {url}")
     res = subprocess.run([*prefect, "--no-prompt", "deploy", "--all"], capture_output=True, text=True, env=env)
     if res.returncode != 0:
         _fail(UserError(f"prefect deploy --all failed: {(res.stdout + res.stderr).strip().splitlines()[-1:]}"))
-    typer.echo("deployments applied from prefect.yaml: lmforge-retrain/retrain (pool cpu), lmforge-stage/gpu (pool gpu)")
+    typer.echo(
+        "deployments applied from prefect.yaml: lmforge-retrain/retrain (pool cpu), lmforge-stage/gpu (pool gpu)"
+    )
 
 
 @app.command()
@@ -144,7 +170,19 @@ def worker(
     except UserError as e:
         _fail(e)
     os.environ["LMFORGE_WORKDIR"] = str(Path.cwd().resolve())  # prefect.yaml's pull step runs flows here
-    cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process", "--install-policy", "never"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "prefect",
+        "worker",
+        "start",
+        "--pool",
+        pool,
+        "--type",
+        "process",
+        "--install-policy",
+        "never",
+    ]
     os.execv(sys.executable, cmd + (["--name", name] if name else []))
 
 
@@ -161,8 +199,12 @@ def _registry_errors(e: Exception) -> UserError:
 def promote(
     params: str = "params.yaml",
     lock_timeout: float = typer.Option(3600.0, help="seconds to wait while a pipeline holds this workspace"),
-    force: bool = typer.Option(False, "--force", help="move @champion even if gates fail (needs --reason; recorded as an override)"),
-    reason: Optional[str] = typer.Option(None, help="why: recorded in the alias history (and on the version when forced)"),
+    force: bool = typer.Option(
+        False, "--force", help="move @champion even if gates fail (needs --reason; recorded as an override)"
+    ),
+    reason: Optional[str] = typer.Option(
+        None, help="why: recorded in the alias history (and on the version when forced)"
+    ),
 ) -> None:
     """Gate the evaluated candidate, register it as @candidate and move @champion if every gate passes (exit 1 if not).
 
@@ -186,7 +228,9 @@ def promote(
 @app.command()
 def rollback(
     to: Optional[str] = typer.Option(None, help="version to point @champion at (default: the previous passing one)"),
-    force: bool = typer.Option(False, "--force", help="allow a version that failed its gates (needs --reason; recorded)"),
+    force: bool = typer.Option(
+        False, "--force", help="allow a version that failed its gates (needs --reason; recorded)"
+    ),
     reason: Optional[str] = typer.Option(None, help="why: recorded in the alias history"),
     params: str = "params.yaml",
 ) -> None:
@@ -206,7 +250,6 @@ def history(params: str = "params.yaml") -> None:
     """Every move of @champion and @candidate: when, which alias, from which version to which, who, why, and
     whether gates were overridden."""
     from mlflow import MlflowClient
-
     from tasks.ops.promote import alias_history
     from tasks.shared.tracking import setup_tracking
 
@@ -222,21 +265,35 @@ def history(params: str = "params.yaml") -> None:
         typer.echo("no moves of @champion or @candidate recorded yet")
     for ev in events:
         override = "  OVERRIDE" if ev.get("override") else ""
-        typer.echo(f"{ev['time']}  {ev['alias']:<9}  v{ev.get('from') or '-'} -> v{ev['to']}  {ev.get('user', '')}: {ev['reason']}{override}")
+        typer.echo(
+            f"{ev['time']}  {ev['alias']:<9}  v{ev.get('from') or '-'} -> v{ev['to']}  "
+            f"{ev.get('user', '')}: {ev['reason']}{override}"
+        )
 
 
 @app.command()
 def serve(
     port: Optional[int] = typer.Option(None, help="port (default: 3000; 50051 with --grpc)"),
     host: str = "127.0.0.1",
-    grpc: bool = typer.Option(False, "--grpc", help="serve gRPC (`python -m deploy.grpc_server`, contract deploy/lmforge.proto) instead of REST"),
+    grpc: bool = typer.Option(
+        False,
+        "--grpc",
+        help="serve gRPC (`python -m deploy.grpc_server`, contract deploy/lmforge.proto) instead of REST",
+    ),
 ) -> None:
     """Serve @champion with BentoML (`bentoml serve deploy.service:LMForge`), or over gRPC with --grpc, after
     loading it into BentoML's model store."""
     typer.echo(f"serving {_preflight()}", err=True)
     if grpc:
-        os.execv(sys.executable, [sys.executable, "-m", "deploy.grpc_server", "--host", host] + ([] if port is None else ["--port", str(port)]))
-    os.execv(_bentoml(), ["bentoml", "serve", "deploy.service:LMForge", "--host", host, "--port", str(3000 if port is None else port)])
+        os.execv(
+            sys.executable,
+            [sys.executable, "-m", "deploy.grpc_server", "--host", host]
+            + ([] if port is None else ["--port", str(port)]),
+        )
+    os.execv(
+        _bentoml(),
+        ["bentoml", "serve", "deploy.service:LMForge", "--host", host, "--port", str(3000 if port is None else port)],
+    )
 
 
 def _bentoml() -> str:
@@ -246,7 +303,8 @@ def _bentoml() -> str:
 
 
 def _preflight() -> str:
-    """Load the model the servers will serve (a registry version lands in BentoML's model store); one line describing it."""
+    """Load the model the servers will serve (a registry version lands in BentoML's model store); one line
+    describing it."""
     from deploy.core import ModelUnavailable, describe, open_model
 
     try:
@@ -257,7 +315,8 @@ def _preflight() -> str:
 
 @app.command()
 def build() -> None:
-    """Build a Bento of @champion (`bentoml build -f deploy/bentofile.yaml`): the model goes inside, so it serves with no tracking store."""
+    """Build a Bento of @champion (`bentoml build -f deploy/bentofile.yaml`): the model goes inside, so it serves
+    with no tracking store."""
     import subprocess
 
     from deploy.core import IN_BENTO
@@ -325,7 +384,9 @@ def check(params: str = "params.yaml") -> None:
 
 
 @app.command("deps")
-def deps(write: bool = typer.Option(False, "--write", help="rewrite dvc.yaml's code deps and params from the code")) -> None:
+def deps(
+    write: bool = typer.Option(False, "--write", help="rewrite dvc.yaml's code deps and params from the code"),
+) -> None:
     """Show (or --write) each stage's code deps: its import closure, and the params sections it reads."""
     from tasks.ops.dag import expected, write_deps
 
@@ -354,7 +415,10 @@ def check_lock() -> None:
     for line in problems:
         typer.echo(line)
     if problems:
-        typer.echo(f"lmforge: dvc.lock is stale ({len(problems)} entries); `make pipeline` (or `dvc repro`) refreshes it", err=True)
+        typer.echo(
+            f"lmforge: dvc.lock is stale ({len(problems)} entries); `make pipeline` (or `dvc repro`) refreshes it",
+            err=True,
+        )
         raise typer.Exit(1)
     typer.echo("dvc.lock matches the code and params in the working tree")
 

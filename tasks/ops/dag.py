@@ -127,7 +127,9 @@ def declared_sections(file: Path) -> list[str]:
     for node in ast.parse(Path(file).read_text()).body:
         if isinstance(node, (ast.Assign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            if any(isinstance(t, ast.Name) and t.id == "SECTIONS" for t in targets) and isinstance(node.value, ast.Dict):
+            if any(isinstance(t, ast.Name) and t.id == "SECTIONS" for t in targets) and isinstance(
+                node.value, ast.Dict
+            ):
                 return [k.value for k in node.value.keys if isinstance(k, ast.Constant)]
     raise UserError(f"{file}: no module-level SECTIONS dict (the params.yaml sections the stage reads)")
 
@@ -177,7 +179,9 @@ def check_deps(root: Path = ROOT) -> list[str]:
             problems.append(f"{want.stage}: dvc.yaml lists {f} in deps but the stage does not import it")
         params = [str(p) for p in body.get("params") or []]
         if sorted(params) != sorted(want.sections):
-            problems.append(f"{want.stage}: dvc.yaml params {params} differ from {want.module}.SECTIONS {want.sections}")
+            problems.append(
+                f"{want.stage}: dvc.yaml params {params} differ from {want.module}.SECTIONS {want.sections}"
+            )
     return problems
 
 
@@ -307,6 +311,8 @@ def stale_lock(root: Path = ROOT) -> list[str]:
             now, then = flatten({str(key): node}), flatten({str(key): locked_params[str(key)]})
             for k in sorted(set(now) | set(then)):
                 if now.get(k, "<absent>") != then.get(k, "<absent>"):
-                    problems.append(f"{stage}: params.yaml {k} is {now.get(k, '<absent>')!r}, dvc.lock has {then.get(k, '<absent>')!r}")
+                    problems.append(
+                        f"{stage}: params.yaml {k} is {now.get(k, '<absent>')!r}, "
+                        f"dvc.lock has {then.get(k, '<absent>')!r}"
+                    )
     return problems
-

@@ -79,15 +79,27 @@ def compare_with_champion(client, model: str, root: Path = Path(".")) -> Compari
     stale = stale_stages(root)
     if stale:
         first = next(iter(stale))
-        return Comparison(True, f"dvc status reports {len(stale)} stage(s) out of date ({', '.join(stale)}; {first}: {_describe(stale[first])})")
+        return Comparison(
+            True,
+            f"dvc status reports {len(stale)} stage(s) out of date "
+            f"({', '.join(stale)}; {first}: {_describe(stale[first])})",
+        )
     mv = current_version(client, model)
     if mv is None:
         return Comparison(True, f"registered model {model!r} has no @{ALIAS} yet")
     recorded = {k: mv.tags.get(TAG.format(k)) for k in KINDS}
     if not all(recorded.values()):
-        return Comparison(True, f"{model} v{mv.version} (@{ALIAS}) records no lineage fingerprint (registered by an older lmforge)", str(mv.version))
+        return Comparison(
+            True,
+            f"{model} v{mv.version} (@{ALIAS}) records no lineage fingerprint (registered by an older lmforge)",
+            str(mv.version),
+        )
     now = fingerprint(Path(root) / "dvc.lock")
     differ = [k for k in KINDS if recorded[k] != now[k]]
     if differ:
-        return Comparison(True, f"{' and '.join(differ)} differ from the lineage of {model} v{mv.version} (@{ALIAS})", str(mv.version))
-    return Comparison(False, f"data, code and params equal the lineage of {model} v{mv.version} (@{ALIAS})", str(mv.version))
+        return Comparison(
+            True, f"{' and '.join(differ)} differ from the lineage of {model} v{mv.version} (@{ALIAS})", str(mv.version)
+        )
+    return Comparison(
+        False, f"data, code and params equal the lineage of {model} v{mv.version} (@{ALIAS})", str(mv.version)
+    )

@@ -45,7 +45,9 @@ def _holder(f) -> str:
 
 
 @contextmanager
-def workspace_lock(root: Path | str = ".", what: str = "", timeout: float = DEFAULT_TIMEOUT, poll: float = 1.0) -> Iterator[None]:
+def workspace_lock(
+    root: Path | str = ".", what: str = "", timeout: float = DEFAULT_TIMEOUT, poll: float = 1.0
+) -> Iterator[None]:
     """Hold the workspace lock of `root`; wait at most `timeout` seconds for it, saying once what for."""
     path = Path(root) / LOCK_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,9 +61,17 @@ def workspace_lock(root: Path | str = ".", what: str = "", timeout: float = DEFA
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise UserError(f"workspace {Path(root).resolve()} is still held by {_holder(f)} after {timeout:.0f} s; try again later") from None
+                    raise UserError(
+                        f"workspace {Path(root).resolve()} is still held by {_holder(f)} after {timeout:.0f} s; "
+                        "try again later"
+                    ) from None
                 if not waited:
-                    print(f"lmforge: waiting up to {timeout:.0f} s for {_holder(f)} to finish with workspace {Path(root).resolve()}", file=sys.stderr, flush=True)
+                    print(
+                        f"lmforge: waiting up to {timeout:.0f} s for {_holder(f)} "
+                        f"to finish with workspace {Path(root).resolve()}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     waited = True
                 time.sleep(poll)
         f.seek(0)

@@ -112,15 +112,23 @@ def choose_variant(cfg: PromoteConfig, variants: dict[str, dict]) -> tuple[str, 
         raise UserError("metrics/evaluate.json: no variant was evaluated; run `dvc repro evaluate`")
     if cfg.variant != "auto":
         if cfg.variant not in variants:
-            raise UserError(f"params.yaml: promote.variant: {cfg.variant!r} was not evaluated (have {sorted(variants)})")
-        return cfg.variant, {cfg.variant: "named in promote.variant", **{v: f"not chosen: promote.variant names {cfg.variant}" for v in variants if v != cfg.variant}}
+            raise UserError(
+                f"params.yaml: promote.variant: {cfg.variant!r} was not evaluated (have {sorted(variants)})"
+            )
+        return cfg.variant, {
+            cfg.variant: "named in promote.variant",
+            **{v: f"not chosen: promote.variant names {cfg.variant}" for v in variants if v != cfg.variant},
+        }
     top = max(variants, key=lambda v: variants[v]["macro_f1"])
     floor = round(variants[top]["macro_f1"] - cfg.f1_tolerance, 6)
     why, eligible = {}, []
     for v, m in variants.items():
         behavior = m.get("behavioral_min_pass_rate")
         if m["macro_f1"] < floor:
-            why[v] = f"macro-F1 {m['macro_f1']:.4f} is more than {cfg.f1_tolerance:.4f} below the best ({top} {variants[top]['macro_f1']:.4f})"
+            why[v] = (
+                f"macro-F1 {m['macro_f1']:.4f} is more than {cfg.f1_tolerance:.4f} below the best "
+                f"({top} {variants[top]['macro_f1']:.4f})"
+            )
         elif m["p50_ms_b1"] > cfg.max_latency_ms:
             why[v] = f"p50 {m['p50_ms_b1']:.2f} ms over the latency budget {cfg.max_latency_ms:.2f} ms"
         elif m["size_mb"] > cfg.max_size_mb:
@@ -136,30 +144,61 @@ def choose_variant(cfg: PromoteConfig, variants: dict[str, dict]) -> tuple[str, 
     fast = variants[pick]["p50_ms_b1"]
     for v in eligible:
         why[v] = (
-            f"chosen: fastest qualifying variant (p50 {fast:.3f} ms at batch 1, macro-F1 {variants[v]['macro_f1']:.4f}, within {cfg.f1_tolerance:.4f} of the best)"
+            f"chosen: fastest qualifying variant (p50 {fast:.3f} ms at batch 1, "
+            f"macro-F1 {variants[v]['macro_f1']:.4f}, within {cfg.f1_tolerance:.4f} of the best)"
             if v == pick
             else f"qualified but slower: p50 {variants[v]['p50_ms_b1']:.3f} ms vs {fast:.3f} ms ({pick})"
         )
     return pick, why
 
 
-def metric_gates(cfg: PromoteConfig, m: dict, majority: dict, champion: Rescore | None = None, language_model: dict | None = None) -> list[Gate]:
+def metric_gates(
+    cfg: PromoteConfig, m: dict, majority: dict, champion: Rescore | None = None, language_model: dict | None = None
+) -> list[Gate]:
     """The gates decided by numbers already measured (no I/O): easy to test, printed with their reasons."""
     gates = [
-        Gate("min_accuracy", m["accuracy"] >= cfg.min_accuracy, f"accuracy {m['accuracy']:.4f} vs floor {cfg.min_accuracy:.4f}"),
-        Gate("min_macro_f1", m["macro_f1"] >= cfg.min_macro_f1, f"macro-F1 {m['macro_f1']:.4f} vs floor {cfg.min_macro_f1:.4f}"),
+        Gate(
+            "min_accuracy",
+            m["accuracy"] >= cfg.min_accuracy,
+            f"accuracy {m['accuracy']:.4f} vs floor {cfg.min_accuracy:.4f}",
+        ),
+        Gate(
+            "min_macro_f1",
+            m["macro_f1"] >= cfg.min_macro_f1,
+            f"macro-F1 {m['macro_f1']:.4f} vs floor {cfg.min_macro_f1:.4f}",
+        ),
     ]
     gain = round(m["accuracy"] - majority["accuracy"], 6)  # exact-boundary values pass despite float noise
-    gates.append(Gate("beats_majority", gain >= cfg.min_gain_over_majority, f"accuracy gain over majority class {gain:+.4f} vs required {cfg.min_gain_over_majority:+.4f}"))
+    gates.append(
+        Gate(
+            "beats_majority",
+            gain >= cfg.min_gain_over_majority,
+            f"accuracy gain over majority class {gain:+.4f} vs required {cfg.min_gain_over_majority:+.4f}",
+        )
+    )
     gates.append(no_regression_gate(cfg, m, champion))
-    gates.append(Gate("latency", m["p50_ms_b1"] <= cfg.max_latency_ms, f"p50 {m['p50_ms_b1']:.2f} ms (one text) vs budget {cfg.max_latency_ms:.2f} ms"))
-    gates.append(Gate("size", m["size_mb"] <= cfg.max_size_mb, f"{m['size_mb']:.2f} MB vs budget {cfg.max_size_mb:.2f} MB"))
+    gates.append(
+        Gate(
+            "latency",
+            m["p50_ms_b1"] <= cfg.max_latency_ms,
+            f"p50 {m['p50_ms_b1']:.2f} ms (one text) vs budget {cfg.max_latency_ms:.2f} ms",
+        )
+    )
+    gates.append(
+        Gate("size", m["size_mb"] <= cfg.max_size_mb, f"{m['size_mb']:.2f} MB vs budget {cfg.max_size_mb:.2f} MB")
+    )
     behavior = m.get("behavioral_min_pass_rate")
     if behavior is None:
         gates.append(Gate("behavioral", True, "no behavioral test could run (no applicable cases)"))
     else:
         worst = _worst_behavioral(m.get("behavioral") or {})
-        gates.append(Gate("behavioral", behavior >= cfg.min_behavioral_pass_rate, f"lowest pass rate {behavior:.3f}{worst} vs floor {cfg.min_behavioral_pass_rate:.3f}"))
+        gates.append(
+            Gate(
+                "behavioral",
+                behavior >= cfg.min_behavioral_pass_rate,
+                f"lowest pass rate {behavior:.3f}{worst} vs floor {cfg.min_behavioral_pass_rate:.3f}",
+            )
+        )
     gates.append(perplexity_gate(cfg, language_model))
     return gates
 
@@ -167,14 +206,26 @@ def metric_gates(cfg: PromoteConfig, m: dict, majority: dict, champion: Rescore 
 def perplexity_gate(cfg: PromoteConfig, language_model: dict | None) -> Gate:
     """The language model behind /generate: its test perplexity (evaluate's `language_model`) under `max_perplexity`."""
     if cfg.max_perplexity is None:
-        return not_configured("lm_perplexity", "promote.max_perplexity is null: no ceiling on the language model's perplexity")
+        return not_configured(
+            "lm_perplexity", "promote.max_perplexity is null: no ceiling on the language model's perplexity"
+        )
     lm = language_model or {}
     ppl = lm.get("test_perplexity")
     if ppl is None:
         why = lm.get("note") or "no language model was evaluated"
-        return Gate("lm_perplexity", True, f"nothing to check: {why}; the service has no /generate", detail={"test_perplexity": None})
+        return Gate(
+            "lm_perplexity",
+            True,
+            f"nothing to check: {why}; the service has no /generate",
+            detail={"test_perplexity": None},
+        )
     ok = math.isfinite(ppl) and ppl <= cfg.max_perplexity
-    return Gate("lm_perplexity", ok, f"test perplexity {ppl:.2f} vs ceiling {cfg.max_perplexity:.2f}", detail={"test_perplexity": ppl})
+    return Gate(
+        "lm_perplexity",
+        ok,
+        f"test perplexity {ppl:.2f} vs ceiling {cfg.max_perplexity:.2f}",
+        detail={"test_perplexity": ppl},
+    )
 
 
 @dataclass
@@ -215,27 +266,42 @@ def no_regression_gate(cfg: PromoteConfig, m: dict, champion: Rescore | None) ->
         return Gate("no_regression", True, "no current champion")
     v = f"champion v{champion.version}"
     stored = f"{champion.stored_macro_f1:.4f}" if champion.stored_macro_f1 is not None else "none"
-    detail = {"champion_version": champion.version, "champion_stored_macro_f1": champion.stored_macro_f1, "candidate_macro_f1_evaluate": m["macro_f1"]}
+    detail = {
+        "champion_version": champion.version,
+        "champion_stored_macro_f1": champion.stored_macro_f1,
+        "candidate_macro_f1_evaluate": m["macro_f1"],
+    }
     if champion.error:
         return Gate("no_regression", False, f"{v} could not be scored again: {champion.error}", detail=detail)
     added, removed = ", ".join(champion.added) or "none", ", ".join(champion.removed) or "none"
     changed = "" if champion.same_labels else f"label set changed (added: {added}; removed: {removed}); "
     if not champion.labels:
-        return Gate("no_regression", False, f"{changed}not comparable: the candidate and {v} share no label", detail=detail)
+        return Gate(
+            "no_regression", False, f"{changed}not comparable: the candidate and {v} share no label", detail=detail
+        )
     candidate = m["macro_f1"] if champion.same_labels else champion.candidate_macro_f1
     drop = round(champion.macro_f1 - candidate, 6)
-    detail |= {"candidate_macro_f1": candidate, "champion_macro_f1": champion.macro_f1, "rows": champion.rows, "labels": champion.labels}
+    detail |= {
+        "candidate_macro_f1": candidate,
+        "champion_macro_f1": champion.macro_f1,
+        "rows": champion.rows,
+        "labels": champion.labels,
+    }
     detail |= {"added_labels": champion.added, "removed_labels": champion.removed}
     if champion.same_labels:
         reason = (
-            f"macro-F1 {candidate:.4f} (candidate, as evaluate scored it) vs {champion.macro_f1:.4f} ({v} scored again on the same {champion.rows} test rows; stored {stored})"
+            f"macro-F1 {candidate:.4f} (candidate, as evaluate scored it) vs {champion.macro_f1:.4f} "
+            f"({v} scored again on the same {champion.rows} test rows; stored {stored})"
         )
     else:
         reason = (
-            f"{changed}on the {champion.rows} test rows of the {len(champion.labels)} shared labels macro-F1 {candidate:.4f} (candidate) vs "
+            f"{changed}on the {champion.rows} test rows of the {len(champion.labels)} shared labels "
+            f"macro-F1 {candidate:.4f} (candidate) vs "
             f"{champion.macro_f1:.4f} ({v}; stored {stored}); candidate on all its labels {m['macro_f1']:.4f}"
         )
-    return Gate("no_regression", drop <= cfg.max_regression, f"{reason}; allowed drop {cfg.max_regression:.4f}", detail=detail)
+    return Gate(
+        "no_regression", drop <= cfg.max_regression, f"{reason}; allowed drop {cfg.max_regression:.4f}", detail=detail
+    )
 
 
 def _worst_behavioral(report: dict) -> str:
@@ -269,7 +335,10 @@ def data_validation_gate(cfg: PromoteConfig, paths: Paths, lock_file: Path = Pat
     """Did the validation that passed look at the very data the candidate was trained on? (see `validation_check`)"""
     check = validation_check(paths, lock_file)
     if not cfg.require_validation:
-        return not_configured("data_validation", f"promote.require_validation is false (the check would say: {check.status}: {check.reason})")
+        return not_configured(
+            "data_validation",
+            f"promote.require_validation is false (the check would say: {check.status}: {check.reason})",
+        )
     return check
 
 
@@ -295,37 +364,72 @@ def validation_check(paths: Paths, lock_file: Path = Path("dvc.lock")) -> Gate:
 
     def records(kind: str, target: Path) -> dict[str, str | None]:
         """stage -> md5 of `target` among that stage's `kind` (deps or outs) in dvc.lock."""
-        return {st: i.get("md5") for st, body in stages.items() for i in body.get(kind) or [] if key(i["path"]) == key(target)}
+        return {
+            st: i.get("md5")
+            for st, body in stages.items()
+            for i in body.get(kind) or []
+            if key(i["path"]) == key(target)
+        }
 
     result_file = Path(paths.validation)
     writers = records("outs", result_file)
     if not writers:
-        return Gate("data_validation", False, f"{lock_file}: no stage records {result_file} as its output: the data was never validated (run `dvc repro validate`)")
+        return Gate(
+            "data_validation",
+            False,
+            f"{lock_file}: no stage records {result_file} as its output: "
+            "the data was never validated (run `dvc repro validate`)",
+        )
     validator, result_md5 = next(iter(writers.items()))
     hashes, consumers = {}, set()
     for data in (Path(paths.clean_labeled), Path(paths.clean_corpus)):
         used = records("deps", data)
         validated = used.pop(validator, None)
         if validated is None:
-            return Gate("data_validation", False, f"{lock_file}: stage {validator} records no md5 for {data}: it did not validate that data")
+            return Gate(
+                "data_validation",
+                False,
+                f"{lock_file}: stage {validator} records no md5 for {data}: it did not validate that data",
+            )
         for st, md5 in used.items():
             if md5 != validated:
-                why = f"{data}: {validator} validated md5 {validated[:12]}, but {st} consumed {str(md5)[:12]} (dvc.lock): the candidate's data was not validated"
+                why = (
+                    f"{data}: {validator} validated md5 {validated[:12]}, but {st} consumed {str(md5)[:12]} "
+                    "(dvc.lock): the candidate's data was not validated"
+                )
                 return Gate("data_validation", False, why, detail={"validated_md5": validated, "consumed_md5": md5})
         if not used:
-            return Gate("data_validation", False, f"{data}: no stage in {lock_file} consumed the md5 {validated[:12]} that {validator} validated")
+            return Gate(
+                "data_validation",
+                False,
+                f"{data}: no stage in {lock_file} consumed the md5 {validated[:12]} that {validator} validated",
+            )
         hashes[str(data)] = validated
         consumers |= set(used)
     detail = {"data_md5": hashes, "result_md5": result_md5}
     for st, md5 in records("deps", result_file).items():
         if md5 != result_md5:
-            return Gate("data_validation", False, f"{result_file}: {st} read md5 {str(md5)[:12]}, {validator} wrote {str(result_md5)[:12]} (dvc.lock)", detail=detail)
+            return Gate(
+                "data_validation",
+                False,
+                f"{result_file}: {st} read md5 {str(md5)[:12]}, {validator} wrote {str(result_md5)[:12]} (dvc.lock)",
+                detail=detail,
+            )
     try:
         actual = hashlib.md5(result_file.read_bytes()).hexdigest()
     except OSError:
-        return Gate("data_validation", False, f"{result_file}: missing (dvc.lock records md5 {str(result_md5)[:12]} from {validator}); run `dvc repro validate`", detail=detail)
+        return Gate(
+            "data_validation",
+            False,
+            f"{result_file}: missing (dvc.lock records md5 {str(result_md5)[:12]} from {validator}); "
+            "run `dvc repro validate`",
+            detail=detail,
+        )
     if actual != result_md5:
-        why = f"{result_file}: md5 {actual[:12]} now, {str(result_md5)[:12]} in dvc.lock as {validator}'s output: not the result of validating this data"
+        why = (
+            f"{result_file}: md5 {actual[:12]} now, {str(result_md5)[:12]} in dvc.lock as {validator}'s output: "
+            "not the result of validating this data"
+        )
         return Gate("data_validation", False, why, detail=detail)
     try:
         result = read_result(result_file)
@@ -336,12 +440,22 @@ def validation_check(paths: Paths, lock_file: Path = Path("dvc.lock")) -> Gate:
         failed = result.get("failed") or []
         first = f"; first: {failed[0]}" if isinstance(failed, list) and failed else ""
         n = len(failed) if isinstance(failed, list) else failed
-        return Gate("data_validation", False, f"validation failed on {data}: {n} of {result.get('evaluated', '?')} expectations{first}", detail=detail)
-    why = f"Great Expectations suites passed ({result.get('evaluated', '?')} expectations) on {data}: the data version {', '.join(sorted(consumers))} consumed"
+        return Gate(
+            "data_validation",
+            False,
+            f"validation failed on {data}: {n} of {result.get('evaluated', '?')} expectations{first}",
+            detail=detail,
+        )
+    why = (
+        f"Great Expectations suites passed ({result.get('evaluated', '?')} expectations) on {data}: "
+        f"the data version {', '.join(sorted(consumers))} consumed"
+    )
     return Gate("data_validation", True, why, detail=detail)
 
 
-def rescore_champion(client, name: str, mv, paths: Paths, cfg: EvaluateConfig, candidate_labels: list[str], load_candidate: Callable) -> Rescore | None:
+def rescore_champion(
+    client, name: str, mv, paths: Paths, cfg: EvaluateConfig, candidate_labels: list[str], load_candidate: Callable
+) -> Rescore | None:
     """Score the current champion (`mv`, None if there is none) on the candidate's test rows with evaluate's code.
 
     The test split of `paths.clean_labeled` (the rows evaluate scored the candidate on; `run` checks its
@@ -380,7 +494,9 @@ def rescore_champion(client, name: str, mv, paths: Paths, cfg: EvaluateConfig, c
     out.rows = len(rows)
 
     def macro_f1(bundle) -> float:
-        _, probs, scorer = score_model(lambda: Scorer(bundle.labels, bundle.encode, lambda enc: bundle.forward(*enc).numpy()), rows, cfg)
+        _, probs, scorer = score_model(
+            lambda: Scorer(bundle.labels, bundle.encode, lambda enc: bundle.forward(*enc).numpy()), rows, cfg
+        )
         return scores(rows["label"].tolist(), [scorer.labels[i] for i in probs.argmax(1)], out.labels)["macro_f1"]
 
     try:
@@ -435,7 +551,16 @@ LEGACY_HISTORY_TAG = "champion.history."
 """Where records were kept before @candidate existed (moves of @champion only); still read."""
 
 
-def move_alias(client, name: str, alias: str, version: str, reason: str, previous: str | None, override: bool = False, action: str = "promote") -> dict:
+def move_alias(
+    client,
+    name: str,
+    alias: str,
+    version: str,
+    reason: str,
+    previous: str | None,
+    override: bool = False,
+    action: str = "promote",
+) -> dict:
     """Point `alias` at `version`, recording when, from which version, why, who and whether gates were overridden.
 
     `action` (promote, rollback, evaluate) lets rollback find the champion before the current one. The
@@ -457,12 +582,16 @@ def move_alias(client, name: str, alias: str, version: str, reason: str, previou
     }
     client.set_registered_model_tag(name, f"{HISTORY_TAG}{time.time_ns()}", json.dumps(event))
     if override:
-        client.set_model_version_tag(name, str(version), "override", f"{event['time']} {event['user']}: {reason}"[:5000])
+        client.set_model_version_tag(
+            name, str(version), "override", f"{event['time']} {event['user']}: {reason}"[:5000]
+        )
     client.set_registered_model_alias(name, alias, str(version))
     return event
 
 
-def move_champion(client, name: str, version: str, reason: str, previous: str | None, override: bool = False, action: str = "promote") -> dict:
+def move_champion(
+    client, name: str, version: str, reason: str, previous: str | None, override: bool = False, action: str = "promote"
+) -> dict:
     """`move_alias` for @champion."""
     return move_alias(client, name, ALIAS, version, reason, previous, override, action)
 
@@ -525,8 +654,10 @@ def require_current_evaluation(root: Path = Path(".")) -> None:
     if stale:
         first = next(iter(stale))
         raise UserError(
-            f"the evaluation is not evidence for the current artifacts: dvc status reports {len(stale)} stage(s) out of date "
-            f"({', '.join(stale)}; {first}: {_describe(stale[first])}); run `dvc repro` (or `make pipeline`), then promote"
+            "the evaluation is not evidence for the current artifacts: "
+            f"dvc status reports {len(stale)} stage(s) out of date "
+            f"({', '.join(stale)}; {first}: {_describe(stale[first])}); "
+            "run `dvc repro` (or `make pipeline`), then promote"
         )
 
 
@@ -534,23 +665,34 @@ def verify_scored(evaluation: dict, name: str, path: Path, metrics_file: Path) -
     """sha256 of `path` (the copy being registered), which must equal what evaluate recorded for `name`."""
     recorded = (evaluation.get("artifacts") or {}).get(name, {}).get("sha256")
     if not recorded:
-        raise UserError(f"{metrics_file}: records no sha256 for {name!r} (written by an older lmforge); run `dvc repro evaluate`, then promote")
+        raise UserError(
+            f"{metrics_file}: records no sha256 for {name!r} (written by an older lmforge); "
+            "run `dvc repro evaluate`, then promote"
+        )
     actual = tree_sha256(path)
     if actual != recorded:
-        raise UserError(f"{name} is not what evaluate scored: sha256 {actual[:12]} now, {recorded[:12]} in {metrics_file}; run `dvc repro`, then promote")
+        raise UserError(
+            f"{name} is not what evaluate scored: sha256 {actual[:12]} now, {recorded[:12]} in {metrics_file}; "
+            "run `dvc repro`, then promote"
+        )
     return actual
 
 
-def run(params: Params, params_file: Path = Path("params.yaml"), flow_run_id: str | None = None, force: bool = False, reason: str | None = None) -> Decision:
+def run(
+    params: Params,
+    params_file: Path = Path("params.yaml"),
+    flow_run_id: str | None = None,
+    force: bool = False,
+    reason: str | None = None,
+) -> Decision:
     """Gate the evaluated candidate, register it as @candidate, and make it @champion if every gate passes.
 
     `force` (with a `reason`) moves @champion even when gates fail; the override is recorded on the version
     and in the alias history. Without `force`, a `reason` is added to the history record of a promotion.
     """
     import mlflow
-    from mlflow import MlflowClient
-
     from deploy.core import load_service_bundle, write_preprocess
+    from mlflow import MlflowClient
     from models.bundle import write_bundle
 
     reason = override_reason(force, reason)
@@ -574,7 +716,9 @@ def run(params: Params, params_file: Path = Path("params.yaml"), flow_run_id: st
 
     folder = variant_folders(paths).get(variant)
     if folder is None:
-        raise UserError(f"{metrics_file}: variant {variant!r} is not one lmforge builds (have {sorted(variant_folders(paths))})")
+        raise UserError(
+            f"{metrics_file}: variant {variant!r} is not one lmforge builds (have {sorted(variant_folders(paths))})"
+        )
     with tempfile.TemporaryDirectory(prefix="lmforge-bundle-") as tmp:
         bundle_dir = Path(tmp) / "bundle"
         write_bundle(bundle_dir, Path(paths.tokenizer) / TOKENIZER_FILE, Path(folder), Path(paths.lm))
@@ -587,7 +731,9 @@ def run(params: Params, params_file: Path = Path("params.yaml"), flow_run_id: st
         if champion_mv is not None:
             print(f"scoring champion v{champion_mv.version} again on the candidate's test rows")
         labels = list(m.get("per_class_f1") or load_service_bundle(str(bundle_dir)).labels)
-        champion = rescore_champion(client, name, champion_mv, paths, params.evaluate, labels, lambda: load_service_bundle(str(bundle_dir)))
+        champion = rescore_champion(
+            client, name, champion_mv, paths, params.evaluate, labels, lambda: load_service_bundle(str(bundle_dir))
+        )
         gates = [
             data_validation_gate(cfg, paths),
             *metric_gates(cfg, m, evaluation["baselines"]["majority"], champion, evaluation.get("language_model")),
@@ -608,7 +754,12 @@ def run(params: Params, params_file: Path = Path("params.yaml"), flow_run_id: st
             **lineage_tags(),
             **dvc_lineage(),
         }
-        with mlflow.start_run(run_name="promote", parent_run_id=parent or None, nested=mlflow.active_run() is not None, tags={"lmforge.stage": "promote"}) as run_:
+        with mlflow.start_run(
+            run_name="promote",
+            parent_run_id=parent or None,
+            nested=mlflow.active_run() is not None,
+            tags={"lmforge.stage": "promote"},
+        ) as run_:
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(MODEL_CODE),
@@ -618,7 +769,16 @@ def run(params: Params, params_file: Path = Path("params.yaml"), flow_run_id: st
                 registered_model_name=name,
             )
             mlflow.log_metrics({f"test_{k}": v for k, v in numeric(scalars).items()})
-            mlflow.log_dict({"variant": variant, "gates": [g.as_dict() for g in gates], "choice": choice, "force": force, "reason": reason}, "gates.json")
+            mlflow.log_dict(
+                {
+                    "variant": variant,
+                    "gates": [g.as_dict() for g in gates],
+                    "choice": choice,
+                    "force": force,
+                    "reason": reason,
+                },
+                "gates.json",
+            )
             mlflow.set_tags({f"gate.{g.name}": g.status for g in gates})
             decision.lineage["mlflow_promote_run_id"] = run_.info.run_id
 
@@ -641,16 +801,27 @@ def run(params: Params, params_file: Path = Path("params.yaml"), flow_run_id: st
     evaluated = f"evaluated: gates {verdict}" + (f" ({failed})" if failed else "") + f"; {variant}"
     move_alias(client, name, CANDIDATE, version, evaluated, str(last.version) if last else None, action="evaluate")
     if decision.passed:
-        move_champion(client, name, version, f"promoted: every gate passed ({variant})" + (f"; {reason}" if reason else ""), previous)
+        move_champion(
+            client,
+            name,
+            version,
+            f"promoted: every gate passed ({variant})" + (f"; {reason}" if reason else ""),
+            previous,
+        )
         decision.promoted = True
         print(f"promoted {name} v{version} ({variant}) to @{ALIAS}; @{CANDIDATE} too")
     elif force:
         move_champion(client, name, version, f"forced over failed gates ({failed}): {reason}", previous, override=True)
         decision.promoted = decision.overridden = True
-        print(f"promoted {name} v{version} ({variant}) to @{ALIAS} OVERRIDING failed gates ({failed}); recorded: {reason}")
+        print(
+            f"promoted {name} v{version} ({variant}) to @{ALIAS} OVERRIDING failed gates ({failed}); recorded: {reason}"
+        )
     else:
         kept = f" (v{previous})" if previous else ""
-        print(f"not promoted: {name} v{version} ({variant}) failed {failed}; @{ALIAS} unchanged{kept}, @{CANDIDATE} -> v{version}")
+        print(
+            f"not promoted: {name} v{version} ({variant}) failed {failed}; "
+            f"@{ALIAS} unchanged{kept}, @{CANDIDATE} -> v{version}"
+        )
     return decision
 
 

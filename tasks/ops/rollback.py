@@ -50,9 +50,11 @@ def previous_champion(client, name: str, current: str) -> str | None:
 
 
 def run(params: Params, to_version: str | None = None, force: bool = False, reason: str | None = None) -> str:
-    """Point `champion` at `to_version`, or at the previous champion that passed its gates (see the module docstring)."""
-    from mlflow import MlflowClient
+    """Point `champion` at `to_version`, or at the previous champion that passed its gates
+    (see the module docstring)."""
     from mlflow.exceptions import MlflowException
+
+    from mlflow import MlflowClient
 
     override_reason(force, reason)
     setup_tracking(params.tracking)
@@ -65,7 +67,9 @@ def run(params: Params, to_version: str | None = None, force: bool = False, reas
         to_version = previous_champion(client, name, champion["version"])
         if to_version is None:
             versions = client.search_model_versions(f"name='{name}'")
-            older = [v for v in versions if int(v.version) < int(champion["version"]) and v.tags.get("gates") == "passed"]
+            older = [
+                v for v in versions if int(v.version) < int(champion["version"]) and v.tags.get("gates") == "passed"
+            ]
             if not older:
                 raise UserError(f"{name}: no gate-passing version older than v{champion['version']}")
             to_version = max(older, key=lambda v: int(v.version)).version
@@ -80,7 +84,10 @@ def run(params: Params, to_version: str | None = None, force: bool = False, reas
     passed = mv.tags.get("gates") == "passed"
     if not passed and not force:
         failed = ", ".join(failed_gates(mv.tags)) or "gates not recorded"
-        raise UserError(f'{name} v{to_version} did not pass its gates ({failed}); to make it @{ALIAS} anyway: lmforge rollback --to {to_version} --force --reason "why"')
+        raise UserError(
+            f"{name} v{to_version} did not pass its gates ({failed}); "
+            f'to make it @{ALIAS} anyway: lmforge rollback --to {to_version} --force --reason "why"'
+        )
     why = (reason or "").strip() or (f"rollback from v{previous}" if previous else "rollback")
     move_champion(client, name, str(to_version), why, previous, override=not passed, action="rollback")
     note = " (gates overridden, recorded)" if not passed else ""

@@ -30,7 +30,8 @@ def healthy(url: str, timeout: float = 3) -> bool:
 
 @contextmanager
 def local_prefect_server(port: int = 4200, startup_timeout: float = 180) -> Iterator[str]:
-    """PREFECT_API_URL if set; else a `prefect server start` on 127.0.0.1:`port` for the duration (or the one already answering there)."""
+    """PREFECT_API_URL if set; else a `prefect server start` on 127.0.0.1:`port` for the duration
+    (or the one already answering there)."""
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME
 
     if PREFECT_API_URL.value():
@@ -51,11 +52,20 @@ def local_prefect_server(port: int = 4200, startup_timeout: float = 180) -> Iter
         deadline = time.monotonic() + startup_timeout
         while not healthy(url):
             if proc.poll() is not None:
-                raise UserError(f"prefect server start exited with code {proc.returncode} (port {port} in use? see {log}); pass --port or set PREFECT_API_URL")
+                raise UserError(
+                    f"prefect server start exited with code {proc.returncode} (port {port} in use? see {log}); "
+                    "pass --port or set PREFECT_API_URL"
+                )
             if time.monotonic() > deadline:
-                raise UserError(f"the Prefect server on {url} did not answer within {startup_timeout:.0f} s (see {log})")
+                raise UserError(
+                    f"the Prefect server on {url} did not answer within {startup_timeout:.0f} s (see {log})"
+                )
             time.sleep(0.5)
-        print(f"lmforge: Prefect server on http://127.0.0.1:{port} (UI; database in {home}, log {log})", file=sys.stderr, flush=True)
+        print(
+            f"lmforge: Prefect server on http://127.0.0.1:{port} (UI; database in {home}, log {log})",
+            file=sys.stderr,
+            flush=True,
+        )
         yield url
     finally:
         try:

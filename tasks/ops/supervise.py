@@ -43,7 +43,9 @@ def run(cmd: list[str], grace: float = GRACE_SECONDS, env: dict[str, str] | None
                 code = proc.wait(timeout=grace if interrupted else None)
                 break
             except subprocess.TimeoutExpired:
-                print(f"lmforge: still running {grace:.0f} s after the interrupt; killing it", file=sys.stderr, flush=True)
+                print(
+                    f"lmforge: still running {grace:.0f} s after the interrupt; killing it", file=sys.stderr, flush=True
+                )
                 _kill_group(proc.pid)
     finally:
         for s, h in handlers.items():
@@ -53,7 +55,11 @@ def run(cmd: list[str], grace: float = GRACE_SECONDS, env: dict[str, str] | None
     if interrupted and code != 0:
         return 130
     if code < 0:  # killed from outside (OOM killer, kill -9)
-        print(f"lmforge: the run was killed by signal {-code}; its processes were stopped, a rerun continues from the finished stages", file=sys.stderr)
+        print(
+            f"lmforge: the run was killed by signal {-code}; its processes were stopped, "
+            "a rerun continues from the finished stages",
+            file=sys.stderr,
+        )
         return 128 - code
     return code
 

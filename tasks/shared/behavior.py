@@ -135,7 +135,9 @@ def whitespace(text: str, rng: random.Random) -> str:
     tokens = _tokens(text)
     protected = _protected(text, tokens)
     singles = [
-        i for i in range(1, len(text) - 1) if text[i] == " " and not text[i - 1].isspace() and not text[i + 1].isspace() and not protected[i]
+        i
+        for i in range(1, len(text) - 1)
+        if text[i] == " " and not text[i - 1].isspace() and not text[i + 1].isspace() and not protected[i]
     ]
     doubled = {i for i in singles if rng.random() < _SPACE_P}
     lines = text.split("\n")
@@ -245,7 +247,9 @@ class _Binder(ast.NodeVisitor):
         if not isinstance(node, ast.Lambda):
             for d in node.decorator_list:
                 self.visit(d)
-            for a in node.args.posonlyargs + node.args.args + [node.args.vararg] + node.args.kwonlyargs + [node.args.kwarg]:
+            for a in (
+                node.args.posonlyargs + node.args.args + [node.args.vararg] + node.args.kwonlyargs + [node.args.kwarg]
+            ):
                 if a is not None and a.annotation is not None:
                     self.visit(a.annotation)
             if node.returns is not None:
@@ -425,7 +429,9 @@ def load_mft(file: Path) -> list[dict]:
         except json.JSONDecodeError as e:
             raise UserError(f"{file}:{number}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict):
-            raise UserError(f"{file}:{number}: expected a JSON object with 'text' and 'label', got {type(row).__name__}")
+            raise UserError(
+                f"{file}:{number}: expected a JSON object with 'text' and 'label', got {type(row).__name__}"
+            )
         for key in ("text", "label"):
             if not isinstance(row.get(key), str) or not row[key].strip():
                 raise UserError(f"{file}:{number}: '{key}' must be a non-empty string")
@@ -453,7 +459,9 @@ def _rate(passed: int, n: int) -> float | None:
     return passed / n if n else None
 
 
-def _invariance(predict: Predict, originals: list[str], before: list[str], perturb: Perturbation, rng: random.Random) -> dict:
+def _invariance(
+    predict: Predict, originals: list[str], before: list[str], perturb: Perturbation, rng: random.Random
+) -> dict:
     pairs = [(k, changed) for k, text in enumerate(originals) if (changed := perturb(text, rng)) != text]
     after = _predict(predict, [changed for _, changed in pairs])
     failed = [k for (k, _), label in zip(pairs, after) if label != before[k]]
@@ -483,7 +491,9 @@ def _mft(predict: Predict, mft: Sequence[dict], labels: Iterable[str] | None) ->
         "pass_rate": _rate(passed, len(runnable)),
         "n": len(runnable),
         "unknown_label": len(mft) - len(runnable),
-        "per_label": {name: {"pass_rate": _rate(e["passed"], e["n"]), "n": e["n"]} for name, e in sorted(per_label.items())},
+        "per_label": {
+            name: {"pass_rate": _rate(e["passed"], e["n"]), "n": e["n"]} for name, e in sorted(per_label.items())
+        },
         "failures": failures[:FAILURE_EXAMPLES],
     }
 
@@ -525,7 +535,8 @@ def run_behavioral(
     originals = [texts[k] for k in sorted(draw.sample(range(len(texts)), min(sample, len(texts))))]
     before = _predict(predict, originals)
     invariance = {
-        name: _invariance(predict, originals, before, perturb, random.Random(f"{seed}:{name}")) for name, perturb in INVARIANCE.items()
+        name: _invariance(predict, originals, before, perturb, random.Random(f"{seed}:{name}"))
+        for name, perturb in INVARIANCE.items()
     }
     mft_report = _mft(predict, list(mft or []), labels)
     rates = [r["pass_rate"] for r in invariance.values()] + [mft_report["pass_rate"]]

@@ -187,18 +187,24 @@ def fit(
             engine.set_lr(opt, lr)
             with rt.autocast():
                 logits = model(x, n.to(rt.device))  # (B, K)
-            loss = F.cross_entropy(logits.float(), y, weight=weight) if loss_fn is None else loss_fn(logits.float(), y, b)
+            loss = (
+                F.cross_entropy(logits.float(), y, weight=weight) if loss_fn is None else loss_fn(logits.float(), y, b)
+            )
             (rt.scaler.scale(loss) if rt.scaler is not None else loss).backward()
             grad_norm = engine.clip_and_step(model, opt, rt, cfg.grad_clip)
             loss_value = loss.item()
-            engine.check_finite(run_name, step, lr, rt, cfg.grad_clip, loss=loss_value, grad_norm=grad_norm, lr_key=lr_key)
+            engine.check_finite(
+                run_name, step, lr, rt, cfg.grad_clip, loss=loss_value, grad_norm=grad_norm, lr_key=lr_key
+            )
             meter.step(int(n.sum()))
             if step % LOG_EVERY == 0:
                 rec = {"train_loss": loss_value, "lr": lr, "grad_norm": grad_norm}
                 if (rate := meter.window_rate()) is not None:
                     rec["tokens_per_s"] = tps = rate
                 tracker.log_metrics({f"{prefix}{k}": v for k, v in rec.items()}, step=step)
-            bar.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}", **({"tok_s": f"{tps:,.0f}"} if tps else {}), refresh=False)
+            bar.set_postfix(
+                epoch=epoch, loss=f"{loss_value:.3f}", **({"tok_s": f"{tps:,.0f}"} if tps else {}), refresh=False
+            )
             bar.update()
             step += 1
         with meter.paused():  # validation time is not training throughput
@@ -219,7 +225,9 @@ def fit(
     best = engine.unwrap(model).to("cpu")
     best.load_state_dict(best_state)
     best_acc = history[stopper.best_epoch - 1]["val_accuracy"]
-    return Trained(best.eval(), history, stopper.best_epoch, len(history), best_acc, stopper.best, seconds, n_params, rt.precision)
+    return Trained(
+        best.eval(), history, stopper.best_epoch, len(history), best_acc, stopper.best, seconds, n_params, rt.precision
+    )
 
 
 def _probe_loss(model: nn.Module, train: Examples, batch_size: int, rt: engine.Runtime) -> torch.Tensor:
@@ -272,7 +280,10 @@ def load_teacher(cfg: FinetuneConfig, paths: Paths) -> Teacher:
     model = load_classifier(paths.classifier)
     labels, train, val = load_examples(cfg, paths, int(meta.get("max_length", cfg.max_length)))
     if labels != list(model.config.labels):
-        raise UserError(f"{paths.classifier}: trained on labels {list(model.config.labels)}, but {paths.clean_labeled} has {labels}; rerun finetune")
+        raise UserError(
+            f"{paths.classifier}: trained on labels {list(model.config.labels)}, "
+            f"but {paths.clean_labeled} has {labels}; rerun finetune"
+        )
     return Teacher(model, meta, labels, train, val)
 
 
@@ -281,7 +292,18 @@ def recipe(cfg: FinetuneConfig, epochs: int, lr: float) -> FinetuneConfig:
     return cfg.model_copy(update={"epochs": epochs, "lr": lr, "min_lr": cfg.min_lr * lr / cfg.lr, "patience": 0})
 
 
-def recover(name: str, model: nn.Module, t: Teacher, cfg: FinetuneConfig, rt: engine.Runtime, tracker: Tracker, epochs: int, lr: float, lr_key: str, before: float) -> tuple[nn.Module, float, float, list[dict]]:
+def recover(
+    name: str,
+    model: nn.Module,
+    t: Teacher,
+    cfg: FinetuneConfig,
+    rt: engine.Runtime,
+    tracker: Tracker,
+    epochs: int,
+    lr: float,
+    lr_key: str,
+    before: float,
+) -> tuple[nn.Module, float, float, list[dict]]:
     """A short fine-tune of a compressed model with finetune's recipe at peak `lr` (0 epochs: as it is).
 
     Returns the model at its best validation epoch, that epoch's macro-F1 (`before` when nothing ran),
@@ -289,7 +311,9 @@ def recover(name: str, model: nn.Module, t: Teacher, cfg: FinetuneConfig, rt: en
     """
     if not epochs:
         return model, before, 0.0, []
-    trained = fit(name, model, recipe(cfg, epochs, lr), t.train, t.val, len(t.labels), rt, tracker, epochs, lr_key=lr_key)
+    trained = fit(
+        name, model, recipe(cfg, epochs, lr), t.train, t.val, len(t.labels), rt, tracker, epochs, lr_key=lr_key
+    )
     return trained.model, trained.val_macro_f1, trained.train_seconds, trained.history
 
 

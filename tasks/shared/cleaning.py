@@ -71,7 +71,17 @@ _PHONE = re.compile(
     r")(?:\s?(?:x|ext\.?)\s?\d{1,5})?(?![\w.-]?\d)"
 )
 _PHONE_ANCHORS = [re.compile(p) for p in (r"\+\d", r"\(\d{3}\)", r"-\d{3}-\d", r"\.\d{3}\.\d")]
-_SECRET_PROBES = [re.compile(p).search for p in (r"A(?:KIA|SIA|GPA|IDA|ROA|NPA|NVA|IPA|Iza)", r"gh[pousr]_", "github_pat_", "xox", "sk-", r"k_(?:live|test)_")]
+_SECRET_PROBES = [
+    re.compile(p).search
+    for p in (
+        r"A(?:KIA|SIA|GPA|IDA|ROA|NPA|NVA|IPA|Iza)",
+        r"gh[pousr]_",
+        "github_pat_",
+        "xox",
+        "sk-",
+        r"k_(?:live|test)_",
+    )
+]
 """One literal-led search per prefix family of _SECRET_TOKEN: ~10x faster than one search with all of them."""
 _SECRET_TOKEN = re.compile(
     r"\b(?:(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[0-9A-Z]{16}"  # AWS access key ids
@@ -81,7 +91,11 @@ _SECRET_TOKEN = re.compile(
     r"|AIza[0-9A-Za-z_-]{35}"  # Google API keys
     r"|[rs]k_(?:live|test)_[0-9A-Za-z]{16,})\b"  # Stripe keys
 )
-_PRIVATE_KEY = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----.*?(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|\Z)", re.S)
+_PRIVATE_KEY = re.compile(
+    r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----.*?"
+    r"(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|\Z)",
+    re.S,
+)
 _ASSIGNED = re.compile(  # the quoted value of `password = "..."`, `"api_key": "..."`, `AWS_SECRET_ACCESS_KEY='...'`
     r"(?i)(?<![a-z0-9])(?:[a-z0-9]+[_-])*(?:api[_-]?key|secret(?:[_-]?(?:access[_-]?)?key)?|(?:access|auth|bearer|refresh)?[_-]?token"
     r"|password|passwd|pwd|client[_-]?secret)[\"']?\s*[:=]\s*[\"']([^\"'\s<>]{8,})[\"']"
@@ -90,8 +104,16 @@ _ASSIGNED_HINT = re.compile(r"(?i)key|secret|token|pass|pwd")
 _ASSIGNED_ANCHORS = [re.compile(c + r"""\s*["'][^"'\s<>]{8,}["']""") for c in "=:"]  # literal-led: fast
 
 
-def _anchored(text: str, anchor: re.Pattern, full: re.Pattern, back: int, ahead: int,
-              accept: Callable[[re.Match], bool] | None = None, group: int = 0, hint: re.Pattern | None = None) -> list[tuple[int, int]]:
+def _anchored(
+    text: str,
+    anchor: re.Pattern,
+    full: re.Pattern,
+    back: int,
+    ahead: int,
+    accept: Callable[[re.Match], bool] | None = None,
+    group: int = 0,
+    hint: re.Pattern | None = None,
+) -> list[tuple[int, int]]:
     """Spans (of `group`) of the `full` matches that overlap an `anchor` match, looked for from `back`
     characters before each anchor to `ahead` characters after it (only if `hint` occurs there)."""
     spans: list[tuple[int, int]] = []
@@ -174,7 +196,9 @@ def _pii_spans(text: str, kinds: Iterable[str], maybe: set | None = None) -> dic
                     found.setdefault("secret", []).extend(m.span() for m in _SECRET_TOKEN.finditer(text))
                     break
     for j, r in enumerate(_RULES):
-        if r.kind in kinds and (maybe is None or j in maybe) and r.anchor.search(text) is not None:  # the common case stops here, in C
+        if (
+            r.kind in kinds and (maybe is None or j in maybe) and r.anchor.search(text) is not None
+        ):  # the common case stops here, in C
             spans = _anchored(text, r.anchor, r.full, r.back, r.ahead, r.accept, r.group, r.hint)
             if spans:
                 found.setdefault(r.kind, []).extend(spans)
@@ -227,11 +251,15 @@ def scrub_texts(texts: list[str], types: Iterable[str] = PII_TYPES) -> list[tupl
     kinds = dict.fromkeys(types, 0)
     if not kinds:
         return [(t, {}) for t in texts]
-    return [(t, dict(kinds)) if not maybe else _scrub(t, kinds, _pii_spans(t, kinds, maybe)) for t, maybe in zip(texts, _prefilter(texts, kinds))]
+    return [
+        (t, dict(kinds)) if not maybe else _scrub(t, kinds, _pii_spans(t, kinds, maybe))
+        for t, maybe in zip(texts, _prefilter(texts, kinds))
+    ]
 
 
 def _scrub(text: str, kinds: dict[str, int], found: dict[str, list[tuple[int, int]]]) -> tuple[str, dict[str, int]]:
-    """Replace the PII `found` in `text`, one kind after the other (_ORDER), each found again in the text the ones before changed."""
+    """Replace the PII `found` in `text`, one kind after the other (_ORDER), each found again in the text
+    the ones before changed."""
     counts = dict(kinds)
     replaced = False
     for kind in _ORDER:
@@ -273,7 +301,9 @@ def char_stats(texts: list[str]) -> tuple[list[int], list[int], list[int]]:
         letters[i] = len(b) - len(b.translate(None, _ASCII_LETTERS))
         b = b.translate(None, b" \n")  # the only whitespace normalize_text leaves in ASCII text
         if len(b) >= 2:
-            equal[i] = (int.from_bytes(b[1:], "big") ^ int.from_bytes(b[:-1], "big")).to_bytes(len(b) - 1, "big").count(0)
+            equal[i] = (
+                (int.from_bytes(b[1:], "big") ^ int.from_bytes(b[:-1], "big")).to_bytes(len(b) - 1, "big").count(0)
+            )
     start, size = 0, 0
     for j, i in enumerate(rest):
         size += len(texts[i])
@@ -314,7 +344,9 @@ def _unicode_stats(texts: list[str]) -> tuple[list[int], list[int], list[int]]:
         codes = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), np.uint32)
     letters = np.add.reduceat(_flags(codes, str.isalpha), starts, dtype=np.int64)
     spaces = np.add.reduceat(_flags(codes, str.isspace), starts, dtype=np.int64)
-    same = np.zeros(len(codes), bool)  # same as the character before, and not a blank (a text's first one may count: a bound)
+    same = np.zeros(
+        len(codes), bool
+    )  # same as the character before, and not a blank (a text's first one may count: a bound)
     same[1:] = (codes[1:] == codes[:-1]) & (codes[1:] != 32) & (codes[1:] != 10)
     equal = np.add.reduceat(same, starts, dtype=np.int64)
     return letters.tolist(), (lengths - spaces).tolist(), equal.tolist()
@@ -392,7 +424,11 @@ class HashIndex:
 
 def text_digests(texts: list[str]) -> np.ndarray:
     """64-bit BLAKE2b digests of `texts` (deterministic across processes, unlike hash())."""
-    return np.fromiter((int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little") for t in texts), np.uint64, len(texts))
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little") for t in texts),
+        np.uint64,
+        len(texts),
+    )
 
 
 def first_copies(digests: np.ndarray, index: HashIndex) -> np.ndarray:
@@ -457,7 +493,9 @@ class NearDuplicates:
         for start in range(0, len(texts), chunk):
             part = texts[start : start + chunk]
             sig = RMinHash.digest_matrix_from_token_sets([self.shingles(t) for t in part], self.num_perm, MINHASH_SEED)
-            sig = np.array(sig.to_rows(), np.uint64)[:, : self.bands * self.rows].reshape(len(part), self.bands, self.rows)
+            sig = np.array(sig.to_rows(), np.uint64)[:, : self.bands * self.rows].reshape(
+                len(part), self.bands, self.rows
+            )
             h = np.broadcast_to(self.band_salt, (len(part), self.bands))
             for j in range(self.rows):  # uint64 arrays wrap around silently
                 h = _mix(h ^ sig[:, :, j])
@@ -555,7 +593,12 @@ class DatasetReport:
     def merge(self, part: "DatasetReport") -> None:
         """Add the counts and examples of `part`, a report of the rows after those seen so far: the result is
         the report of all of them (counters keep the order in which their keys first occurred)."""
-        for mine, theirs in ((self.removed, part.removed), (self.changed, part.changed), (self.pii, part.pii), (self.extra, part.extra)):
+        for mine, theirs in (
+            (self.removed, part.removed),
+            (self.changed, part.changed),
+            (self.pii, part.pii),
+            (self.extra, part.extra),
+        ):
             mine.update(theirs)
         for key, shown in part.examples.items():
             got = self.examples.setdefault(key, [])
@@ -576,9 +619,14 @@ class DatasetReport:
 
     def line(self) -> str:
         """One stdout line."""
-        parts = [f"{n} {k}" for k, n in self.removed.items() if n] + [f"{n} {k} (changed)" for k, n in self.changed.items() if n]
+        parts = [f"{n} {k}" for k, n in self.removed.items() if n] + [
+            f"{n} {k} (changed)" for k, n in self.changed.items() if n
+        ]
         mb = f"{self.input_bytes / 1e6:.1f} -> {self.output_bytes / 1e6:.1f} MB"
-        return f"clean: {self.name}: kept {self.output_rows} of {self.input_rows} rows ({mb}){': ' + ', '.join(parts) if parts else ''}"
+        return (
+            f"clean: {self.name}: kept {self.output_rows} of {self.input_rows} rows ({mb})"
+            f"{': ' + ', '.join(parts) if parts else ''}"
+        )
 
     def markdown(self) -> str:
         """A table: filter, rows removed or changed, share of input rows, why, examples (id: text)."""
@@ -592,42 +640,76 @@ class DatasetReport:
             "|---|---:|---:|---|---|",
         ]
         for key, why in self.why.items():
-            n, verb = (self.changed[key], "changed") if key in CHANGES else (self.extra[key], "") if key in COUNTS else (self.removed[key], "removed")
+            n, verb = (
+                (self.changed[key], "changed")
+                if key in CHANGES
+                else (self.extra[key], "")
+                if key in COUNTS
+                else (self.removed[key], "removed")
+            )
             share = f"{n / self.input_rows:.2%}" if self.input_rows else "-"
             ex = "<br>".join(_cell(e) for e in self.examples.get(key, [])) or "-"
             out.append(f"| {key} | {f'{n} {verb}'.strip()} | {share} | {why} | {ex} |")
         if any(self.pii.values()):
-            out += ["", "PII replaced: " + ", ".join(f"{n} {k} ({_cell(PLACEHOLDERS[k])})" for k, n in self.pii.items() if n) + "."]
+            out += [
+                "",
+                "PII replaced: "
+                + ", ".join(f"{n} {k} ({_cell(PLACEHOLDERS[k])})" for k, n in self.pii.items() if n)
+                + ".",
+            ]
         return "\n".join(out) + "\n"
 
 
 def _why(cfg: CleanConfig, kind: str) -> dict[str, str]:
     max_chars = cfg.max_chars if kind == "corpus" else cfg.labeled_max_chars
     why = {
-        "normalized": f"Unicode {cfg.unicode_form}, newlines, tabs to {cfg.tab_size} spaces, control/format characters, trailing blanks, blank-line runs",
+        "normalized": (
+            f"Unicode {cfg.unicode_form}, newlines, tabs to {cfg.tab_size} spaces, control/format characters, "
+            "trailing blanks, blank-line runs"
+        ),
         "pii": f"{', '.join(cfg.pii_types)} replaced by typed placeholders" if cfg.pii else "off (pii: false)",
         "too_short": f"fewer than min_chars={cfg.min_chars} characters",
         "too_long": f"more than {'max_chars' if kind == 'corpus' else 'labeled_max_chars'}={max_chars} characters",
-        "too_few_tokens": f"fewer than min_tokens={cfg.min_tokens} whitespace tokens" if cfg.min_tokens else "off (min_tokens: 0)",
-        "too_many_tokens": f"more than max_tokens={cfg.max_tokens} whitespace tokens" if cfg.max_tokens else "off (max_tokens: 0)",
-        "low_alpha": f"letters under min_alpha_ratio={cfg.min_alpha_ratio} of non-blank characters" if cfg.min_alpha_ratio else "off",
-        "repeated_lines": f"over max_repeated_line_ratio={cfg.max_repeated_line_ratio} of non-blank lines repeat an earlier one"
-        if cfg.max_repeated_line_ratio < 1 else "off",
-        "repeated_chars": f"over max_repeated_char_ratio={cfg.max_repeated_char_ratio} of characters in runs of 10+ identical ones"
-        if cfg.max_repeated_char_ratio < 1 else "off",
-    }  # fmt: skip
+        "too_few_tokens": f"fewer than min_tokens={cfg.min_tokens} whitespace tokens"
+        if cfg.min_tokens
+        else "off (min_tokens: 0)",
+        "too_many_tokens": f"more than max_tokens={cfg.max_tokens} whitespace tokens"
+        if cfg.max_tokens
+        else "off (max_tokens: 0)",
+        "low_alpha": f"letters under min_alpha_ratio={cfg.min_alpha_ratio} of non-blank characters"
+        if cfg.min_alpha_ratio
+        else "off",
+        "repeated_lines": (
+            f"over max_repeated_line_ratio={cfg.max_repeated_line_ratio} of non-blank lines repeat an earlier one"
+        )
+        if cfg.max_repeated_line_ratio < 1
+        else "off",
+        "repeated_chars": (
+            f"over max_repeated_char_ratio={cfg.max_repeated_char_ratio} of characters in runs of 10+ identical ones"
+        )
+        if cfg.max_repeated_char_ratio < 1
+        else "off",
+    }
     if kind == "labeled":
         why["label_normalized"] = f"label case {cfg.label_case}, whitespace collapsed, {len(cfg.label_aliases)} aliases"
         why["empty_label"] = "label empty after cleanup"
         why["label_conflicts"] = "the same text with different labels: every copy removed"
-    why["duplicates"] = ("identical to an earlier text" + (" (train copies first)" if kind == "labeled" else "")) if cfg.exact_dedup else "off"
+    why["duplicates"] = (
+        ("identical to an earlier text" + (" (train copies first)" if kind == "labeled" else ""))
+        if cfg.exact_dedup
+        else "off"
+    )
     why["near_duplicates"] = (
         f"word {cfg.near_dup_shingle}-gram Jaccard above ~{cfg.near_dup_threshold} with an earlier kept text "
-        f"(MinHash {cfg.near_dup_num_perm} permutations, LSH {'x'.join(map(str, lsh_bands(cfg.near_dup_threshold, cfg.near_dup_num_perm)))})"
-        if cfg.near_dup else "off"
-    )  # fmt: skip
+        f"(MinHash {cfg.near_dup_num_perm} permutations, "
+        f"LSH {'x'.join(map(str, lsh_bands(cfg.near_dup_threshold, cfg.near_dup_num_perm)))})"
+        if cfg.near_dup
+        else "off"
+    )
     if kind == "labeled":
-        why["cross_split_duplicates"] = "removed duplicates whose kept copy is in another split (counted within duplicates)"
+        why["cross_split_duplicates"] = (
+            "removed duplicates whose kept copy is in another split (counted within duplicates)"
+        )
     return why
 
 
@@ -662,7 +744,9 @@ class TextCleaner:
         normal = [normalize_text(t, cfg.unicode_form, cfg.tab_size) for t in raw]
         length = [self.length_reason(t) for t in normal]
         passed = [i for i, r in enumerate(length) if r is None]
-        scrubbed = scrub_texts([normal[i] for i in passed], cfg.pii_types) if cfg.pii else [(normal[i], None) for i in passed]
+        scrubbed = (
+            scrub_texts([normal[i] for i in passed], cfg.pii_types) if cfg.pii else [(normal[i], None) for i in passed]
+        )
         quality = dict(zip(passed, self.quality_reasons([t for t, _ in scrubbed])))
         scrubbed = dict(zip(passed, scrubbed))
         out: list[str | None] = [None] * len(raw)
@@ -721,8 +805,11 @@ class TextCleaner:
                 reason = "low_alpha", f"{r:.2f} letters"
             elif cfg.max_repeated_line_ratio < 1 and (r := repeated_line_ratio(text)) > cfg.max_repeated_line_ratio:
                 reason = "repeated_lines", f"{r:.2f} of lines"
-            elif cfg.max_repeated_char_ratio < 1 and _char_bound(n_equal, len(text)) > cfg.max_repeated_char_ratio \
-                    and (r := repeated_char_ratio(text)) > cfg.max_repeated_char_ratio:
+            elif (
+                cfg.max_repeated_char_ratio < 1
+                and _char_bound(n_equal, len(text)) > cfg.max_repeated_char_ratio
+                and (r := repeated_char_ratio(text)) > cfg.max_repeated_char_ratio
+            ):
                 reason = "repeated_chars", f"{r:.2f} of characters"
             out.append(reason)
         return out
@@ -783,11 +870,16 @@ class CleanedPart:
 
 
 class CorpusWork:
-    """The per-text work of the corpus pass (cleaning, digests, near-dup band keys), in this process or a pool worker."""
+    """The per-text work of the corpus pass (cleaning, digests, near-dup band keys), in this process
+    or a pool worker."""
 
     def __init__(self, cfg: CleanConfig, text_type):
         self.cfg, self.text_type = cfg, text_type
-        self.near = NearDuplicates(cfg.near_dup_threshold, cfg.near_dup_shingle, cfg.near_dup_num_perm) if cfg.near_dup else None
+        self.near = (
+            NearDuplicates(cfg.near_dup_threshold, cfg.near_dup_shingle, cfg.near_dup_num_perm)
+            if cfg.near_dup
+            else None
+        )
 
     def __call__(self, texts: list, ids: list, offset: int = 0) -> CleanedPart:
         import pyarrow as pa
@@ -820,7 +912,9 @@ class CorpusWork:
         def cat(name: str) -> np.ndarray | None:
             return None if getattr(parts[0], name) is None else np.concatenate([getattr(p, name) for p in parts])
 
-        return CleanedPart(cat("kept"), pa.concat_arrays([p.texts for p in parts]), cat("digests"), cat("keys"), cat("words"), rep)
+        return CleanedPart(
+            cat("kept"), pa.concat_arrays([p.texts for p in parts]), cat("digests"), cat("keys"), cat("words"), rep
+        )
 
 
 _WORK: CorpusWork | None = None
@@ -891,7 +985,15 @@ def _clean_corpus(src: Path, dst: Path, cfg: CleanConfig, progress: bool) -> Dat
         schema = schema.insert(0, pa.field("id", pa.string()))
     text_type = schema.field("text").type
     work = CorpusWork(cfg, text_type)
-    bar = tqdm(total=text_bytes, desc="clean corpus", unit="B", unit_scale=True, file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=text_bytes,
+        desc="clean corpus",
+        unit="B",
+        unit_scale=True,
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     small = [n for n in schema.names if n not in ("id", "text")]  # dictionary-encoding or min/max of texts: wasted work
     pool = _pool(cfg, text_type, -(-meta.num_rows // part_rows), text_bytes)
     pending: deque = deque()  # batches handed to the pool: at most two, so memory stays flat
@@ -903,7 +1005,11 @@ def _clean_corpus(src: Path, dst: Path, cfg: CleanConfig, progress: bool) -> Dat
         if keep.any():
             rows_kept = pa.array(got.kept[keep], pa.int64())
             texts = got.texts.filter(pa.array(keep))
-            out = table.drop_columns(["text"]).take(rows_kept).add_column(table.schema.get_field_index("text"), "text", texts)
+            out = (
+                table.drop_columns(["text"])
+                .take(rows_kept)
+                .add_column(table.schema.get_field_index("text"), "text", texts)
+            )
             if "id" not in out.column_names:
                 out = out.add_column(0, "id", pa.array([ids[i] for i in got.kept[keep]], pa.string()))
             writer.write_table(out.cast(schema))
@@ -923,7 +1029,10 @@ def _clean_corpus(src: Path, dst: Path, cfg: CleanConfig, progress: bool) -> Dat
                 if pool is None:
                     finish(table, ids, nbytes, [work(raw, ids)])
                     continue
-                parts = [pool.apply_async(_work, (raw[a : a + part_rows], ids[a : a + part_rows], a)) for a in range(0, len(raw), part_rows)]
+                parts = [
+                    pool.apply_async(_work, (raw[a : a + part_rows], ids[a : a + part_rows], a))
+                    for a in range(0, len(raw), part_rows)
+                ]
                 pending.append((table, ids, nbytes, parts))
                 if len(pending) > 1:
                     finish(*pending.popleft())
@@ -936,7 +1045,9 @@ def _clean_corpus(src: Path, dst: Path, cfg: CleanConfig, progress: bool) -> Dat
     return rep
 
 
-def _dedup(rep: DatasetReport, got: CleanedPart, ids: list, exact: HashIndex | None, near: NearDuplicates | None) -> np.ndarray:
+def _dedup(
+    rep: DatasetReport, got: CleanedPart, ids: list, exact: HashIndex | None, near: NearDuplicates | None
+) -> np.ndarray:
     """Exact then near-duplicate removal of the texts of one batch the filters kept; which of them stay."""
     keep = np.ones(len(got.kept), bool)
 
@@ -981,7 +1092,10 @@ def _clean_labeled(src: Path, dst: Path, cfg: CleanConfig) -> DatasetReport:
     rep.input_bytes = int(sum(len(t.encode()) for t in df["text"]))
     bad_split = ~df["split"].isin(list(SPLIT_ORDER))
     if bad_split.any():
-        raise UserError(f"{src}: row {df['id'][bad_split].iloc[0]}: split {df['split'][bad_split].iloc[0]!r} is not one of {list(SPLIT_ORDER)}")
+        raise UserError(
+            f"{src}: row {df['id'][bad_split].iloc[0]}: split {df['split'][bad_split].iloc[0]!r} "
+            f"is not one of {list(SPLIT_ORDER)}"
+        )
     # train first, so that a text duplicated across splits keeps its training copy
     df = df.iloc[df["split"].map(SPLIT_ORDER).argsort(kind="stable")].reset_index(drop=True)
     clean = TextCleaner(cfg, "labeled", rep)
@@ -1052,5 +1166,8 @@ def clean_file(src: Path, dst: Path, cfg: CleanConfig, kind: str, progress: bool
 
 def markdown_report(reports: list[DatasetReport]) -> str:
     """The whole cleaning report as Markdown: one table per dataset."""
-    head = "# Cleaning report\n\nRows removed or changed by each filter of the clean stage (params.yaml `clean:`), with up to three examples (id: text, after PII scrubbing).\n"
+    head = (
+        "# Cleaning report\n\nRows removed or changed by each filter of the clean stage (params.yaml `clean:`), "
+        "with up to three examples (id: text, after PII scrubbing).\n"
+    )
     return head + "".join("\n" + r.markdown() for r in reports)

@@ -89,9 +89,19 @@ def log_dataset(tracker, name: str, spec: str | list[str], output: Path | str, c
         source = ", ".join(str(Path(s).resolve()) for s in ([spec] if isinstance(spec, str) else spec))
         if d.untracked:
             more = f" and {len(d.untracked) - 3} more" if len(d.untracked) > 3 else ""
-            print(f"ingest: {name}: not tracked by DVC: {', '.join(d.untracked[:3])}{more} (`dvc add` them so `dvc push` keeps this version)", flush=True)
+            print(
+                f"ingest: {name}: not tracked by DVC: {', '.join(d.untracked[:3])}{more} "
+                "(`dvc add` them so `dvc push` keeps this version)",
+                flush=True,
+            )
     tags = {"dvc.tracked": str(not d.untracked).lower(), "files": str(d.files), "bytes": str(d.bytes)}
-    tracker.log_input(name=name if spec != "stdlib" else f"{name} (stdlib)", source=source, digest=d.digest, context=context, tags=tags)
+    tracker.log_input(
+        name=name if spec != "stdlib" else f"{name} (stdlib)",
+        source=source,
+        digest=d.digest,
+        context=context,
+        tags=tags,
+    )
     return d
 
 

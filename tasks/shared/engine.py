@@ -10,6 +10,7 @@ process group that torchrun's environment describes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -19,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import time
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,14 +111,20 @@ class PrecisionProbe:
     reason: str = ""
 
     def metrics(self) -> dict:
-        return {"precision": self.chosen, "precision_probe_fp32_ms": _ms(self.fp32_s), "precision_probe_bf16_ms": _ms(self.bf16_s)}
+        return {
+            "precision": self.chosen,
+            "precision_probe_fp32_ms": _ms(self.fp32_s),
+            "precision_probe_bf16_ms": _ms(self.bf16_s),
+        }
 
 
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(1000 * seconds, 2)
 
 
-def probe_cpu_precision(rt: Runtime, precision: str, model: nn.Module, loss: Callable[[], torch.Tensor], reps: int = 5) -> PrecisionProbe:
+def probe_cpu_precision(
+    rt: Runtime, precision: str, model: nn.Module, loss: Callable[[], torch.Tensor], reps: int = 5
+) -> PrecisionProbe:
     """Resolve `precision: auto` on CPU by timing the model itself: bf16 autocast where it is faster.
 
     Whether bf16 pays depends on the CPU and the shape (on the 2-core AVX512-BF16 VM of docs/benchmarks.md:
@@ -153,7 +159,12 @@ def probe_cpu_precision(rt: Runtime, precision: str, model: nn.Module, loss: Cal
     if rt.distributed:  # every process trains alike: rank 0's timing decides
         torch.distributed.broadcast(use_bf16, 0)
     rt.amp_dtype = torch.bfloat16 if use_bf16.item() else None
-    return PrecisionProbe(rt.precision, fp32, bf16, f"fp32 {_ms(fp32)} ms vs bf16 {_ms(bf16)} ms per forward + backward (median ratio {gain:.2f})")
+    return PrecisionProbe(
+        rt.precision,
+        fp32,
+        bf16,
+        f"fp32 {_ms(fp32)} ms vs bf16 {_ms(bf16)} ms per forward + backward (median ratio {gain:.2f})",
+    )
 
 
 def set_deterministic(on: bool) -> None:
@@ -194,15 +205,28 @@ def under_torchrun() -> bool:
 
 def relaunch_under_torchrun(module: str, dist, argv: list[str] | None = None) -> int:
     """Run `python -m <module>` under torchrun as `dist` (a DistributedConfig) says; returns its exit code."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", *dist.torchrun_args(), "-m", module, *(sys.argv[1:] if argv is None else argv)]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // dist.nproc)))}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *dist.torchrun_args(),
+        "-m",
+        module,
+        *(sys.argv[1:] if argv is None else argv),
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // dist.nproc))),
+    }
     return subprocess.run(cmd, env=env).returncode
 
 
 def all_reduce_mean(x: torch.Tensor, rt: Runtime) -> torch.Tensor:
     if rt.distributed:
         x = x.detach().clone()
-        torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.AVG if rt.device.type == "cuda" else torch.distributed.ReduceOp.SUM)
+        torch.distributed.all_reduce(
+            x, op=torch.distributed.ReduceOp.AVG if rt.device.type == "cuda" else torch.distributed.ReduceOp.SUM
+        )
         if rt.device.type != "cuda":  # gloo has no AVG
             x /= rt.world
     return x
@@ -214,7 +238,11 @@ def wrap_model(model: nn.Module, rt: Runtime, strategy: str, compile: bool) -> n
     if rt.distributed and strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mp = MixedPrecisionPolicy(param_dtype=rt.amp_dtype, reduce_dtype=torch.float32) if rt.amp_dtype else MixedPrecisionPolicy()
+        mp = (
+            MixedPrecisionPolicy(param_dtype=rt.amp_dtype, reduce_dtype=torch.float32)
+            if rt.amp_dtype
+            else MixedPrecisionPolicy()
+        )
         for block in getattr(model, "blocks", []):
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
@@ -237,7 +265,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 # optimizers and schedules
 
 
-def param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float, lr_scale: dict[str, float] | None = None) -> list[dict]:
+def param_groups(
+    named: list[tuple[str, nn.Parameter]], weight_decay: float, lr_scale: dict[str, float] | None = None
+) -> list[dict]:
     """Weight decay on matrices only; optional per-parameter lr multipliers (layer-wise lr)."""
     groups: dict[tuple[float, float], list] = {}
     for name, p in named:
@@ -249,7 +279,9 @@ def param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float, lr_
     return [{"params": ps, "weight_decay": wd, "lr_scale": scale} for (wd, scale), ps in groups.items()]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainLoop, device: torch.device, lr_scale: dict[str, float] | None = None) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: TrainLoop, device: torch.device, lr_scale: dict[str, float] | None = None
+) -> torch.optim.Optimizer:
     """AdamW (fused kernel on CUDA), SGD with Nesterov momentum, or RMSprop."""
     groups = param_groups(list(model.named_parameters()), cfg.weight_decay, lr_scale)
     if cfg.optimizer == "adamw":
@@ -289,7 +321,17 @@ def clip_and_step(model: nn.Module, opt: torch.optim.Optimizer, rt: Runtime, gra
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
-def step_throughput(model: nn.Module, cfg: TrainLoop, rt: Runtime, batch: int, block: int, vocab: int, fused: bool, steps: int = 10, warmup: int = 2) -> float:
+def step_throughput(
+    model: nn.Module,
+    cfg: TrainLoop,
+    rt: Runtime,
+    batch: int,
+    block: int,
+    vocab: int,
+    fused: bool,
+    steps: int = 10,
+    warmup: int = 2,
+) -> float:
     """Tokens/s of the bare training step (forward, loss, backward, clipping, optimizer) on random tokens:
     what `bench/train_throughput.py` measures, here for `model` as configured. Runs on a copy with its own
     optimizer and a forked random stream, so the training it is compared with is untouched."""
@@ -297,7 +339,9 @@ def step_throughput(model: nn.Module, cfg: TrainLoop, rt: Runtime, batch: int, b
 
     twin = copy.deepcopy(unwrap(model)).train()
     opt = build_optimizer(twin, cfg, rt.device)
-    rt = dataclasses.replace(rt, scaler=None if rt.scaler is None else torch.amp.GradScaler(rt.device.type))  # fp16: its own loss scale
+    rt = dataclasses.replace(
+        rt, scaler=None if rt.scaler is None else torch.amp.GradScaler(rt.device.type)
+    )  # fp16: its own loss scale
     sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
     with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
         data = torch.randint(vocab, (steps + warmup, batch, block + 1))
@@ -314,8 +358,17 @@ def step_throughput(model: nn.Module, cfg: TrainLoop, rt: Runtime, batch: int, b
     return steps * batch * block / (time.perf_counter() - start)
 
 
-def check_finite(run: str, step: int, lr: float, rt: Runtime, grad_clip: float, *, loss: float | None = None,
-                 grad_norm: float | None = None, lr_key: str | None = None) -> None:  # fmt: skip
+def check_finite(
+    run: str,
+    step: int,
+    lr: float,
+    rt: Runtime,
+    grad_clip: float,
+    *,
+    loss: float | None = None,
+    grad_norm: float | None = None,
+    lr_key: str | None = None,
+) -> None:
     """Stop a diverged run: UserError when the loss or gradient norm of `step` is nan or inf.
 
     Pass only values already on the host (the grad norm `clip_and_step` returns, the loss where it is
@@ -381,7 +434,9 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
     return None
 
 
-def mfu(flops_per_token: float, tokens_per_s: float, device: torch.device, precision: str, world: int = 1) -> float | None:
+def mfu(
+    flops_per_token: float, tokens_per_s: float, device: torch.device, precision: str, world: int = 1
+) -> float | None:
     """Model FLOPs utilisation: achieved / peak FLOP/s over all `world` devices; None where peak is unknown."""
     peak = peak_flops(device, precision)
     return None if peak is None else flops_per_token * tokens_per_s / (peak * world)
@@ -485,7 +540,14 @@ def causal_batch(data: TokenShards, n: int, block: int, gen: torch.Generator) ->
 
 
 def mlm_batch(
-    data: TokenShards, n: int, block: int, gen: torch.Generator, mask_id: int, vocab: int, prob: float, special: list[int]
+    data: TokenShards,
+    n: int,
+    block: int,
+    gen: torch.Generator,
+    mask_id: int,
+    vocab: int,
+    prob: float,
+    special: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT-style masking: `prob` of the tokens become targets; of those 80% -> mask, 10% -> random, 10% kept."""
     x = data.windows(n, block, gen)
@@ -552,8 +614,17 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(folder: Path, state: TrainState, model: nn.Module, opt: torch.optim.Optimizer, rt: Runtime, gen: torch.Generator, keep: int = 2) -> Path | None:
-    """Write `folder/step-XXXXXXXX/` atomically (model, optimizer, RNG, scaler, state, manifest); keep the newest `keep`.
+def save_checkpoint(
+    folder: Path,
+    state: TrainState,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    rt: Runtime,
+    gen: torch.Generator,
+    keep: int = 2,
+) -> Path | None:
+    """Write `folder/step-XXXXXXXX/` atomically (model, optimizer, RNG, scaler, state, manifest); keep
+    the newest `keep`.
 
     Collective under FSDP (every rank must call it); only rank 0 writes.
     """
@@ -660,7 +731,9 @@ def latest_checkpoint(folder: Path, fp: str) -> tuple[Checkpoint | None, list[tu
     return None, unusable
 
 
-def restore_checkpoint(ck: Checkpoint, model: nn.Module, opt: torch.optim.Optimizer, rt: Runtime, gen: torch.Generator) -> TrainState:
+def restore_checkpoint(
+    ck: Checkpoint, model: nn.Module, opt: torch.optim.Optimizer, rt: Runtime, gen: torch.Generator
+) -> TrainState:
     """Restore model, optimizer, scaler and RNG state in place from a read checkpoint; returns its TrainState."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
@@ -669,7 +742,9 @@ def restore_checkpoint(ck: Checkpoint, model: nn.Module, opt: torch.optim.Optimi
     named = inner.state_dict(keep_vars=True)
     for name, p in named.items():  # tied weights were stored once
         if name not in weights:
-            weights.update({name: weights[o] for o, q in named.items() if o in weights and q is p})
+            for o, q in named.items():
+                if o in weights and q is p:
+                    weights[name] = weights[o]
     set_state_dict(
         inner,
         opt,
@@ -686,9 +761,13 @@ def restore_checkpoint(ck: Checkpoint, model: nn.Module, opt: torch.optim.Optimi
             torch.cuda.set_rng_state(tensors["rng/cuda"], rt.device)
     else:  # other ranks: a fresh stream that still depends only on (seed, rank, step)
         torch.manual_seed(hash((meta["step"], rt.rank)) & 0xFFFFFFFF)
-    return TrainState(step=meta["step"], fingerprint=meta["fingerprint"], history=meta["history"], extra=meta.get("extra", {}))
+    return TrainState(
+        step=meta["step"], fingerprint=meta["fingerprint"], history=meta["history"], extra=meta.get("extra", {})
+    )
 
 
-def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, rt: Runtime, gen: torch.Generator) -> TrainState:
+def load_checkpoint(
+    path: Path, model: nn.Module, opt: torch.optim.Optimizer, rt: Runtime, gen: torch.Generator
+) -> TrainState:
     """Read, verify and restore the checkpoint at `path` (see `read_checkpoint`, `restore_checkpoint`)."""
     return restore_checkpoint(read_checkpoint(path), model, opt, rt, gen)

@@ -23,7 +23,16 @@ from tasks.shared.config.base import Section, StageParams, load_stage_params
 from tasks.shared.errors import UserError
 from tasks.shared.io import write_json
 from tasks.shared.outputs import check_replaceable, record
-from tasks.shared.tracking import PARAMS_ENV, NullTracker, Tracker, TrackingError, numeric, setup_tracking, stage_run, tracking_errors
+from tasks.shared.tracking import (
+    PARAMS_ENV,
+    NullTracker,
+    Tracker,
+    TrackingError,
+    numeric,
+    setup_tracking,
+    stage_run,
+    tracking_errors,
+)
 
 USER_ERROR_EXIT = 2
 TRACKING_EXIT = 3

@@ -106,7 +106,9 @@ class EmptyOutput(ValueError):
     """`write_parquet_chunks` got no rows and `empty_ok` is false (nothing was written)."""
 
 
-def write_parquet_chunks(chunks: Iterable["pd.DataFrame"], path: Path | str, columns: list[str], empty_ok: bool = True) -> int:
+def write_parquet_chunks(
+    chunks: Iterable["pd.DataFrame"], path: Path | str, columns: list[str], empty_ok: bool = True
+) -> int:
     """Frames of string `columns`, streamed into one parquet file (one row group per chunk) that replaces
     `path` only when every chunk was written; returns the row count. No rows: EmptyOutput unless `empty_ok`."""
     import pyarrow as pa
@@ -154,8 +156,21 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     return dict(pairs)
 
 
-_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean", type(None): "null"}
-_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+_JSON_TYPES = {
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
 """A byte-order mark decides the encoding (UTF-32 first: its little-endian mark starts with UTF-16's)."""
 MB = 1 << 20
 
@@ -215,7 +230,9 @@ class _Lines:
                 try:
                     text = self.text.readline(limit + 1)
                 except UnicodeDecodeError as e:
-                    raise UserError(f"{self.f}: not valid {self.encoding.upper()} ({e.reason}); check the file's encoding") from None
+                    raise UserError(
+                        f"{self.f}: not valid {self.encoding.upper()} ({e.reason}); check the file's encoding"
+                    ) from None
                 if not text:
                     return
                 if len(text) > limit:
@@ -232,7 +249,9 @@ class _Lines:
             if len(raw) > limit:
                 raise self._too_long()
             if b"\0" in raw:
-                raise UserError(f"{self.f}: line {self.line}: a NUL byte at offset {start + raw.index(0)}: a binary file, not text")
+                raise UserError(
+                    f"{self.f}: line {self.line}: a NUL byte at offset {start + raw.index(0)}: a binary file, not text"
+                )
             if self.on_bytes:
                 self.on_bytes(len(raw))
             try:
@@ -242,7 +261,8 @@ class _Lines:
                 hint = "save the file as UTF-8" if self.encoding == "utf-8" else "check ingest.encoding"
                 other = " or set ingest.encoding (e.g. latin-1)" if self.encoding == "utf-8" else ""
                 raise UserError(
-                    f"{self.f}: line {self.line}: not {self.encoding.upper() if self.encoding == 'utf-8' else self.encoding} "
+                    f"{self.f}: line {self.line}: "
+                    f"not {self.encoding.upper() if self.encoding == 'utf-8' else self.encoding} "
                     f"(byte 0x{raw[e.start]:02x} at offset {offset}); {hint}{other}"
                 ) from None
 
@@ -261,7 +281,9 @@ def _jsonl_rows(f: Path, fh, opts: ReadOptions, on_bytes) -> Iterator[tuple[int,
         except json.JSONDecodeError as e:
             raise UserError(f"{f}: row {i}: invalid JSON ({e.msg})") from None
         if not isinstance(obj, dict):
-            raise UserError(f"{f}: row {i}: expected a JSON object, got {_JSON_TYPES.get(type(obj), type(obj).__name__)}")
+            raise UserError(
+                f"{f}: row {i}: expected a JSON object, got {_JSON_TYPES.get(type(obj), type(obj).__name__)}"
+            )
         yield i, obj
 
 
@@ -287,7 +309,9 @@ def _csv_rows(f: Path, fh, opts: ReadOptions, on_bytes) -> Iterator[tuple[int, d
             start = reader.line_num + 1
     except csv.Error as e:
         if "field larger than field limit" in str(e):
-            raise UserError(f"{f}: row {start}: a field over {opts.max_record_bytes / MB:g} MB (ingest.max_record_mb)") from None
+            raise UserError(
+                f"{f}: row {start}: a field over {opts.max_record_bytes / MB:g} MB (ingest.max_record_mb)"
+            ) from None
         raise UserError(f"{f}: row {start}: malformed CSV ({e})") from None
 
 
@@ -299,7 +323,10 @@ def _document(f: Path, fh, opts: ReadOptions, on_bytes) -> Iterator[tuple[int, d
     for line in lines:
         size += len(line)
         if size > opts.max_record_bytes:
-            raise UserError(f"{f}: a document of more than {opts.max_record_bytes / MB:g} MB (ingest.max_record_mb); split the file, or raise the limit")
+            raise UserError(
+                f"{f}: a document of more than {opts.max_record_bytes / MB:g} MB (ingest.max_record_mb); "
+                "split the file, or raise the limit"
+            )
         parts.append(line)
     yield 0, {opts.text_column: "".join(parts), "source": str(f)}
 
@@ -312,7 +339,9 @@ def parquet_batches(pf, batch_size: int, columns: list[str] | None = None) -> It
         yield from pf.iter_batches(batch_size=batch_size, row_groups=[group], columns=columns)
 
 
-def _parquet_chunks(f: Path, columns: list[str] | None, opts: ReadOptions, on_bytes) -> Iterator[tuple[list[int], "pd.DataFrame", list[str]]]:
+def _parquet_chunks(
+    f: Path, columns: list[str] | None, opts: ReadOptions, on_bytes
+) -> Iterator[tuple[list[int], "pd.DataFrame", list[str]]]:
     import pyarrow.parquet as pq
 
     try:
@@ -340,7 +369,9 @@ def _parquet_chunks(f: Path, columns: list[str] | None, opts: ReadOptions, on_by
         raise UserError(f"{f}: unreadable parquet file ({type(e).__name__}: {e})") from None
 
 
-def _chunks(f: Path, columns: list[str] | None, opts: ReadOptions, on_bytes) -> Iterator[tuple[list[int], "pd.DataFrame", list[str]]]:
+def _chunks(
+    f: Path, columns: list[str] | None, opts: ReadOptions, on_bytes
+) -> Iterator[tuple[list[int], "pd.DataFrame", list[str]]]:
     """One user file as object-typed frames of at most opts.chunk_rows rows / chunk_bytes bytes, with their
     row numbers and the columns the file has so far (all of them, `columns` or not)."""
     import pandas as pd
@@ -378,7 +409,11 @@ def expand_inputs(spec: str | Path | list, root: Path | None = None) -> list[Pat
             base = Path(item).anchor or "."
             pattern = item[len(Path(item).anchor) :] if Path(item).is_absolute() else item
             matched = sorted(p for p in Path(base).glob(pattern) if p.is_file())
-            matched = [p for p in matched if p.suffix != ".dvc" and not any(part.startswith(".") for part in p.parts if part not in (".", ".."))]
+            matched = [
+                p
+                for p in matched
+                if p.suffix != ".dvc" and not any(part.startswith(".") for part in p.parts if part not in (".", ".."))
+            ]
             if not matched:
                 raise UserError(f"{item}: no files match this pattern")
             files += matched
@@ -435,7 +470,9 @@ def iter_table(
             raise UserError(f"{f}: no rows")
 
 
-def read_table(spec: str | Path | list, required: list[str], columns: list[str] | None = None, opts: ReadOptions = ReadOptions()):
+def read_table(
+    spec: str | Path | list, required: list[str], columns: list[str] | None = None, opts: ReadOptions = ReadOptions()
+):
     """All of `iter_table` as one frame (for inputs that must be seen whole, such as the labeled set)."""
     import pandas as pd
 

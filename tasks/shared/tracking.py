@@ -84,7 +84,9 @@ class Tracker:
 
     def log_params(self, params: dict) -> None: ...
 
-    def log_input(self, name: str, source: str, digest: str, context: str, tags: dict[str, str] | None = None) -> None: ...
+    def log_input(
+        self, name: str, source: str, digest: str, context: str, tags: dict[str, str] | None = None
+    ) -> None: ...
 
 
 class NullTracker(Tracker):
@@ -137,7 +139,8 @@ class MlflowTracker(Tracker):
         if self._lost:
             first = str(self._lost[0]).splitlines()[0][:300]
             raise TrackingError(
-                f"MLflow tracking store {self._mlflow.get_tracking_uri()} lost {len(self._lost)} of {self._written} asynchronous writes "
+                f"MLflow tracking store {self._mlflow.get_tracking_uri()} "
+                f"lost {len(self._lost)} of {self._written} asynchronous writes "
                 f"of this stage ({first}); the stage is not recorded as done: rerun it once the store answers"
             )
 
@@ -174,7 +177,11 @@ class MlflowTracker(Tracker):
 
         with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local path, either way
             warnings.simplefilter("ignore")
-            src = resolve_dataset_source(source.split(", ")[0]) if ", " not in source else resolve_dataset_source(str(Path.cwd()))
+            src = (
+                resolve_dataset_source(source.split(", ")[0])
+                if ", " not in source
+                else resolve_dataset_source(str(Path.cwd()))
+            )
         dataset = MetaDataset(source=src, name=name, digest=digest)
         self._mlflow.log_input(dataset, context=context, tags={"source": source, **(tags or {})})
 

@@ -4,7 +4,8 @@
 timestamps, no run ids), so downstream stages depend on it without going stale when validate
 reruns on unchanged data. The Data Docs HTML lies elsewhere (`paths.data_docs`) and nothing depends on it.
 
-    {"success": bool, "evaluated": int, "failed": ["<table>: <expectation>(<args>): <offending rows or observation>", ...],
+    {"success": bool, "evaluated": int,
+     "failed": ["<table>: <expectation>(<args>): <offending rows or observation>", ...],
      "suite_parameters": {...}, "suites": {"<table>": {"success": bool, "results": [...]}}}
 
 with one suite per table of the Great Expectations project (`paths.gx`; see tasks/validate.py).

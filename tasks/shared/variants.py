@@ -27,7 +27,10 @@ def int8_name(source: str) -> str:
 def folders(paths: Paths) -> dict[str, Path]:
     """Every variant name and its folder, float variants first (whether or not it was built)."""
     base = {"fp32": paths.classifier, "pruned": paths.pruned, "sparse": paths.sparse, "distilled": paths.distilled}
-    return {**{k: Path(v) for k, v in base.items()}, **{int8_name(s): Path(paths.quantized) / int8_name(s) for s in FLOAT_VARIANTS}}
+    return {
+        **{k: Path(v) for k, v in base.items()},
+        **{int8_name(s): Path(paths.quantized) / int8_name(s) for s in FLOAT_VARIANTS},
+    }
 
 
 def built(paths: Paths) -> dict[str, Path]:

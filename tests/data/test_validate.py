@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import LABELS, ROOT, TINY_CLEAN, TINY_VALIDATE
+
 from tasks import validate
 from tasks.shared.errors import UserError
 from tasks.shared.validation import require_passed
@@ -91,7 +91,9 @@ def test_result_is_deterministic_and_apart_from_data_docs(clean_data):
     assert not clean_data.validation.is_relative_to(clean_data.data_docs)
     out = json.loads(first)
     records = [r for suite in out["suites"].values() for r in suite["results"]]
-    assert len(records) == out["evaluated"] and all({"expectation", "kwargs", "success", "result"} <= set(r) for r in records)
+    assert len(records) == out["evaluated"] and all(
+        {"expectation", "kwargs", "success", "result"} <= set(r) for r in records
+    )
     leftovers = [p.name for p in clean_data.validation.parent.iterdir() if p.name.startswith(".")]
     assert leftovers == []  # the atomic writers left no temporary files behind
 
@@ -102,7 +104,13 @@ def test_a_run_leaves_the_repository_project_untouched(clean_data):
 
     def state():
         files = sorted((str(p), p.stat().st_mtime_ns, p.read_bytes()) for p in paths.gx.rglob("*") if p.is_file())
-        status = subprocess.run(["git", "status", "--porcelain", "--ignored", "--", "gx"], cwd=ROOT, capture_output=True, text=True, check=True)
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--ignored", "--", "gx"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return files, status.stdout
 
     before = state()
@@ -164,21 +172,66 @@ def _first_id(split):
     return lambda df: df.loc[_rows(df, split)[0], "id"]
 
 
-# (what breaks, the table edited, the edit, the failing expectation, the id of an offending row or None, validate params)
+# (what breaks, the table edited, the edit, the failing expectation, the id of an offending row or None,
+#  validate params)
 FAILURES = [
     ("missing column", "labeled", _drop("source"), "train: expect_table_columns_to_match_set(", None, {}),
-    ("null text", "labeled", _set("train", "text", None), "train: expect_column_values_to_not_be_null(text)", _first_id("train"), {}),
+    (
+        "null text",
+        "labeled",
+        _set("train", "text", None),
+        "train: expect_column_values_to_not_be_null(text)",
+        _first_id("train"),
+        {},
+    ),
     ("duplicate id", "labeled", _duplicate_id, "val: expect_column_values_to_be_unique(id)", _first_id("val"), {}),
-    ("too long text", "corpus", lambda df: df.assign(text=df["text"].where(df.index != 2, "x" * 70000)), "corpus: expect_column_value_lengths_to_be_between(text", lambda df: df.loc[2, "id"], {}),
-    ("unknown label", "labeled", _set("val", "label", "zzz"), "val: expect_column_values_to_be_in_set(label)", _first_id("val"), {}),
-    ("class below min share", "labeled", _shrink_class, "classes: expect_column_values_to_be_between(share", lambda df: "train/net", {"min_class_share": 0.1}),
+    (
+        "too long text",
+        "corpus",
+        lambda df: df.assign(text=df["text"].where(df.index != 2, "x" * 70000)),
+        "corpus: expect_column_value_lengths_to_be_between(text",
+        lambda df: df.loc[2, "id"],
+        {},
+    ),
+    (
+        "unknown label",
+        "labeled",
+        _set("val", "label", "zzz"),
+        "val: expect_column_values_to_be_in_set(label)",
+        _first_id("val"),
+        {},
+    ),
+    (
+        "class below min share",
+        "labeled",
+        _shrink_class,
+        "classes: expect_column_values_to_be_between(share",
+        lambda df: "train/net",
+        {"min_class_share": 0.1},
+    ),
     ("single class", "labeled", _single_class, "test: expect_column_unique_value_count_to_be_between(label", None, {}),
-    ("duplicate ratio", "labeled", _duplicate_texts, "train: expect_column_values_to_be_unique(text, mostly=0.99)", _first_id("train"), {"max_duplicate_ratio": 0.01}),
-    ("source in two splits", "labeled", _leak_source, "splits: expect_column_values_to_be_unique(source)", _first_id("test"), {}),
+    (
+        "duplicate ratio",
+        "labeled",
+        _duplicate_texts,
+        "train: expect_column_values_to_be_unique(text, mostly=0.99)",
+        _first_id("train"),
+        {"max_duplicate_ratio": 0.01},
+    ),
+    (
+        "source in two splits",
+        "labeled",
+        _leak_source,
+        "splits: expect_column_values_to_be_unique(source)",
+        _first_id("test"),
+        {},
+    ),
 ]
 
 
-@pytest.mark.parametrize("table, edit, expectation, row_id, cfg", [f[1:] for f in FAILURES], ids=[f[0] for f in FAILURES])
+@pytest.mark.parametrize(
+    "table, edit, expectation, row_id, cfg", [f[1:] for f in FAILURES], ids=[f[0] for f in FAILURES]
+)
 def test_each_kind_of_failure_names_its_expectation_and_a_row(clean_data, table, edit, expectation, row_id, cfg):
     path = clean_data.clean_corpus if table == "corpus" else clean_data.clean_labeled
     before = pd.read_parquet(path)

@@ -19,14 +19,23 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import make_tiny_project
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 LMFORGE = str(Path(sys.executable).parent / "lmforge")
 TAG = "LMFORGE_TEST_TAG"
-DETERMINISTIC_OUTS = ("raw", "clean", "validation/results.json", "tokenizer", "tokens", "models/lm", "models/classifier", "models/int8", "models/baselines")
+DETERMINISTIC_OUTS = (
+    "raw",
+    "clean",
+    "validation/results.json",
+    "tokenizer",
+    "tokens",
+    "models/lm",
+    "models/classifier",
+    "models/int8",
+    "models/baselines",
+)
 
 
 def tagged(tag: str, pattern: str = "") -> list[tuple[int, str]]:
@@ -67,7 +76,13 @@ class Run:
         self.tag = uuid.uuid4().hex
         self.log = project.parent / f"run-{self.tag[:8]}.log"
         self.out = self.log.open("w")
-        self.proc = subprocess.Popen([LMFORGE, "pipeline", *args], cwd=project, env={**env, TAG: self.tag}, stdout=self.out, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [LMFORGE, "pipeline", *args],
+            cwd=project,
+            env={**env, TAG: self.tag},
+            stdout=self.out,
+            stderr=subprocess.STDOUT,
+        )
 
     def wait(self, timeout: float = 600) -> int:
         code = self.proc.wait(timeout=timeout)
@@ -86,12 +101,19 @@ class Run:
 
 
 def run_pipeline(project: Path, env: dict, *args: str, timeout: float = 600) -> tuple[int, str]:
-    res = subprocess.run([LMFORGE, "pipeline", *args], cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
+    res = subprocess.run(
+        [LMFORGE, "pipeline", *args], cwd=project, env=env, capture_output=True, text=True, timeout=timeout
+    )
     return res.returncode, res.stdout + res.stderr
 
 
 def outs_md5(lock: dict) -> dict[str, str]:
-    return {o["path"]: o["md5"] for body in lock["stages"].values() for o in body.get("outs", []) if o["path"].startswith(tuple(f"data/{p}" for p in DETERMINISTIC_OUTS))}
+    return {
+        o["path"]: o["md5"]
+        for body in lock["stages"].values()
+        for o in body.get("outs", [])
+        if o["path"].startswith(tuple(f"data/{p}" for p in DETERMINISTIC_OUTS))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +126,12 @@ def test_sigkill_of_the_pipeline_stops_every_process_and_frees_the_workspace(fau
     """kill -9 of `lmforge pipeline` in pretrain, after its first checkpoint (a cancelled CI job, the OOM killer)."""
     project = faulted["dir"]
     run = Run(project, faulted["env"])
-    wait_for(lambda: list((project / "data" / "checkpoints" / "pretrain").glob("step-*")), 300, "pretrain's first checkpoint", run)
+    wait_for(
+        lambda: list((project / "data" / "checkpoints" / "pretrain").glob("step-*")),
+        300,
+        "pretrain's first checkpoint",
+        run,
+    )
     assert run.processes("tasks.pretrain"), "pretrain should be running"
     killed = time.monotonic()
     run.proc.send_signal(signal.SIGKILL)
@@ -124,7 +151,12 @@ def test_a_killed_stage_is_retried_and_ctrl_c_stops_the_run_within_seconds(fault
     checkpoints = project / "data" / "checkpoints" / "pretrain"
     newest = max((p.name for p in checkpoints.glob("step-*")), default="")
     run = Run(project, faulted["env"])
-    wait_for(lambda: max((p.name for p in checkpoints.glob("step-*")), default="") > newest, 300, "a new pretrain checkpoint", run)
+    wait_for(
+        lambda: max((p.name for p in checkpoints.glob("step-*")), default="") > newest,
+        300,
+        "a new pretrain checkpoint",
+        run,
+    )
     for pid, _ in run.processes("tasks.pretrain"):
         os.kill(pid, signal.SIGKILL)
     wait_for(lambda: run.processes("tasks.finetune"), 300, "finetune to start after pretrain was retried", run)
@@ -161,10 +193,17 @@ def test_a_second_run_waits_for_the_first_in_one_line_then_proceeds(faulted):
 
     with workspace_lock(faulted["dir"], what="lmforge pipeline (the first run)"):
         second = Run(faulted["dir"], faulted["env"], "--no-promote", "--lock-timeout", "300")
-        wait_for(lambda: "lmforge: waiting up to 300 s for `lmforge pipeline (the first run)`" in second.output, 180, "the second run to wait", run=second)
+        wait_for(
+            lambda: "lmforge: waiting up to 300 s for `lmforge pipeline (the first run)`" in second.output,
+            180,
+            "the second run to wait",
+            run=second,
+        )
         time.sleep(2)  # still waiting, and said so once
     assert second.wait() == 0, second.output[-3000:]
-    waits = [line for line in second.output.splitlines() if "lmforge: waiting up to 300 s for `lmforge pipeline" in line]
+    waits = [
+        line for line in second.output.splitlines() if "lmforge: waiting up to 300 s for `lmforge pipeline" in line
+    ]
     assert len(waits) == 1, second.output[-3000:]
 
 
@@ -199,7 +238,10 @@ def test_a_data_error_through_the_flow_is_one_line_before_training(faulted):
     assert "dvc add data/user/labeled.jsonl" in out, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
     (line,) = [line for line in out.splitlines() if line.startswith("lmforge: pipeline stopped:")]
-    assert line.startswith("lmforge: pipeline stopped: lmforge ingest: error: data/user/labeled.jsonl: ") and message in line, out[-2000:]
+    assert (
+        line.startswith("lmforge: pipeline stopped: lmforge ingest: error: data/user/labeled.jsonl: ")
+        and message in line
+    ), out[-2000:]
     assert "NoneType: None" not in out
 
 
@@ -212,7 +254,9 @@ def test_bad_params_through_the_pipeline_are_one_line(faulted):
     finally:
         params.write_text(original)
     assert code == 2
-    assert out.strip().splitlines() == ["lmforge: error: params.yaml: pretrain.lr: Input should be a finite number (got inf)"]
+    assert out.strip().splitlines() == [
+        "lmforge: error: params.yaml: pretrain.lr: Input should be a finite number (got inf)"
+    ]
 
 
 def test_dvc_repro_never_empties_a_folder_of_yours(faulted):
@@ -225,11 +269,16 @@ def test_dvc_repro_never_empties_a_folder_of_yours(faulted):
     original = params.read_text()
     params.write_text(original.replace("  evaluation: data/evaluation", "  evaluation: reports"))
     try:
-        res = subprocess.run(["dvc", "repro", "evaluate"], cwd=project, env=faulted["env"], capture_output=True, text=True, timeout=300)
+        res = subprocess.run(
+            ["dvc", "repro", "evaluate"], cwd=project, env=faulted["env"], capture_output=True, text=True, timeout=300
+        )
     finally:
         params.write_text(original)
     assert res.returncode != 0
-    assert "lmforge evaluate: error: params.yaml: paths.evaluation: reports is an existing folder that lmforge did not write" in res.stderr
+    assert (
+        "lmforge evaluate: error: params.yaml: paths.evaluation: reports is an existing folder "
+        "that lmforge did not write"
+    ) in res.stderr
     assert "Traceback" not in res.stderr
     assert (mine / "notes.md").read_text() == "mine" and sorted(p.name for p in mine.iterdir()) == ["notes.md"]
 
@@ -247,15 +296,19 @@ def test_promote_refuses_an_evaluation_of_other_artifacts(faulted):
     original = params.read_text()
     params.write_text(original.replace("  max_train_per_label: 0", "  max_train_per_label: 2"))
     try:
-        res = subprocess.run(["dvc", "repro", "quantize"], cwd=project, env=env, capture_output=True, text=True, timeout=300)
+        res = subprocess.run(
+            ["dvc", "repro", "quantize"], cwd=project, env=env, capture_output=True, text=True, timeout=300
+        )
         assert res.returncode == 0, res.stderr[-2000:]
         res = subprocess.run([LMFORGE, "promote"], cwd=project, env=env, capture_output=True, text=True, timeout=120)
     finally:
         params.write_text(original)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
-        "lmforge: error: the evaluation is not evidence for the current artifacts: dvc status reports 1 stage(s) out of date "
-        "(evaluate; evaluate: changed deps: data/models/classifier (modified)); run `dvc repro` (or `make pipeline`), then promote"
+        "lmforge: error: the evaluation is not evidence for the current artifacts: "
+        "dvc status reports 1 stage(s) out of date "
+        "(evaluate; evaluate: changed deps: data/models/classifier (modified)); "
+        "run `dvc repro` (or `make pipeline`), then promote"
     ]
     assert sorted(int(v.version) for v in client.search_model_versions("name='lmforge-classifier'")) == before
     assert client.get_model_version_by_alias("lmforge-classifier", "champion").version == champion

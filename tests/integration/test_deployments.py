@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import free_port, make_tiny_project, start_logged, stop_group, wait_http
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -42,7 +41,9 @@ with get_client(sync_client=True) as c:
 print(json.dumps({{"state": run.state.type.value, "message": run.state.message, "name": run.name,
                   "artifacts": {{a.key: a.data for a in arts if a.key}}}}))
 """
-    res = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout + 60)
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout + 60
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -50,7 +51,9 @@ print(json.dumps({{"state": run.state.type.value, "message": run.state.message, 
 def versions(uri: str) -> list[str]:
     from mlflow import MlflowClient
 
-    return sorted((str(v.version) for v in MlflowClient(tracking_uri=uri).search_model_versions(f"name='{MODEL}'")), key=int)
+    return sorted(
+        (str(v.version) for v in MlflowClient(tracking_uri=uri).search_model_versions(f"name='{MODEL}'")), key=int
+    )
 
 
 def champion(uri: str):
@@ -62,39 +65,88 @@ def champion(uri: str):
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     base = tmp_path_factory.mktemp("deployments")
-    a, env = make_tiny_project(base / "a", {"orchestrate": {"placement": True, "io_retries": 2, "io_retry_delay_s": 1.0}})
+    a, env = make_tiny_project(
+        base / "a", {"orchestrate": {"placement": True, "io_retries": 2, "io_retry_delay_s": 1.0}}
+    )
     b = base / "b" / "project"
     subprocess.run(["git", "clone", "-q", str(a), str(b)], check=True)
     remote = base / "dvc-remote"  # the only disk the workers share
     prefect_port, mlflow_port = free_port(), free_port()
-    env = {**env, "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}"}
+    env = {
+        **env,
+        "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
+    }
     env.pop("PREFECT_HOME")
     procs: list[subprocess.Popen] = []
     try:
         server_env = {**env, "PREFECT_HOME": str(base / "prefect-server")}
         server_env.pop("PREFECT_API_URL")
-        procs.append(start_logged([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)], base, server_env, base / "prefect-server.log"))
         procs.append(
             start_logged(
-                [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
-                 "--backend-store-uri", f"sqlite:///{base}/mlflow.db", "--serve-artifacts", "--artifacts-destination", str(base / "mlflow-artifacts")],
-                base, env, base / "mlflow-server.log",
+                [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
+                base,
+                server_env,
+                base / "prefect-server.log",
+            )
+        )
+        procs.append(
+            start_logged(
+                [
+                    str(BIN / "mlflow"),
+                    "server",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(mlflow_port),
+                    "--workers",
+                    "1",
+                    "--backend-store-uri",
+                    f"sqlite:///{base}/mlflow.db",
+                    "--serve-artifacts",
+                    "--artifacts-destination",
+                    str(base / "mlflow-artifacts"),
+                ],
+                base,
+                env,
+                base / "mlflow-server.log",
             )
         )
         wait_http(f"http://127.0.0.1:{prefect_port}/api/health", procs[0], base / "prefect-server.log")
         wait_http(f"http://127.0.0.1:{mlflow_port}/health", procs[1], base / "mlflow-server.log")
         copies = {"a": (a, "cpu"), "b": (b, "gpu")}
         envs = {}
-        for name, (copy, pool) in copies.items():
-            subprocess.run([str(BIN / "dvc"), "remote", "add", "--local", "-d", "-f", "team", str(remote)], cwd=copy, check=True, capture_output=True)
+        for name, (copy, _pool) in copies.items():
+            subprocess.run(
+                [str(BIN / "dvc"), "remote", "add", "--local", "-d", "-f", "team", str(remote)],
+                cwd=copy,
+                check=True,
+                capture_output=True,
+            )
             envs[name] = {**env, "PREFECT_HOME": str(base / f"prefect-{name}")}
-        res = subprocess.run([str(BIN / "lmforge"), "deploy"], cwd=a, env=envs["a"], capture_output=True, text=True, timeout=300)
+        res = subprocess.run(
+            [str(BIN / "lmforge"), "deploy"], cwd=a, env=envs["a"], capture_output=True, text=True, timeout=300
+        )
         assert res.returncode == 0, res.stdout + res.stderr
         workers = {}
         for name, (copy, pool) in copies.items():
-            workers[name] = start_logged([str(BIN / "lmforge"), "worker", "--pool", pool, "--name", f"worker-{name}"], copy, envs[name], base / f"worker-{name}.log")
+            workers[name] = start_logged(
+                [str(BIN / "lmforge"), "worker", "--pool", pool, "--name", f"worker-{name}"],
+                copy,
+                envs[name],
+                base / f"worker-{name}.log",
+            )
             procs.append(workers[name])
-        yield {"base": base, "a": a, "b": b, "env": envs["a"], "envs": envs, "workers": workers, "mlflow": env["MLFLOW_TRACKING_URI"], "remote": remote}
+        yield {
+            "base": base,
+            "a": a,
+            "b": b,
+            "env": envs["a"],
+            "envs": envs,
+            "workers": workers,
+            "mlflow": env["MLFLOW_TRACKING_URI"],
+            "remote": remote,
+        }
     finally:
         for p in reversed(procs):
             stop_group(p)
@@ -106,7 +158,9 @@ def test_retrain_runs_placed_stages_promotes_then_skips(stack):
     logs = {n: (stack["base"] / f"worker-{n}.log").read_text()[-4000:] for n in ("a", "b")}
     assert first["state"] == "COMPLETED", (first, logs)
     assert "Retrain ran" in first["artifacts"]["lmforge-retrain"]
-    assert {"lmforge-evaluation", "lmforge-mlflow-run", "lmforge-model-version", "lmforge-data-docs"} <= set(first["artifacts"])
+    assert {"lmforge-evaluation", "lmforge-mlflow-run", "lmforge-model-version", "lmforge-data-docs"} <= set(
+        first["artifacts"]
+    )
     assert f"({uri}/#/experiments/" in first["artifacts"]["lmforge-mlflow-run"]
     mv = champion(uri)
     assert versions(uri) == [mv.version] == ["1"]
@@ -129,14 +183,18 @@ def test_retrain_runs_placed_stages_promotes_then_skips(stack):
     second = run_retrain(stack["env"], a)
     elapsed = time.perf_counter() - start
     assert second["state"] == "COMPLETED", second
-    assert "skipped" in second["artifacts"]["lmforge-retrain"] and f"v{mv.version}" in second["artifacts"]["lmforge-retrain"]
+    assert (
+        "skipped" in second["artifacts"]["lmforge-retrain"]
+        and f"v{mv.version}" in second["artifacts"]["lmforge-retrain"]
+    )
     assert versions(uri) == [mv.version]
     print(f"retrain skip through the deployment: {elapsed:.1f} s")
 
 
 def test_two_retrains_triggered_at_once_run_one_at_a_time(stack):
     """The deployment's concurrency limit (1, ENQUEUE) queues the second run until the first has finished."""
-    code = """
+    code = (
+        """
 import json
 from prefect import get_client
 from prefect.deployments import run_deployment
@@ -148,10 +206,14 @@ with get_client(sync_client=True) as c:
         if all(r.state.is_final() for r in runs):
             break
         time.sleep(1)
-print(json.dumps([{"state": r.state.type.value, "start": r.start_time.timestamp(), "end": r.end_time.timestamp()} for r in runs]))
 """
+        'print(json.dumps([{"state": r.state.type.value, "start": r.start_time.timestamp(), '
+        '"end": r.end_time.timestamp()} for r in runs]))\n'
+    )
     before = versions(stack["mlflow"])
-    res = subprocess.run([sys.executable, "-c", code], cwd=stack["a"], env=stack["env"], capture_output=True, text=True, timeout=900)
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=stack["a"], env=stack["env"], capture_output=True, text=True, timeout=900
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     runs = sorted(json.loads(res.stdout.strip().splitlines()[-1]), key=lambda r: r["start"])
     assert [r["state"] for r in runs] == ["COMPLETED", "COMPLETED"], runs

@@ -106,13 +106,17 @@ def _ready(server: Server, timeout: float = 120) -> None:
     server.channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     deadline = time.monotonic() + timeout
     while True:
-        assert server.proc.poll() is None, f"{server.proc.args} exited {server.proc.returncode}:\n{server.log.read_text()[-3000:]}"
+        assert server.proc.poll() is None, (
+            f"{server.proc.args} exited {server.proc.returncode}:\n{server.log.read_text()[-3000:]}"
+        )
         try:
             grpc.channel_ready_future(server.channel).result(timeout=1)
             return
         except grpc.FutureTimeoutError:
             if time.monotonic() > deadline:
-                raise AssertionError(f"no gRPC server on port {server.port} after {timeout} s:\n{server.log.read_text()[-3000:]}") from None
+                raise AssertionError(
+                    f"no gRPC server on port {server.port} after {timeout} s:\n{server.log.read_text()[-3000:]}"
+                ) from None
 
 
 @pytest.fixture(scope="module")
@@ -122,14 +126,19 @@ def servers(bundles, tmp_path_factory):
     server = [sys.executable, "-m", "deploy.grpc_server", "--port"]
     specs = {
         "good": (server, _env(LMFORGE_MODEL_URI=str(bundles / "good"))),
-        "keyed": ([sys.executable, "-m", "tasks.ops.cli", "serve", "--grpc", "--port"], _env(LMFORGE_MODEL_URI=str(bundles / "masked"), LMFORGE_API_KEY=KEY)),
+        "keyed": (
+            [sys.executable, "-m", "tasks.ops.cli", "serve", "--grpc", "--port"],
+            _env(LMFORGE_MODEL_URI=str(bundles / "masked"), LMFORGE_API_KEY=KEY),
+        ),
         "missing": (server, _env(LMFORGE_MODEL_URI="/nonexistent/bundle")),
     }
     started = {}
     try:
         for name, (cmd, env) in specs.items():
             port = free_port()
-            started[name] = Server(start_logged(cmd + [str(port)], ROOT, env, logs / f"{name}.log"), port, logs / f"{name}.log")
+            started[name] = Server(
+                start_logged(cmd + [str(port)], ROOT, env, logs / f"{name}.log"), port, logs / f"{name}.log"
+            )
         for s in started.values():
             _ready(s)
         yield started
@@ -155,7 +164,11 @@ def _error(call, *args, **kwargs) -> grpc.RpcError:
 
 
 def _health(server: Server, service: str = "", metadata=()) -> int:
-    return health_pb2_grpc.HealthStub(server.channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=10, metadata=metadata).status
+    return (
+        health_pb2_grpc.HealthStub(server.channel)
+        .Check(health_pb2.HealthCheckRequest(service=service), timeout=10, metadata=metadata)
+        .status
+    )
 
 
 # --- a served model ------------------------------------------------------------------------------
@@ -163,7 +176,10 @@ def _health(server: Server, service: str = "", metadata=()) -> int:
 
 def test_start_up_says_what_it_serves_and_where(good, bundles):
     log = good.wait_line("serving")
-    assert f"lmforge: gRPC on 127.0.0.1:{good.port}: serving {bundles / 'good'}: fp32 classifier over {len(LABELS)} labels, with /generate" in log
+    assert (
+        f"lmforge: gRPC on 127.0.0.1:{good.port}: serving {bundles / 'good'}: "
+        f"fp32 classifier over {len(LABELS)} labels, with /generate"
+    ) in log
 
 
 def test_classify(good):
@@ -180,14 +196,21 @@ def test_classify_is_thread_safe(good):
     """Concurrent calls on the server's thread pool give what one call at a time gives."""
     one_by_one = [good.inference.Classify(pb.ClassifyRequest(texts=[t]), timeout=30).results[0] for t in TEXTS]
     with ThreadPoolExecutor(8) as pool:
-        together = list(pool.map(lambda i: good.inference.Classify(pb.ClassifyRequest(texts=[TEXTS[i % 3]]), timeout=30).results[0], range(24)))
+        together = list(
+            pool.map(
+                lambda i: good.inference.Classify(pb.ClassifyRequest(texts=[TEXTS[i % 3]]), timeout=30).results[0],
+                range(24),
+            )
+        )
     for i, r in enumerate(together):
         assert r == one_by_one[i % 3]
 
 
 def test_the_largest_valid_request_fits(good):
     """256 texts of 20,000 characters (5 MB, over gRPC's default 4 MB limit)."""
-    texts = [(TEXTS[i % 3] + "\n") * (LIMITS.max_text_chars // (len(TEXTS[i % 3]) + 1)) for i in range(LIMITS.max_items)]
+    texts = [
+        (TEXTS[i % 3] + "\n") * (LIMITS.max_text_chars // (len(TEXTS[i % 3]) + 1)) for i in range(LIMITS.max_items)
+    ]
     assert sum(map(len, texts)) > 4 * 2**20
     reply = good.inference.Classify(pb.ClassifyRequest(texts=texts), timeout=60)
     assert len(reply.results) == LIMITS.max_items
@@ -199,14 +222,20 @@ def test_generate_with_a_seed_is_repeatable(good):
     assert a == b
     assert a.model_version == "lmforge-classifier/local"
     assert a.finish_reason in ("length", "eos") and 0 < a.tokens <= 24
-    assert a.text != good.inference.Generate(pb.GenerateRequest(prompt=PROMPT, max_new_tokens=24, seed=8), timeout=30).text
+    assert (
+        a.text != good.inference.Generate(pb.GenerateRequest(prompt=PROMPT, max_new_tokens=24, seed=8), timeout=30).text
+    )
 
 
 def test_temperature_zero_is_greedy_and_stop_strings_cut(good):
     greedy = pb.GenerateRequest(prompt=PROMPT, max_new_tokens=32, temperature=0)
     a, b = good.inference.Generate(greedy, timeout=30), good.inference.Generate(greedy, timeout=30)
-    assert a.text == b.text and a.tokens == 32 and a.finish_reason == "length"  # no seed, yet the same: 0 really is greedy
-    stop = next(c for c in a.text[4:] if c.isascii() and not c.isspace())  # a character that appears after the first few
+    assert (
+        a.text == b.text and a.tokens == 32 and a.finish_reason == "length"
+    )  # no seed, yet the same: 0 really is greedy
+    stop = next(
+        c for c in a.text[4:] if c.isascii() and not c.isspace()
+    )  # a character that appears after the first few
     cut = pb.GenerateRequest(prompt=PROMPT, max_new_tokens=32, temperature=0, stop=["\x00never", stop])
     reply = good.inference.Generate(cut, timeout=30)
     assert (reply.text, reply.finish_reason) == (a.text[: a.text.index(stop)], "stop")
@@ -219,13 +248,22 @@ def test_stream_is_generate_in_pieces(good):
     assert len(chunks) > 2
     assert "".join(c.text for c in chunks) == whole.text
     last = chunks[-1]
-    assert (last.finish_reason, last.tokens, last.model_version) == (whole.finish_reason, whole.tokens, whole.model_version)
+    assert (last.finish_reason, last.tokens, last.model_version) == (
+        whole.finish_reason,
+        whole.tokens,
+        whole.model_version,
+    )
     assert all(not c.finish_reason for c in chunks[:-1])
 
 
 def test_metadata(good, bundles):
     reply = good.inference.Metadata(pb.MetadataRequest(), timeout=30)
-    assert (reply.registered_model, reply.version, reply.model_version, reply.variant) == ("lmforge-classifier", "local", "lmforge-classifier/local", "fp32")
+    assert (reply.registered_model, reply.version, reply.model_version, reply.variant) == (
+        "lmforge-classifier",
+        "local",
+        "lmforge-classifier/local",
+        "fp32",
+    )
     assert list(reply.labels) == LABELS and reply.can_generate
     doc = reply.metadata
     assert doc["source"] == "folder" and doc["model_uri"] == str(bundles / "good") and doc["can_generate"] is True
@@ -250,25 +288,55 @@ def test_reflection_lists_and_describes_the_services(good):
     assert {"lmforge.v1.Inference", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
     described = ask(file_containing_symbol="lmforge.v1.Inference").file_descriptor_response.file_descriptor_proto
     files = [descriptor_pb2.FileDescriptorProto.FromString(b) for b in described]
-    assert {"deploy/lmforge.proto", "google/protobuf/struct.proto"} <= {f.name for f in files}  # what grpcurl needs, dependencies included
+    assert {"deploy/lmforge.proto", "google/protobuf/struct.proto"} <= {
+        f.name for f in files
+    }  # what grpcurl needs, dependencies included
 
 
 # Each: the RPC, its request, the start of the INVALID_ARGUMENT message (deploy/core.py's words, as REST's 400s).
 INVALID = {
     "no-texts": ("Classify", pb.ClassifyRequest(texts=[]), "texts: empty list"),
     "blank-text": ("Classify", pb.ClassifyRequest(texts=["ok", " \n\t"]), "texts[1]: empty or only whitespace"),
-    "long-text": ("Classify", pb.ClassifyRequest(texts=["x" * (LIMITS.max_text_chars + 1)]), f"texts[0]: {LIMITS.max_text_chars + 1} characters, at most"),
-    "many-texts": ("Classify", pb.ClassifyRequest(texts=["x"] * (LIMITS.max_items + 1)), f"texts: {LIMITS.max_items + 1} items, at most {LIMITS.max_items}"),
+    "long-text": (
+        "Classify",
+        pb.ClassifyRequest(texts=["x" * (LIMITS.max_text_chars + 1)]),
+        f"texts[0]: {LIMITS.max_text_chars + 1} characters, at most",
+    ),
+    "many-texts": (
+        "Classify",
+        pb.ClassifyRequest(texts=["x"] * (LIMITS.max_items + 1)),
+        f"texts: {LIMITS.max_items + 1} items, at most {LIMITS.max_items}",
+    ),
     "blank-prompt": ("Generate", pb.GenerateRequest(prompt="  "), "prompt: empty"),
-    "long-prompt": ("Generate", pb.GenerateRequest(prompt="x" * (LIMITS.max_prompt_chars + 1)), "prompt: 4001 characters"),
+    "long-prompt": (
+        "Generate",
+        pb.GenerateRequest(prompt="x" * (LIMITS.max_prompt_chars + 1)),
+        "prompt: 4001 characters",
+    ),
     "no-tokens": ("Generate", pb.GenerateRequest(prompt=PROMPT, max_new_tokens=0), "max_new_tokens: 0, must be 1..256"),
-    "many-tokens": ("Generate", pb.GenerateRequest(prompt=PROMPT, max_new_tokens=LIMITS.max_new_tokens + 1), "max_new_tokens: 257, must be 1..256"),
+    "many-tokens": (
+        "Generate",
+        pb.GenerateRequest(prompt=PROMPT, max_new_tokens=LIMITS.max_new_tokens + 1),
+        "max_new_tokens: 257, must be 1..256",
+    ),
     "top-p-zero": ("Generate", pb.GenerateRequest(prompt=PROMPT, top_p=0), "top_p: 0"),
     "top-k-big": ("Generate", pb.GenerateRequest(prompt=PROMPT, top_k=LIMITS.max_top_k + 1), "top_k: 1001"),
-    "many-stops": ("Generate", pb.GenerateRequest(prompt=PROMPT, stop=["a"] * (LIMITS.max_stop + 1)), f"stop: at most {LIMITS.max_stop} strings"),
+    "many-stops": (
+        "Generate",
+        pb.GenerateRequest(prompt=PROMPT, stop=["a"] * (LIMITS.max_stop + 1)),
+        f"stop: at most {LIMITS.max_stop} strings",
+    ),
     "empty-stop": ("Generate", pb.GenerateRequest(prompt=PROMPT, stop=[""]), "stop[0]: must be a non-empty string"),
-    "negative-temperature": ("Generate", pb.GenerateRequest(prompt=PROMPT, temperature=-0.5), "temperature: -0.5, must be 0..2"),
-    "nan-temperature": ("Generate", pb.GenerateRequest(prompt=PROMPT, temperature=float("nan")), "temperature: expected a number"),
+    "negative-temperature": (
+        "Generate",
+        pb.GenerateRequest(prompt=PROMPT, temperature=-0.5),
+        "temperature: -0.5, must be 0..2",
+    ),
+    "nan-temperature": (
+        "Generate",
+        pb.GenerateRequest(prompt=PROMPT, temperature=float("nan")),
+        "temperature: expected a number",
+    ),
     "huge-seed": ("Generate", pb.GenerateRequest(prompt=PROMPT, seed=2**63), "seed: 9223372036854775808"),
     "stream": ("GenerateStream", pb.GenerateRequest(prompt=PROMPT, max_new_tokens=0), "max_new_tokens: 0"),
 }
@@ -288,16 +356,28 @@ def test_invalid_input_is_invalid_argument_with_the_reason(good, case):
 
 def test_api_key_is_required_except_for_health_and_reflection(servers):
     keyed = servers["keyed"]
-    for metadata in ((), (("authorization", "Bearer wrong"),), (("x-api-key", "wrong"),), (("authorization", f"Bearer {KEY}x"),)):
-        for call, request in ((keyed.inference.Classify, pb.ClassifyRequest(texts=TEXTS)), (keyed.inference.GenerateStream, pb.GenerateRequest(prompt=PROMPT))):
+    for metadata in (
+        (),
+        (("authorization", "Bearer wrong"),),
+        (("x-api-key", "wrong"),),
+        (("authorization", f"Bearer {KEY}x"),),
+    ):
+        for call, request in (
+            (keyed.inference.Classify, pb.ClassifyRequest(texts=TEXTS)),
+            (keyed.inference.GenerateStream, pb.GenerateRequest(prompt=PROMPT)),
+        ):
             e = _error(call, request, metadata=metadata)
             assert e.code() == grpc.StatusCode.UNAUTHENTICATED, (metadata, e.code(), e.details())
             assert "LMFORGE_API_KEY is set on the server" in e.details()
     for metadata in ((("authorization", f"Bearer {KEY}"),), (("x-api-key", KEY),)):
-        assert len(keyed.inference.Classify(pb.ClassifyRequest(texts=TEXTS), metadata=metadata, timeout=30).results) == len(TEXTS)
+        assert len(
+            keyed.inference.Classify(pb.ClassifyRequest(texts=TEXTS), metadata=metadata, timeout=30).results
+        ) == len(TEXTS)
     assert _health(keyed) == health_pb2.HealthCheckResponse.SERVING
     stub = reflection_pb2_grpc.ServerReflectionStub(keyed.channel)
-    reply = next(iter(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)))
+    reply = next(
+        iter(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+    )
     assert "lmforge.v1.Inference" in {s.name for s in reply.list_services_response.service}
 
 
@@ -312,7 +392,9 @@ def test_a_masked_lm_cannot_generate(servers):
 
 def test_lmforge_serve_grpc_checks_the_model_first(servers, bundles):
     log = servers["keyed"].wait_line("gRPC on")
-    assert f"serving {bundles / 'masked'}: fp32 classifier over {len(LABELS)} labels, no /generate" in log  # the CLI's preflight, then the server's line
+    assert (
+        f"serving {bundles / 'masked'}: fp32 classifier over {len(LABELS)} labels, no /generate" in log
+    )  # the CLI's preflight, then the server's line
 
 
 # --- no model: up, NOT_SERVING, UNAVAILABLE with the reason ---------------------------------------
@@ -321,7 +403,9 @@ def test_lmforge_serve_grpc_checks_the_model_first(servers, bundles):
 def test_without_a_model_the_server_stays_up_and_says_why(servers):
     missing = servers["missing"]
     reason = "model unavailable: LMFORGE_MODEL_URI=/nonexistent/bundle: no such folder or model URI"
-    assert "no model to serve, answering UNAVAILABLE: LMFORGE_MODEL_URI=/nonexistent/bundle" in missing.wait_line("UNAVAILABLE")
+    assert "no model to serve, answering UNAVAILABLE: LMFORGE_MODEL_URI=/nonexistent/bundle" in missing.wait_line(
+        "UNAVAILABLE"
+    )
     for service in ("", "lmforge.v1.Inference"):
         assert _health(missing, service) == health_pb2.HealthCheckResponse.NOT_SERVING
     calls = (

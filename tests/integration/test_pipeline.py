@@ -30,7 +30,19 @@ def project(tiny_flow_run):
 def test_flow_succeeds_without_tracebacks(project):
     assert "Traceback" not in project["output"], project["output"][-4000:]
     assert "promoted lmforge-classifier v1" in project["output"]
-    for stage in ("ingest", "clean", "validate", "tokenize", "pretrain", "finetune", "prune", "sparsify", "distill", "quantize", "evaluate"):
+    for stage in (
+        "ingest",
+        "clean",
+        "validate",
+        "tokenize",
+        "pretrain",
+        "finetune",
+        "prune",
+        "sparsify",
+        "distill",
+        "quantize",
+        "evaluate",
+    ):
         assert (project["dir"] / "metrics" / f"{stage}.json").exists(), stage
 
 
@@ -48,22 +60,41 @@ def test_registry_has_champion_with_lineage(project):
     assert all(mv.tags[f"gate.{g}"].startswith("pass") for g in ("min_accuracy", "smoke_test", "no_regression"))
 
     parent = client.get_run(mv.tags["mlflow_parent_run_id"])
-    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     stages = {r.data.tags["lmforge.stage"] for r in children}
-    assert stages == {"ingest", "clean", "validate", "tokenize", "pretrain", "finetune", "prune", "sparsify", "distill", "quantize", "evaluate", "promote"}
+    assert stages == {
+        "ingest",
+        "clean",
+        "validate",
+        "tokenize",
+        "pretrain",
+        "finetune",
+        "prune",
+        "sparsify",
+        "distill",
+        "quantize",
+        "evaluate",
+        "promote",
+    }
     pretrain = next(r for r in children if r.data.tags["lmforge.stage"] == "pretrain")
     assert "val_perplexity" in pretrain.data.metrics and "tokens_per_s" in pretrain.data.metrics
 
 
 def test_second_dvc_repro_runs_nothing(project):
-    res = subprocess.run(["dvc", "repro"], cwd=project["dir"], env=project["env"], capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        ["dvc", "repro"], cwd=project["dir"], env=project["env"], capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr
     assert "Running stage" not in res.stdout
     assert "Data and pipelines are up to date" in res.stdout
 
 
 def _dvc(project, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    res = subprocess.run(["dvc", *args], cwd=project["dir"], env=project["env"], capture_output=True, text=True, timeout=timeout)
+    res = subprocess.run(
+        ["dvc", *args], cwd=project["dir"], env=project["env"], capture_output=True, text=True, timeout=timeout
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     return res
 
@@ -83,13 +114,17 @@ def test_editing_a_config_default_makes_its_readers_stale(project):
         status = json.loads(_dvc(project, "status", "--json").stdout)
     finally:
         f.write_text(original)
-    assert set(status) == {"pretrain", "finetune", "prune", "sparsify", "distill"}, status  # the stages that import the module
+    assert set(status) == {"pretrain", "finetune", "prune", "sparsify", "distill"}, (
+        status
+    )  # the stages that import the module
     assert json.loads(_dvc(project, "status", "--json").stdout) == {}
 
 
 def test_metrics_diff_shows_the_committed_run_beside_this_one(project):
     """metrics/ is committed: `dvc metrics diff HEAD` puts HEAD's numbers beside this run's."""
-    committed = subprocess.run(["git", "show", "HEAD:metrics/evaluate.json"], cwd=project["dir"], capture_output=True, text=True)
+    committed = subprocess.run(
+        ["git", "show", "HEAD:metrics/evaluate.json"], cwd=project["dir"], capture_output=True, text=True
+    )
     diff = json.loads(_dvc(project, "metrics", "diff", "HEAD", "--all", "--json").stdout)
     now = json.loads((project["dir"] / "metrics" / "evaluate.json").read_text())
     entry = diff["metrics/evaluate.json"]["variants.fp32.accuracy"]
@@ -98,10 +133,20 @@ def test_metrics_diff_shows_the_committed_run_beside_this_one(project):
         assert entry["old"] == json.loads(committed.stdout)["variants"]["fp32"]["accuracy"]
     shown = _dvc(project, "metrics", "show", "--md").stdout
     assert "metrics/pretrain.json" in shown and "val_perplexity" in shown
-    res = subprocess.run([str(BIN / "lmforge"), "metrics", "pretrain"], cwd=project["dir"], env=project["env"], capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [str(BIN / "lmforge"), "metrics", "pretrain"],
+        cwd=project["dir"],
+        env=project["env"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     rows = {tuple(line.split()[:2]): line.split()[2] for line in res.stdout.splitlines()[1:]}
-    assert float(rows[("metrics/pretrain.json", "val_perplexity")]) == json.loads((project["dir"] / "metrics/pretrain.json").read_text())["val_perplexity"]
+    assert (
+        float(rows[("metrics/pretrain.json", "val_perplexity")])
+        == json.loads((project["dir"] / "metrics/pretrain.json").read_text())["val_perplexity"]
+    )
 
 
 def test_an_experiment_is_an_mlflow_run_and_plots_overlay_it_on_the_commit(project):
@@ -129,6 +174,8 @@ def test_an_experiment_is_an_mlflow_run_and_plots_overlay_it_on_the_commit(proje
     filt = "tags.`lmforge.dvc_exp` = 'fewer-latency-samples' and tags.`lmforge.stage` = 'experiment'"
     (parent,) = client.search_runs([exp.experiment_id], filter_string=filt)
     assert parent.data.params["evaluate.latency_samples"] == "4"
-    children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     assert [r.data.tags["lmforge.stage"] for r in children] == ["evaluate"]
     assert children[0].data.params["evaluate.latency_samples"] == "4"

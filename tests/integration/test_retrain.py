@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import free_port, make_tiny_project, start_logged, stop_group, wait_http
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -43,7 +42,14 @@ def registry(env: dict) -> tuple[list[str], str]:
 
 
 def dvc_status(project: Path, env: dict) -> dict:
-    res = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=project, env=env, capture_output=True, text=True, check=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "--json"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(res.stdout or "{}")
 
 
@@ -66,7 +72,10 @@ def test_retrain_after_a_run_skips_in_seconds_and_registers_nothing(trained):
     elapsed = time.perf_counter() - start_
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-4000:]
-    line = f"lmforge retrain: nothing changed: data, code and params equal the lineage of {MODEL} v1 (@champion); skipped, registered nothing"
+    line = (
+        f"lmforge retrain: nothing changed: data, code and params equal the lineage of {MODEL} v1 (@champion); "
+        "skipped, registered nothing"
+    )
     assert line in out, out[-4000:]
     assert "Task run 'run_stage" not in out and "pretrain" not in out  # no stage ran
     assert registry(env) == before
@@ -81,14 +90,21 @@ def test_two_retrains_at_once_run_one_pipeline_and_the_other_skips(trained):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["evaluate"]["latency_samples"] = 6  # only evaluate reruns
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    procs = [subprocess.Popen([LMFORGE, "retrain"], cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [LMFORGE, "retrain"], cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     ran = [o for o in outs if "running the pipeline: dvc status reports" in o]
     skipped = [o for o in outs if f"equal the lineage of {MODEL} v2 (@champion); skipped" in o]
     assert len(ran) == 1 and len(skipped) == 1, outs
     assert "waiting up to" in skipped[0]  # it waited for the other run's lock, then looked again
-    assert "evaluate" in ran[0] and "Task run 'pretrain'" not in ran[0].replace("Task run 'pretrain' - Finished in state Completed()", "")
+    assert "evaluate" in ran[0] and "Task run 'pretrain'" not in ran[0].replace(
+        "Task run 'pretrain' - Finished in state Completed()", ""
+    )
     assert registry(env) == (["1", "2"], "2")
     assert dvc_status(project, env) == {}
 
@@ -106,8 +122,12 @@ def test_the_schedule_serves_fires_and_skips(trained):
             time.sleep(2)
         text = log.read_text()
         assert "skipped, registered nothing" in text, text[-4000:]
-        assert "lmforge schedule: serving deployment lmforge-retrain/retrain on `* * * * *` (UTC); next run due " in text
-        assert f"lmforge: Prefect server on http://127.0.0.1:{port}" in text  # Prefect's temporary server has no scheduler
+        assert (
+            "lmforge schedule: serving deployment lmforge-retrain/retrain on `* * * * *` (UTC); next run due " in text
+        )
+        assert (
+            f"lmforge: Prefect server on http://127.0.0.1:{port}" in text
+        )  # Prefect's temporary server has no scheduler
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:
@@ -128,7 +148,8 @@ def test_a_tracking_server_down_at_start_is_one_line_and_nothing_runs(trained):
     res = lmforge(project, {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}, "retrain", timeout=120)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
-        f"lmforge: error: MLflow tracking server http://127.0.0.1:{port} is unreachable (Connection refused); nothing ran "
+        f"lmforge: error: MLflow tracking server http://127.0.0.1:{port} is unreachable "
+        "(Connection refused); nothing ran "
         "(MLFLOW_TRACKING_URI or tracking.uri in params.yaml)"
     ]
     assert (project / "dvc.lock").read_text() == lock
@@ -137,15 +158,37 @@ def test_a_tracking_server_down_at_start_is_one_line_and_nothing_runs(trained):
 def test_a_tracking_server_that_goes_away_mid_pretrain_fails_the_stage_in_one_line(tmp_path):
     """Metrics are never silently dropped: the stage checks every asynchronous write before it counts as
     done, so DVC does not record it, and the failure names the store."""
-    project, env = make_tiny_project(tmp_path, {"pretrain": {"max_steps": 1000, "checkpoint_interval": 50, "log_interval": 5}})
+    project, env = make_tiny_project(
+        tmp_path, {"pretrain": {"max_steps": 1000, "checkpoint_interval": 50, "log_interval": 5}}
+    )
     recorded = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["pretrain"]  # the committed run's
     port = free_port()
     server = start_logged(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--serve-artifacts", "--artifacts-destination", str(tmp_path / "art")],
-        tmp_path, env, tmp_path / "mlflow-server.log",
-    )  # fmt: skip
-    env = {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/server.db",
+            "--serve-artifacts",
+            "--artifacts-destination",
+            str(tmp_path / "art"),
+        ],
+        tmp_path,
+        env,
+        tmp_path / "mlflow-server.log",
+    )
+    env = {
+        **env,
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    }
     try:
         wait_http(f"http://127.0.0.1:{port}/health", server, tmp_path / "mlflow-server.log")
         log = tmp_path / "pipeline.log"
@@ -162,6 +205,15 @@ def test_a_tracking_server_that_goes_away_mid_pretrain_fails_the_stage_in_one_li
     assert code != 0, out[-5000:]
     failed = [line for line in out.splitlines() if "lmforge pretrain: failed: MLflow tracking store" in line]
     assert failed and f"http://127.0.0.1:{port}" in failed[0], out[-5000:]
-    assert yaml.safe_load((project / "dvc.lock").read_text())["stages"]["pretrain"] == recorded  # DVC did not record it as done
-    assert [line for line in out.splitlines() if line.startswith("lmforge: pipeline stopped: Task run encountered an exception StageFailed: lmforge pretrain: failed: MLflow tracking store")]
+    assert (
+        yaml.safe_load((project / "dvc.lock").read_text())["stages"]["pretrain"] == recorded
+    )  # DVC did not record it as done
+    assert [
+        line
+        for line in out.splitlines()
+        if line.startswith(
+            "lmforge: pipeline stopped: Task run encountered an exception StageFailed: "
+            "lmforge pretrain: failed: MLflow tracking store"
+        )
+    ]
     assert "Traceback" not in out, out[-5000:]

@@ -48,14 +48,27 @@ def served(tiny_flow_run, tmp_path_factory):
 
 def test_classify_and_generate_answer_with_the_champion_version(served):
     base, version = served["url"], champion(served["project"]).version
-    status, body = post_json(f"{base}/classify", {"texts": ["def handle(self, msg):\n    return msg.get_payload()", "import asyncio"]})
+    status, body = post_json(
+        f"{base}/classify", {"texts": ["def handle(self, msg):\n    return msg.get_payload()", "import asyncio"]}
+    )
     assert status == 200, body
     assert [p["model_version"] for p in body] == [f"{NAME}/{version}"] * 2
     for pred in body:
-        assert pred["label"] in {"asyncio", "email", "xml"} and set(pred["probabilities"]) == {"asyncio", "email", "xml"}
+        assert pred["label"] in {"asyncio", "email", "xml"} and set(pred["probabilities"]) == {
+            "asyncio",
+            "email",
+            "xml",
+        }
         assert abs(sum(pred["probabilities"].values()) - 1) < 1e-3
-    status, body = post_json(f"{base}/generate", {"prompt": "def parse(self, data):\n    ", "max_new_tokens": 16, "seed": 0, "top_p": 0.9, "stop": ["\n\n"]})
-    assert status == 200 and body["finish_reason"] in ("length", "stop", "eos") and body["model_version"] == f"{NAME}/{version}", body
+    status, body = post_json(
+        f"{base}/generate",
+        {"prompt": "def parse(self, data):\n    ", "max_new_tokens": 16, "seed": 0, "top_p": 0.9, "stop": ["\n\n"]},
+    )
+    assert (
+        status == 200
+        and body["finish_reason"] in ("length", "stop", "eos")
+        and body["model_version"] == f"{NAME}/{version}"
+    ), body
     assert post_json(f"{base}/classify", {"texts": []})[0] == 400
     assert post_json(f"{base}/generate", {"prompt": "x", "max_new_tokens": 100000})[0] == 400
 
@@ -65,7 +78,12 @@ def test_metadata_names_the_registry_version_and_its_lineage(served):
     status, text = get(f"{served['url']}/metadata")
     assert status == 200, text
     meta = json.loads(text)
-    assert (meta["registered_model"], meta["version"], meta["source"], meta["variant"]) == (NAME, str(mv.version), "registry", mv.tags["variant"])
+    assert (meta["registered_model"], meta["version"], meta["source"], meta["variant"]) == (
+        NAME,
+        str(mv.version),
+        "registry",
+        mv.tags["variant"],
+    )
     lineage = meta["lineage"]
     assert lineage["git_commit"] == mv.tags["git_commit"] and len(lineage["git_commit"]) == 40
     assert lineage["prefect_flow_run_id"] == mv.tags["prefect_flow_run_id"] and lineage["mlflow_run_id"]
@@ -75,7 +93,9 @@ def test_metadata_names_the_registry_version_and_its_lineage(served):
     assert meta["normalize"] == {"unicode_form": "NFKC", "tab_size": 4}  # the clean stage's, recorded by promote
     assert meta["metrics"]["macro_f1"] == pytest.approx(float(mv.tags["test_macro_f1"]))
     store = Path(served["project"]["env"]["BENTOML_HOME"]) / "models" / NAME / f"v{mv.version}"
-    assert meta["bentoml_model"] == f"{NAME}:v{mv.version}" and (store / "lmforge.json").is_file()  # loaded through BentoML's model store
+    assert (
+        meta["bentoml_model"] == f"{NAME}:v{mv.version}" and (store / "lmforge.json").is_file()
+    )  # loaded through BentoML's model store
 
 
 def test_prometheus_metrics_count_requests_and_latency_by_endpoint(served):
@@ -83,7 +103,13 @@ def test_prometheus_metrics_count_requests_and_latency_by_endpoint(served):
         post_json(f"{served['url']}/classify", {"texts": ["import os"]})
     status, text = get(f"{served['url']}/metrics")
     assert status == 200
-    counts = [line for line in text.splitlines() if line.startswith("bentoml_service_request_total{") and 'endpoint="/classify"' in line and 'http_response_code="200"' in line]
+    counts = [
+        line
+        for line in text.splitlines()
+        if line.startswith("bentoml_service_request_total{")
+        and 'endpoint="/classify"' in line
+        and 'http_response_code="200"' in line
+    ]
     assert counts and float(counts[0].rsplit(" ", 1)[1]) >= 3, counts
     assert 'bentoml_service_request_duration_seconds_bucket{endpoint="/classify"' in text
 
@@ -91,9 +117,22 @@ def test_prometheus_metrics_count_requests_and_latency_by_endpoint(served):
 def test_schemathesis_finds_no_server_error(served, tmp_path):
     """Schema-driven fuzzing of every operation in the service's OpenAPI document, valid and invalid inputs."""
     res = subprocess.run(
-        [str(BIN / "st"), "run", f"{served['url']}/docs.json", "--checks", "not_a_server_error", "--max-examples", "15", "--seed", "1"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            str(BIN / "st"),
+            "run",
+            f"{served['url']}/docs.json",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "15",
+            "--seed",
+            "1",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stdout[-4000:]
     assert "No issues found" in res.stdout
     log = served["log"].read_text()
@@ -103,11 +142,25 @@ def test_schemathesis_finds_no_server_error(served, tmp_path):
 def test_a_built_bento_serves_from_a_folder_outside_the_project_with_no_tracking_store(tiny_flow_run, tmp_path):
     project = tiny_flow_run
     version = champion(project).version
-    build = subprocess.run([str(BIN / "lmforge"), "build"], cwd=project["dir"], env=project["env"], capture_output=True, text=True, timeout=600)
+    build = subprocess.run(
+        [str(BIN / "lmforge"), "build"],
+        cwd=project["dir"],
+        env=project["env"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     assert f"({NAME}/{version})" in build.stderr
     archive = tmp_path / "lmforge.bento"
-    export = subprocess.run([str(BIN / "bentoml"), "export", "lmforge:latest", str(archive)], cwd=project["dir"], env=project["env"], capture_output=True, text=True, timeout=300)
+    export = subprocess.run(
+        [str(BIN / "bentoml"), "export", "lmforge:latest", str(archive)],
+        cwd=project["dir"],
+        env=project["env"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert export.returncode == 0, export.stderr
     folder = tmp_path / "elsewhere" / "bento"
     with tarfile.open(archive) as tar:
@@ -117,7 +170,9 @@ def test_a_built_bento_serves_from_a_folder_outside_the_project_with_no_tracking
     env = {k: v for k, v in project["env"].items() if not k.startswith(("MLFLOW_", "LMFORGE_", "PREFECT_"))}
     env["BENTOML_HOME"] = str(tmp_path / "empty-bentoml-home")
     port, log = free_port(), tmp_path / "bento.log"
-    proc = start_logged([str(BIN / "bentoml"), "serve", str(folder), "--port", str(port)], tmp_path / "elsewhere", env, log)
+    proc = start_logged(
+        [str(BIN / "bentoml"), "serve", str(folder), "--port", str(port)], tmp_path / "elsewhere", env, log
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", proc, log)
         meta = json.loads(get(f"http://127.0.0.1:{port}/metadata")[1])

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import TINY_PROJECT, free_port, make_tiny_project, post_json, start_logged, wait_http
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,8 +41,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 @pytest.fixture(scope="module", autouse=True)
 def _postgres_present():
-    """`make test` installs PostgreSQL's server first (`make postgres`); a bare pytest without it fails here, saying so."""
-    assert _postgres_installed(), "PostgreSQL's server (initdb, pg_ctl) is not installed: run `make postgres` (or `make test`)"
+    """`make test` installs PostgreSQL's server first (`make postgres`); a bare pytest without it fails here,
+    saying so."""
+    assert _postgres_installed(), (
+        "PostgreSQL's server (initdb, pg_ctl) is not installed: run `make postgres` (or `make test`)"
+    )
 
 
 def _port_open(port: int) -> bool:
@@ -125,17 +127,25 @@ class Stack:
         return res
 
     def logs(self) -> str:
-        return "".join(f"\n--- {f.name} (tail)\n" + "\n".join(f.read_text(errors="replace").splitlines()[-30:]) for f in sorted((self.dir / "logs").glob("*.log")))
+        return "".join(
+            f"\n--- {f.name} (tail)\n" + "\n".join(f.read_text(errors="replace").splitlines()[-30:])
+            for f in sorted((self.dir / "logs").glob("*.log"))
+        )
 
     def pids(self) -> dict[str, int]:
         """The main process of every running service, from its pid file."""
-        files = {"postgres": self.dir / "pg" / "data" / "postmaster.pid", **{s: self.dir / "run" / f"{s}.pid" for s in ("mlflow", "prefect")}}
+        files = {
+            "postgres": self.dir / "pg" / "data" / "postmaster.pid",
+            **{s: self.dir / "run" / f"{s}.pid" for s in ("mlflow", "prefect")},
+        }
         return {s: int(f.read_text().split()[0]) for s, f in files.items() if f.exists()}
 
     def sql(self, db: str, query: str) -> list[tuple]:
         import psycopg2
 
-        with psycopg2.connect(host="127.0.0.1", port=self.ports["postgres"], user="lmforge", password=PASSWORD, dbname=db) as conn:
+        with psycopg2.connect(
+            host="127.0.0.1", port=self.ports["postgres"], user="lmforge", password=PASSWORD, dbname=db
+        ) as conn:
             with conn.cursor() as cur:
                 cur.execute(query)
                 return cur.fetchall()
@@ -197,10 +207,20 @@ def test_pipeline_on_the_stack_promotes_into_postgres_and_serves_the_champion(st
     base = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{base}/readyz", server, log)
-        status, body = post_json(f"{base}/classify", {"texts": ["def handle(self, msg):\n    return msg.get_payload()", "async def main():\n    await asyncio.sleep(1)"]})
+        status, body = post_json(
+            f"{base}/classify",
+            {
+                "texts": [
+                    "def handle(self, msg):\n    return msg.get_payload()",
+                    "async def main():\n    await asyncio.sleep(1)",
+                ]
+            },
+        )
         assert status == 200, body
         assert [set(p) for p in body] == [{"label", "probabilities", "model_version"}] * 2
-        assert {p["model_version"] for p in body} == {"lmforge-classifier/1"}  # the version promoted into PostgreSQL's registry
+        assert {p["model_version"] for p in body} == {
+            "lmforge-classifier/1"
+        }  # the version promoted into PostgreSQL's registry
         assert all(p["label"] in {"asyncio", "email", "xml"} for p in body), body
     finally:
         _stop_tree(server.pid)
@@ -215,7 +235,11 @@ def test_prefect_server_on_postgres_answers_health(stack):
     assert {"flow", "flow_run", "deployment", "work_pool"} <= tables, sorted(tables)
     res = stack.run("status")
     assert res.returncode == 0, res.stdout + res.stderr
-    assert [line.split()[:2] for line in res.stdout.splitlines()] == [["postgres", "running"], ["mlflow", "running"], ["prefect", "running"]]
+    assert [line.split()[:2] for line in res.stdout.splitlines()] == [
+        ["postgres", "running"],
+        ["mlflow", "running"],
+        ["prefect", "running"],
+    ]
 
 
 def test_up_twice_is_harmless_and_down_leaves_no_process(stack):

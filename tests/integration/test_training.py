@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from conftest import LABELS, ROOT, TINY_CLEAN, TINY_TOKENIZE, TINY_VALIDATE, _project, write_raw
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.integration
 
@@ -67,8 +66,12 @@ def stage(params: Path, root: Path) -> subprocess.Popen:
     env.pop("LMFORGE_PARENT_RUN_ID", None)
     return subprocess.Popen(
         [sys.executable, "-m", "tasks.pretrain", "--params", str(params)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> str:

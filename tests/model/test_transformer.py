@@ -135,7 +135,9 @@ def test_generate_is_deterministic_with_seeded_generator(gpt):
 def test_top_k_one_equals_greedy(gpt):
     prompt = _ids(1, 4)
     greedy = gpt.generate(prompt, 10, temperature=0)
-    assert torch.equal(gpt.generate(prompt, 10, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(3)), greedy)
+    assert torch.equal(
+        gpt.generate(prompt, 10, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(3)), greedy
+    )
 
 
 def test_temperature_zero_is_greedy(gpt):
@@ -151,7 +153,9 @@ def test_temperature_zero_is_greedy(gpt):
 @pytest.mark.parametrize("pooling", ["mean", "last"])
 def test_classifier_right_padding_does_not_change_logits(pooling):
     torch.manual_seed(0)
-    clf = TransformerClassifier(ClassifierConfig(trunk=tiny(vocab_size=VOCAB), labels=["a", "b", "c"], pooling=pooling)).eval()
+    clf = TransformerClassifier(
+        ClassifierConfig(trunk=tiny(vocab_size=VOCAB), labels=["a", "b", "c"], pooling=pooling)
+    ).eval()
     torch.nn.init.normal_(clf.head.weight, std=1.0)  # make the logits differ visibly between inputs
     pad = 1
     seqs = [_ids(1, n, seed=n)[0] for n in (5, 11, 20)]

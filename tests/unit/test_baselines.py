@@ -20,11 +20,18 @@ LENGTHS = torch.tensor([24, 10, 1, 17])
 def make(kind: str, seed: int = 0, **kw) -> torch.nn.Module:
     torch.manual_seed(seed)
     if kind == "cnn":
-        return CNNClassifier(CNNConfig(vocab_size=VOCAB, labels=LABELS, n_embd=8, channels=6, kernel_sizes=[2, 3, 5], **kw)).eval()
+        return CNNClassifier(
+            CNNConfig(vocab_size=VOCAB, labels=LABELS, n_embd=8, channels=6, kernel_sizes=[2, 3, 5], **kw)
+        ).eval()
     return GRUClassifier(GRUConfig(vocab_size=VOCAB, labels=LABELS, n_embd=8, hidden=6, **kw)).eval()
 
 
-MODELS = [("cnn", {}), ("gru", {"pooling": "mean"}), ("gru", {"pooling": "last"}), ("gru", {"pooling": "mean", "num_layers": 2})]
+MODELS = [
+    ("cnn", {}),
+    ("gru", {"pooling": "mean"}),
+    ("gru", {"pooling": "last"}),
+    ("gru", {"pooling": "mean", "num_layers": 2}),
+]
 IDS = [f"{k}-{'-'.join(f'{a}={b}' for a, b in kw.items()) or 'default'}" for k, kw in MODELS]
 
 

@@ -92,7 +92,9 @@ def _shape(text: str) -> str:
 
 def _attributes(text: str) -> set[str]:
     tree = ast.parse(text)
-    return {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} | {n.arg for n in ast.walk(tree) if isinstance(n, ast.keyword) and n.arg}
+    return {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} | {
+        n.arg for n in ast.walk(tree) if isinstance(n, ast.keyword) and n.arg
+    }
 
 
 @pytest.mark.parametrize("name", sorted(INVARIANCE))
@@ -132,7 +134,9 @@ def test_whitespace_changes_only_layout():
         for seed in range(20):
             out = whitespace(text, random.Random(seed))
             assert out.split() == text.split()  # the same words in the same order
-            strings = [t.string for t in tokenize.generate_tokens(io.StringIO(out).readline) if t.type == tokenize.STRING]
+            strings = [
+                t.string for t in tokenize.generate_tokens(io.StringIO(out).readline) if t.type == tokenize.STRING
+            ]
             assert '"cannot sort: %s"' in strings or text != CODE  # single-quoted literals are data: untouched
 
 
@@ -161,7 +165,16 @@ def test_blank_lines_only_inserts_empty_lines():
 
 def test_rename_is_consistent_and_never_touches_keywords_builtins_attributes_or_imports():
     reserved = set(keyword.kwlist) | set(keyword.softkwlist) | set(dir(builtins))
-    reserved |= {"self", "cls", "os", "functools", "load_tests", "Spooler", "limit", "flush"}  # imported, module- or class-level
+    reserved |= {
+        "self",
+        "cls",
+        "os",
+        "functools",
+        "load_tests",
+        "Spooler",
+        "limit",
+        "flush",
+    }  # imported, module- or class-level
     for text in (CODE, CLASS):
         kept = _attributes(text)
         renamed_any = set()
@@ -180,7 +193,20 @@ def test_rename_is_consistent_and_never_touches_keywords_builtins_attributes_or_
             assert len(set(mapping.values())) == len(mapping)  # no two names merged
         assert renamed_any
     renamed = _renamed_somewhere(CODE)
-    assert {"loader", "tests", "pattern", "this_dir", "found", "total", "names", "exc", "keep", "extra", "strict", "options"} <= renamed
+    assert {
+        "loader",
+        "tests",
+        "pattern",
+        "this_dir",
+        "found",
+        "total",
+        "names",
+        "exc",
+        "keep",
+        "extra",
+        "strict",
+        "options",
+    } <= renamed
     assert "case" not in renamed  # a soft keyword
 
 
@@ -196,7 +222,9 @@ def test_rename_leaves_fstring_names_and_prose_alone():
     assert "pending" not in _renamed_somewhere(CLASS)  # used inside an f-string: renaming would split it
     assert {"sink", "item", "guard"} <= _renamed_somewhere(CLASS)
     assert rename_identifiers(PROSE, random.Random(0)) == PROSE
-    assert rename_identifiers("    def f(x):\n        return x", random.Random(0)).startswith("    def f(x)")  # does not parse: n/a
+    assert rename_identifiers("    def f(x):\n        return x", random.Random(0)).startswith(
+        "    def f(x)"
+    )  # does not parse: n/a
 
 
 def test_rename_picks_names_not_already_in_the_text():
@@ -208,7 +236,9 @@ def test_rename_picks_names_not_already_in_the_text():
 
 
 def _keyword_rule(texts: list[str]) -> list[str]:
-    return ["asyncio" if "async" in t or "await" in t else "email" if "header" in t.lower() else "tkinter" for t in texts]
+    return [
+        "asyncio" if "async" in t or "await" in t else "email" if "header" in t.lower() else "tkinter" for t in texts
+    ]
 
 
 TEXTS = [CODE, CLASS, PROSE, "def f(msg):\n    return msg.get_header()", "async def g(q):\n    await q.get()"] * 4
@@ -227,7 +257,10 @@ def test_an_invariant_predictor_passes_every_test():
     for name, result in report["invariance"].items():
         assert result["pass_rate"] == 1.0 and result["failures"] == [], name
         assert result["n"] + result["not_applicable"] == 12
-    assert report["invariance"]["whitespace"]["n"] == 12 and report["invariance"]["rename_identifiers"]["not_applicable"] >= 1
+    assert (
+        report["invariance"]["whitespace"]["n"] == 12
+        and report["invariance"]["rename_identifiers"]["not_applicable"] >= 1
+    )
     assert len(calls) == 1 + len(INVARIANCE) + 1  # batched: once for the sample, once a test, once for the MFT
     assert report["min_pass_rate"] == report["mft"]["pass_rate"] < 1.0
     assert run_behavioral(predict, TEXTS, None, sample=12, seed=0)["min_pass_rate"] == 1.0
@@ -253,8 +286,12 @@ def test_run_behavioral_is_seeded():
         return ["a" if len(t) % 2 else "b" for t in texts]
 
     texts = [f"def f{k}(x):\n    return x + {k}" for k in range(50)]
-    assert run_behavioral(predict, texts, [], sample=20, seed=3) == run_behavioral(predict, texts, [], sample=20, seed=3)
-    assert run_behavioral(predict, texts, [], sample=20, seed=3) != run_behavioral(predict, texts, [], sample=20, seed=4)
+    assert run_behavioral(predict, texts, [], sample=20, seed=3) == run_behavioral(
+        predict, texts, [], sample=20, seed=3
+    )
+    assert run_behavioral(predict, texts, [], sample=20, seed=3) != run_behavioral(
+        predict, texts, [], sample=20, seed=4
+    )
     with pytest.raises(UserError, match="sample"):
         run_behavioral(predict, texts, [], sample=0, seed=3)
 
@@ -269,7 +306,9 @@ def test_mft_rates_per_label_and_unknown_labels():
         {"text": "a socket", "label": "socket"},
         {"text": "another socket", "label": "socket"},
     ]
-    report = run_behavioral(_keyword_rule, ["x = 1"], mft, sample=5, seed=0, labels=["asyncio", "email", "tkinter"])["mft"]
+    report = run_behavioral(_keyword_rule, ["x = 1"], mft, sample=5, seed=0, labels=["asyncio", "email", "tkinter"])[
+        "mft"
+    ]
     assert report["n"] == 5 and report["unknown_label"] == 2
     assert report["pass_rate"] == pytest.approx(4 / 5)
     assert report["per_label"] == {

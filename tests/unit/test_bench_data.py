@@ -1,5 +1,6 @@
 """bench/data_throughput.py: the generated corpus holds what it says it planted, the scores count right on a
-hand-made output, and one end-to-end run at a tiny size prints its table and a sane JSON last line (no timing asserted)."""
+hand-made output, and one end-to-end run at a tiny size prints its table and a sane JSON last line
+(no timing asserted)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import ROOT
 
 spec = importlib.util.spec_from_file_location("data_throughput", ROOT / "bench" / "data_throughput.py")
@@ -39,7 +39,9 @@ def test_corpus_layout_and_sizes(corpus):
     assert n.min() > 300 and n.max() < 9000 and 1500 < n.mean() < 4000
     assert set(df["kind"]) == {"code", "text"} and 0.25 < (df["kind"] == "code").mean() < 0.55
     assert df["source"].is_unique
-    assert (~df["text"].map(str.isascii)).mean() > 0.2  # prose carries accented words, so normalization is not all ASCII fast path
+    assert (
+        ~df["text"].map(str.isascii)
+    ).mean() > 0.2  # prose carries accented words, so normalization is not all ASCII fast path
 
 
 def test_planted_duplicates_and_pii_are_where_recorded(corpus):
@@ -102,7 +104,12 @@ def test_labeled_set_has_the_contract_shape():
     labels = ["asyncio", "email", "http", "json", "xml"]
     df = dt.generate_labeled(2000, labels, seed=3)
     assert list(df.columns) == ["id", "text", "label", "source", "split"] and len(df) == 2000
-    assert df["id"].is_unique and df["text"].is_unique and df["text"].str.len().min() >= 40 and df["text"].str.len().max() <= 6000
+    assert (
+        df["id"].is_unique
+        and df["text"].is_unique
+        and df["text"].str.len().min() >= 40
+        and df["text"].str.len().max() <= 6000
+    )
     assert (df.groupby("source")["split"].nunique() == 1).all()
     counts = df.groupby(["label", "split"]).size()
     assert len(counts) == 3 * len(labels) and counts.min() >= 10
@@ -110,19 +117,44 @@ def test_labeled_set_has_the_contract_shape():
 
 @pytest.mark.slow
 def test_end_to_end_at_a_tiny_size(tmp_path):
-    cmd = [sys.executable, str(ROOT / "bench" / "data_throughput.py"), "--sizes", "0.5,1", "--validate-rows", "2000",
-           "--row-group-mb", "0.25", "--workdir", str(tmp_path)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "data_throughput.py"),
+        "--sizes",
+        "0.5,1",
+        "--validate-rows",
+        "2000",
+        "--row-group-mb",
+        "0.25",
+        "--workdir",
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     r = json.loads(lines[-1])
     assert lines[0].split()[:3] == ["size", "MB", "docs"] and any(line.startswith("target") for line in lines)
-    for key in ("clean_mb_per_s", "dedup_mb_per_s", "peak_rss_mb", "clean_mb_per_s_per_core", "dedup_mb_per_s_per_core"):
+    for key in (
+        "clean_mb_per_s",
+        "dedup_mb_per_s",
+        "peak_rss_mb",
+        "clean_mb_per_s_per_core",
+        "dedup_mb_per_s_per_core",
+    ):
         assert set(r[key]) == {"0.5", "1"} and all(v > 0 for v in r[key].values()), key
     for key in ("near_dup_recall", "pii_recall", "exact_dup_removal"):
         assert 0 <= r[key] <= 1, key
     assert r["validate_rows_per_s"] > 0 and r["validate"]["rows"] == 2000
-    assert set(r["targets"]) == {"clean_mb_per_s_per_core", "dedup_mb_per_s_per_core", "peak_rss_ratio", "near_dup_recall", "pii_recall"}
+    assert set(r["targets"]) == {
+        "clean_mb_per_s_per_core",
+        "dedup_mb_per_s_per_core",
+        "peak_rss_ratio",
+        "near_dup_recall",
+        "pii_recall",
+    }
     assert all(isinstance(t["met"], bool) for t in r["targets"].values())
     assert r["machine"]["cores"] >= 1
-    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".parquet") == ["corpus-0.5mb-seed1337-rg0.25.parquet", "corpus-1mb-seed1337-rg0.25.parquet"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".parquet") == [
+        "corpus-0.5mb-seed1337-rg0.25.parquet",
+        "corpus-1mb-seed1337-rg0.25.parquet",
+    ]

@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
 
 spec = importlib.util.spec_from_file_location("serve_load", ROOT / "bench" / "serve_load.py")
@@ -34,7 +33,14 @@ def test_percentile_matches_numpy(q):
 
 
 def test_summarize_counts_only_good_answers_in_rps_and_latency():
-    m = serve_load.summarize([0.010] * 90 + [0.100] * 10, ["HTTP 503: busy"] * 5, wall_s=2.0, client_cpu_s=0.5, server_cpu_s=1.5, batch=(48.0, 6.0))
+    m = serve_load.summarize(
+        [0.010] * 90 + [0.100] * 10,
+        ["HTTP 503: busy"] * 5,
+        wall_s=2.0,
+        client_cpu_s=0.5,
+        server_cpu_s=1.5,
+        batch=(48.0, 6.0),
+    )
     assert m["rps"] == 50.0
     assert m["p50_ms"] == 10.0 and m["p99_ms"] == pytest.approx(100.0)
     assert (m["errors"], m["requests"]) == (5, 105)
@@ -67,7 +73,9 @@ def test_closed_loop_keeps_one_request_per_client_in_flight():
             raise ConnectionError("reset")
         return None
 
-    latencies, errors, wall = asyncio.run(serve_load.closed_loop(call, ["ok", "ok", "bad", "boom"], concurrency=4, seconds=0.1))
+    latencies, errors, wall = asyncio.run(
+        serve_load.closed_loop(call, ["ok", "ok", "bad", "boom"], concurrency=4, seconds=0.1)
+    )
     assert peak == 4
     assert latencies and all(t > 0 for t in latencies)
     assert "malformed reply" in errors and "ConnectionError: reset" in errors
@@ -77,7 +85,10 @@ def test_closed_loop_keeps_one_request_per_client_in_flight():
 def test_report_has_a_row_per_level_and_json_last():
     level = serve_load.summarize([0.01] * 100, [], 1.0, 0.1, 0.9, (100.0, 10.0))
     result = {
-        "inproc": {"32": {"rps": 400.0, "texts": 400, "seconds": 1.0, "threads": 2}, "256": {"rps": 500.0, "texts": 512, "seconds": 1.0, "threads": 2}},
+        "inproc": {
+            "32": {"rps": 400.0, "texts": 400, "seconds": 1.0, "threads": 2},
+            "256": {"rps": 500.0, "texts": 512, "seconds": 1.0, "threads": 2},
+        },
         "inproc_rps": 500.0,
         "concurrency": {"1": level, "8": level, "32": {**level, "rps": 400.0}},
         "grpc": {"skipped": "deploy/grpc_server.py does not exist"},

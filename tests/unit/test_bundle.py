@@ -9,9 +9,9 @@ import shutil
 import pandas as pd
 import pytest
 import torch
+from conftest import LABELS, TINY_FINETUNE, append, delete, flip_byte, garbage, truncate
 from torch.testing import assert_close
 
-from conftest import append, delete, flip_byte, garbage, LABELS, TINY_FINETUNE, truncate
 from models.bundle import Bundle, load_bundle, load_parts, write_bundle
 from models.checkpoint import ArtifactError
 from models.tokenizer import EOT, TOKENIZER_FILE, encode_texts
@@ -40,9 +40,14 @@ def bundle(bundle_dir) -> Bundle:
 
 def test_bundle_layout(bundle_dir):
     assert {p.name for p in bundle_dir.iterdir()} == {"tokenizer.json", "classifier", "lm", "manifest.json"}
-    assert {p.name for p in (bundle_dir / "lm").iterdir()} == {"model.safetensors", "config.json"}  # no plots or history
+    assert {p.name for p in (bundle_dir / "lm").iterdir()} == {
+        "model.safetensors",
+        "config.json",
+    }  # no plots or history
     listed = json.loads((bundle_dir / "manifest.json").read_text())["files"]
-    assert set(listed) == {p.relative_to(bundle_dir).as_posix() for p in bundle_dir.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(listed) == {p.relative_to(bundle_dir).as_posix() for p in bundle_dir.rglob("*") if p.is_file()} - {
+        "manifest.json"
+    }
 
 
 def test_loaded_bundle(bundle):
@@ -87,7 +92,9 @@ def test_every_variant_loads_as_a_bundle_and_in_the_service(tiny_pipeline, tmp_p
     preds = b.classify(TEXTS)
     assert len(preds) == len(TEXTS) and all(x.label in LABELS for x in preds)
     scored = pd.read_parquet(p.evaluation / "predictions.parquet")
-    assert [x.label for x in b.classify(scored["text"].tolist())] == scored[f"pred_{variant}"].tolist()  # what evaluate scored
+    assert [x.label for x in b.classify(scored["text"].tolist())] == scored[
+        f"pred_{variant}"
+    ].tolist()  # what evaluate scored
     served = load_service_bundle(str(tmp_path / "b"))
     assert [x.label for x in served.classify(EXAMPLE_INPUT)] == [x.label for x in b.classify(EXAMPLE_INPUT)]
     if variant.endswith("int8"):
@@ -100,7 +107,9 @@ def test_generate_returns_the_continuation(bundle):
     text = bundle.generate(prompt, max_new_tokens=6, temperature=0.8, top_k=50, seed=3)
     assert isinstance(text, str)
     ids = bundle.tokenizer.encode(prompt).ids
-    out = bundle.lm.generate(torch.tensor([ids]), 6, temperature=0.8, top_k=50, generator=torch.Generator().manual_seed(3))
+    out = bundle.lm.generate(
+        torch.tensor([ids]), 6, temperature=0.8, top_k=50, generator=torch.Generator().manual_seed(3)
+    )
     new = out[0, len(ids) :].tolist()
     assert len(new) == 6
     if bundle.eot_id in new:
@@ -179,7 +188,8 @@ WITHOUT_MANIFEST = [  # older bundles: what cannot be read is still one error na
 @pytest.mark.parametrize(
     "manifest,file,corrupt,problem",
     [(True, *case) for case in WITH_MANIFEST] + [(False, *case) for case in WITHOUT_MANIFEST],
-    ids=[f"manifest-{f}-{c.__name__}" for f, c, _ in WITH_MANIFEST] + [f"old-{f}-{c.__name__}" for f, c, _ in WITHOUT_MANIFEST],
+    ids=[f"manifest-{f}-{c.__name__}" for f, c, _ in WITH_MANIFEST]
+    + [f"old-{f}-{c.__name__}" for f, c, _ in WITHOUT_MANIFEST],
 )
 def test_a_broken_bundle_raises_one_error_naming_the_file(bundle_dir, tmp_path, manifest, file, corrupt, problem):
     b = shutil.copytree(bundle_dir, tmp_path / "b")

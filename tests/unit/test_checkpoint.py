@@ -7,9 +7,9 @@ import re
 
 import pytest
 import torch
+from conftest import append, delete, flip_byte, truncate
 from torch.testing import assert_close
 
-from conftest import append, delete, flip_byte, truncate
 from models import checkpoint as ckpt
 from models import quantize as quant
 from models.classifier import ClassifierConfig, TransformerClassifier
@@ -27,7 +27,9 @@ def _batch():
 @pytest.fixture
 def clf() -> TransformerClassifier:
     torch.manual_seed(0)
-    m = TransformerClassifier(ClassifierConfig(trunk=tiny(vocab_size=VOCAB), labels=["db", "net", "ui"], pooling="mean"))
+    m = TransformerClassifier(
+        ClassifierConfig(trunk=tiny(vocab_size=VOCAB), labels=["db", "net", "ui"], pooling="mean")
+    )
     torch.nn.init.normal_(m.head.weight, std=0.5)
     return m.eval()
 
@@ -137,7 +139,10 @@ def test_manifest_lists_every_file_with_size_and_sha256(manifested):
     files = json.loads((manifested / ckpt.MANIFEST).read_text())["files"]
     assert sorted(files) == ["classifier/config.json", "classifier/model.safetensors", "notes.txt"]
     weights = manifested / "classifier" / ckpt.WEIGHTS
-    assert files["classifier/model.safetensors"] == {"size": weights.stat().st_size, "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    assert files["classifier/model.safetensors"] == {
+        "size": weights.stat().st_size,
+        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+    }
     assert ckpt.verify_manifest(manifested) is True
     (manifested / ckpt.MANIFEST).unlink()
     assert ckpt.verify_manifest(manifested) is False  # older folders: nothing to check against

@@ -25,8 +25,16 @@ from tasks.shared.text import normalize_text
 
 CFG = CleanConfig(unicode_form="NFKC", tab_size=4, min_chars=10, max_chars=50, labeled_max_chars=50)
 # Only the filter under test: every other filter off.
-BARE = CleanConfig(min_chars=1, min_tokens=0, min_alpha_ratio=0, max_repeated_line_ratio=1, max_repeated_char_ratio=1,
-                   pii=False, exact_dedup=False, near_dup=False)  # fmt: skip
+BARE = CleanConfig(
+    min_chars=1,
+    min_tokens=0,
+    min_alpha_ratio=0,
+    max_repeated_line_ratio=1,
+    max_repeated_char_ratio=1,
+    pii=False,
+    exact_dedup=False,
+    near_dup=False,
+)
 
 
 def bare(**changes) -> CleanConfig:
@@ -35,7 +43,9 @@ def bare(**changes) -> CleanConfig:
 
 def corpus_file(tmp_path, texts: list[str], name: str = "raw.parquet", row_group_size: int | None = None, **columns):
     f = tmp_path / name
-    df = pd.DataFrame({"id": [f"d{i}" for i in range(len(texts))], "text": texts, "source": "s.py", "kind": "code", **columns})
+    df = pd.DataFrame(
+        {"id": [f"d{i}" for i in range(len(texts))], "text": texts, "source": "s.py", "kind": "code", **columns}
+    )
     df.to_parquet(f, index=False, row_group_size=row_group_size)
     return f
 
@@ -149,7 +159,10 @@ def test_quality_ratios():
 def test_repeated_char_bound_never_undercuts_the_ratio():
     rng = random.Random(3)
     for _ in range(2000):
-        t = "".join(rng.choice(["a", "b", "=", " ", "\n", "=" * rng.randint(5, 25), "ab" * 3]) for _ in range(rng.randint(0, 30)))
+        t = "".join(
+            rng.choice(["a", "b", "=", " ", "\n", "=" * rng.randint(5, 25), "ab" * 3])
+            for _ in range(rng.randint(0, 30))
+        )
         assert cleaning.repeated_char_bound(t) >= cleaning.repeated_char_ratio(t) - 1e-12, t
     assert cleaning.repeated_char_bound("def f(x):\n    return x + 1") < 0.1  # code rarely needs the exact scan
 
@@ -165,14 +178,20 @@ def test_quality_filters_remove_junk_and_keep_code(tmp_path):
     cfg = bare(min_alpha_ratio=0.25, max_repeated_line_ratio=0.6, max_repeated_char_ratio=0.5)
     m, ids, rep = run_corpus(tmp_path, texts, cfg)
     assert ids == ["d0"]
-    assert {k: m["removed"][k] for k in ("low_alpha", "repeated_lines", "repeated_chars")} == {"low_alpha": 1, "repeated_lines": 1, "repeated_chars": 1}
+    assert {k: m["removed"][k] for k in ("low_alpha", "repeated_lines", "repeated_chars")} == {
+        "low_alpha": 1,
+        "repeated_lines": 1,
+        "repeated_chars": 1,
+    }
     assert rep.examples["low_alpha"][0].startswith("d1 (0.24 letters): '0x1f")
     assert rep.examples["repeated_lines"][0].startswith("d2 (0.67 of lines): 'buy now")
     assert rep.examples["repeated_chars"][0].startswith("d3 (0.96 of characters): 'aaaa")
 
 
 def test_a_ratio_at_its_threshold_is_kept(tmp_path):
-    m, ids, _ = run_corpus(tmp_path, ["buy now\nbuy now\nbuy now\nbuy now\nlimited offer"], bare(max_repeated_line_ratio=0.6))
+    m, ids, _ = run_corpus(
+        tmp_path, ["buy now\nbuy now\nbuy now\nbuy now\nlimited offer"], bare(max_repeated_line_ratio=0.6)
+    )
     assert ids == ["d0"]  # 3 of 5 lines repeat: 0.6 is not over 0.6
 
 
@@ -211,8 +230,16 @@ def test_exact_duplicates_keep_the_first_copy_across_batches(tmp_path):
         ("OPENAI_API_KEY=sk-proj-" + "Ab1" * 10, "secret", "OPENAI_API_KEY=<SECRET>"),
         ('api_key = "9f8e7d6c5b4a3210"', "secret", 'api_key = "<SECRET>"'),
         ("{'password': 'correct-horse-battery'}", "secret", "{'password': '<SECRET>'}"),
-        ("AWS_SECRET_ACCESS_KEY='wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY'", "secret", "AWS_SECRET_ACCESS_KEY='<SECRET>'"),
-        ("x\n-----BEGIN RSA PRIVATE KEY-----\nMIIEow\nabc==\n-----END RSA PRIVATE KEY-----\ny", "secret", "x\n<SECRET>\ny"),
+        (
+            "AWS_SECRET_ACCESS_KEY='wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY'",
+            "secret",
+            "AWS_SECRET_ACCESS_KEY='<SECRET>'",
+        ),
+        (
+            "x\n-----BEGIN RSA PRIVATE KEY-----\nMIIEow\nabc==\n-----END RSA PRIVATE KEY-----\ny",
+            "secret",
+            "x\n<SECRET>\ny",
+        ),
     ],
 )
 def test_each_pii_type_becomes_its_placeholder(text, kind, expected):
@@ -254,19 +281,29 @@ def test_planted_pii_recall_and_placeholders_survive_normalization():
         return str(rng.randint(1, 254))
 
     makers = {
-        "email": lambda: f"{rng.choice(['john', 'a.b', 'x_y', 'mary-ann'])}{rng.randint(1, 999)}@{rng.choice(['example.com', 'mail.org', 'corp.co.uk'])}",
+        "email": lambda: (
+            f"{rng.choice(['john', 'a.b', 'x_y', 'mary-ann'])}{rng.randint(1, 999)}@"
+            f"{rng.choice(['example.com', 'mail.org', 'corp.co.uk'])}"
+        ),
         "ip": lambda: ".".join(octet() for _ in range(4)),
         "phone": lambda: rng.choice(["({}) {}-{}", "{}-{}-{}", "{}.{}.{}", "+1-{}-{}-{}"]).format(
-            rng.randint(201, 989), rng.randint(200, 999), rng.randint(1000, 9999)),
-        "secret": lambda: rng.choice(["AKIA" + "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567") for _ in range(16)),
-                                      "ghp_" + "".join(rng.choice("abcdefXYZ0123456789") for _ in range(36)),
-                                      "sk-" + "".join(rng.choice("abcdefXYZ0123456789") for _ in range(40))]),
-    }  # fmt: skip
+            rng.randint(201, 989), rng.randint(200, 999), rng.randint(1000, 9999)
+        ),
+        "secret": lambda: rng.choice(
+            [
+                "AKIA" + "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567") for _ in range(16)),
+                "ghp_" + "".join(rng.choice("abcdefXYZ0123456789") for _ in range(36)),
+                "sk-" + "".join(rng.choice("abcdefXYZ0123456789") for _ in range(40)),
+            ]
+        ),
+    }
     found = total = 0
     for kind, make in makers.items():
         for _ in range(50):
             value = make()
-            text = rng.choice(["Contact: {} (see above).", "    # {}\n    return x", "s = '{}'", "- {}, then"]).format(value)
+            text = rng.choice(["Contact: {} (see above).", "    # {}\n    return x", "s = '{}'", "- {}, then"]).format(
+                value
+            )
             out, counts = scrub_pii(normalize_text(text))
             total += 1
             found += value not in out and counts[kind] == 1
@@ -324,7 +361,14 @@ def test_near_duplicate_signatures_are_the_same_in_another_process():
         "import json, random\nfrom tasks.shared.cleaning import NearDuplicates\n"
         f"print(json.dumps(NearDuplicates(0.85, 5, 128).band_keys([{text!r}]).tolist()))"
     )
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, env={"PYTHONHASHSEED": "123", "PATH": ""})
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONHASHSEED": "123", "PATH": ""},
+    )
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout) == here
 
@@ -364,8 +408,15 @@ def test_streaming_in_small_batches_gives_the_same_output(tmp_path):
     assert pq.ParquetFile(src).metadata.num_row_groups == 7
     cfg = CleanConfig(min_chars=10, near_dup=True)
     one = clean_file(src, tmp_path / "one.parquet", cfg, "corpus", progress=False)
-    many = clean_file(src, tmp_path / "many.parquet", cfg.model_copy(update={"batch_rows": 4}), "corpus", progress=False)
-    assert one == many and one["removed"]["duplicates"] == 5 and one["removed"]["near_duplicates"] and one["removed"]["too_short"] == 1
+    many = clean_file(
+        src, tmp_path / "many.parquet", cfg.model_copy(update={"batch_rows": 4}), "corpus", progress=False
+    )
+    assert (
+        one == many
+        and one["removed"]["duplicates"] == 5
+        and one["removed"]["near_duplicates"]
+        and one["removed"]["too_short"] == 1
+    )
     assert pd.read_parquet(tmp_path / "one.parquet").equals(pd.read_parquet(tmp_path / "many.parquet"))
     assert pq.ParquetFile(tmp_path / "many.parquet").metadata.num_row_groups > 1
 
@@ -397,7 +448,15 @@ def labeled_file(tmp_path, rows: list[tuple[str, str, str]]):
 
 def test_conflicting_labels_remove_every_copy(tmp_path):
     same = "def same():\n    return 'one text'"
-    src = labeled_file(tmp_path, [(same, "a", "train"), ("def other():\n    return 2", "b", "train"), (same + "  ", "b", "val"), (same, "a", "test")])
+    src = labeled_file(
+        tmp_path,
+        [
+            (same, "a", "train"),
+            ("def other():\n    return 2", "b", "train"),
+            (same + "  ", "b", "val"),
+            (same, "a", "test"),
+        ],
+    )
     m = clean_file(src, tmp_path / "o.parquet", bare(exact_dedup=True), "labeled", progress=False)
     assert m["removed"]["label_conflicts"] == 3 and m["output_rows"] == 1
     assert pd.read_parquet(tmp_path / "o.parquet")["id"].tolist() == ["r1"]
@@ -407,12 +466,21 @@ def test_conflicting_labels_remove_every_copy(tmp_path):
 
 def test_labels_are_cased_stripped_and_aliased_before_conflicts(tmp_path):
     text = "the same review text"
-    rows = [(text, " Neg ", "train"), (text, "negative", "val"), ("a  good   one", "POS", "train"), ("a bad one", "neutral  x", "test")]
+    rows = [
+        (text, " Neg ", "train"),
+        (text, "negative", "val"),
+        ("a  good   one", "POS", "train"),
+        ("a bad one", "neutral  x", "test"),
+    ]
     cfg = bare(exact_dedup=True, label_case="lower", label_aliases={"NEG": "negative", "pos": "positive"})
     rep = cleaning.clean_to(labeled_file(tmp_path, rows), tmp_path / "o.parquet", cfg, "labeled")
     out = pd.read_parquet(tmp_path / "o.parquet")
     assert out["label"].tolist() == ["negative", "positive", "neutral x"]  # train first
-    assert rep.removed["label_conflicts"] == 0 and rep.removed["duplicates"] == 1 and rep.extra["cross_split_duplicates"] == 1
+    assert (
+        rep.removed["label_conflicts"] == 0
+        and rep.removed["duplicates"] == 1
+        and rep.extra["cross_split_duplicates"] == 1
+    )
     assert rep.changed["label_normalized"] == 3
     assert rep.examples["label_normalized"][0] == "r0 (' Neg ' -> 'negative'): 'the same review text'"
 
@@ -441,10 +509,17 @@ def test_run_prefers_the_training_copy_of_a_duplicate(tiny_project):
 def test_run_writes_outputs_metrics_report_and_one_line_per_dataset(tiny_project, capsys):
     same = "def same():\n    return 'one text'"
     labeled = pd.DataFrame(
-        [(same, "a", "a.py", "train"), (same, "b", "b.py", "val"), ("def other():\n    return 2", "b", "f.py", "val"), ("tiny", "a", "g.py", "test")],
+        [
+            (same, "a", "a.py", "train"),
+            (same, "b", "b.py", "val"),
+            ("def other():\n    return 2", "b", "f.py", "val"),
+            ("tiny", "a", "g.py", "test"),
+        ],
         columns=["text", "label", "source", "split"],
     )
-    corpus = pd.DataFrame({"text": ["a corpus document long enough"] * 2, "source": ["x.py", "y.py"], "kind": ["code"] * 2})
+    corpus = pd.DataFrame(
+        {"text": ["a corpus document long enough"] * 2, "source": ["x.py", "y.py"], "kind": ["code"] * 2}
+    )
     write_raw(tiny_project, labeled, corpus)
     res = clean.run(CleanConfig(min_chars=10), tiny_project)
     assert res.labeled["removed"]["label_conflicts"] == 2 and res.labeled["removed"]["too_short"] == 1
@@ -457,8 +532,22 @@ def test_run_writes_outputs_metrics_report_and_one_line_per_dataset(tiny_project
         "clean: labeled: kept 1 of 4 rows (0.0 -> 0.0 MB): 1 too_short, 2 label_conflicts",
     ]
     report = tiny_project.clean_report.read_text()
-    for key in ("normalized", "pii", "too_short", "too_long", "too_few_tokens", "too_many_tokens", "low_alpha", "repeated_lines",
-                "repeated_chars", "duplicates", "near_duplicates", "label_conflicts", "label_normalized", "cross_split_duplicates"):
+    for key in (
+        "normalized",
+        "pii",
+        "too_short",
+        "too_long",
+        "too_few_tokens",
+        "too_many_tokens",
+        "low_alpha",
+        "repeated_lines",
+        "repeated_chars",
+        "duplicates",
+        "near_duplicates",
+        "label_conflicts",
+        "label_normalized",
+        "cross_split_duplicates",
+    ):
         assert f"| {key} |" in report
     assert "## corpus" in report and "## labeled" in report and "'a' (0) vs 'b' (1)" in report
 
@@ -469,8 +558,11 @@ def _leaves(d: dict):
 
 
 def test_run_fails_when_everything_is_filtered(tiny_project):
-    write_raw(tiny_project, pd.DataFrame({"text": ["tiny", "wee"], "label": ["a"] * 2, "source": ["s"] * 2, "split": ["train"] * 2}),
-              pd.DataFrame({"text": ["a long enough corpus text"], "source": ["s"], "kind": ["code"]}))  # fmt: skip
+    write_raw(
+        tiny_project,
+        pd.DataFrame({"text": ["tiny", "wee"], "label": ["a"] * 2, "source": ["s"] * 2, "split": ["train"] * 2}),
+        pd.DataFrame({"text": ["a long enough corpus text"], "source": ["s"], "kind": ["code"]}),
+    )
     with pytest.raises(UserError) as err:
         clean.run(CleanConfig(min_chars=10), tiny_project)
     assert str(err.value) == "clean: every labeled row was filtered out (2 too_short); check params.yaml clean:"
@@ -491,8 +583,14 @@ def test_missing_column_is_named(tmp_path):
 
 
 def test_bad_params_are_refused():
-    for bad in ({"near_dup_threshold": 1.5}, {"pii_types": ["email", "ssn"]}, {"min_alpha_ratio": -0.1}, {"label_case": "title"},
-                {"min_tokens": 5, "max_tokens": 2}, {"unknown": 1}):  # fmt: skip
+    for bad in (
+        {"near_dup_threshold": 1.5},
+        {"pii_types": ["email", "ssn"]},
+        {"min_alpha_ratio": -0.1},
+        {"label_case": "title"},
+        {"min_tokens": 5, "max_tokens": 2},
+        {"unknown": 1},
+    ):
         with pytest.raises(ValidationError):
             CleanConfig(**bad)
 
@@ -504,7 +602,11 @@ def test_the_synthetic_fixture_data_keeps_every_row():
     rep = cleaning.DatasetReport("x", {})
     cleaner = cleaning.TextCleaner(TINY_CLEAN, "labeled", rep)
     assert all(cleaner(t, i) is not None for i, t in enumerate(texts)), rep.removed
-    assert NearDuplicates(TINY_CLEAN.near_dup_threshold, TINY_CLEAN.near_dup_shingle, TINY_CLEAN.near_dup_num_perm).keep(texts).all()
+    assert (
+        NearDuplicates(TINY_CLEAN.near_dup_threshold, TINY_CLEAN.near_dup_shingle, TINY_CLEAN.near_dup_num_perm)
+        .keep(texts)
+        .all()
+    )
 
 
 # ------------------------------------------------------------------------------------------ speed paths and workers
@@ -512,14 +614,49 @@ def _mixed_texts(n: int = 700, seed: int = 5) -> list[str]:
     """ASCII code and prose, non-ASCII prose (accents, Cyrillic, CJK, emoji, ligatures, odd spaces), control and
     format characters, planted PII, exact and near copies, and texts each filter removes."""
     rng = random.Random(seed)
-    words = ["def", "return", "value", "the", "data", "über", "naïve", "привет", "мир", "数据", "処理", "ﬁle", "Ｆｕｌｌ",
-             "café", "😀", "x_1", "42", "3.14", "::", "->", "==", "ёлка", "\u00a0", "\u3000", "\u2028"]  # fmt: skip
-    pii = ["alice.b@example.com", "10.20.30.40", "2001:db8::8a2e:370:7334", "(555) 123-4567", "+44 20 7946 0958",
-           "AKIAIOSFODNN7EXAMPLE", "ghp_" + "a1B2" * 9, 'password = "hunter2hunter2"', "sk-" + "Zz09" * 6,
-           "-----BEGIN RSA PRIVATE KEY-----\nMIIEow\n-----END RSA PRIVATE KEY-----", "Почта: иван@пример.рф, ivan@mail.ru"]  # fmt: skip
+    words = [
+        "def",
+        "return",
+        "value",
+        "the",
+        "data",
+        "über",
+        "naïve",
+        "привет",
+        "мир",
+        "数据",
+        "処理",
+        "ﬁle",
+        "Ｆｕｌｌ",
+        "café",
+        "😀",
+        "x_1",
+        "42",
+        "3.14",
+        "::",
+        "->",
+        "==",
+        "ёлка",
+        "\u00a0",
+        "\u3000",
+        "\u2028",
+    ]
+    pii = [
+        "alice.b@example.com",
+        "10.20.30.40",
+        "2001:db8::8a2e:370:7334",
+        "(555) 123-4567",
+        "+44 20 7946 0958",
+        "AKIAIOSFODNN7EXAMPLE",
+        "ghp_" + "a1B2" * 9,
+        'password = "hunter2hunter2"',
+        "sk-" + "Zz09" * 6,
+        "-----BEGIN RSA PRIVATE KEY-----\nMIIEow\n-----END RSA PRIVATE KEY-----",
+        "Почта: иван@пример.рф, ivan@mail.ru",
+    ]
     junk = ["\x00", "\x07", "\x85", "\u200b", "\ufeff", "\ue000", "\U000e0041", "\r\n", "\r", "\t", "  \n", "\n\n\n\n"]
     texts: list[str] = []
-    for i in range(n):
+    for _ in range(n):
         roll = rng.random()
         if texts and roll < 0.06:
             texts.append(rng.choice(texts))  # exact copy
@@ -530,7 +667,10 @@ def _mixed_texts(n: int = 700, seed: int = 5) -> list[str]:
             texts.append(" ".join(ws))
             continue
         ascii_only = rng.random() < 0.5
-        parts = [rng.choice(words[:5] + words[15:21] if ascii_only else words) for _ in range(int(rng.expovariate(1 / 60)) + 1)]
+        parts = [
+            rng.choice(words[:5] + words[15:21] if ascii_only else words)
+            for _ in range(int(rng.expovariate(1 / 60)) + 1)
+        ]
         for _ in range(rng.randint(0, 3)):
             parts.insert(rng.randrange(len(parts) + 1), rng.choice(junk[:2] + junk[7:] if ascii_only else junk))
         if rng.random() < 0.25:
@@ -552,7 +692,9 @@ def _outcome(tmp_path, texts: list[str], cfg: CleanConfig, name: str) -> str:
     src = corpus_file(tmp_path, texts, name=f"{name}-raw.parquet")
     rep = cleaning.clean_to(src, tmp_path / f"{name}.parquet", cfg, "corpus", progress=False)
     out = pq.read_table(tmp_path / f"{name}.parquet")
-    body = json.dumps([out.schema.to_string(), out.to_pydict(), rep.metrics(), rep.line(), rep.markdown()], ensure_ascii=False)
+    body = json.dumps(
+        [out.schema.to_string(), out.to_pydict(), rep.metrics(), rep.line(), rep.markdown()], ensure_ascii=False
+    )
     return hashlib.sha256(body.encode()).hexdigest()
 
 
@@ -572,7 +714,9 @@ def test_workers_give_the_same_output_as_one_process(tmp_path):
     one = _outcome(tmp_path, texts, MIXED_CFG, "one")
     assert _outcome(tmp_path, texts, MIXED_CFG.model_copy(update={"workers": 2}), "two") == one
     lean = MIXED_CFG.model_copy(update={"near_dup": False, "pii": False, "exact_dedup": False})
-    assert _outcome(tmp_path, texts, lean.model_copy(update={"workers": 3}), "three") == _outcome(tmp_path, texts, lean, "lean")
+    assert _outcome(tmp_path, texts, lean.model_copy(update={"workers": 3}), "three") == _outcome(
+        tmp_path, texts, lean, "lean"
+    )
 
 
 def test_a_workers_error_reaches_the_caller():
@@ -584,11 +728,19 @@ def test_a_workers_error_reaches_the_caller():
             pool.apply_async(cleaning._work, ([12], ["d0"], 0)).get(timeout=60)
     finally:
         pool.terminate()
-    assert cleaning._pool(bare(workers=2), pa.string(), 1) is None and cleaning._pool(bare(workers=1), pa.string(), 9) is None
+    assert (
+        cleaning._pool(bare(workers=2), pa.string(), 1) is None
+        and cleaning._pool(bare(workers=1), pa.string(), 9) is None
+    )
 
 
 def test_char_stats_match_their_definitions():
-    texts = [t for t in _mixed_texts(300, seed=9) if t] + ["é1", "a😀b", "\U0001d400\U0001d41a 1", "ё" * 12 + "\u3000" * 12]
+    texts = [t for t in _mixed_texts(300, seed=9) if t] + [
+        "é1",
+        "a😀b",
+        "\U0001d400\U0001d41a 1",
+        "ё" * 12 + "\u3000" * 12,
+    ]
     letters, nonspace, equal = cleaning.char_stats(texts)
     assert letters == [sum(map(str.isalpha, t)) for t in texts]
     assert nonspace == [sum(map(len, t.split())) for t in texts]

@@ -79,18 +79,28 @@ def test_missing_upstream_output_is_reported_not_raised(tmp_path):
 
 
 def test_lmforge_cli_lists_commands():
-    res = subprocess.run([sys.executable, "-m", "tasks.ops.cli", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "tasks.ops.cli", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 0
     for command in ("stage", "pipeline", "promote", "rollback", "serve", "ui", "check", "deps", "check-lock"):
         assert command in res.stdout
 
 
 def test_non_finite_params_are_refused(tmp_path):
-    for i, (key, value) in enumerate((("pretrain.lr", float("inf")), ("finetune.weight_decay", float("nan")), ("promote.max_latency_ms", float("inf")))):
+    for i, (key, value) in enumerate(
+        (
+            ("pretrain.lr", float("inf")),
+            ("finetune.weight_decay", float("nan")),
+            ("promote.max_latency_ms", float("inf")),
+        )
+    ):
         cwd = _project(tmp_path / str(i), **{key: value})
         res = _run(cwd, "-m", "tasks.ops.cli", "check")
         assert res.returncode == 2, (key, res.stderr)
-        assert res.stderr.strip().splitlines() == [f"lmforge: error: params.yaml: {key}: Input should be a finite number (got {value})"]
+        assert res.stderr.strip().splitlines() == [
+            f"lmforge: error: params.yaml: {key}: Input should be a finite number (got {value})"
+        ]
 
 
 def test_serve_stops_in_one_line_when_there_is_nothing_to_serve(tmp_path):
@@ -99,16 +109,23 @@ def test_serve_stops_in_one_line_when_there_is_nothing_to_serve(tmp_path):
     res = _run(cwd, "-m", "tasks.ops.cli", "serve")
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
-        f"lmforge: error: no registered model 'lmforge-classifier' in sqlite:///{cwd}/mlflow.db (no MLflow store yet): run `make pipeline` first"
+        f"lmforge: error: no registered model 'lmforge-classifier' in sqlite:///{cwd}/mlflow.db "
+        "(no MLflow store yet): run `make pipeline` first"
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LMFORGE_MODEL_URI": str(cwd / "nope")}
-    res = subprocess.run([sys.executable, "-m", "tasks.ops.cli", "serve"], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "tasks.ops.cli", "serve"], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 2
-    assert res.stderr.strip().splitlines() == [f"lmforge: error: LMFORGE_MODEL_URI={cwd / 'nope'}: no such folder or model URI"]
+    assert res.stderr.strip().splitlines() == [
+        f"lmforge: error: LMFORGE_MODEL_URI={cwd / 'nope'}: no such folder or model URI"
+    ]
 
 
 def test_rollback_force_needs_a_reason(tmp_path):
     cwd = _project(tmp_path)
     res = _run(cwd, "-m", "tasks.ops.cli", "rollback", "--to", "1", "--force")
     assert res.returncode == 2
-    assert res.stderr.strip().splitlines() == ['lmforge: error: --force needs --reason "why": the override is recorded in the registry']
+    assert res.stderr.strip().splitlines() == [
+        'lmforge: error: --force needs --reason "why": the override is recorded in the registry'
+    ]

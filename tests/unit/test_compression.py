@@ -32,7 +32,9 @@ LABELS = ["a", "b", "c"]
 @pytest.fixture
 def model() -> TransformerClassifier:
     torch.manual_seed(0)
-    return TransformerClassifier(ClassifierConfig(trunk=tiny(n_layer=3, n_head=4, n_embd=32, bias=True, vocab_size=100), labels=LABELS)).eval()
+    return TransformerClassifier(
+        ClassifierConfig(trunk=tiny(n_layer=3, n_head=4, n_embd=32, bias=True, vocab_size=100), labels=LABELS)
+    ).eval()
 
 
 @pytest.fixture
@@ -59,7 +61,9 @@ def test_removing_a_head_and_a_channel_equals_zeroing_their_output_weights(model
     pruned = prune_structured(model, [[0, 2, 3]] * 3, [[c for c in range(128) if c != 5]] * 3)
     assert_close(pruned(ids, lengths), zeroed(ids, lengths), rtol=1e-5, atol=1e-5)
     assert pruned.config.trunk.layer_heads == [3, 3, 3] and pruned.config.trunk.layer_ffn == [127] * 3
-    assert pruned.trunk.blocks[0].attn.qkv.weight.shape == (3 * 3 * 8, 32) and pruned.trunk.blocks[0].mlp.fc.weight.shape == (127, 32)
+    assert pruned.trunk.blocks[0].attn.qkv.weight.shape == (3 * 3 * 8, 32) and pruned.trunk.blocks[
+        0
+    ].mlp.fc.weight.shape == (127, 32)
     assert count_params(pruned) < count_params(model)
 
 
@@ -93,8 +97,20 @@ def test_taylor_importance_scores_every_head_and_channel_and_keep_top_keeps_the_
 def test_magnitude_pruning_zeroes_the_globally_smallest_weights_permanently(model):
     sparse = magnitude_prune(model, 0.5)
     assert sparsity(model) == 0 and sparsity(sparse) == pytest.approx(0.5, abs=1e-3)
-    weights = torch.cat([m.weight.flatten() for n, m in sparse.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")])
-    original = torch.cat([m.weight.flatten() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")])
+    weights = torch.cat(
+        [
+            m.weight.flatten()
+            for n, m in sparse.named_modules()
+            if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")
+        ]
+    )
+    original = torch.cat(
+        [
+            m.weight.flatten()
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")
+        ]
+    )
     kept = original[weights != 0].abs()
     assert kept.min() >= original[weights == 0].abs().max()  # global: smallest magnitudes gone, whatever the layer
     assert set(sparse.state_dict()) == set(model.state_dict())  # masks folded in: a plain model
@@ -138,13 +154,16 @@ def test_distillation_loss_mixes_soft_and_hard_targets():
     torch.manual_seed(0)
     s, t, y = torch.randn(5, 3), torch.randn(5, 3), torch.tensor([0, 1, 2, 0, 1])
     assert distillation_loss(s, t, y, temperature=2.0, alpha=0.0) == pytest.approx(float(F.cross_entropy(s, y)))
-    assert float(distillation_loss(t, t, y, temperature=2.0, alpha=1.0)) == pytest.approx(0.0, abs=1e-6)  # student = teacher
+    assert float(distillation_loss(t, t, y, temperature=2.0, alpha=1.0)) == pytest.approx(
+        0.0, abs=1e-6
+    )  # student = teacher
     kl = F.kl_div(F.log_softmax(s / 3, -1), F.softmax(t / 3, -1), reduction="batchmean")
     assert distillation_loss(s, t, y, temperature=3.0, alpha=1.0) == pytest.approx(9 * float(kl), rel=1e-5)
 
 
 def test_a_switched_off_variant_leaves_a_marker_and_quantizing_it_is_refused(tmp_path):
     from conftest import TINY_FINETUNE, TINY_QUANTIZE, make_paths
+
     from tasks import distill, prune, quantize, sparsify
     from tasks.shared.config.distill import DistillConfig
     from tasks.shared.config.prune import PruneConfig

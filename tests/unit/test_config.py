@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import write_params
+
 from tasks.shared.config.params import Params, load_params
 from tasks.shared.config.pretrain import PretrainConfig
 from tasks.shared.config.training import ModelSpec

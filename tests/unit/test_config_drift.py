@@ -77,7 +77,10 @@ def test_every_stage_writes_its_metrics_file():
         (metric,) = body["metrics"]
         (path,) = metric
         assert path == "${paths.metrics}/" + f"{stage}.json"
-        assert metric[path] == {"cache": False, "persist": True}  # committed to git: `dvc metrics diff` compares commits
+        assert metric[path] == {
+            "cache": False,
+            "persist": True,
+        }  # committed to git: `dvc metrics diff` compares commits
 
 
 def test_every_output_persists_so_dvc_never_deletes_it_before_the_stage_checks_it():

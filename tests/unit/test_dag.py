@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import copy_project
+
 from tasks.ops import dag
 
 ROOT = dag.ROOT
@@ -33,7 +33,10 @@ def test_a_stage_imports_shared_code_never_another_stage_or_an_operation(stage):
     assert not [f for f in closure if f.startswith(("tasks/ops/", "flows/", "deploy/"))]
 
 
-@pytest.mark.parametrize("file", sorted(p.relative_to(ROOT).as_posix() for p in [*ROOT.glob("tasks/shared/**/*.py"), *ROOT.glob("models/*.py")]))
+@pytest.mark.parametrize(
+    "file",
+    sorted(p.relative_to(ROOT).as_posix() for p in [*ROOT.glob("tasks/shared/**/*.py"), *ROOT.glob("models/*.py")]),
+)
 def test_shared_code_and_models_import_no_stage_or_operation(file):
     module = file.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
     closure = dag.import_closure(module)
@@ -54,8 +57,13 @@ def test_import_closure_follows_function_level_relative_and_from_imports(tmp_pat
     (pkg / "sub" / "deeper.py").write_text("thing = 1\n")
     (pkg / "unused.py").write_text("")
     assert dag.import_closure("tasks.stage", tmp_path) == {
-        "tasks/__init__.py", "tasks/stage.py", "tasks/sub/__init__.py", "tasks/sub/helper.py", "tasks/sub/deep.py", "tasks/sub/deeper.py",
-    }  # fmt: skip
+        "tasks/__init__.py",
+        "tasks/stage.py",
+        "tasks/sub/__init__.py",
+        "tasks/sub/helper.py",
+        "tasks/sub/deep.py",
+        "tasks/sub/deeper.py",
+    }
 
 
 def test_a_missing_dep_is_named_and_write_deps_restores_it(tmp_path):
@@ -82,14 +90,16 @@ def test_an_unneeded_dep_and_wrong_params_are_named(tmp_path):
     dvc_yaml.write_text(text)
     problems = dag.check_deps(project)
     assert "clean: dvc.yaml lists tasks/shared/engine.py in deps but the stage does not import it" in problems
-    assert any(p.startswith("clean: dvc.yaml params ['clean', 'ingest'] differ from tasks.clean.SECTIONS ['clean']") for p in problems)
+    assert any(
+        p.startswith("clean: dvc.yaml params ['clean', 'ingest'] differ from tasks.clean.SECTIONS ['clean']")
+        for p in problems
+    )
 
 
 def test_dvc_md5_matches_what_dvc_records():
     """The lock check hashes files and folders exactly as DVC 3 does (checked against DVC itself)."""
-    from dvc_data.hashfile.hash import file_md5
-
     from dvc.fs import LocalFileSystem
+    from dvc_data.hashfile.hash import file_md5
 
     fs = LocalFileSystem()
     for f in ("tasks/shared/io.py", "params.yaml"):
@@ -109,10 +119,20 @@ def test_editing_a_config_default_makes_exactly_its_readers_stale(tmp_path):
     f = project / "tasks/shared/config/training.py"
     f.write_text(f.read_text().replace("beta2: float = Field(0.95", "beta2: float = Field(0.99"))
     new = set(dag.stale_lock(project)) - before
-    readers = ("pretrain", "finetune", "prune", "sparsify", "distill")  # the training stages (the last three reuse finetune's recipe)
+    readers = (
+        "pretrain",
+        "finetune",
+        "prune",
+        "sparsify",
+        "distill",
+    )  # the training stages (the last three reuse finetune's recipe)
     assert new == {f"{stage}: tasks/shared/config/training.py changed since dvc.lock was written" for stage in readers}
     params = project / "params.yaml"
-    params.write_text(params.read_text().replace("  beta2: 0.95                  # adamw\n", "  beta2: 0.99                  # adamw\n"))
+    params.write_text(
+        params.read_text().replace(
+            "  beta2: 0.95                  # adamw\n", "  beta2: 0.99                  # adamw\n"
+        )
+    )
     assert "pretrain: params.yaml pretrain.beta2 is 0.99, dvc.lock has 0.95" in set(dag.stale_lock(project)) - before
 
 
@@ -122,7 +142,9 @@ def test_check_lock_command_names_the_stale_entries(tmp_path):
     subprocess.run(["git", "add", "-A"], cwd=project, check=True)
     f = project / "tasks/clean.py"
     f.write_text(f.read_text() + "\n# an edit\n")
-    res = subprocess.run([sys.executable, "-m", "tasks.ops.cli", "check-lock"], cwd=project, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "tasks.ops.cli", "check-lock"], cwd=project, capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 1
     assert "clean: tasks/clean.py changed since dvc.lock was written" in res.stdout
     assert "dvc.lock is stale" in res.stderr

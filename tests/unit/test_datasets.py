@@ -37,24 +37,37 @@ def _dvc_md5(dvc) -> str:
 
 def test_the_digest_is_the_hash_dvc_records(repo):
     before = input_digest("data/a.jsonl")
-    assert before.digest == hashlib.md5((repo / "data" / "a.jsonl").read_bytes()).hexdigest() and before.untracked == ["data/a.jsonl"]
+    assert before.digest == hashlib.md5((repo / "data" / "a.jsonl").read_bytes()).hexdigest() and before.untracked == [
+        "data/a.jsonl"
+    ]
     _run(sys.executable, "-m", "dvc", "add", "-q", "data/a.jsonl", "data/docs", cwd=repo)
     after = input_digest("data/a.jsonl")
-    assert after.digest == _dvc_md5(repo / "data" / "a.jsonl.dvc") == before.digest and not after.untracked  # DVC 3: a file's md5
+    assert (
+        after.digest == _dvc_md5(repo / "data" / "a.jsonl.dvc") == before.digest and not after.untracked
+    )  # DVC 3: a file's md5
     folder = input_digest("data/docs/*.txt")  # every file covered by the folder's .dvc: the folder's .dir hash
-    assert folder.digest == _dvc_md5(repo / "data" / "docs.dvc") and folder.digest.endswith(".dir") and folder.files == 3
+    assert (
+        folder.digest == _dvc_md5(repo / "data" / "docs.dvc") and folder.digest.endswith(".dir") and folder.files == 3
+    )
     both = input_digest(["data/a.jsonl", "data/docs"])
-    assert both.digest not in (after.digest, folder.digest) and sorted(both.tracked) == [str((repo / "data" / n).absolute()) for n in ("a.jsonl.dvc", "docs.dvc")]
+    assert both.digest not in (after.digest, folder.digest) and sorted(both.tracked) == [
+        str((repo / "data" / n).absolute()) for n in ("a.jsonl.dvc", "docs.dvc")
+    ]
     assert dvc_file(repo / "data" / "docs" / "1.txt") == (repo / "data" / "docs.dvc").absolute()
 
 
 def test_untracked_inputs_are_what_dvc_add_needs(repo):
     (repo / "data" / "b.csv").write_text("text,label\nb,y\n")
     _run("git", "add", "data/b.csv", cwd=repo)  # in git already: versioned, not DVC's
-    assert [str(p) for p in untracked_inputs(["data/docs", "data/*.jsonl", "data/b.csv", "stdlib"], repo)] == ["data/docs", "data/a.jsonl"]
+    assert [str(p) for p in untracked_inputs(["data/docs", "data/*.jsonl", "data/b.csv", "stdlib"], repo)] == [
+        "data/docs",
+        "data/a.jsonl",
+    ]
     _run(sys.executable, "-m", "dvc", "add", "-q", "data/docs", "data/a.jsonl", cwd=repo)
     assert untracked_inputs(["data/docs", "data/*.jsonl"], repo) == []
-    (repo / "data" / "docs" / "new.txt").write_text("new")  # inside a tracked folder: `dvc add data/docs` again, not per file
+    (repo / "data" / "docs" / "new.txt").write_text(
+        "new"
+    )  # inside a tracked folder: `dvc add data/docs` again, not per file
     assert untracked_inputs(["data/docs"], repo) == []
     with pytest.raises(UserError, match="no files match"):
         untracked_inputs(["data/*.parquet"], repo)
@@ -62,7 +75,6 @@ def test_untracked_inputs_are_what_dvc_add_needs(repo):
 
 def test_log_dataset_names_the_run_input_by_its_digest(repo, capsys):
     import mlflow
-
     from tasks.shared.tracking import MlflowTracker
 
     mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")

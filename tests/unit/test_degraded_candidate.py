@@ -19,8 +19,17 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import yaml
+from conftest import (
+    LABELS,
+    PARAMS_PATHS,
+    TINY_CLEAN,
+    TINY_EVALUATE,
+    TINY_FINETUNE,
+    TINY_VALIDATE,
+    make_paths,
+    write_params,
+)
 
-from conftest import LABELS, PARAMS_PATHS, TINY_CLEAN, TINY_EVALUATE, TINY_FINETUNE, TINY_VALIDATE, make_paths, write_params
 from tasks.shared.errors import UserError
 from tasks.shared.io import write_json
 
@@ -35,7 +44,8 @@ def md5(f: Path) -> str:
 
 
 def write_lock(root: Path, paths) -> None:
-    """The dvc.lock entries the data_validation gate reads (validate, tokenize, finetune, evaluate), from the files' md5."""
+    """The dvc.lock entries the data_validation gate reads (validate, tokenize, finetune, evaluate),
+    from the files' md5."""
 
     def entry(f) -> dict:
         return {"path": Path(f).relative_to(root).as_posix(), "hash": "md5", "md5": md5(f)}
@@ -51,7 +61,8 @@ def write_lock(root: Path, paths) -> None:
 
 
 def retrain(paths, relabel: dict[str, str], splits: tuple[str, ...]) -> None:
-    """Fine-tune again after renaming labels in `splits` of the labeled data, then validate and evaluate (fp32 alone)."""
+    """Fine-tune again after renaming labels in `splits` of the labeled data, then validate and evaluate
+    (fp32 alone)."""
     from tasks import evaluate, finetune, validate
 
     data = pd.read_parquet(paths.clean_labeled)
@@ -67,11 +78,12 @@ def retrain(paths, relabel: dict[str, str], splits: tuple[str, ...]) -> None:
 
 @pytest.fixture(scope="module")
 def story(tiny_pipeline, tmp_path_factory) -> SimpleNamespace:
-    """v1 promoted, v2 (rotated labels) stopped, v3 (the same) forced, rollback to v1; the registry and every decision."""
-    from mlflow import MlflowClient
+    """v1 promoted, v2 (rotated labels) stopped, v3 (the same) forced, rollback to v1; the registry and
+    every decision."""
     from typer.testing import CliRunner
 
     from deploy.service import load_service_bundle
+    from mlflow import MlflowClient
     from models.bundle import write_bundle
     from models.tokenizer import TOKENIZER_FILE
     from tasks.ops import promote, rollback
@@ -83,14 +95,26 @@ def story(tiny_pipeline, tmp_path_factory) -> SimpleNamespace:
     paths = make_paths(root)
     write_json(paths.metrics / "evaluate.json", tiny_pipeline.evaluate.metrics)  # what `lmforge stage evaluate` writes
     overrides = {f"paths.{k}": str(getattr(paths, k)) for k in PARAMS_PATHS}
-    gates = {"variant": "fp32", "min_accuracy": 0.0, "min_macro_f1": 0.0, "min_gain_over_majority": 0.0, "max_regression": 0.02, "min_behavioral_pass_rate": 0.0}
-    overrides |= {f"promote.{k}": v for k, v in gates.items()} | {"evaluate.batch_size": TINY_EVALUATE.batch_size, "tracking.artifacts": str(root / "mlartifacts")}
+    gates = {
+        "variant": "fp32",
+        "min_accuracy": 0.0,
+        "min_macro_f1": 0.0,
+        "min_gain_over_majority": 0.0,
+        "max_regression": 0.02,
+        "min_behavioral_pass_rate": 0.0,
+    }
+    overrides |= {f"promote.{k}": v for k, v in gates.items()} | {
+        "evaluate.batch_size": TINY_EVALUATE.batch_size,
+        "tracking.artifacts": str(root / "mlartifacts"),
+    }
     params_file = write_params(root, **overrides)
     out = SimpleNamespace(root=root, paths=paths)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
         mp.chdir(root)
-        mp.setattr(promote, "require_current_evaluation", lambda root=None: None)  # no DVC here: write_lock stands in for `dvc repro`
+        mp.setattr(
+            promote, "require_current_evaluation", lambda root=None: None
+        )  # no DVC here: write_lock stands in for `dvc repro`
         params = load_params(params_file)
         write_lock(root, paths)
         out.good = promote.run(params, params_file)
@@ -111,13 +135,23 @@ def story(tiny_pipeline, tmp_path_factory) -> SimpleNamespace:
         out.candidate = str(client.get_model_version_by_alias(NAME, promote.CANDIDATE).version)
         out.cli_history = CliRunner().invoke(app, ["history", "--params", str(params_file)])
         out.cli_force = CliRunner().invoke(app, ["promote", "--params", str(params_file), "--force"])
-        out.missing = promote.rescore_champion(client, NAME, SimpleNamespace(version="9", tags={}), paths, TINY_EVALUATE, LABELS, None)
+        out.missing = promote.rescore_champion(
+            client, NAME, SimpleNamespace(version="9", tags={}), paths, TINY_EVALUATE, LABELS, None
+        )
         # a candidate whose label `ui` became `gui`: compared with the champion (v1) on the shared labels only
         retrain(paths, {"ui": "gui"}, ("train", "val", "test"))
         bundle = root / "relabeled-bundle"
         write_bundle(bundle, paths.tokenizer / TOKENIZER_FILE, paths.classifier, None)
         labels = load_service_bundle(str(bundle)).labels
-        out.relabeled = promote.rescore_champion(client, NAME, client.get_model_version(NAME, "1"), paths, TINY_EVALUATE, labels, lambda: load_service_bundle(str(bundle)))
+        out.relabeled = promote.rescore_champion(
+            client,
+            NAME,
+            client.get_model_version(NAME, "1"),
+            paths,
+            TINY_EVALUATE,
+            labels,
+            lambda: load_service_bundle(str(bundle)),
+        )
     return out
 
 
@@ -125,7 +159,10 @@ def test_a_good_candidate_becomes_champion_and_candidate(story):
     assert story.good.promoted and story.good.passed and story.good.version == "1"
     gates = {g.name: g for g in story.good.gates}
     assert gates["no_regression"].reason == "no current champion"
-    assert gates["data_validation"].passed and f"labeled.parquet md5 {story.good_md5[:12]}" in gates["data_validation"].reason
+    assert (
+        gates["data_validation"].passed
+        and f"labeled.parquet md5 {story.good_md5[:12]}" in gates["data_validation"].reason
+    )
     assert gates["lm_perplexity"].passed and "vs ceiling 200.00" in gates["lm_perplexity"].reason
 
 
@@ -134,16 +171,20 @@ def test_a_degraded_candidate_never_becomes_champion(story):
     assert d.version == "2" and not d.promoted and not d.overridden
     assert story.champion_after_degraded == "1"
     validation = {g.name: g for g in d.gates}["data_validation"]
-    assert validation.passed and f"labeled.parquet md5 {story.degraded_md5[:12]}" in validation.reason  # the new data version, validated
+    assert (
+        validation.passed and f"labeled.parquet md5 {story.degraded_md5[:12]}" in validation.reason
+    )  # the new data version, validated
     assert "no_regression" in d.failed
     gate = {g.name: g for g in d.gates}["no_regression"]
     m1 = float(story.versions["1"].tags["test_macro_f1"])
     m2 = float(story.versions["2"].tags["test_macro_f1"])
     assert m2 < m1 - 0.02, (m1, m2)
-    # both scores, on the same rows: the candidate as evaluate scored it, champion v1 scored again (equal to its stored score: same rows, same code)
+    # both scores, on the same rows: the candidate as evaluate scored it, champion v1 scored again
+    # (equal to its stored score: same rows, same code)
     rows = int((pd.read_parquet(story.paths.clean_labeled)["split"] == "test").sum())
     assert gate.reason == (
-        f"macro-F1 {m2:.4f} (candidate, as evaluate scored it) vs {m1:.4f} (champion v1 scored again on the same {rows} test rows; stored {m1:.4f}); allowed drop 0.0200"
+        f"macro-F1 {m2:.4f} (candidate, as evaluate scored it) vs {m1:.4f} "
+        f"(champion v1 scored again on the same {rows} test rows; stored {m1:.4f}); allowed drop 0.0200"
     )
     assert story.versions["2"].tags["gates"] == "failed"
     assert story.versions["2"].tags["gate.no_regression"] == f"fail: {gate.reason}"
@@ -190,7 +231,10 @@ def test_lmforge_history_prints_both_aliases(story):
 
 def test_promote_force_without_a_reason_is_a_one_line_error(story):
     assert story.cli_force.exit_code == 2
-    assert story.cli_force.output.strip() == 'lmforge: error: --force needs --reason "why": the override is recorded in the registry'
+    assert (
+        story.cli_force.output.strip()
+        == 'lmforge: error: --force needs --reason "why": the override is recorded in the registry'
+    )
 
 
 def test_a_champion_that_cannot_be_loaded_is_a_reason_not_a_crash(story):

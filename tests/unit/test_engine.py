@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from conftest import delete, flip_byte, garbage, truncate
+
 from models.transformer import GPT, tiny
 from tasks.shared import engine
 from tasks.shared.config.pretrain import PretrainConfig
@@ -176,7 +176,9 @@ def test_mlm_masking(tmp_path):
     ids[::7] = 0  # an end-of-text id every 7 tokens
     write_shard(tmp_path, "train-00000.bin", ids)
     data = engine.TokenShards(tmp_path, "train")
-    x, y = engine.mlm_batch(data, 64, 32, torch.Generator().manual_seed(0), mask_id=2, vocab=64, prob=0.15, special=[0, 1])
+    x, y = engine.mlm_batch(
+        data, 64, 32, torch.Generator().manual_seed(0), mask_id=2, vocab=64, prob=0.15, special=[0, 1]
+    )
     chosen = y != -1
     assert 0.12 < chosen.float().mean() < 0.18
     original = torch.where(chosen, y, x)
@@ -328,7 +330,9 @@ def test_load_checkpoint_raises_an_artifact_error_and_leaves_the_model_alone(tmp
     m = tiny_model(seed=5)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     with pytest.raises(ArtifactError, match="train_state.safetensors: corrupt"):
-        engine.load_checkpoint(tmp_path / "step-00000002", m, engine.build_optimizer(m, cfg(), rt.device), rt, torch.Generator())
+        engine.load_checkpoint(
+            tmp_path / "step-00000002", m, engine.build_optimizer(m, cfg(), rt.device), rt, torch.Generator()
+        )
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
 
 
@@ -343,17 +347,30 @@ def test_load_checkpoint_raises_an_artifact_error_and_leaves_the_model_alone(tmp
         ({"loss": float("nan"), "grad_norm": 1.0}, "pretrain: loss is nan at step 7 (lr 0.01): lower pretrain.lr"),
         ({"loss": float("inf")}, "pretrain: loss is inf at step 7"),
         ({"grad_norm": float("nan")}, "pretrain: gradient norm is nan at step 7"),
-        ({"grad_norm": float("inf"), "grad_clip": 0.0}, "pretrain: gradient norm is inf at step 7 (lr 0.01): lower pretrain.lr or set pretrain.grad_clip"),
+        (
+            {"grad_norm": float("inf"), "grad_clip": 0.0},
+            "pretrain: gradient norm is inf at step 7 (lr 0.01): lower pretrain.lr or set pretrain.grad_clip",
+        ),
         ({"loss": float("nan"), "lr": 1e30}, "(lr 1e+30)"),
-        ({"loss": float("nan"), "run": "finetune cnn", "lr_key": "finetune.baseline_lr"}, "finetune cnn: loss is nan at step 7 (lr 0.01): lower finetune.baseline_lr"),
-        ({"loss": float("nan"), "precision": torch.bfloat16, "grad_clip": 0.0}, "lower pretrain.lr, set pretrain.grad_clip or use pretrain.precision: fp32"),
+        (
+            {"loss": float("nan"), "run": "finetune cnn", "lr_key": "finetune.baseline_lr"},
+            "finetune cnn: loss is nan at step 7 (lr 0.01): lower finetune.baseline_lr",
+        ),
+        (
+            {"loss": float("nan"), "precision": torch.bfloat16, "grad_clip": 0.0},
+            "lower pretrain.lr, set pretrain.grad_clip or use pretrain.precision: fp32",
+        ),
         ({"grad_norm": float("inf"), "scaler": True}, None),  # fp16: the scaler skips overflowing steps
         ({"loss": float("nan"), "scaler": True, "precision": torch.float16}, "use pretrain.precision: fp32"),
     ],
 )
 def test_check_finite_stops_a_diverged_run_in_words(kw, message):
     kw = dict(kw)
-    rt = engine.Runtime(device=torch.device("cpu"), amp_dtype=kw.pop("precision", None), scaler=object() if kw.pop("scaler", False) else None)
+    rt = engine.Runtime(
+        device=torch.device("cpu"),
+        amp_dtype=kw.pop("precision", None),
+        scaler=object() if kw.pop("scaler", False) else None,
+    )
     run, lr, grad_clip = kw.pop("run", "pretrain"), kw.pop("lr", 0.01), kw.pop("grad_clip", 1.0)
     if message is None:
         engine.check_finite(run, 7, lr, rt, grad_clip, **kw)

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import math
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import LABELS, SEED, TINY_FINETUNE
 from torch.testing import assert_close
 
-from conftest import LABELS, SEED, TINY_FINETUNE
 from models import checkpoint as ckpt
 from models.baselines import CNNClassifier, GRUClassifier
 from models.classifier import ClassifierConfig, TransformerClassifier
@@ -32,7 +32,9 @@ def classifier(seed: int = 0, **trunk) -> TransformerClassifier:
 
 def examples(n: int = 24, T: int = 12, seed: int = 0) -> finetune.Examples:
     g = torch.Generator().manual_seed(seed)
-    return finetune.Examples(torch.randint(VOCAB, (n, T), generator=g), torch.randint(2, T + 1, (n,), generator=g), torch.arange(n) % 3)
+    return finetune.Examples(
+        torch.randint(VOCAB, (n, T), generator=g), torch.randint(2, T + 1, (n,), generator=g), torch.arange(n) % 3
+    )
 
 
 def one_step(model, cfg: FinetuneConfig, lr_scale=None) -> None:
@@ -152,7 +154,12 @@ def test_balanced_weights_equalize_each_class_share_of_the_loss():
 
 def test_early_stopping_counts_epochs_without_improvement():
     stop = finetune.EarlyStopping(patience=2)
-    assert [stop.update(s, e) or stop.stop for e, s in enumerate([0.2, 0.5, 0.5, 0.4], start=1)] == [True, True, False, True]
+    assert [stop.update(s, e) or stop.stop for e, s in enumerate([0.2, 0.5, 0.5, 0.4], start=1)] == [
+        True,
+        True,
+        False,
+        True,
+    ]
     assert stop.best_epoch == 2 and stop.best == 0.5
     never = finetune.EarlyStopping(patience=0)
     for e in range(1, 20):
@@ -187,7 +194,9 @@ def test_fit_stops_after_patience_epochs_and_keeps_the_best(monkeypatch):
     monkeypatch.setattr(classify, "macro_f1", scripted_f1)
     cfg = FinetuneConfig(lr=1e-2, warmup_steps=0, batch_size=8, patience=2, seed=SEED)
     tracker = Recorder()
-    out = finetune.fit("t", model, cfg, examples(), examples(seed=1), 3, engine.setup_runtime(cfg), tracker, epochs=6, prefix="t/")
+    out = finetune.fit(
+        "t", model, cfg, examples(), examples(seed=1), 3, engine.setup_runtime(cfg), tracker, epochs=6, prefix="t/"
+    )
     assert (out.epochs_run, out.best_epoch, out.val_macro_f1) == (4, 2, 0.6)
     assert [h["epoch"] for h in out.history] == [1, 2, 3, 4]
     for k, v in out.model.state_dict().items():
@@ -201,7 +210,9 @@ def test_fit_without_patience_runs_every_epoch(monkeypatch):
     scores = iter([0.5, 0.4, 0.3])
     monkeypatch.setattr(classify, "macro_f1", lambda *a: next(scores))
     cfg = FinetuneConfig(lr=1e-2, warmup_steps=0, batch_size=8, patience=0, seed=SEED)
-    out = finetune.fit("t", classifier(), cfg, examples(), examples(seed=1), 3, engine.setup_runtime(cfg), Recorder(), epochs=3)
+    out = finetune.fit(
+        "t", classifier(), cfg, examples(), examples(seed=1), 3, engine.setup_runtime(cfg), Recorder(), epochs=3
+    )
     assert (out.epochs_run, out.best_epoch) == (3, 1)
 
 
@@ -211,7 +222,9 @@ def test_fit_without_patience_runs_every_epoch(monkeypatch):
 @pytest.fixture
 def finetune_paths(tiny_pipeline, tmp_path):
     """The tiny pipeline's LM, tokenizer and data, with this test's own finetune outputs."""
-    return tiny_pipeline.paths.model_copy(update={"classifier": tmp_path / "classifier", "baselines": tmp_path / "baselines", "plots": tmp_path / "plots"})
+    return tiny_pipeline.paths.model_copy(
+        update={"classifier": tmp_path / "classifier", "baselines": tmp_path / "baselines", "plots": tmp_path / "plots"}
+    )
 
 
 def test_finetune_run_writes_classifier_requested_baselines_and_metrics(finetune_paths):
@@ -237,7 +250,11 @@ def test_finetune_run_writes_classifier_requested_baselines_and_metrics(finetune
 
     folder = finetune_paths.baselines
     assert {p.name for p in folder.iterdir()} == {"gru", "scratch", "cnn", "summary.json", "validation_curves.png"}
-    for name, kind, module_type in (("cnn", "classifier-cnn", CNNClassifier), ("gru", "classifier-gru", GRUClassifier), ("scratch", "classifier", TransformerClassifier)):
+    for name, kind, module_type in (
+        ("cnn", "classifier-cnn", CNNClassifier),
+        ("gru", "classifier-gru", GRUClassifier),
+        ("scratch", "classifier", TransformerClassifier),
+    ):
         meta = ckpt.read_config(folder / name)
         assert meta["kind"] == kind and meta["baseline"] == name
         assert meta["max_length"] == cfg.max_length and meta["config"]["labels"] == LABELS
@@ -246,8 +263,16 @@ def test_finetune_run_writes_classifier_requested_baselines_and_metrics(finetune
 
     metrics = result.metrics
     assert set(metrics["baselines"]) == {"gru", "scratch", "cnn"}
-    for name, m in metrics["baselines"].items():
-        assert set(m) == {"best_epoch", "epochs_run", "val_accuracy", "val_macro_f1", "train_seconds", "params", "precision"}
+    for _name, m in metrics["baselines"].items():
+        assert set(m) == {
+            "best_epoch",
+            "epochs_run",
+            "val_accuracy",
+            "val_macro_f1",
+            "train_seconds",
+            "params",
+            "precision",
+        }
         assert 1 <= m["best_epoch"] <= m["epochs_run"]
         assert 0 <= m["val_macro_f1"] <= 1 and 0 <= m["val_accuracy"] <= 1 and m["train_seconds"] > 0
     # no patience: every epoch runs; scratch keeps the Transformer's recipe, cnn/gru take baseline_epochs
@@ -262,7 +287,9 @@ def test_finetune_run_writes_classifier_requested_baselines_and_metrics(finetune
     assert tracker.figures == ["validation_curves.png"]
     logged = {k for m in tracker.metrics for k in m}
     for prefix in ("", "scratch/", "cnn/", "gru/"):
-        assert {f"{prefix}{k}" for k in ("val_macro_f1", "val_accuracy", "train_loss", "tokens_per_s", "train_seconds")} <= logged
+        assert {
+            f"{prefix}{k}" for k in ("val_macro_f1", "val_accuracy", "train_loss", "tokens_per_s", "train_seconds")
+        } <= logged
     # step 0 is the first warmup step: lr / warmup_steps of each model's peak lr
     assert tracker.at[("lr", 0)] == tracker.at[("scratch/lr", 0)] == pytest.approx(cfg.lr / cfg.warmup_steps)
     assert tracker.at[("cnn/lr", 0)] == tracker.at[("gru/lr", 0)] == pytest.approx(cfg.baseline_lr / cfg.warmup_steps)
@@ -327,9 +354,27 @@ def nan_cross_entropy(bad_step: int):
 @pytest.mark.parametrize(
     "name,cfg_update,lr_key,patch,message",
     [
-        ("finetune", {"lr": 1e30, "min_lr": 0.0}, "finetune.lr", None, r"finetune: (loss|gradient norm) is (nan|inf) at step \d+ \(lr [0-9.e+]+\): lower finetune.lr"),
-        ("cnn", {"lr": 1e30, "min_lr": 0.0}, "finetune.baseline_lr", None, r"finetune cnn: .* at step \d+ .*: lower finetune.baseline_lr"),
-        ("gru", {"lr": 1e30, "min_lr": 0.0, "grad_clip": 0.0}, "finetune.lr", None, r"finetune gru: .*lower finetune.lr or set finetune.grad_clip"),
+        (
+            "finetune",
+            {"lr": 1e30, "min_lr": 0.0},
+            "finetune.lr",
+            None,
+            r"finetune: (loss|gradient norm) is (nan|inf) at step \d+ \(lr [0-9.e+]+\): lower finetune.lr",
+        ),
+        (
+            "cnn",
+            {"lr": 1e30, "min_lr": 0.0},
+            "finetune.baseline_lr",
+            None,
+            r"finetune cnn: .* at step \d+ .*: lower finetune.baseline_lr",
+        ),
+        (
+            "gru",
+            {"lr": 1e30, "min_lr": 0.0, "grad_clip": 0.0},
+            "finetune.lr",
+            None,
+            r"finetune gru: .*lower finetune.lr or set finetune.grad_clip",
+        ),
         ("finetune", {}, "finetune.lr", nan_cross_entropy(4), r"finetune: loss is nan at step 4 \(lr "),
     ],
     ids=["lr-1e30", "baseline-lr-1e30", "no-clip", "nan-loss"],
@@ -340,7 +385,18 @@ def test_a_diverged_fit_is_a_user_error_naming_step_and_key(monkeypatch, name, c
     cfg = FinetuneConfig(**{"lr": 1e-2, "warmup_steps": 0, "batch_size": 4, "seed": SEED, **cfg_update})
     model = finetune.baseline_model(name, cfg, tiny(vocab_size=VOCAB), LABELS) if name != "finetune" else classifier()
     with pytest.raises(UserError, match=message):
-        finetune.fit(name, model, cfg, examples(), examples(seed=1), 3, engine.setup_runtime(cfg), Recorder(), epochs=3, lr_key=lr_key)
+        finetune.fit(
+            name,
+            model,
+            cfg,
+            examples(),
+            examples(seed=1),
+            3,
+            engine.setup_runtime(cfg),
+            Recorder(),
+            epochs=3,
+            lr_key=lr_key,
+        )
 
 
 def test_a_diverged_finetune_run_writes_no_classifier(finetune_paths):
@@ -364,7 +420,9 @@ def test_bucketed_batches_cover_every_row_once_in_batches_of_similar_length():
     # seeded: the same generator state gives the same epoch, another gives another
     again = bucketed_batches(lengths, 8, torch.Generator().manual_seed(1))
     assert all(torch.equal(a, b) for a, b in zip(batches, again))
-    assert not all(torch.equal(a, b) for a, b in zip(batches, bucketed_batches(lengths, 8, torch.Generator().manual_seed(2))))
+    assert not all(
+        torch.equal(a, b) for a, b in zip(batches, bucketed_batches(lengths, 8, torch.Generator().manual_seed(2)))
+    )
 
 
 def test_predict_returns_rows_in_input_order():
@@ -374,5 +432,8 @@ def test_predict_returns_rows_in_input_order():
     got = finetune.predict(model, data, rt, batch_size=7)
     with torch.no_grad():
         model.eval()
-        want = [int(model(data.ids[i : i + 1, : int(data.lengths[i])], data.lengths[i : i + 1]).argmax(-1)) for i in range(50)]
+        want = [
+            int(model(data.ids[i : i + 1, : int(data.lengths[i])], data.lengths[i : i + 1]).argmax(-1))
+            for i in range(50)
+        ]
     assert got.tolist() == want

@@ -22,10 +22,19 @@ def test_committed_stubs_match_the_proto(tmp_path):
     """deploy/lmforge_pb2*.py are what `make grpc-stubs` makes of deploy/lmforge.proto today."""
     pytest.importorskip("grpc_tools")
     out = ["--python_out", "--pyi_out", "--grpc_python_out"]
-    cmd = [sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT}", *(f"{o}={tmp_path}" for o in out), str(ROOT / "deploy" / "lmforge.proto")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
+        f"-I{ROOT}",
+        *(f"{o}={tmp_path}" for o in out),
+        str(ROOT / "deploy" / "lmforge.proto"),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, timeout=60)
     for name in STUBS:
-        assert (tmp_path / "deploy" / name).read_text() == (ROOT / "deploy" / name).read_text(), f"deploy/{name} is stale: run `make grpc-stubs`"
+        assert (tmp_path / "deploy" / name).read_text() == (ROOT / "deploy" / name).read_text(), (
+            f"deploy/{name} is stale: run `make grpc-stubs`"
+        )
 
 
 def test_unset_fields_take_the_core_defaults_and_zero_is_a_value():
@@ -51,8 +60,15 @@ def test_no_model_is_unavailable_with_the_reason_behind_the_api_key(no_model):
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with pytest.raises(grpc.RpcError) as e:
         stub.Classify(pb.ClassifyRequest(texts=["x"]), metadata=(("x-api-key", "k"),), timeout=10)
-    assert (e.value.code(), e.value.details()) == (grpc.StatusCode.UNAVAILABLE, "model unavailable: models:/m@champion: alias champion not set")
-    status = health_pb2_grpc.HealthStub(no_model).Check(health_pb2.HealthCheckRequest(service="lmforge.v1.Inference"), timeout=10).status
+    assert (e.value.code(), e.value.details()) == (
+        grpc.StatusCode.UNAVAILABLE,
+        "model unavailable: models:/m@champion: alias champion not set",
+    )
+    status = (
+        health_pb2_grpc.HealthStub(no_model)
+        .Check(health_pb2.HealthCheckRequest(service="lmforge.v1.Inference"), timeout=10)
+        .status
+    )
     assert status == health_pb2.HealthCheckResponse.NOT_SERVING
 
 

@@ -59,7 +59,14 @@ def test_docstrings_of_module_classes_and_functions():
 
 
 def _cfg(**kw) -> IngestConfig:
-    base = {"corpus": "x.txt", "labeled": "y.jsonl", "min_examples_per_label": 1, "val_fraction": 0.15, "test_fraction": 0.15, "seed": 7}
+    base = {
+        "corpus": "x.txt",
+        "labeled": "y.jsonl",
+        "min_examples_per_label": 1,
+        "val_fraction": 0.15,
+        "test_fraction": 0.15,
+        "seed": 7,
+    }
     return IngestConfig(**{**base, **kw})
 
 
@@ -126,7 +133,9 @@ def test_split_labeled_keeps_multi_row_files_together():
 def _user_data(tmp_path, n_per_label: int = 20):
     labeled = tmp_path / "user" / "labeled.jsonl"
     labeled.parent.mkdir(parents=True)
-    rows = [{"text": f"def {lab}_{i}(): return {i}", "label": lab} for lab in ("alpha", "beta") for i in range(n_per_label)]
+    rows = [
+        {"text": f"def {lab}_{i}(): return {i}", "label": lab} for lab in ("alpha", "beta") for i in range(n_per_label)
+    ]
     labeled.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     corpus = tmp_path / "user" / "corpus"
     corpus.mkdir()
@@ -157,7 +166,11 @@ def test_run_with_user_data(tiny_project, tmp_path):
 def test_run_keeps_user_split_column(tiny_project, tmp_path):
     labeled = tmp_path / "labeled.csv"
     pd.DataFrame(
-        {"text": [f"t{i}" for i in range(6)], "label": ["a", "b"] * 3, "split": ["train", "train", "val", "val", "test", "test"]}
+        {
+            "text": [f"t{i}" for i in range(6)],
+            "label": ["a", "b"] * 3,
+            "split": ["train", "train", "val", "val", "test", "test"],
+        }
     ).to_csv(labeled, index=False)
     corpus = tmp_path / "c.txt"
     corpus.write_text("some corpus text")
@@ -252,7 +265,9 @@ def test_corpus_excludes_held_out_sources(tiny_project, tmp_path):
     )
     df.to_csv(labeled, index=False)
     corpus = tmp_path / "corpus.csv"
-    pd.DataFrame({"text": [f"doc {i}" for i in range(6)], "source": [f"s{i}" for i in range(6)]}).to_csv(corpus, index=False)
+    pd.DataFrame({"text": [f"doc {i}" for i in range(6)], "source": [f"s{i}" for i in range(6)]}).to_csv(
+        corpus, index=False
+    )
     res = ingest.run(_cfg(corpus=str(corpus), labeled=str(labeled)), tiny_project)
     assert res.corpus_rows == 2 and res.metrics["corpus_held_out"] == 4
     assert sorted(pd.read_parquet(tiny_project.raw_corpus)["source"]) == ["s0", "s1"]
@@ -299,7 +314,10 @@ def test_blank_corpus_rows_are_dropped_counted_and_reported(tiny_project, tmp_pa
     labeled = _jsonl(tmp_path / "labeled.jsonl", _labeled_rows())
     docs = tmp_path / "docs"
     docs.mkdir()
-    _jsonl(docs / "c.jsonl", [{"text": "doc one"}, {"text": None}, {"text": " \t\n"}, {"text": "doc two", "kind": 3}, '{"text": NaN}'])
+    _jsonl(
+        docs / "c.jsonl",
+        [{"text": "doc one"}, {"text": None}, {"text": " \t\n"}, {"text": "doc two", "kind": 3}, '{"text": NaN}'],
+    )
     (docs / "empty.txt").write_text("")
     (docs / "full.txt").write_text("a text file")
     res = ingest.run(_cfg(corpus=str(docs), labeled=labeled), tiny_project)
@@ -309,12 +327,17 @@ def test_blank_corpus_rows_are_dropped_counted_and_reported(tiny_project, tmp_pa
     out = capsys.readouterr().out.splitlines()
     line = next(line for line in out if line.startswith("ingest: corpus rows dropped"))
     c = docs / "c.jsonl"
-    assert out[0].startswith(f"ingest: outside {tiny_project.user_data} (the stage's DVC dependency), so `dvc repro` will not see them change: ")
+    assert out[0].startswith(
+        f"ingest: outside {tiny_project.user_data} (the stage's DVC dependency), "
+        "so `dvc repro` will not see them change: "
+    )
     assert line == f"ingest: corpus rows dropped (text missing or blank): 4 (e.g. {c}: row 2, {c}: row 3, {c}: row 5)"
 
 
 def test_numbers_as_labels_and_sources_become_strings(tiny_project, tmp_path):
-    rows = [{"text": f"t{i}", "label": i % 2, "source": i} for i in range(19)] + [{"text": "t19", "label": 1.0, "source": 19}]
+    rows = [{"text": f"t{i}", "label": i % 2, "source": i} for i in range(19)] + [
+        {"text": "t19", "label": 1.0, "source": 19}
+    ]
     labeled = _jsonl(tmp_path / "labeled.jsonl", rows)
     corpus = _jsonl(tmp_path / "corpus.jsonl", [{"text": "doc"}])
     res = ingest.run(_cfg(corpus=corpus, labeled=labeled), tiny_project)
@@ -349,11 +372,23 @@ BAD_LABELED = [
     pytest.param(GOOD + [{"text": None, "label": "a"}], f"row 21: {NO_TEXT}", id="null-text"),
     pytest.param(GOOD + ['{"text": NaN, "label": "a"}'], f"row 21: {NO_TEXT}", id="nan-text"),
     pytest.param(GOOD + [{"text": " \t", "label": "a"}], f"row 21: {NO_TEXT}", id="blank-text"),
-    pytest.param(GOOD[:1] + [{"text": {"code": "x"}, "label": "a"}], "row 2: text is dict {'code': 'x'}, not a string", id="dict-text"),
+    pytest.param(
+        GOOD[:1] + [{"text": {"code": "x"}, "label": "a"}],
+        "row 2: text is dict {'code': 'x'}, not a string",
+        id="dict-text",
+    ),
     pytest.param(GOOD[:1] + [{"text": ["x"], "label": "a"}], "row 2: text is list ['x'], not a string", id="list-text"),
     pytest.param(GOOD[:1] + [{"text": 42, "label": "a"}], "row 2: text is int 42, not a string", id="int-text"),
-    pytest.param(GOOD[:1] + [{"text": "x", "label": True}], "row 2: label is bool True, not a string or an integer", id="bool-label"),
-    pytest.param(GOOD[:1] + [{"text": "x", "label": 0.5}], "row 2: label is float 0.5, not a string or an integer", id="float-label"),
+    pytest.param(
+        GOOD[:1] + [{"text": "x", "label": True}],
+        "row 2: label is bool True, not a string or an integer",
+        id="bool-label",
+    ),
+    pytest.param(
+        GOOD[:1] + [{"text": "x", "label": 0.5}],
+        "row 2: label is float 0.5, not a string or an integer",
+        id="float-label",
+    ),
     pytest.param(
         GOOD[:1] + [{"text": "x", "label": "a", "source": {"f": 1}}],
         "row 2: source is dict {'f': 1}, not a string or an integer",
@@ -364,7 +399,11 @@ BAD_LABELED = [
         "row 4: split is missing (give every row one of ['train', 'val', 'test'], or drop the column)",
         id="null-split",
     ),
-    pytest.param(SPLIT + [{**GOOD[0], "split": "dev"}], "row 13: split is 'dev'; allowed: ['train', 'val', 'test']", id="bad-split"),
+    pytest.param(
+        SPLIT + [{**GOOD[0], "split": "dev"}],
+        "row 13: split is 'dev'; allowed: ['train', 'val', 'test']",
+        id="bad-split",
+    ),
     pytest.param(GOOD[:1] + ["[1, 2]"], "row 2: expected a JSON object, got an array", id="array-row"),
     pytest.param(
         [{"text": f"t{i}", "label": "only"} for i in range(10)],
@@ -381,8 +420,12 @@ BAD_LABELED = [
         "labels ['c'] have no rows in the train split; a classifier cannot learn them",
         id="label-without-train-rows",
     ),
-    pytest.param([r for r in SPLIT if r["split"] != "test"], f"the test split is empty {SPLIT_ADVICE}", id="empty-test-split"),
-    pytest.param([{**r, "source": "one.py"} for r in GOOD], f"the val and test splits are empty {SPLIT_ADVICE}", id="one-source"),
+    pytest.param(
+        [r for r in SPLIT if r["split"] != "test"], f"the test split is empty {SPLIT_ADVICE}", id="empty-test-split"
+    ),
+    pytest.param(
+        [{**r, "source": "one.py"} for r in GOOD], f"the val and test splits are empty {SPLIT_ADVICE}", id="one-source"
+    ),
 ]
 
 
@@ -398,7 +441,9 @@ def test_bad_labeled_rows_are_one_line_errors_naming_file_and_row(tiny_project, 
 BAD_CORPUS = [
     pytest.param([{"text": "ok"}, {"text": {"a": 1}}], "row 2: text is dict {'a': 1}, not a string", id="dict-text"),
     pytest.param([{"text": "ok"}, {"text": 3.5}], "row 2: text is float 3.5, not a string", id="float-text"),
-    pytest.param([{"text": "x", "kind": ["code"]}], "row 1: kind is list ['code'], not a string or an integer", id="list-kind"),
+    pytest.param(
+        [{"text": "x", "kind": ["code"]}], "row 1: kind is list ['code'], not a string or an integer", id="list-kind"
+    ),
     pytest.param(['"a string"'], "row 1: expected a JSON object, got a string", id="string-row"),
 ]
 
@@ -424,12 +469,17 @@ def test_a_folder_whose_files_lack_the_split_column_names_the_file(tiny_project,
 def test_every_corpus_row_blank_is_an_error(tiny_project, tmp_path):
     corpus = _jsonl(tmp_path / "corpus.jsonl", [{"text": ""}, {"text": None}])
     msg = _ingest_error(tiny_project, corpus, _jsonl(tmp_path / "labeled.jsonl", _labeled_rows()))
-    assert msg == f"ingest.corpus ({corpus}): no documents (every row's text is missing or blank, or its source is held out)"
+    assert (
+        msg
+        == f"ingest.corpus ({corpus}): no documents (every row's text is missing or blank, or its source is held out)"
+    )
 
 
 def test_assign_splits_keeps_a_file_bigger_than_the_quota_out_of_the_held_out_splits():
     # one file is half the label's rows: wherever the seeded order puts it, it stays in train
-    groups = pd.DataFrame([{"group": "big.py", "label": "a", "n": 100}] + [{"group": f"f{i}.py", "label": "a", "n": 5} for i in range(20)])
+    groups = pd.DataFrame(
+        [{"group": "big.py", "label": "a", "n": 100}] + [{"group": f"f{i}.py", "label": "a", "n": 5} for i in range(20)]
+    )
     for seed in range(5):
         mapping = ingest.assign_splits(groups, _cfg(seed=seed))
         assert mapping["big.py"] == "train"
@@ -450,13 +500,17 @@ def test_configured_columns_ids_and_globs(tiny_project, tmp_path):
     """`text_column`/`label_column`/`id_column` name the user's columns; globs and lists pick the files."""
     d = tmp_path / "user"
     d.mkdir()
-    rows = [{"body": f"def f{i}(): return {i}", "tag": "ab"[i % 2], "uid": f"u{i}", "label": "ignored"} for i in range(40)]
+    rows = [
+        {"body": f"def f{i}(): return {i}", "tag": "ab"[i % 2], "uid": f"u{i}", "label": "ignored"} for i in range(40)
+    ]
     pd.DataFrame(rows[:20]).to_parquet(d / "part-0.parquet")
     _jsonl(d / "part-1.jsonl", rows[20:])
     (d / "notes.csv").write_text("body\nnot part of the glob\n")
     _jsonl(d / "c1.jsonl", [{"body": f"corpus {i}", "uid": i} for i in range(3)])
     _jsonl(d / "c2.jsonl", [{"body": "no id here"}])
-    cfg = _cfg(corpus=[str(d / "c*.jsonl")], labeled=str(d / "part-*"), text_column="body", label_column="tag", id_column="uid")
+    cfg = _cfg(
+        corpus=[str(d / "c*.jsonl")], labeled=str(d / "part-*"), text_column="body", label_column="tag", id_column="uid"
+    )
     res = ingest.run(cfg, tiny_project)
     assert res.labeled_rows == 40 and res.labels == ["a", "b"] and res.corpus_rows == 4
     out = pd.read_parquet(tiny_project.raw_labeled)
@@ -484,7 +538,10 @@ def test_utf16_with_a_bom_is_decoded_and_latin1_needs_the_encoding(tiny_project,
     corpus = tmp_path / "corpus.txt"
     corpus.write_bytes("naïve résumé".encode("latin-1"))
     msg = _ingest_error(tiny_project, corpus, labeled)
-    assert msg == f"{corpus}: line 1: not UTF-8 (byte 0xef at offset 2); save the file as UTF-8 or set ingest.encoding (e.g. latin-1)"
+    assert msg == (
+        f"{corpus}: line 1: not UTF-8 (byte 0xef at offset 2); "
+        "save the file as UTF-8 or set ingest.encoding (e.g. latin-1)"
+    )
     ingest.run(_cfg(corpus=str(corpus), labeled=str(labeled), encoding="latin-1"), tiny_project)
     assert pd.read_parquet(tiny_project.raw_corpus)["text"].tolist() == ["naïve résumé"]
     assert "café 3" in set(pd.read_parquet(tiny_project.raw_labeled)["text"])
@@ -494,7 +551,10 @@ def test_a_binary_file_is_named(tiny_project, tmp_path):
     labeled = _jsonl(tmp_path / "labeled.jsonl", _labeled_rows())
     corpus = tmp_path / "model.txt"
     corpus.write_bytes(b"\x7fELF\x02\x01\x01\x00\x00")
-    assert _ingest_error(tiny_project, corpus, labeled) == f"{corpus}: line 1: a NUL byte at offset 7: a binary file, not text"
+    assert (
+        _ingest_error(tiny_project, corpus, labeled)
+        == f"{corpus}: line 1: a NUL byte at offset 7: a binary file, not text"
+    )
 
 
 def test_a_50_mb_line_without_newline_is_refused_with_bounded_memory(tiny_project, tmp_path):

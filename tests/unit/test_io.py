@@ -8,14 +8,22 @@ import codecs
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from tasks.shared.errors import UserError
-from pathlib import Path
-
-from tasks.shared.io import ReadOptions, atomic_dir, atomic_file, expand_inputs, iter_table, read_table, write_csv, write_json
+from tasks.shared.io import (
+    ReadOptions,
+    atomic_dir,
+    atomic_file,
+    expand_inputs,
+    iter_table,
+    read_table,
+    write_csv,
+    write_json,
+)
 
 
 def _listing(folder) -> list[str]:
@@ -106,11 +114,23 @@ MALFORMED = [
         (ROWS + '{"text": "caf\xe9"}\n').encode("latin-1"),
         "line 2: not UTF-8 (byte 0xe9 at offset 41); save the file as UTF-8",
     ),
-    ("latin1.csv", "text,label\nok,x\ncaf\xe9,y\n".encode("latin-1"), "line 3: not UTF-8 (byte 0xe9 at offset 19); save the file as UTF-8"),
+    (
+        "latin1.csv",
+        "text,label\nok,x\ncaf\xe9,y\n".encode("latin-1"),
+        "line 3: not UTF-8 (byte 0xe9 at offset 19); save the file as UTF-8",
+    ),
     ("latin1.txt", b"\xef\xbb\xbfab\ncd\xff", "line 2: not UTF-8 (byte 0xff at offset 8); save the file as UTF-8"),
-    ("nul.jsonl", ROWS.encode() + b'{"text": "\x00\x01"}\n', "line 2: a NUL byte at offset 38: a binary file, not text"),
+    (
+        "nul.jsonl",
+        ROWS.encode() + b'{"text": "\x00\x01"}\n',
+        "line 2: a NUL byte at offset 38: a binary file, not text",
+    ),
     ("png.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "line 3: a NUL byte at offset 8: a binary file, not text"),
-    ("bad16.csv", codecs.BOM_UTF16_LE + "text,label\n".encode("utf-16-le") + b"\x00\xd8a\x00", "not valid UTF-16 (illegal UTF-16 surrogate)"),
+    (
+        "bad16.csv",
+        codecs.BOM_UTF16_LE + "text,label\n".encode("utf-16-le") + b"\x00\xd8a\x00",
+        "not valid UTF-16 (illegal UTF-16 surrogate)",
+    ),
     ("fields.csv", "text,label\na,x\nb,y,z\n", "row 3: 3 fields, but the header has 2"),
     ("short.csv", "text,label\na,x\nb\n", "row 3: 1 fields, but the header has 2"),
     ("quote.csv", 'text,label\na,x\n"b,y\nc,z\n', "row 3: malformed CSV (unexpected end of data)"),
@@ -162,7 +182,11 @@ def test_read_table_folder_mixes_formats_and_skips_hidden_and_dvc_files(tmp_path
     (tmp_path / ".cache" / "x.bin").write_bytes(b"\x00")
     (tmp_path / "a.txt.dvc").write_text("outs: []\n")
     df = read_table(tmp_path, required=["text"])
-    assert df.index.tolist() == [(str(tmp_path / "a.txt"), 0), (str(tmp_path / "c.parquet"), 1), (str(tmp_path / "sub" / "b.jsonl"), 1)]
+    assert df.index.tolist() == [
+        (str(tmp_path / "a.txt"), 0),
+        (str(tmp_path / "c.parquet"), 1),
+        (str(tmp_path / "sub" / "b.jsonl"), 1),
+    ]
     assert df["text"].tolist() == ["doc a", "doc c", "doc b"]
     assert df["source"].tolist()[0] == str(tmp_path / "a.txt") and pd.isna(df["kind"].iloc[0])
 
@@ -186,7 +210,9 @@ def test_read_table_decodes_utf16_and_utf32_with_a_bom(tmp_path, encoding):
 def test_read_table_latin1_with_the_encoding_set(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_bytes('{"text": "café", "label": "x"}\n'.encode("latin-1"))
-    with pytest.raises(UserError, match=r"line 1: not UTF-8 \(byte 0xe9 at offset 13\); save the file as UTF-8 or set ingest.encoding"):
+    with pytest.raises(
+        UserError, match=r"line 1: not UTF-8 \(byte 0xe9 at offset 13\); save the file as UTF-8 or set ingest.encoding"
+    ):
         read_table(f, required=["text"])
     assert read_table(f, required=["text"], opts=ReadOptions(encoding="latin-1"))["text"].tolist() == ["café"]
 
@@ -209,7 +235,9 @@ def test_iter_table_streams_bounded_chunks_with_row_numbers(tmp_path):
     p = tmp_path / "d.parquet"
     pd.DataFrame({"text": [f"p{i}" for i in range(25)], "other": range(25)}).to_parquet(p, row_group_size=7)
     seen = []
-    chunks = list(iter_table([f, p], required=["text"], columns=["text"], opts=ReadOptions(chunk_rows=10), on_bytes=seen.append))
+    chunks = list(
+        iter_table([f, p], required=["text"], columns=["text"], opts=ReadOptions(chunk_rows=10), on_bytes=seen.append)
+    )
     assert [len(c) for c in chunks] == [10, 10, 5, 7, 7, 7, 4]  # parquet: never across a row group
     assert all(list(c.columns) == ["text"] for c in chunks)
     rows = pd.concat(chunks)

@@ -40,7 +40,12 @@ def test_a_child_unwinds_when_its_supervisor_dies(tmp_path):
     supervisor = subprocess.Popen(["sleep", "600"])
     marker = tmp_path / "marker"
     env = {**os.environ, lifeline.SUPERVISOR_ENV: str(supervisor.pid)}
-    child = subprocess.Popen([sys.executable, "-c", CHILD.format(root=str(ROOT), marker=str(marker))], env=env, stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD.format(root=str(ROOT), marker=str(marker))],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert child.stdout.readline().strip() == "child"
     supervisor.kill()
     supervisor.wait()
@@ -53,7 +58,9 @@ def test_a_child_unwinds_when_its_parent_dies(tmp_path):
     marker = tmp_path / "marker"
     (tmp_path / "child.py").write_text(CHILD.format(root=str(ROOT), marker=str(marker)))
     # sh starts the child in the background and is killed: the child is re-parented
-    sh = subprocess.Popen(["sh", "-c", f"{sys.executable} {tmp_path / 'child.py'} & echo $!; wait"], stdout=subprocess.PIPE, text=True)
+    sh = subprocess.Popen(
+        ["sh", "-c", f"{sys.executable} {tmp_path / 'child.py'} & echo $!; wait"], stdout=subprocess.PIPE, text=True
+    )
     pid = int(sh.stdout.readline())
     assert sh.stdout.readline().strip() == "child"
     sh.kill()
@@ -64,7 +71,12 @@ def test_a_child_unwinds_when_its_parent_dies(tmp_path):
 
 @pytest.mark.parametrize("trap", ["", "trap '' TERM; "])  # a member that ignores SIGTERM is killed after the grace
 def test_terminate_group_stops_every_member(trap):
-    proc = subprocess.Popen(["sh", "-c", f"{trap}sleep 600 & sleep 600 & echo ready; wait"], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        ["sh", "-c", f"{trap}sleep 600 & sleep 600 & echo ready; wait"],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     assert proc.stdout.readline().strip() == "ready"
     start = time.monotonic()
     lifeline.terminate_group(proc, grace=1.0)

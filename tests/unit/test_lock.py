@@ -25,7 +25,9 @@ with workspace_lock({ws!r}, "holder under test", timeout=5):
 
 
 def _holder(ws: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLD.format(root=str(ROOT), ws=str(ws))], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD.format(root=str(ROOT), ws=str(ws))], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "held"
     return proc
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT
+
 from tasks.ops import lineage
 from tasks.ops.promote import move_champion
 from tasks.shared.errors import UserError
@@ -74,15 +74,16 @@ def test_fingerprint_changes_in_exactly_the_kind_that_changed(tmp_path, path, va
     ],
 )
 def test_fingerprint_ignores_outputs_and_produced_inputs(tmp_path, path, value):
-    assert lineage.fingerprint(write_lock(tmp_path, LOCK)) == lineage.fingerprint(write_lock(tmp_path, changed(path, value)))
+    assert lineage.fingerprint(write_lock(tmp_path, LOCK)) == lineage.fingerprint(
+        write_lock(tmp_path, changed(path, value))
+    )
 
 
 @pytest.fixture
 def registry(tmp_path, monkeypatch):
     """A sqlite registry, a dvc.lock in the working directory and `dvc status` reporting nothing stale."""
-    from mlflow import MlflowClient
-
     import tasks.ops.promote as promote
+    from mlflow import MlflowClient
 
     monkeypatch.chdir(tmp_path)
     write_lock(tmp_path, LOCK)
@@ -165,19 +166,34 @@ def test_merge_lock_entry_replaces_one_stage_and_keeps_dvc_yaml_order(tmp_path):
 
 
 def test_uncached_outputs_travel_in_the_handoff_cached_ones_through_the_remote(tmp_path, monkeypatch):
-    """The stage's small `cache: false` outputs (metrics, plot data) are named from dvc.yaml with ${paths.x} resolved."""
+    """The stage's small `cache: false` outputs (metrics, plot data) are named from dvc.yaml
+    with ${paths.x} resolved."""
     from flows.placement import cached_outs, produced_deps
 
     for f in ("dvc.yaml", "params.yaml"):
         (tmp_path / f).write_text((ROOT / f).read_text())
-    lock = {"stages": {"tokenize": {"outs": [{"path": "data/tokens"}]}, "pretrain": {
-        "deps": [{"path": "data/tokens"}, {"path": "tasks/pretrain.py"}],
-        "outs": [{"path": "data/models/lm"}, {"path": "metrics/plots/pretrain_train_loss.csv"},
-                 {"path": "metrics/plots/pretrain_val_loss.csv"}, {"path": "metrics/pretrain.json"}]}}}  # fmt: skip
+    lock = {
+        "stages": {
+            "tokenize": {"outs": [{"path": "data/tokens"}]},
+            "pretrain": {
+                "deps": [{"path": "data/tokens"}, {"path": "tasks/pretrain.py"}],
+                "outs": [
+                    {"path": "data/models/lm"},
+                    {"path": "metrics/plots/pretrain_train_loss.csv"},
+                    {"path": "metrics/plots/pretrain_val_loss.csv"},
+                    {"path": "metrics/pretrain.json"},
+                ],
+            },
+        }
+    }
     write_lock(tmp_path, lock)
     cached, uncached = cached_outs("pretrain", tmp_path)
     assert cached == ["data/models/lm"]
-    assert uncached == ["metrics/plots/pretrain_train_loss.csv", "metrics/plots/pretrain_val_loss.csv", "metrics/pretrain.json"]
+    assert uncached == [
+        "metrics/plots/pretrain_train_loss.csv",
+        "metrics/plots/pretrain_val_loss.csv",
+        "metrics/pretrain.json",
+    ]
     assert produced_deps("pretrain", tmp_path) == ["data/tokens"]
 
 
@@ -203,7 +219,11 @@ def test_the_schedule_lives_in_prefect_yaml():
 
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     retrain = next(d for d in spec["deployments"] if d["name"] == "retrain")
-    assert cron_schedule() == (retrain["schedules"][0]["cron"], retrain["schedules"][0]["timezone"]) == ("0 3 * * 1", "UTC")
+    assert (
+        cron_schedule()
+        == (retrain["schedules"][0]["cron"], retrain["schedules"][0]["timezone"])
+        == ("0 3 * * 1", "UTC")
+    )
     assert retrain["concurrency_limit"]["limit"] == 1 and retrain["work_pool"]["name"] == "cpu"
     assert {d["work_pool"]["name"] for d in spec["deployments"]} == {"cpu", "gpu"}
 
@@ -254,7 +274,13 @@ def test_torchrun_options_for_one_machine_and_for_a_rendezvous():
     assert DistributedConfig(nproc=2).torchrun_args() == ["--standalone", "--nproc-per-node=2"]
     multi = DistributedConfig(nproc=8, nnodes=2, rdzv_endpoint="node0:29400", rdzv_id="run7")
     assert multi.world == 16 and multi.launched
-    assert multi.torchrun_args() == ["--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29400", "--rdzv-id=run7"]
+    assert multi.torchrun_args() == [
+        "--nnodes=2",
+        "--nproc-per-node=8",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=node0:29400",
+        "--rdzv-id=run7",
+    ]
     assert not DistributedConfig().launched
     with pytest.raises(ValidationError, match="rdzv_endpoint"):
         DistributedConfig(nnodes=2)
@@ -264,7 +290,14 @@ def test_torchrun_options_for_one_machine_and_for_a_rendezvous():
 def test_deployments_and_workers_need_a_prefect_server(args, tmp_path):
     env = {k: v for k, v in __import__("os").environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path)
-    res = subprocess.run([str(Path(sys.executable).parent / "lmforge"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [str(Path(sys.executable).parent / "lmforge"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2, res.stdout + res.stderr
     assert res.stderr.strip() == (
         "lmforge: error: deployments and workers need a Prefect server: start one (`prefect server start`, "
@@ -274,5 +307,14 @@ def test_deployments_and_workers_need_a_prefect_server(args, tmp_path):
 
 def test_a_worker_for_an_unknown_pool_is_refused(tmp_path):
     env = {**__import__("os").environ, "PREFECT_API_URL": "http://127.0.0.1:9/api", "PREFECT_HOME": str(tmp_path)}
-    res = subprocess.run([str(Path(sys.executable).parent / "lmforge"), "worker", "--pool", "tpu"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2 and res.stderr.strip() == "lmforge: error: unknown pool 'tpu'; lmforge's pools are cpu, gpu"
+    res = subprocess.run(
+        [str(Path(sys.executable).parent / "lmforge"), "worker", "--pool", "tpu"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        res.returncode == 2 and res.stderr.strip() == "lmforge: error: unknown pool 'tpu'; lmforge's pools are cpu, gpu"
+    )

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import write_params
+
 from tasks.shared.config.params import load_params
 from tasks.shared.errors import UserError
 from tasks.shared.outputs import LEDGER, check_replaceable, declared_outputs, record
@@ -63,7 +63,10 @@ def test_an_existing_path_lmforge_did_not_write_is_refused_by_key(project, stage
     _user_folder(project / "docs")
     paths = load_params(write_params(project, **{f"paths.{key}": value})).paths
     before = sorted(p.relative_to(project) for p in project.rglob("*"))
-    with pytest.raises(UserError, match=rf"^params.yaml: paths.{key}: .* is an existing (folder|file) that lmforge did not write; refusing"):
+    with pytest.raises(
+        UserError,
+        match=rf"^params.yaml: paths.{key}: .* is an existing (folder|file) that lmforge did not write; refusing",
+    ):
         check_replaceable(stage, paths)
     assert sorted(p.relative_to(project) for p in project.rglob("*")) == before
 
@@ -83,7 +86,11 @@ def test_outputs_lmforge_owns_may_be_replaced(project):
 def test_outputs_recorded_in_dvc_lock_may_be_replaced(project):
     paths = load_params(write_params(project)).paths
     _user_folder(project / "data" / "models" / "lm")
-    (project / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"pretrain": {"outs": [{"path": "data/models/lm", "md5": "x.dir"}]}}}))
+    (project / "dvc.lock").write_text(
+        yaml.safe_dump(
+            {"schema": "2.0", "stages": {"pretrain": {"outs": [{"path": "data/models/lm", "md5": "x.dir"}]}}}
+        )
+    )
     check_replaceable("pretrain", paths)
 
 
@@ -98,10 +105,13 @@ def test_the_stage_refuses_before_doing_any_work(project):
     _user_folder(project / "reports")
     write_params(project, **{"paths.evaluation": "reports"})
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlflow.db"}
-    res = subprocess.run([sys.executable, "-m", "tasks.evaluate"], cwd=project, env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "tasks.evaluate"], cwd=project, env=env, capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
-        "lmforge evaluate: error: params.yaml: paths.evaluation: reports is an existing folder that lmforge did not write; "
+        "lmforge evaluate: error: params.yaml: paths.evaluation: reports is an existing folder "
+        "that lmforge did not write; "
         "refusing to replace it (point paths.evaluation elsewhere, or move it away)"
     ]
     assert (project / "reports" / "thesis.tex").read_text() == "years of work"

@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import FILES_PER_SPLIT, FUNCTIONS_PER_FILE, LABELS, TINY_FINETUNE, TINY_PRETRAIN
 from sklearn.metrics import accuracy_score
 
-from conftest import FILES_PER_SPLIT, FUNCTIONS_PER_FILE, LABELS, TINY_FINETUNE, TINY_PRETRAIN
 from models import checkpoint as ckpt
 
 N_PER_LABEL = {s: n * FUNCTIONS_PER_FILE for s, n in FILES_PER_SPLIT.items()}
@@ -125,7 +125,9 @@ def test_sparsify_zeroes_the_smallest_weights_and_keeps_shapes(tiny_pipeline):
 
     r, p = tiny_pipeline.sparsify, tiny_pipeline.paths
     fp32, sparse = ckpt.load_classifier(p.sparse), ckpt.load_classifier(p.classifier)
-    assert r.sparsity == pytest.approx(0.5, abs=0.01) and sparsity(ckpt.load_classifier(p.sparse)) == pytest.approx(r.sparsity, abs=1e-4)
+    assert r.sparsity == pytest.approx(0.5, abs=0.01) and sparsity(ckpt.load_classifier(p.sparse)) == pytest.approx(
+        r.sparsity, abs=1e-4
+    )
     assert {k: v.shape for k, v in fp32.state_dict().items()} == {k: v.shape for k, v in sparse.state_dict().items()}
     assert "dense kernels" in r.speedup
 
@@ -146,18 +148,36 @@ def test_evaluate_reports_variants_and_baselines(tiny_pipeline):
     for m in [*e.variants.values(), *e.baselines.values()]:
         assert _in_unit(m["accuracy"]) and _in_unit(m["macro_f1"])
     for m in [*e.variants.values(), e.baselines["tfidf_logreg"], *(e.baselines[b] for b in TINY_FINETUNE.baselines)]:
-        assert 0 < m["p50_ms_b1"] <= m["p99_ms_b1"] and 0 < m["p50_ms_b32"] <= m["p99_ms_b32"] and m["throughput_per_s"] > 0
+        assert (
+            0 < m["p50_ms_b1"] <= m["p99_ms_b1"]
+            and 0 < m["p50_ms_b32"] <= m["p99_ms_b32"]
+            and m["throughput_per_s"] > 0
+        )
         assert 0 < m["tokenize_ms_b1"] < m["p50_ms_b1"] * 2 and 0 < m["forward_ms_b1"]
         assert 0 <= m["ece"] <= 1 and set(m["per_class_f1"]) == set(LABELS) and m["params"] > 0
         assert m["macro_f1"] == pytest.approx(sum(m["per_class_f1"].values()) / len(LABELS), abs=1e-3)
     for m in e.variants.values():  # behavioral tests run on every promotable variant
-        assert 0 <= m["behavioral_min_pass_rate"] <= 1 and set(m["behavioral"]["invariance"]) == {"whitespace", "blank_lines", "rename_identifiers"}
+        assert 0 <= m["behavioral_min_pass_rate"] <= 1 and set(m["behavioral"]["invariance"]) == {
+            "whitespace",
+            "blank_lines",
+            "rename_identifiers",
+        }
     for name in TINY_FINETUNE.baselines:
         assert 0 < e.baselines[name]["size_mb"]
     assert e.variants["int8"]["size_mb"] < e.variants["fp32"]["size_mb"]
-    assert e.variants["pruned"]["params"] < e.variants["fp32"]["params"] == e.variants["int8"]["params"] == e.variants["sparse"]["params"]
+    assert (
+        e.variants["pruned"]["params"]
+        < e.variants["fp32"]["params"]
+        == e.variants["int8"]["params"]
+        == e.variants["sparse"]["params"]
+    )
     lm = e.language_model
-    assert lm["test_perplexity"] > 1 and lm["unigram_test_perplexity"] > 1 and lm["bigram_test_perplexity"] > 1 and 0 < lm["bigram_lambda"] < 1
+    assert (
+        lm["test_perplexity"] > 1
+        and lm["unigram_test_perplexity"] > 1
+        and lm["bigram_test_perplexity"] > 1
+        and 0 < lm["bigram_lambda"] < 1
+    )
     # balanced classes: the majority baseline is exactly chance
     assert e.baselines["majority"]["accuracy"] == pytest.approx(1 / len(LABELS), abs=1e-4)
 
@@ -168,7 +188,11 @@ def test_evaluate_records_the_sha256_of_everything_it_scored(tiny_pipeline):
     p, artifacts = tiny_pipeline.paths, tiny_pipeline.evaluate.artifacts
     from tasks.shared.variants import folders
 
-    expected = {**{v: folders(p)[v] for v in VARIANTS}, "tokenizer": p.tokenizer / "tokenizer.json", "labeled_data": p.clean_labeled}
+    expected = {
+        **{v: folders(p)[v] for v in VARIANTS},
+        "tokenizer": p.tokenizer / "tokenizer.json",
+        "labeled_data": p.clean_labeled,
+    }
     expected.update({b: p.baselines / b for b in TINY_FINETUNE.baselines})
     assert set(artifacts) == set(expected)
     for name, path in expected.items():
@@ -201,8 +225,8 @@ def test_models_learn_the_easy_task(tiny_pipeline):
 
 def test_promotion_chooses_only_among_the_transformer_variants(tiny_pipeline):
     """Trained baselines are reported under `baselines`; promote picks from `variants` alone."""
-    from tasks.shared.config.promote import PromoteConfig
     from tasks.ops.promote import choose_variant
+    from tasks.shared.config.promote import PromoteConfig
 
     e = tiny_pipeline.evaluate.metrics
     assert not set(e["variants"]) & set(e["baselines"])
@@ -217,7 +241,9 @@ def test_ngram_yardsticks_match_counts_by_hand():
     g = NGram(tokens, vocab=4, lam=0.5)
     assert g.unigram.tolist() == pytest.approx([4 / 12, 4 / 12, 3 / 12, 1 / 12])  # add-one over 8 tokens
     # after 0: 1 twice, 2 once; after 1: 2, 1, 0; token 2 is never followed by 3; 3 is never a context
-    assert g.bigram(np.array([0, 0, 1, 2, 3]), np.array([1, 2, 1, 3, 0])).tolist() == pytest.approx([2 / 3, 1 / 3, 1 / 3, 0, 0])
+    assert g.bigram(np.array([0, 0, 1, 2, 3]), np.array([1, 2, 1, 3, 0])).tolist() == pytest.approx(
+        [2 / 3, 1 / 3, 1 / 3, 0, 0]
+    )
     uni, bi = g.nll(np.array([0, 3]), np.array([1, 0]))
     assert uni == pytest.approx(-math.log(4 / 12) - math.log(4 / 12))
     assert bi == pytest.approx(-math.log(0.5 * 2 / 3 + 0.5 * 4 / 12) - math.log(0.5 * 0 + 0.5 * 4 / 12))

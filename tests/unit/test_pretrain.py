@@ -7,8 +7,20 @@ import re
 
 import pytest
 import torch
+from conftest import (
+    LABELS,
+    TINY_CLEAN,
+    TINY_PRETRAIN,
+    TINY_TOKENIZE,
+    TINY_VALIDATE,
+    _project,
+    delete,
+    flip_byte,
+    garbage,
+    truncate,
+    write_raw,
+)
 
-from conftest import _project, delete, flip_byte, garbage, LABELS, TINY_CLEAN, TINY_PRETRAIN, TINY_TOKENIZE, TINY_VALIDATE, truncate, write_raw
 from models.checkpoint import load_lm, read_config
 from models.transformer import GPT, GPTConfig
 from tasks import pretrain
@@ -42,7 +54,9 @@ def test_masked_lm_objective_trains_a_bidirectional_encoder(tokenized):
     assert r.val_loss < 5.5  # ln(300) = 5.7 is chance over the tiny vocabulary
 
 
-@pytest.mark.parametrize("model", [{"pos_encoding": "rope"}, {"attn_window": 8}, {"pos_encoding": "rope", "attn_window": 8}])
+@pytest.mark.parametrize(
+    "model", [{"pos_encoding": "rope"}, {"attn_window": 8}, {"pos_encoding": "rope", "attn_window": 8}]
+)
 def test_model_options_reach_the_saved_model(tokenized, model):
     pretrain.run(tiny(model={"preset": "tiny", **model}), tokenized)
     cfg = load_lm(tokenized.lm).config
@@ -130,14 +144,14 @@ def test_mlm_without_a_mask_token_is_a_user_error(tokenized, tmp_path):
 
 
 def test_wrong_process_count_is_a_user_error(tokenized):
-    with pytest.raises(UserError, match="2 process\(es\) on 1 node\(s\) but 1 are running"):
+    with pytest.raises(UserError, match=r"2 process\(es\) on 1 node\(s\) but 1 are running"):
         pretrain.run(tiny(distributed={"nproc": 2}), tokenized)
 
 
 def test_batch_settings_that_do_not_divide_name_the_key(tmp_path):
     import yaml
-
     from conftest import ROOT
+
     from tasks.shared.config.params import load_params
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -150,6 +164,7 @@ def test_batch_settings_that_do_not_divide_name_the_key(tmp_path):
 
 def test_a_masked_lm_trunk_fine_tunes_quantizes_and_serves_without_generate(tokenized, tmp_path):
     from conftest import TINY_FINETUNE, TINY_QUANTIZE
+
     from models.bundle import load_parts
     from models.checkpoint import load_classifier
     from tasks import finetune, quantize
@@ -187,14 +202,24 @@ def test_logged_throughput_has_no_spikes_after_evaluations_or_checkpoints(tokeni
     """Every logged tokens/s is within 2x of the stage's overall figure. A checkpoint right before a
     log step (interval 10 and 10) used to restart the clock but keep the window's tokens: ~10x spikes."""
     rec = Recorder()
-    cfg = tiny(model={"preset": "tiny", "n_embd": 64}, batch_size=16, max_steps=60, log_interval=10, eval_interval=20, eval_batches=4, checkpoint_interval=10)
+    cfg = tiny(
+        model={"preset": "tiny", "n_embd": 64},
+        batch_size=16,
+        max_steps=60,
+        log_interval=10,
+        eval_interval=20,
+        eval_batches=4,
+        checkpoint_interval=10,
+    )
     r = pretrain.run(cfg, tokenized, rec)
     logged = [m["tokens_per_s"] for _, m in rec.logged if "tokens_per_s" in m]
     assert len(logged) == 6  # steps 10, 20, ..., 50 and the last; step 0 is the untimed warm-up step
     assert all(r.tokens_per_s / 2 <= v <= 2 * r.tokens_per_s for v in logged), (r.tokens_per_s, logged)
     assert 0 < r.wall_tokens_per_s < r.tokens_per_s  # the wall figure pays for evaluations and checkpoints
     # the engine benchmark's figure for the same model, measured by the stage beside its own
-    assert r.engine_tokens_per_s > 0 and r.loop_efficiency == pytest.approx(r.tokens_per_s / r.engine_tokens_per_s, abs=1e-3)
+    assert r.engine_tokens_per_s > 0 and r.loop_efficiency == pytest.approx(
+        r.tokens_per_s / r.engine_tokens_per_s, abs=1e-3
+    )
     assert r.precision in ("fp32", "bf16") and r.metrics["precision"] == r.precision
 
 
@@ -209,7 +234,9 @@ def test_the_engine_benchmark_inside_the_stage_leaves_the_training_untouched():
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     assert engine.step_throughput(model, cfg, rt, batch=4, block=16, vocab=64, fused=False, steps=3, warmup=1) > 0
-    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items()) and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items()) and torch.equal(
+        torch.get_rng_state(), rng
+    )
 
 
 def test_loss_curves_are_written_as_plot_data(tokenized):
@@ -227,7 +254,9 @@ def test_the_same_training_writes_the_same_model_folder(tokenized, tmp_path):
 
     digests = []
     for i in range(2):
-        paths = tokenized.model_copy(update={"lm": tmp_path / f"lm{i}", "checkpoints": tmp_path / f"ckpt{i}", "plots": tmp_path / f"plots{i}"})
+        paths = tokenized.model_copy(
+            update={"lm": tmp_path / f"lm{i}", "checkpoints": tmp_path / f"ckpt{i}", "plots": tmp_path / f"plots{i}"}
+        )
         pretrain.run(tiny(max_steps=12, log_interval=2, deterministic=True), paths)
         history = json.loads((paths.lm / "history.json").read_text())
         assert history and not any({"tokens_per_s", "mfu"} & set(h) for h in history)
@@ -263,7 +292,10 @@ def interrupted(tokenized, tmp_path_factory):
             pretrain.run(tiny(max_steps=12, checkpoint_interval=4), paths)
     finally:
         engine.save_checkpoint = real
-    assert sorted(p.name for p in (paths.checkpoints / pretrain.CHECKPOINTS).iterdir()) == ["step-00000004", "step-00000008"]
+    assert sorted(p.name for p in (paths.checkpoints / pretrain.CHECKPOINTS).iterdir()) == [
+        "step-00000004",
+        "step-00000008",
+    ]
     return paths.checkpoints
 
 
@@ -278,10 +310,14 @@ CORRUPTIONS = [
 
 
 @pytest.mark.parametrize("file,corrupt,reason", CORRUPTIONS, ids=[f"{f}-{c.__name__}" for f, c, _ in CORRUPTIONS])
-def test_a_broken_newest_checkpoint_resumes_from_the_previous_one(interrupted, tokenized, tmp_path, capsys, file, corrupt, reason):
+def test_a_broken_newest_checkpoint_resumes_from_the_previous_one(
+    interrupted, tokenized, tmp_path, capsys, file, corrupt, reason
+):
     import shutil
 
-    paths = tokenized.model_copy(update={"lm": tmp_path / "lm", "checkpoints": tmp_path / "ckpt", "plots": tmp_path / "plots"})
+    paths = tokenized.model_copy(
+        update={"lm": tmp_path / "lm", "checkpoints": tmp_path / "ckpt", "plots": tmp_path / "plots"}
+    )
     shutil.copytree(interrupted, paths.checkpoints)
     newest = paths.checkpoints / pretrain.CHECKPOINTS / "step-00000008"
     corrupt(newest / file)
@@ -290,13 +326,18 @@ def test_a_broken_newest_checkpoint_resumes_from_the_previous_one(interrupted, t
     lines = [line for line in capsys.readouterr().out.splitlines() if "unusable" in line]
     assert len(lines) == 1 and lines[0].startswith(f"pretrain: checkpoint {newest} is unusable ({reason}")
     assert lines[0].endswith("); resuming from step-00000004")
-    assert sorted(p.name for p in newest.parent.iterdir()) == ["step-00000008", "step-00000012"]  # the broken one was rewritten
+    assert sorted(p.name for p in newest.parent.iterdir()) == [
+        "step-00000008",
+        "step-00000012",
+    ]  # the broken one was rewritten
 
 
 def test_no_usable_checkpoint_starts_from_scratch_and_says_so(interrupted, tokenized, tmp_path, capsys):
     import shutil
 
-    paths = tokenized.model_copy(update={"lm": tmp_path / "lm", "checkpoints": tmp_path / "ckpt", "plots": tmp_path / "plots"})
+    paths = tokenized.model_copy(
+        update={"lm": tmp_path / "lm", "checkpoints": tmp_path / "ckpt", "plots": tmp_path / "plots"}
+    )
     shutil.copytree(interrupted, paths.checkpoints)
     folder = paths.checkpoints / pretrain.CHECKPOINTS
     truncate(folder / "step-00000008" / "model.safetensors")
@@ -336,16 +377,30 @@ def inf_grad_norm_at(bad_step: int):
 @pytest.mark.parametrize(
     "overrides,patch,message",
     [
-        ({"lr": 1e30, "min_lr": 0.0}, None, r"pretrain: (loss|gradient norm) is (nan|inf) at step \d+ \(lr [0-9.e+]+\): lower pretrain.lr"),
-        ({"lr": 1e30, "min_lr": 0.0, "grad_clip": 0.0}, None, r"at step \d+ .*: lower pretrain.lr or set pretrain.grad_clip"),
+        (
+            {"lr": 1e30, "min_lr": 0.0},
+            None,
+            r"pretrain: (loss|gradient norm) is (nan|inf) at step \d+ \(lr [0-9.e+]+\): lower pretrain.lr",
+        ),
+        (
+            {"lr": 1e30, "min_lr": 0.0, "grad_clip": 0.0},
+            None,
+            r"at step \d+ .*: lower pretrain.lr or set pretrain.grad_clip",
+        ),
         ({}, nan_loss_at(4), r"pretrain: loss is nan at step 4 \(lr "),  # a log step
-        ({"checkpoint_interval": 6, "log_interval": 4}, nan_loss_at(5), r"pretrain: loss is nan at step 5 "),  # a checkpoint step
+        (
+            {"checkpoint_interval": 6, "log_interval": 4},
+            nan_loss_at(5),
+            r"pretrain: loss is nan at step 5 ",
+        ),  # a checkpoint step
         ({}, inf_grad_norm_at(3), r"pretrain: gradient norm is inf at step 3 "),
     ],
     ids=["lr-1e30", "lr-1e30-no-clip", "nan-loss-logged", "nan-loss-before-checkpoint", "inf-grad-norm"],
 )
 def test_a_diverged_run_is_a_user_error_and_writes_nothing(tokenized, tmp_path, monkeypatch, overrides, patch, message):
-    paths = tokenized.model_copy(update={"lm": tmp_path / "lm", "checkpoints": tmp_path / "ckpt", "plots": tmp_path / "plots"})
+    paths = tokenized.model_copy(
+        update={"lm": tmp_path / "lm", "checkpoints": tmp_path / "ckpt", "plots": tmp_path / "plots"}
+    )
     if patch is not None:
         monkeypatch.setattr(pretrain, "_step", patch)
     with pytest.raises(UserError, match=message) as e:

@@ -1,10 +1,19 @@
-"""promote: the number-only gates, the data-validation gate on dvc.lock, variant choice and lineage (no MLflow needed)."""
+"""promote: the number-only gates, the data-validation gate on dvc.lock, variant choice and lineage
+(no MLflow needed)."""
 
 from __future__ import annotations
 
 import pytest
 
-from tasks.ops.promote import Gate, Rescore, choose_variant, dvc_lineage, metric_gates, no_regression_gate, perplexity_gate
+from tasks.ops.promote import (
+    Gate,
+    Rescore,
+    choose_variant,
+    dvc_lineage,
+    metric_gates,
+    no_regression_gate,
+    perplexity_gate,
+)
 from tasks.shared.config.promote import PromoteConfig
 from tasks.shared.errors import UserError
 
@@ -29,12 +38,28 @@ def _gates(m=GOOD, majority=MAJORITY, champion=None, cfg=CFG, lm=LM) -> dict:
 
 
 def _champion(version="3", macro_f1=0.76, stored=0.77, rows=120, **kw) -> Rescore:
-    return Rescore(version=version, stored_macro_f1=stored, macro_f1=macro_f1, rows=rows, labels=kw.pop("labels", ["db", "net", "ui"]), **kw)
+    return Rescore(
+        version=version,
+        stored_macro_f1=stored,
+        macro_f1=macro_f1,
+        rows=rows,
+        labels=kw.pop("labels", ["db", "net", "ui"]),
+        **kw,
+    )
 
 
 def test_all_gates_pass_on_good_numbers():
     gates = _gates()
-    assert list(gates) == ["min_accuracy", "min_macro_f1", "beats_majority", "no_regression", "latency", "size", "behavioral", "lm_perplexity"]
+    assert list(gates) == [
+        "min_accuracy",
+        "min_macro_f1",
+        "beats_majority",
+        "no_regression",
+        "latency",
+        "size",
+        "behavioral",
+        "lm_perplexity",
+    ]
     assert all(g.passed for g in gates.values())
     assert gates["min_accuracy"].reason == "accuracy 0.8000 vs floor 0.5000"
     assert gates["min_macro_f1"].reason == "macro-F1 0.7500 vs floor 0.4000"
@@ -92,12 +117,23 @@ def test_no_regression_compares_the_candidate_with_the_champion_scored_again_on_
     ok = _gates(champion=_champion(macro_f1=0.76, stored=0.50))["no_regression"]
     assert ok.passed
     assert ok.reason == (
-        "macro-F1 0.7500 (candidate, as evaluate scored it) vs 0.7600 (champion v3 scored again on the same 120 test rows; stored 0.5000); allowed drop 0.0200"
+        "macro-F1 0.7500 (candidate, as evaluate scored it) vs 0.7600 "
+        "(champion v3 scored again on the same 120 test rows; stored 0.5000); allowed drop 0.0200"
     )
-    assert ok.detail["candidate_macro_f1"] == 0.75 and ok.detail["champion_macro_f1"] == 0.76 and ok.detail["champion_stored_macro_f1"] == 0.5
+    assert (
+        ok.detail["candidate_macro_f1"] == 0.75
+        and ok.detail["champion_macro_f1"] == 0.76
+        and ok.detail["champion_stored_macro_f1"] == 0.5
+    )
     bad = _gates(champion=_champion(macro_f1=0.80, stored=0.70))["no_regression"]
     assert not bad.passed, "the stored score (0.70) would pass; the champion scored again (0.80) must decide"
-    assert "0.7500" in bad.reason and "v3" in bad.reason and "0.8000" in bad.reason and "stored 0.7000" in bad.reason and "0.0200" in bad.reason
+    assert (
+        "0.7500" in bad.reason
+        and "v3" in bad.reason
+        and "0.8000" in bad.reason
+        and "stored 0.7000" in bad.reason
+        and "0.0200" in bad.reason
+    )
 
 
 def test_no_regression_without_a_stored_score_still_compares():
@@ -106,27 +142,39 @@ def test_no_regression_without_a_stored_score_still_compares():
 
 
 def test_no_regression_fails_in_one_line_when_the_champion_cannot_be_loaded():
-    gate = no_regression_gate(CFG, GOOD, Rescore(version="3", stored_macro_f1=0.7, error="models:/m/3: no such artifact"))
+    gate = no_regression_gate(
+        CFG, GOOD, Rescore(version="3", stored_macro_f1=0.7, error="models:/m/3: no such artifact")
+    )
     assert not gate.passed
     assert gate.reason == "champion v3 could not be scored again: models:/m/3: no such artifact"
 
 
 def test_no_regression_after_a_label_change_compares_on_the_shared_labels():
-    champ = _champion(macro_f1=0.70, candidate_macro_f1=0.72, rows=80, labels=["db", "net"], added=["ui"], removed=["gui"])
+    champ = _champion(
+        macro_f1=0.70, candidate_macro_f1=0.72, rows=80, labels=["db", "net"], added=["ui"], removed=["gui"]
+    )
     gate = no_regression_gate(CFG, GOOD, champ)
     assert gate.passed
     assert gate.reason == (
-        "label set changed (added: ui; removed: gui); on the 80 test rows of the 2 shared labels macro-F1 0.7200 (candidate) vs 0.7000 "
+        "label set changed (added: ui; removed: gui); on the 80 test rows of the 2 shared labels "
+        "macro-F1 0.7200 (candidate) vs 0.7000 "
         "(champion v3; stored 0.7700); candidate on all its labels 0.7500; allowed drop 0.0200"
     )
-    worse = no_regression_gate(CFG, GOOD, _champion(macro_f1=0.80, candidate_macro_f1=0.72, labels=["db", "net"], added=["ui"]))
+    worse = no_regression_gate(
+        CFG, GOOD, _champion(macro_f1=0.80, candidate_macro_f1=0.72, labels=["db", "net"], added=["ui"])
+    )
     assert not worse.passed and "added: ui; removed: none" in worse.reason
 
 
 def test_no_regression_with_no_shared_label_is_not_comparable():
-    gate = no_regression_gate(CFG, GOOD, Rescore(version="3", stored_macro_f1=0.7, labels=[], added=["a", "b"], removed=["x"]))
+    gate = no_regression_gate(
+        CFG, GOOD, Rescore(version="3", stored_macro_f1=0.7, labels=[], added=["a", "b"], removed=["x"])
+    )
     assert not gate.passed
-    assert gate.reason == "label set changed (added: a, b; removed: x); not comparable: the candidate and champion v3 share no label"
+    assert (
+        gate.reason
+        == "label set changed (added: a, b; removed: x); not comparable: the candidate and champion v3 share no label"
+    )
 
 
 def test_perplexity_gate():
@@ -134,14 +182,19 @@ def test_perplexity_gate():
     assert perplexity_gate(CFG, {"test_perplexity": 200.0}).passed  # inclusive
     assert perplexity_gate(CFG, {"test_perplexity": float("inf")}).status == "fail"
     masked = perplexity_gate(CFG, {"test_perplexity": None, "note": "masked-LM trunk: no next-token perplexity"})
-    assert masked.passed and masked.reason == "nothing to check: masked-LM trunk: no next-token perplexity; the service has no /generate"
+    assert (
+        masked.passed
+        and masked.reason == "nothing to check: masked-LM trunk: no next-token perplexity; the service has no /generate"
+    )
     assert "no language model was evaluated" in perplexity_gate(CFG, {}).reason
 
 
 def test_a_switched_off_gate_is_shown_as_not_configured_and_does_not_block():
     off = perplexity_gate(CFG.model_copy(update={"max_perplexity": None}), {"test_perplexity": 1e6})
     assert (off.status, off.passed, off.configured) == ("not configured", True, False)
-    assert str(off) == "not configured  lm_perplexity: promote.max_perplexity is null: no ceiling on the language model's perplexity"
+    assert str(off) == (
+        "not configured  lm_perplexity: promote.max_perplexity is null: no ceiling on the language model's perplexity"
+    )
     assert off.as_dict()["status"] == "not configured"
     assert str(Gate("size", False, "9 MB")) == "FAIL  size: 9 MB"
 
@@ -196,9 +249,20 @@ def test_explicit_variant():
 
 
 def test_behavioral_gate_names_the_weakest_test():
-    report = {"invariance": {"whitespace": {"pass_rate": 0.9}, "rename_identifiers": {"pass_rate": 0.5}}, "mft": {"pass_rate": 0.8}}
-    gates = {g.name: g for g in metric_gates(CFG, {**GOOD, "behavioral_min_pass_rate": 0.5, "behavioral": report}, {"accuracy": 0.1}, None, LM)}
-    assert not gates["behavioral"].passed and gates["behavioral"].reason == "lowest pass rate 0.500 (rename_identifiers) vs floor 0.600"
+    report = {
+        "invariance": {"whitespace": {"pass_rate": 0.9}, "rename_identifiers": {"pass_rate": 0.5}},
+        "mft": {"pass_rate": 0.8},
+    }
+    gates = {
+        g.name: g
+        for g in metric_gates(
+            CFG, {**GOOD, "behavioral_min_pass_rate": 0.5, "behavioral": report}, {"accuracy": 0.1}, None, LM
+        )
+    }
+    assert (
+        not gates["behavioral"].passed
+        and gates["behavioral"].reason == "lowest pass rate 0.500 (rename_identifiers) vs floor 0.600"
+    )
 
 
 LOCK = """\
@@ -278,13 +342,18 @@ def test_promotion_refuses_an_artifact_that_is_not_what_evaluate_scored(tmp_path
 
     _model(tmp_path / "m")
     evaluation = {"artifacts": {"fp32": {"path": "m", "sha256": tree_sha256(tmp_path / "m")}}}
-    assert verify_scored(evaluation, "fp32", tmp_path / "m", tmp_path / "evaluate.json") == evaluation["artifacts"]["fp32"]["sha256"]
+    assert (
+        verify_scored(evaluation, "fp32", tmp_path / "m", tmp_path / "evaluate.json")
+        == evaluation["artifacts"]["fp32"]["sha256"]
+    )
     change(tmp_path / "m")
     with pytest.raises(UserError, match=message):
         verify_scored(evaluation, "fp32", tmp_path / "m", tmp_path / "evaluate.json")
 
 
-@pytest.mark.parametrize("evaluation", [{}, {"artifacts": {}}, {"artifacts": {"int8": {"sha256": "x"}}}, {"artifacts": {"fp32": {}}}])
+@pytest.mark.parametrize(
+    "evaluation", [{}, {"artifacts": {}}, {"artifacts": {"int8": {"sha256": "x"}}}, {"artifacts": {"fp32": {}}}]
+)
 def test_an_evaluation_without_hashes_is_not_evidence(tmp_path, evaluation):
     from tasks.ops.promote import verify_scored
 
@@ -309,14 +378,17 @@ def _validated_project(tmp_path, success: bool = True) -> tuple:
     import json
 
     import yaml
-
     from conftest import make_paths
 
     paths = make_paths(tmp_path)
     for f, body in ((paths.clean_labeled, b"labeled rows"), (paths.clean_corpus, b"corpus rows")):
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_bytes(body)
-    result = {"success": success, "evaluated": 19, "failed": [] if success else ["labeled: expect_column_values_to_not_be_null(text): 2 nulls", "corpus: x"]}
+    result = {
+        "success": success,
+        "evaluated": 19,
+        "failed": [] if success else ["labeled: expect_column_values_to_not_be_null(text): 2 nulls", "corpus: x"],
+    }
     paths.validation.parent.mkdir(parents=True, exist_ok=True)
     paths.validation.write_text(json.dumps(result))
 
@@ -331,7 +403,11 @@ def _validated_project(tmp_path, success: bool = True) -> tuple:
         "schema": "2.0",
         "stages": {
             "clean": {"cmd": "python -m tasks.clean", "outs": [corpus, labeled]},
-            "validate": {"cmd": "python -m tasks.validate", "deps": [corpus, labeled, {"path": "gx", "md5": "e.dir"}], "outs": [res]},
+            "validate": {
+                "cmd": "python -m tasks.validate",
+                "deps": [corpus, labeled, {"path": "gx", "md5": "e.dir"}],
+                "outs": [res],
+            },
             "tokenize": {"cmd": "python -m tasks.tokenize", "deps": [dict(corpus), dict(res)]},
             "finetune": {"cmd": "python -m tasks.finetune", "deps": [dict(labeled), dict(res)]},
         },
@@ -368,7 +444,8 @@ def test_data_validation_fails_when_training_consumed_another_data_version(tmp_p
     gate = _validation(tmp_path, paths)
     assert not gate.passed
     assert gate.reason == (
-        f"{paths.clean_labeled}: validate validated md5 {md5(paths.clean_labeled)[:12]}, but finetune consumed ffffffffffff (dvc.lock): the candidate's data was not validated"
+        f"{paths.clean_labeled}: validate validated md5 {md5(paths.clean_labeled)[:12]}, "
+        "but finetune consumed ffffffffffff (dvc.lock): the candidate's data was not validated"
     )
 
 
@@ -377,9 +454,14 @@ def test_data_validation_fails_when_the_result_file_is_not_validates_output(tmp_
 
     paths, _, md5 = _validated_project(tmp_path, success=False)
     recorded = md5(paths.validation)
-    paths.validation.write_text(json.dumps({"success": True, "evaluated": 1, "failed": []}))  # a passing result pasted over a failing one
+    paths.validation.write_text(
+        json.dumps({"success": True, "evaluated": 1, "failed": []})
+    )  # a passing result pasted over a failing one
     gate = _validation(tmp_path, paths)
-    assert not gate.passed and f"md5 {md5(paths.validation)[:12]} now, {recorded[:12]} in dvc.lock as validate's output" in gate.reason
+    assert (
+        not gate.passed
+        and f"md5 {md5(paths.validation)[:12]} now, {recorded[:12]} in dvc.lock as validate's output" in gate.reason
+    )
     paths.validation.unlink()
     assert "missing" in _validation(tmp_path, paths).reason
 
@@ -416,12 +498,15 @@ def test_data_validation_switched_off_is_not_configured_but_says_what_it_found(t
     paths, _, _ = _validated_project(tmp_path, success=False)
     gate = _validation(tmp_path, paths, CFG.model_copy(update={"require_validation": False}))
     assert (gate.status, gate.passed) == ("not configured", True)
-    assert gate.reason.startswith("promote.require_validation is false (the check would say: fail: validation failed on ")
+    assert gate.reason.startswith(
+        "promote.require_validation is false (the check would say: fail: validation failed on "
+    )
 
 
 @pytest.mark.parametrize("reason", [None, "", "   "])
 def test_forced_promotion_needs_a_reason_before_anything_runs(reason):
     from conftest import ROOT
+
     from tasks.ops.promote import run
     from tasks.shared.config.params import load_params
 

@@ -30,13 +30,17 @@ def _batch():
 @pytest.fixture
 def clf() -> TransformerClassifier:
     torch.manual_seed(0)
-    m = TransformerClassifier(ClassifierConfig(trunk=tiny(vocab_size=VOCAB, bias=True), labels=["db", "net", "ui"], pooling="mean"))
+    m = TransformerClassifier(
+        ClassifierConfig(trunk=tiny(vocab_size=VOCAB, bias=True), labels=["db", "net", "ui"], pooling="mean")
+    )
     torch.nn.init.normal_(m.head.weight, std=0.5)
     return m.eval()
 
 
 def _save(clf, folder, backend="torch.ao", per_channel=True, **extra):
-    quant.save_quantized(quant.quantize_classifier(clf, backend, per_channel), clf.config, folder, backend, per_channel, extra=extra)
+    quant.save_quantized(
+        quant.quantize_classifier(clf, backend, per_channel), clf.config, folder, backend, per_channel, extra=extra
+    )
     return folder
 
 
@@ -101,7 +105,11 @@ def test_int8_folder_holds_only_plain_tensors(tmp_path, clf, backend):
     assert not any(k.startswith("trunk.lm_head") for k in tensors)
     assert all(type(t) is torch.Tensor for t in tensors.values())
     per_tensor = load_file(str(tmp_path / "int8-tensor" / ckpt.WEIGHTS))
-    assert per_tensor["trunk.blocks.0.attn.qkv.weight_scale"].shape == per_tensor["trunk.blocks.0.attn.qkv.weight_zero_point"].shape == (1,)
+    assert (
+        per_tensor["trunk.blocks.0.attn.qkv.weight_scale"].shape
+        == per_tensor["trunk.blocks.0.attn.qkv.weight_zero_point"].shape
+        == (1,)
+    )
     json.loads((tmp_path / "int8" / ckpt.CONFIG).read_text())  # config is plain JSON
 
 
@@ -164,13 +172,29 @@ BROKEN_TENSORS = [
     ("no-bias", _drop(f"{QKV}.bias"), rf"{QKV}.bias is missing, config says \(48,\)"),
     ("no-embedding", _drop("trunk.wte.weight"), r"missing \['trunk.wte.weight'\]"),
     ("extra-tensor", _set("trunk.extra", torch.zeros(2)), r"unexpected \['trunk.extra'\]"),
-    ("int8-shape", _set(f"{QKV}.weight_int8", torch.zeros(48, 8, dtype=torch.int8)), r"weight_int8 is int8 \(48, 8\), config says int8 \(48, 16\)"),
+    (
+        "int8-shape",
+        _set(f"{QKV}.weight_int8", torch.zeros(48, 8, dtype=torch.int8)),
+        r"weight_int8 is int8 \(48, 8\), config says int8 \(48, 16\)",
+    ),
     ("int8-dtype", _set(f"{QKV}.weight_int8", torch.zeros(48, 16)), rf"{QKV}.weight_int8 is float32 \(48, 16\)"),
-    ("scale-shape", _set(f"{QKV}.weight_scale", torch.ones(47)), rf"{QKV}.weight_scale is \(47,\), per-channel int8 needs \(48,\)"),
-    ("zero-scale", _set(f"{QKV}.weight_scale", torch.zeros(48)), rf"{QKV}.weight_scale holds zero, negative or non-finite scales"),
+    (
+        "scale-shape",
+        _set(f"{QKV}.weight_scale", torch.ones(47)),
+        rf"{QKV}.weight_scale is \(47,\), per-channel int8 needs \(48,\)",
+    ),
+    (
+        "zero-scale",
+        _set(f"{QKV}.weight_scale", torch.zeros(48)),
+        rf"{QKV}.weight_scale holds zero, negative or non-finite scales",
+    ),
     ("nan-scale", _set(f"{QKV}.weight_scale", torch.full((48,), float("nan"))), "non-finite scales"),
     ("bias-shape", _set(f"{QKV}.bias", torch.zeros(47)), rf"{QKV}.bias is \(47,\), config says \(48,\)"),
-    ("embedding-shape", _set("trunk.wpe.weight", torch.zeros(31, 16)), r"trunk.wpe.weight is \(31, 16\), config says \(32, 16\)"),
+    (
+        "embedding-shape",
+        _set("trunk.wpe.weight", torch.zeros(31, 16)),
+        r"trunk.wpe.weight is \(31, 16\), config says \(32, 16\)",
+    ),
 ]
 
 
@@ -195,9 +219,15 @@ def test_asymmetric_weights_do_not_load_with_torchao(tmp_path, clf):
 @pytest.mark.parametrize(
     "edit,problem",
     [
-        (lambda m: m["config"]["trunk"].update(n_layer=3), "weights do not match .*blocks.2"),  # names the missing tensor
+        (
+            lambda m: m["config"]["trunk"].update(n_layer=3),
+            "weights do not match .*blocks.2",
+        ),  # names the missing tensor
         (lambda m: m["config"]["trunk"].update(block_size=64), "trunk.wpe.weight is"),  # (32, 16) cannot fill (64, 16)
-        (lambda m: m["config"].update(labels=["a", "b", "c", "d"]), "head.weight_int8 is int8 \\(3, 16\\), config says int8 \\(4, 16\\)"),
+        (
+            lambda m: m["config"].update(labels=["a", "b", "c", "d"]),
+            "head.weight_int8 is int8 \\(3, 16\\), config says int8 \\(4, 16\\)",
+        ),
         (lambda m: m.update(per_channel=False), "weight_scale is \\(48,\\), per-tensor int8 needs \\(1,\\)"),
         (lambda m: m.update(per_channel="yes"), "config.json: per_channel 'yes' is not true or false"),
     ],
@@ -216,7 +246,9 @@ def test_linear_weight_bytes_counts_int8_values_and_scales(clf):
     assert quant.linear_weight_bytes(clf) == 4 * values  # the tied LM head is the embedding, not counted
     for backend in quant.BACKENDS:
         assert quant.linear_weight_bytes(quant.quantize_classifier(clf, backend)) == values + 4 * rows
-        assert quant.linear_weight_bytes(quant.quantize_classifier(clf, backend, per_channel=False)) == values + 4 * len(linears)
+        assert quant.linear_weight_bytes(
+            quant.quantize_classifier(clf, backend, per_channel=False)
+        ) == values + 4 * len(linears)
 
 
 def test_time_forward_is_a_median_in_ms(clf):
@@ -252,6 +284,11 @@ def test_no_private_torch_constructors_remain():
 @pytest.mark.slow
 def test_importing_torchao_prints_nothing():
     """A stage log must not show torchao's missing-CUDA-kernel and pytree lines on a CPU machine."""
-    code = "import logging; logging.basicConfig(level=logging.INFO); from models.quantize import _torchao; _torchao(); print('ok')"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+    code = (
+        "import logging; logging.basicConfig(level=logging.INFO); "
+        "from models.quantize import _torchao; _torchao(); print('ok')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
+    )
     assert out.stdout.strip() == "ok" and out.stderr == ""

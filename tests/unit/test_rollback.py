@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import write_params
+
 from tasks.ops import rollback
 from tasks.ops.promote import ALIAS, alias_history, move_champion
 from tasks.shared.config.params import load_params
@@ -29,8 +29,12 @@ def registry(tmp_path, monkeypatch):
         mv = client.create_model_version(NAME, source=str(tmp_path / "model"))
         assert str(mv.version) == v
         client.set_model_version_tag(NAME, v, "gates", verdict)
-        client.set_model_version_tag(NAME, v, "gate.min_accuracy", "pass: ok" if verdict == "passed" else "fail: accuracy 0.10 vs floor 0.40")
-        client.set_model_version_tag(NAME, v, "gate.smoke_test", "pass: ok" if verdict == "passed" else "fail: could not load")
+        client.set_model_version_tag(
+            NAME, v, "gate.min_accuracy", "pass: ok" if verdict == "passed" else "fail: accuracy 0.10 vs floor 0.40"
+        )
+        client.set_model_version_tag(
+            NAME, v, "gate.smoke_test", "pass: ok" if verdict == "passed" else "fail: could not load"
+        )
         client.set_model_version_tag(NAME, v, "test_macro_f1", "0.5")
     move_champion(client, NAME, "2", "promoted: every gate passed", None)
     return params, client
@@ -143,12 +147,32 @@ def test_records_written_before_aliases_were_named_read_as_champion_moves(regist
     from tasks.ops.rollback import champion_stack
 
     params, client = registry
-    legacy = {"time": "2024-01-01T00:00:00+00:00", "from": None, "to": "1", "reason": "promoted: every gate passed", "override": False, "user": "ci"}
+    legacy = {
+        "time": "2024-01-01T00:00:00+00:00",
+        "from": None,
+        "to": "1",
+        "reason": "promoted: every gate passed",
+        "override": False,
+        "user": "ci",
+    }
     client.set_registered_model_tag(NAME, "champion.history.1", json.dumps(legacy))
-    client.set_registered_model_tag(NAME, "champion.history.2", json.dumps({**legacy, "from": "1", "to": "2", "time": "2024-01-02T00:00:00+00:00"}))
-    client.set_registered_model_tag(NAME, "champion.history.3", json.dumps({**legacy, "from": "2", "to": "1", "reason": "rollback from v2", "time": "2024-01-03T00:00:00+00:00"}))
+    client.set_registered_model_tag(
+        NAME, "champion.history.2", json.dumps({**legacy, "from": "1", "to": "2", "time": "2024-01-02T00:00:00+00:00"})
+    )
+    client.set_registered_model_tag(
+        NAME,
+        "champion.history.3",
+        json.dumps(
+            {**legacy, "from": "2", "to": "1", "reason": "rollback from v2", "time": "2024-01-03T00:00:00+00:00"}
+        ),
+    )
     events = alias_history(client, NAME)
-    assert [(e["alias"], e["from"], e["to"]) for e in events] == [("champion", None, "1"), ("champion", "1", "2"), ("champion", "2", "1"), ("champion", None, "2")]
+    assert [(e["alias"], e["from"], e["to"]) for e in events] == [
+        ("champion", None, "1"),
+        ("champion", "1", "2"),
+        ("champion", "2", "1"),
+        ("champion", None, "2"),
+    ]
     assert champion_stack(events[:3]) == ["1"]  # a legacy move to an older version is a rollback
     res = CliRunner().invoke(app, ["history"])
     assert res.exit_code == 0, res.output

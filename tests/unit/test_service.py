@@ -46,7 +46,11 @@ def registry(bundles, tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    for name, bundle, alias in ((NAME, "good", None), ("broken", "truncated", "champion"), ("served", "good", "champion")):
+    for name, bundle, alias in (
+        (NAME, "good", None),
+        ("broken", "truncated", "champion"),
+        ("served", "good", "champion"),
+    ):
         source = root / name
         shutil.copytree(bundles / bundle, source / "artifacts" / "bundle")
         client.create_registered_model(name)
@@ -69,16 +73,52 @@ def unavailable(case: str, bundles: Path, registry: str, tmp_path: Path, monkeyp
     message expected."""
     missing_store = f"sqlite:///{tmp_path / 'none' / 'mlflow.db'}"
     cases = {
-        "env-no-folder": (None, {MODEL_URI_ENV: "/nonexistent/bundle"}, "LMFORGE_MODEL_URI=/nonexistent/bundle: no such folder or model URI"),
+        "env-no-folder": (
+            None,
+            {MODEL_URI_ENV: "/nonexistent/bundle"},
+            "LMFORGE_MODEL_URI=/nonexistent/bundle: no such folder or model URI",
+        ),
         "arg-no-folder": (str(tmp_path / "nope"), {}, f"{tmp_path / 'nope'}: no such folder or model URI"),
-        "truncated-bundle": (None, {MODEL_URI_ENV: str(bundles / "truncated")}, f"LMFORGE_MODEL_URI={bundles / 'truncated'}: classifier/model.safetensors: truncated ("),
-        "not-a-bundle": (str(bundles / "empty"), {}, f"{bundles / 'empty'}: classifier/config.json: model config not found"),
-        "no-store": (None, {"MLFLOW_TRACKING_URI": missing_store}, f"no registered model '{NAME}' in {missing_store} (no MLflow store yet): run `make pipeline` first"),
-        "no-registered-model": ("models:/other@champion", {"MLFLOW_TRACKING_URI": registry}, f"no registered model 'other' in {registry}: run `make pipeline` first"),
-        "no-champion": (None, {"MLFLOW_TRACKING_URI": registry}, f"models:/{NAME}@champion: alias champion not set (no version passed the gates yet)"),
-        "no-version": (f"models:/{NAME}/7", {"MLFLOW_TRACKING_URI": registry}, f"models:/{NAME}/7: no version 7 of '{NAME}' in {registry}"),
-        "truncated-champion": ("models:/broken@champion", {"MLFLOW_TRACKING_URI": registry}, "models:/broken@champion: artifacts/bundle/classifier/model.safetensors: truncated ("),
-        "bad-uri": (None, {MODEL_URI_ENV: "runs:/0123abc/model", "MLFLOW_TRACKING_URI": registry}, "LMFORGE_MODEL_URI=runs:/0123abc/model: Run with id=0123abc not found"),
+        "truncated-bundle": (
+            None,
+            {MODEL_URI_ENV: str(bundles / "truncated")},
+            f"LMFORGE_MODEL_URI={bundles / 'truncated'}: classifier/model.safetensors: truncated (",
+        ),
+        "not-a-bundle": (
+            str(bundles / "empty"),
+            {},
+            f"{bundles / 'empty'}: classifier/config.json: model config not found",
+        ),
+        "no-store": (
+            None,
+            {"MLFLOW_TRACKING_URI": missing_store},
+            f"no registered model '{NAME}' in {missing_store} (no MLflow store yet): run `make pipeline` first",
+        ),
+        "no-registered-model": (
+            "models:/other@champion",
+            {"MLFLOW_TRACKING_URI": registry},
+            f"no registered model 'other' in {registry}: run `make pipeline` first",
+        ),
+        "no-champion": (
+            None,
+            {"MLFLOW_TRACKING_URI": registry},
+            f"models:/{NAME}@champion: alias champion not set (no version passed the gates yet)",
+        ),
+        "no-version": (
+            f"models:/{NAME}/7",
+            {"MLFLOW_TRACKING_URI": registry},
+            f"models:/{NAME}/7: no version 7 of '{NAME}' in {registry}",
+        ),
+        "truncated-champion": (
+            "models:/broken@champion",
+            {"MLFLOW_TRACKING_URI": registry},
+            "models:/broken@champion: artifacts/bundle/classifier/model.safetensors: truncated (",
+        ),
+        "bad-uri": (
+            None,
+            {MODEL_URI_ENV: "runs:/0123abc/model", "MLFLOW_TRACKING_URI": registry},
+            "LMFORGE_MODEL_URI=runs:/0123abc/model: Run with id=0123abc not found",
+        ),
     }
     uri, env, message = cases[case]
     for k, v in env.items():
@@ -86,7 +126,18 @@ def unavailable(case: str, bundles: Path, registry: str, tmp_path: Path, monkeyp
     return uri, message
 
 
-CASES = ["env-no-folder", "arg-no-folder", "truncated-bundle", "not-a-bundle", "no-store", "no-registered-model", "no-champion", "no-version", "truncated-champion", "bad-uri"]
+CASES = [
+    "env-no-folder",
+    "arg-no-folder",
+    "truncated-bundle",
+    "not-a-bundle",
+    "no-store",
+    "no-registered-model",
+    "no-champion",
+    "no-version",
+    "truncated-champion",
+    "bad-uri",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -139,7 +190,9 @@ def client(app):
 
 
 @pytest.mark.parametrize("case", ["env-no-folder", "truncated-bundle", "no-store", "no-champion"])
-def test_service_without_a_model_stays_up_and_answers_503_with_the_reason(app, case, bundles, registry, tmp_path, monkeypatch, caplog):
+def test_service_without_a_model_stays_up_and_answers_503_with_the_reason(
+    app, case, bundles, registry, tmp_path, monkeypatch, caplog
+):
     uri, message = unavailable(case, bundles, registry, tmp_path, monkeypatch)
     if uri is not None:
         monkeypatch.setenv(MODEL_URI_ENV, uri)
@@ -149,7 +202,9 @@ def test_service_without_a_model_stays_up_and_answers_503_with_the_reason(app, c
         ready = c.get("/readyz")
         assert ready.status_code == 503 and ready.text.startswith(f"model unavailable: {message}")
         for path, body in (("/classify", {"texts": ["def f(): pass"]}), ("/generate", {"prompt": "def f("})):
-            r = c.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"})  # ASCII JSON: \\ud800 escapes too
+            r = c.post(
+                path, content=json.dumps(body), headers={"Content-Type": "application/json"}
+            )  # ASCII JSON: \\ud800 escapes too
             assert r.status_code == 503 and r.json()["error"].startswith(f"model unavailable: {message}")
     logged = [r for r in caplog.records if "no model to serve" in r.getMessage()]
     assert len(logged) == 1 and logged[0].exc_info is None  # one line, no traceback
@@ -184,15 +239,25 @@ def test_bentoml_serve_without_a_model_does_not_crash_loop(model, bundles, tmp_p
     env = {**os.environ, MODEL_URI_ENV: uri, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
     bentoml = Path(sys.executable).parent / "bentoml"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([str(bentoml), "serve", "deploy.service:LMForge", "--port", str(port)], cwd=ROOT, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [str(bentoml), "serve", "deploy.service:LMForge", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
         while "no model to serve" not in log.read_text() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.5)
         status, reason = request(f"{base}/readyz")
-        assert status == 503 and reason.startswith(f"model unavailable: LMFORGE_MODEL_URI={uri}: "), (status, reason, log.read_text())
+        assert status == 503 and reason.startswith(f"model unavailable: LMFORGE_MODEL_URI={uri}: "), (
+            status,
+            reason,
+            log.read_text(),
+        )
         status, body = request(f"{base}/classify", b'{"texts": ["def f(): pass"]}')
         assert status == 503 and f"LMFORGE_MODEL_URI={uri}: " in body
         time.sleep(5)  # a crash-looping worker would have restarted and logged again by now
@@ -228,7 +293,13 @@ def two_versions(bundles, tmp_path, monkeypatch) -> tuple[str, object]:
     client.create_registered_model("two")
     for v in (1, 2):
         shutil.copytree(bundles / "good", tmp_path / f"v{v}" / "artifacts" / "bundle")
-        tags = {"variant": "fp32", "git_commit": f"{v}" * 40, "test_macro_f1": "0.5", "lineage.data": "d" * 64, "gate.data_validation": "pass: suites passed"}
+        tags = {
+            "variant": "fp32",
+            "git_commit": f"{v}" * 40,
+            "test_macro_f1": "0.5",
+            "lineage.data": "d" * 64,
+            "gate.data_validation": "pass: suites passed",
+        }
         client.create_model_version("two", source=str(tmp_path / f"v{v}"), tags=tags)
     client.set_registered_model_alias("two", "champion", "1")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -263,9 +334,19 @@ BAD_REQUESTS = {
     "negative seed": ("/generate_stream", {"prompt": "x", "seed": -1}, 400, "greater than or equal to 0"),
     "empty prompt": ("/generate_stream", {"prompt": ""}, 400, "at least 1 character"),
     "unknown setting": ("/generate", {"prompt": "x", "max_tokens": 5}, 400, "Extra inputs are not permitted"),
-    "unpaired surrogate in a text": ("/classify", {"texts": ["def f(): \ud800"]}, 400, "Invalid JSON"),  # no tokenizer takes one
+    "unpaired surrogate in a text": (
+        "/classify",
+        {"texts": ["def f(): \ud800"]},
+        400,
+        "Invalid JSON",
+    ),  # no tokenizer takes one
     "unpaired surrogate in the prompt": ("/generate", {"prompt": "x\udfff"}, 400, "Invalid JSON"),
-    "unpaired surrogate in a stop string": ("/generate_stream", {"prompt": "x", "stop": ["\ud800"]}, 400, "Invalid JSON"),
+    "unpaired surrogate in a stop string": (
+        "/generate_stream",
+        {"prompt": "x", "stop": ["\ud800"]},
+        400,
+        "Invalid JSON",
+    ),
 }
 
 
@@ -274,7 +355,9 @@ def test_bad_requests_get_a_4xx_naming_the_field(case, app, bundles, monkeypatch
     path, body, status, message = BAD_REQUESTS[case]
     monkeypatch.setenv(MODEL_URI_ENV, str(bundles / "good"))
     with client(app) as c:
-        r = c.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"})  # ASCII JSON: \\ud800 escapes too
+        r = c.post(
+            path, content=json.dumps(body), headers={"Content-Type": "application/json"}
+        )  # ASCII JSON: \\ud800 escapes too
     assert r.status_code == status, r.text
     assert message in r.text
 
@@ -283,7 +366,12 @@ def test_bad_requests_get_a_4xx_naming_the_field(case, app, bundles, monkeypatch
     "content, ctype, status, message",
     [
         (b'{"texts": ["def f(', "application/json", 400, "Invalid JSON"),
-        (b"texts=def+f", "application/x-www-form-urlencoded", 415, "send a JSON body with Content-Type: application/json"),
+        (
+            b"texts=def+f",
+            "application/x-www-form-urlencoded",
+            415,
+            "send a JSON body with Content-Type: application/json",
+        ),
         (b"def f(): pass", "text/plain", 415, "'text/plain' is not supported"),
     ],
 )
@@ -299,7 +387,11 @@ def test_a_body_over_the_size_limit_is_413_before_it_is_read(app, bundles, monke
 
     monkeypatch.setenv(MODEL_URI_ENV, str(bundles / "good"))
     with client(app) as c:
-        r = c.post("/classify", content=b"{}", headers={"Content-Type": "application/json", "Content-Length": str(MAX_BODY_BYTES + 1)})
+        r = c.post(
+            "/classify",
+            content=b"{}",
+            headers={"Content-Type": "application/json", "Content-Length": str(MAX_BODY_BYTES + 1)},
+        )
     assert r.status_code == 413 and "over the limit" in r.text
 
 
@@ -338,7 +430,9 @@ def test_generate_bounds_stop_strings_and_streams_the_same_text(app, bundles, mo
             stop = full["text"][1:3]  # a stop string that occurs in the unconstrained text
             cut = c.post("/generate", json={**body, "stop": [stop]}).json()
             assert cut["finish_reason"] == "stop" and stop not in cut["text"] and full["text"].startswith(cut["text"])
-        tiny = c.post("/generate", json={**body, "temperature": 6.8e-63})  # found by schemathesis: once a 500 (inf / inf)
+        tiny = c.post(
+            "/generate", json={**body, "temperature": 6.8e-63}
+        )  # found by schemathesis: once a 500 (inf / inf)
         assert tiny.status_code == 200, tiny.text
         greedy = c.post("/generate", json={**body, "temperature": 0, "seed": None}).json()
         assert tiny.json()["text"] == greedy["text"]
@@ -350,11 +444,18 @@ def test_metadata_names_the_registry_version_and_its_lineage(app, two_versions, 
     with client(app) as c:
         meta = c.get("/metadata").json()
         label = c.post("/classify", json={"texts": ["def f(): pass"]}).json()[0]
-    assert (meta["registered_model"], meta["version"], meta["model_version"], meta["source"]) == ("two", "1", "two/1", "registry")
+    assert (meta["registered_model"], meta["version"], meta["model_version"], meta["source"]) == (
+        "two",
+        "1",
+        "two/1",
+        "registry",
+    )
     assert meta["lineage"]["git_commit"] == "1" * 40 and meta["lineage"]["data_sha256"] == "d" * 64
     assert meta["lineage"]["validation"] == "pass: suites passed" and meta["metrics"]["macro_f1"] == 0.5
     assert label["model_version"] == "two/1"
-    assert meta["bentoml_model"] == "two:v1" and (model_store / "two" / "v1" / "lmforge.json").is_file()  # served from BentoML's store
+    assert (
+        meta["bentoml_model"] == "two:v1" and (model_store / "two" / "v1" / "lmforge.json").is_file()
+    )  # served from BentoML's store
 
 
 def test_reload_picks_up_a_new_champion_only_with_the_api_key(app, two_versions, monkeypatch):
@@ -370,7 +471,9 @@ def test_reload_picks_up_a_new_champion_only_with_the_api_key(app, two_versions,
         registry_client.delete_registered_model_alias("two", "champion")
         r = c.post("/reload", json={}, headers={"X-API-Key": "k"})  # nothing to load: keeps serving v2
         assert r.status_code == 409 and "still serving two/2" in r.json()["error"]
-        assert c.post("/classify", json={"texts": ["x"]}, headers={"X-API-Key": "k"}).json()[0]["model_version"] == "two/2"
+        assert (
+            c.post("/classify", json={"texts": ["x"]}, headers={"X-API-Key": "k"}).json()[0]["model_version"] == "two/2"
+        )
 
 
 def test_the_store_latest_is_always_the_version_last_loaded(two_versions, model_store):

@@ -14,8 +14,14 @@ from deploy.core import LIMITS, GenerationRequest, InvalidInput, check_texts
         ([], "texts: empty list; send at least one text"),
         (["ok", 3], "texts[1]: expected a string, got int"),
         (["ok", " \t\n"], "texts[1]: empty or only whitespace"),
-        (["a" * (LIMITS.max_text_chars + 1)], f"texts[0]: {LIMITS.max_text_chars + 1} characters, at most {LIMITS.max_text_chars}"),
-        (["a"] * (LIMITS.max_items + 1), f"texts: {LIMITS.max_items + 1} items, at most {LIMITS.max_items} per request"),
+        (
+            ["a" * (LIMITS.max_text_chars + 1)],
+            f"texts[0]: {LIMITS.max_text_chars + 1} characters, at most {LIMITS.max_text_chars}",
+        ),
+        (
+            ["a"] * (LIMITS.max_items + 1),
+            f"texts: {LIMITS.max_items + 1} items, at most {LIMITS.max_items} per request",
+        ),
         (["ok", "ab\ud800"], "texts[1]: not valid Unicode: unpaired surrogate '\\ud800' at character 2"),
     ],
 )

@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import TINY_TOKENIZE, tiny_corpus, tiny_labeled
+
 from models.tokenizer import EOT, PAD, load_tokenizer
 from tasks import tokenize
 from tasks.shared.errors import UserError

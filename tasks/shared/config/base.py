@@ -38,7 +38,8 @@ class Paths(Section):
     clean_report: Path
     """The clean stage's Markdown report: rows each filter removed or changed, why, with examples."""
     gx: Path
-    """The Great Expectations project (File Data Context: suites, validation definitions, checkpoints), tracked in git."""
+    """The Great Expectations project (File Data Context: suites, validation definitions, checkpoints),
+    tracked in git."""
     validation: Path
     """The validation result (deterministic JSON): what downstream stages depend on."""
     data_docs: Path
@@ -117,7 +118,9 @@ def read_params_file(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
     return raw
 
 
-def load_section(raw: dict[str, Any], name: str, config_type: type[Section], source: Path | str = DEFAULT_PARAMS) -> Section:
+def load_section(
+    raw: dict[str, Any], name: str, config_type: type[Section], source: Path | str = DEFAULT_PARAMS
+) -> Section:
     """Validate section `name` of a raw params mapping (absent = the code defaults)."""
     value = raw.get(name)
     if value is None:

@@ -31,15 +31,18 @@ class FinetuneConfig(TrainLoop):
     max_train_per_label: int = Field(0, ge=0)
     """Cap on training examples per label (0 = all); keeps classes balanced and CPU runs short."""
     freeze: Literal["none", "embeddings", "trunk"] | int = "none"
-    """Frozen part of the pretrained trunk: `none`, `embeddings`, the whole `trunk` (head only), or n = the lowest n blocks and the embeddings (0 = none)."""
+    """Frozen part of the pretrained trunk: `none`, `embeddings`, the whole `trunk` (head only), or n = the lowest
+    n blocks and the embeddings (0 = none)."""
     layer_lr_decay: float = Field(1.0, gt=0, le=1)
-    """Layer-wise lr decay d (1 = off): head and final norm get lr, the top block lr·d, the next lr·d², ..., the embeddings lr·d^(n_layer+1)."""
+    """Layer-wise lr decay d (1 = off): head and final norm get lr, the top block lr·d, the next lr·d², ...,
+    the embeddings lr·d^(n_layer+1)."""
     class_weights: Literal["none", "balanced"] = "none"
     """Per-class loss weights: `balanced` = train examples / (classes x examples of the class), as in scikit-learn."""
     patience: int = Field(0, ge=0)
     """Early stopping: stop after this many epochs without a better validation macro-F1 (0 = off)."""
     baselines: list[Literal["scratch", "cnn", "gru"]] = Field(default_factory=lambda: ["scratch", "cnn", "gru"])
-    """Trained beside the pretrained model on the same batches: `scratch` (same Transformer and recipe, random init), `cnn`, `gru`."""
+    """Trained beside the pretrained model on the same batches: `scratch` (same Transformer and recipe,
+    random init), `cnn`, `gru`."""
     baseline_epochs: int = Field(0, ge=0)
     """Epochs of the CNN and GRU baselines (0 = `epochs`); `scratch` always uses `epochs`."""
     baseline_lr: float = Field(1e-2, ge=0)

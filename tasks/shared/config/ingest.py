@@ -28,7 +28,18 @@ class IngestConfig(Section):
     """The largest record read (a jsonl line, a CSV row, a txt/md file); a bigger one is an error, found
     without reading more than this much of it."""
     packages: list[str] = Field(
-        default_factory=lambda: ["asyncio", "email", "idlelib", "tkinter", "multiprocessing", "xml", "importlib", "unittest", "http", "urllib"]
+        default_factory=lambda: [
+            "asyncio",
+            "email",
+            "idlelib",
+            "tkinter",
+            "multiprocessing",
+            "xml",
+            "importlib",
+            "unittest",
+            "http",
+            "urllib",
+        ]
     )
     """Top-level stdlib packages that become the labels of the default task."""
     min_examples_per_label: int = Field(100, ge=1)
@@ -53,7 +64,9 @@ class IngestConfig(Section):
         for name in ("corpus", "labeled"):
             value = getattr(self, name)
             if isinstance(value, list) and (not value or "stdlib" in value):
-                raise ValueError(f"{name}: a list names your files, folders or globs (at least one; `stdlib` alone, not in a list)")
+                raise ValueError(
+                    f"{name}: a list names your files, folders or globs (at least one; `stdlib` alone, not in a list)"
+                )
         if len({self.text_column, self.label_column, self.id_column}) < 3:
             raise ValueError("text_column, label_column and id_column must be three different columns")
         if self.labeled == "stdlib" and len(set(self.packages)) < 2:

@@ -15,7 +15,8 @@ class OrchestrateConfig(Section):
     """Placement of stages on work pools, and retries of the flow's I/O steps."""
 
     placement: bool = False
-    """Run `gpu_stages` as the `gpu_deployment` on another worker (`run_deployment`); stage outputs travel through the DVC remote."""
+    """Run `gpu_stages` as the `gpu_deployment` on another worker (`run_deployment`); stage outputs travel
+    through the DVC remote."""
     gpu_stages: list[str] = Field(default_factory=lambda: ["pretrain", "finetune"])
     """Stages placed on the `gpu` work pool when `placement` is on; the others run where the flow runs."""
     gpu_deployment: str = "lmforge-stage/gpu"

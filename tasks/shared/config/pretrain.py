@@ -21,7 +21,8 @@ class PretrainConfig(TrainLoop):
     batch_size: int = Field(16, ge=1)
     """Global sequences per optimizer step (all processes, all accumulation steps)."""
     micro_batch_size: int = Field(0, ge=0)
-    """Sequences per forward pass per process; batch_size / (micro x processes) = accumulation steps. 0 = no accumulation."""
+    """Sequences per forward pass per process; batch_size / (micro x processes) = accumulation steps.
+    0 = no accumulation."""
     max_steps: int = Field(1500, ge=1)
     """Optimizer steps."""
     fused_loss: Literal["auto", "on", "off"] = "auto"

@@ -33,4 +33,5 @@ class PromoteConfig(Section):
     max_perplexity: float | None = Field(200.0, gt=0)
     """Ceiling on the test perplexity of the language model behind /generate; null: not configured (no ceiling)."""
     require_validation: bool = True
-    """The validation of the data version (DVC md5) the candidate was trained on must have passed; false: not configured."""
+    """The validation of the data version (DVC md5) the candidate was trained on must have passed;
+    false: not configured."""

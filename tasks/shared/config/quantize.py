@@ -12,7 +12,9 @@ from tasks.shared.config.base import Section
 class QuantizeConfig(Section):
     """int8 dynamic quantization: int8 Linear weights, activations quantized per batch at run time."""
 
-    sources: list[Literal["fp32", "pruned", "sparse", "distilled"]] = Field(default_factory=lambda: ["fp32", "pruned", "distilled"])
+    sources: list[Literal["fp32", "pruned", "sparse", "distilled"]] = Field(
+        default_factory=lambda: ["fp32", "pruned", "distilled"]
+    )
     """Float variants to quantize: fp32 gives `int8`, the others `<source>-int8`; empty = no int8 variant."""
     backend: Literal["auto", "torchao", "torch.ao"] = "auto"
     """`torchao` (quantize_ with Int8DynamicActivationInt8WeightConfig, the maintained path), `torch.ao`

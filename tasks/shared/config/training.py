@@ -85,7 +85,8 @@ class DistributedConfig(Section):
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """Collective backend: `auto` = nccl on CUDA, gloo on CPU."""
     nnodes: int = Field(1, ge=1)
-    """Machines in the job; >1 starts torchrun with a c10d rendezvous at `rdzv_endpoint` (run the stage on every node)."""
+    """Machines in the job; >1 starts torchrun with a c10d rendezvous at `rdzv_endpoint`
+    (run the stage on every node)."""
     rdzv_endpoint: str = ""
     """`host:port` every node can reach (node 0's address) when `nnodes` > 1."""
     rdzv_id: str = "lmforge"
@@ -112,6 +113,9 @@ class DistributedConfig(Section):
         if self.nnodes == 1:
             return ["--standalone", f"--nproc-per-node={self.nproc}"]
         return [
-            f"--nnodes={self.nnodes}", f"--nproc-per-node={self.nproc}", "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={self.rdzv_endpoint}", f"--rdzv-id={self.rdzv_id}",
-        ]  # fmt: skip
+            f"--nnodes={self.nnodes}",
+            f"--nproc-per-node={self.nproc}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={self.rdzv_endpoint}",
+            f"--rdzv-id={self.rdzv_id}",
+        ]
