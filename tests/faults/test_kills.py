@@ -1,29 +1,32 @@
 """Faults a real user meets, on real processes: kills (SIGKILL, Ctrl-C) at several points of a tiny
 pipeline, two runs at once, bad data and bad output paths through every driver, a stale evaluation.
 
-Every process a run starts carries a tag in its environment, so the tests can see whether any of
-them outlives the run. The interrupted project must end with the same models and scores as the
-session's uninterrupted reference run (training is bit-exact in the tiny config).
+The module works in a copy of the session's reference run whose pretrain and finetune outputs are
+removed, so every run here trains those two stages again while DVC keeps the others cached. The runs
+that are killed start Prefect's ephemeral server as users do; the others use the session's Prefect
+server (`prefect_api`). Every
+process a run starts carries a tag in its environment, so the tests can see whether any of them
+outlives the run. The interrupted project must end with the same models and scores as the reference
+run (training is bit-exact in the tiny config).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_tiny_project
+from conftest import LMFORGE, copy_tiny_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-LMFORGE = str(Path(sys.executable).parent / "lmforge")
 TAG = "LMFORGE_TEST_TAG"
 DETERMINISTIC_OUTS = (
     "raw",
@@ -117,8 +120,12 @@ def outs_md5(lock: dict) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def faulted(tmp_path_factory):
-    project, env = make_tiny_project(tmp_path_factory.mktemp("faults"))
+def faulted(tiny_flow_run, tmp_path_factory):
+    """A copy of the reference run without the models of pretrain and finetune (nor pretrain's checkpoints): the
+    next run trains both again, from scratch, and finds every other stage up to date."""
+    project, env = copy_tiny_run(tiny_flow_run, tmp_path_factory.mktemp("faults"))
+    for folder in ("data/models/lm", "data/models/classifier", "data/checkpoints"):
+        shutil.rmtree(project / folder)
     return {"dir": project, "env": env}
 
 
@@ -172,52 +179,46 @@ def test_a_killed_stage_is_retried_and_ctrl_c_stops_the_run_within_seconds(fault
     assert "lmforge: pipeline interrupted" in out
 
 
-def test_the_rerun_after_the_kills_ends_with_the_reference_run_s_models_and_scores(faulted, tiny_flow_run):
-    code, out = run_pipeline(faulted["dir"], faulted["env"])
-    assert code == 0, out[-4000:]
-    assert "Traceback" not in out
-    lock = yaml.safe_load((faulted["dir"] / "dvc.lock").read_text())
-    assert outs_md5(lock) == outs_md5(tiny_flow_run["dvc_lock"])
-    evaluation = json.loads((faulted["dir"] / "metrics" / "evaluate.json").read_text())
+def test_a_rerun_waits_for_the_workspace_then_ends_with_the_reference_run_s_models_and_scores(
+    faulted, tiny_flow_run, prefect_api
+):
+    """The rerun after the kills first finds the workspace held (by this test, through the same lock a pipeline
+    run takes): it says once that it waits, and proceeds when the holder lets go; a run started beside it that
+    may wait only 2 s gives up in one line. The rerun finishes what the kills left: its models and scores are
+    the reference run's."""
+    from tasks.ops.lock import workspace_lock
+
+    project, env = faulted["dir"], {**faulted["env"], "PREFECT_API_URL": prefect_api}
+    with workspace_lock(project, what="lmforge pipeline (the first run)"):
+        rerun = Run(project, env, "--lock-timeout", "300")
+        impatient = Run(project, env, "--no-promote", "--lock-timeout", "2")
+        assert impatient.wait(timeout=300) == 2, impatient.output[-3000:]
+        wait_for(
+            lambda: "lmforge: waiting up to 300 s for `lmforge pipeline (the first run)`" in rerun.output,
+            180,
+            "the rerun to wait",
+            run=rerun,
+        )
+        time.sleep(2)  # still waiting, and said so once
+    out = impatient.output
+    assert "Traceback" not in out, out[-3000:]
+    assert "is still held by `lmforge pipeline (the first run)`" in out, out[-3000:]
+
+    assert rerun.wait() == 0, f"the rerun after the kills failed: {rerun.output[-4000:]}"
+    out = rerun.output
+    assert "Traceback" not in out, out[-4000:]
+    waits = [line for line in out.splitlines() if "lmforge: waiting up to 300 s for `lmforge pipeline" in line]
+    assert len(waits) == 1, out[-3000:]
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert outs_md5(lock) == outs_md5(tiny_flow_run["dvc_lock"]), "the resumed run's outputs differ from the reference"
+    evaluation = json.loads((project / "metrics" / "evaluate.json").read_text())
     for variant in ("fp32", "int8"):
         for key in ("accuracy", "macro_f1"):
             assert evaluation["variants"][variant][key] == tiny_flow_run["evaluation"]["variants"][variant][key]
     assert evaluation["artifacts"] == tiny_flow_run["evaluation"]["artifacts"]
 
 
-def test_a_second_run_waits_for_the_first_in_one_line_then_proceeds(faulted):
-    """The first holder is this test, through the same lock a pipeline run takes: two real runs started a second
-    apart raced for it (whichever Prefect came up first won), and with every stage cached the first could finish
-    before the second even asked."""
-    from tasks.ops.lock import workspace_lock
-
-    with workspace_lock(faulted["dir"], what="lmforge pipeline (the first run)"):
-        second = Run(faulted["dir"], faulted["env"], "--no-promote", "--lock-timeout", "300")
-        wait_for(
-            lambda: "lmforge: waiting up to 300 s for `lmforge pipeline (the first run)`" in second.output,
-            180,
-            "the second run to wait",
-            run=second,
-        )
-        time.sleep(2)  # still waiting, and said so once
-    assert second.wait() == 0, second.output[-3000:]
-    waits = [
-        line for line in second.output.splitlines() if "lmforge: waiting up to 300 s for `lmforge pipeline" in line
-    ]
-    assert len(waits) == 1, second.output[-3000:]
-
-
-def test_a_run_that_cannot_get_the_workspace_gives_up_in_one_line(faulted):
-    from tasks.ops.lock import workspace_lock
-
-    with workspace_lock(faulted["dir"], "a test holding the workspace", timeout=1):
-        code, out = run_pipeline(faulted["dir"], faulted["env"], "--no-promote", "--lock-timeout", "2")
-    assert code == 2
-    assert "Traceback" not in out
-    assert "is still held by `a test holding the workspace`" in out
-
-
-def test_a_data_error_through_the_flow_is_one_line_before_training(faulted):
+def test_a_data_error_through_the_flow_is_one_line_before_training(faulted, prefect_api):
     """The flow reports the stage's own line (the many kinds of bad data have their tests in test_ingest.py)."""
     rows, message = [("def f(): return 1", "a")] * 40, "labeled set has a single label 'a'"
     project = faulted["dir"]
@@ -227,7 +228,7 @@ def test_a_data_error_through_the_flow_is_one_line_before_training(faulted):
     original = params.read_text()
     params.write_text(original.replace("  labeled: stdlib", "  labeled: data/user/labeled.jsonl"))
     try:
-        code, out = run_pipeline(project, faulted["env"], "--no-promote")
+        code, out = run_pipeline(project, {**faulted["env"], "PREFECT_API_URL": prefect_api}, "--no-promote")
     finally:
         params.write_text(original)
         # the flow `dvc add`-ed the input before ingest refused it: take back what that added, so the later
@@ -284,8 +285,9 @@ def test_dvc_repro_never_empties_a_folder_of_yours(faulted):
 
 
 def test_promote_refuses_an_evaluation_of_other_artifacts(faulted):
-    """The issue's partial rerun: degrade the fine-tune, `dvc repro quantize` (evaluate is now stale),
-    `lmforge promote`: refused in one line, nothing registered, @champion unchanged."""
+    """The issue's partial rerun: change a model upstream of evaluate and rebuild it (`dvc repro quantize` after a
+    quantize param change: per-tensor instead of per-channel int8); evaluate is now stale, and `lmforge promote`
+    is refused in one line, nothing registered, @champion unchanged."""
     from mlflow import MlflowClient
 
     project, env = faulted["dir"], faulted["env"]
@@ -294,7 +296,8 @@ def test_promote_refuses_an_evaluation_of_other_artifacts(faulted):
     champion = client.get_model_version_by_alias("lmforge-classifier", "champion").version
     params = project / "params.yaml"
     original = params.read_text()
-    params.write_text(original.replace("  max_train_per_label: 0", "  max_train_per_label: 2"))
+    assert "  per_channel: true" in original
+    params.write_text(original.replace("  per_channel: true", "  per_channel: false"))
     try:
         res = subprocess.run(
             ["dvc", "repro", "quantize"], cwd=project, env=env, capture_output=True, text=True, timeout=300
@@ -307,7 +310,7 @@ def test_promote_refuses_an_evaluation_of_other_artifacts(faulted):
     assert res.stderr.strip().splitlines() == [
         "lmforge: error: the evaluation is not evidence for the current artifacts: "
         "dvc status reports 1 stage(s) out of date "
-        "(evaluate; evaluate: changed deps: data/models/classifier (modified)); "
+        "(evaluate; evaluate: changed deps: data/models/quantized (modified)); "
         "run `dvc repro` (or `make pipeline`), then promote"
     ]
     assert sorted(int(v.version) for v in client.search_model_versions("name='lmforge-classifier'")) == before

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import copy_tiny_run
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -22,9 +23,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def project(tiny_flow_run):
-    """The tiny project after one uninterrupted `lmforge pipeline` (the session's reference run)."""
-    return tiny_flow_run
+def project(tiny_flow_run, tmp_path_factory):
+    """A copy of the tiny project after one uninterrupted `lmforge pipeline` (the session's reference run), with
+    that run's output."""
+    folder, env = copy_tiny_run(tiny_flow_run, tmp_path_factory.mktemp("pipeline"))
+    return {"dir": folder, "env": env, "output": tiny_flow_run["output"]}
 
 
 def test_flow_succeeds_without_tracebacks(project):
@@ -158,7 +161,7 @@ def test_an_experiment_is_an_mlflow_run_and_plots_overlay_it_on_the_commit(proje
     subprocess.run(git + ["add", "-A"], cwd=project["dir"], check=True)
     subprocess.run(git + ["commit", "-qm", "tiny run"], cwd=project["dir"], check=True)
 
-    res = _dvc(project, "exp", "run", "-n", "fewer-latency-samples", "-S", "evaluate.latency_samples=4", timeout=600)
+    res = _dvc(project, "exp", "run", "-n", "fewer-latency-samples", "-S", "evaluate.latency_samples=3", timeout=600)
     assert "Running stage 'evaluate'" in res.stdout and "Running stage 'pretrain'" not in res.stdout
     assert "fewer-latency-samples" in _dvc(project, "exp", "show", "--json").stdout
 
@@ -173,9 +176,9 @@ def test_an_experiment_is_an_mlflow_run_and_plots_overlay_it_on_the_commit(proje
     exp = client.get_experiment_by_name("lmforge")
     filt = "tags.`lmforge.dvc_exp` = 'fewer-latency-samples' and tags.`lmforge.stage` = 'experiment'"
     (parent,) = client.search_runs([exp.experiment_id], filter_string=filt)
-    assert parent.data.params["evaluate.latency_samples"] == "4"
+    assert parent.data.params["evaluate.latency_samples"] == "3"
     children = client.search_runs(
         [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
     assert [r.data.tags["lmforge.stage"] for r in children] == ["evaluate"]
-    assert children[0].data.params["evaluate.latency_samples"] == "4"
+    assert children[0].data.params["evaluate.latency_samples"] == "3"

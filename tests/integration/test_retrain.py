@@ -1,10 +1,13 @@
-"""`lmforge retrain` and `lmforge schedule` on a tiny project, with Prefect's ephemeral server.
+"""`lmforge retrain` and `lmforge schedule` on a tiny project, on a Prefect server (the session's; the schedule
+starts its own).
 
-The first retrain (no champion) trains and promotes; the next one skips in seconds and registers
-nothing; a params change makes two retrains started at once run exactly one pipeline (the other waits
-for the workspace and then skips); the schedule served by `flow.serve` fires and skips. A tracking
-server that is down at start is one line before anything runs; one that goes away in the middle of
-pretraining fails the stage with one line instead of dropping its metrics.
+The module starts from a copy of the session's reference run (`lmforge pipeline` promoted v1; a retrain
+without a champion that trains everything is tests/integration/test_team_stack.py's first retrain). A
+retrain right after it skips in seconds and registers nothing; a params change makes two retrains started
+at once run exactly one pipeline (the other waits for the workspace and then skips); the schedule served
+by `flow.serve` fires and skips. A tracking server that is down at start is one line before anything runs;
+one that goes away in the middle of pretraining fails the stage with one line instead of dropping its
+metrics.
 """
 
 from __future__ import annotations
@@ -20,11 +23,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port, make_tiny_project, start_logged, stop_group, wait_http
+from conftest import LMFORGE, copy_tiny_run, free_port, start_logged, stop_group, update_params, wait_http
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-LMFORGE = str(Path(sys.executable).parent / "lmforge")
 MODEL = "lmforge-classifier"
 
 
@@ -54,13 +56,11 @@ def dvc_status(project: Path, env: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny project whose first `lmforge retrain` (no champion yet) trained and promoted v1."""
-    project, env = make_tiny_project(tmp_path_factory.mktemp("retrain"))
-    res = lmforge(project, env, "retrain")
-    assert res.returncode == 0, (res.stdout + res.stderr)[-5000:]
-    assert "lmforge retrain: running the pipeline: dvc status reports 11 stage(s) out of date" in res.stderr
-    return project, env
+def trained(tiny_flow_run, tmp_path_factory, prefect_api):
+    """A tiny project whose `lmforge pipeline` trained and promoted v1 (a copy of the reference run); its runs
+    use the session's Prefect server."""
+    project, env = copy_tiny_run(tiny_flow_run, tmp_path_factory.mktemp("retrain"))
+    return project, {**env, "PREFECT_API_URL": prefect_api}
 
 
 def test_retrain_after_a_run_skips_in_seconds_and_registers_nothing(trained):
@@ -87,9 +87,7 @@ def test_two_retrains_at_once_run_one_pipeline_and_the_other_skips(trained):
     """After a params change: one retrain runs and promotes v2, the other waits on the workspace lock and
     then finds nothing changed since v2. dvc.lock ends current; the registry gains exactly one version."""
     project, env = trained
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["evaluate"]["latency_samples"] = 6  # only evaluate reruns
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    update_params(project, {"evaluate": {"latency_samples": 6}})  # only evaluate reruns
     procs = [
         subprocess.Popen(
             [LMFORGE, "retrain"], cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -109,36 +107,18 @@ def test_two_retrains_at_once_run_one_pipeline_and_the_other_skips(trained):
     assert dvc_status(project, env) == {}
 
 
-def test_the_schedule_serves_fires_and_skips(trained):
-    project, env = trained
+@pytest.fixture(scope="module", autouse=True)
+def schedule(tiny_flow_run, tmp_path_factory):
+    """`lmforge schedule` firing every minute in a copy of its own, started with the module: the other tests
+    run while it waits for its first run (due at the next full minute)."""
+    project, env = copy_tiny_run(tiny_flow_run, tmp_path_factory.mktemp("schedule"))
+    log, port = project.parent / "schedule.log", free_port()
     versions = registry(env)
-    log = project.parent / "schedule.log"
-    port = free_port()
     proc = start_logged([LMFORGE, "schedule", "--cron", "* * * * *", "--port", str(port)], project, env, log)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and "skipped, registered nothing" not in log.read_text():
-            assert proc.poll() is None, log.read_text()[-4000:]
-            time.sleep(2)
-        text = log.read_text()
-        assert "skipped, registered nothing" in text, text[-4000:]
-        assert (
-            "lmforge schedule: serving deployment lmforge-retrain/retrain on `* * * * *` (UTC); next run due " in text
-        )
-        assert (
-            f"lmforge: Prefect server on http://127.0.0.1:{port}" in text
-        )  # Prefect's temporary server has no scheduler
+        yield {"proc": proc, "log": log, "port": port, "env": env, "versions": versions}
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            stop_group(proc)
-    assert proc.returncode == 0, log.read_text()[-3000:]
-    assert registry(env) == versions
-    time.sleep(1)
-    with socket.socket() as s:  # the server it started is gone with it
-        assert s.connect_ex(("127.0.0.1", port)) != 0
+        stop_group(proc)
 
 
 def test_a_tracking_server_down_at_start_is_one_line_and_nothing_runs(trained):
@@ -155,13 +135,18 @@ def test_a_tracking_server_down_at_start_is_one_line_and_nothing_runs(trained):
     assert (project / "dvc.lock").read_text() == lock
 
 
-def test_a_tracking_server_that_goes_away_mid_pretrain_fails_the_stage_in_one_line(tmp_path):
+def test_a_tracking_server_that_goes_away_mid_pretrain_fails_the_stage_in_one_line(
+    tiny_flow_run, prefect_api, tmp_path
+):
     """Metrics are never silently dropped: the stage checks every asynchronous write before it counts as
-    done, so DVC does not record it, and the failure names the store."""
-    project, env = make_tiny_project(
-        tmp_path, {"pretrain": {"max_steps": 1000, "checkpoint_interval": 50, "log_interval": 5}}
-    )
-    recorded = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["pretrain"]  # the committed run's
+    done, so DVC does not record it, and the failure names the store. (A longer pretrain than the reference
+    run's: it starts afresh, clearing the reference run's checkpoints, and is still training when the server
+    goes.)"""
+    project, env = copy_tiny_run(tiny_flow_run, tmp_path)
+    update_params(project, {"pretrain": {"max_steps": 1000, "checkpoint_interval": 50, "log_interval": 5}})
+    recorded = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["pretrain"]  # the reference run's
+    checkpoints = project / "data" / "checkpoints" / "pretrain"
+    earlier = {p.name for p in checkpoints.glob("step-*")}
     port = free_port()
     server = start_logged(
         [
@@ -185,6 +170,7 @@ def test_a_tracking_server_that_goes_away_mid_pretrain_fails_the_stage_in_one_li
     )
     env = {
         **env,
+        "PREFECT_API_URL": prefect_api,
         "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -194,7 +180,7 @@ def test_a_tracking_server_that_goes_away_mid_pretrain_fails_the_stage_in_one_li
         log = tmp_path / "pipeline.log"
         proc = start_logged([LMFORGE, "pipeline"], project, env, log)
         deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and not list((project / "data" / "checkpoints" / "pretrain").glob("step-*")):
+        while time.monotonic() < deadline and not {p.name for p in checkpoints.glob("step-*")} - earlier:
             assert proc.poll() is None, log.read_text()[-4000:]
             time.sleep(0.2)
         stop_group(server)
@@ -203,6 +189,8 @@ def test_a_tracking_server_that_goes_away_mid_pretrain_fails_the_stage_in_one_li
         stop_group(server)
     out = log.read_text()
     assert code != 0, out[-5000:]
+    assert f"pretrain: starting afresh; removed {len(earlier)} checkpoint(s) of an earlier run" in out, out[-5000:]
+    assert len(earlier) == 2  # the reference run keeps its last two
     failed = [line for line in out.splitlines() if "lmforge pretrain: failed: MLflow tracking store" in line]
     assert failed and f"http://127.0.0.1:{port}" in failed[0], out[-5000:]
     assert (
@@ -217,3 +205,32 @@ def test_a_tracking_server_that_goes_away_mid_pretrain_fails_the_stage_in_one_li
         )
     ]
     assert "Traceback" not in out, out[-5000:]
+
+
+def test_the_schedule_serves_fires_and_skips(schedule):
+    """Last in the module: its first run has long been due."""
+    proc, log, port = schedule["proc"], schedule["log"], schedule["port"]
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and "skipped, registered nothing" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-4000:]
+            time.sleep(1)
+        text = log.read_text()
+        assert "skipped, registered nothing" in text, text[-4000:]
+        assert (
+            "lmforge schedule: serving deployment lmforge-retrain/retrain on `* * * * *` (UTC); next run due " in text
+        )
+        assert (
+            f"lmforge: Prefect server on http://127.0.0.1:{port}" in text
+        )  # Prefect's temporary server has no scheduler
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            stop_group(proc)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    assert registry(schedule["env"]) == schedule["versions"]
+    time.sleep(1)
+    with socket.socket() as s:  # the server it started is gone with it
+        assert s.connect_ex(("127.0.0.1", port)) != 0

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import free_port, post_json, start_logged, stop_server, wait_http
+from conftest import copy_tiny_run, free_port, post_json, start_logged, stop_server, wait_http
 
 BIN = Path(sys.executable).parent
 NAME = "lmforge-classifier"
@@ -35,9 +35,16 @@ def champion(project) -> object:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_flow_run, tmp_path_factory):
+def project(tiny_flow_run, tmp_path_factory) -> dict:
+    """A copy of the session's reference run: a tiny project whose `lmforge pipeline` promoted a champion."""
+    folder, env = copy_tiny_run(tiny_flow_run, tmp_path_factory.mktemp("serving"))
+    return {"dir": folder, "env": env}
+
+
+@pytest.fixture(scope="module")
+def served(project, tmp_path_factory):
     """`lmforge serve` in the tiny project (what `make serve` runs): base URL, project, log."""
-    project, log, port = tiny_flow_run, tmp_path_factory.mktemp("serve") / "serve.log", free_port()
+    log, port = tmp_path_factory.mktemp("serve") / "serve.log", free_port()
     proc = start_logged([str(BIN / "lmforge"), "serve", "--port", str(port)], project["dir"], project["env"], log)
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", proc, log)
@@ -139,8 +146,7 @@ def test_schemathesis_finds_no_server_error(served, tmp_path):
     assert "status=5" not in log and "Traceback" not in log
 
 
-def test_a_built_bento_serves_from_a_folder_outside_the_project_with_no_tracking_store(tiny_flow_run, tmp_path):
-    project = tiny_flow_run
+def test_a_built_bento_serves_from_a_folder_outside_the_project_with_no_tracking_store(project, tmp_path):
     version = champion(project).version
     build = subprocess.run(
         [str(BIN / "lmforge"), "build"],

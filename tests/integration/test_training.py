@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 PRETRAIN = {
     "model": {"preset": "tiny"},
     "batch_size": 16,
-    "max_steps": 240,
+    "max_steps": 160,
     "lr": 3e-3,
     "min_lr": 3e-4,
     "warmup_steps": 10,
@@ -123,23 +123,36 @@ def test_sigkill_then_resume_continues_the_same_loss_curve_bit_exactly(project):
         assert torch.equal(weights[k], reference_weights[k]), k
 
 
+def losses(root: Path) -> dict[str, torch.Tensor]:
+    history, _, _ = outputs(root)
+    return {
+        "train": torch.tensor([h["train_loss"] for h in history if "train_loss" in h]),
+        "val": torch.tensor([h["val_loss"] for h in history if "val_loss" in h]),
+    }
+
+
+def short_run(root: Path, name: str, nproc: int, strategy: str) -> str:
+    """30 steps at batch 16 in `nproc` processes (gloo)."""
+    reset(root)
+    dist = {"nproc": nproc, "backend": "gloo", "strategy": strategy}
+    return finish(stage(write_params(root, name, max_steps=30, checkpoint_interval=15, distributed=dist), root))
+
+
+@pytest.fixture(scope="module")
+def one_process(project) -> dict[str, torch.Tensor]:
+    """The losses of the 30-step run in one process: the same for every strategy (one process wraps nothing)."""
+    short_run(project, "one", 1, "ddp")
+    return losses(project)
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_match_one_process_at_the_same_global_batch(project, strategy):
+def test_two_processes_match_one_process_at_the_same_global_batch(project, one_process, strategy):
     """gloo on CPU; FSDP shards parameters, gradients and optimizer state across the two ranks."""
-    losses = {}
-    for n in (1, 2):
-        reset(project)
-        dist = {"nproc": n, "backend": "gloo", "strategy": strategy}
-        params = write_params(project, f"{strategy}{n}", max_steps=30, checkpoint_interval=15, distributed=dist)
-        out = finish(stage(params, project))
-        history, _, m = outputs(project)
-        losses[n] = torch.tensor([h["train_loss"] for h in history if "train_loss" in h])
-        val = [h["val_loss"] for h in history if "val_loss" in h]
-        losses[f"val{n}"] = torch.tensor(val)
-        if n == 2:
-            assert out.count("step 0: val loss") == 1  # only rank 0 reports
-            assert m["device"].endswith("1 threads)")  # torchrun workers share the cores
-    assert len(losses[1]) == len(losses[2]) == 30
-    torch.testing.assert_close(losses[2], losses[1], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(losses["val2"], losses["val1"], rtol=1e-4, atol=1e-5)
-    assert losses[2][-1] < losses[2][0] - 0.3  # and it learned
+    out = short_run(project, f"{strategy}2", 2, strategy)
+    two = losses(project)
+    assert out.count("step 0: val loss") == 1  # only rank 0 reports
+    assert outputs(project)[2]["device"].endswith("1 threads)")  # torchrun workers share the cores
+    assert len(one_process["train"]) == len(two["train"]) == 30
+    torch.testing.assert_close(two["train"], one_process["train"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(two["val"], one_process["val"], rtol=1e-4, atol=1e-5)
+    assert two["train"][-1] < two["train"][0] - 0.3  # and it learned

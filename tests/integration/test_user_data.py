@@ -35,7 +35,7 @@ def _write_user_data(project: Path) -> None:
     (user / "tickets.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def test_user_data_is_versioned_logged_and_stopped_at_validate(tmp_path):
+def test_user_data_is_versioned_logged_and_stopped_at_validate(tmp_path, prefect_api):
     """75% / 25% classes against a contract that wants 30% per class: the run stops at validate."""
     project, env = make_tiny_project(
         tmp_path,
@@ -52,6 +52,7 @@ def test_user_data_is_versioned_logged_and_stopped_at_validate(tmp_path):
             "validate": {"min_corpus_rows": 20, "min_rows_per_label": 1, "min_class_share": 0.3},
         },
     )
+    env["PREFECT_API_URL"] = prefect_api  # the session's Prefect server
     _write_user_data(project)
     before = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     lmforge = str(Path(sys.executable).parent / "lmforge")

@@ -80,7 +80,7 @@ def test_fingerprint_ignores_outputs_and_produced_inputs(tmp_path, path, value):
 
 
 @pytest.fixture
-def registry(tmp_path, monkeypatch):
+def registry(tmp_path, monkeypatch, mlflow_db):
     """A sqlite registry, a dvc.lock in the working directory and `dvc status` reporting nothing stale."""
     import tasks.ops.promote as promote
     from mlflow import MlflowClient
@@ -89,7 +89,7 @@ def registry(tmp_path, monkeypatch):
     write_lock(tmp_path, LOCK)
     stale: dict = {}
     monkeypatch.setattr(promote, "stale_stages", lambda root=Path("."): stale)
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(tracking_uri=mlflow_db)
     (tmp_path / "model").mkdir()
     return client, stale
 

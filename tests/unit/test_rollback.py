@@ -14,14 +14,14 @@ NAME = "lmforge-classifier"
 
 
 @pytest.fixture
-def registry(tmp_path, monkeypatch):
+def registry(tmp_path, monkeypatch, mlflow_db):
     """Versions 1 (passed), 2 (passed), 3 (failed min_accuracy and smoke_test); @champion on v2."""
     from mlflow import MlflowClient
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_db)
     monkeypatch.chdir(tmp_path)
     params = load_params(write_params(tmp_path, **{"tracking.artifacts": str(tmp_path / "artifacts")}))
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(tracking_uri=mlflow_db)
     client.create_registered_model(NAME)
     (tmp_path / "model").mkdir()
     gates = {"1": "passed", "2": "passed", "3": "failed"}

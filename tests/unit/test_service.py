@@ -181,12 +181,19 @@ def client(app):
 
     with warnings.catch_warnings():  # touching every object wakes deprecation warnings (torch's)
         warnings.simplefilter("ignore")
-        dispatchers = [o for o in gc.get_objects() if isinstance(o, CorkDispatcher)]
+        dispatchers = [o for o in gc.get_objects() if _is_instance(o, CorkDispatcher)]
     for d in dispatchers:
         d.__dict__.pop("_loop", None)
         d.__dict__.pop("_wake_event", None)
         d._controller = None
     return TestClient(app)
+
+
+def _is_instance(o: object, cls: type) -> bool:
+    try:
+        return isinstance(o, cls)
+    except ReferenceError:  # a weak proxy whose object is gone (another module's, in the same worker)
+        return False
 
 
 @pytest.mark.parametrize("case", ["env-no-folder", "truncated-bundle", "no-store", "no-champion"])
@@ -232,9 +239,9 @@ def request(url: str, body: bytes | None = None) -> tuple[int, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["/nonexistent/bundle", "truncated"])
-def test_bentoml_serve_without_a_model_does_not_crash_loop(model, bundles, tmp_path):
-    uri = str(bundles / model) if model == "truncated" else model
+def test_bentoml_serve_without_a_model_does_not_crash_loop(bundles, tmp_path):
+    """A bundle that fails to load (each reason a model can be missing: the in-process 503 tests above)."""
+    uri = str(bundles / "truncated")
     port, log = free_port(), tmp_path / "serve.log"
     env = {**os.environ, MODEL_URI_ENV: uri, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
     bentoml = Path(sys.executable).parent / "bentoml"
