@@ -195,18 +195,20 @@ TINY_PROJECT: dict[str, dict] = {
 LONGEST_FIRST = (
     "tests/integration/test_team_stack.py",
     "tests/faults/test_kills.py",
-    "tests/integration/test_retrain.py",
     "tests/integration/test_training.py",
-    "tests/integration/test_serving.py",
     "tests/integration/test_user_data.py",
+    "tests/integration/test_retrain.py",
+    "tests/integration/test_serving.py",
     "tests/integration/test_pipeline.py",
     "tests/unit/test_service.py",
-    "tests/unit/test_pretrain.py",
     "tests/data/test_validate.py",
+    "tests/unit/test_cli.py",
+    "tests/unit/test_pretrain.py",
+    "tests/unit/test_degraded_candidate.py",
 )
-"""Modules handed out first (longest first) when pytest-xdist workers share the suite: the one that builds
-the session's reference run (faults) goes to one worker while the team stack, which needs none, runs on the
-other; the short modules fill in at the end. The rest keep the collection order."""
+"""Modules handed out first (longest first) when pytest-xdist workers share the suite: the team stack and the
+faults (which build the session's reference run) start at once, the modules that need no reference run come
+next, then those that copy it; the short modules fill in at the end. The rest keep the collection order."""
 
 
 def pytest_configure(config) -> None:

@@ -78,6 +78,7 @@ def test_log_dataset_names_the_run_input_by_its_digest(repo, capsys):
     from tasks.shared.tracking import MlflowTracker
 
     mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")
+    mlflow.set_experiment("Default")  # not the experiment an earlier test in this process left active
     with mlflow.start_run() as run:
         d = log_dataset(MlflowTracker(run.info.run_id), "labeled", "data/a.jsonl", "unused", context="ingest")
     assert "labeled: not tracked by DVC: data/a.jsonl" in capsys.readouterr().out
