@@ -48,15 +48,17 @@ lint: install  ## ruff check (pyflakes, import order, a bugbear subset, line len
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# One pytest-xdist worker per core; a module stays on one worker (its fixtures, ports and folders are its own),
-# in the order tests/conftest.py gives (longest first). `pytest tests/...` alone runs serially.
-XDIST := -n auto --dist loadfile --no-loadscope-reorder
+# pytest-xdist: a module stays on one worker (its fixtures, ports and folders are its own), handed out in the order
+# tests/conftest.py gives (longest first). make test runs one worker more than there are cores: the integration
+# modules spend much of their time waiting on servers and workers. `pytest tests/...` alone runs serially.
+XDIST := --dist loadfile --no-loadscope-reorder
+TEST_WORKERS = $$($(BIN)/python -c 'import os; print((os.cpu_count() or 1) + 1)')
 
 test: install postgres lint  ## lint, then the whole test suite, integration included (the team stack's tests need PostgreSQL)
-	$(BIN)/python -m pytest $(XDIST)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(XDIST)
 
 test-fast: install lint  ## lint, then unit, data and model tests only
-	$(BIN)/python -m pytest $(XDIST) -m "not integration"
+	$(BIN)/python -m pytest -n auto $(XDIST) -m "not integration"
 
 # initdb on PATH or in the OS package's folder, else the package: as root, or through sudo when it needs no password.
 PG_INSTALL := apt-get install -y -q --no-install-recommends postgresql

@@ -7,7 +7,7 @@ label-specific identifiers from their first characters on, so a 2-layer, 16-wide
 
 `make test` runs the suite on pytest-xdist workers (`--dist loadfile`: a module stays on one worker, so
 module fixtures and their ports and folders are never shared). The session fixtures are built once for
-all workers (`once_per_session`), and the longest modules are handed out first.
+all workers (`once_per_session`), and the longest modules are handed out first (LONGEST_FIRST).
 """
 
 from __future__ import annotations
@@ -206,9 +206,10 @@ LONGEST_FIRST = (
     "tests/unit/test_pretrain.py",
     "tests/unit/test_degraded_candidate.py",
 )
-"""Modules handed out first (longest first) when pytest-xdist workers share the suite: the team stack and the
-faults (which build the session's reference run) start at once, the modules that need no reference run come
-next, then those that copy it; the short modules fill in at the end. The rest keep the collection order."""
+"""Modules handed out first (longest first) when pytest-xdist workers share the suite (`make test`: a worker per
+core and one more): the team stack and the faults (which build the session's reference run) start at once,
+the modules that need no reference run come next, then those that copy it; the short modules fill in at the
+end. The rest keep the collection order."""
 
 
 def pytest_configure(config) -> None:
