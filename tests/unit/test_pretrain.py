@@ -24,6 +24,10 @@ from conftest import (
 from models.checkpoint import load_lm, read_config
 from models.transformer import GPT, GPTConfig
 from tasks import pretrain
+from tasks.shared.config.pretrain import PretrainConfig
+from tasks.shared.engine.checkpoints import checkpoints
+from tasks.shared.engine.runtime import setup_runtime
+from tasks.shared.engine.step import step_throughput
 from tasks.shared.errors import UserError
 from tasks.shared.tracking import NullTracker
 
@@ -102,22 +106,18 @@ def test_a_finished_or_different_run_is_not_resumed(tokenized):
 def test_a_fresh_run_clears_an_earlier_runs_checkpoints_so_it_can_resume_its_own(tokenized, capsys):
     """Otherwise the finished run's newer step numbers outrank the new run's: pruning (keep 2) deletes the
     new run's checkpoints and an interrupted rerun cannot resume."""
-    from tasks.shared import engine
-
     ckpts = tokenized.checkpoints / pretrain.CHECKPOINTS
     pretrain.run(tiny(max_steps=10, checkpoint_interval=5), tokenized)
     pretrain.run(tiny(max_steps=8, lr=1e-3, checkpoint_interval=4), tokenized)
-    assert [p.name for p in engine.checkpoints(ckpts)] == ["step-00000004", "step-00000008"]
+    assert [p.name for p in checkpoints(ckpts)] == ["step-00000004", "step-00000008"]
     assert "pretrain: starting afresh; removed 2 checkpoint(s) of an earlier run" in capsys.readouterr().out
 
 
 def test_resume_never_ignores_checkpoints(tokenized, tmp_path):
-    from tasks.shared import engine
-
     ckpts = tokenized.checkpoints / pretrain.CHECKPOINTS
     pretrain.run(tiny(max_steps=10, checkpoint_interval=5), tokenized)
     # pretend the run stopped at step 5 by removing the final checkpoint
-    for p in engine.checkpoints(ckpts)[1:]:
+    for p in checkpoints(ckpts)[1:]:
         import shutil
 
         shutil.rmtree(p)
@@ -224,16 +224,13 @@ def test_logged_throughput_has_no_spikes_after_evaluations_or_checkpoints(tokeni
 
 
 def test_the_engine_benchmark_inside_the_stage_leaves_the_training_untouched():
-    from tasks.shared import engine
-    from tasks.shared.config.pretrain import PretrainConfig
-
     cfg = PretrainConfig(precision="fp32")
-    rt = engine.setup_runtime(cfg)
+    rt = setup_runtime(cfg)
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    assert engine.step_throughput(model, cfg, rt, batch=4, block=16, vocab=64, fused=False, steps=3, warmup=1) > 0
+    assert step_throughput(model, cfg, rt, batch=4, block=16, vocab=64, fused=False, steps=3, warmup=1) > 0
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items()) and torch.equal(
         torch.get_rng_state(), rng
     )
@@ -274,11 +271,9 @@ class Interrupted(Exception):
 @pytest.fixture(scope="module")
 def interrupted(tokenized, tmp_path_factory):
     """Checkpoints of a 12-step run stopped right after its step-8 checkpoint: step-4 and step-8 remain."""
-    from tasks.shared import engine
-
     root = tmp_path_factory.mktemp("interrupted")
     paths = tokenized.model_copy(update={"lm": root / "lm", "checkpoints": root / "ckpt", "plots": root / "plots"})
-    real = engine.save_checkpoint
+    real = pretrain.save_checkpoint
 
     def save_then_stop(folder, state, *a, **kw):
         out = real(folder, state, *a, **kw)
@@ -286,12 +281,12 @@ def interrupted(tokenized, tmp_path_factory):
             raise Interrupted
         return out
 
-    engine.save_checkpoint = save_then_stop
+    pretrain.save_checkpoint = save_then_stop
     try:
         with pytest.raises(Interrupted):
             pretrain.run(tiny(max_steps=12, checkpoint_interval=4), paths)
     finally:
-        engine.save_checkpoint = real
+        pretrain.save_checkpoint = real
     assert sorted(p.name for p in (paths.checkpoints / pretrain.CHECKPOINTS).iterdir()) == [
         "step-00000004",
         "step-00000008",
