@@ -1,8 +1,10 @@
-"""The training engine: schedules, optimizers, accumulation, data windows, masking, MFU, checkpoints."""
+"""The training engine: schedules, optimizers, the one training step, accumulation, the precision probe, data
+windows, masking, MFU, checkpoints."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
 import time
@@ -10,11 +12,16 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import delete, flip_byte, garbage, truncate
+from conftest import ROOT, delete, flip_byte, garbage, truncate
 
-from models.transformer import GPT, tiny
+from models.classifier import ClassifierConfig, TransformerClassifier
+from models.transformer import GPT, GPTConfig, tiny
+from tasks.shared import classify
+from tasks.shared.classify import Examples, fit
+from tasks.shared.config.finetune import FinetuneConfig
 from tasks.shared.config.pretrain import PretrainConfig
 from tasks.shared.engine import runtime
+from tasks.shared.engine import step as engine_step
 from tasks.shared.engine.checkpoints import (
     TrainState,
     checkpoints,
@@ -26,8 +33,18 @@ from tasks.shared.engine.checkpoints import (
 from tasks.shared.engine.data import TokenShards, mlm_batch
 from tasks.shared.engine.optim import build_optimizer, lr_at, set_lr
 from tasks.shared.engine.runtime import Runtime, probe_cpu_precision, setup_runtime
-from tasks.shared.engine.step import check_finite, clip_and_step, mfu, peak_flops
+from tasks.shared.engine.step import (
+    check_finite,
+    clip_and_step,
+    lm_loss,
+    mfu,
+    peak_flops,
+    step_throughput,
+    time_steps,
+    train_step,
+)
 from tasks.shared.errors import UserError
+from tasks.shared.tracking import NullTracker
 
 
 def cfg(**kw) -> PretrainConfig:
@@ -131,6 +148,142 @@ def test_accumulation_steps_follow_from_the_batch_settings():
     assert cfg(batch_size=32).grad_accum == 1
     with pytest.raises(ValueError, match="multiple of micro_batch_size"):
         cfg(batch_size=30, micro_batch_size=8)
+
+
+# --- the one training step -------------------------------------------------------------------
+
+
+def lm_step(model, opt, rt, micro_batches, clip: float = 1.0):
+    return train_step(model, opt, rt, micro_batches, lm_loss(model, rt.device, False), clip)
+
+
+def twins(c: PretrainConfig, rt: Runtime):
+    """Two identical tiny models with identical optimizers at the same lr."""
+    models = [tiny_model(), tiny_model()]
+    opts = [build_optimizer(m, c, rt.device) for m in models]
+    for opt in opts:
+        set_lr(opt, 1e-2)
+    return models, opts
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module, **tolerance) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, msg=name, **tolerance)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_an_engine_step_is_exactly_the_hand_written_step(precision):
+    """What pretrain's loop runs (`train_step` with the LM loss): forward and loss under autocast, backward,
+    clip, optimizer step, zeroed gradients; three steps, so the optimizer state counts too."""
+    c = cfg(precision=precision)
+    rt = setup_runtime(c)
+    (engine_model, hand_model), (engine_opt, hand_opt) = twins(c, rt)
+    for seed in (1, 2, 3):
+        x, y = batch(seed)
+        loss, norm = lm_step(engine_model, engine_opt, rt, [(x, y)], c.grad_clip)
+        with rt.autocast():
+            hand_loss = hand_model(x, y)[1]
+        hand_loss.backward()
+        hand_norm = torch.nn.utils.clip_grad_norm_(hand_model.parameters(), c.grad_clip)
+        hand_opt.step()
+        hand_opt.zero_grad(set_to_none=True)
+        torch.testing.assert_close(loss, hand_loss.detach(), rtol=0, atol=0)
+        assert norm == float(hand_norm)
+        assert_same_weights(engine_model, hand_model, rtol=0, atol=0)
+        assert all(p.grad is None for p in engine_model.parameters())
+
+
+def test_two_micro_batches_make_the_same_step_as_one_batch(rt):
+    c = cfg()
+    (whole, split), (whole_opt, split_opt) = twins(c, rt)
+    x, y = batch(n=8)
+    loss, norm = lm_step(whole, whole_opt, rt, [(x, y)])
+    split_loss, split_norm = lm_step(split, split_opt, rt, [(x[:4], y[:4]), (x[4:], y[4:])])
+    torch.testing.assert_close(split_loss, loss)  # the step's loss is the mean over its micro-batches
+    assert split_norm == pytest.approx(norm, rel=1e-5)
+    assert_same_weights(split, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_the_loss_scaler_scales_the_backward_and_decides_the_step():
+    """fp16's path (a GradScaler; shown here with the CPU scaler on fp32): a finite scaled loss gives the
+    unscaled step; an overflowing one is skipped and the scale backs off."""
+    c = cfg()
+    plain = setup_runtime(c)
+    scaled = dataclasses.replace(plain, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    (a, b), (opt_a, opt_b) = twins(c, plain)
+    x, y = batch()
+    loss, norm = lm_step(a, opt_a, plain, [(x, y)])
+    scaled_loss, scaled_norm = lm_step(b, opt_b, scaled, [(x, y)])
+    torch.testing.assert_close(scaled_loss, loss)  # the unscaled loss is reported
+    assert scaled_norm == pytest.approx(norm, rel=1e-5)  # the norm of the unscaled gradients
+    assert_same_weights(a, b)
+
+    overflow = dataclasses.replace(plain, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**127))
+    before = [p.detach().clone() for p in b.parameters()]
+    lm_step(b, opt_b, overflow, [(x, y)])
+    assert all(torch.equal(p, q) for p, q in zip(b.parameters(), before))
+    assert overflow.scaler.get_scale() == 2.0**126
+
+
+def test_time_steps_times_only_the_steps_after_warmup():
+    calls = []
+
+    def step(i: int) -> None:
+        calls.append(i)
+        time.sleep(0.3 if i < 2 else 0.01)
+
+    seconds = time_steps(step, steps=3, warmup=2, device=torch.device("cpu"))
+    assert calls == [0, 1, 2, 3, 4]
+    assert 0.03 <= seconds < 0.3
+
+
+@pytest.fixture
+def train_step_calls(monkeypatch):
+    """Every call of the engine's `train_step`, from whichever module calls it: (number of micro-batches)."""
+    calls: list[int] = []
+    real = engine_step.train_step
+
+    def spy(model, opt, rt, micro_batches, loss_of, grad_clip):
+        calls.append(len(micro_batches))
+        return real(model, opt, rt, micro_batches, loss_of, grad_clip)
+
+    for module in (engine_step, classify):
+        monkeypatch.setattr(module, "train_step", spy)
+    return calls
+
+
+def test_the_stage_benchmark_and_the_bench_step_through_train_step(train_step_calls):
+    c = cfg()
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    assert step_throughput(model, c, setup_runtime(c), batch=2, block=16, vocab=64, fused=False, steps=2, warmup=1) > 0
+    assert train_step_calls == [1, 1, 1]
+
+    spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "bench" / "train_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.measure("cpu-default", False, steps=1, warmup=1, fused_loss="auto", threads=None)
+    assert train_step_calls == [1, 1, 1, 1, 1] and result["tokens_per_s"] > 0
+
+
+def test_fit_steps_through_train_step(train_step_calls):
+    torch.manual_seed(0)
+    model = TransformerClassifier(ClassifierConfig(trunk=tiny(vocab_size=64), labels=["a", "b", "c"]))
+    g = torch.Generator().manual_seed(0)
+    data = Examples(
+        torch.randint(64, (24, 12), generator=g), torch.randint(2, 13, (24,), generator=g), torch.arange(24) % 3
+    )
+    c = FinetuneConfig(batch_size=8, warmup_steps=0, seed=0)
+    fit("t", model, c, data, data, 3, setup_runtime(c), NullTracker(), epochs=1)
+    assert train_step_calls == [1, 1, 1]  # 24 rows in batches of 8
+
+
+def test_runtime_is_a_value():
+    rt = setup_runtime(cfg())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rt.amp_dtype = torch.bfloat16
+    bf16 = rt.with_precision("bf16")
+    assert (bf16.precision, rt.precision) == ("bf16", "fp32") and bf16.device == rt.device
+    assert bf16.scaler is None and rt.with_precision("fp32") == rt
 
 
 # --- numerics --------------------------------------------------------------------------------

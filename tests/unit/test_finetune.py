@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -21,7 +22,7 @@ from tasks.shared import classify
 from tasks.shared.classify import EarlyStopping, Examples, balanced_class_weights, fit, predict
 from tasks.shared.config.finetune import FinetuneConfig
 from tasks.shared.engine.optim import build_optimizer, set_lr
-from tasks.shared.engine.runtime import setup_runtime
+from tasks.shared.engine.runtime import PrecisionProbe, setup_runtime
 from tasks.shared.engine.step import clip_and_step
 from tasks.shared.errors import UserError
 from tasks.shared.tracking import Tracker
@@ -214,6 +215,32 @@ def test_fit_without_patience_runs_every_epoch(monkeypatch):
     cfg = FinetuneConfig(lr=1e-2, warmup_steps=0, batch_size=8, patience=0, seed=SEED)
     out = fit("t", classifier(), cfg, examples(), examples(seed=1), 3, setup_runtime(cfg), Recorder(), epochs=3)
     assert (out.epochs_run, out.best_epoch) == (3, 1)
+
+
+def test_fit_trains_in_the_probed_precision_and_scores_in_the_callers(monkeypatch):
+    """`precision: auto` may train a model in bf16; its validation scores stay in the caller's runtime (the
+    configured precision), where prune, sparsify and distill score the model they started from."""
+    trained_in, scored_in = set(), set()
+    real_step, real_predict = classify.train_step, classify.predict
+
+    def step(model, opt, rt, *a):
+        trained_in.add(rt.precision)
+        return real_step(model, opt, rt, *a)
+
+    def predict(model, data, rt, *a):
+        scored_in.add(rt.precision)
+        return real_predict(model, data, rt, *a)
+
+    monkeypatch.setattr(classify, "probe_cpu_precision", lambda rt, *a: PrecisionProbe("bf16", 0.2, 0.1, "timed"))
+    monkeypatch.setattr(classify, "train_step", step)
+    monkeypatch.setattr(classify, "predict", predict)
+    cfg = FinetuneConfig(lr=1e-2, warmup_steps=0, batch_size=8, seed=SEED, precision="auto")
+    rt = setup_runtime(cfg)
+    before = dataclasses.replace(rt)
+    out = fit("t", classifier(), cfg, examples(), examples(seed=1), 3, rt, Recorder(), epochs=2)
+    assert (trained_in, scored_in, out.precision) == ({"bf16"}, {"fp32"}, "bf16")
+    assert rt == before  # the caller's runtime is untouched for the next model
+    assert classify.val_scores(out.model, examples(seed=1), 3, rt)["val_macro_f1"] == round(out.val_macro_f1, 4)
 
 
 # --- the stage on the tiny project -------------------------------------------------------------

@@ -27,7 +27,7 @@ from tasks import pretrain
 from tasks.shared.config.pretrain import PretrainConfig
 from tasks.shared.engine.checkpoints import checkpoints
 from tasks.shared.engine.runtime import setup_runtime
-from tasks.shared.engine.step import step_throughput
+from tasks.shared.engine.step import step_throughput, train_step
 from tasks.shared.errors import UserError
 from tasks.shared.tracking import NullTracker
 
@@ -221,6 +221,22 @@ def test_logged_throughput_has_no_spikes_after_evaluations_or_checkpoints(tokeni
         r.tokens_per_s / r.engine_tokens_per_s, abs=1e-3
     )
     assert r.precision in ("fp32", "bf16") and r.metrics["precision"] == r.precision
+
+
+def test_the_loop_steps_through_the_engines_train_step_with_its_micro_batches(tokenized, tmp_path, monkeypatch):
+    """pretrain's loop is the engine's `train_step` (the unit tests in test_engine.py pin what that does), one
+    call per optimizer step, with batch_size / micro_batch_size micro-batches of the global batch."""
+    calls = []
+
+    def spy(model, opt, rt, micro_batches, loss_of, grad_clip):
+        calls.append([tuple(x.shape) for x, _ in micro_batches])
+        return train_step(model, opt, rt, micro_batches, loss_of, grad_clip)
+
+    monkeypatch.setattr(pretrain, "train_step", spy)
+    paths = tokenized.model_copy(update={"lm": tmp_path / "lm", "checkpoints": tmp_path / "ckpt"})
+    pretrain.run(tiny(max_steps=3, batch_size=8, micro_batch_size=4), paths)
+    block = load_lm(paths.lm).config.block_size
+    assert calls == [[(4, block), (4, block)]] * 3
 
 
 def test_the_engine_benchmark_inside_the_stage_leaves_the_training_untouched():
