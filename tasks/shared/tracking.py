@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
-from collections import deque
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,8 +22,6 @@ PARENT_RUN_ENV = "LMFORGE_PARENT_RUN_ID"
 PARAMS_ENV = "LMFORGE_PARAMS"
 DVC_EXP_ENV = "DVC_EXP_NAME"
 """Set by `dvc exp run` for the stages of one experiment."""
-MAX_PENDING = 32
-"""Asynchronous writes a stage may have in flight before it waits on the oldest (see MlflowTracker)."""
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
@@ -103,38 +102,48 @@ class TrackingError(RuntimeError):
 
 class MlflowTracker(Tracker):
     """Asynchronous writes, each one checked: a write the store lost (after MLflow's own retries with
-    backoff) fails the stage — during a long loop as soon as it is the oldest of more than MAX_PENDING
-    writes in flight, at the latest in `wait` before the stage counts as done — so a store that went
-    away mid-run never silently drops metrics. The loop itself never waits on a write it just made."""
+    backoff) fails the stage — during a long loop at its next log call, at the latest in `wait` before
+    the stage counts as done — so a store that went away mid-run never silently drops metrics.
+
+    The loop never waits on the store: a checker thread waits on each write in turn (MLflow's
+    `RunOperations.wait`) and keeps the failures; a log call only looks whether one was kept."""
 
     def __init__(self, run_id: str) -> None:
         import mlflow
 
         self._mlflow = mlflow
         self.run_id = run_id
-        self._pending: deque = deque()  # RunOperations of writes not yet known to have landed, oldest first
+        self._pending: queue.Queue = queue.Queue()  # RunOperations of writes not yet known to have landed
+        self._checker: threading.Thread | None = None
         self._written = 0
         self._lost: list[Exception] = []
 
     def _track(self, ops) -> None:
         self._written += 1
-        self._pending.append(ops)
-        if len(self._pending) > MAX_PENDING:  # the oldest has long landed, unless the store is in trouble
-            self._settle(self._pending.popleft())
-            if self._lost:  # the store lost a write after MLflow's own retries: stop now, not at the end
-                self.wait()
+        if self._checker is None:
+            self._checker = threading.Thread(target=self._check, name="lmforge-tracking-check", daemon=True)
+            self._checker.start()
+        self._pending.put(ops)
+        if self._lost:  # the store lost a write after MLflow's own retries: stop now, not at the end
+            self.wait()
 
-    def _settle(self, ops) -> None:
-        """Wait for one write (MLflow's `RunOperations.wait`), keeping its failure."""
-        try:
-            ops.wait()
-        except Exception as e:  # noqa: BLE001 - any failed write is a lost write
-            self._lost.append(e)
+    def _check(self) -> None:
+        """Wait for each write in turn, keeping the failures, until `wait` sends None."""
+        while (ops := self._pending.get()) is not None:
+            try:
+                ops.wait()
+            except Exception as e:  # noqa: BLE001 - any failed write is a lost write
+                self._lost.append(e)
+            finally:
+                self._pending.task_done()
+        self._pending.task_done()
 
     def wait(self) -> None:
         """Block until every asynchronous write has landed; TrackingError if any was lost."""
-        while self._pending:
-            self._settle(self._pending.popleft())
+        if self._checker is not None:
+            self._pending.put(None)
+            self._checker.join()
+            self._checker = None
         if self._lost:
             first = str(self._lost[0]).splitlines()[0][:300]
             raise TrackingError(
