@@ -78,6 +78,7 @@ def test_log_dataset_names_the_run_input_by_its_digest(repo, capsys):
     from tasks.shared.tracking import MlflowTracker
 
     mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")
+    mlflow.set_experiment("datasets")  # not an experiment id an earlier test left active in another store
     with mlflow.start_run() as run:
         d = log_dataset(MlflowTracker(run.info.run_id), "labeled", "data/a.jsonl", "unused", context="ingest")
     assert "labeled: not tracked by DVC: data/a.jsonl" in capsys.readouterr().out
