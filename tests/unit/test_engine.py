@@ -590,3 +590,12 @@ def test_auto_precision_without_native_bf16_or_when_set_is_not_timed(monkeypatch
     for precision in ("fp32", "bf16"):
         rt = setup_runtime(PretrainConfig(precision=precision))
         assert probe_cpu_precision(rt, precision, model, never).chosen == precision == rt.precision
+
+
+def test_native_bf16_is_read_from_the_cpu_flags_the_kernel_lists(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    assert not runtime.cpu_bf16_supported(info)
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16\n")
+    assert runtime.cpu_bf16_supported(info)
+    assert runtime.cpu_bf16_supported(tmp_path / "missing")  # not Linux: the probe times bf16 like anywhere else

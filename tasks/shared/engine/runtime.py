@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -100,12 +101,21 @@ BF16_MIN_GAIN = 1.1
 """`precision: auto` on CPU trains in bf16 only when the probe finds it at least this much faster than fp32."""
 
 
-def cpu_bf16_supported() -> bool:
-    """Whether this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX) that oneDNN uses."""
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+"""CPU flags (Linux /proc/cpuinfo) of the native bf16 matrix instructions that oneDNN uses."""
+
+
+def cpu_bf16_supported(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX), as the kernel lists its flags.
+
+    Where the kernel does not say (no /proc/cpuinfo: not Linux), bf16 is timed like anywhere else: a CPU that
+    emulates it loses the probe.
+    """
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+        flags = set(cpuinfo.read_text().split())
+    except OSError:
+        return True
+    return any(flag in flags for flag in BF16_CPU_FLAGS)
 
 
 @dataclass
