@@ -82,7 +82,7 @@ def story(tiny_pipeline, tmp_path_factory) -> SimpleNamespace:
     every decision."""
     from typer.testing import CliRunner
 
-    from deploy.service import load_service_bundle
+    from deploy.resolve import load_service_bundle
     from mlflow import MlflowClient
     from models.bundle import write_bundle
     from models.tokenizer import TOKENIZER_FILE
