@@ -8,7 +8,11 @@ Batch 1, a seeded prompt of `--prompt-tokens` token ids, `--new-tokens` new toke
 the one sampler (models/sampling.py `decode`): cached (`use_cache=True`, what every front serves) and uncached
 (`use_cache=False`: the whole context read again for every token), alternated `--repeat` times; the medians are
 reported and the two token sequences must be identical (the program fails otherwise). Both follow the same rule
-at block_size (context shift, models/sampling.py), so both read the same contexts.
+at block_size (context shift, models/sampling.py), so both read the same contexts, and both compute logits for the
+last position only: the ratio is the cache's alone. For scale, `previous_tokens_per_s` times the greedy loop that
+served /generate before the cache (the last block_size tokens through the whole forward, logits for every
+position, each step); its tokens equal the others' until the context first reaches block_size (checked), then its
+sliding context differs from the shift.
 
 The model: the pipeline's LM (`--lm DIR`, default params.yaml's `paths.lm` when it exists), else a seeded
 random-init model of the `small` preset (the pipeline's default shape). A second row repeats the measurement on
@@ -16,7 +20,8 @@ the same shape with block_size 512 (random init, 256 new tokens never reach the 
 of a long context shows; `--no-long` leaves it out.
 
 Prints a table and, as its last line, a JSON object: prompt_tokens, new_tokens, cached_tokens_per_s,
-uncached_tokens_per_s, ratio, identical, model, runs, threads, torch, machine, long_context {same keys}.
+uncached_tokens_per_s, ratio, previous_tokens_per_s, identical, model, runs, threads, torch, machine,
+long_context {same keys}.
 """
 
 from __future__ import annotations
@@ -67,28 +72,45 @@ def decode_timed(model: GPT, prompt: torch.Tensor, new_tokens: int, use_cache: b
     return tokens, time.perf_counter() - start
 
 
+@torch.inference_mode()
+def previous_timed(model: GPT, prompt: torch.Tensor, new_tokens: int) -> tuple[list[int], float]:
+    """Greedy decoding as /generate did before the cache, and the seconds it took: every step the last block_size
+    tokens through the whole forward, logits for every position."""
+    block, vocab = model.config.block_size, model.config.vocab_size
+    start, idx = time.perf_counter(), prompt
+    for _ in range(new_tokens):
+        logits = model(idx[:, -block:])[0][0, -1, :vocab]
+        idx = torch.cat([idx, logits.argmax().view(1, 1)], dim=1)
+    return idx[0, prompt.size(1) :].tolist(), time.perf_counter() - start
+
+
 def measure(model: GPT, prompt_tokens: int, new_tokens: int, repeat: int) -> dict:
-    """Cached and uncached greedy decoding of the same prompt, alternated `repeat` times; medians in tokens/s."""
+    """Cached, uncached and previous greedy decoding of the same prompt, alternated `repeat` times; medians in
+    tokens/s."""
     cfg = model.config
     prompt = torch.randint(0, cfg.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
-    for use_cache in (True, False):  # warm-up: first calls allocate and pick kernels
-        decode_timed(model, prompt, 8, use_cache)
-    runs: dict[bool, list[float]] = {True: [], False: []}
-    outputs: dict[bool, list[int]] = {}
+    ways = {
+        "cached": lambda n: decode_timed(model, prompt, n, use_cache=True),
+        "uncached": lambda n: decode_timed(model, prompt, n, use_cache=False),
+        "previous": lambda n: previous_timed(model, prompt, n),
+    }
+    for way in ways.values():  # warm-up: first calls allocate and pick kernels
+        way(8)
+    runs: dict[str, list[float]] = {name: [] for name in ways}
+    outputs: dict[str, list[int]] = {}
     for _ in range(repeat):
-        for use_cache in (True, False):
-            outputs[use_cache], seconds = decode_timed(model, prompt, new_tokens, use_cache)
-            runs[use_cache].append(new_tokens / seconds)
-    if outputs[True] != outputs[False]:
-        first = next(i for i, (a, b) in enumerate(zip(outputs[True], outputs[False])) if a != b)
-        raise SystemExit(f"generation: cached and uncached decoding differ at new token {first}")
-    cached, uncached = statistics.median(runs[True]), statistics.median(runs[False])
+        for name, way in ways.items():
+            outputs[name], seconds = way(new_tokens)
+            runs[name].append(new_tokens / seconds)
+    check_outputs(outputs, max(0, cfg.block_size - prompt_tokens + 1))
+    cached, uncached, previous = (statistics.median(runs[name]) for name in ways)
     return {
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
         "cached_tokens_per_s": round(cached, 1),
         "uncached_tokens_per_s": round(uncached, 1),
         "ratio": round(cached / uncached, 2),
+        "previous_tokens_per_s": round(previous, 1),
         "identical": True,
         "model": {
             "n_layer": cfg.n_layer,
@@ -100,11 +122,18 @@ def measure(model: GPT, prompt_tokens: int, new_tokens: int, repeat: int) -> dic
             "attn_window": cfg.attn_window,
             "params": model.num_params(),
         },
-        "runs": {
-            "cached_tokens_per_s": [round(r, 1) for r in runs[True]],
-            "uncached_tokens_per_s": [round(r, 1) for r in runs[False]],
-        },
+        "runs": {f"{name}_tokens_per_s": [round(r, 1) for r in rates] for name, rates in runs.items()},
     }
+
+
+def check_outputs(outputs: dict[str, list[int]], same_as_previous: int) -> None:
+    """Exit with a message unless cached and uncached decoding picked the same tokens, and the previous sampler
+    the same first `same_as_previous` tokens (before its context first slides)."""
+    for other, n in (("uncached", None), ("previous", same_as_previous)):
+        a, b = outputs["cached"][:n], outputs[other][:n]
+        if a != b:
+            first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            raise SystemExit(f"generation: cached and {other} decoding differ at new token {first}")
 
 
 def cpu_name() -> str:
@@ -121,7 +150,8 @@ def cpu_name() -> str:
 def row(name: str, r: dict) -> str:
     return (
         f"{name:<34} {r['model']['block_size']:>5} {r['prompt_tokens']:>6} {r['new_tokens']:>4} "
-        f"{r['cached_tokens_per_s']:>12,.1f} {r['uncached_tokens_per_s']:>14,.1f} {r['ratio']:>6.2f}x"
+        f"{r['cached_tokens_per_s']:>12,.1f} {r['uncached_tokens_per_s']:>14,.1f} {r['ratio']:>6.2f}x "
+        f"{r['previous_tokens_per_s']:>14,.1f}"
     )
 
 
@@ -148,8 +178,8 @@ def main(argv: list[str] | None = None) -> None:
         long["model"]["source"] = f"small preset, block_size {LONG_BLOCK}, random init"
         r["long_context"] = long
     r.update(threads=torch.get_num_threads(), torch=torch.__version__, machine=f"{cpu_name()}, {platform.machine()}")
-    header = ("model", "block", "prompt", "new", "cached tok/s", "uncached tok/s", "ratio")
-    print("{:<34} {:>5} {:>6} {:>4} {:>12} {:>14} {:>7}".format(*header))
+    header = ("model", "block", "prompt", "new", "cached tok/s", "uncached tok/s", "ratio", "previous tok/s")
+    print("{:<34} {:>5} {:>6} {:>4} {:>12} {:>14} {:>7} {:>14}".format(*header))
     print(row(source[:34], r))
     if "long_context" in r:
         print(row(r["long_context"]["model"]["source"][:34], r["long_context"]))

@@ -102,5 +102,6 @@ def decode(
 
 
 def _last_logits(model, idx: torch.Tensor, cache) -> torch.Tensor:
-    """Logits (B, V) after the last token of `idx`, over the real vocabulary (not its padding)."""
-    return model(idx, cache=cache)[0][:, -1, : model.config.vocab_size]
+    """Logits (B, V) after the last token of `idx`, over the real vocabulary (not its padding); the LM head reads
+    only the last position (a prefill or an uncached step needs no logits for the others)."""
+    return model.lm_head(model.hidden(idx, cache=cache)[:, -1])[:, : model.config.vocab_size]
