@@ -166,6 +166,9 @@ def test_batch_settings_that_do_not_divide_name_the_key(tmp_path):
 def test_a_masked_lm_trunk_fine_tunes_quantizes_and_serves_without_generate(tokenized, tmp_path):
     from conftest import TINY_FINETUNE, TINY_QUANTIZE
 
+    from deploy.core import CannotGenerate, generate
+    from deploy.requests import GenerationRequest
+    from deploy.resolve import ServedModel
     from models.bundle import load_parts
     from models.checkpoint import load_classifier
     from tasks import finetune, quantize
@@ -185,8 +188,10 @@ def test_a_masked_lm_trunk_fine_tunes_quantizes_and_serves_without_generate(toke
         (pred,) = bundle.classify(["def f(x):\n    return x"])
         assert pred.label in LABELS and sum(pred.probabilities.values()) == pytest.approx(1, abs=1e-4)
         assert not bundle.can_generate
-        with pytest.raises(RuntimeError, match="masked-LM"):
-            bundle.generate("def ", max_new_tokens=2)
+        with pytest.raises(CannotGenerate, match="masked LM"):
+            generate(
+                ServedModel(bundle, uri=str(classifier), source="folder"), GenerationRequest("def ", max_new_tokens=2)
+            )
 
 
 class Recorder(NullTracker):
