@@ -14,7 +14,13 @@ export DO_NOT_TRACK ?= 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR ?= false
 export GIT_PYTHON_REFRESH ?= quiet
 
-.PHONY: install lint pipeline repro promote retrain schedule deploy test test-fast serve serve-grpc bento grpc-stubs ui check check-lock deps constraints clean-outputs postgres stack-up stack-down
+.PHONY: help install lint pipeline repro promote retrain schedule deploy test test-fast serve serve-grpc bento grpc-stubs ui check check-lock deps constraints postgres stack-up stack-down
+
+.DEFAULT_GOAL := help
+
+help:  ## this list: every target with what it does (`make` with no target prints it)
+	@echo "lmforge: make pipeline (install + the whole pipeline on the embedded data), make test; every target:"
+	@awk 'BEGIN {FS = ":[^#]*## "} /^[a-zA-Z_-]+:[^=]*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +38,7 @@ repro: install  ## the same stages with DVC alone (then `lmforge promote`); para
 	$(BIN)/lmforge check
 	$(BIN)/dvc repro
 
-promote: install
+promote: install  ## gates + registry after a `dvc repro`: register @candidate, move @champion if every gate passes
 	$(BIN)/lmforge promote
 
 retrain: install  ## retrain now unless data, code and params equal @champion's lineage (then it skips in seconds)

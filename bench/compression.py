@@ -92,9 +92,9 @@ def main() -> None:
     from models.bundle import load_parts
     from models.quantize import linear_weight_bytes
     from models.tokenizer import TOKENIZER_FILE
-    from tasks.evaluate import bundle_scorer, score_model, timed
     from tasks.shared.config.params import load_params
     from tasks.shared.io import read_parquet
+    from tasks.shared.scoring import bundle_scorer, score_model, timed
     from tasks.shared.variants import built
 
     params = load_params(args.params)

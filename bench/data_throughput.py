@@ -527,7 +527,7 @@ def _cpu_s() -> float:
 
 def child_clean(src: Path, dst: Path, near_dup: bool, params: dict) -> dict:
     """One clean_file pass over the corpus `src` (timed: the call only)."""
-    from tasks.shared.cleaning import clean_file
+    from tasks.shared.cleaning.files import clean_file
     from tasks.shared.config.clean import CleanConfig
 
     cfg = CleanConfig(**{**(params.get("clean") or {}), "near_dup": near_dup})
@@ -600,7 +600,7 @@ def placeholder_pattern() -> str:
     """A regex for the scrubber's placeholders (<EMAIL>, ...); the generated text never contains '<'."""
     import re
 
-    from tasks.shared.cleaning import PLACEHOLDERS
+    from tasks.shared.cleaning.pii import PLACEHOLDERS
 
     return "|".join(re.escape(p) for p in PLACEHOLDERS.values())
 

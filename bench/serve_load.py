@@ -4,7 +4,7 @@
     python bench/serve_load.py --quick           # 3 s per level: a smoke run, not a measurement
     python bench/serve_load.py --model /tmp/bundle --batch-max-latency-ms 20 --client httpx
 
-1. In process: `deploy.core.open_model` + `deploy.core.classify` over the inputs in batches of 1, 32 and 256
+1. In process: `deploy.resolve.open_model` + `deploy.core.classify` over the inputs in batches of 1, 32 and 256
    (no server running); `inproc_rps` is the best of the three, in texts per second.
 2. REST: a real `bentoml serve deploy.service:LMForge` on a free loopback port (adaptive batching on),
    closed-loop clients at concurrency 1, 8 and 32: each sends POST /classify with one text, waits for the
@@ -101,7 +101,7 @@ def snippets(n: int = 256) -> list[str]:
 
 def load_texts(params_file: str, limit: int) -> tuple[list[str], str]:
     """The test split's texts that the service accepts (else `snippets()`), and where they came from."""
-    from deploy.core import LIMITS
+    from deploy.requests import LIMITS
     from tasks.shared.config.params import load_params
     from tasks.shared.errors import UserError
     from tasks.shared.io import read_parquet
@@ -127,7 +127,8 @@ def inproc(uri: str, texts: list[str], batches: tuple[int, ...], seconds: float)
     """Texts per second of `deploy.core.classify` in batches of each size, and the model version."""
     import torch
 
-    from deploy.core import classify, open_model
+    from deploy.core import classify
+    from deploy.resolve import open_model
 
     model = open_model(uri, to_store=False)
     out = {}
@@ -548,7 +549,7 @@ def main() -> None:
 
     import torch
 
-    from deploy.core import MODEL_URI_ENV, ModelUnavailable, default_model_uri
+    from deploy.resolve import MODEL_URI_ENV, ModelUnavailable, default_model_uri
 
     load1 = os.getloadavg()[0]
     try:

@@ -1,5 +1,9 @@
 """Training throughput of the lmforge engine on synthetic tokens (warm-up steps excluded).
 
+Each step is the engine's one training step (`tasks/shared/engine/step.py: train_step`: autocast, loss,
+GradScaler-scaled backward under fp16, clipping, optimizer), timed by the same timer as the pretrain
+stage's own benchmark (`time_lm_steps`).
+
     python bench/train_throughput.py --preset nanogpt-cpu
     python bench/train_throughput.py --preset gpt2-124m --compile          # on a GPU
     python bench/train_throughput.py --preset nanogpt-cpu --compare-nanogpt /path/to/nanoGPT --repeat 3
@@ -34,8 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from models.transformer import GPT, GPTConfig  # noqa: E402
-from tasks.shared import engine  # noqa: E402
 from tasks.shared.config.pretrain import PretrainConfig  # noqa: E402
+from tasks.shared.engine.optim import build_optimizer  # noqa: E402
+from tasks.shared.engine.runtime import device_name, setup_runtime, wrap_model  # noqa: E402
+from tasks.shared.engine.step import mfu, time_lm_steps, use_fused_loss  # noqa: E402
 
 PRESETS = {
     # nanoGPT bench.py shrunk for a CPU: 4 x 128, block 64, batch 12, GPT-2 vocabulary, fp32, no compile.
@@ -71,42 +77,25 @@ def measure(preset: str, compile: bool, steps: int, warmup: int, fused_loss: str
     cfg = PretrainConfig(
         device=p["device"], precision=p["precision"], compile=compile, lr=6e-4, min_lr=6e-5, fused_loss=fused_loss
     )
-    rt = engine.setup_runtime(cfg)
+    rt = setup_runtime(cfg)
     torch.manual_seed(0)
     model_cfg = GPTConfig(**p["model"])
     model = GPT(model_cfg)
     flops_per_token = model.flops_per_token()
     n_params = model.num_params()
-    model = engine.wrap_model(model, rt, "ddp", compile)
-    opt = engine.build_optimizer(model, cfg, rt.device)
-    fused = engine.use_fused_loss(fused_loss, rt.device)
+    model = wrap_model(model, rt, "ddp", compile)
+    opt = build_optimizer(model, cfg, rt.device)
+    fused = use_fused_loss(fused_loss, rt.device)
     B, T = p["batch"], model_cfg.block_size
     gen = torch.Generator().manual_seed(0)
     data = torch.randint(model_cfg.vocab_size, (steps + warmup, B, T + 1), generator=gen)
-
-    def step(i: int) -> float:
-        x, y = data[i, :, :-1].to(rt.device, non_blocking=True), data[i, :, 1:].to(rt.device, non_blocking=True)
-        with rt.autocast():
-            _, loss = model(x, y, fused_loss=fused)
-        loss.backward()
-        engine.clip_and_step(model, opt, rt, 1.0)
-        return loss
-
-    sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
-    for i in range(warmup):
-        step(i)
-    sync()
-    t0 = time.perf_counter()
-    for i in range(warmup, warmup + steps):
-        loss = step(i)
-    final_loss = float(loss.detach())
-    sync()
-    seconds = time.perf_counter() - t0
+    seconds, loss = time_lm_steps(model, opt, rt, data, fused, cfg.grad_clip, warmup)
+    final_loss = float(loss)
     tokens_per_s = steps * B * T / seconds
-    m = engine.mfu(flops_per_token, tokens_per_s, rt.device, rt.precision)
+    m = mfu(flops_per_token, tokens_per_s, rt.device, rt.precision)
     return {
         "preset": preset,
-        "device": engine.device_name(rt.device),
+        "device": device_name(rt.device),
         "precision": rt.precision,
         "compile": compile,
         "fused_loss": fused,

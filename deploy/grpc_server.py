@@ -1,7 +1,7 @@
 """gRPC front end: the REST service's model, limits and answers over gRPC (BentoML's SDK serves no gRPC).
 
 Start it with `make serve-grpc` (`lmforge serve --grpc`, i.e. `python -m deploy.grpc_server`); it serves
-the model deploy/core.py resolves (LMFORGE_MODEL_URI, a Bento's model, else the registry's @champion) on
+the model deploy/resolve.py finds (LMFORGE_MODEL_URI, a Bento's model, else the registry's @champion) on
 127.0.0.1:50051. The contract is deploy/lmforge.proto (`lmforge.v1.Inference`: Classify, Generate,
 GenerateStream, Metadata); `make grpc-stubs` regenerates deploy/lmforge_pb2*.py from it.
 
@@ -9,7 +9,7 @@ Besides Inference the server carries the standard health service (`grpc.health.v
 "" and "lmforge.v1.Inference" while a model is loaded) and server reflection, so `grpcurl` needs no .proto.
 
 Errors are status codes with a one-line message, never INTERNAL for a client's mistake: a request outside
-the limits is INVALID_ARGUMENT (deploy/core.py's check_texts and GenerationRequest decide, as for REST's
+the limits is INVALID_ARGUMENT (deploy/requests.py's check_texts and GenerationRequest decide, as for REST's
 400s); Generate on a masked-LM model is FAILED_PRECONDITION; with no loadable model the server stays up,
 health says NOT_SERVING and every Inference call is UNAVAILABLE with the reason (no crash loop); with
 LMFORGE_API_KEY set, Inference calls without `authorization: Bearer <key>` or `x-api-key: <key>`
@@ -36,22 +36,9 @@ from grpc_reflection.v1alpha import reflection
 
 from deploy import lmforge_pb2 as pb
 from deploy import lmforge_pb2_grpc as pb_grpc
-from deploy.core import (
-    API_KEY_ENV,
-    MAX_BODY_BYTES,
-    CannotGenerate,
-    GenerationRequest,
-    InvalidInput,
-    ModelUnavailable,
-    ServedModel,
-    check_can_generate,
-    check_texts,
-    classify,
-    describe,
-    generate,
-    open_model,
-    stream,
-)
+from deploy.core import CannotGenerate, check_can_generate, classify, describe, generate, stream
+from deploy.requests import API_KEY_ENV, MAX_BODY_BYTES, GenerationRequest, InvalidInput, check_texts
+from deploy.resolve import ModelUnavailable, ServedModel, open_model
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 """`lmforge.v1.Inference`: the name health checks and reflection know the service by."""

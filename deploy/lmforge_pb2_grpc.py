@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class InferenceStub:
-    """Classification and generation by the model lmforge serves (see deploy/core.py for which one).
+    """Classification and generation by the model lmforge serves (see deploy/resolve.py for which one).
     """
 
     def __init__(self, channel):
@@ -58,7 +58,7 @@ class InferenceStub:
 
 
 class InferenceServicer:
-    """Classification and generation by the model lmforge serves (see deploy/core.py for which one).
+    """Classification and generation by the model lmforge serves (see deploy/resolve.py for which one).
     """
 
     def Classify(self, request, context):
@@ -121,7 +121,7 @@ def add_InferenceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Inference:
-    """Classification and generation by the model lmforge serves (see deploy/core.py for which one).
+    """Classification and generation by the model lmforge serves (see deploy/resolve.py for which one).
     """
 
     @staticmethod

@@ -1,7 +1,7 @@
 """BentoML service: the `champion` classifier and its pretrained LM over REST.
 
 Start it with `make serve` (`lmforge serve`, i.e. `bentoml serve deploy.service:LMForge`). Which model it
-serves, and how a registry version lands in BentoML's model store, is deploy/core.py's docstring.
+serves, and how a registry version lands in BentoML's model store, is deploy/resolve.py's docstring.
 
 Endpoints:
 
@@ -9,7 +9,7 @@ Endpoints:
   batching merges concurrent requests (LMFORGE_BATCH_MAX_SIZE texts, default 256;
   LMFORGE_BATCH_MAX_LATENCY_MS, default 10000: BentoML answers 503 to a request that would wait longer);
 - `POST /generate`, `POST /generate_stream` (plain-text chunks as they are sampled): max_new_tokens,
-  temperature, top_k, top_p, stop strings, seed, all bounded (deploy/core.py's Limits);
+  temperature, top_k, top_p, stop strings, seed, all bounded (deploy/requests.py's Limits);
 - `GET /metadata`: registered model name and version, variant, lineage, gates and test metrics;
 - `POST /reload`: load the registry's current @champion without a restart (needs LMFORGE_API_KEY);
 - `/healthz`, `/livez` (the process is up), `/readyz` (a model is loaded; 503 with the reason otherwise),
@@ -33,44 +33,27 @@ import threading
 from typing import Annotated, Generator
 
 import bentoml
+from bentoml.validators import ContentType
 from fastapi import FastAPI
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
-from deploy.core import (  # noqa: F401  (re-exported: promotion's smoke gate and the tests use them)
+from deploy.core import CannotGenerate, check_can_generate, classify, describe, stream
+from deploy.core import generate as generate_text
+from deploy.requests import (
     API_KEY_ENV,
+    EXAMPLE_INPUT,
+    EXAMPLE_PROMPT,
     LIMITS,
     MAX_BODY_BYTES,
-    MODEL_URI_ENV,
-    CannotGenerate,
     GenerationRequest,
     InvalidInput,
-    ModelUnavailable,
-    ServedModel,
-    check_can_generate,
-    classify,
-    default_model_uri,
-    describe,
-    load_service_bundle,
-    open_model,
-    stream,
     unicode_problem,
 )
-from deploy.core import generate as generate_text
+from deploy.resolve import ModelUnavailable, ServedModel, open_model
 
 BATCH_SIZE_ENV, BATCH_LATENCY_ENV = "LMFORGE_BATCH_MAX_SIZE", "LMFORGE_BATCH_MAX_LATENCY_MS"
 WORKERS_ENV, ACCESS_LOG_ENV, TRACING_ENV = "LMFORGE_WORKERS", "LMFORGE_ACCESS_LOG", "LMFORGE_TRACING"
-EXAMPLE_INPUT = [
-    (
-        "def run_until_complete(self, future):\n    future = tasks.ensure_future(future, loop=self)\n"
-        "    return future.result()"
-    ),
-    (
-        'def get_content_type(self):\n    """Return the message\'s content type."""\n'
-        "    return self.get('content-type', 'text/plain')"
-    ),
-]
-EXAMPLE_PROMPT = "def read_config(path):\n    "
 PUBLIC = ("/healthz", "/livez", "/readyz", "/metrics", "/docs.json", "/")
 """Paths open without the API key: the probes, Prometheus and the API docs."""
 JSON_ROUTES = ("/classify", "/generate", "/generate_stream", "/reload")
@@ -125,7 +108,7 @@ Seed = Annotated[int, Field(ge=0, le=LIMITS.max_seed, strict=True)]
 
 
 class GenerateInput(BaseModel):
-    """The body of /generate and /generate_stream (deploy/core.py's GenerationRequest checks the same bounds)."""
+    """The body of /generate and /generate_stream (deploy/requests.py's GenerationRequest checks the same bounds)."""
 
     model_config = ConfigDict(extra="forbid")  # a misspelt setting (`max_tokens`) is a 400, not silently ignored
 
@@ -146,6 +129,11 @@ class Classification(BaseModel):
     probabilities: dict[str, float]
     model_version: str
     """`<registered model>/<version>` that answered (`/local` for a bundle folder)."""
+
+
+ClassifyOutput = Annotated[list[Classification], ContentType("application/json")]
+"""/classify's answer, its media type declared (bentoml.validators.ContentType): BentoML would otherwise derive it
+from the list's JSON schema, rebuilt on every response (an eighth of the worker's CPU under load)."""
 
 
 class Generation(BaseModel):
@@ -219,7 +207,8 @@ class _OneLineBadRequests(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if (
-            record.exc_info
+            record.name.startswith("bentoml")
+            and record.exc_info
             and record.exc_info[0] is not None
             and record.exc_info[0].__name__ in ("ValidationError", "InvalidArgument", "BadInput")
         ):
@@ -228,7 +217,18 @@ class _OneLineBadRequests(logging.Filter):
         return True
 
 
-logging.getLogger("bentoml._internal.server.http_app").addFilter(_OneLineBadRequests())
+def _one_line_bad_requests() -> None:
+    """Shorten BentoML's request-validation tracebacks in this worker's logs.
+
+    They are logged under the `bentoml` logger (BentoML's documented library logger), which in a served worker
+    has its own handlers and does not propagate: the filter goes on those handlers, because a filter on a logger
+    never sees its children's records and the child's name is BentoML's internal module path.
+    """
+    for handler in logging.getLogger("bentoml").handlers:
+        if not any(isinstance(f, _OneLineBadRequests) for f in handler.filters):
+            # first: the handler's own filters (BentoML's copies the level into its line) see the lowered level
+            handler.filters.insert(0, _OneLineBadRequests())
+
 
 http = FastAPI()
 
@@ -250,6 +250,7 @@ http = FastAPI()
 @bentoml.asgi_app(http, path="/")
 class LMForge:
     def __init__(self) -> None:
+        _one_line_bad_requests()  # not at import (no import-time side effects); the worker has its logging by now
         self.model: ServedModel | None = None
         self.unavailable: str | None = None
         self._reload = threading.Lock()
@@ -284,7 +285,7 @@ class LMForge:
         max_batch_size=_env_int(BATCH_SIZE_ENV, LIMITS.max_items, LIMITS.max_items),
         max_latency_ms=_env_int(BATCH_LATENCY_ENV, 10_000, 10),
     )
-    def classify(self, texts: Annotated[Texts, Field(examples=[EXAMPLE_INPUT])]) -> list[Classification]:
+    def classify(self, texts: Annotated[Texts, Field(examples=[EXAMPLE_INPUT])]) -> ClassifyOutput:
         """Label each text with the stdlib package it most likely comes from, with class probabilities
         and the model version."""
         model = self.model  # one model for the whole batch, even if /reload swaps it meanwhile
@@ -351,6 +352,3 @@ class LMForge:
 
 
 LMForge.add_asgi_middleware(Gatekeeper)
-# BentoML derives the media type of a list output from its JSON schema, rebuilt on every response (an eighth of
-# the worker's CPU under load); declared once here instead.
-LMForge.apis["classify"].output_spec.media_type = "application/json"

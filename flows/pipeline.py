@@ -17,12 +17,12 @@ reaches Prefect's temporary server only after the flow has recorded how the run 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
-import re
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -30,93 +30,29 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from prefect.states import Failed, State
 
-from tasks.ops.lock import DEFAULT_TIMEOUT, held_fds, workspace_lock
+from flows.placement import dvc_transfer, io_options, run_placed
+from flows.stages import exit_code, run_stage, user_error, worth_retrying
+from tasks.ops.dag import dvc_command, stage_names
+from tasks.ops.lock import DEFAULT_TIMEOUT, workspace_lock
 from tasks.shared import lifeline
+from tasks.shared.config.params import load_params
+from tasks.shared.datasets import dvc_file, untracked_inputs
 from tasks.shared.errors import UserError
-
-
-class StageFailed(RuntimeError):
-    """A DVC stage exited non-zero; its own output (already in the logs) says why."""
-
-    def __init__(self, message: str, returncode: int) -> None:
-        super().__init__(message)
-        self.returncode = returncode
-
-
-USER_ERROR_EXIT = 2  # a stage's one-line user error (tasks/shared/harness.py): retrying cannot help
-INTERRUPTED_EXIT = 130
-RESUMABLE = {"pretrain": 2}  # stages that continue from their last checkpoint: retries are cheap
-_USER_ERROR_LINE = re.compile(r"^lmforge [\w-]+: error: ")
-_STAGE_LINE = re.compile(r"^lmforge [\w-]+: failed: ")  # a failure that is not the input's fault (exit 3): retried
-
-
-def worth_retrying(task, task_run, state) -> bool:
-    """Retry crashes (killed worker, lost device), not bad input."""
-    exc = state.result(raise_on_failure=False)
-    if isinstance(exc, UserError) or (isinstance(exc, int) and exc == USER_ERROR_EXIT):
-        return False
-    return not (isinstance(exc, StageFailed) and exc.returncode == USER_ERROR_EXIT)
-
-
-@task(task_run_name="{stage}", retries=0, retry_condition_fn=worth_retrying)
-def run_stage(stage: str, env: dict[str, str]) -> dict:
-    """`dvc repro --single-item <stage>`, streaming its output into the Prefect logs.
-
-    A user error (exit code 2) ends the task Failed with the stage's one-line message; any other
-    failure raises StageFailed, which the retry policy may retry.
-    """
-    from tasks.ops.dag import dvc_command
-
-    logger = get_run_logger()
-    proc = subprocess.Popen(
-        dvc_command("repro", "--quiet", "--single-item", stage),
-        env={**env, lifeline.SUPERVISOR_ENV: str(os.getpid())},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
-        start_new_session=True,  # Ctrl-C reaches the flow, which stops the whole stage (below)
-        pass_fds=held_fds(),  # the workspace stays locked until this dvc process has exited
-    )
-    last, error, said = "", "", ""
-    assert proc.stdout is not None
-    try:
-        for chunk in proc.stdout:
-            for line in re.split(r"[\r\n]", chunk):
-                line = line.rstrip()
-                if line and line != last:  # progress bars redraw the same line
-                    logger.info(line)
-                    last = line
-                    error = line if _USER_ERROR_LINE.match(line) else error
-                    said = line if _STAGE_LINE.match(line) else said
-        proc.wait()
-    except BaseException:  # interrupted (Ctrl-C, SIGTERM): stop the stage before anything else
-        lifeline.terminate_group(proc)
-        raise
-    if proc.returncode != 0:
-        if error:  # the stage's own one-line user error (`dvc repro --quiet` prints no exit code): not retried
-            return Failed(message=error, data=USER_ERROR_EXIT)
-        stage_code = re.search(r"exited with (-?\d+)", last)  # dvc reports the command's own exit code
-        code = int(stage_code.group(1)) if stage_code else proc.returncode
-        raise StageFailed(said or f"stage {stage!r} failed (dvc repro exit code {proc.returncode}): {last}", code)
-    from tasks.shared.config.params import load_params
-
-    metrics = Path(load_params().paths.metrics) / f"{stage}.json"
-    return json.loads(metrics.read_text()) if metrics.exists() else {}
+from tasks.shared.io import expand_inputs, user_inputs
+from tasks.shared.stagerun import INTERRUPTED_EXIT, RESUMABLE, USER_ERROR_EXIT, error_line, stage_env
+from tasks.shared.tracking import PARENT_RUN_ENV, setup_tracking, tracking_uri
 
 
 @task(retries=0)
 def promote_candidate(parent_run_id: str) -> dict | str:
     """Apply the promotion gates and move `champion` only if all pass; a refusal is its one-line reason."""
     from tasks.ops.promote import run as promote_run
-    from tasks.shared.config.params import load_params
-    from tasks.shared.tracking import PARENT_RUN_ENV
 
     os.environ[PARENT_RUN_ENV] = parent_run_id
     try:
         decision = promote_run(load_params(), flow_run_id=str(flow_run.id or ""))
     except UserError as e:
-        return f"lmforge promote: error: {e}"
+        return error_line("promote", e)
     return {
         "variant": decision.variant,
         "version": decision.version,
@@ -165,14 +101,11 @@ def pipeline(promote: bool = True, lock_timeout: float = DEFAULT_TIMEOUT) -> dic
         with workspace_lock(Path.cwd(), f"lmforge pipeline (Prefect flow run {flow_run.name or '?'})", lock_timeout):
             return run_stages(params, promote)
     except UserError as e:
-        return Failed(message=str(e), data=USER_ERROR_EXIT)
+        return user_error(str(e))
 
 
 def prepare():
     """All of params.yaml validated and the tracking store reachable, before anything runs; returns the params."""
-    from tasks.shared.config.params import load_params
-    from tasks.shared.tracking import setup_tracking
-
     params = load_params()
     require_tracking(params.tracking)
     setup_tracking(params.tracking)
@@ -181,12 +114,6 @@ def prepare():
 
 def require_tracking(cfg, attempts: int = 3) -> None:
     """One line naming the URI when a tracking server does not answer (a few tries with backoff first)."""
-    import time
-    import urllib.error
-    import urllib.request
-
-    from tasks.shared.tracking import tracking_uri
-
     uri = tracking_uri(cfg)
     if not uri.startswith(("http://", "https://")):
         return
@@ -207,29 +134,15 @@ def require_tracking(cfg, attempts: int = 3) -> None:
     )
 
 
-def stage_env(parent_run_id: str) -> dict[str, str]:
-    """The environment of a stage process: nested under the parent MLflow run, this interpreter first on PATH."""
-    from tasks.shared.tracking import PARENT_RUN_ENV
-
-    env = {**os.environ, PARENT_RUN_ENV: parent_run_id, "TQDM_MININTERVAL": "5", "PYTHONUNBUFFERED": "1"}
-    # dvc.yaml's `python -m tasks.<stage>` must find this interpreter even when the venv is not activated
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return env
-
-
 @task(task_run_name="{stage} (placed)", retries=0, retry_condition_fn=worth_retrying)
 def placed_stage(stage: str, parent_run_id: str, cfg) -> dict:
     """A stage run by a worker of another pool (flows/placement.py); retried like a local one."""
-    from flows.placement import run_placed
-
     return run_placed(stage, parent_run_id, cfg)
 
 
 def run_stages(params, promote: bool, run_name: str | None = None) -> dict | State:
     """The stages in order inside one MLflow parent run, then promotion; a Failed state at the first failure."""
     import mlflow
-    from flows.placement import dvc_transfer, io_options
-    from tasks.ops.dag import stage_names
 
     names = stage_names(Path.cwd())
     orchestrate = params.orchestrate
@@ -256,17 +169,15 @@ def run_stages(params, promote: bool, run_name: str | None = None) -> dict | Sta
             if stage == "validate":  # passed or failed, the Data Docs show what the data looked like
                 data_docs_artifact(parent.info.run_id, params)
             if not state.is_completed():
-                exc = state.result(raise_on_failure=False)
-                code = exc if isinstance(exc, int) else getattr(exc, "returncode", 1)
                 _end_failed(stage)
-                return Failed(message=state.message or f"stage {stage!r} failed", data=code)
+                return _stage_failed(stage, state)
             results["stages"][stage] = state.result()
             if placed and stage not in placed:  # workers share the DVC remote, not a disk
                 dvc_transfer.with_options(**io_options(orchestrate))("push", [stage])
         decision = promote_candidate(parent.info.run_id) if promote else None
         if isinstance(decision, str):  # promotion refused with a one-line reason
             _end_failed("promote")
-            return Failed(message=decision, data=USER_ERROR_EXIT)
+            return user_error(decision)
         results["promotion"] = decision
         evaluation = results["stages"]["evaluate"]
         mlflow.log_dict(results, "pipeline_results.json")
@@ -284,21 +195,17 @@ def run_stages(params, promote: bool, run_name: str | None = None) -> dict | Sta
     return results
 
 
+def _stage_failed(stage: str, state: State) -> State:
+    """The flow's own Failed state for a stage's final one (a task's state cannot be the flow's)."""
+    message, code = state.message or f"stage {stage!r} failed", exit_code(state)
+    return user_error(message) if code == USER_ERROR_EXIT else Failed(message=message, data=code)
+
+
 def track_inputs(params) -> None:
     """Version the user data before anything reads it: `dvc add` the inputs DVC does not track yet (in the
     project, not in git), then `dvc push` every input to the default remote. A push that fails after its
     retries is a warning (the data stays in the local DVC cache; `dvc push` later), not a failed run."""
-    from flows.placement import dvc_transfer, io_options
-    from tasks.ops.dag import dvc_command
-    from tasks.shared.datasets import dvc_file, untracked_inputs
-    from tasks.shared.io import expand_inputs
-
-    specs = [
-        i
-        for s in (params.ingest.corpus, params.ingest.labeled)
-        if s != "stdlib"
-        for i in ([s] if isinstance(s, str) else s)
-    ]
+    specs = user_inputs(params.ingest.corpus, params.ingest.labeled)
     if not specs:
         return
     logger = get_run_logger()
@@ -344,7 +251,6 @@ def links_artifact(parent_run_id: str, decision: dict | None, params) -> None:
     from prefect.artifacts import create_link_artifact
 
     import mlflow
-    from tasks.shared.tracking import tracking_uri
 
     uri = tracking_uri(params.tracking)
     exp = mlflow.get_run(parent_run_id).info.experiment_id
@@ -368,7 +274,6 @@ def data_docs_artifact(parent_run_id: str, params) -> None:
     from prefect.artifacts import create_link_artifact
 
     import mlflow
-    from tasks.shared.tracking import tracking_uri
 
     try:
         uri = tracking_uri(params.tracking)
@@ -402,21 +307,6 @@ def data_docs_artifact(parent_run_id: str, params) -> None:
         )
 
 
-class _NoEmptyTraceback(logging.Filter):
-    """Prefect logs a task that returned a Failed state with `exc_info` but no exception, which prints
-    a stray `NoneType: None`; a user error has no traceback to show, and neither has a failed stage
-    (its own output, already in the log, says why; the flow's frames would not)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and (record.exc_info[0] is None or issubclass(record.exc_info[0], (StageFailed, UserError))):
-            record.exc_info = None
-        return True
-
-
-logging.getLogger("prefect.task_runs").addFilter(_NoEmptyTraceback())
-logging.getLogger("prefect.flow_runs").addFilter(_NoEmptyTraceback())
-
-
 def main(argv: list[str] | None = None) -> int:
     """`python -m flows.pipeline`: the flow, its outcome as one line and an exit code
     (0, 1 crash, 2 user error, 130 interrupted)."""
@@ -439,8 +329,6 @@ def execute(what: str, run_flow) -> int:
     # the rest go with it if the supervisor dies. Otherwise it only stops itself.
     lifeline.watch(lifeline.stop_group if os.getsid(0) == os.getpid() else lifeline.stop_self())
     try:
-        from tasks.shared.config.params import load_params
-
         require_tracking(
             load_params().tracking
         )  # a bad params.yaml or a dead tracking server: one line before Prefect starts
@@ -457,9 +345,8 @@ def execute(what: str, run_flow) -> int:
         return INTERRUPTED_EXIT
     if state.is_completed():
         return 0
-    code = state.result(raise_on_failure=False)
     print(f"lmforge: {what} stopped: {state.message}", file=sys.stderr)
-    return code if isinstance(code, int) else 1
+    return exit_code(state)
 
 
 if __name__ == "__main__":

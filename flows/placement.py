@@ -32,7 +32,24 @@ from prefect import flow, get_run_logger, task
 from prefect.states import Failed
 from prefect.tasks import exponential_backoff
 
+from flows.stages import exit_code, is_user_error, run_stage, user_error
+from tasks.ops.dag import (
+    dvc_command,
+    dvc_md5,
+    is_code_dep,
+    load_dvc_yaml,
+    read_lock,
+    resolve_refs,
+    stage_names,
+    stale_stages,
+)
+from tasks.ops.lock import workspace_lock
+from tasks.shared.config.base import read_params_file
+from tasks.shared.config.params import load_params
 from tasks.shared.errors import UserError
+from tasks.shared.io import atomic_file
+from tasks.shared.stagerun import RESUMABLE, error_line, stage_env
+from tasks.shared.tracking import setup_tracking
 
 HANDOFF = "handoff/{}.json"
 LOCK_FILE = "dvc.lock"
@@ -62,8 +79,6 @@ def io_options(cfg) -> dict:
 @io_task
 def dvc_transfer(action: str, targets: list[str], root: str = ".") -> None:
     """`dvc push|pull <targets>`; a failure is a TransferFailed with DVC's last line."""
-    from tasks.ops.dag import dvc_command
-
     if not targets:
         return
     res = subprocess.run(dvc_command(action, "--quiet", *targets), cwd=root, capture_output=True, text=True)
@@ -73,8 +88,6 @@ def dvc_transfer(action: str, targets: list[str], root: str = ".") -> None:
 
 
 def stage_entry(stage: str, root: Path = Path(".")) -> dict:
-    from tasks.ops.lineage import read_lock
-
     entry = read_lock(root / LOCK_FILE).get(stage)
     if not entry:
         raise UserError(f"{root / LOCK_FILE}: has no entry for stage {stage!r} after it ran")
@@ -83,8 +96,6 @@ def stage_entry(stage: str, root: Path = Path(".")) -> dict:
 
 def produced_deps(stage: str, root: Path = Path(".")) -> list[str]:
     """The stage's deps that other stages produce (what a worker must pull before running it)."""
-    from tasks.ops.lineage import read_lock
-
     lock = read_lock(root / LOCK_FILE)
     produced = {o["path"] for s, body in lock.items() if s != stage for o in body.get("outs") or []}
     return sorted(d["path"] for d in (lock.get(stage) or {}).get("deps") or [] if d["path"] in produced)
@@ -100,9 +111,6 @@ def cached_outs(stage: str, root: Path = Path(".")) -> tuple[list[str], list[str
 
 def _uncached(stage: str, root: Path) -> set[str]:
     """Paths of the stage's outs and metrics marked `cache: false` in dvc.yaml, with ${paths.x} resolved."""
-    from tasks.ops.dag import _resolve, load_dvc_yaml
-    from tasks.shared.config.base import read_params_file
-
     params = read_params_file(root / PARAMS_FILE)
     body = (load_dvc_yaml(root).get("stages") or {}).get(stage) or {}
     found = set()
@@ -111,14 +119,12 @@ def _uncached(stage: str, root: Path) -> set[str]:
             if isinstance(item, dict):
                 for path, opts in item.items():
                     if isinstance(opts, dict) and opts.get("cache") is False:
-                        found.add(_resolve(path, params))
+                        found.add(resolve_refs(path, params))
     return found
 
 
 def code_md5s(stage: str, root: Path = Path(".")) -> dict[str, str]:
     """md5 of each project source file the stage depends on (dvc.yaml's code deps), as DVC computes it."""
-    from tasks.ops.dag import dvc_md5, is_code_dep, load_dvc_yaml
-
     body = (load_dvc_yaml(root).get("stages") or {}).get(stage)
     if body is None:
         raise UserError(f"dvc.yaml: no stage {stage!r}")
@@ -127,8 +133,6 @@ def code_md5s(stage: str, root: Path = Path(".")) -> dict[str, str]:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    from tasks.shared.io import atomic_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
         Path(tmp).write_bytes(data)
@@ -139,8 +143,6 @@ def merge_lock_entry(stage: str, entry: dict, root: Path = Path(".")) -> None:
     from io import StringIO
 
     from ruamel.yaml import YAML
-
-    from tasks.ops.dag import stage_names
 
     yaml = YAML()
     f = root / LOCK_FILE
@@ -163,11 +165,6 @@ def stage(
 
     `params_yaml` and `dvc_lock` are the caller's files; `code` the md5 of the stage's code deps there.
     """
-    from flows.pipeline import USER_ERROR_EXIT, run_stage, stage_env
-    from tasks.ops.lock import workspace_lock
-    from tasks.shared.config.params import load_params
-    from tasks.shared.tracking import setup_tracking
-
     root = Path.cwd()
     logger = get_run_logger()
     try:
@@ -189,13 +186,12 @@ def stage(
             logger.info(f"pulling {len(inputs)} input(s) of {name} from the DVC remote: {', '.join(inputs)}")
             dvc_transfer.with_options(**opts)("pull", inputs, str(root))
             env = stage_env(parent_run_id)
-            state = run_stage.with_options(retries=_resumable(name), retry_delay_seconds=5)(
+            state = run_stage.with_options(retries=RESUMABLE.get(name, 0), retry_delay_seconds=5)(
                 name, env, return_state=True
             )
-            if not state.is_completed():
-                exc = state.result(raise_on_failure=False)
-                code_ = exc if isinstance(exc, int) else getattr(exc, "returncode", 1)
-                return Failed(message=state.message or f"stage {name!r} failed", data=code_)
+            if not state.is_completed():  # the flow's own state (a task's state cannot be the flow's)
+                message = state.message or f"stage {name!r} failed"
+                return user_error(message) if is_user_error(state) else Failed(message=message, data=exit_code(state))
             cached, uncached = cached_outs(name, root)
             dvc_transfer.with_options(**opts)("push", cached, str(root))
             handoff = {
@@ -209,7 +205,7 @@ def stage(
             }
             publish_handoff.with_options(**opts)(parent_run_id, name, handoff)
     except UserError as e:
-        return Failed(message=f"lmforge {name}: error: {e}", data=USER_ERROR_EXIT)  # read by the caller as a user error
+        return user_error(error_line(name, e))  # its name tells the caller not to retry
     logger.info(f"{name} done on {handoff['worker']}; outputs pushed: {', '.join(cached)}")
     return {"stage": name, "worker": handoff["worker"], "outs": cached}
 
@@ -233,12 +229,6 @@ def require_run(run_id: str) -> None:
         ) from None
 
 
-def _resumable(name: str) -> int:
-    from flows.pipeline import RESUMABLE
-
-    return RESUMABLE.get(name, 0)
-
-
 @io_task
 def publish_handoff(parent_run_id: str, name: str, handoff: dict) -> None:
     from mlflow import MlflowClient
@@ -260,9 +250,6 @@ def run_placed(name: str, parent_run_id: str, cfg, root: Path = Path(".")):
 
     Returns the stage's metrics, or a Failed state (user error, or the remote flow run's failure)."""
     from prefect.deployments import run_deployment
-
-    from flows.pipeline import _USER_ERROR_LINE, USER_ERROR_EXIT
-    from tasks.ops.promote import stale_stages
 
     logger = get_run_logger()
     opts = io_options(cfg)
@@ -291,8 +278,8 @@ def run_placed(name: str, parent_run_id: str, cfg, root: Path = Path(".")):
                 f"orchestrate.stage_timeout_s={cfg.stage_timeout_s:.0f}"
             )
         message = state.message or f"stage {name!r} on {cfg.gpu_deployment} ended {state.type.value}"
-        if _USER_ERROR_LINE.match(message):  # the stage's own one-line user error
-            return Failed(message=message.split("\n")[0], data=USER_ERROR_EXIT)
+        if is_user_error(state):  # the stage's own one-line user error, or the worker's
+            return user_error(message)
         raise RuntimeError(f"placed stage {name!r} (flow run {run.name}) ended {state.type.value}: {message}")
     handoff = fetch_handoff.with_options(**opts)(parent_run_id, name)
     merge_lock_entry(name, handoff["lock_entry"], root)
@@ -306,7 +293,6 @@ def run_placed(name: str, parent_run_id: str, cfg, root: Path = Path(".")):
             "are both working copies on the same commit?"
         )
     logger.info(f"{name} ran on {handoff['worker']} ({handoff['workdir']}); outputs pulled from the DVC remote")
-    from tasks.shared.config.params import load_params
 
     metrics = Path(root) / load_params(root / PARAMS_FILE).paths.metrics / f"{name}.json"
     return json.loads(metrics.read_text()) if metrics.exists() else {}

@@ -19,18 +19,17 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
-from prefect.states import Failed
 
-from flows.pipeline import USER_ERROR_EXIT, execute, prepare, run_stages
+from flows.pipeline import execute, prepare, run_stages
+from flows.stages import user_error
+from tasks.ops.lineage import compare_with_champion
 from tasks.ops.lock import DEFAULT_TIMEOUT, workspace_lock
+from tasks.ops.schedule import DEPLOYMENT, check_schedule
 from tasks.shared.errors import UserError
-
-ROOT = Path(__file__).resolve().parents[1]
-DEPLOYMENT = "retrain"
+from tasks.shared.stagerun import USER_ERROR_EXIT
 
 
 @task(
@@ -42,7 +41,6 @@ DEPLOYMENT = "retrain"
 def compare(model: str) -> dict:
     """Would a run rebuild @champion? (registry reads are retried with backoff.)"""
     from mlflow import MlflowClient
-    from tasks.ops.lineage import compare_with_champion
 
     c = compare_with_champion(MlflowClient(), model)
     return {"changed": c.changed, "reason": c.reason, "champion": c.champion}
@@ -80,37 +78,7 @@ def retrain(promote: bool = True, force: bool = False, lock_timeout: float = DEF
             result = run_stages(params, promote, run_name=f"retrain {flow_run.name or ''}".strip())
             return result if not isinstance(result, dict) else {"skipped": False, **verdict, **result}
     except UserError as e:
-        return Failed(message=str(e), data=USER_ERROR_EXIT)
-
-
-def cron_schedule(prefect_yaml: Path = ROOT / "prefect.yaml") -> tuple[str, str]:
-    """(cron, timezone) of the `retrain` deployment in prefect.yaml: the one place the schedule is set."""
-    try:
-        spec = yaml.safe_load(prefect_yaml.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"{prefect_yaml}: {e}") from None
-    for dep in spec.get("deployments") or []:
-        if dep.get("name") == DEPLOYMENT:
-            for sched in dep.get("schedules") or []:
-                if sched.get("cron"):
-                    return str(sched["cron"]), str(sched.get("timezone") or "UTC")
-    raise UserError(f"{prefect_yaml}: deployments: no `{DEPLOYMENT}` deployment with a cron schedule")
-
-
-def check_schedule(cron: str | None = None, timezone: str | None = None):
-    """The validated schedule (prefect.yaml's unless overridden) and when it next fires."""
-    import asyncio
-
-    from prefect.server.schemas.schedules import CronSchedule
-    from pydantic import ValidationError
-
-    default_cron, default_tz = cron_schedule()
-    cron, timezone = cron or default_cron, timezone or default_tz
-    try:
-        schedule = CronSchedule(cron=cron, timezone=timezone)
-    except ValidationError as e:
-        raise UserError(f"schedule {cron!r} ({timezone}): {e.errors()[0]['msg']}") from None
-    return cron, timezone, asyncio.run(schedule.get_dates(n=1))[0]
+        return user_error(str(e))
 
 
 def serve(cron: str | None = None, timezone: str | None = None) -> None:

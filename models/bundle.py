@@ -79,26 +79,6 @@ class Bundle:
         """A causal LM is present (a masked-LM encoder cannot continue text)."""
         return self.lm is not None and self.lm.config.causal
 
-    @torch.inference_mode()
-    def generate(
-        self,
-        prompt: str,
-        max_new_tokens: int = 64,
-        temperature: float = 0.8,
-        top_k: int | None = 50,
-        seed: int | None = None,
-    ) -> str:
-        """Continuation of `prompt` from the pretrained LM (the prompt itself is not repeated)."""
-        if not self.can_generate:
-            raise RuntimeError("this bundle has no language model that can generate (none, or a masked-LM encoder)")
-        ids = self.tokenizer.encode(prompt).ids or [self.eot_id]
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        out = self.lm.generate(torch.tensor([ids]), max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
-        new = out[0, len(ids) :].tolist()
-        if self.eot_id in new:
-            new = new[: new.index(self.eot_id)]
-        return self.tokenizer.decode(new)
-
 
 def _tokenizer(file: Path):
     try:

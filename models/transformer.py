@@ -2,7 +2,9 @@
 
 Decoder-only (causal) by default; `causal=False` gives the bidirectional encoder that masked-LM
 pretraining needs. Positions are learned or rotary; `attn_window` turns on sliding-window (local)
-attention, the sparse-attention option.
+attention, the sparse-attention option. A causal model decodes incrementally with a `KVCache`: each
+forward then reads only the new tokens and attends over the keys and values cached for the earlier ones
+(models/sampling.py drives it).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.losses import linear_cross_entropy
+from models.sampling import Sampling, decode
 
 
 @dataclass
@@ -114,10 +117,11 @@ PRESETS = {"tiny": tiny, "small": small, "gpt2-124m": gpt2_124m}
 POS_ENCODINGS = ("learned", "rope")
 
 
-def rope_tables(T: int, head_dim: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables (T, D/2) for rotary embeddings, in float32."""
+def rope_tables(T: int, head_dim: int, base: float, device, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (T, D/2) for rotary embeddings of positions start..start+T-1, in float32."""
     inv = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv)  # (T, D/2)
+    positions = torch.arange(start, start + T, device=device, dtype=torch.float32)
+    angles = torch.outer(positions, inv)  # (T, D/2)
     return angles.cos(), angles.sin()
 
 
@@ -128,21 +132,67 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.type_as(x)
 
 
-def attention_mask(T: int, causal: bool, window: int, lengths: torch.Tensor | None, device) -> torch.Tensor | None:
-    """Boolean mask (B or 1, 1, T, T), True = may attend; None when plain causal SDPA suffices."""
-    if causal and not window and lengths is None:
+def attention_mask(
+    T: int, causal: bool, window: int, lengths: torch.Tensor | None, device, start: int = 0
+) -> torch.Tensor | None:
+    """Boolean mask (B or 1, 1, T, start + T), True = may attend, of the T queries at positions start..start+T-1
+    over the keys at positions 0..start+T-1; None when SDPA needs none (plain causal, or one query that sees
+    every key)."""
+    if causal and not window and lengths is None and (start == 0 or T == 1):
         return None
-    i = torch.arange(T, device=device)
-    rel = i[:, None] - i[None, :]  # query minus key position
-    mask = torch.ones(T, T, dtype=torch.bool, device=device)
+    keys = torch.arange(start + T, device=device)
+    rel = keys[start:, None] - keys[None, :]  # query minus key position, (T, start + T)
+    mask = torch.ones(T, start + T, dtype=torch.bool, device=device)
     if causal:
         mask &= rel >= 0
     if window:
         mask &= rel.abs() < window
-    mask = mask[None, None]  # (1, 1, T, T)
+    mask = mask[None, None]  # (1, 1, T, start + T)
     if lengths is not None and not causal:  # keys past a sequence's length are padding
-        mask = mask & (i[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, T, T)
+        mask = mask & (keys[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, T, T)
     return mask
+
+
+class LayerCache:
+    """Keys and values (B, H, capacity, D) of one attention layer, filled from position 0 up to `length`."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.length = 0
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the keys and values (B, H, T, D) of the next T positions; all keys and values so far."""
+        B, H, T, D = k.shape
+        end = self.length + T
+        if end > self.capacity:
+            raise ValueError(f"KV cache full: {end} positions, capacity {self.capacity}")
+        if self.k is None or self.k.shape != (B, H, self.capacity, D) or self.k.dtype != k.dtype:
+            # allocated once per shape: decoding then writes in place instead of concatenating every step
+            self.k = k.new_empty(B, H, self.capacity, D)
+            self.v = v.new_empty(B, H, self.capacity, D)
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]  # (B, H, end, D)
+
+
+class KVCache:
+    """Every layer's keys and values for incremental decoding of a causal model (`GPT.new_cache`)."""
+
+    def __init__(self, n_layer: int, capacity: int) -> None:
+        self.layers = [LayerCache(capacity) for _ in range(n_layer)]
+
+    @property
+    def length(self) -> int:
+        """Positions cached so far: the position of the next token."""
+        return self.layers[0].length
+
+    def reset(self) -> None:
+        """Forget every position (the buffers are kept for the next prefill)."""
+        for layer in self.layers:
+            layer.length = 0
 
 
 class SelfAttention(nn.Module):
@@ -157,15 +207,26 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(inner, cfg.n_embd, bias=cfg.bias)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rope: tuple | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, rope: tuple | None, cache: LayerCache | None = None
+    ) -> torch.Tensor:
         B, T, C = x.shape
         inner = self.n_head * self.head_dim
         q, k, v = self.qkv(x).split(inner, dim=2)  # (B, T, H*D) each
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, H, start + T, D): the earlier positions' keys and values too
+        # is_causal only for square attention: SDPA aligns its causal mask top-left, which would hide every
+        # cached key but the first from a single new query
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0,
         )  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, inner)  # (B, T, H*D)
         return self.resid_drop(self.proj(y))
@@ -191,8 +252,14 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg, cfg.ffn(layer))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, rope: tuple | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask, rope)
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        rope: tuple | None = None,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask, rope, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -238,24 +305,37 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
 
-    def hidden(self, idx: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def new_cache(self) -> KVCache:
+        """An empty key/value cache of block_size positions for `forward(..., cache=)` (causal models only)."""
+        if not self.config.causal:
+            raise ValueError("a bidirectional (masked-LM) model cannot generate text")
+        return KVCache(self.config.n_layer, self.config.block_size)
+
+    def hidden(
+        self, idx: torch.Tensor, lengths: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
         """Final-norm hidden states for token ids `idx` (B, T) -> (B, T, C).
 
         `lengths` (B,) marks right padding; only a bidirectional trunk needs it (causal tokens never
-        see later pads).
+        see later pads). With a `cache`, `idx` holds the tokens at positions cache.length.. (their keys and
+        values are added to it) and they attend over the cached positions too.
         """
         B, T = idx.shape
         c = self.config
-        if T > c.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {c.block_size}")
+        start = cache.length if cache is not None else 0
+        if start + T > c.block_size:
+            raise ValueError(f"sequence length {start + T} exceeds block_size {c.block_size}")
+        if cache is not None and not c.causal:
+            raise ValueError("a bidirectional (masked-LM) model cannot generate text")
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(T, device=idx.device))
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
         x = self.drop(x)
-        mask = attention_mask(T, c.causal, c.attn_window, None if c.causal else lengths, idx.device)
-        rope = rope_tables(T, c.head_dim, c.rope_base, idx.device) if c.pos_encoding == "rope" else None
-        for block in self.blocks:
-            x = block(x, mask, rope)
+        mask = attention_mask(T, c.causal, c.attn_window, None if c.causal else lengths, idx.device, start)
+        rope = rope_tables(T, c.head_dim, c.rope_base, idx.device, start) if c.pos_encoding == "rope" else None
+        layers = cache.layers if cache is not None else [None] * len(self.blocks)
+        for block, layer_cache in zip(self.blocks, layers):
+            x = block(x, mask, rope, layer_cache)
         return self.ln_f(x)
 
     def forward(
@@ -264,14 +344,15 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         lengths: torch.Tensor | None = None,
         fused_loss: bool = False,
+        cache: KVCache | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, V) and, given `targets` (B, T), the mean cross-entropy (ignore index -1).
 
         With `fused_loss` the loss is computed chunk-wise without building the logits, and the
         logits returned are None. A bidirectional (masked-LM) model scores only the positions that
-        have a target.
+        have a target. With a `cache` (`new_cache`), `idx` continues the cached positions (see `hidden`).
         """
-        h = self.hidden(idx, lengths)  # (B, T, C)
+        h = self.hidden(idx, lengths, cache)  # (B, T, C)
         if targets is None:
             return self.lm_head(h), None
         h, t = h.reshape(-1, h.size(-1)), targets.reshape(-1)  # (B*T, C), (B*T,)
@@ -292,20 +373,11 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        top_p: float = 1.0,
+        use_cache: bool = True,
     ) -> torch.Tensor:
-        """Sample `max_new_tokens` continuations of `idx` (B, T); temperature 0 is greedy."""
-        if not self.config.causal:
-            raise ValueError("a bidirectional (masked-LM) model cannot generate text")
-        for _ in range(max_new_tokens):
-            ctx = idx[:, -self.config.block_size :]
-            logits = self(ctx)[0][:, -1, : self.config.vocab_size]  # (B, V)
-            if temperature <= 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-            idx = torch.cat([idx, nxt], dim=1)
-        return idx
+        """`idx` (B, T) followed by `max_new_tokens` sampled tokens (B, T + max_new_tokens); temperature 0 is
+        greedy. The sampler and the rule at block_size are models/sampling.py's `decode`."""
+        sampling = Sampling(temperature=temperature, top_k=top_k or 0, top_p=top_p)
+        new = list(decode(self, idx, max_new_tokens, sampling, generator, use_cache))  # each (B,)
+        return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx

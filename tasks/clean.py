@@ -1,6 +1,6 @@
 """clean: normalization, PII scrubbing, length and quality filters, exact and near-duplicate removal.
 
-The work is done by tasks/shared/cleaning.py (the corpus is streamed, the labeled set held in memory).
+The work is done by tasks/shared/cleaning/ (the corpus is streamed, the labeled set held in memory).
 Indentation is preserved (the corpus is mostly code). Each filter's removals and changes are counted in
 `metrics/clean.json`, explained with examples in the Markdown report (`paths.clean_report`, also logged to
 MLflow) and summed up in one stdout line per dataset.
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tasks.shared import cleaning
+from tasks.shared.cleaning.files import clean_to
+from tasks.shared.cleaning.inputs import check_input
+from tasks.shared.cleaning.report import markdown_report
 from tasks.shared.config.base import Paths
 from tasks.shared.config.clean import CleanConfig
 from tasks.shared.harness import stage_main
@@ -41,14 +43,14 @@ class CleanResult:
 
 
 def run(cfg: CleanConfig, paths: Paths, tracker: Tracker | None = None) -> CleanResult:
-    cleaning.check_input(paths.raw_corpus, "corpus")
-    cleaning.check_input(paths.raw_labeled, "labeled")
+    check_input(paths.raw_corpus, "corpus")
+    check_input(paths.raw_labeled, "labeled")
     # Both outputs are replaced together or not at all; the labeled set (small) goes first so that a
     # labeled set filtered to nothing fails before the long corpus pass.
     with atomic_file(paths.clean_corpus) as corpus_tmp, atomic_file(paths.clean_labeled) as labeled_tmp:
-        labeled = cleaning.clean_to(paths.raw_labeled, labeled_tmp, cfg, "labeled")
-        corpus = cleaning.clean_to(paths.raw_corpus, corpus_tmp, cfg, "corpus")
-    report = cleaning.markdown_report([corpus, labeled])
+        labeled = clean_to(paths.raw_labeled, labeled_tmp, cfg, "labeled")
+        corpus = clean_to(paths.raw_corpus, corpus_tmp, cfg, "corpus")
+    report = markdown_report([corpus, labeled])
     with atomic_file(paths.clean_report) as tmp:
         tmp.write_text(report)
     for rep in (corpus, labeled):

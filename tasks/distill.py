@@ -15,11 +15,11 @@ import torch
 
 from models.checkpoint import write_classifier
 from models.compression import count_params, distillation_loss, student_from_teacher
-from tasks.shared import engine
 from tasks.shared.classify import fit, load_teacher, recipe, val_scores
 from tasks.shared.config.base import Paths
 from tasks.shared.config.distill import DistillConfig
 from tasks.shared.config.finetune import FinetuneConfig
+from tasks.shared.engine.runtime import setup_runtime
 from tasks.shared.errors import UserError
 from tasks.shared.harness import stage_main
 from tasks.shared.io import atomic_dir
@@ -72,7 +72,7 @@ def run(cfg: DistillConfig, ft: FinetuneConfig, paths: Paths, tracker: Tracker |
         raise UserError(
             f"params.yaml: distill.n_embd: {cfg.n_embd} is not a multiple of the teacher's head size {trunk.head_dim}"
         )
-    rt = engine.setup_runtime(ft)
+    rt = setup_runtime(ft)
     k = len(t.labels)
     soft = teacher_logits(t.model, t.train).to(rt.device)
     torch.manual_seed(ft.seed)

@@ -1,8 +1,8 @@
 """finetune: a classification head on the pretrained trunk, and the baselines trained beside it.
 
-Every model goes through the same loop on the same batches (tasks/engine.py: device, autocast,
-optimizer, schedule, gradient clipping); the epoch with the best validation macro-F1 is kept and
-`patience` stops a run early. The pretrained classifier goes to `paths.classifier` (compress,
+Every model goes through the same loop on the same batches (`classify.fit` on the engine's one training
+step: device, autocast, optimizer, schedule, gradient clipping); the epoch with the best validation
+macro-F1 is kept and `patience` stops a run early. The pretrained classifier goes to `paths.classifier` (compress,
 evaluate and promote use it). The baselines go to `paths.baselines/<name>/` for evaluate to compare:
 `scratch` is the same Transformer randomly initialised (what pretraining buys), `cnn` and `gru` are
 small classic text classifiers (models/baselines.py).
@@ -21,13 +21,10 @@ from models.baselines import CNNClassifier, CNNConfig, GRUClassifier, GRUConfig
 from models.checkpoint import load_lm, write_classifier
 from models.classifier import ClassifierConfig, TransformerClassifier
 from models.transformer import GPTConfig
-from tasks.shared import engine
-from tasks.shared.classify import (
-    fit,
-    load_examples,
-)  # noqa: F401
+from tasks.shared.classify import fit, load_examples
 from tasks.shared.config.base import Paths
 from tasks.shared.config.finetune import FinetuneConfig
+from tasks.shared.engine.runtime import device_name, setup_runtime
 from tasks.shared.errors import UserError
 from tasks.shared.harness import stage_main
 from tasks.shared.io import atomic_dir, write_csv
@@ -111,7 +108,8 @@ class FinetuneResult:
     trainable_params: int
     device: str
     precision: str
-    """What the pretrained classifier trained in (`precision: auto` on CPU: timed, see engine.probe_cpu_precision)."""
+    """What the pretrained classifier trained in (`precision: auto` on CPU: timed, see `probe_cpu_precision`); the
+    validation scores are in the configured precision."""
     baselines: dict[str, dict]
     """Per baseline: best_epoch, epochs_run, val_accuracy, val_macro_f1, train_seconds, params."""
 
@@ -129,10 +127,8 @@ def run(cfg: FinetuneConfig, paths: Paths, tracker: Tracker | None = None) -> Fi
             f"params.yaml: finetune.max_length: {cfg.max_length} exceeds the LM block_size {lm.config.block_size}"
         )
     labels, train, val = load_examples(cfg, paths, cfg.max_length)
-    rt = engine.setup_runtime(cfg)
-    tracker.log_params(
-        {"device": engine.device_name(rt.device)}
-    )  # precision: per model, logged by fit (timed under `auto`)
+    rt = setup_runtime(cfg)
+    tracker.log_params({"device": device_name(rt.device)})  # precision: per model, logged by fit (timed under `auto`)
     extra = {"max_length": cfg.max_length, "train_config": cfg.model_dump(mode="json")}
 
     torch.manual_seed(cfg.seed)
@@ -179,7 +175,7 @@ def run(cfg: FinetuneConfig, paths: Paths, tracker: Tracker | None = None) -> Fi
         val_macro_f1=round(main.val_macro_f1, 4),
         train_seconds=round(main.train_seconds, 2),
         trainable_params=trainable,
-        device=engine.device_name(rt.device),
+        device=device_name(rt.device),
         precision=main.precision,
         baselines={n: t.summary() for n, t in baselines.items()},
     )

@@ -34,11 +34,13 @@ from tasks.shared.errors import UserError
 from tasks.shared.harness import stage_main
 from tasks.shared.io import (
     MB,
+    STDLIB,
     EmptyOutput,
     ReadOptions,
     expand_inputs,
     iter_table,
     read_table,
+    user_inputs,
     write_parquet,
     write_parquet_chunks,
 )
@@ -394,15 +396,15 @@ def _progress(desc: str, specs: list) -> tuple[Callable[[int], None], Callable[[
 
 def run(cfg: IngestConfig, paths: Paths, tracker: Tracker | None = None) -> IngestResult:
     root = stdlib_root()
-    files = stdlib_files(root) if "stdlib" in (cfg.corpus, cfg.labeled) else []
+    files = stdlib_files(root) if STDLIB in (cfg.corpus, cfg.labeled) else []
 
-    labeled = split_labeled(stdlib_labeled(cfg, files, root), cfg) if cfg.labeled == "stdlib" else _user_labeled(cfg)
+    labeled = split_labeled(stdlib_labeled(cfg, files, root), cfg) if cfg.labeled == STDLIB else _user_labeled(cfg)
     check_labels(labeled, _name(cfg.labeled), cfg.min_examples_per_label)
 
     _warn_outside(cfg, paths.user_data)
     held_out = set(labeled.loc[labeled["split"] != "train", "source"])
     skipped, counts = [], CorpusCounts()
-    if cfg.corpus == "stdlib":
+    if cfg.corpus == STDLIB:
         # the stdlib corpus leaves held-out files unread, so they are counted as files
         counts.held_out = sum(str(f.relative_to(root)) in held_out for f in files)
         corpus, skipped = stdlib_corpus(files, root, held_out, cfg.max_files, cfg.seed)
@@ -412,7 +414,7 @@ def run(cfg: IngestConfig, paths: Paths, tracker: Tracker | None = None) -> Inge
         _report(len(skipped), "stdlib files skipped (not valid Python)", ", ".join(skipped[:3]))
         write_parquet(corpus, paths.raw_corpus)
     else:
-        update, close = _progress("ingest corpus", cfg.corpus if isinstance(cfg.corpus, list) else [cfg.corpus])
+        update, close = _progress("ingest corpus", user_inputs(cfg.corpus))
         try:
             write_parquet_chunks(
                 _user_corpus_chunks(cfg, held_out, counts, update), paths.raw_corpus, CORPUS_COLUMNS, empty_ok=False
@@ -450,13 +452,8 @@ def run(cfg: IngestConfig, paths: Paths, tracker: Tracker | None = None) -> Inge
 def _warn_outside(cfg: IngestConfig, user_data: Path) -> None:
     """One line for input files outside paths.user_data: the ingest stage's DVC dependency does not cover
     them, so `dvc repro` would not notice when they change."""
-    specs = [s for s in (cfg.corpus, cfg.labeled) if s != "stdlib"]
     root = Path(user_data).absolute()
-    outside = [
-        str(f)
-        for f in expand_inputs([i for s in specs for i in ([s] if isinstance(s, str) else s)])
-        if root not in f.absolute().parents
-    ]
+    outside = [str(f) for f in expand_inputs(user_inputs(cfg.corpus, cfg.labeled)) if root not in f.absolute().parents]
     if outside:
         more = f" and {len(outside) - 3} more" if len(outside) > 3 else ""
         print(

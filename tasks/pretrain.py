@@ -7,12 +7,12 @@ One process by default; with `distributed.nproc > 1` the stage restarts itself u
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,9 +21,40 @@ import torch
 
 from models.checkpoint import write_lm
 from models.transformer import GPT, PRESETS, GPTConfig
-from tasks.shared import engine
 from tasks.shared.config.base import Paths
 from tasks.shared.config.pretrain import PretrainConfig
+from tasks.shared.engine.checkpoints import (
+    TrainState,
+    clear_checkpoints,
+    fingerprint,
+    latest_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from tasks.shared.engine.data import TokenShards, causal_batch, mlm_batch
+from tasks.shared.engine.optim import build_optimizer, lr_at, set_lr
+from tasks.shared.engine.runtime import (
+    PrecisionProbe,
+    Runtime,
+    all_reduce_mean,
+    device_name,
+    probe_cpu_precision,
+    relaunch_under_torchrun,
+    setup_runtime,
+    teardown,
+    under_torchrun,
+    unwrap,
+    wrap_model,
+)
+from tasks.shared.engine.step import (
+    Throughput,
+    check_finite,
+    lm_loss,
+    mfu,
+    step_throughput,
+    train_step,
+    use_fused_loss,
+)
 from tasks.shared.errors import UserError
 from tasks.shared.harness import stage_main
 from tasks.shared.io import atomic_dir, write_csv
@@ -54,14 +85,14 @@ NOT_IN_FINGERPRINT = {
 class Batches:
     """Seeded batches of the configured objective from token shards."""
 
-    def __init__(self, data: engine.TokenShards, cfg: PretrainConfig, meta: dict, block: int) -> None:
+    def __init__(self, data: TokenShards, cfg: PretrainConfig, meta: dict, block: int) -> None:
         self.data, self.cfg, self.meta, self.block = data, cfg, meta, block
 
     def __call__(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cfg.objective == "causal":
-            return engine.causal_batch(self.data, n, self.block, gen)
+            return causal_batch(self.data, n, self.block, gen)
         m = self.meta
-        return engine.mlm_batch(
+        return mlm_batch(
             self.data, n, self.block, gen, m["mask_id"], m["vocab_size"], self.cfg.mask_prob, [m["eot_id"], m["pad_id"]]
         )
 
@@ -70,7 +101,7 @@ class Batches:
 def evaluate_loss(
     model: torch.nn.Module,
     batches: Batches,
-    rt: engine.Runtime,
+    rt: Runtime,
     batch_size: int,
     micro: int,
     n_batches: int,
@@ -94,7 +125,7 @@ def evaluate_loss(
                 loss = model(x[i : i + micro].to(rt.device), y[i : i + micro].to(rt.device), fused_loss=fused)[1]
             losses.append(loss.float())
     model.train()
-    return float(engine.all_reduce_mean(torch.stack(losses).mean(), rt))
+    return float(all_reduce_mean(torch.stack(losses).mean(), rt))
 
 
 def plot_curve(history: list[dict], path: Path):
@@ -127,7 +158,7 @@ class PretrainResult:
     precision_probe_fp32_ms: float | None
     precision_probe_bf16_ms: float | None
     engine_tokens_per_s: float | None
-    """The engine benchmark's figure for this model (`engine.step_throughput`: bare steps on random tokens), mean of
+    """The engine benchmark's figure for this model (`step_throughput`: bare steps on random tokens), mean of
     a measurement before and after the loop; None with several processes."""
     loop_efficiency: float | None
     """tokens_per_s / engine_tokens_per_s: what batch assembly, logging and bookkeeping leave of the bare step."""
@@ -138,23 +169,14 @@ class PretrainResult:
 
 
 def _fingerprint(cfg: PretrainConfig, model_cfg, meta: dict) -> str:
-    return engine.fingerprint(cfg.model_dump(mode="json", exclude=NOT_IN_FINGERPRINT), model_cfg.to_dict(), meta)
-
-
-def _accumulation(model: torch.nn.Module, sync: bool, strategy: str):
-    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
-    if hasattr(model, "no_sync") and not sync:
-        return model.no_sync()
-    if strategy == "fsdp" and hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(sync)
-    return contextlib.nullcontext()
+    return fingerprint(cfg.model_dump(mode="json", exclude=NOT_IN_FINGERPRINT), model_cfg.to_dict(), meta)
 
 
 def _full_model(model: torch.nn.Module, model_cfg) -> GPT:
     """A plain CPU GPT holding the trained weights (gathers FSDP shards; collective)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    inner = engine.unwrap(model)
+    inner = unwrap(model)
     state = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     out = GPT(model_cfg)
     if state:  # empty on ranks other than 0 under FSDP
@@ -163,11 +185,11 @@ def _full_model(model: torch.nn.Module, model_cfg) -> GPT:
 
 
 def run(cfg: PretrainConfig, paths: Paths, tracker: Tracker | None = None) -> PretrainResult:
-    rt = engine.setup_runtime(cfg, cfg.distributed.backend)
+    rt = setup_runtime(cfg, cfg.distributed.backend)
     try:
         return _train(cfg, paths, tracker or NullTracker(), rt)
     finally:
-        engine.teardown(rt)
+        teardown(rt)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,6 +200,8 @@ def run(cfg: PretrainConfig, paths: Paths, tracker: Tracker | None = None) -> Pr
 class Setup:
     """Everything the loop needs, built once by `_setup`."""
 
+    rt: Runtime
+    """The runtime this model trains in (`precision: auto` on CPU: as the probe chose)."""
     model_cfg: GPTConfig
     model: torch.nn.Module
     opt: torch.optim.Optimizer
@@ -185,6 +209,8 @@ class Setup:
     train_batches: Batches
     val_batches: Batches
     fused: bool
+    loss_of: Callable[[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
+    """A micro-batch (inputs, targets) -> its loss, for `train_step`."""
     per_rank: int
     """Rows of each global batch this process trains on."""
     micro: int
@@ -193,10 +219,10 @@ class Setup:
     """Tokens of one optimizer step over all processes."""
     n_params: int
     flops_per_token: float
-    state: engine.TrainState
+    state: TrainState
     """Step to start from and the loss history so far (a resumed run continues its curve)."""
     ckpt_dir: Path
-    probe: engine.PrecisionProbe
+    probe: PrecisionProbe
     """How `precision: auto` was resolved (CPU: timed on this model)."""
 
 
@@ -210,14 +236,14 @@ def _unusable_report(unusable: list[tuple[Path, str]], resume_from: str | None) 
     return lines
 
 
-def _setup(cfg: PretrainConfig, paths: Paths, rt: engine.Runtime) -> Setup:
+def _setup(cfg: PretrainConfig, paths: Paths, rt: Runtime) -> Setup:
     meta = read_meta(paths.tokens)
     if cfg.objective == "mlm" and meta.get("mask_id") is None:
         raise UserError(f"{Path(paths.tokens) / META_FILE}: tokenizer has no <mask> token (re-run the tokenize stage)")
     model_cfg = PRESETS[cfg.model.preset](
         vocab_size=meta["vocab_size"], causal=cfg.objective == "causal", **cfg.model.overrides()
     )
-    train_data, val_data = engine.TokenShards(paths.tokens, "train"), engine.TokenShards(paths.tokens, "val")
+    train_data, val_data = TokenShards(paths.tokens, "train"), TokenShards(paths.tokens, "val")
     if len(train_data) <= model_cfg.block_size + 1:
         raise UserError(
             f"{paths.tokens}: {len(train_data)} training tokens, fewer than block_size {model_cfg.block_size}"
@@ -233,34 +259,36 @@ def _setup(cfg: PretrainConfig, paths: Paths, rt: engine.Runtime) -> Setup:
     n_params, flops_per_token = model.num_params(), model.flops_per_token()
     model.train()
     train_batches = Batches(train_data, cfg, meta, model_cfg.block_size)
-    fused = engine.use_fused_loss(cfg.fused_loss, rt.device)
+    fused = use_fused_loss(cfg.fused_loss, rt.device)
     micro = cfg.batch_size // rt.world // cfg.grad_accum
     x, y = train_batches(micro, torch.Generator().manual_seed(cfg.seed + 1))  # not the training stream
-    probe = engine.probe_cpu_precision(rt, cfg.precision, model, lambda: model(x, y, fused_loss=fused)[1])
-    model = engine.wrap_model(model, rt, cfg.distributed.strategy, cfg.compile)
-    opt = engine.build_optimizer(model, cfg, rt.device)
+    probe = probe_cpu_precision(rt, cfg.precision, model, lambda: model(x, y, fused_loss=fused)[1])
+    rt = rt.with_precision(probe.chosen)
+    model = wrap_model(model, rt, cfg.distributed.strategy, cfg.compile)
+    opt = build_optimizer(model, cfg, rt.device)
     gen = torch.Generator().manual_seed(cfg.seed)
 
     fp = _fingerprint(cfg, model_cfg, meta)
     ckpt_dir = Path(paths.checkpoints) / CHECKPOINTS
-    state = engine.TrainState(step=0, fingerprint=fp)
+    state = TrainState(step=0, fingerprint=fp)
     if cfg.resume == "auto":
-        found, unusable = engine.latest_checkpoint(ckpt_dir, fp)
+        found, unusable = latest_checkpoint(ckpt_dir, fp)
         resume = found is not None and found.step < cfg.max_steps  # a finished run trains afresh
         if rt.is_main:
             for line in _unusable_report(unusable, found.path.name if resume else None):
                 print(line, flush=True)
         if resume:
-            state = engine.restore_checkpoint(found, model, opt, rt, gen)
+            state = restore_checkpoint(found, model, opt, rt, gen)
             if rt.is_main:
                 print(f"pretrain: resuming from {found.path} (step {state.step} of {cfg.max_steps})", flush=True)
-    if state.step == 0 and (removed := engine.clear_checkpoints(ckpt_dir, rt)) and rt.is_main:
+    if state.step == 0 and (removed := clear_checkpoints(ckpt_dir, rt)) and rt.is_main:
         # a finished run's (or another config's) checkpoints would outrank this run's and be kept in their stead
         print(
             f"pretrain: starting afresh; removed {removed} checkpoint(s) of an earlier run from {ckpt_dir}", flush=True
         )
     per_rank = cfg.batch_size // rt.world
     return Setup(
+        rt=rt,
         model_cfg=model_cfg,
         model=model,
         opt=opt,
@@ -268,6 +296,7 @@ def _setup(cfg: PretrainConfig, paths: Paths, rt: engine.Runtime) -> Setup:
         train_batches=train_batches,
         val_batches=Batches(val_data, cfg, meta, min(model_cfg.block_size, len(val_data) - 2)),
         fused=fused,
+        loss_of=lm_loss(model, rt.device, fused),
         per_rank=per_rank,
         micro=micro,
         tokens_per_step=cfg.batch_size * model_cfg.block_size,
@@ -283,51 +312,44 @@ def _setup(cfg: PretrainConfig, paths: Paths, rt: engine.Runtime) -> Setup:
 # one optimizer step, logging, evaluation
 
 
-def _step(s: Setup, cfg: PretrainConfig, rt: engine.Runtime, step: int) -> tuple[torch.Tensor, float, float]:
+def _step(s: Setup, cfg: PretrainConfig, rt: Runtime, step: int) -> tuple[torch.Tensor, float, float]:
     """One optimizer step on this rank's rows of the global batch; returns (loss on device, grad norm, lr)."""
-    lr = engine.lr_at(step, cfg.max_steps, cfg)
-    engine.set_lr(s.opt, lr)
+    lr = lr_at(step, cfg.max_steps, cfg)
+    set_lr(s.opt, lr)
     x_all, y_all = s.train_batches(cfg.batch_size, s.gen)  # every rank draws the global batch
     rows = slice(rt.rank * s.per_rank, (rt.rank + 1) * s.per_rank)
     x_all, y_all = x_all[rows], y_all[rows]
-    loss_sum = torch.zeros((), device=rt.device)
-    for i in range(cfg.grad_accum):
-        x = x_all[i * s.micro : (i + 1) * s.micro].to(rt.device, non_blocking=True)
-        y = y_all[i * s.micro : (i + 1) * s.micro].to(rt.device, non_blocking=True)
-        with _accumulation(s.model, i == cfg.grad_accum - 1, cfg.distributed.strategy), rt.autocast():
-            _, loss = s.model(x, y, fused_loss=s.fused)
-            loss = loss / cfg.grad_accum
-        (rt.scaler.scale(loss) if rt.scaler is not None else loss).backward()
-        loss_sum += loss.detach()
-    grad_norm = engine.clip_and_step(s.model, s.opt, rt, cfg.grad_clip)
-    return loss_sum, grad_norm, lr
+    parts = [slice(i * s.micro, (i + 1) * s.micro) for i in range(cfg.grad_accum)]
+    micro_batches = [(x_all[part], y_all[part]) for part in parts]
+    loss, grad_norm = train_step(s.model, s.opt, rt, micro_batches, s.loss_of, cfg.grad_clip)
+    return loss, grad_norm, lr
 
 
 def _log_train(
     s: Setup,
-    rt: engine.Runtime,
+    rt: Runtime,
     tracker: Tracker,
-    meter: engine.Throughput,
+    meter: Throughput,
     step: int,
     loss: torch.Tensor,
     grad_norm: float,
     lr: float,
 ) -> dict:
     """Record the step's loss, lr, grad norm and the window's tokens/s (and MFU on a known GPU)."""
-    rec = {"step": step, "train_loss": float(engine.all_reduce_mean(loss, rt)), "lr": lr, "grad_norm": grad_norm}
+    rec = {"step": step, "train_loss": float(all_reduce_mean(loss, rt)), "lr": lr, "grad_norm": grad_norm}
     tps = meter.window_rate()
     if tps is not None:
         rec["tokens_per_s"] = tps
-        if (m := engine.mfu(s.flops_per_token, tps, rt.device, rt.precision, rt.world)) is not None:
+        if (m := mfu(s.flops_per_token, tps, rt.device, rt.precision, rt.world)) is not None:
             rec["mfu"] = m
     s.state.history.append(rec)
     tracker.log_metrics({k: v for k, v in rec.items() if k != "step"}, step=step)
     return rec
 
 
-def _log_eval(s: Setup, cfg: PretrainConfig, rt: engine.Runtime, tracker: Tracker, step: int) -> float:
+def _log_eval(s: Setup, cfg: PretrainConfig, rt: Runtime, tracker: Tracker, step: int) -> float:
     val_loss = evaluate_loss(
-        engine.unwrap(s.model), s.val_batches, rt, cfg.batch_size, s.micro, cfg.eval_batches, cfg.seed, s.fused
+        unwrap(s.model), s.val_batches, rt, cfg.batch_size, s.micro, cfg.eval_batches, cfg.seed, s.fused
     )
     s.state.history.append({"step": step, "val_loss": val_loss})
     tracker.log_metrics({"val_loss": val_loss, "val_perplexity": math.exp(val_loss)}, step=step)
@@ -344,16 +366,17 @@ def write_plot_data(history: list[dict], folder: Path) -> None:
 # the loop
 
 
-def _train(cfg: PretrainConfig, paths: Paths, tracker: Tracker, rt: engine.Runtime) -> PretrainResult:
+def _train(cfg: PretrainConfig, paths: Paths, tracker: Tracker, rt: Runtime) -> PretrainResult:
     from tqdm import tqdm
 
     s = _setup(cfg, paths, rt)
+    rt = s.rt  # in the precision the probe chose
     start_step, history = s.state.step, s.state.history
     if rt.is_main and s.probe.fp32_s is not None:
         print(f"pretrain: precision {rt.precision} ({s.probe.reason})", flush=True)
     tracker.log_params(
         {
-            "device": engine.device_name(rt.device),
+            "device": device_name(rt.device),
             "precision": rt.precision,
             "world_size": rt.world,
             "grad_accum": cfg.grad_accum,
@@ -363,16 +386,12 @@ def _train(cfg: PretrainConfig, paths: Paths, tracker: Tracker, rt: engine.Runti
     )
     val_loss = next((h["val_loss"] for h in reversed(history) if "val_loss" in h), float("nan"))
     bench = (
-        (
-            lambda: engine.step_throughput(
-                s.model, cfg, rt, s.micro, s.model_cfg.block_size, s.model_cfg.vocab_size, s.fused
-            )
-        )
+        (lambda: step_throughput(s.model, cfg, rt, s.micro, s.model_cfg.block_size, s.model_cfg.vocab_size, s.fused))
         if rt.world == 1
         else None
     )
     engine_rates = [bench()] if bench else []
-    meter = engine.Throughput(rt.device)
+    meter = Throughput(rt.device)
     last_mfu = None
     start = time.perf_counter()
     bar = tqdm(
@@ -401,8 +420,8 @@ def _train(cfg: PretrainConfig, paths: Paths, tracker: Tracker, rt: engine.Runti
                 refresh=False,
             )
         elif save:
-            train_loss = float(engine.all_reduce_mean(loss, rt))
-        engine.check_finite("pretrain", step, lr, rt, cfg.grad_clip, loss=train_loss, grad_norm=grad_norm)
+            train_loss = float(all_reduce_mean(loss, rt))
+        check_finite("pretrain", step, lr, rt, cfg.grad_clip, loss=train_loss, grad_norm=grad_norm)
         if step % cfg.eval_interval == 0 or last:
             with meter.paused():  # evaluation time is not training throughput
                 val_loss = _log_eval(s, cfg, rt, tracker, step)
@@ -411,7 +430,7 @@ def _train(cfg: PretrainConfig, paths: Paths, tracker: Tracker, rt: engine.Runti
         if save:
             with meter.paused():
                 s.state.step = step + 1
-                engine.save_checkpoint(s.ckpt_dir, s.state, s.model, s.opt, rt, s.gen)
+                save_checkpoint(s.ckpt_dir, s.state, s.model, s.opt, rt, s.gen)
     bar.close()
     seconds = time.perf_counter() - start
     tokens_per_s = meter.overall_rate()
@@ -448,7 +467,7 @@ def _train(cfg: PretrainConfig, paths: Paths, tracker: Tracker, rt: engine.Runti
         train_seconds=round(seconds, 2),
         resumed_from_step=start_step,
         mfu=None if last_mfu is None else round(last_mfu, 4),
-        device=engine.device_name(rt.device),
+        device=device_name(rt.device),
         **s.probe.metrics(),
         engine_tokens_per_s=None if engine_tps is None else round(engine_tps, 1),
         loop_efficiency=round(tokens_per_s / engine_tps, 3) if engine_tps and tokens_per_s else None,
@@ -468,8 +487,8 @@ def _requested_launch(argv: list[str]):
 
 
 def main() -> None:
-    if not engine.under_torchrun() and (dist := _requested_launch(sys.argv[1:])) is not None and dist.launched:
-        sys.exit(engine.relaunch_under_torchrun("tasks.pretrain", dist))
+    if not under_torchrun() and (dist := _requested_launch(sys.argv[1:])) is not None and dist.launched:
+        sys.exit(relaunch_under_torchrun("tasks.pretrain", dist))
     stage_main("pretrain", lambda p, t: run(p.pretrain, p.paths, t).metrics, SECTIONS)
 
 

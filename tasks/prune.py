@@ -14,11 +14,11 @@ from dataclasses import asdict, dataclass
 
 from models.checkpoint import write_classifier
 from models.compression import count_params, keep_top, prune_structured, taylor_importance
-from tasks.shared import engine
 from tasks.shared.classify import load_teacher, recover, val_scores
 from tasks.shared.config.base import Paths
 from tasks.shared.config.finetune import FinetuneConfig
 from tasks.shared.config.prune import PruneConfig
+from tasks.shared.engine.runtime import setup_runtime
 from tasks.shared.harness import stage_main
 from tasks.shared.io import atomic_dir
 from tasks.shared.tracking import NullTracker, Tracker
@@ -57,7 +57,7 @@ def run(cfg: PruneConfig, ft: FinetuneConfig, paths: Paths, tracker: Tracker | N
         return PruneResult(enabled=False)
     require_passed(paths.validation)
     t = load_teacher(ft, paths)
-    rt = engine.setup_runtime(ft)
+    rt = setup_runtime(ft)
     n = ft.batch_size
     val = t.val
     starts = range(0, len(val), n)

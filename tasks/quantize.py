@@ -1,7 +1,7 @@
 """quantize: int8 dynamic quantization of each listed float variant (`int8`, `pruned-int8`, ...).
 
 Every nn.Linear gets int8 weights (one scale per output channel) and quantizes its activations per
-batch at run time. Two backends write the same plain-tensor format (models/quantize.py): torchao's
+batch at run time. Two backends write the same plain-tensor format (models/checkpoint.py): torchao's
 `quantize_` (the maintained path) and torch.ao's `quantize_dynamic` (deprecated, fbgemm kernels).
 `backend: auto` times both on a batch of real validation examples on this CPU and keeps the faster;
 the timings are in the metrics, so the choice is on record.
@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from models.checkpoint import dir_size_mb, load_classifier, read_config
-from models.quantize import linear_weight_bytes, pick_backend, quantize_classifier, write_quantized
+from models.checkpoint import CONFIG, dir_size_mb, load_classifier, read_config, write_quantized
+from models.quantize import linear_weight_bytes, pick_backend, quantize_classifier
 from models.tokenizer import PAD, encode_texts, load_tokenizer
 from tasks.shared.config.base import Paths
 from tasks.shared.config.quantize import QuantizeConfig
@@ -56,7 +56,7 @@ def run(cfg: QuantizeConfig, paths: Paths, tracker: Tracker | None = None) -> Qu
     sources = {}
     for source in dict.fromkeys(cfg.sources):
         folder = where[source]
-        if not (folder / "config.json").is_file():
+        if not (folder / CONFIG).is_file():
             raise UserError(
                 f"params.yaml: quantize.sources: {source} has no model at {folder} (is its stage switched off?)"
             )

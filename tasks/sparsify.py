@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass
 
 from models.checkpoint import write_classifier
 from models.compression import magnitude_masks, make_permanent, sparsity
-from tasks.shared import engine
 from tasks.shared.classify import load_teacher, recover, val_scores
 from tasks.shared.config.base import Paths
 from tasks.shared.config.finetune import FinetuneConfig
 from tasks.shared.config.sparsify import SparsifyConfig
+from tasks.shared.engine.runtime import setup_runtime
 from tasks.shared.harness import stage_main
 from tasks.shared.io import atomic_dir
 from tasks.shared.tracking import NullTracker, Tracker
@@ -54,7 +54,7 @@ def run(cfg: SparsifyConfig, ft: FinetuneConfig, paths: Paths, tracker: Tracker 
         return SparsifyResult(enabled=False, speedup="")
     require_passed(paths.validation)
     t = load_teacher(ft, paths)
-    rt = engine.setup_runtime(ft)
+    rt = setup_runtime(ft)
     k = len(t.labels)
     masked = magnitude_masks(t.model, cfg.sparsity)
     teacher_f1 = val_scores(t.model, t.val, k, rt)["val_macro_f1"]

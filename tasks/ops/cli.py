@@ -13,13 +13,14 @@ import typer
 from tasks.ops.dag import stage_names
 from tasks.shared.config.params import load_params
 from tasks.shared.errors import UserError
+from tasks.shared.stagerun import INTERRUPTED_EXIT, USER_ERROR_EXIT
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
 
 def _fail(e: UserError) -> None:
     typer.echo(f"lmforge: error: {e}", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(USER_ERROR_EXIT)
 
 
 @app.command()
@@ -87,8 +88,8 @@ def schedule(
 ) -> None:
     """Serve the retrain schedule on this machine until stopped (`flow.serve`), starting a local Prefect server
     if none is set."""
-    from flows.retrain import check_schedule
     from tasks.ops import supervise
+    from tasks.ops.schedule import check_schedule
     from tasks.ops.servers import local_prefect_server
 
     try:
@@ -103,7 +104,7 @@ def schedule(
             code = supervise.run(cmd, env={**os.environ, "PREFECT_API_URL": url})
     except UserError as e:
         _fail(e)
-    raise typer.Exit(0 if code in (0, 130) else code)
+    raise typer.Exit(0 if code in (0, INTERRUPTED_EXIT) else code)
 
 
 POOLS = ("cpu", "gpu")
@@ -211,7 +212,8 @@ def promote(
     Refuses (exit 2) unless DVC reports every stage up to date and the artifacts match what evaluate scored.
     With --force --reason "…" a candidate that fails gates becomes @champion anyway, recorded as an override."""
     from tasks.ops.lock import workspace_lock
-    from tasks.ops.promote import override_reason, run
+    from tasks.ops.promote import run
+    from tasks.ops.registry import override_reason
 
     try:
         override_reason(force, reason)  # before waiting for the workspace
@@ -250,7 +252,7 @@ def history(params: str = "params.yaml") -> None:
     """Every move of @champion and @candidate: when, which alias, from which version to which, who, why, and
     whether gates were overridden."""
     from mlflow import MlflowClient
-    from tasks.ops.promote import alias_history
+    from tasks.ops.registry import alias_history
     from tasks.shared.tracking import setup_tracking
 
     try:
@@ -305,7 +307,8 @@ def _bentoml() -> str:
 def _preflight() -> str:
     """Load the model the servers will serve (a registry version lands in BentoML's model store); one line
     describing it."""
-    from deploy.core import ModelUnavailable, describe, open_model
+    from deploy.core import describe
+    from deploy.resolve import ModelUnavailable, open_model
 
     try:
         return describe(open_model())
@@ -319,7 +322,7 @@ def build() -> None:
     with no tracking store."""
     import subprocess
 
-    from deploy.core import IN_BENTO
+    from deploy.resolve import IN_BENTO
 
     if IN_BENTO:
         _fail(UserError("lmforge build runs in the project, not inside a Bento"))

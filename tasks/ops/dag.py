@@ -5,8 +5,10 @@
 - `check_deps()` / `write_deps()`: each stage's code deps in dvc.yaml must be exactly its import
   closure, and its `params:` exactly the sections its module declares (`SECTIONS`); `write_deps`
   rewrites dvc.yaml from the code (comments and data deps kept).
-- `stale_lock()`: every code or params dependency whose hash or value in dvc.lock differs from the
-  working tree (seconds, nothing runs), so a commit cannot carry a lock of other code.
+- `read_lock()`: dvc.lock's stages; `stale_lock()`: every code or params dependency whose hash or value in
+  dvc.lock differs from the working tree (seconds, nothing runs), so a commit cannot carry a lock of other code.
+- `stale_stages()` / `require_current_evaluation()`: what `dvc status` reports out of date, and a refusal
+  to act on an evaluation that does not describe the workspace.
 
 Nothing here imports a stage: modules are read as source (ast), so the check costs no torch import.
 """
@@ -245,7 +247,7 @@ def git_tracked(root: Path = ROOT) -> set[str] | None:
     return set(filter(None, out.decode().split("\0")))
 
 
-def _resolve(entry: str, params: dict) -> str:
+def resolve_refs(entry: str, params: dict) -> str:
     """dvc.yaml's `${paths.x}` interpolation for the simple `${a.b}` references this project uses."""
 
     def value(m: re.Match) -> str:
@@ -271,6 +273,17 @@ def _checked(rel: str, tracked: set[str] | None, root: Path) -> bool:
     return on_disk <= tracked
 
 
+def read_lock(lock_file: Path | str = "dvc.lock") -> dict:
+    """dvc.lock's `stages:` mapping ({} when there is none yet)."""
+    f = Path(lock_file)
+    if not f.exists():
+        return {}
+    try:
+        return (yaml.safe_load(f.read_text()) or {}).get("stages") or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{f}: invalid YAML: {e}") from None
+
+
 def stale_lock(root: Path = ROOT) -> list[str]:
     """One line per code or params dependency whose entry in dvc.lock differs from the working tree."""
     root = Path(root)
@@ -278,7 +291,7 @@ def stale_lock(root: Path = ROOT) -> list[str]:
     lock_file = root / "dvc.lock"
     if not lock_file.exists():
         return ["dvc.lock: missing (run the pipeline: `make pipeline` or `dvc repro`)"]
-    lock = (yaml.safe_load(lock_file.read_text()) or {}).get("stages") or {}
+    lock = read_lock(lock_file)
     params = read_params_file(root / PARAMS_FILE)
     tracked = git_tracked(root)
     problems = []
@@ -291,7 +304,7 @@ def stale_lock(root: Path = ROOT) -> list[str]:
             problems.append(f"{stage}: cmd {body.get('cmd')!r} differs from dvc.lock's {locked.get('cmd')!r}")
         recorded = {d["path"]: d for d in locked.get("deps") or []}
         for entry in body.get("deps") or []:
-            rel = _resolve(str(entry), params).rstrip("/")
+            rel = resolve_refs(str(entry), params).rstrip("/")
             if not _checked(rel, tracked, root):
                 continue
             if rel not in recorded:
@@ -316,3 +329,50 @@ def stale_lock(root: Path = ROOT) -> list[str]:
                         f"dvc.lock has {then.get(k, '<absent>')!r}"
                     )
     return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# dvc status
+
+
+def stale_stages(root: Path = Path(".")) -> dict[str, list]:
+    """`dvc status` of the pipeline: stage -> what changed since dvc.lock recorded it (empty: all up to date)."""
+    res = subprocess.run(dvc_command("status", "--json"), cwd=root, capture_output=True, text=True)
+    if res.returncode != 0:
+        last = (res.stderr or res.stdout).strip().splitlines()[-1:] or [f"exit code {res.returncode}"]
+        raise UserError(f"dvc status failed: {last[0]}")
+    try:
+        status = json.loads(res.stdout or "{}")
+    except ValueError:
+        raise UserError(f"dvc status printed something that is not JSON: {res.stdout[:200]!r}") from None
+    return {k: v for k, v in status.items() if v}
+
+
+def describe_change(changes: list) -> str:
+    """The first change `dvc status --json` reports for a stage, e.g. `changed deps: data/models/classifier
+    (modified)`."""
+    for change in changes:
+        if isinstance(change, dict):
+            for kind, what in change.items():
+                if isinstance(what, dict) and what:
+                    path, how = next(iter(what.items()))
+                    return f"{kind}: {path} ({how})"
+                return str(kind)
+        return str(change)
+    return "changed"
+
+
+def describe_stale(stale: dict[str, list]) -> str:
+    """`N stage(s) out of date (a, b; a: <its first change>)`."""
+    first = next(iter(stale))
+    return f"{len(stale)} stage(s) out of date ({', '.join(stale)}; {first}: {describe_change(stale[first])})"
+
+
+def require_current_evaluation(root: Path = Path(".")) -> None:
+    """Refuse unless DVC reports every stage up to date (evaluation and lineage describe the workspace)."""
+    stale = stale_stages(root)
+    if stale:
+        raise UserError(
+            f"the evaluation is not evidence for the current artifacts: dvc status reports {describe_stale(stale)}; "
+            "run `dvc repro` (or `make pipeline`), then promote"
+        )

@@ -22,10 +22,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from tasks.ops.dag import is_code_dep
-from tasks.shared.errors import UserError
+from tasks.ops.dag import describe_stale, is_code_dep, read_lock, stale_stages
+from tasks.ops.registry import ALIAS, current_version
 
 KINDS = ("data", "code", "params")
 TAG = "lineage.{}"
@@ -33,17 +31,6 @@ TAG = "lineage.{}"
 
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def read_lock(lock_file: Path | str = "dvc.lock") -> dict:
-    """dvc.lock's `stages:` mapping ({} when there is none yet)."""
-    f = Path(lock_file)
-    if not f.exists():
-        return {}
-    try:
-        return (yaml.safe_load(f.read_text()) or {}).get("stages") or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{f}: invalid YAML: {e}") from None
 
 
 def fingerprint(lock_file: Path | str = "dvc.lock") -> dict[str, str]:
@@ -74,16 +61,9 @@ class Comparison:
 
 def compare_with_champion(client, model: str, root: Path = Path(".")) -> Comparison:
     """Would a run of the pipeline in `root` rebuild @champion? (`dvc status` first, then the fingerprints.)"""
-    from tasks.ops.promote import ALIAS, _describe, current_version, stale_stages
-
     stale = stale_stages(root)
     if stale:
-        first = next(iter(stale))
-        return Comparison(
-            True,
-            f"dvc status reports {len(stale)} stage(s) out of date "
-            f"({', '.join(stale)}; {first}: {_describe(stale[first])})",
-        )
+        return Comparison(True, f"dvc status reports {describe_stale(stale)}")
     mv = current_version(client, model)
     if mv is None:
         return Comparison(True, f"registered model {model!r} has no @{ALIAS} yet")
@@ -103,3 +83,14 @@ def compare_with_champion(client, model: str, root: Path = Path(".")) -> Compari
     return Comparison(
         False, f"data, code and params equal the lineage of {model} v{mv.version} (@{ALIAS})", str(mv.version)
     )
+
+
+def dvc_lineage(lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
+    """md5 of every stage dependency and output recorded in dvc.lock."""
+    return {
+        f"dvc.{stage}.{kind}.{item['path']}": item["md5"]
+        for stage, body in read_lock(lock_file).items()
+        for kind in ("deps", "outs")
+        for item in body.get(kind) or []
+        if "md5" in item
+    }

@@ -10,7 +10,7 @@ newest gate-passing version older than the champion.
 
 from __future__ import annotations
 
-from tasks.ops.promote import ALIAS, alias_history, current_champion, move_champion, override_reason
+from tasks.ops.registry import ALIAS, alias_history, current_champion, move_champion, override_reason
 from tasks.shared.config.params import Params
 from tasks.shared.errors import UserError
 from tasks.shared.tracking import setup_tracking

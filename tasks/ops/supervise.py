@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 from tasks.shared.lifeline import group_alive
+from tasks.shared.stagerun import INTERRUPTED_EXIT
 
 GRACE_SECONDS = 20.0
 
@@ -53,7 +54,7 @@ def run(cmd: list[str], grace: float = GRACE_SECONDS, env: dict[str, str] | None
     if group_alive(proc.pid):  # whatever the flow left behind in its group
         _kill_group(proc.pid)
     if interrupted and code != 0:
-        return 130
+        return INTERRUPTED_EXIT
     if code < 0:  # killed from outside (OOM killer, kill -9)
         print(
             f"lmforge: the run was killed by signal {-code}; its processes were stopped, "

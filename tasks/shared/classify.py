@@ -1,8 +1,12 @@
-"""Training and scoring of text classifiers, shared by the stages that train one (finetune, prune, distill).
+"""Training and scoring of text classifiers, shared by the stages that train one (finetune, prune, sparsify,
+distill).
 
-`fit` trains any classifier (right-padded ids + lengths -> logits) through the engine (device, autocast,
-optimizer, schedule, clipping) and keeps the epoch with the best validation macro-F1; `loss_fn` replaces
-plain cross-entropy (distillation). `load_examples` encodes the labeled splits the same way for all.
+`fit` trains any classifier (right-padded ids + lengths -> logits) through the engine's one training step
+(device, autocast, optimizer, schedule, clipping) and keeps the epoch with the best validation macro-F1;
+`loss_fn` replaces plain cross-entropy (distillation). It trains in the precision the probe picks for the
+model (`precision: auto` on CPU) but scores validation in the caller's runtime, the configured precision,
+so a stage's before and after scores (`val_scores`) are computed alike. `load_examples` encodes the
+labeled splits the same way for all.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -19,9 +23,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.tokenizer import PAD, encode_texts, load_tokenizer
-from tasks.shared import engine
 from tasks.shared.config.base import Paths
 from tasks.shared.config.finetune import FinetuneConfig
+from tasks.shared.engine.optim import build_optimizer, lr_at, set_lr
+from tasks.shared.engine.runtime import Runtime, probe_cpu_precision, unwrap, wrap_model
+from tasks.shared.engine.step import Throughput, check_finite, train_step
 from tasks.shared.errors import UserError
 from tasks.shared.io import read_parquet
 from tasks.shared.tracking import Tracker
@@ -103,7 +109,7 @@ def bucketed_batches(lengths: torch.Tensor, batch_size: int, gen: torch.Generato
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: Examples, rt: engine.Runtime, batch_size: int = 128) -> np.ndarray:
+def predict(model: nn.Module, data: Examples, rt: Runtime, batch_size: int = 128) -> np.ndarray:
     """Predicted class indices (N,)."""
     model.eval()
     order = torch.argsort(data.lengths, stable=True)  # similar lengths together: little padding
@@ -133,11 +139,58 @@ class Trained:
     train_seconds: float
     params: int
     precision: str = "fp32"
-    """What it trained in (`precision: auto` on CPU: timed for this model, see `engine.probe_cpu_precision`)."""
+    """What it trained in (`precision: auto` on CPU: timed for this model, see `probe_cpu_precision`); its
+    validation scores are in the caller's precision."""
 
     def summary(self) -> dict:
         keys = ("best_epoch", "epochs_run", "val_accuracy", "val_macro_f1", "train_seconds", "params", "precision")
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items() if k in keys}
+
+
+@dataclass
+class _Steps:
+    """One model's optimizer steps inside `fit`: the schedule, the engine's step, the divergence check, logging."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    rt: Runtime
+    """The runtime the model trains in (its probed precision)."""
+    loss_of: Callable[[torch.Tensor], torch.Tensor]
+    cfg: FinetuneConfig
+    total: int
+    """Steps of the whole schedule."""
+    lengths: torch.Tensor
+    """Token count of every training row (throughput)."""
+    tracker: Tracker
+    prefix: str
+    run_name: str
+    lr_key: str
+    step: int = 0
+    tps: float | None = None
+    """The last logged tokens/s."""
+    meter: Throughput = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.meter = Throughput(self.rt.device)
+
+    def __call__(self, rows: torch.Tensor) -> float:
+        """One optimizer step on the training rows `rows`; returns its loss."""
+        lr = lr_at(self.step, self.total, self.cfg)
+        set_lr(self.opt, lr)
+        clip = self.cfg.grad_clip
+        loss, grad_norm = train_step(self.model, self.opt, self.rt, [rows], self.loss_of, clip)
+        loss_value = loss.item()  # on the host every step: a diverged run stops at once
+        check_finite(
+            self.run_name, self.step, lr, self.rt, clip, loss=loss_value, grad_norm=grad_norm, lr_key=self.lr_key
+        )
+        self.meter.step(int(self.lengths[rows].sum()))
+        if self.step % LOG_EVERY == 0:
+            rec = {"train_loss": loss_value, "lr": lr, "grad_norm": grad_norm}
+            if (rate := self.meter.window_rate()) is not None:
+                rec["tokens_per_s"] = self.tps = rate
+            self.tracker.log_metrics({f"{self.prefix}{k}": v for k, v in rec.items()}, step=self.step)
+        self.step += 1
+        return loss_value
 
 
 def fit(
@@ -147,7 +200,7 @@ def fit(
     train: Examples,
     val: Examples,
     n_classes: int,
-    rt: engine.Runtime,
+    rt: Runtime,
     tracker: Tracker,
     epochs: int,
     lr_scale: dict[str, float] | None = None,
@@ -160,77 +213,81 @@ def fit(
     Metrics go to `tracker` as `<prefix><metric>`; every model sees the same batch order. `loss_fn(logits,
     y, rows)` (rows: the batch's indices into `train`) replaces cross-entropy, e.g. for distillation. A nan or
     inf loss stops the stage with a UserError naming the step and `lr_key` (the params.yaml key of the lr).
+    Training runs in the precision `precision: auto` resolves to for this model; validation is scored in `rt`
+    as given (the configured precision), like `val_scores`, and `rt` itself is left as it was.
     """
     from tqdm import tqdm
 
     n_params = sum(p.numel() for p in model.parameters())
     model.train()
-    probe = engine.probe_cpu_precision(rt, cfg.precision, model, lambda: _probe_loss(model, train, cfg.batch_size, rt))
+    probe = probe_cpu_precision(rt, cfg.precision, model, lambda: _probe_loss(model, train, cfg.batch_size, rt))
     if probe.fp32_s is not None:
         tracker.log_params({f"{prefix}precision": probe.chosen, f"{prefix}precision_probe": probe.reason})
-    model = engine.wrap_model(model, rt, "ddp", cfg.compile)
-    opt = engine.build_optimizer(engine.unwrap(model), cfg, rt.device, lr_scale)  # names without compile's prefix
+    train_rt = rt.with_precision(probe.chosen)  # this model's training only, with a loss scale of its own
+    model = wrap_model(model, train_rt, "ddp", cfg.compile)
+    opt = build_optimizer(unwrap(model), cfg, rt.device, lr_scale)  # names without compile's prefix
     weight = balanced_class_weights(train.y, n_classes).to(rt.device) if cfg.class_weights == "balanced" else None
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    total = steps_per_epoch * epochs
+    total = math.ceil(len(train) / cfg.batch_size) * epochs
+    run_name = "finetune" if name == "finetune" else f"finetune {name}"  # names a diverged run
+    loss_of = _classifier_loss(model, train, weight, loss_fn, rt.device)
+    steps = _Steps(model, opt, train_rt, loss_of, cfg, total, train.lengths, tracker, prefix, run_name, lr_key)
     gen = torch.Generator().manual_seed(cfg.seed)
     stopper, best_state, history = EarlyStopping(cfg.patience), None, []
     start = time.perf_counter()
     bar = tqdm(total=total, desc=name, unit="step", dynamic_ncols=True)
-    meter, step, tps = engine.Throughput(rt.device), 0, None
-    run_name = "finetune" if name == "finetune" else f"finetune {name}"  # names a diverged run
     for epoch in range(1, epochs + 1):
-        for b in bucketed_batches(train.lengths, cfg.batch_size, gen):
-            n = train.lengths[b]
-            x, y = train.ids[b, : int(n.max())].to(rt.device), train.y[b].to(rt.device)
-            lr = engine.lr_at(step, total, cfg)
-            engine.set_lr(opt, lr)
-            with rt.autocast():
-                logits = model(x, n.to(rt.device))  # (B, K)
-            loss = (
-                F.cross_entropy(logits.float(), y, weight=weight) if loss_fn is None else loss_fn(logits.float(), y, b)
-            )
-            (rt.scaler.scale(loss) if rt.scaler is not None else loss).backward()
-            grad_norm = engine.clip_and_step(model, opt, rt, cfg.grad_clip)
-            loss_value = loss.item()
-            engine.check_finite(
-                run_name, step, lr, rt, cfg.grad_clip, loss=loss_value, grad_norm=grad_norm, lr_key=lr_key
-            )
-            meter.step(int(n.sum()))
-            if step % LOG_EVERY == 0:
-                rec = {"train_loss": loss_value, "lr": lr, "grad_norm": grad_norm}
-                if (rate := meter.window_rate()) is not None:
-                    rec["tokens_per_s"] = tps = rate
-                tracker.log_metrics({f"{prefix}{k}": v for k, v in rec.items()}, step=step)
-            bar.set_postfix(
-                epoch=epoch, loss=f"{loss_value:.3f}", **({"tok_s": f"{tps:,.0f}"} if tps else {}), refresh=False
-            )
+        for rows in bucketed_batches(train.lengths, cfg.batch_size, gen):
+            loss = steps(rows)
+            tok_s = {"tok_s": f"{steps.tps:,.0f}"} if steps.tps else {}
+            bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", **tok_s, refresh=False)
             bar.update()
-            step += 1
-        with meter.paused():  # validation time is not training throughput
-            pred = predict(model, val, rt)
-            y_val = val.y.numpy()
-            acc, f1 = float((pred == y_val).mean()), macro_f1(y_val, pred, n_classes)
-            history.append({"epoch": epoch, "val_accuracy": acc, "val_macro_f1": f1})
-            tracker.log_metrics({f"{prefix}val_accuracy": acc, f"{prefix}val_macro_f1": f1}, step=step)
+        with steps.meter.paused():  # validation time is not training throughput
+            scores = _validate(model, val, n_classes, rt)
+            history.append({"epoch": epoch, **scores})
+            tracker.log_metrics({f"{prefix}{k}": v for k, v in scores.items()}, step=steps.step)
+            acc, f1 = scores["val_accuracy"], scores["val_macro_f1"]
             bar.write(f"{name} epoch {epoch}: val accuracy {acc:.3f}, macro-F1 {f1:.3f}")
             if stopper.update(f1, epoch):
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in engine.unwrap(model).state_dict().items()}
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
         if stopper.stop:
             bar.write(f"{name}: no better macro-F1 for {cfg.patience} epochs, stopping after epoch {epoch}")
             break
     bar.close()
     seconds = time.perf_counter() - start
-    tracker.log_metrics({f"{prefix}train_seconds": seconds, f"{prefix}best_epoch": stopper.best_epoch}, step=step)
-    best = engine.unwrap(model).to("cpu")
+    tracker.log_metrics({f"{prefix}train_seconds": seconds, f"{prefix}best_epoch": stopper.best_epoch}, step=steps.step)
+    best = unwrap(model).to("cpu")
     best.load_state_dict(best_state)
     best_acc = history[stopper.best_epoch - 1]["val_accuracy"]
-    return Trained(
-        best.eval(), history, stopper.best_epoch, len(history), best_acc, stopper.best, seconds, n_params, rt.precision
-    )
+    summary = (stopper.best_epoch, len(history), best_acc, stopper.best, seconds, n_params, train_rt.precision)
+    return Trained(best.eval(), history, *summary)
 
 
-def _probe_loss(model: nn.Module, train: Examples, batch_size: int, rt: engine.Runtime) -> torch.Tensor:
+def _classifier_loss(
+    model: nn.Module,
+    train: Examples,
+    weight: torch.Tensor | None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None,
+    device: torch.device,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`loss_of` for `train_step`: a batch's row indices into `train` -> (weighted) cross-entropy, or `loss_fn`."""
+
+    def loss_of(rows: torch.Tensor) -> torch.Tensor:
+        n = train.lengths[rows]
+        x, y = train.ids[rows, : int(n.max())].to(device), train.y[rows].to(device)
+        logits = model(x, n.to(device)).float()  # (B, K)
+        return F.cross_entropy(logits, y, weight=weight) if loss_fn is None else loss_fn(logits, y, rows)
+
+    return loss_of
+
+
+def _validate(model: nn.Module, val: Examples, n_classes: int, rt: Runtime) -> dict[str, float]:
+    """Accuracy and macro-F1 of `model` (on `rt`'s device, left in training mode) on `val`, scored in `rt`."""
+    pred = predict(model, val, rt)
+    y = val.y.numpy()
+    return {"val_accuracy": float((pred == y).mean()), "val_macro_f1": macro_f1(y, pred, n_classes)}
+
+
+def _probe_loss(model: nn.Module, train: Examples, batch_size: int, rt: Runtime) -> torch.Tensor:
     """A scalar of one full-size training batch's logits (the first rows), for timing the precisions."""
     n = train.lengths[:batch_size]
     return model(train.ids[:batch_size, : int(n.max())].to(rt.device), n.to(rt.device)).float().square().mean()
@@ -297,7 +354,7 @@ def recover(
     model: nn.Module,
     t: Teacher,
     cfg: FinetuneConfig,
-    rt: engine.Runtime,
+    rt: Runtime,
     tracker: Tracker,
     epochs: int,
     lr: float,
@@ -317,9 +374,11 @@ def recover(
     return trained.model, trained.val_macro_f1, trained.train_seconds, trained.history
 
 
-def val_scores(model: nn.Module, data: Examples, n_classes: int, rt: engine.Runtime) -> dict[str, float]:
-    """Validation accuracy and macro-F1 of `model`."""
-    pred = predict(model.to(rt.device), data, rt)
-    y = data.y.numpy()
+def val_scores(model: nn.Module, data: Examples, n_classes: int, rt: Runtime) -> dict[str, float]:
+    """Validation accuracy and macro-F1 of `model` (4 places), scored in `rt` as `fit` scores its epochs.
+
+    A stage compares a model before and after compression by passing the same `rt` here and to `fit`.
+    """
+    scores = _validate(model.to(rt.device), data, n_classes, rt)
     model.to("cpu")
-    return {"val_accuracy": round(float((pred == y).mean()), 4), "val_macro_f1": round(macro_f1(y, pred, n_classes), 4)}
+    return {k: round(v, 4) for k, v in scores.items()}

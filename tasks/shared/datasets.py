@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.shared.io import expand_inputs
+from tasks.shared.io import expand_inputs, user_inputs
 
 
 def file_md5(path: Path | str, block: int = 1 << 22) -> str:
@@ -81,12 +81,13 @@ def input_digest(spec: str | list[str]) -> InputDigest:
 def log_dataset(tracker, name: str, spec: str | list[str], output: Path | str, context: str) -> InputDigest:
     """Log input `name` as an MLflow dataset named by its DVC hash (the stdlib default: by its output's
     md5); prints a hint for files DVC does not track. Returns the digest."""
-    if spec == "stdlib":
+    specs = user_inputs(spec)
+    if not specs:  # the stdlib default
         d = InputDigest(file_md5(output), 1, Path(output).stat().st_size, [], [])
-        source = str(Path(output).resolve())
+        sources = [str(Path(output).resolve())]
     else:
-        d = input_digest(spec)
-        source = ", ".join(str(Path(s).resolve()) for s in ([spec] if isinstance(spec, str) else spec))
+        d = input_digest(specs)
+        sources = [str(Path(s).resolve()) for s in specs]
         if d.untracked:
             more = f" and {len(d.untracked) - 3} more" if len(d.untracked) > 3 else ""
             print(
@@ -96,8 +97,8 @@ def log_dataset(tracker, name: str, spec: str | list[str], output: Path | str, c
             )
     tags = {"dvc.tracked": str(not d.untracked).lower(), "files": str(d.files), "bytes": str(d.bytes)}
     tracker.log_input(
-        name=name if spec != "stdlib" else f"{name} (stdlib)",
-        source=source,
+        name=name if specs else f"{name} (stdlib)",
+        sources=sources,
         digest=d.digest,
         context=context,
         tags=tags,
@@ -118,16 +119,13 @@ def untracked_inputs(specs: list, root: Path = Path(".")) -> list[Path]:
     already holds tracked files is not added whole: its other files are, one by one."""
     root = Path(root).absolute()
     out: list[Path] = []
-    for spec in specs:
-        if spec == "stdlib":
-            continue
-        for item in [spec] if isinstance(spec, str) else spec:
-            path = Path(item)
-            whole = path.is_dir() and not any(path.rglob("*.dvc")) and not _in_git([path], root)
-            targets = [path] if whole else expand_inputs(item)
-            for t in targets:
-                a = t.absolute()
-                if root in a.parents and dvc_file(a) is None and a not in out:
-                    out.append(a)
+    for item in user_inputs(*specs):
+        path = Path(item)
+        whole = path.is_dir() and not any(path.rglob("*.dvc")) and not _in_git([path], root)
+        targets = [path] if whole else expand_inputs(item)
+        for t in targets:
+            a = t.absolute()
+            if root in a.parents and dvc_file(a) is None and a not in out:
+                out.append(a)
     git = _in_git(out, root) if out else set()
     return [p.relative_to(root) for p in out if p not in git and not any(g in p.parents for g in git)]

@@ -6,7 +6,8 @@ refuse to replace an existing output lmforge did not write (tasks/shared/outputs
 exit code 2, a tracking-store failure into one line with exit code 3 (anything else keeps its
 traceback). Ctrl-C, SIGTERM and the death of the process that
 started the stage (tasks/shared/lifeline.py) stop it cleanly: one line, exit code 130, no output
-replaced by a partial one.
+replaced by a partial one. However it ends, it writes its status (exit code and line) where the runner
+asked (tasks/shared/stagerun.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,19 @@ from tasks.shared.config.base import Section, StageParams, load_stage_params
 from tasks.shared.errors import UserError
 from tasks.shared.io import write_json
 from tasks.shared.outputs import check_replaceable, record
+from tasks.shared.stagerun import (
+    CRASH_EXIT,
+    INTERRUPTED_EXIT,
+    SUCCESS_EXIT,
+    TRACKING_EXIT,
+    USER_ERROR_EXIT,
+    StageStatus,
+    crash_line,
+    error_line,
+    failure_line,
+    interrupted_line,
+    write_status,
+)
 from tasks.shared.tracking import (
     PARAMS_ENV,
     NullTracker,
@@ -34,17 +48,14 @@ from tasks.shared.tracking import (
     tracking_errors,
 )
 
-USER_ERROR_EXIT = 2
-TRACKING_EXIT = 3
-"""The tracking store failed: not the user's input, and a later rerun (or the flow's retry) can succeed."""
-INTERRUPTED_EXIT = 130
+StageRun = Callable[[StageParams, Tracker], dict]
 
 
 def metrics_file(params: StageParams, stage: str):
     return params.paths.metrics / f"{stage}.json"
 
 
-def stage_main(stage: str, run: Callable[[StageParams, Tracker], dict], sections: dict[str, type[Section]]) -> None:
+def stage_main(stage: str, run: StageRun, sections: dict[str, type[Section]]) -> None:
     """Entry point of `python -m tasks.<stage>`; `sections` are the params.yaml sections it reads
     (exactly its dvc.yaml `params:`, which tests/unit/test_dag.py checks)."""
     parser = argparse.ArgumentParser(prog=f"python -m tasks.{stage}", description=f"Run the {stage} stage.")
@@ -54,25 +65,41 @@ def stage_main(stage: str, run: Callable[[StageParams, Tracker], dict], sections
     lifeline.interrupt_on_sigterm()
     lifeline.watch(lifeline.stop_self())
     try:
-        params = load_stage_params(args.params, sections)
-        if int(os.environ.get("RANK", 0)) > 0:  # a torchrun worker: rank 0 tracks and writes metrics
-            run(params, NullTracker())
-            return
-        check_replaceable(stage, params.paths)
-        with tracking_errors():
-            experiment_id = setup_tracking(params.tracking)
-        with stage_run(params, stage, experiment_id) as tracker:
-            metrics = run(params, tracker)
-            metrics = {**metrics, "stage_seconds": round(time.perf_counter() - start, 2)}
-            write_json(metrics_file(params, stage), metrics)
-            record(stage, params.paths)  # lmforge wrote them, whatever the tracking store does next
-            tracker.log_metrics(numeric(metrics))
+        if not _run_stage(stage, run, sections, args.params, start):
+            return  # a torchrun worker of rank > 0: rank 0 reports
     except (UserError, ArtifactError) as e:  # bad input, or a missing/corrupt artifact: one line
-        print(f"lmforge {stage}: error: {e}", file=sys.stderr)
-        sys.exit(USER_ERROR_EXIT)
+        _end(stage, USER_ERROR_EXIT, error_line(stage, e))
     except TrackingError as e:  # the store went away: one line, and DVC does not record the stage as done
-        print(f"lmforge {stage}: failed: {e}", file=sys.stderr)
-        sys.exit(TRACKING_EXIT)
+        _end(stage, TRACKING_EXIT, failure_line(stage, e))
     except KeyboardInterrupt:
-        print(f"lmforge {stage}: interrupted; its outputs were not replaced (a rerun starts it again)", file=sys.stderr)
-        sys.exit(INTERRUPTED_EXIT)
+        _end(stage, INTERRUPTED_EXIT, interrupted_line(stage))
+    except Exception as e:  # an internal error keeps its traceback; the runner still learns how it ended
+        write_status(StageStatus(stage, CRASH_EXIT, crash_line(stage, e)))
+        raise
+    write_status(StageStatus(stage, SUCCESS_EXIT))
+
+
+def _run_stage(stage: str, run: StageRun, sections: dict[str, type[Section]], params_file: str, start: float) -> bool:
+    """Load, check, run and record the stage; False for a torchrun worker of rank > 0 (it neither tracks
+    nor reports)."""
+    params = load_stage_params(params_file, sections)
+    if int(os.environ.get("RANK", 0)) > 0:  # a torchrun worker: rank 0 tracks and writes metrics
+        run(params, NullTracker())
+        return False
+    check_replaceable(stage, params.paths)
+    with tracking_errors():
+        experiment_id = setup_tracking(params.tracking)
+    with stage_run(params, stage, experiment_id) as tracker:
+        metrics = run(params, tracker)
+        metrics = {**metrics, "stage_seconds": round(time.perf_counter() - start, 2)}
+        write_json(metrics_file(params, stage), metrics)
+        record(stage, params.paths)  # lmforge wrote them, whatever the tracking store does next
+        tracker.log_metrics(numeric(metrics))
+    return True
+
+
+def _end(stage: str, code: int, line: str) -> None:
+    """The one line on stderr, the status for the runner, and the exit code."""
+    print(line, file=sys.stderr)
+    write_status(StageStatus(stage, code, line))
+    sys.exit(code)

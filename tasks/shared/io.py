@@ -397,6 +397,16 @@ def _chunks(
         yield numbers, pd.DataFrame(rows, dtype=object), list(seen)
 
 
+STDLIB = "stdlib"
+"""The built-in data (ingest.corpus / ingest.labeled): built from the standard library, no user input."""
+
+
+def user_inputs(*specs: str | list[str]) -> list[str]:
+    """The user's input specs among `specs`, in order: each spec is `stdlib` (left out: no user input), a
+    file, folder or glob, or a list of those (e.g. `user_inputs(cfg.corpus, cfg.labeled)`)."""
+    return [item for spec in specs if spec != STDLIB for item in ([spec] if isinstance(spec, str) else spec)]
+
+
 def expand_inputs(spec: str | Path | list, root: Path | None = None) -> list[Path]:
     """The files of an input spec: a file, a folder (read recursively), a glob (`data/user/*.jsonl`,
     `**` for any depth), or a list of those. In a folder or glob, hidden and `.dvc` files are skipped.

@@ -7,8 +7,11 @@ inside `dvc exp run`, under one run per DVC experiment, so every experiment is o
 
 from __future__ import annotations
 
+import json
 import os
+import queue
 import subprocess
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -85,7 +88,7 @@ class Tracker:
     def log_params(self, params: dict) -> None: ...
 
     def log_input(
-        self, name: str, source: str, digest: str, context: str, tags: dict[str, str] | None = None
+        self, name: str, sources: list[str], digest: str, context: str, tags: dict[str, str] | None = None
     ) -> None: ...
 
 
@@ -99,43 +102,48 @@ class TrackingError(RuntimeError):
 
 class MlflowTracker(Tracker):
     """Asynchronous writes, each one checked: a write the store lost (after MLflow's own retries with
-    backoff) fails the stage at the next log call, and `wait` checks the rest before the stage counts as
-    done — a store that went away mid-run never silently drops metrics."""
+    backoff) fails the stage — during a long loop at its next log call, at the latest in `wait` before
+    the stage counts as done — so a store that went away mid-run never silently drops metrics.
+
+    The loop never waits on the store: a checker thread waits on each write in turn (MLflow's
+    `RunOperations.wait`) and keeps the failures; a log call only looks whether one was kept."""
 
     def __init__(self, run_id: str) -> None:
         import mlflow
 
         self._mlflow = mlflow
         self.run_id = run_id
-        self._pending: list = []  # RunOperations of writes not yet known to have landed
+        self._pending: queue.Queue = queue.Queue()  # RunOperations of writes not yet known to have landed
+        self._checker: threading.Thread | None = None
         self._written = 0
-        self._lost: list[BaseException] = []
+        self._lost: list[Exception] = []
 
     def _track(self, ops) -> None:
         self._written += 1
-        self._pending.append(ops)
-        self._settle(block=False)
-        if self._lost:  # the store lost a write after MLflow's own retries: stop now, not at the end of training
+        if self._checker is None:
+            self._checker = threading.Thread(target=self._check, name="lmforge-tracking-check", daemon=True)
+            self._checker.start()
+        self._pending.put(ops)
+        if self._lost:  # the store lost a write after MLflow's own retries: stop now, not at the end
             self.wait()
 
-    def _settle(self, block: bool) -> None:
-        """Move finished writes out of `_pending`, keeping the failures; `block` waits for all."""
-        still = []
-        for ops in self._pending:
-            futures = getattr(ops, "_operation_futures", None) or []
-            if not block and not all(f.done() for f in futures):
-                still.append(ops)
-                continue
-            for f in futures:
-                try:
-                    f.result()
-                except Exception as e:  # noqa: BLE001 - any failed write is a lost write
-                    self._lost.append(e)
-        self._pending = still
+    def _check(self) -> None:
+        """Wait for each write in turn, keeping the failures, until `wait` sends None."""
+        while (ops := self._pending.get()) is not None:
+            try:
+                ops.wait()
+            except Exception as e:  # noqa: BLE001 - any failed write is a lost write
+                self._lost.append(e)
+            finally:
+                self._pending.task_done()
+        self._pending.task_done()
 
     def wait(self) -> None:
         """Block until every asynchronous write has landed; TrackingError if any was lost."""
-        self._settle(block=True)
+        if self._checker is not None:
+            self._pending.put(None)
+            self._checker.join()
+            self._checker = None
         if self._lost:
             first = str(self._lost[0]).splitlines()[0][:300]
             raise TrackingError(
@@ -168,8 +176,11 @@ class MlflowTracker(Tracker):
     def log_params(self, params: dict) -> None:
         self._track(self._mlflow.log_params(params, synchronous=False))
 
-    def log_input(self, name: str, source: str, digest: str, context: str, tags: dict[str, str] | None = None) -> None:
-        """An input dataset of the run (MLflow's Inputs), named by `digest` (its DVC hash)."""
+    def log_input(
+        self, name: str, sources: list[str], digest: str, context: str, tags: dict[str, str] | None = None
+    ) -> None:
+        """An input dataset of the run (MLflow's Inputs) read from `sources` (paths), named by `digest`
+        (its DVC hash); the dataset's source is their common folder (the one path, if there is one)."""
         import warnings
 
         from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -177,13 +188,9 @@ class MlflowTracker(Tracker):
 
         with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local path, either way
             warnings.simplefilter("ignore")
-            src = (
-                resolve_dataset_source(source.split(", ")[0])
-                if ", " not in source
-                else resolve_dataset_source(str(Path.cwd()))
-            )
+            src = resolve_dataset_source(os.path.commonpath(sources))
         dataset = MetaDataset(source=src, name=name, digest=digest)
-        self._mlflow.log_input(dataset, context=context, tags={"source": source, **(tags or {})})
+        self._mlflow.log_input(dataset, context=context, tags={"source": json.dumps(sources), **(tags or {})})
 
 
 def dvc_experiment_run(experiment_id: str, params_file: Path) -> str | None:

@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from deploy import lmforge_pb2 as pb
 from deploy import lmforge_pb2_grpc as pb_grpc
-from deploy.core import LIMITS
+from deploy.requests import LIMITS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

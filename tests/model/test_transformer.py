@@ -283,3 +283,47 @@ def test_fused_loss_matches_plain_loss_and_gradients(causal):
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
     torch.testing.assert_close(losses[0], losses[1])
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+# --- the key/value cache -------------------------------------------------------------------------
+
+CACHE_SHAPES = {
+    "learned": {},
+    "rope": {"pos_encoding": "rope"},
+    "learned-window": {"attn_window": 5},
+    "rope-window": {"pos_encoding": "rope", "attn_window": 7},
+    "pruned": {"layer_heads": [1, 2], "layer_ffn": [8, 40]},
+}
+
+
+@pytest.mark.parametrize("shape", CACHE_SHAPES.values(), ids=CACHE_SHAPES.keys())
+def test_cached_logits_equal_a_full_forward(shape):
+    """A prefill, a chunk at an offset, then one token at a time: the logits of a forward over the whole prefix."""
+    torch.manual_seed(0)
+    m = GPT(tiny(vocab_size=VOCAB, **shape)).eval()
+    x = _ids(2, 32)  # up to block_size
+    cache = m.new_cache()
+    with torch.inference_mode():
+        full = m(x)[0]
+        parts = [m(x[:, :9], cache=cache)[0], m(x[:, 9:14], cache=cache)[0]]
+        parts += [m(x[:, t : t + 1], cache=cache)[0] for t in range(14, 32)]
+    assert cache.length == 32
+    assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        m(x[:, :1], cache=cache)
+
+
+def test_a_reset_cache_starts_again_at_position_zero(gpt):
+    x = _ids(1, 12)
+    cache = gpt.new_cache()
+    with torch.inference_mode():
+        gpt(_ids(1, 20, seed=5), cache=cache)
+        cache.reset()
+        assert cache.length == 0
+        assert_close(gpt(x, cache=cache)[0], gpt(x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_masked_lm_has_no_cache():
+    m = GPT(tiny(vocab_size=64, causal=False))
+    with pytest.raises(ValueError, match="cannot generate"):
+        m.new_cache()

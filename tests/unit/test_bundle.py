@@ -82,7 +82,9 @@ def test_bundle_agrees_with_evaluation(bundle, tiny_pipeline):
 @pytest.mark.parametrize("variant", ["int8", "pruned", "sparse", "distilled", "pruned-int8", "distilled-int8"])
 def test_every_variant_loads_as_a_bundle_and_in_the_service(tiny_pipeline, tmp_path, variant):
     """Each compressed variant is a classifier folder the service code loads (no pickle) and answers with."""
-    from deploy.service import EXAMPLE_INPUT, load_service_bundle
+    from deploy.core import CannotGenerate, generate
+    from deploy.requests import EXAMPLE_INPUT, GenerationRequest
+    from deploy.resolve import ServedModel, load_service_bundle
     from tasks.shared.variants import folders
 
     p = tiny_pipeline.paths
@@ -98,13 +100,28 @@ def test_every_variant_loads_as_a_bundle_and_in_the_service(tiny_pipeline, tmp_p
     served = load_service_bundle(str(tmp_path / "b"))
     assert [x.label for x in served.classify(EXAMPLE_INPUT)] == [x.label for x in b.classify(EXAMPLE_INPUT)]
     if variant.endswith("int8"):
-        with pytest.raises(RuntimeError, match="no language model"):
-            b.generate("def f(")
+        with pytest.raises(CannotGenerate, match="no language model"):
+            generate(ServedModel(b, uri=str(tmp_path / "b"), source="folder"), GenerationRequest("def f("))
 
 
-def test_generate_returns_the_continuation(bundle):
+@pytest.fixture(scope="module")
+def served(bundle):
+    from deploy.resolve import ServedModel
+
+    return ServedModel(bundle, uri="bundle", source="folder")
+
+
+def _generate(served, prompt: str, **kw):
+    """The serving core's /generate on the bundle (what REST, gRPC and the smoke gate answer)."""
+    from deploy.core import generate
+    from deploy.requests import GenerationRequest
+
+    return generate(served, GenerationRequest(prompt, **kw))
+
+
+def test_generate_returns_the_continuation(bundle, served):
     prompt = "def net_socket("
-    text = bundle.generate(prompt, max_new_tokens=6, temperature=0.8, top_k=50, seed=3)
+    text = _generate(served, prompt, max_new_tokens=6, temperature=0.8, top_k=50, seed=3).text
     assert isinstance(text, str)
     ids = bundle.tokenizer.encode(prompt).ids
     out = bundle.lm.generate(
@@ -117,34 +134,18 @@ def test_generate_returns_the_continuation(bundle):
     assert text == bundle.tokenizer.decode(new)  # the prompt is not repeated
 
 
-def test_generate_respects_max_new_tokens(bundle):
-    seen = []
-    real = bundle.lm.generate
-
-    def spy(idx, max_new_tokens, **kw):
-        out = real(idx, max_new_tokens, **kw)
-        seen.append(out.shape[1] - idx.shape[1])
-        return out
-
-    bundle.lm.generate = spy
-    try:
-        for n in (0, 1, 5, 40):  # 40 runs past the 32-token block
-            assert isinstance(bundle.generate("def db_query(", max_new_tokens=n, temperature=0), str)
-        assert bundle.generate("x", max_new_tokens=0) == ""
-    finally:
-        del bundle.lm.generate
-    assert seen == [0, 1, 5, 40, 0]
+def test_generate_respects_max_new_tokens(served):
+    for n in (1, 5, 40):  # 40 runs past the 32-token block
+        out = _generate(served, "def db_query(", max_new_tokens=n, temperature=0)
+        assert isinstance(out.text, str)
+        assert out.tokens == n if out.finish_reason == "length" else out.tokens < n
 
 
-def test_generate_is_deterministic(bundle):
-    a = bundle.generate("def ui_", max_new_tokens=10, seed=11)
-    assert a == bundle.generate("def ui_", max_new_tokens=10, seed=11)
-    greedy = bundle.generate("def ui_", max_new_tokens=10, temperature=0)
-    assert greedy == bundle.generate("def ui_", max_new_tokens=10, temperature=0, seed=99)
-
-
-def test_generate_from_empty_prompt_starts_at_eot(bundle):
-    assert isinstance(bundle.generate("", max_new_tokens=4, temperature=0), str)
+def test_generate_is_deterministic(served):
+    a = _generate(served, "def ui_", max_new_tokens=10, seed=11)
+    assert a == _generate(served, "def ui_", max_new_tokens=10, seed=11)
+    greedy = _generate(served, "def ui_", max_new_tokens=10, temperature=0)
+    assert greedy == _generate(served, "def ui_", max_new_tokens=10, temperature=0, seed=99)
 
 
 def test_encode_texts_pads_right_and_truncates(bundle):
@@ -218,11 +219,14 @@ def test_a_missing_bundle_folder_is_an_artifact_error(tmp_path):
 
 
 def test_service_loads_a_local_bundle(bundle_dir):
-    from deploy.service import EXAMPLE_INPUT, EXAMPLE_PROMPT, load_service_bundle
+    from deploy.core import generate
+    from deploy.requests import EXAMPLE_INPUT, EXAMPLE_PROMPT, GenerationRequest
+    from deploy.resolve import load_service_bundle, open_model
 
     b = load_service_bundle(str(bundle_dir))
     assert isinstance(b, Bundle) and b.labels == LABELS
     preds = b.classify(EXAMPLE_INPUT)
     assert len(preds) == len(EXAMPLE_INPUT)
     assert all(abs(sum(x.probabilities.values()) - 1) < 1e-3 for x in preds)
-    assert isinstance(b.generate(EXAMPLE_PROMPT, max_new_tokens=8, seed=0), str)
+    served = open_model(str(bundle_dir), to_store=False)
+    assert isinstance(generate(served, GenerationRequest(EXAMPLE_PROMPT, max_new_tokens=8, seed=0)).text, str)

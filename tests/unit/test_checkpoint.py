@@ -77,7 +77,7 @@ def save(kind: str, clf, folder):
         ckpt.save_lm(GPT(tiny(vocab_size=VOCAB)), folder)
         return ckpt.load_lm
     if kind == "int8":
-        quant.save_quantized(quant.quantize_classifier(clf), clf.config, folder, "torch.ao", per_channel=True)
+        ckpt.save_quantized(quant.quantize_classifier(clf), clf.config, folder, "torch.ao", per_channel=True)
     else:
         ckpt.save_classifier(clf, folder)
     return ckpt.load_classifier

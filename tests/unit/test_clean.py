@@ -17,8 +17,20 @@ from conftest import ROOT, TINY_CLEAN, tiny_corpus, tiny_labeled, write_raw
 from pydantic import ValidationError
 
 from tasks import clean
-from tasks.shared import cleaning
-from tasks.shared.cleaning import HashIndex, NearDuplicates, clean_file, scrub_pii
+from tasks.shared.cleaning import pii, workers
+from tasks.shared.cleaning.dedup import HashIndex, NearDuplicates, first_copies, lsh_bands
+from tasks.shared.cleaning.files import clean_file, clean_to
+from tasks.shared.cleaning.filters import TextCleaner
+from tasks.shared.cleaning.pii import PII_TYPES, PLACEHOLDERS, scrub_pii, scrub_texts
+from tasks.shared.cleaning.quality import (
+    alpha_ratio,
+    char_bound,
+    char_stats,
+    repeated_char_bound,
+    repeated_char_ratio,
+    repeated_line_ratio,
+)
+from tasks.shared.cleaning.report import DatasetReport, markdown_report
 from tasks.shared.config.clean import CleanConfig
 from tasks.shared.errors import UserError
 from tasks.shared.text import normalize_text
@@ -50,9 +62,9 @@ def corpus_file(tmp_path, texts: list[str], name: str = "raw.parquet", row_group
     return f
 
 
-def run_corpus(tmp_path, texts: list[str], cfg: CleanConfig) -> tuple[dict, list[str], cleaning.DatasetReport]:
+def run_corpus(tmp_path, texts: list[str], cfg: CleanConfig) -> tuple[dict, list[str], DatasetReport]:
     src = corpus_file(tmp_path, texts)
-    rep = cleaning.clean_to(src, tmp_path / "out.parquet", cfg, "corpus", progress=False)
+    rep = clean_to(src, tmp_path / "out.parquet", cfg, "corpus", progress=False)
     return rep.metrics(), pd.read_parquet(tmp_path / "out.parquet")["id"].tolist(), rep
 
 
@@ -147,13 +159,13 @@ def test_token_filter_counts_whitespace_tokens(tmp_path):
 
 
 def test_quality_ratios():
-    assert cleaning.alpha_ratio("ab 12") == 0.5  # whitespace does not count
-    assert cleaning.alpha_ratio("é1") == 0.5 and cleaning.alpha_ratio("   ") == 0.0
-    assert cleaning.repeated_line_ratio("a\nb\na\n\n\na\nb") == 3 / 5  # the 2nd a, 3rd a, 2nd b; blank lines ignored
-    assert cleaning.repeated_line_ratio("x = 1\n    x = 1") == 0.0  # another indentation is another line
-    assert cleaning.repeated_char_ratio("=" * 10 + "abcdefghij") == 0.5
-    assert cleaning.repeated_char_ratio("=" * 9 + "a") == 0.0
-    assert cleaning.repeated_char_ratio(" " * 30 + "ab") == 0.0  # blanks are not runs
+    assert alpha_ratio("ab 12") == 0.5  # whitespace does not count
+    assert alpha_ratio("é1") == 0.5 and alpha_ratio("   ") == 0.0
+    assert repeated_line_ratio("a\nb\na\n\n\na\nb") == 3 / 5  # the 2nd a, 3rd a, 2nd b; blank lines ignored
+    assert repeated_line_ratio("x = 1\n    x = 1") == 0.0  # another indentation is another line
+    assert repeated_char_ratio("=" * 10 + "abcdefghij") == 0.5
+    assert repeated_char_ratio("=" * 9 + "a") == 0.0
+    assert repeated_char_ratio(" " * 30 + "ab") == 0.0  # blanks are not runs
 
 
 def test_repeated_char_bound_never_undercuts_the_ratio():
@@ -163,8 +175,8 @@ def test_repeated_char_bound_never_undercuts_the_ratio():
             rng.choice(["a", "b", "=", " ", "\n", "=" * rng.randint(5, 25), "ab" * 3])
             for _ in range(rng.randint(0, 30))
         )
-        assert cleaning.repeated_char_bound(t) >= cleaning.repeated_char_ratio(t) - 1e-12, t
-    assert cleaning.repeated_char_bound("def f(x):\n    return x + 1") < 0.1  # code rarely needs the exact scan
+        assert repeated_char_bound(t) >= repeated_char_ratio(t) - 1e-12, t
+    assert repeated_char_bound("def f(x):\n    return x + 1") < 0.1  # code rarely needs the exact scan
 
 
 def test_quality_filters_remove_junk_and_keep_code(tmp_path):
@@ -204,7 +216,7 @@ def test_quality_filters_at_their_off_values_remove_nothing(tmp_path):
 def test_exact_duplicates_keep_the_first_copy_across_batches(tmp_path):
     texts = ["def ok():\n    return 1", "def ok():\n    return 1   ", "other text", "def ok():\n    return 1"]
     src = corpus_file(tmp_path, texts, row_group_size=1)
-    rep = cleaning.clean_to(src, tmp_path / "o.parquet", bare(exact_dedup=True, batch_rows=1), "corpus", progress=False)
+    rep = clean_to(src, tmp_path / "o.parquet", bare(exact_dedup=True, batch_rows=1), "corpus", progress=False)
     assert rep.removed["duplicates"] == 2 and pd.read_parquet(tmp_path / "o.parquet")["id"].tolist() == ["d0", "d2"]
     assert rep.examples["duplicates"] == ["d1: 'def ok():\\n    return 1'", "d3: 'def ok():\\n    return 1'"]
 
@@ -245,7 +257,7 @@ def test_exact_duplicates_keep_the_first_copy_across_batches(tmp_path):
 def test_each_pii_type_becomes_its_placeholder(text, kind, expected):
     out, counts = scrub_pii(text)
     assert out == expected
-    assert counts[kind] == expected.count(cleaning.PLACEHOLDERS[kind]) and sum(counts.values()) == counts[kind]
+    assert counts[kind] == expected.count(PLACEHOLDERS[kind]) and sum(counts.values()) == counts[kind]
 
 
 @pytest.mark.parametrize(
@@ -271,7 +283,7 @@ def test_each_pii_type_becomes_its_placeholder(text, kind, expected):
     ],
 )
 def test_code_that_only_looks_like_pii_is_untouched(code):
-    assert scrub_pii(code) == (code, dict.fromkeys(cleaning.PII_TYPES, 0))
+    assert scrub_pii(code) == (code, dict.fromkeys(PII_TYPES, 0))
 
 
 def test_planted_pii_recall_and_placeholders_survive_normalization():
@@ -322,7 +334,7 @@ def test_pii_counts_and_examples_hold_no_pii(tmp_path):
     assert m["pii"] == {"email": 1, "ip": 0, "phone": 1, "secret": 0} and m["changed"]["pii"] == 1
     out = pd.read_parquet(tmp_path / "out.parquet")["text"].tolist()
     assert out == ["write to <EMAIL> or call <PHONE> for the report"]
-    shown = json.dumps(rep.examples) + cleaning.markdown_report([rep])
+    shown = json.dumps(rep.examples) + markdown_report([rep])
     assert "alice" not in shown and "bob@" not in shown and "555-123" not in shown
     assert rep.examples["too_short"] == ["d1 (15 chars): 'short <EMAIL>'"]
 
@@ -358,7 +370,7 @@ def test_near_duplicate_signatures_are_the_same_in_another_process():
     text = " ".join(_words(5))
     here = NearDuplicates(0.85, 5, 128).band_keys([text]).tolist()
     code = (
-        "import json, random\nfrom tasks.shared.cleaning import NearDuplicates\n"
+        "import json, random\nfrom tasks.shared.cleaning.dedup import NearDuplicates\n"
         f"print(json.dumps(NearDuplicates(0.85, 5, 128).band_keys([{text!r}]).tolist()))"
     )
     res = subprocess.run(
@@ -382,9 +394,9 @@ def test_texts_shorter_than_a_shingle_are_one_shingle():
 
 
 def test_lsh_bands_match_datasketchs_choice():
-    assert cleaning.lsh_bands(0.85, 128) == (8, 16)
-    assert cleaning.lsh_bands(0.8, 128) == (9, 13)
-    assert cleaning.lsh_bands(0.9, 128) == (5, 25)
+    assert lsh_bands(0.85, 128) == (8, 16)
+    assert lsh_bands(0.8, 128) == (9, 13)
+    assert lsh_bands(0.9, 128) == (5, 25)
 
 
 def test_hash_index_spans_frozen_runs():
@@ -398,7 +410,7 @@ def test_hash_index_spans_frozen_runs():
         seen = np.union1d(seen, keys)
     assert len(idx) == len(seen) and len(idx.frozen) >= 2
     digests = np.array([3, 1, 3, 2, 1], np.uint64)
-    assert cleaning.first_copies(digests, HashIndex()).tolist() == [True, True, False, True, False]
+    assert first_copies(digests, HashIndex()).tolist() == [True, True, False, True, False]
 
 
 # ------------------------------------------------------------------------------------------ streaming
@@ -460,7 +472,7 @@ def test_conflicting_labels_remove_every_copy(tmp_path):
     m = clean_file(src, tmp_path / "o.parquet", bare(exact_dedup=True), "labeled", progress=False)
     assert m["removed"]["label_conflicts"] == 3 and m["output_rows"] == 1
     assert pd.read_parquet(tmp_path / "o.parquet")["id"].tolist() == ["r1"]
-    rep = cleaning.clean_to(src, tmp_path / "p.parquet", bare(), "labeled")
+    rep = clean_to(src, tmp_path / "p.parquet", bare(), "labeled")
     assert rep.examples["label_conflicts"] == [f"r0 ('a' (r0) vs 'b' (r2)): {same!r}"]
 
 
@@ -473,7 +485,7 @@ def test_labels_are_cased_stripped_and_aliased_before_conflicts(tmp_path):
         ("a bad one", "neutral  x", "test"),
     ]
     cfg = bare(exact_dedup=True, label_case="lower", label_aliases={"NEG": "negative", "pos": "positive"})
-    rep = cleaning.clean_to(labeled_file(tmp_path, rows), tmp_path / "o.parquet", cfg, "labeled")
+    rep = clean_to(labeled_file(tmp_path, rows), tmp_path / "o.parquet", cfg, "labeled")
     out = pd.read_parquet(tmp_path / "o.parquet")
     assert out["label"].tolist() == ["negative", "positive", "neutral x"]  # train first
     assert (
@@ -599,8 +611,8 @@ def test_the_synthetic_fixture_data_keeps_every_row():
     """The tiny pipeline's data is real-looking code: no default filter may thin it out."""
     labeled = tiny_labeled()
     texts = labeled["text"].tolist() + tiny_corpus(labeled)["text"].tolist()
-    rep = cleaning.DatasetReport("x", {})
-    cleaner = cleaning.TextCleaner(TINY_CLEAN, "labeled", rep)
+    rep = DatasetReport("x", {})
+    cleaner = TextCleaner(TINY_CLEAN, "labeled", rep)
     assert all(cleaner(t, i) is not None for i, t in enumerate(texts)), rep.removed
     assert (
         NearDuplicates(TINY_CLEAN.near_dup_threshold, TINY_CLEAN.near_dup_shingle, TINY_CLEAN.near_dup_num_perm)
@@ -690,7 +702,7 @@ def _outcome(tmp_path, texts: list[str], cfg: CleanConfig, name: str) -> str:
     import hashlib
 
     src = corpus_file(tmp_path, texts, name=f"{name}-raw.parquet")
-    rep = cleaning.clean_to(src, tmp_path / f"{name}.parquet", cfg, "corpus", progress=False)
+    rep = clean_to(src, tmp_path / f"{name}.parquet", cfg, "corpus", progress=False)
     out = pq.read_table(tmp_path / f"{name}.parquet")
     body = json.dumps(
         [out.schema.to_string(), out.to_pydict(), rep.metrics(), rep.line(), rep.markdown()], ensure_ascii=False
@@ -722,15 +734,15 @@ def test_workers_give_the_same_output_as_one_process(tmp_path):
 def test_a_workers_error_reaches_the_caller():
     import pyarrow as pa
 
-    pool = cleaning._pool(bare(workers=2), pa.string(), 2)
+    pool = workers.open_pool(bare(workers=2), pa.string(), 2)
     try:
         with pytest.raises(AttributeError, match="isascii"):
-            pool.apply_async(cleaning._work, ([12], ["d0"], 0)).get(timeout=60)
+            pool.apply_async(workers.work, ([12], ["d0"], 0)).get(timeout=60)
     finally:
         pool.terminate()
     assert (
-        cleaning._pool(bare(workers=2), pa.string(), 1) is None
-        and cleaning._pool(bare(workers=1), pa.string(), 9) is None
+        workers.open_pool(bare(workers=2), pa.string(), 1) is None
+        and workers.open_pool(bare(workers=1), pa.string(), 9) is None
     )
 
 
@@ -741,16 +753,16 @@ def test_char_stats_match_their_definitions():
         "\U0001d400\U0001d41a 1",
         "ё" * 12 + "\u3000" * 12,
     ]
-    letters, nonspace, equal = cleaning.char_stats(texts)
+    letters, nonspace, equal = char_stats(texts)
     assert letters == [sum(map(str.isalpha, t)) for t in texts]
     assert nonspace == [sum(map(len, t.split())) for t in texts]
     for t, n in zip(texts, equal):
-        assert cleaning._char_bound(n, len(t)) >= cleaning.repeated_char_ratio(t), t
+        assert char_bound(n, len(t)) >= repeated_char_ratio(t), t
 
 
 def test_batch_scrubbing_matches_the_per_text_search():
     texts = [normalize_text(t) for t in _mixed_texts(400, seed=13)]
-    for types in (cleaning.PII_TYPES, ["ip", "phone"], ["secret"]):
+    for types in (PII_TYPES, ["ip", "phone"], ["secret"]):
         kinds = dict.fromkeys(types, 0)
-        expected = [cleaning._scrub(t, kinds, cleaning._pii_spans(t, kinds)) for t in texts]
-        assert cleaning.scrub_texts(texts, types) == expected
+        expected = [pii._scrub(t, kinds, pii._pii_spans(t, kinds)) for t in texts]
+        assert scrub_texts(texts, types) == expected

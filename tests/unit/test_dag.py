@@ -85,11 +85,11 @@ def test_an_unneeded_dep_and_wrong_params_are_named(tmp_path):
     project = copy_project(tmp_path)
     dvc_yaml = project / "dvc.yaml"
     text = dvc_yaml.read_text()
-    text = text.replace("      - tasks/clean.py\n", "      - tasks/clean.py\n      - tasks/shared/engine.py\n", 1)
+    text = text.replace("      - tasks/clean.py\n", "      - tasks/clean.py\n      - tasks/shared/engine/data.py\n", 1)
     text = text.replace("    params:\n      - clean\n", "    params:\n      - clean\n      - ingest\n", 1)
     dvc_yaml.write_text(text)
     problems = dag.check_deps(project)
-    assert "clean: dvc.yaml lists tasks/shared/engine.py in deps but the stage does not import it" in problems
+    assert "clean: dvc.yaml lists tasks/shared/engine/data.py in deps but the stage does not import it" in problems
     assert any(
         p.startswith("clean: dvc.yaml params ['clean', 'ingest'] differ from tasks.clean.SECTIONS ['clean']")
         for p in problems

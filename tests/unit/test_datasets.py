@@ -78,7 +78,7 @@ def test_log_dataset_names_the_run_input_by_its_digest(repo, capsys):
     from tasks.shared.tracking import MlflowTracker
 
     mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")
-    mlflow.set_experiment("Default")  # not the experiment an earlier test in this process left active
+    mlflow.set_experiment("datasets")  # not an experiment id an earlier test left active in another store
     with mlflow.start_run() as run:
         d = log_dataset(MlflowTracker(run.info.run_id), "labeled", "data/a.jsonl", "unused", context="ingest")
     assert "labeled: not tracked by DVC: data/a.jsonl" in capsys.readouterr().out
@@ -86,3 +86,11 @@ def test_log_dataset_names_the_run_input_by_its_digest(repo, capsys):
     assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("labeled", d.digest)]
     tags = {t.key: t.value for t in inputs[0].tags}
     assert tags["mlflow.data.context"] == "ingest" and tags["dvc.tracked"] == "false" and tags["files"] == "1"
+
+
+def test_user_inputs_are_every_spec_but_the_stdlib_default_flattened_in_order():
+    from tasks.shared.io import user_inputs
+
+    assert user_inputs("stdlib", "stdlib") == []
+    assert user_inputs("data/user/corpus", "stdlib") == ["data/user/corpus"]
+    assert user_inputs(["a.jsonl", "docs/**/*.md"], "b.csv") == ["a.jsonl", "docs/**/*.md", "b.csv"]

@@ -82,12 +82,13 @@ def story(tiny_pipeline, tmp_path_factory) -> SimpleNamespace:
     every decision."""
     from typer.testing import CliRunner
 
-    from deploy.service import load_service_bundle
+    from deploy.resolve import load_service_bundle
     from mlflow import MlflowClient
     from models.bundle import write_bundle
     from models.tokenizer import TOKENIZER_FILE
-    from tasks.ops import promote, rollback
+    from tasks.ops import promote, registry, rollback
     from tasks.ops.cli import app
+    from tasks.ops.gates import rescore_champion
     from tasks.shared.config.params import load_params
 
     root = tmp_path_factory.mktemp("promotion") / "project"
@@ -123,19 +124,19 @@ def story(tiny_pipeline, tmp_path_factory) -> SimpleNamespace:
         write_lock(root, paths)
         out.degraded = promote.run(params, params_file)
         out.degraded_md5 = md5(paths.clean_labeled)
-        out.champion_after_degraded = str(MlflowClient().get_model_version_by_alias(NAME, promote.ALIAS).version)
+        out.champion_after_degraded = str(MlflowClient().get_model_version_by_alias(NAME, registry.ALIAS).version)
         with pytest.raises(UserError, match="--force needs --reason"):
             promote.run(params, params_file, force=True, reason="  ")
         out.forced = promote.run(params, params_file, force=True, reason=FORCED)
         out.rolled_back = rollback.run(params)
         client = MlflowClient()
-        out.history = promote.alias_history(client, NAME)
+        out.history = registry.alias_history(client, NAME)
         out.versions = {v: client.get_model_version(NAME, v) for v in ("1", "2", "3")}
-        out.champion = str(client.get_model_version_by_alias(NAME, promote.ALIAS).version)
-        out.candidate = str(client.get_model_version_by_alias(NAME, promote.CANDIDATE).version)
+        out.champion = str(client.get_model_version_by_alias(NAME, registry.ALIAS).version)
+        out.candidate = str(client.get_model_version_by_alias(NAME, registry.CANDIDATE).version)
         out.cli_history = CliRunner().invoke(app, ["history", "--params", str(params_file)])
         out.cli_force = CliRunner().invoke(app, ["promote", "--params", str(params_file), "--force"])
-        out.missing = promote.rescore_champion(
+        out.missing = rescore_champion(
             client, NAME, SimpleNamespace(version="9", tags={}), paths, TINY_EVALUATE, LABELS, None
         )
         # a candidate whose label `ui` became `gui`: compared with the champion (v1) on the shared labels only
@@ -143,7 +144,7 @@ def story(tiny_pipeline, tmp_path_factory) -> SimpleNamespace:
         bundle = root / "relabeled-bundle"
         write_bundle(bundle, paths.tokenizer / TOKENIZER_FILE, paths.classifier, None)
         labels = load_service_bundle(str(bundle)).labels
-        out.relabeled = promote.rescore_champion(
+        out.relabeled = rescore_champion(
             client,
             NAME,
             client.get_model_version(NAME, "1"),
@@ -238,7 +239,7 @@ def test_promote_force_without_a_reason_is_a_one_line_error(story):
 
 
 def test_a_champion_that_cannot_be_loaded_is_a_reason_not_a_crash(story):
-    from tasks.ops.promote import no_regression_gate
+    from tasks.ops.gates import no_regression_gate
     from tasks.shared.config.promote import PromoteConfig
 
     assert story.missing.error and "\n" not in story.missing.error and "9" in story.missing.error

@@ -1,7 +1,10 @@
-"""The training engine: schedules, optimizers, accumulation, data windows, masking, MFU, checkpoints."""
+"""The training engine: schedules, optimizers, the one training step, accumulation, the precision probe, data
+windows, masking, MFU, checkpoints."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import math
 import re
 import time
@@ -9,12 +12,39 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import delete, flip_byte, garbage, truncate
+from conftest import ROOT, delete, flip_byte, garbage, truncate
 
-from models.transformer import GPT, tiny
-from tasks.shared import engine
+from models.classifier import ClassifierConfig, TransformerClassifier
+from models.transformer import GPT, GPTConfig, tiny
+from tasks.shared import classify
+from tasks.shared.classify import Examples, fit
+from tasks.shared.config.finetune import FinetuneConfig
 from tasks.shared.config.pretrain import PretrainConfig
+from tasks.shared.engine import runtime
+from tasks.shared.engine import step as engine_step
+from tasks.shared.engine.checkpoints import (
+    TrainState,
+    checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from tasks.shared.engine.data import TokenShards, mlm_batch
+from tasks.shared.engine.optim import build_optimizer, lr_at, set_lr
+from tasks.shared.engine.runtime import Runtime, probe_cpu_precision, setup_runtime
+from tasks.shared.engine.step import (
+    check_finite,
+    clip_and_step,
+    lm_loss,
+    mfu,
+    peak_flops,
+    step_throughput,
+    time_steps,
+    train_step,
+)
 from tasks.shared.errors import UserError
+from tasks.shared.tracking import NullTracker
 
 
 def cfg(**kw) -> PretrainConfig:
@@ -23,7 +53,7 @@ def cfg(**kw) -> PretrainConfig:
 
 @pytest.fixture
 def rt():
-    return engine.setup_runtime(cfg())
+    return setup_runtime(cfg())
 
 
 def tiny_model(seed: int = 0) -> GPT:
@@ -43,7 +73,7 @@ def batch(seed: int = 1, n: int = 8, T: int = 16):
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
 def test_warmup_then_schedule(schedule):
     c = cfg(schedule=schedule)
-    lrs = [engine.lr_at(s, 100, c) for s in range(101)]
+    lrs = [lr_at(s, 100, c) for s in range(101)]
     assert lrs[0] == pytest.approx(c.lr / 4) and lrs[3] == pytest.approx(c.lr)
     assert all(a <= b + 1e-12 for a, b in zip(lrs[:4], lrs[1:4]))  # warmup rises
     if schedule == "constant":
@@ -60,8 +90,8 @@ def test_warmup_then_schedule(schedule):
 def test_layerwise_lr_scale_reaches_param_groups(rt):
     m = tiny_model()
     scale = {n: 0.5 for n, _ in m.named_parameters() if n.startswith("blocks.0.")}
-    opt = engine.build_optimizer(m, cfg(), rt.device, lr_scale=scale)
-    engine.set_lr(opt, 0.1)
+    opt = build_optimizer(m, cfg(), rt.device, lr_scale=scale)
+    set_lr(opt, 0.1)
     lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     params = dict(m.named_parameters())
     assert lrs[id(params["blocks.0.attn.qkv.weight"])] == pytest.approx(0.05)
@@ -69,7 +99,7 @@ def test_layerwise_lr_scale_reaches_param_groups(rt):
 
 
 def test_weight_decay_only_on_matrices(rt):
-    opt = engine.build_optimizer(tiny_model(), cfg(weight_decay=0.1), rt.device)
+    opt = build_optimizer(tiny_model(), cfg(weight_decay=0.1), rt.device)
     for g in opt.param_groups:
         assert all((p.dim() >= 2) == (g["weight_decay"] > 0) for p in g["params"])
 
@@ -78,7 +108,7 @@ def test_weight_decay_only_on_matrices(rt):
 def test_every_optimizer_lowers_the_loss(name, rt):
     c = cfg(optimizer=name, lr={"adamw": 1e-2, "sgd": 0.3, "rmsprop": 1e-3}[name], min_lr=0)
     m = tiny_model()
-    opt = engine.build_optimizer(m, c, rt.device)
+    opt = build_optimizer(m, c, rt.device)
     assert type(opt).__name__.lower() == name
     x, y = batch()
     first = None
@@ -86,7 +116,7 @@ def test_every_optimizer_lowers_the_loss(name, rt):
         loss = m(x, y)[1]
         first = first if first is not None else loss.item()
         loss.backward()
-        engine.clip_and_step(m, opt, rt, 1.0)
+        clip_and_step(m, opt, rt, 1.0)
     assert m(x, y)[1].item() < first - 0.5
 
 
@@ -96,7 +126,7 @@ def test_gradient_clipping_bounds_the_update(rt):
     (m(x, y)[1] * 1e4).backward()
     before = torch.cat([p.grad.flatten() for p in m.parameters()]).norm()
     opt = torch.optim.SGD(m.parameters(), lr=0.0)
-    norm = engine.clip_and_step(m, opt, rt, 1.0)
+    norm = clip_and_step(m, opt, rt, 1.0)
     assert norm == pytest.approx(float(before), rel=1e-5) and norm > 1.0
 
 
@@ -120,11 +150,147 @@ def test_accumulation_steps_follow_from_the_batch_settings():
         cfg(batch_size=30, micro_batch_size=8)
 
 
+# --- the one training step -------------------------------------------------------------------
+
+
+def lm_step(model, opt, rt, micro_batches, clip: float = 1.0):
+    return train_step(model, opt, rt, micro_batches, lm_loss(model, rt.device, False), clip)
+
+
+def twins(c: PretrainConfig, rt: Runtime):
+    """Two identical tiny models with identical optimizers at the same lr."""
+    models = [tiny_model(), tiny_model()]
+    opts = [build_optimizer(m, c, rt.device) for m in models]
+    for opt in opts:
+        set_lr(opt, 1e-2)
+    return models, opts
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module, **tolerance) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, msg=name, **tolerance)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_an_engine_step_is_exactly_the_hand_written_step(precision):
+    """What pretrain's loop runs (`train_step` with the LM loss): forward and loss under autocast, backward,
+    clip, optimizer step, zeroed gradients; three steps, so the optimizer state counts too."""
+    c = cfg(precision=precision)
+    rt = setup_runtime(c)
+    (engine_model, hand_model), (engine_opt, hand_opt) = twins(c, rt)
+    for seed in (1, 2, 3):
+        x, y = batch(seed)
+        loss, norm = lm_step(engine_model, engine_opt, rt, [(x, y)], c.grad_clip)
+        with rt.autocast():
+            hand_loss = hand_model(x, y)[1]
+        hand_loss.backward()
+        hand_norm = torch.nn.utils.clip_grad_norm_(hand_model.parameters(), c.grad_clip)
+        hand_opt.step()
+        hand_opt.zero_grad(set_to_none=True)
+        torch.testing.assert_close(loss, hand_loss.detach(), rtol=0, atol=0)
+        assert norm == float(hand_norm)
+        assert_same_weights(engine_model, hand_model, rtol=0, atol=0)
+        assert all(p.grad is None for p in engine_model.parameters())
+
+
+def test_two_micro_batches_make_the_same_step_as_one_batch(rt):
+    c = cfg()
+    (whole, split), (whole_opt, split_opt) = twins(c, rt)
+    x, y = batch(n=8)
+    loss, norm = lm_step(whole, whole_opt, rt, [(x, y)])
+    split_loss, split_norm = lm_step(split, split_opt, rt, [(x[:4], y[:4]), (x[4:], y[4:])])
+    torch.testing.assert_close(split_loss, loss)  # the step's loss is the mean over its micro-batches
+    assert split_norm == pytest.approx(norm, rel=1e-5)
+    assert_same_weights(split, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_the_loss_scaler_scales_the_backward_and_decides_the_step():
+    """fp16's path (a GradScaler; shown here with the CPU scaler on fp32): a finite scaled loss gives the
+    unscaled step; an overflowing one is skipped and the scale backs off."""
+    c = cfg()
+    plain = setup_runtime(c)
+    scaled = dataclasses.replace(plain, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    (a, b), (opt_a, opt_b) = twins(c, plain)
+    x, y = batch()
+    loss, norm = lm_step(a, opt_a, plain, [(x, y)])
+    scaled_loss, scaled_norm = lm_step(b, opt_b, scaled, [(x, y)])
+    torch.testing.assert_close(scaled_loss, loss)  # the unscaled loss is reported
+    assert scaled_norm == pytest.approx(norm, rel=1e-5)  # the norm of the unscaled gradients
+    assert_same_weights(a, b)
+
+    overflow = dataclasses.replace(plain, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**127))
+    before = [p.detach().clone() for p in b.parameters()]
+    lm_step(b, opt_b, overflow, [(x, y)])
+    assert all(torch.equal(p, q) for p, q in zip(b.parameters(), before))
+    assert overflow.scaler.get_scale() == 2.0**126
+
+
+def test_time_steps_times_only_the_steps_after_warmup():
+    calls = []
+
+    def step(i: int) -> None:
+        calls.append(i)
+        time.sleep(0.3 if i < 2 else 0.01)
+
+    seconds = time_steps(step, steps=3, warmup=2, device=torch.device("cpu"))
+    assert calls == [0, 1, 2, 3, 4]
+    assert 0.03 <= seconds < 0.3
+
+
+@pytest.fixture
+def train_step_calls(monkeypatch):
+    """Every call of the engine's `train_step`, from whichever module calls it: (number of micro-batches)."""
+    calls: list[int] = []
+    real = engine_step.train_step
+
+    def spy(model, opt, rt, micro_batches, loss_of, grad_clip):
+        calls.append(len(micro_batches))
+        return real(model, opt, rt, micro_batches, loss_of, grad_clip)
+
+    for module in (engine_step, classify):
+        monkeypatch.setattr(module, "train_step", spy)
+    return calls
+
+
+def test_the_stage_benchmark_and_the_bench_step_through_train_step(train_step_calls):
+    c = cfg()
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    assert step_throughput(model, c, setup_runtime(c), batch=2, block=16, vocab=64, fused=False, steps=2, warmup=1) > 0
+    assert train_step_calls == [1, 1, 1]
+
+    spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "bench" / "train_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.measure("cpu-default", False, steps=1, warmup=1, fused_loss="auto", threads=None)
+    assert train_step_calls == [1, 1, 1, 1, 1] and result["tokens_per_s"] > 0
+
+
+def test_fit_steps_through_train_step(train_step_calls):
+    torch.manual_seed(0)
+    model = TransformerClassifier(ClassifierConfig(trunk=tiny(vocab_size=64), labels=["a", "b", "c"]))
+    g = torch.Generator().manual_seed(0)
+    data = Examples(
+        torch.randint(64, (24, 12), generator=g), torch.randint(2, 13, (24,), generator=g), torch.arange(24) % 3
+    )
+    c = FinetuneConfig(batch_size=8, warmup_steps=0, seed=0)
+    fit("t", model, c, data, data, 3, setup_runtime(c), NullTracker(), epochs=1)
+    assert train_step_calls == [1, 1, 1]  # 24 rows in batches of 8
+
+
+def test_runtime_is_a_value():
+    rt = setup_runtime(cfg())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rt.amp_dtype = torch.bfloat16
+    bf16 = rt.with_precision("bf16")
+    assert (bf16.precision, rt.precision) == ("bf16", "fp32") and bf16.device == rt.device
+    assert bf16.scaler is None and rt.with_precision("fp32") == rt
+
+
 # --- numerics --------------------------------------------------------------------------------
 
 
 def test_bf16_autocast_on_cpu_trains():
-    rt = engine.setup_runtime(cfg(precision="bf16"))
+    rt = setup_runtime(cfg(precision="bf16"))
     assert rt.amp_dtype is torch.bfloat16 and rt.scaler is None
     m = tiny_model()
     x, y = batch()
@@ -135,7 +301,7 @@ def test_bf16_autocast_on_cpu_trains():
 
 def test_fp16_on_cpu_is_a_user_error():
     with pytest.raises(UserError, match="fp16 needs CUDA"):
-        engine.setup_runtime(cfg(precision="fp16"))
+        setup_runtime(cfg(precision="fp16"))
 
 
 def test_auto_precision_is_fp32_on_cpu(rt):
@@ -152,7 +318,7 @@ def write_shard(folder, name, ids):
 def test_windows_come_from_one_shard_and_are_reproducible(tmp_path):
     write_shard(tmp_path, "train-00000.bin", np.arange(0, 100))
     write_shard(tmp_path, "train-00001.bin", np.arange(1000, 1050))
-    data = engine.TokenShards(tmp_path, "train")
+    data = TokenShards(tmp_path, "train")
     w = data.windows(500, 9, torch.Generator().manual_seed(0)).numpy()
     assert w.shape == (500, 9) and w.dtype == np.int64
     assert (np.diff(w, axis=1) == 1).all()  # consecutive ids: no window straddles two shards
@@ -163,22 +329,20 @@ def test_windows_come_from_one_shard_and_are_reproducible(tmp_path):
 
 def test_single_file_layout_still_loads(tmp_path):
     write_shard(tmp_path, "val.bin", np.arange(40))
-    assert len(engine.TokenShards(tmp_path, "val")) == 40
+    assert len(TokenShards(tmp_path, "val")) == 40
 
 
 def test_missing_shards_name_the_file(tmp_path):
     with pytest.raises(UserError, match="train.bin"):
-        engine.TokenShards(tmp_path, "train")
+        TokenShards(tmp_path, "train")
 
 
 def test_mlm_masking(tmp_path):
     ids = np.tile(np.arange(4, 64), 200)
     ids[::7] = 0  # an end-of-text id every 7 tokens
     write_shard(tmp_path, "train-00000.bin", ids)
-    data = engine.TokenShards(tmp_path, "train")
-    x, y = engine.mlm_batch(
-        data, 64, 32, torch.Generator().manual_seed(0), mask_id=2, vocab=64, prob=0.15, special=[0, 1]
-    )
+    data = TokenShards(tmp_path, "train")
+    x, y = mlm_batch(data, 64, 32, torch.Generator().manual_seed(0), mask_id=2, vocab=64, prob=0.15, special=[0, 1])
     chosen = y != -1
     assert 0.12 < chosen.float().mean() < 0.18
     original = torch.where(chosen, y, x)
@@ -200,16 +364,16 @@ def test_flops_per_token_formula():
 def test_mfu_uses_the_detected_gpu_peak(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H100 80GB HBM3")
     gpu = torch.device("cuda", 0)
-    assert engine.peak_flops(gpu, "bf16") == 989e12
-    assert engine.mfu(1e9, 494.5e3, gpu, "bf16") == pytest.approx(0.5)
+    assert peak_flops(gpu, "bf16") == 989e12
+    assert mfu(1e9, 494.5e3, gpu, "bf16") == pytest.approx(0.5)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H100 PCIe")
-    assert engine.peak_flops(gpu, "bf16") == 756e12
+    assert peak_flops(gpu, "bf16") == 756e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Some Future GPU")
-    assert engine.mfu(1e9, 1e3, gpu, "bf16") is None
+    assert mfu(1e9, 1e3, gpu, "bf16") is None
 
 
 def test_mfu_is_not_applicable_on_cpu():
-    assert engine.mfu(1e9, 1e3, torch.device("cpu"), "fp32") is None
+    assert mfu(1e9, 1e3, torch.device("cpu"), "fp32") is None
 
 
 # --- checkpoints -----------------------------------------------------------------------------
@@ -221,7 +385,7 @@ def train_steps(m, opt, rt, gen, steps):
         x = torch.randint(64, (4, 17), generator=gen)
         loss = m(x[:, :-1], x[:, 1:])[1]
         loss.backward()
-        engine.clip_and_step(m, opt, rt, 1.0)
+        clip_and_step(m, opt, rt, 1.0)
         losses.append(loss.item())
     return losses
 
@@ -229,16 +393,16 @@ def train_steps(m, opt, rt, gen, steps):
 def test_checkpoint_resume_is_bit_exact(tmp_path, rt):
     c = cfg()
     m, gen = tiny_model(), torch.Generator().manual_seed(3)
-    opt = engine.build_optimizer(m, c, rt.device)
+    opt = build_optimizer(m, c, rt.device)
     train_steps(m, opt, rt, gen, 3)
-    engine.save_checkpoint(tmp_path, engine.TrainState(3, "fp", [{"step": 2}]), m, opt, rt, gen)
+    save_checkpoint(tmp_path, TrainState(3, "fp", [{"step": 2}]), m, opt, rt, gen)
     reference = train_steps(m, opt, rt, gen, 4)
 
     m2, gen2 = tiny_model(seed=99), torch.Generator()
-    opt2 = engine.build_optimizer(m2, c, rt.device)
-    found, unusable = engine.latest_checkpoint(tmp_path, "fp")
+    opt2 = build_optimizer(m2, c, rt.device)
+    found, unusable = latest_checkpoint(tmp_path, "fp")
     assert unusable == [] and found.step == 3
-    state = engine.restore_checkpoint(found, m2, opt2, rt, gen2)
+    state = restore_checkpoint(found, m2, opt2, rt, gen2)
     assert state.step == 3 and state.history == [{"step": 2}]
     assert m2.lm_head.weight is m2.wte.weight  # weight tying survives the round trip
     assert train_steps(m2, opt2, rt, gen2, 4) == reference
@@ -248,14 +412,14 @@ def test_checkpoint_resume_is_bit_exact(tmp_path, rt):
 
 def test_only_matching_checkpoints_resume_and_old_ones_are_pruned(tmp_path, rt):
     m, gen = tiny_model(), torch.Generator().manual_seed(3)
-    opt = engine.build_optimizer(m, cfg(), rt.device)
+    opt = build_optimizer(m, cfg(), rt.device)
     for step in (1, 2, 3):
-        engine.save_checkpoint(tmp_path, engine.TrainState(step, "a"), m, opt, rt, gen, keep=2)
-    assert [p.name for p in engine.checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
-    assert engine.latest_checkpoint(tmp_path, "a")[0].path.name == "step-00000003"
-    assert engine.latest_checkpoint(tmp_path, "b") == (None, [])
+        save_checkpoint(tmp_path, TrainState(step, "a"), m, opt, rt, gen, keep=2)
+    assert [p.name for p in checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
+    assert latest_checkpoint(tmp_path, "a")[0].path.name == "step-00000003"
+    assert latest_checkpoint(tmp_path, "b") == (None, [])
     (tmp_path / ".step-00000004.tmp").mkdir()  # an interrupted write is never a candidate
-    assert engine.latest_checkpoint(tmp_path, "a")[0].path.name == "step-00000003"
+    assert latest_checkpoint(tmp_path, "a")[0].path.name == "step-00000003"
 
 
 # (file of the newest checkpoint, what happens to it, the reason the resume names)
@@ -274,10 +438,10 @@ CORRUPTIONS = [
 
 def two_checkpoints(folder, rt):
     m, gen = tiny_model(), torch.Generator().manual_seed(3)
-    opt = engine.build_optimizer(m, cfg(), rt.device)
+    opt = build_optimizer(m, cfg(), rt.device)
     for step in (1, 2):
         train_steps(m, opt, rt, gen, 1)
-        engine.save_checkpoint(folder, engine.TrainState(step, "fp"), m, opt, rt, gen)
+        save_checkpoint(folder, TrainState(step, "fp"), m, opt, rt, gen)
     return m, opt
 
 
@@ -285,12 +449,12 @@ def two_checkpoints(folder, rt):
 def test_a_broken_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, rt, file, corrupt, reason):
     two_checkpoints(tmp_path, rt)
     corrupt(tmp_path / "step-00000002" / file)
-    found, unusable = engine.latest_checkpoint(tmp_path, "fp")
+    found, unusable = latest_checkpoint(tmp_path, "fp")
     assert found is not None and found.path.name == "step-00000001" and found.step == 1
     [(path, why)] = unusable
     assert path.name == "step-00000002" and re.fullmatch(reason + ".*", why), why
     m, gen = tiny_model(seed=5), torch.Generator()
-    assert engine.restore_checkpoint(found, m, engine.build_optimizer(m, cfg(), rt.device), rt, gen).step == 1
+    assert restore_checkpoint(found, m, build_optimizer(m, cfg(), rt.device), rt, gen).step == 1
 
 
 @pytest.mark.parametrize(
@@ -306,7 +470,7 @@ def test_checkpoints_without_a_manifest_are_still_checked_by_loading(tmp_path, r
     two_checkpoints(tmp_path, rt)
     (tmp_path / "step-00000002" / "manifest.json").unlink()
     corrupt(tmp_path / "step-00000002" / file)
-    found, [(path, why)] = engine.latest_checkpoint(tmp_path, "fp")
+    found, [(path, why)] = latest_checkpoint(tmp_path, "fp")
     assert found.path.name == "step-00000001" and path.name == "step-00000002" and why.startswith(reason)
 
 
@@ -314,7 +478,7 @@ def test_no_usable_checkpoint_reports_each_one(tmp_path, rt):
     two_checkpoints(tmp_path, rt)
     truncate(tmp_path / "step-00000002" / "model.safetensors")
     delete(tmp_path / "step-00000001" / "train_state.safetensors")
-    found, unusable = engine.latest_checkpoint(tmp_path, "fp")
+    found, unusable = latest_checkpoint(tmp_path, "fp")
     assert found is None
     assert [(p.name, why.split(":")[0]) for p, why in unusable] == [
         ("step-00000002", "model.safetensors"),
@@ -330,9 +494,7 @@ def test_load_checkpoint_raises_an_artifact_error_and_leaves_the_model_alone(tmp
     m = tiny_model(seed=5)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     with pytest.raises(ArtifactError, match="train_state.safetensors: corrupt"):
-        engine.load_checkpoint(
-            tmp_path / "step-00000002", m, engine.build_optimizer(m, cfg(), rt.device), rt, torch.Generator()
-        )
+        load_checkpoint(tmp_path / "step-00000002", m, build_optimizer(m, cfg(), rt.device), rt, torch.Generator())
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
 
 
@@ -366,17 +528,17 @@ def test_load_checkpoint_raises_an_artifact_error_and_leaves_the_model_alone(tmp
 )
 def test_check_finite_stops_a_diverged_run_in_words(kw, message):
     kw = dict(kw)
-    rt = engine.Runtime(
+    rt = Runtime(
         device=torch.device("cpu"),
         amp_dtype=kw.pop("precision", None),
         scaler=object() if kw.pop("scaler", False) else None,
     )
     run, lr, grad_clip = kw.pop("run", "pretrain"), kw.pop("lr", 0.01), kw.pop("grad_clip", 1.0)
     if message is None:
-        engine.check_finite(run, 7, lr, rt, grad_clip, **kw)
+        check_finite(run, 7, lr, rt, grad_clip, **kw)
         return
     with pytest.raises(UserError) as e:
-        engine.check_finite(run, 7, lr, rt, grad_clip, **kw)
+        check_finite(run, 7, lr, rt, grad_clip, **kw)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -399,14 +561,17 @@ def _timed_loss(model, bf16_ms: float, fp32_ms: float):
 
 @pytest.mark.parametrize("bf16_ms,fp32_ms,chosen", [(1, 30, "bf16"), (30, 1, "fp32"), (10, 10.5, "fp32")])
 def test_auto_precision_on_cpu_takes_bf16_only_where_it_is_measured_faster(monkeypatch, bf16_ms, fp32_ms, chosen):
-    monkeypatch.setattr(engine, "cpu_bf16_supported", lambda: True)
+    monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: True)
     cfg = PretrainConfig(precision="auto")
-    rt = engine.setup_runtime(cfg)
+    rt = setup_runtime(cfg)
     model = _probe_model()
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    probe = engine.probe_cpu_precision(rt, "auto", model, _timed_loss(model, bf16_ms, fp32_ms))
-    assert probe.chosen == rt.precision == chosen  # 10 vs 10.5 ms is under BF16_MIN_GAIN: fp32 stays
+    before = dataclasses.replace(rt)
+    probe = probe_cpu_precision(rt, "auto", model, _timed_loss(model, bf16_ms, fp32_ms))
+    assert probe.chosen == chosen  # 10 vs 10.5 ms is under BF16_MIN_GAIN: fp32 stays
+    assert rt == before and rt.precision == "fp32"  # the choice is returned; the runtime passed in is unchanged
+    assert rt.with_precision(probe.chosen).precision == chosen
     assert probe.fp32_s >= fp32_ms / 1000 and probe.bf16_s >= bf16_ms / 1000 and "median ratio" in probe.reason
     assert probe.metrics()["precision"] == chosen and probe.metrics()["precision_probe_bf16_ms"] >= bf16_ms
     # the probe leaves no trace: same weights, no gradients, the same random stream (dropout drew from a fork)
@@ -416,12 +581,21 @@ def test_auto_precision_on_cpu_takes_bf16_only_where_it_is_measured_faster(monke
 
 
 def test_auto_precision_without_native_bf16_or_when_set_is_not_timed(monkeypatch):
-    monkeypatch.setattr(engine, "cpu_bf16_supported", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: False)
     model = _probe_model()
     never = lambda: pytest.fail("the model was run")  # noqa: E731
-    rt = engine.setup_runtime(PretrainConfig(precision="auto"))
-    probe = engine.probe_cpu_precision(rt, "auto", model, never)
+    rt = setup_runtime(PretrainConfig(precision="auto"))
+    probe = probe_cpu_precision(rt, "auto", model, never)
     assert (probe.chosen, rt.precision, probe.fp32_s) == ("fp32", "fp32", None) and "no native bf16" in probe.reason
     for precision in ("fp32", "bf16"):
-        rt = engine.setup_runtime(PretrainConfig(precision=precision))
-        assert engine.probe_cpu_precision(rt, precision, model, never).chosen == precision == rt.precision
+        rt = setup_runtime(PretrainConfig(precision=precision))
+        assert probe_cpu_precision(rt, precision, model, never).chosen == precision == rt.precision
+
+
+def test_native_bf16_is_read_from_the_cpu_flags_the_kernel_lists(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    assert not runtime.cpu_bf16_supported(info)
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16\n")
+    assert runtime.cpu_bf16_supported(info)
+    assert runtime.cpu_bf16_supported(tmp_path / "missing")  # not Linux: the probe times bf16 like anywhere else

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -17,8 +18,12 @@ from models.baselines import CNNClassifier, GRUClassifier
 from models.classifier import ClassifierConfig, TransformerClassifier
 from models.transformer import tiny
 from tasks import finetune
-from tasks.shared import classify, engine
+from tasks.shared import classify
+from tasks.shared.classify import EarlyStopping, Examples, balanced_class_weights, fit, predict
 from tasks.shared.config.finetune import FinetuneConfig
+from tasks.shared.engine.optim import build_optimizer, set_lr
+from tasks.shared.engine.runtime import PrecisionProbe, setup_runtime
+from tasks.shared.engine.step import clip_and_step
 from tasks.shared.errors import UserError
 from tasks.shared.tracking import Tracker
 
@@ -30,19 +35,19 @@ def classifier(seed: int = 0, **trunk) -> TransformerClassifier:
     return TransformerClassifier(ClassifierConfig(trunk=tiny(vocab_size=VOCAB, **trunk), labels=LABELS))
 
 
-def examples(n: int = 24, T: int = 12, seed: int = 0) -> finetune.Examples:
+def examples(n: int = 24, T: int = 12, seed: int = 0) -> Examples:
     g = torch.Generator().manual_seed(seed)
-    return finetune.Examples(
+    return Examples(
         torch.randint(VOCAB, (n, T), generator=g), torch.randint(2, T + 1, (n,), generator=g), torch.arange(n) % 3
     )
 
 
 def one_step(model, cfg: FinetuneConfig, lr_scale=None) -> None:
-    rt = engine.setup_runtime(cfg)
-    opt = engine.build_optimizer(model, cfg, rt.device, lr_scale)
+    rt = setup_runtime(cfg)
+    opt = build_optimizer(model, cfg, rt.device, lr_scale)
     data = examples()
     F.cross_entropy(model(data.ids, data.lengths), data.y).backward()
-    engine.clip_and_step(model, opt, rt, cfg.grad_clip)
+    clip_and_step(model, opt, rt, cfg.grad_clip)
 
 
 # --- freezing ----------------------------------------------------------------------------------
@@ -106,8 +111,8 @@ def test_optimizer_groups_get_the_decayed_learning_rates():
     model = classifier()
     cfg = FinetuneConfig(lr=1e-2, min_lr=1e-3, warmup_steps=0)
     scales = finetune.layer_lr_scales(model, 0.5)
-    opt = engine.build_optimizer(model, cfg, torch.device("cpu"), scales)
-    engine.set_lr(opt, 4e-3)
+    opt = build_optimizer(model, cfg, torch.device("cpu"), scales)
+    set_lr(opt, 4e-3)
     name_of = {id(p): n for n, p in model.named_parameters()}
     seen = set()
     for group in opt.param_groups:
@@ -122,7 +127,7 @@ def test_layer_decay_and_freezing_combine():
     """Frozen parameters get no group at all; the rest keep their decayed lr."""
     model = classifier()
     finetune.freeze_trunk(model, 1)
-    opt = engine.build_optimizer(model, FinetuneConfig(), torch.device("cpu"), finetune.layer_lr_scales(model, 0.5))
+    opt = build_optimizer(model, FinetuneConfig(), torch.device("cpu"), finetune.layer_lr_scales(model, 0.5))
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     for n, p in model.named_parameters():
         assert (id(p) in in_opt) == p.requires_grad, n
@@ -136,7 +141,7 @@ def test_balanced_class_weights_match_scikit_learn():
     from sklearn.utils.class_weight import compute_class_weight
 
     y = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1, 2])
-    w = finetune.balanced_class_weights(y, 3)
+    w = balanced_class_weights(y, 3)
     assert_close(w, torch.tensor([10 / 18, 10 / 9, 10 / 3]))
     expected = compute_class_weight("balanced", classes=np.arange(3), y=y.numpy())
     assert_close(w, torch.tensor(expected, dtype=torch.float32))
@@ -144,7 +149,7 @@ def test_balanced_class_weights_match_scikit_learn():
 
 def test_balanced_weights_equalize_each_class_share_of_the_loss():
     y = torch.tensor([0] * 8 + [1] * 2)
-    w = finetune.balanced_class_weights(y, 2)
+    w = balanced_class_weights(y, 2)
     share = torch.stack([w[c] * (y == c).sum() for c in range(2)])
     assert_close(share[0], share[1])
 
@@ -153,7 +158,7 @@ def test_balanced_weights_equalize_each_class_share_of_the_loss():
 
 
 def test_early_stopping_counts_epochs_without_improvement():
-    stop = finetune.EarlyStopping(patience=2)
+    stop = EarlyStopping(patience=2)
     assert [stop.update(s, e) or stop.stop for e, s in enumerate([0.2, 0.5, 0.5, 0.4], start=1)] == [
         True,
         True,
@@ -161,7 +166,7 @@ def test_early_stopping_counts_epochs_without_improvement():
         True,
     ]
     assert stop.best_epoch == 2 and stop.best == 0.5
-    never = finetune.EarlyStopping(patience=0)
+    never = EarlyStopping(patience=0)
     for e in range(1, 20):
         never.update(0.1, e)
     assert not never.stop
@@ -194,9 +199,7 @@ def test_fit_stops_after_patience_epochs_and_keeps_the_best(monkeypatch):
     monkeypatch.setattr(classify, "macro_f1", scripted_f1)
     cfg = FinetuneConfig(lr=1e-2, warmup_steps=0, batch_size=8, patience=2, seed=SEED)
     tracker = Recorder()
-    out = finetune.fit(
-        "t", model, cfg, examples(), examples(seed=1), 3, engine.setup_runtime(cfg), tracker, epochs=6, prefix="t/"
-    )
+    out = fit("t", model, cfg, examples(), examples(seed=1), 3, setup_runtime(cfg), tracker, epochs=6, prefix="t/")
     assert (out.epochs_run, out.best_epoch, out.val_macro_f1) == (4, 2, 0.6)
     assert [h["epoch"] for h in out.history] == [1, 2, 3, 4]
     for k, v in out.model.state_dict().items():
@@ -210,10 +213,34 @@ def test_fit_without_patience_runs_every_epoch(monkeypatch):
     scores = iter([0.5, 0.4, 0.3])
     monkeypatch.setattr(classify, "macro_f1", lambda *a: next(scores))
     cfg = FinetuneConfig(lr=1e-2, warmup_steps=0, batch_size=8, patience=0, seed=SEED)
-    out = finetune.fit(
-        "t", classifier(), cfg, examples(), examples(seed=1), 3, engine.setup_runtime(cfg), Recorder(), epochs=3
-    )
+    out = fit("t", classifier(), cfg, examples(), examples(seed=1), 3, setup_runtime(cfg), Recorder(), epochs=3)
     assert (out.epochs_run, out.best_epoch) == (3, 1)
+
+
+def test_fit_trains_in_the_probed_precision_and_scores_in_the_callers(monkeypatch):
+    """`precision: auto` may train a model in bf16; its validation scores stay in the caller's runtime (the
+    configured precision), where prune, sparsify and distill score the model they started from."""
+    trained_in, scored_in = set(), set()
+    real_step, real_predict = classify.train_step, classify.predict
+
+    def step(model, opt, rt, *a):
+        trained_in.add(rt.precision)
+        return real_step(model, opt, rt, *a)
+
+    def predict(model, data, rt, *a):
+        scored_in.add(rt.precision)
+        return real_predict(model, data, rt, *a)
+
+    monkeypatch.setattr(classify, "probe_cpu_precision", lambda rt, *a: PrecisionProbe("bf16", 0.2, 0.1, "timed"))
+    monkeypatch.setattr(classify, "train_step", step)
+    monkeypatch.setattr(classify, "predict", predict)
+    cfg = FinetuneConfig(lr=1e-2, warmup_steps=0, batch_size=8, seed=SEED, precision="auto")
+    rt = setup_runtime(cfg)
+    before = dataclasses.replace(rt)
+    out = fit("t", classifier(), cfg, examples(), examples(seed=1), 3, rt, Recorder(), epochs=2)
+    assert (trained_in, scored_in, out.precision) == ({"bf16"}, {"fp32"}, "bf16")
+    assert rt == before  # the caller's runtime is untouched for the next model
+    assert classify.val_scores(out.model, examples(seed=1), 3, rt)["val_macro_f1"] == round(out.val_macro_f1, 4)
 
 
 # --- the stage on the tiny project -------------------------------------------------------------
@@ -299,7 +326,10 @@ def test_the_same_training_writes_the_same_folders(finetune_paths, tmp_path):
     """evaluate depends on both folders: nothing run-dependent (train_seconds) is written into them."""
     from tasks.ops.dag import dvc_md5
 
-    cfg = TINY_FINETUNE.model_copy(update={"baselines": ["cnn"], "epochs": 1, "deterministic": True})
+    # fp32 pinned: under `auto` the precision probe's timings decide, and on a busy machine they flip between runs
+    cfg = TINY_FINETUNE.model_copy(
+        update={"baselines": ["cnn"], "epochs": 1, "deterministic": True, "precision": "fp32"}
+    )
     digests = []
     for i in range(2):
         paths = finetune_paths.model_copy(update={"classifier": tmp_path / f"c{i}", "baselines": tmp_path / f"b{i}"})
@@ -385,14 +415,14 @@ def test_a_diverged_fit_is_a_user_error_naming_step_and_key(monkeypatch, name, c
     cfg = FinetuneConfig(**{"lr": 1e-2, "warmup_steps": 0, "batch_size": 4, "seed": SEED, **cfg_update})
     model = finetune.baseline_model(name, cfg, tiny(vocab_size=VOCAB), LABELS) if name != "finetune" else classifier()
     with pytest.raises(UserError, match=message):
-        finetune.fit(
+        fit(
             name,
             model,
             cfg,
             examples(),
             examples(seed=1),
             3,
-            engine.setup_runtime(cfg),
+            setup_runtime(cfg),
             Recorder(),
             epochs=3,
             lr_key=lr_key,
@@ -428,8 +458,8 @@ def test_bucketed_batches_cover_every_row_once_in_batches_of_similar_length():
 def test_predict_returns_rows_in_input_order():
     data = examples(n=50, T=12)
     model = finetune.baseline_model("cnn", FinetuneConfig(seed=SEED), tiny(vocab_size=VOCAB), LABELS)
-    rt = engine.setup_runtime(FinetuneConfig())
-    got = finetune.predict(model, data, rt, batch_size=7)
+    rt = setup_runtime(FinetuneConfig())
+    got = predict(model, data, rt, batch_size=7)
     with torch.no_grad():
         model.eval()
         want = [

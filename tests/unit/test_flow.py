@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from flows.pipeline import RESUMABLE, StageFailed, worth_retrying
+from flows.stages import StageFailed, worth_retrying
+from tasks.shared.stagerun import RESUMABLE
 
 
 class FinalState:
+    name = "Failed"
+
     def __init__(self, exc: BaseException) -> None:
         self.exc = exc
 

@@ -12,8 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deploy import lmforge_pb2 as pb
 from deploy import lmforge_pb2_grpc as pb_grpc
-from deploy.core import GenerationRequest
 from deploy.grpc_server import build_server, generation_request
+from deploy.requests import GenerationRequest
 
 STUBS = ("lmforge_pb2.py", "lmforge_pb2.pyi", "lmforge_pb2_grpc.py")
 

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from tasks.ops import lineage
-from tasks.ops.promote import move_champion
+from tasks.ops import dag, lineage
+from tasks.ops.registry import move_champion
 from tasks.shared.errors import UserError
 
 NAME = "lmforge-classifier"
@@ -82,13 +82,12 @@ def test_fingerprint_ignores_outputs_and_produced_inputs(tmp_path, path, value):
 @pytest.fixture
 def registry(tmp_path, monkeypatch, mlflow_db):
     """A sqlite registry, a dvc.lock in the working directory and `dvc status` reporting nothing stale."""
-    import tasks.ops.promote as promote
     from mlflow import MlflowClient
 
     monkeypatch.chdir(tmp_path)
     write_lock(tmp_path, LOCK)
     stale: dict = {}
-    monkeypatch.setattr(promote, "stale_stages", lambda root=Path("."): stale)
+    monkeypatch.setattr(lineage, "stale_stages", lambda root=Path("."): stale)
     client = MlflowClient(tracking_uri=mlflow_db)
     (tmp_path / "model").mkdir()
     return client, stale
@@ -203,7 +202,7 @@ def test_code_md5s_are_what_dvc_records(tmp_path):
 
     md5s = code_md5s("pretrain", ROOT)
     assert "dvc.yaml" in md5s and "tasks/pretrain.py" in md5s and "data/tokens" not in md5s
-    lock = lineage.read_lock(ROOT / "dvc.lock")["pretrain"]
+    lock = dag.read_lock(ROOT / "dvc.lock")["pretrain"]
     recorded = {d["path"]: d["md5"] for d in lock["deps"]}
     res = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "tasks/pretrain.py"], cwd=ROOT)
     if res.returncode == 0:  # committed code: the lock of the committed run recorded the same md5
@@ -215,7 +214,7 @@ def test_code_md5s_are_what_dvc_records(tmp_path):
 
 
 def test_the_schedule_lives_in_prefect_yaml():
-    from flows.retrain import cron_schedule
+    from tasks.ops.schedule import cron_schedule
 
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     retrain = next(d for d in spec["deployments"] if d["name"] == "retrain")
@@ -238,10 +237,11 @@ def test_a_bad_cron_is_one_line_before_anything_is_served():
 def test_user_errors_are_not_retried_crashes_are():
     from types import SimpleNamespace
 
-    from flows.pipeline import USER_ERROR_EXIT, StageFailed, worth_retrying
+    from flows.stages import StageFailed, worth_retrying
+    from tasks.shared.stagerun import USER_ERROR_EXIT
 
     def state(result):
-        return SimpleNamespace(result=lambda raise_on_failure=False: result)
+        return SimpleNamespace(name="Failed", result=lambda raise_on_failure=False: result)
 
     assert not worth_retrying(None, None, state(UserError("bad")))
     assert not worth_retrying(None, None, state(USER_ERROR_EXIT))

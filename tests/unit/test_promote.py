@@ -5,15 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.ops.promote import (
-    Gate,
-    Rescore,
-    choose_variant,
-    dvc_lineage,
-    metric_gates,
-    no_regression_gate,
-    perplexity_gate,
-)
+from tasks.ops.gates import Gate, Rescore, metric_gates, no_regression_gate, perplexity_gate
+from tasks.ops.lineage import dvc_lineage
+from tasks.ops.promote import choose_variant
 from tasks.shared.config.promote import PromoteConfig
 from tasks.shared.errors import UserError
 
@@ -417,7 +411,7 @@ def _validated_project(tmp_path, success: bool = True) -> tuple:
 
 
 def _validation(tmp_path, paths, cfg=CFG):
-    from tasks.ops.promote import data_validation_gate
+    from tasks.ops.gates import data_validation_gate
 
     return data_validation_gate(cfg, paths, tmp_path / "dvc.lock")
 

@@ -38,7 +38,7 @@ def clf() -> TransformerClassifier:
 
 
 def _save(clf, folder, backend="torch.ao", per_channel=True, **extra):
-    quant.save_quantized(
+    ckpt.save_quantized(
         quant.quantize_classifier(clf, backend, per_channel), clf.config, folder, backend, per_channel, extra=extra
     )
     return folder
@@ -63,7 +63,7 @@ def _edit_tensors(folder, edit) -> None:
 def test_int8_round_trip_matches_in_memory_quantized_model(tmp_path, clf, backend, per_channel):
     qmodel = quant.quantize_classifier(clf, backend, per_channel)
     ckpt.save_classifier(clf, tmp_path / "fp32")
-    quant.save_quantized(qmodel, clf.config, tmp_path / "int8", backend, per_channel, extra={"max_length": 24})
+    ckpt.save_quantized(qmodel, clf.config, tmp_path / "int8", backend, per_channel, extra={"max_length": 24})
     loaded = ckpt.load_classifier(tmp_path / "int8")
     assert not loaded.training
     ids, n = _batch()
@@ -127,12 +127,12 @@ def test_both_backends_write_the_same_int8_weights(tmp_path, clf, per_channel):
 @pytest.mark.parametrize("writer,reader", [("torch.ao", "torchao"), ("torchao", "torch.ao")])
 def test_a_folder_written_with_one_backend_loads_with_the_other(tmp_path, clf, writer, reader):
     folder = _save(clf, tmp_path / "int8", writer)
-    loaded = quant.load_quantized(folder, ckpt.read_config(folder), backend=reader)
-    assert quant._int8_backend(loaded.head) == reader
+    loaded = ckpt.load_quantized(folder, backend=reader)
+    assert quant.int8_backend(loaded.head) == reader
     ids, n = _batch()
     with torch.inference_mode():  # same weights; activations are quantized differently (per tensor / per token)
         assert_close(loaded(ids, n), ckpt.load_classifier(folder)(ids, n), rtol=0.05, atol=0.02)
-    quant.save_quantized(loaded, clf.config, tmp_path / "again", reader, per_channel=True)
+    ckpt.save_quantized(loaded, clf.config, tmp_path / "again", reader, per_channel=True)
     before, after = (load_file(str(f / ckpt.WEIGHTS)) for f in (folder, tmp_path / "again"))
     assert sorted(before) == sorted(after)
     for k in before:
@@ -142,14 +142,14 @@ def test_a_folder_written_with_one_backend_loads_with_the_other(tmp_path, clf, w
 def test_a_folder_from_before_backends_loads_with_torch_ao(tmp_path, clf):
     folder = _save(clf, tmp_path / "int8", "torch.ao")
     _edit_config(folder, lambda m: m.pop("backend"))
-    assert quant._int8_backend(ckpt.load_classifier(folder).head) == "torch.ao"
+    assert quant.int8_backend(ckpt.load_classifier(folder).head) == "torch.ao"
 
 
 def test_bad_backends_raise(tmp_path, clf):
     with pytest.raises(ValueError, match="int8 backend must be one of"):
         quant.quantize_classifier(clf, "onnx")
     with pytest.raises(ValueError, match="no int8 Linear"):
-        quant.save_quantized(clf, clf.config, tmp_path / "float", "torch.ao", per_channel=True)
+        ckpt.save_quantized(clf, clf.config, tmp_path / "float", "torch.ao", per_channel=True)
     folder = _save(clf, tmp_path / "int8")
     _edit_config(folder, lambda m: m.update(backend="onnx"))
     with pytest.raises(ckpt.ArtifactError, match="config.json: unknown int8 backend 'onnx'"):
@@ -189,6 +189,11 @@ BROKEN_TENSORS = [
         rf"{QKV}.weight_scale holds zero, negative or non-finite scales",
     ),
     ("nan-scale", _set(f"{QKV}.weight_scale", torch.full((48,), float("nan"))), "non-finite scales"),
+    (
+        "zero-point-range",
+        _set(f"{QKV}.weight_zero_point", torch.full((48,), 200, dtype=torch.int32)),
+        rf"{QKV}.weight_zero_point holds values outside the int8 range",
+    ),
     ("bias-shape", _set(f"{QKV}.bias", torch.zeros(47)), rf"{QKV}.bias is \(47,\), config says \(48,\)"),
     (
         "embedding-shape",
@@ -212,7 +217,15 @@ def test_asymmetric_weights_do_not_load_with_torchao(tmp_path, clf):
     folder = _save(clf, tmp_path / "int8", "torch.ao")
     _edit_tensors(folder, _set(f"{QKV}.weight_zero_point", torch.ones(48, dtype=torch.int32)))
     with pytest.raises(ckpt.ArtifactError, match=f"{QKV}.weight_zero_point is not all zero"):
-        quant.load_quantized(folder, ckpt.read_config(folder), backend="torchao")
+        ckpt.load_quantized(folder, backend="torchao")
+
+
+def test_scales_that_do_not_reproduce_the_int8_values_raise(tmp_path, clf):
+    """torch.ao quantizes the stored values again on load: scales so large that they overflow cannot give them back."""
+    folder = _save(clf, tmp_path / "int8", "torch.ao")
+    _edit_tensors(folder, _set(f"{QKV}.weight_scale", torch.full((48,), 1e38)))
+    with pytest.raises(ckpt.ArtifactError, match=f"{QKV}.weight_scale and {QKV}.weight_zero_point do not reproduce"):
+        ckpt.load_classifier(folder)
 
 
 @pytest.mark.parametrize("backend", quant.BACKENDS)

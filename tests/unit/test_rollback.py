@@ -6,7 +6,7 @@ import pytest
 from conftest import write_params
 
 from tasks.ops import rollback
-from tasks.ops.promote import ALIAS, alias_history, move_champion
+from tasks.ops.registry import ALIAS, alias_history, move_champion
 from tasks.shared.config.params import load_params
 from tasks.shared.errors import UserError
 
@@ -104,7 +104,7 @@ def _add_version(client, tmp_path, verdict: str = "passed") -> str:
 
 def test_rollback_restores_the_previous_champion_not_a_version_rolled_back_from(registry, tmp_path):
     """v2 is rolled back to v1, then v4 is promoted: the next rollback must go to v1 (the previous champion), not v2."""
-    from tasks.ops.promote import move_alias
+    from tasks.ops.registry import move_alias
 
     params, client = registry
     rollback.run(params, reason="v2 misclassifies http")

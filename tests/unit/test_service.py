@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import LABELS, ROOT, free_port, stop_server
 
-from deploy.service import MODEL_URI_ENV, LMForge, ModelUnavailable, check_model, load_service_bundle
+from deploy.resolve import MODEL_URI_ENV, ModelUnavailable, load_service_bundle
+from deploy.service import LMForge, check_model
 from models.bundle import write_bundle
 from models.tokenizer import TOKENIZER_FILE
 
@@ -276,6 +277,55 @@ def test_bentoml_serve_without_a_model_does_not_crash_loop(bundles, tmp_path):
         stop_server(proc)
 
 
+@pytest.mark.slow
+def test_bentoml_serve_answers_json_and_logs_a_bad_request_in_one_line(bundles, tmp_path):
+    """The declared media type of /classify, and the filter on the `bentoml` logger's handlers: a request that fails
+    BentoML's validation is one WARNING line in the worker's log, not a traceback."""
+    port, log = free_port(), tmp_path / "serve.log"
+    env = {
+        **os.environ,
+        MODEL_URI_ENV: str(bundles / "good"),
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+        "BENTOML_DO_NOT_TRACK": "true",
+    }
+    bentoml = Path(sys.executable).parent / "bentoml"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(bentoml), "serve", "deploy.service:LMForge", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            try:
+                if request(f"{base}/readyz")[0] == 200:
+                    break
+            except OSError:  # not listening yet
+                pass
+            time.sleep(0.5)
+        req = urllib.request.Request(
+            f"{base}/classify", data=b'{"texts": ["def f(): pass"]}', headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.headers["Content-Type"] == "application/json" and json.loads(r.read())[0]["label"] in LABELS
+        status, body = request(f"{base}/generate", b'{"prompt": "def f(", "top_p": 0}')
+        assert status == 400 and "top_p" in body
+        status, body = request(f"{base}/generate", b'{"prompt": "def f(", "max_new_tokens": 40, "temperature": 0}')
+        assert status == 200 and json.loads(body)["tokens"] >= 1  # past block_size: the cached sampler's shift
+        time.sleep(1)
+        text = log.read_text()
+        assert "Traceback" not in text, text
+        assert [line for line in text.splitlines() if "WARNING" in line and "/generate" in line and "top_p" in line]
+    finally:
+        stop_server(proc)
+
+
 # --- the API: batching, validation, auth, metadata, generation, reload, BentoML's model store ---------
 
 
@@ -390,7 +440,7 @@ def test_invalid_json_and_wrong_content_types_are_4xx(content, ctype, status, me
 
 
 def test_a_body_over_the_size_limit_is_413_before_it_is_read(app, bundles, monkeypatch):
-    from deploy.service import MAX_BODY_BYTES
+    from deploy.requests import MAX_BODY_BYTES
 
     monkeypatch.setenv(MODEL_URI_ENV, str(bundles / "good"))
     with client(app) as c:
@@ -487,7 +537,7 @@ def test_the_store_latest_is_always_the_version_last_loaded(two_versions, model_
     """What `bentoml build` packs (`<name>:latest`) is the version served last, after a rollback too."""
     import bentoml
 
-    from deploy.core import open_model
+    from deploy.resolve import open_model
 
     for version, latest in (("1", "two:v1"), ("2", "two:v2"), ("1", "two:v1")):
         assert open_model(f"models:/two/{version}").bentoml_model == f"two:v{version}"
@@ -497,7 +547,8 @@ def test_the_store_latest_is_always_the_version_last_loaded(two_versions, model_
 
 def test_texts_are_normalized_the_way_the_training_texts_were(bundles, tmp_path):
     """A registered bundle records the clean stage's normalization; the servers apply it to every text to classify."""
-    from deploy.core import classify, open_model, write_preprocess
+    from deploy.core import classify
+    from deploy.resolve import open_model, write_preprocess
     from tasks.clean import clean_text
     from tasks.shared.config.clean import CleanConfig
 

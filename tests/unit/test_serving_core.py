@@ -1,10 +1,10 @@
-"""deploy/core.py: request limits shared by REST and gRPC, and the sampler behind /generate."""
+"""deploy/requests.py: request limits shared by REST and gRPC."""
 
 from __future__ import annotations
 
 import pytest
 
-from deploy.core import LIMITS, GenerationRequest, InvalidInput, check_texts
+from deploy.requests import LIMITS, GenerationRequest, InvalidInput, check_texts
 
 
 @pytest.mark.parametrize(

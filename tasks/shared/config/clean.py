@@ -1,4 +1,4 @@
-"""`clean:` — text normalization, PII scrubbing, filters and deduplication (tasks/shared/cleaning.py)."""
+"""`clean:` — text normalization, PII scrubbing, filters and deduplication (tasks/shared/cleaning/)."""
 
 from __future__ import annotations
 

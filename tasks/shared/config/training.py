@@ -60,7 +60,7 @@ class TrainLoop(Section):
     """Where to train; `auto` takes CUDA when present."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Autocast dtype: `auto` = bf16 on CUDA (fp16 + GradScaler where bf16 is unsupported); on a CPU with native bf16,
-    bf16 where timing the model itself finds it >= 1.1x faster (engine.probe_cpu_precision), else fp32."""
+    bf16 where timing the model itself finds it >= 1.1x faster (engine.runtime.probe_cpu_precision), else fp32."""
     compile: bool = False
     """Wrap the model in torch.compile."""
     deterministic: bool = False
