@@ -8,6 +8,7 @@ import importlib.util
 import math
 import re
 import time
+import types
 
 import numpy as np
 import pytest
@@ -551,9 +552,14 @@ def _probe_model():
     return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 1))
 
 
-def _timed_loss(model, bf16_ms: float, fp32_ms: float):
+def _timed_loss(monkeypatch, model, bf16_ms: float, fp32_ms: float):
+    """A loss that takes exactly bf16_ms or fp32_ms on the probe's clock (a fake one: sleeping would give the
+    test the machine's jitter, and 10 vs 10.5 ms is within it when the suite's workers share 2 cores)."""
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(runtime, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+
     def loss():
-        time.sleep((bf16_ms if torch.is_autocast_enabled("cpu") else fp32_ms) / 1000)
+        clock.now += (bf16_ms if torch.is_autocast_enabled("cpu") else fp32_ms) / 1000
         return model(torch.ones(4, 8)).sum()
 
     return loss
@@ -568,12 +574,16 @@ def test_auto_precision_on_cpu_takes_bf16_only_where_it_is_measured_faster(monke
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     before = dataclasses.replace(rt)
-    probe = probe_cpu_precision(rt, "auto", model, _timed_loss(model, bf16_ms, fp32_ms))
+    probe = probe_cpu_precision(rt, "auto", model, _timed_loss(monkeypatch, model, bf16_ms, fp32_ms))
     assert probe.chosen == chosen  # 10 vs 10.5 ms is under BF16_MIN_GAIN: fp32 stays
     assert rt == before and rt.precision == "fp32"  # the choice is returned; the runtime passed in is unchanged
     assert rt.with_precision(probe.chosen).precision == chosen
-    assert probe.fp32_s >= fp32_ms / 1000 and probe.bf16_s >= bf16_ms / 1000 and "median ratio" in probe.reason
-    assert probe.metrics()["precision"] == chosen and probe.metrics()["precision_probe_bf16_ms"] >= bf16_ms
+    assert (probe.fp32_s, probe.bf16_s) == pytest.approx(
+        (fp32_ms / 1000, bf16_ms / 1000)
+    ) and "median ratio" in probe.reason
+    assert probe.metrics()["precision"] == chosen and probe.metrics()["precision_probe_bf16_ms"] == pytest.approx(
+        bf16_ms
+    )
     # the probe leaves no trace: same weights, no gradients, the same random stream (dropout drew from a fork)
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())

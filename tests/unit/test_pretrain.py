@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import time
+import types
 
 import pytest
 import torch
@@ -25,6 +27,7 @@ from models.checkpoint import load_lm, read_config
 from models.transformer import GPT, GPTConfig
 from tasks import pretrain
 from tasks.shared.config.pretrain import PretrainConfig
+from tasks.shared.engine import step as engine_step
 from tasks.shared.engine.checkpoints import checkpoints
 from tasks.shared.engine.runtime import setup_runtime
 from tasks.shared.engine.step import step_throughput, train_step
@@ -204,9 +207,13 @@ class Recorder(NullTracker):
         self.logged.append((step, dict(metrics)))
 
 
-def test_logged_throughput_has_no_spikes_after_evaluations_or_checkpoints(tokenized):
+def test_logged_throughput_has_no_spikes_after_evaluations_or_checkpoints(tokenized, monkeypatch):
     """Every logged tokens/s is within 2x of the stage's overall figure. A checkpoint right before a
-    log step (interval 10 and 10) used to restart the clock but keep the window's tokens: ~10x spikes."""
+    log step (interval 10 and 10) used to restart the clock but keep the window's tokens: ~10x spikes.
+    The meter reads the process's CPU time here instead of the wall clock: the suite shares 2 cores between
+    3 workers, where a wall-clock window swings 5x with the other workers' load (evaluations and checkpoints
+    cost CPU time too, so leaving them out is still what is tested)."""
+    monkeypatch.setattr(engine_step, "time", types.SimpleNamespace(perf_counter=time.process_time))
     rec = Recorder()
     cfg = tiny(
         model={"preset": "tiny", "n_embd": 64},
