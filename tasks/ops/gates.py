@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasks.ops.dag import read_lock
+from tasks.ops.registry import stored_macro_f1
 from tasks.shared.config.base import Paths
 from tasks.shared.config.evaluate import EvaluateConfig
 from tasks.shared.config.promote import PromoteConfig
@@ -408,11 +409,7 @@ def rescore_champion(
     from tasks.shared.io import read_parquet
     from tasks.shared.scoring import Scorer, score_model, scores
 
-    try:
-        stored = float(mv.tags["test_macro_f1"])
-    except (KeyError, ValueError):
-        stored = None
-    out = Rescore(version=str(mv.version), stored_macro_f1=stored)
+    out = Rescore(version=str(mv.version), stored_macro_f1=stored_macro_f1(mv))
     try:
         champion = load_service_bundle(f"models:/{name}/{mv.version}")
     except ModelUnavailable as e:  # one line naming the URI and what is wrong

@@ -45,16 +45,20 @@ def current_version(client, name: str, alias: str = ALIAS):
         raise
 
 
+def stored_macro_f1(mv) -> float | None:
+    """The test macro-F1 a model version was registered with (its `test_macro_f1` tag), None if unreadable."""
+    try:
+        return float(mv.tags["test_macro_f1"])
+    except (KeyError, ValueError):
+        return None
+
+
 def current_champion(client, name: str) -> dict | None:
     """{version, macro_f1 (its stored `test_macro_f1`, None if unreadable)} of @champion, or None."""
     mv = current_version(client, name)
     if mv is None:
         return None
-    try:
-        f1 = float(mv.tags["test_macro_f1"])
-    except (KeyError, ValueError):
-        f1 = None
-    return {"version": str(mv.version), "macro_f1": f1}
+    return {"version": str(mv.version), "macro_f1": stored_macro_f1(mv)}
 
 
 def move_alias(
