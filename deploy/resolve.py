@@ -80,6 +80,20 @@ class ServedModel:
     """normalize_text's settings from the bundle's preprocess.json (None: texts are classified as they come)."""
     loaded_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
+    @classmethod
+    def registered(cls, bundle: Bundle, uri: str, mv, normalize: dict | None, **more) -> "ServedModel":
+        """A model version `mv` of the registry, served from `bundle`."""
+        return cls(
+            bundle,
+            uri=uri,
+            source="registry",
+            name=mv.name,
+            version=str(mv.version),
+            tags=dict(mv.tags or {}),
+            normalize=normalize,
+            **more,
+        )
+
     @property
     def model_version(self) -> str:
         """`<name>/<version>` as every response names it."""
@@ -286,15 +300,7 @@ def _open(uri: str, to_store: bool) -> ServedModel:
         normalize = read_preprocess(local / BUNDLE_ARTIFACT)
     if mv is None:
         return ServedModel(bundle, uri=uri, source="mlflow", normalize=normalize)
-    return ServedModel(
-        bundle,
-        uri=uri,
-        source="registry",
-        name=mv.name,
-        version=str(mv.version),
-        tags=dict(mv.tags or {}),
-        normalize=normalize,
-    )
+    return ServedModel.registered(bundle, uri, mv, normalize)
 
 
 # --- BentoML's model store -------------------------------------------------------------------------
@@ -326,15 +332,13 @@ def _from_store(uri: str, mv, store: str) -> ServedModel:
             served.source = "registry"
             return served
         if existing is not None:
-            bentoml.models.delete(
-                tag
-            )  # imported again below, so that `latest` (what `bentoml build` packs) is the served version
+            # imported again below, so that `latest` (what `bentoml build` packs) is the served version
+            bentoml.models.delete(tag)
         tags = dict(mv.tags or {})
         with tempfile.TemporaryDirectory(prefix="lmforge-") as tmp:
             local = _download(uri, _source(mv, store), store, Path(tmp))
-            bundle = _load_folder(
-                local / BUNDLE_ARTIFACT, uri, local
-            )  # loaded before it enters the store: a broken version never does
+            # loaded before it enters the store: a broken version never does
+            bundle = _load_folder(local / BUNDLE_ARTIFACT, uri, local)
             normalize = read_preprocess(local / BUNDLE_ARTIFACT)
             info = {"registered_model": mv.name, "version": str(mv.version), "model_uri": uri, "tags": tags}
             labels = {
@@ -345,16 +349,7 @@ def _from_store(uri: str, mv, store: str) -> ServedModel:
             with bentoml.models.create(tag, labels=labels, metadata={"model_uri": uri}) as bm:
                 shutil.copytree(local / BUNDLE_ARTIFACT, Path(bm.path) / "bundle")
                 (Path(bm.path) / INFO_FILE).write_text(json.dumps(info, indent=1))
-    return ServedModel(
-        bundle,
-        uri=uri,
-        source="registry",
-        name=mv.name,
-        version=str(mv.version),
-        tags=tags,
-        bentoml_model=tag,
-        normalize=normalize,
-    )
+    return ServedModel.registered(bundle, uri, mv, normalize, bentoml_model=tag)
 
 
 def _get_model(tag: str):
