@@ -239,12 +239,15 @@ def request(url: str, body: bytes | None = None) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
-@pytest.mark.slow
-def test_bentoml_serve_without_a_model_does_not_crash_loop(bundles, tmp_path):
-    """A bundle that fails to load (each reason a model can be missing: the in-process 503 tests above)."""
-    uri = str(bundles / "truncated")
+def start_bentoml_serve(model_uri: str, tmp_path: Path) -> tuple[subprocess.Popen, Path, str]:
+    """`bentoml serve deploy.service:LMForge` on a free port for `model_uri`: the process, its log and its URL."""
     port, log = free_port(), tmp_path / "serve.log"
-    env = {**os.environ, MODEL_URI_ENV: uri, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
+    env = {
+        **os.environ,
+        MODEL_URI_ENV: model_uri,
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+        "BENTOML_DO_NOT_TRACK": "true",
+    }
     bentoml = Path(sys.executable).parent / "bentoml"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -255,7 +258,14 @@ def test_bentoml_serve_without_a_model_does_not_crash_loop(bundles, tmp_path):
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    base = f"http://127.0.0.1:{port}"
+    return proc, log, f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.slow
+def test_bentoml_serve_without_a_model_does_not_crash_loop(bundles, tmp_path):
+    """A bundle that fails to load (each reason a model can be missing: the in-process 503 tests above)."""
+    uri = str(bundles / "truncated")
+    proc, log, base = start_bentoml_serve(uri, tmp_path)
     try:
         deadline = time.monotonic() + 60
         while "no model to serve" not in log.read_text() and time.monotonic() < deadline and proc.poll() is None:
@@ -281,24 +291,7 @@ def test_bentoml_serve_without_a_model_does_not_crash_loop(bundles, tmp_path):
 def test_bentoml_serve_answers_json_and_logs_a_bad_request_in_one_line(bundles, tmp_path):
     """The declared media type of /classify, and the filter on the `bentoml` logger's handlers: a request that fails
     BentoML's validation is one WARNING line in the worker's log, not a traceback."""
-    port, log = free_port(), tmp_path / "serve.log"
-    env = {
-        **os.environ,
-        MODEL_URI_ENV: str(bundles / "good"),
-        "BENTOML_HOME": str(tmp_path / "bentoml"),
-        "BENTOML_DO_NOT_TRACK": "true",
-    }
-    bentoml = Path(sys.executable).parent / "bentoml"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [str(bentoml), "serve", "deploy.service:LMForge", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    base = f"http://127.0.0.1:{port}"
+    proc, log, base = start_bentoml_serve(str(bundles / "good"), tmp_path)
     try:
         deadline = time.monotonic() + 90
         while True:
