@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from models.bundle import load_parts
 from models.checkpoint import CONFIG, load_lm, read_config
@@ -36,7 +35,7 @@ from tasks.shared.errors import UserError
 from tasks.shared.harness import stage_main
 from tasks.shared.io import atomic_dir, read_parquet, write_csv
 from tasks.shared.plots import publish, pyplot
-from tasks.shared.scoring import Scorer, bundle_scorer, score_model, scores, timed
+from tasks.shared.scoring import Scorer, bundle_scorer, score_model, scores, tfidf_scorer, timed
 from tasks.shared.tracking import NullTracker, Tracker
 from tasks.shared.variants import built, skipped
 
@@ -67,18 +66,6 @@ TABLE_COLUMNS = (
     "behavioral_min_pass_rate",
 )
 """Columns of the comparison table (Markdown report, MLflow table), in order."""
-
-
-def tfidf_scorer(train: pd.DataFrame, labels: list[str], cfg: EvaluateConfig) -> Scorer:
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-
-    vec = TfidfVectorizer(max_features=cfg.tfidf_max_features, token_pattern=r"(?u)\b\w+\b", sublinear_tf=True)
-    clf = LogisticRegression(C=cfg.tfidf_c, max_iter=2000).fit(vec.fit_transform(train["text"]), train["label"])
-    order = [list(clf.classes_).index(lab) for lab in labels]
-    return Scorer(
-        labels, vec.transform, lambda X: clf.predict_proba(X)[:, order], int(clf.coef_.size + clf.intercept_.size)
-    )
 
 
 @dataclass

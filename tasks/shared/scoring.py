@@ -216,3 +216,16 @@ def timed(scorers: dict[str, Scorer], texts: list[str], cfg: EvaluateConfig) -> 
     one = latency(scorers, texts, 1, cfg.latency_samples, block=8)
     many = latency(scorers, texts, 32, cfg.latency_batches, block=4)
     return {n: {**one[n], **many[n]} for n in scorers}
+
+
+def tfidf_scorer(train: pd.DataFrame, labels: list[str], cfg: EvaluateConfig) -> Scorer:
+    """TF-IDF of word unigrams + logistic regression fitted on `train` (text, label): the lexical baseline."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    vec = TfidfVectorizer(max_features=cfg.tfidf_max_features, token_pattern=r"(?u)\b\w+\b", sublinear_tf=True)
+    clf = LogisticRegression(C=cfg.tfidf_c, max_iter=2000).fit(vec.fit_transform(train["text"]), train["label"])
+    order = [list(clf.classes_).index(lab) for lab in labels]
+    return Scorer(
+        labels, vec.transform, lambda X: clf.predict_proba(X)[:, order], int(clf.coef_.size + clf.intercept_.size)
+    )
