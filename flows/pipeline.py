@@ -68,14 +68,20 @@ def _status(gate: dict) -> str:
     return status.upper() if status in ("pass", "fail") else status
 
 
+def _with_ci(m: dict, key: str) -> str:
+    """`0.7079 [0.6679, 0.7250]`: a score with its 95% interval (the score alone from an older evaluate)."""
+    ci = m.get(f"{key}_ci95")
+    return f"{m[key]:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+
+
 def summary_markdown(evaluation: dict, decision: dict | None) -> str:
     rows = [
-        "| model | accuracy | macro-F1 | p50 ms (1 text) | p50 ms (32 texts) | size (MB) |",
+        "| model | accuracy [95% CI] | macro-F1 [95% CI] | p50 ms (1 text) | p50 ms (32 texts) | size (MB) |",
         "|---|---|---|---|---|---|",
     ]
     for name, m in {**evaluation.get("variants", {}), **evaluation.get("baselines", {})}.items():
         rows.append(
-            f"| {name} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {m.get('p50_ms_b1', '')} | "
+            f"| {name} | {_with_ci(m, 'accuracy')} | {_with_ci(m, 'macro_f1')} | {m.get('p50_ms_b1', '')} | "
             f"{m.get('p50_ms_b32', '')} | {m.get('size_mb', '')} |"
         )
     text = "## Test-split evaluation\n\n" + "\n".join(rows)

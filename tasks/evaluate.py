@@ -5,10 +5,13 @@ Variants (the candidates for promotion) are the classifier folders the compressi
 promoted): majority class, TF-IDF + logistic regression, and what finetune trained beside the model
 (scratch Transformer, CNN, GRU).
 
-Per model: accuracy, macro-F1, per-class F1, expected calibration error (15 bins), CPU latency p50/p99
+Per model: accuracy and macro-F1 with 95% intervals (a paired, seeded bootstrap over the test rows:
+tasks/shared/stats.py), per-class F1, expected calibration error (15 bins), CPU latency p50/p99
 at batch 1 and batch 32 with tokenization and forward timed separately, throughput, weights stored,
 size on disk and the peak resident memory added while loading and scoring it. Per variant also: the
-behavioral tests (tasks/shared/behavior.py) and a confusion matrix. The language model's perplexity on
+behavioral tests (tasks/shared/behavior.py), a confusion matrix, and a paired comparison with every
+trained baseline (`vs_baselines`: differences with intervals, paired-bootstrap and exact McNemar p-values),
+which promotion's `beats_baselines` gate decides on. The language model's perplexity on
 the test texts is reported beside them. Every scored artifact is recorded by path and sha256.
 
 Outputs: metrics/evaluate.json (DVC metrics), a Markdown report and the charts (Pareto front of
@@ -36,6 +39,7 @@ from tasks.shared.harness import stage_main
 from tasks.shared.io import atomic_dir, read_parquet, write_csv
 from tasks.shared.plots import publish, pyplot
 from tasks.shared.scoring import Scorer, bundle_scorer, score_model, scores, tfidf_scorer, timed
+from tasks.shared.stats import Resamples, paired, score_intervals
 from tasks.shared.tracking import NullTracker, Tracker
 from tasks.shared.variants import built, skipped
 
@@ -49,7 +53,9 @@ scores, and every model's macro-F1 against its batch-1 p50 latency."""
 REPORT = "report.md"
 TABLE_COLUMNS = (
     "accuracy",
+    "accuracy_ci95",
     "macro_f1",
+    "macro_f1_ci95",
     "ece",
     "p50_ms_b1",
     "p99_ms_b1",
@@ -195,15 +201,16 @@ def plot_pareto(results: dict[str, dict], variants: set[str], path: Path):
     front = pareto_front(pts)
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for name, (x, y) in pts.items():
-        ax.scatter(
-            x, y, s=60, marker="o" if name in variants else "s", color="tab:blue" if name in variants else "tab:gray"
-        )
+        lo, hi = results[name].get("macro_f1_ci95") or (y, y)
+        color = "tab:blue" if name in variants else "tab:gray"
+        ax.errorbar(x, y, yerr=[[y - lo], [hi - y]], fmt="none", ecolor=color, alpha=0.5, capsize=3)
+        ax.scatter(x, y, s=60, marker="o" if name in variants else "s", color=color)
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.step([pts[n][0] for n in front], [pts[n][1] for n in front], where="post", color="tab:red", label="Pareto front")
     ax.set_xscale("log")
     ax.set_xlabel("p50 latency, batch 1 (ms, log scale; tokenization included)")
     ax.set_ylabel("test macro-F1")
-    ax.set_title("Quality vs latency (circles: variants, squares: baselines)")
+    ax.set_title("Quality vs latency (circles: variants, squares: baselines; bars: 95% intervals)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -273,7 +280,8 @@ def table(results: dict[str, dict], variants: set[str]) -> dict[str, list]:
         cols["model"].append(name)
         cols["role"].append("variant" if name in variants else "baseline")
         for c in TABLE_COLUMNS:
-            cols[c].append(m.get(c, ""))
+            v = m.get(c, "")
+            cols[c].append(f"{v[0]:.4f}–{v[1]:.4f}" if isinstance(v, list) else v)
     return cols
 
 
@@ -284,6 +292,7 @@ def markdown_report(
     skipped_variants: dict[str, str],
     artifacts: dict[str, dict],
     n_test: int,
+    versus: dict[str, dict[str, dict]] | None = None,
 ) -> str:
     head = list(cols)
     lines = [
@@ -298,6 +307,7 @@ def markdown_report(
             "`tokenize_ms`/`forward_ms` their medians."
         ),
         "`peak_rss_mb`: resident memory added while loading and scoring the model. `params`: weights stored.",
+        "`_ci95`: 95% intervals from a paired bootstrap over the test rows (the same resamples for every model).",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -321,9 +331,71 @@ def markdown_report(
             )
     for name, why in skipped_variants.items():
         lines.append(f"Variant `{name}` not built: {why}.")
+    lines += versus_lines(versus or {})
     lines += ["", "## Artifacts scored", "", "| artifact | path | sha256 |", "|---|---|---|"]
     lines += [f"| {k} | {a['path']} | `{a['sha256']}` |" for k, a in artifacts.items()]
     return "\n".join(lines) + "\n"
+
+
+def versus_lines(versus: dict[str, dict[str, dict]]) -> list[str]:
+    """The report's table of every variant against every trained baseline on the same rows."""
+    if not versus:
+        return []
+    lines = [
+        "",
+        "## Variants against the baselines (same test rows)",
+        "",
+        "Difference variant − baseline with its 95% interval; one-sided p-values that the variant is worse:",
+        "paired bootstrap for macro-F1, exact McNemar for accuracy (uncorrected; promotion's `beats_baselines`",
+        "corrects for the number of tests with Holm's method).",
+        "",
+        "| variant | baseline | macro-F1 diff | 95% CI | p (worse) | accuracy diff | 95% CI | p (worse, McNemar) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for v, against in versus.items():
+        for b, c in against.items():
+            f_lo, f_hi = c["macro_f1_diff_ci95"]
+            a_lo, a_hi = c["accuracy_diff_ci95"]
+            lines.append(
+                f"| {v} | {b} | {c['macro_f1_diff']:+.4f} | {f_lo:+.4f}, {f_hi:+.4f} | {c['p_f1_worse']:.3g} | "
+                f"{c['accuracy_diff']:+.4f} | {a_lo:+.4f}, {a_hi:+.4f} | {c['mcnemar']['p_a_worse']:.3g} |"
+            )
+    return lines
+
+
+def compare_with_baselines(
+    y_true: list[str], preds: dict[str, list[str]], labels: list[str], variants, baselines, resamples: Resamples
+) -> dict[str, dict[str, dict]]:
+    """variant -> trained baseline -> `stats.paired` of the two on the same test rows (majority excluded: it has
+    its own gate)."""
+    trained = [b for b in baselines if b != "majority"]
+    return {v: {b: paired(y_true, preds[v], preds[b], labels, resamples).as_dict() for b in trained} for v in variants}
+
+
+def add_uncertainty(
+    results: dict[str, dict],
+    preds: dict[str, list[str]],
+    model_labels: dict[str, list[str]],
+    labels: list[str],
+    y_true: list[str],
+    variants: set[str],
+    cfg: EvaluateConfig,
+) -> dict[str, dict[str, dict]]:
+    """Every model's `accuracy_ci95`/`macro_f1_ci95` and every variant's `vs_baselines`, all on one set of resamples."""
+    resamples = Resamples(len(y_true), cfg.bootstrap_resamples, cfg.seed)
+    for name, pred in preds.items():
+        m = results[name]
+        m |= score_intervals(y_true, pred, model_labels.get(name, labels), resamples)
+        (alo, ahi), (flo, fhi) = m["accuracy_ci95"], m["macro_f1_ci95"]
+        print(
+            f"{name}: accuracy {m['accuracy']:.4f} [95% CI {alo:.4f}, {ahi:.4f}], "
+            f"macro-F1 {m['macro_f1']:.4f} [95% CI {flo:.4f}, {fhi:.4f}]"
+        )
+    baselines = [n for n in results if n not in variants]
+    versus = compare_with_baselines(y_true, preds, labels, [v for v in results if v in variants], baselines, resamples)
+    for v, against in versus.items():
+        results[v]["vs_baselines"] = against
+    return versus
 
 
 def trained_baselines(folder: Path) -> dict[str, Path]:
@@ -421,11 +493,12 @@ def run(cfg: EvaluateConfig, paths: Paths, tracker: Tracker | None = None) -> Ev
     print(f"language model: {lm}")
 
     names = set(variant_dirs)
+    versus = add_uncertainty(results, preds, {n: scorers[n].labels for n in scorers}, labels, y_true, names, cfg)
     best = max(names, key=lambda v: results[v]["macro_f1"])
     cols = table(results, names)
     off = skipped(paths)
     with atomic_dir(paths.evaluation) as d:
-        test.assign(**{f"pred_{k}": v for k, v in preds.items()}).to_parquet(d / "predictions.parquet", index=False)
+        test.assign(**{f"pred_{k}": v for k, v in preds.items()}).to_parquet(d / paths.predictions.name, index=False)
         for name in variant_dirs:
             fig = plot_confusion(
                 y_true, preds[name], labels, f"Confusion matrix ({name}, test split)", d / f"confusion_{name}.png"
@@ -436,7 +509,7 @@ def run(cfg: EvaluateConfig, paths: Paths, tracker: Tracker | None = None) -> Ev
         publish(
             tracker, plot_reliability({n: results[n] for n in variant_dirs}, d / "reliability.png"), "reliability.png"
         )
-        (d / REPORT).write_text(markdown_report(cols, front, lm, off, artifacts, len(test)))
+        (d / REPORT).write_text(markdown_report(cols, front, lm, off, artifacts, len(test), versus))
         tracker.log_artifact(d / REPORT)
         tracker.log_table(cols, "comparison.json")
     write_plot_data(y_true, preds[best], labels, results, paths.plots)

@@ -3,18 +3,25 @@
 The gates check the things they name: `data_validation` reads the validation result of the data
 version (DVC md5) the candidate was trained on; `no_regression` scores the current champion again on
 the candidate's test rows with the shared scoring code (tasks/shared/scoring.py) instead of trusting a
-number stored when it was promoted; `smoke_test` loads the candidate with the servers' inference core
-(deploy/) and answers their example requests. A gate switched off in params.yaml shows as
-`not configured` (and does not block).
+number stored when it was promoted, and compares the two on the same rows with paired tests;
+`beats_baselines` compares the candidate with every trained baseline the same way (evaluate's
+`vs_baselines`); `smoke_test` loads the candidate with the servers' inference core (deploy/) and answers
+their example requests. A gate switched off in params.yaml shows as `not configured` (and does not block).
+
+Noise is part of every verdict: a difference counts only when a paired test on the same test rows says it
+is significant (tasks/shared/stats.py), Holm-corrected over the tests a gate decides on, and the reason
+prints both scores, the difference's 95% interval and the p-values.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
+import pandas as pd
 
 from tasks.ops.dag import read_lock
 from tasks.ops.registry import stored_macro_f1
@@ -22,6 +29,7 @@ from tasks.shared.config.base import Paths
 from tasks.shared.config.evaluate import EvaluateConfig
 from tasks.shared.config.promote import PromoteConfig
 from tasks.shared.errors import UserError
+from tasks.shared.stats import Paired, Resamples, holm, paired
 from tasks.shared.validation import read_result
 
 PASS, FAIL, NOT_CONFIGURED = "pass", "fail", "not configured"
@@ -55,19 +63,24 @@ def not_configured(name: str, why: str) -> Gate:
 
 
 def metric_gates(
-    cfg: PromoteConfig, m: dict, majority: dict, champion: Rescore | None = None, language_model: dict | None = None
+    cfg: PromoteConfig,
+    m: dict,
+    majority: dict,
+    champion: list[Gate] | None = None,
+    language_model: dict | None = None,
 ) -> list[Gate]:
-    """The gates decided by numbers already measured (no I/O): easy to test, printed with their reasons."""
+    """The gates decided by numbers already measured (no I/O): easy to test, printed with their reasons.
+    `champion`: the gates against the current champion (`champion_gates`), placed after the baselines'."""
     gates = [
         Gate(
             "min_accuracy",
             m["accuracy"] >= cfg.min_accuracy,
-            f"accuracy {m['accuracy']:.4f} vs floor {cfg.min_accuracy:.4f}",
+            f"accuracy {m['accuracy']:.4f}{_ci(m, 'accuracy')} vs floor {cfg.min_accuracy:.4f}",
         ),
         Gate(
             "min_macro_f1",
             m["macro_f1"] >= cfg.min_macro_f1,
-            f"macro-F1 {m['macro_f1']:.4f} vs floor {cfg.min_macro_f1:.4f}",
+            f"macro-F1 {m['macro_f1']:.4f}{_ci(m, 'macro_f1')} vs floor {cfg.min_macro_f1:.4f}",
         ),
     ]
     gain = round(m["accuracy"] - majority["accuracy"], 6)  # exact-boundary values pass despite float noise
@@ -78,7 +91,11 @@ def metric_gates(
             f"accuracy gain over majority class {gain:+.4f} vs required {cfg.min_gain_over_majority:+.4f}",
         )
     )
-    gates.append(no_regression_gate(cfg, m, champion))
+    gates.append(beats_baselines_gate(cfg, m))
+    gates += champion or [
+        Gate("no_regression", True, "no current champion"),
+        churn_gate(cfg, None, "no current champion"),
+    ]
     gates.append(
         Gate(
             "latency",
@@ -103,6 +120,63 @@ def metric_gates(
         )
     gates.append(perplexity_gate(cfg, language_model))
     return gates
+
+
+def _ci(m: dict, key: str) -> str:
+    ci = m.get(f"{key}_ci95")
+    return f" [95% CI {ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
+
+
+def baseline_verdict(cfg: PromoteConfig, versus: dict[str, dict]) -> tuple[bool, str, dict]:
+    """(passes `promote.baselines`, why, the numbers) for a variant's paired comparisons with the trained baselines
+    (evaluate's `vs_baselines`). The p-values are Holm-corrected over the family the mode decides on: `not_worse`
+    and `report` test "worse" on macro-F1 (paired bootstrap) and accuracy (exact McNemar) against every baseline;
+    `better` tests "better" on macro-F1 against every baseline."""
+    pairs = {b: Paired.from_dict(c) for b, c in versus.items()}
+    strongest = max(pairs, key=lambda b: (pairs[b].macro_f1[1], pairs[b].accuracy[1]))
+    if cfg.baselines == "better":
+        adjusted = holm({b: p.p_f1_better for b, p in pairs.items()})
+        failing = [b for b in pairs if adjusted[b] >= cfg.alpha]
+        verdict = (
+            f"not significantly better than {', '.join(failing)}" if failing else "significantly better than every one"
+        )
+        key = min(failing, key=lambda b: pairs[b].macro_f1_diff) if failing else strongest
+        p_line = f"p(better) {pairs[key].p_f1_better:.3g}, Holm-adjusted {adjusted[key]:.3g} over {len(pairs)} tests"
+    else:
+        raw = {f"{b}/macro_f1": p.p_f1_worse for b, p in pairs.items()}
+        raw |= {f"{b}/accuracy": p.mcnemar["p_a_worse"] for b, p in pairs.items()}
+        adjusted = holm(raw)
+        failing = [b for b in pairs if min(adjusted[f"{b}/macro_f1"], adjusted[f"{b}/accuracy"]) < cfg.alpha]
+        verdict = f"significantly worse than {', '.join(failing)}" if failing else "not significantly worse than any"
+        key = min(failing, key=lambda b: pairs[b].p_worse) if failing else strongest
+        p_line = (
+            f"Holm-adjusted p(worse) macro-F1 {adjusted[f'{key}/macro_f1']:.3g}, "
+            f"accuracy {adjusted[f'{key}/accuracy']:.3g} over {len(raw)} tests"
+        )
+    named = "strongest baseline" if key == strongest else "baseline"
+    why = (
+        f"{verdict} of {len(pairs)} trained baselines (promote.baselines: {cfg.baselines}, α {cfg.alpha}); "
+        f"{named} {key}: {pairs[key].describe('candidate', key)}; {p_line}"
+    )
+    detail = {"strongest_baseline": strongest, "failing": failing, "adjusted_p": adjusted, "vs_baselines": versus}
+    return not failing, why, detail
+
+
+def beats_baselines_gate(cfg: PromoteConfig, m: dict) -> Gate:
+    """The candidate against every trained baseline on the same test rows (evaluate's `vs_baselines`), as
+    `promote.baselines` asks; `report` shows the comparison without blocking."""
+    versus = m.get("vs_baselines")
+    if versus is None:
+        return Gate(
+            "beats_baselines",
+            False,
+            "metrics/evaluate.json has no paired comparison with the baselines (an older lmforge wrote it): "
+            "run `dvc repro evaluate`",
+        )
+    if not versus:
+        return Gate("beats_baselines", True, "no trained baseline was evaluated")
+    passed, why, detail = baseline_verdict(cfg, versus)
+    return Gate("beats_baselines", passed, why, configured=cfg.baselines != "report", detail=detail)
 
 
 def perplexity_gate(cfg: PromoteConfig, language_model: dict | None) -> Gate:
@@ -132,23 +206,21 @@ def perplexity_gate(cfg: PromoteConfig, language_model: dict | None) -> Gate:
 
 @dataclass
 class Rescore:
-    """The current champion scored again on the candidate's test rows with evaluate's code (`rescore_champion`)."""
+    """The current champion's predictions on the candidate's test rows, by evaluate's code (`rescore_champion`)."""
 
     version: str
     stored_macro_f1: float | None = None
     """The champion's `test_macro_f1` tag: what evaluate measured when it was registered, on its own test set."""
-    macro_f1: float | None = None
-    """The champion's macro-F1 on the candidate's test rows (over `labels`)."""
-    candidate_macro_f1: float | None = None
-    """The candidate's macro-F1 on the same rows and labels; set only when the label sets differ (otherwise
-    evaluate's number is the one on the same rows)."""
-    rows: int = 0
+    predictions: dict[str, str] = field(default_factory=dict)
+    """Row id -> the champion's label, for the candidate's test rows of the compared `labels`."""
     labels: list[str] = field(default_factory=list)
     """The labels compared: every label when both models have the same set, else the ones they share."""
     added: list[str] = field(default_factory=list)
     """Labels the candidate has and the champion lacks."""
     removed: list[str] = field(default_factory=list)
     """Labels the champion has and the candidate lacks."""
+    trained_on: list[str] | None = None
+    """Source files of the champion's train and validation rows (its `split.json`); None: not recorded."""
     error: str | None = None
     """Why the champion could not be scored (then the gate fails with it)."""
 
@@ -157,53 +229,92 @@ class Rescore:
         return not self.added and not self.removed
 
 
-def no_regression_gate(cfg: PromoteConfig, m: dict, champion: Rescore | None) -> Gate:
-    """Macro-F1 may drop at most `max_regression` below the champion's, both scored on the same test rows.
+def champion_gates(cfg: PromoteConfig, test: pd.DataFrame, champion: Rescore | None, resamples: int, seed: int):
+    """`no_regression` and `churn`: the candidate's test predictions (`test`: id, source, label, pred) against the
+    current champion's on the same rows.
 
-    When the label set changed, both are scored on the test rows of the labels they share (macro-F1 over
-    those labels); with no label in common they are not comparable and the gate fails: only a person
-    can decide that a new task replaces the old one (`lmforge promote --force --reason`).
+    no_regression fails only on a drop larger than `max_regression` that is significant (Holm over two one-sided
+    tests at `alpha`: macro-F1 by paired bootstrap, accuracy by exact McNemar). When the label set changed, both are
+    compared on the rows of the shared labels (macro-F1 over them); with no label in common they are not comparable.
+    When the champion trained on files that are now test files, its score there is flattered: both are compared on
+    the rows held out for both, and below `min_comparable_rows` such rows they are not comparable. Only a person can
+    move @champion past "not comparable" (`lmforge promote --force --reason`).
     """
     if champion is None:
-        return Gate("no_regression", True, "no current champion")
+        return [Gate("no_regression", True, "no current champion"), churn_gate(cfg, None, "no current champion")]
     v = f"champion v{champion.version}"
     stored = f"{champion.stored_macro_f1:.4f}" if champion.stored_macro_f1 is not None else "none"
-    detail = {
-        "champion_version": champion.version,
-        "champion_stored_macro_f1": champion.stored_macro_f1,
-        "candidate_macro_f1_evaluate": m["macro_f1"],
-    }
+    detail = {"champion_version": champion.version, "champion_stored_macro_f1": champion.stored_macro_f1}
     if champion.error:
-        return Gate("no_regression", False, f"{v} could not be scored again: {champion.error}", detail=detail)
+        why = f"{v} could not be scored again: {champion.error}"
+        return [Gate("no_regression", False, why, detail=detail), churn_gate(cfg, None, why)]
     added, removed = ", ".join(champion.added) or "none", ", ".join(champion.removed) or "none"
-    changed = "" if champion.same_labels else f"label set changed (added: {added}; removed: {removed}); "
+    notes = [] if champion.same_labels else [f"label set changed (added: {added}; removed: {removed})"]
     if not champion.labels:
-        return Gate(
-            "no_regression", False, f"{changed}not comparable: the candidate and {v} share no label", detail=detail
-        )
-    candidate = m["macro_f1"] if champion.same_labels else champion.candidate_macro_f1
-    drop = round(champion.macro_f1 - candidate, 6)
-    detail |= {
-        "candidate_macro_f1": candidate,
-        "champion_macro_f1": champion.macro_f1,
-        "rows": champion.rows,
-        "labels": champion.labels,
-    }
-    detail |= {"added_labels": champion.added, "removed_labels": champion.removed}
-    if champion.same_labels:
-        reason = (
-            f"macro-F1 {candidate:.4f} (candidate, as evaluate scored it) vs {champion.macro_f1:.4f} "
-            f"({v} scored again on the same {champion.rows} test rows; stored {stored})"
-        )
-    else:
-        reason = (
-            f"{changed}on the {champion.rows} test rows of the {len(champion.labels)} shared labels "
-            f"macro-F1 {candidate:.4f} (candidate) vs "
-            f"{champion.macro_f1:.4f} ({v}; stored {stored}); candidate on all its labels {m['macro_f1']:.4f}"
-        )
-    return Gate(
-        "no_regression", drop <= cfg.max_regression, f"{reason}; allowed drop {cfg.max_regression:.4f}", detail=detail
+        why = "; ".join([*notes, f"not comparable: the candidate and {v} share no label"])
+        return [Gate("no_regression", False, why, detail=detail), churn_gate(cfg, None, why)]
+    rows = test[test["id"].isin(champion.predictions)]
+    theirs = rows["id"].map(champion.predictions)
+    churn = churn_gate(cfg, float(np.mean(rows["pred"].to_numpy() != theirs.to_numpy())), f"{len(rows)} test rows", v)
+    if not champion.same_labels:
+        notes.append(f"compared on the {len(rows)} test rows of the {len(champion.labels)} shared labels")
+    held, split_note = held_out_for_both(rows, champion.trained_on, v)
+    notes += [split_note] if split_note else []
+    detail |= {"rows": len(held), "labels": champion.labels, "added_labels": champion.added}
+    detail |= {"removed_labels": champion.removed, "trained_on_test_files": len(rows) - len(held)}
+    if len(held) < (cfg.min_comparable_rows if len(held) < len(rows) else 1):
+        why = f"not comparable: {len(held)} test rows held out for both, fewer than {cfg.min_comparable_rows}"
+        return [Gate("no_regression", False, "; ".join([*notes, why]), detail=detail), churn]
+    pr = paired(
+        held["label"],
+        held["pred"],
+        held["id"].map(champion.predictions),
+        champion.labels,
+        Resamples(len(held), resamples, seed),
     )
+    p = holm({"macro_f1": pr.p_f1_worse, "accuracy": pr.mcnemar["p_a_worse"]})
+    drops = {"macro_f1": round(-pr.macro_f1_diff, 6), "accuracy": round(-pr.accuracy_diff, 6)}
+    regressed = [k for k in drops if drops[k] > cfg.max_regression and p[k] < cfg.alpha]
+    verdict = (
+        f"significant drop larger than {cfg.max_regression:.4f} in {' and '.join(regressed)}"
+        if regressed
+        else f"no significant drop larger than {cfg.max_regression:.4f}"
+    )
+    reason = "; ".join(
+        [
+            *notes,
+            pr.describe("candidate", f"{v}, scored again; stored {stored}"),
+            f"Holm-adjusted p(worse): macro-F1 {p['macro_f1']:.3g}, accuracy {p['accuracy']:.3g}",
+            f"{verdict} (α {cfg.alpha})",
+        ]
+    )
+    detail |= pr.as_dict() | {"adjusted_p": p, "regressed": regressed}
+    return [Gate("no_regression", not regressed, reason, detail=detail), churn]
+
+
+def held_out_for_both(rows: pd.DataFrame, trained_on: list[str] | None, v: str) -> tuple[pd.DataFrame, str]:
+    """The test rows from files the champion did not train or validate on, and a note when that is not all of them."""
+    if trained_on is None:
+        return rows, f"{v} records no split (registered by an older lmforge): its training files were not checked"
+    seen = sorted(set(rows["source"]) & set(trained_on))
+    if not seen:
+        return rows, ""
+    held = rows[~rows["source"].isin(seen)]
+    return held, (
+        f"{v} was trained on {len(seen)} files that are now test files (first: {seen[0]}): "
+        f"compared on the {len(held)} of {len(rows)} test rows held out for both"
+    )
+
+
+def churn_gate(cfg: PromoteConfig, churn: float | None, where: str, v: str = "the champion") -> Gate:
+    """Share of test rows whose predicted label changes against the champion, under `max_churn` if one is set."""
+    if churn is None:
+        return Gate("churn", True, f"not measured: {where}", configured=cfg.max_churn is not None)
+    said = f"{churn:.4f} of the {where} change label against {v}"
+    detail = {"churn": round(churn, 4)}
+    if cfg.max_churn is None:
+        return Gate("churn", True, f"{said}; promote.max_churn is null: report only", configured=False, detail=detail)
+    return Gate("churn", churn <= cfg.max_churn, f"{said} vs ceiling {cfg.max_churn:.4f}", detail=detail)
 
 
 def _worst_behavioral(report: dict) -> str:
@@ -392,24 +503,21 @@ def _current_result(lock: _Lock, result_file: Path, validator: str, result_md5: 
         raise _NotValidated(str(e), detail) from None
 
 
-def rescore_champion(
-    client, name: str, mv, paths: Paths, cfg: EvaluateConfig, candidate_labels: list[str], load_candidate: Callable
-) -> Rescore | None:
-    """Score the current champion (`mv`, None if there is none) on the candidate's test rows with evaluate's code.
+def rescore_champion(client, name: str, mv, paths: Paths, cfg: EvaluateConfig, candidate_labels: list[str]):
+    """The champion's (`mv`, None if there is none) predictions on the candidate's test rows, by evaluate's code.
 
-    The test split of `paths.clean_labeled` (the rows evaluate scored the candidate on; `run` checks its
-    sha256 first), scored with the `score_model` and `scores` that evaluate uses. If the label sets differ,
-    both models are scored on the rows of the shared labels, macro-F1 over those labels (the candidate via
-    `load_candidate`).
+    The test split of `paths.clean_labeled` (the rows evaluate scored the candidate on; `run` checks its sha256
+    first), scored with the `score_model` that evaluate uses; if the label sets differ, on the rows of the shared
+    labels. Also what the champion trained on (`trained_on`), from the split its promotion recorded.
     A champion that cannot be loaded or scored comes back with `error` set, never as an exception.
     """
     if mv is None:
         return None
     from deploy.resolve import ModelUnavailable, load_service_bundle
     from tasks.shared.io import read_parquet
-    from tasks.shared.scoring import Scorer, score_model, scores
+    from tasks.shared.scoring import Scorer, score_model
 
-    out = Rescore(version=str(mv.version), stored_macro_f1=stored_macro_f1(mv))
+    out = Rescore(version=str(mv.version), stored_macro_f1=stored_macro_f1(mv), trained_on=trained_sources(mv))
     try:
         champion = load_service_bundle(f"models:/{name}/{mv.version}")
     except ModelUnavailable as e:  # one line naming the URI and what is wrong
@@ -418,7 +526,7 @@ def rescore_champion(
     except Exception as e:  # any failure to load it is the gate's finding, not a crash
         out.error = f"models:/{name}/{mv.version}: {_one_line(e)}"
         return out
-    data = read_parquet(paths.clean_labeled, ["text", "label", "split"])
+    data = read_parquet(paths.clean_labeled, ["id", "text", "label", "split"])
     test = data[data["split"] == "test"]
     known = set(champion.labels)
     out.labels = [lab for lab in candidate_labels if lab in known]
@@ -427,22 +535,32 @@ def rescore_champion(
     if not out.labels:
         return out
     rows = test if out.same_labels else test[test["label"].isin(out.labels)]
-    out.rows = len(rows)
-
-    def macro_f1(bundle) -> float:
-        _, probs, scorer = score_model(
-            lambda: Scorer(bundle.labels, bundle.encode, lambda enc: bundle.forward(*enc).numpy()), rows, cfg
-        )
-        return scores(rows["label"].tolist(), [scorer.labels[i] for i in probs.argmax(1)], out.labels)["macro_f1"]
-
+    scorer = Scorer(champion.labels, champion.encode, lambda enc: champion.forward(*enc).numpy())
     try:
-        out.macro_f1 = macro_f1(champion)
+        _, probs, _ = score_model(lambda: scorer, rows, cfg)
     except Exception as e:  # a champion that loads but cannot score these rows fails the gate, too
         out.error = f"scoring it failed: {_one_line(e)}"
         return out
-    if not out.same_labels:
-        out.candidate_macro_f1 = macro_f1(load_candidate())
+    out.predictions = dict(zip(rows["id"], (champion.labels[i] for i in probs.argmax(1))))
     return out
+
+
+SPLIT_ARTIFACT = "split.json"
+"""In a version's promote run: which source files held its train, validation and test rows, and a digest of the
+test rows' ids (tasks/ops/promote.py `split_record`)."""
+
+
+def trained_sources(mv) -> list[str] | None:
+    """Source files of a registered version's train and validation rows, None when its run recorded no split."""
+    from mlflow.exceptions import MlflowException
+
+    import mlflow
+
+    try:
+        split = mlflow.artifacts.load_dict(f"runs:/{mv.run_id}/{SPLIT_ARTIFACT}")
+    except (MlflowException, OSError, ValueError):  # an older version's run has no such file: not recorded
+        return None
+    return sorted(set(split.get("sources", {}).get("train", [])) | set(split.get("sources", {}).get("val", [])))
 
 
 def _one_line(e: Exception) -> str:

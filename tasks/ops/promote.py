@@ -17,6 +17,7 @@ what it scored. Otherwise it refuses in one line and registers nothing.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -24,7 +25,16 @@ from pathlib import Path
 
 from models.tokenizer import TOKENIZER_FILE
 from tasks.ops.dag import require_current_evaluation
-from tasks.ops.gates import Gate, data_validation_gate, metric_gates, rescore_champion, smoke_gate
+from tasks.ops.gates import (
+    SPLIT_ARTIFACT,
+    Gate,
+    baseline_verdict,
+    champion_gates,
+    data_validation_gate,
+    metric_gates,
+    rescore_champion,
+    smoke_gate,
+)
 from tasks.ops.lineage import dvc_lineage
 from tasks.ops.lineage import tags as lineage_tags
 from tasks.ops.registry import ALIAS, CANDIDATE, current_version, move_alias, move_champion, override_reason
@@ -32,7 +42,7 @@ from tasks.shared.config.params import Params
 from tasks.shared.config.promote import PromoteConfig
 from tasks.shared.digest import tree_sha256
 from tasks.shared.errors import UserError
-from tasks.shared.io import read_json
+from tasks.shared.io import read_json, read_parquet
 from tasks.shared.tracking import PARENT_RUN_ENV, git_commit, numeric, setup_tracking
 from tasks.shared.validation import read_result
 from tasks.shared.variants import folders as variant_folders
@@ -66,9 +76,9 @@ def choose_variant(cfg: PromoteConfig, variants: dict[str, dict]) -> tuple[str, 
     """The variant to register and, for every evaluated variant, why it won or lost.
 
     A named `promote.variant` is taken as is. `auto` keeps the variants whose macro-F1 is within
-    `f1_tolerance` of the best, whose batch-1 latency and size fit the budgets and whose behavioral tests
-    pass, and takes the fastest of them at batch 1; if none qualifies, the best macro-F1 (its gates then
-    say what fails).
+    `f1_tolerance` of the best, whose batch-1 latency and size fit the budgets, whose behavioral tests
+    pass and that stand against the trained baselines as `promote.baselines` asks, and takes the fastest
+    of them at batch 1; if none qualifies, the best macro-F1 (its gates then say what fails).
     """
     if not variants:
         raise UserError("metrics/evaluate.json: no variant was evaluated; run `dvc repro evaluate`")
@@ -97,6 +107,8 @@ def choose_variant(cfg: PromoteConfig, variants: dict[str, dict]) -> tuple[str, 
             why[v] = f"{m['size_mb']:.2f} MB over the size budget {cfg.max_size_mb:.2f} MB"
         elif behavior is not None and behavior < cfg.min_behavioral_pass_rate:
             why[v] = f"behavioral tests pass {behavior:.3f} of cases, below {cfg.min_behavioral_pass_rate:.3f}"
+        elif cfg.baselines != "report" and m.get("vs_baselines") and not baseline_verdict(cfg, m["vs_baselines"])[0]:
+            why[v] = baseline_verdict(cfg, m["vs_baselines"])[1].split(" (promote.baselines")[0]
         else:
             eligible.append(v)
     if not eligible:
@@ -182,7 +194,9 @@ def run(
         for g in decision.gates:
             print(g)
         decision.lineage = lineage(params, params_file, flow_run_id, scored)
-        decision.version = register(name, bundle_dir, candidate, decision, force, reason)
+        split = split_record(params.paths)
+        decision.lineage |= {k: split[k] for k in ("test_rows", "test_rows_sha256", "test_sources_sha256")}
+        decision.version = register(name, bundle_dir, candidate, decision, force, reason, split)
     tag_version(client, name, candidate, decision)
     move_aliases(client, name, decision, str(champion_mv.version) if champion_mv is not None else None, force, reason)
     return decision
@@ -224,21 +238,37 @@ def gate(params: Params, candidate: Candidate, bundle_dir: Path, client, champio
     if champion_mv is not None:
         print(f"scoring champion v{champion_mv.version} again on the candidate's test rows")
     labels = list(candidate.metrics.get("per_class_f1") or load_service_bundle(str(bundle_dir)).labels)
-    champion = rescore_champion(
-        client,
-        params.tracking.registered_model,
-        champion_mv,
-        paths,
-        params.evaluate,
-        labels,
-        lambda: load_service_bundle(str(bundle_dir)),
-    )
+    champion = rescore_champion(client, params.tracking.registered_model, champion_mv, paths, params.evaluate, labels)
+    test = candidate_predictions(paths, candidate.variant)
+    versus = champion_gates(cfg, test, champion, params.evaluate.bootstrap_resamples, params.evaluate.seed)
     majority, lm = evaluation["baselines"]["majority"], evaluation.get("language_model")
     return [
         data_validation_gate(cfg, paths),
-        *metric_gates(cfg, candidate.metrics, majority, champion, lm),
+        *metric_gates(cfg, candidate.metrics, majority, versus, lm),
         smoke_gate(bundle_dir),
     ]
+
+
+def candidate_predictions(paths, variant: str):
+    """The variant's test predictions as evaluate wrote them (`predictions.parquet`): id, source, label, pred."""
+    column = f"pred_{variant}"
+    table = read_parquet(paths.predictions, ["id", "source", "label", column])
+    return table[["id", "source", "label"]].assign(pred=table[column])
+
+
+def split_record(paths) -> dict:
+    """Which source files held the train, validation and test rows, and digests of the test rows' ids and files:
+    logged with every version (`split.json`) so a later candidate's no_regression can tell whether this version
+    trained on what is then test data."""
+    data = read_parquet(paths.clean_labeled, ["id", "source", "split"])
+    sources = {k: sorted(set(data.loc[data["split"] == k, "source"])) for k in ("train", "val", "test")}
+    test_ids = sorted(data.loc[data["split"] == "test", "id"].astype(str))
+    return {
+        "test_rows": len(test_ids),
+        "test_rows_sha256": hashlib.sha256("\n".join(test_ids).encode()).hexdigest(),
+        "test_sources_sha256": hashlib.sha256("\n".join(sources["test"]).encode()).hexdigest(),
+        "sources": sources,
+    }
 
 
 def lineage(params: Params, params_file: Path, flow_run_id: str | None, scored: dict[str, str]) -> dict:
@@ -257,7 +287,9 @@ def lineage(params: Params, params_file: Path, flow_run_id: str | None, scored: 
     }
 
 
-def register(name: str, bundle_dir: Path, candidate: Candidate, decision: Decision, force: bool, reason: str) -> str:
+def register(
+    name: str, bundle_dir: Path, candidate: Candidate, decision: Decision, force: bool, reason: str, split: dict
+) -> str:
     """Log the bundle as an MLflow model in a `promote` run (nested under the pipeline's) and register it;
     returns the new version."""
     import mlflow
@@ -281,6 +313,7 @@ def register(name: str, bundle_dir: Path, candidate: Candidate, decision: Decisi
         mlflow.log_metrics({f"test_{k}": v for k, v in numeric(candidate.scalars).items()})
         report = {"gates": [g.as_dict() for g in gates], "choice": candidate.choice, "force": force, "reason": reason}
         mlflow.log_dict({"variant": candidate.variant, **report}, "gates.json")
+        mlflow.log_dict(split, SPLIT_ARTIFACT)
         mlflow.set_tags({f"gate.{g.name}": g.status for g in gates})
         decision.lineage["mlflow_promote_run_id"] = run_.info.run_id
     return str(info.registered_model_version)
@@ -294,6 +327,11 @@ def tag_version(client, name: str, candidate: Candidate, decision: Decision) -> 
         **{f"test_{k}": str(v) for k, v in candidate.scalars.items()},
         **{f"choice.{v}": why for v, why in candidate.choice.items()},
         **{f"gate.{g.name}": f"{g.status}: {g.reason}" for g in decision.gates},
+        **{
+            f"gate.{g.name}.p_values": json.dumps(g.detail["adjusted_p"])
+            for g in decision.gates
+            if "adjusted_p" in g.detail
+        },
         **{k: str(v) for k, v in decision.lineage.items()},
     }
     for k, v in tags.items():

@@ -148,6 +148,12 @@ class Paired:
             f"{self.mcnemar['b_only']} rows only one got right); {self.rows} rows"
         )
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Paired":
+        """The comparison `as_dict` wrote (evaluate.json's `vs_baselines`)."""
+        keep = {k: d[k] for k in cls.__dataclass_fields__}
+        return cls(**keep | {"accuracy": tuple(d["accuracy"]), "macro_f1": tuple(d["macro_f1"])})
+
     def as_dict(self) -> dict:
         return {
             "rows": self.rows,
@@ -192,3 +198,13 @@ def paired(y_true, pred_a, pred_b, labels: list[str], resamples: Resamples) -> P
         p_f1_better=round(float((1 + np.sum(d <= 0)) / (1 + len(d))), 6),
         churn=round(float(np.mean(pred_a != pred_b)), 4),
     )
+
+
+def holm(pvalues: dict[str, float]) -> dict[str, float]:
+    """Holm's step-down adjustment of a family of p-values (Holm 1979): reject every test whose adjusted p-value is
+    below alpha and the chance of any false rejection in the family stays at most alpha."""
+    adjusted, running, m = {}, 0.0, len(pvalues)
+    for i, key in enumerate(sorted(pvalues, key=pvalues.get)):
+        running = max(running, min(1.0, (m - i) * pvalues[key]))
+        adjusted[key] = round(running, 6)
+    return {k: adjusted[k] for k in pvalues}

@@ -12,6 +12,7 @@ files' md5, as `dvc repro` would record them.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -60,19 +61,25 @@ def write_lock(root: Path, paths) -> None:
     (root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": stages}, sort_keys=False))
 
 
-def retrain(paths, relabel: dict[str, str], splits: tuple[str, ...]) -> None:
+def retrain(paths, relabel: dict[str, str], splits: tuple[str, ...], keep_baselines: bool = False) -> None:
     """Fine-tune again after renaming labels in `splits` of the labeled data, then validate and evaluate
-    (fp32 alone)."""
+    (fp32 alone; with `keep_baselines`, beside the baselines the tiny pipeline trained on the true labels)."""
     from tasks import evaluate, finetune, validate
 
     data = pd.read_parquet(paths.clean_labeled)
     rows = data["split"].isin(splits)
     data.loc[rows, "label"] = data.loc[rows, "label"].map(lambda lab: relabel.get(lab, lab))
     data.to_parquet(paths.clean_labeled, index=False)
+    kept = Path(paths.baselines).parent / "kept-baselines"
+    if keep_baselines:
+        shutil.copytree(paths.baselines, kept)
     for folder in (paths.pruned, paths.sparse, paths.distilled, paths.quantized, paths.baselines):
         shutil.rmtree(folder, ignore_errors=True)
     validate.run(TINY_VALIDATE, TINY_CLEAN, sorted(set(data["label"])), True, paths)
     finetune.run(TINY_FINETUNE.model_copy(update={"baselines": []}), paths)
+    if keep_baselines:
+        shutil.rmtree(paths.baselines)
+        kept.rename(paths.baselines)
     write_json(paths.metrics / "evaluate.json", evaluate.run(TINY_EVALUATE, paths).metrics)
 
 
@@ -120,7 +127,8 @@ def story(tiny_pipeline, tmp_path_factory) -> SimpleNamespace:
         write_lock(root, paths)
         out.good = promote.run(params, params_file)
         out.good_md5 = md5(paths.clean_labeled)
-        retrain(paths, dict(zip(LABELS, LABELS[1:] + LABELS[:1])), ("train", "val"))  # every training label wrong
+        # every training label wrong; evaluated beside the CNN, GRU and scratch baselines trained on the true labels
+        retrain(paths, dict(zip(LABELS, LABELS[1:] + LABELS[:1])), ("train", "val"), keep_baselines=True)
         write_lock(root, paths)
         out.degraded = promote.run(params, params_file)
         out.degraded_md5 = md5(paths.clean_labeled)
@@ -137,7 +145,7 @@ def story(tiny_pipeline, tmp_path_factory) -> SimpleNamespace:
         out.cli_history = CliRunner().invoke(app, ["history", "--params", str(params_file)])
         out.cli_force = CliRunner().invoke(app, ["promote", "--params", str(params_file), "--force"])
         out.missing = rescore_champion(
-            client, NAME, SimpleNamespace(version="9", tags={}), paths, TINY_EVALUATE, LABELS, None
+            client, NAME, SimpleNamespace(version="9", tags={}, run_id="0" * 32), paths, TINY_EVALUATE, LABELS
         )
         # a candidate whose label `ui` became `gui`: compared with the champion (v1) on the shared labels only
         retrain(paths, {"ui": "gui"}, ("train", "val", "test"))
@@ -145,13 +153,7 @@ def story(tiny_pipeline, tmp_path_factory) -> SimpleNamespace:
         write_bundle(bundle, paths.tokenizer / TOKENIZER_FILE, paths.classifier, None)
         labels = load_service_bundle(str(bundle)).labels
         out.relabeled = rescore_champion(
-            client,
-            NAME,
-            client.get_model_version(NAME, "1"),
-            paths,
-            TINY_EVALUATE,
-            labels,
-            lambda: load_service_bundle(str(bundle)),
+            client, NAME, client.get_model_version(NAME, "1"), paths, TINY_EVALUATE, labels
         )
     return out
 
@@ -160,6 +162,10 @@ def test_a_good_candidate_becomes_champion_and_candidate(story):
     assert story.good.promoted and story.good.passed and story.good.version == "1"
     gates = {g.name: g for g in story.good.gates}
     assert gates["no_regression"].reason == "no current champion"
+    assert gates["beats_baselines"].passed and "of 4 trained baselines" in gates["beats_baselines"].reason
+    split = story.versions["1"].tags
+    assert int(split["test_rows"]) == int((pd.read_parquet(story.paths.clean_labeled)["split"] == "test").sum())
+    assert len(split["test_rows_sha256"]) == 64
     assert (
         gates["data_validation"].passed
         and f"labeled.parquet md5 {story.good_md5[:12]}" in gates["data_validation"].reason
@@ -175,20 +181,29 @@ def test_a_degraded_candidate_never_becomes_champion(story):
     assert (
         validation.passed and f"labeled.parquet md5 {story.degraded_md5[:12]}" in validation.reason
     )  # the new data version, validated
-    assert "no_regression" in d.failed
+    assert "no_regression" in d.failed and "beats_baselines" in d.failed
     gate = {g.name: g for g in d.gates}["no_regression"]
     m1 = float(story.versions["1"].tags["test_macro_f1"])
     m2 = float(story.versions["2"].tags["test_macro_f1"])
     assert m2 < m1 - 0.02, (m1, m2)
     # both scores, on the same rows: the candidate as evaluate scored it, champion v1 scored again
-    # (equal to its stored score: same rows, same code)
+    # (equal to its stored score: same rows, same code), the difference's interval and the p-values
     rows = int((pd.read_parquet(story.paths.clean_labeled)["split"] == "test").sum())
-    assert gate.reason == (
-        f"macro-F1 {m2:.4f} (candidate, as evaluate scored it) vs {m1:.4f} "
-        f"(champion v1 scored again on the same {rows} test rows; stored {m1:.4f}); allowed drop 0.0200"
+    assert gate.reason.startswith(
+        f"macro-F1 {m2:.4f} (candidate) vs {m1:.4f} (champion v1, scored again; stored {m1:.4f}), difference "
     )
-    assert story.versions["2"].tags["gates"] == "failed"
-    assert story.versions["2"].tags["gate.no_regression"] == f"fail: {gate.reason}"
+    assert f"; {rows} rows; Holm-adjusted p(worse): macro-F1 " in gate.reason and "[95% CI " in gate.reason
+    assert gate.reason.endswith("significant drop larger than 0.0200 in macro_f1 and accuracy (α 0.05)")
+    assert gate.detail["adjusted_p"]["macro_f1"] < 0.05 and gate.detail["adjusted_p"]["accuracy"] < 0.05
+    assert gate.detail["churn"] > 0.5
+    # and it loses to the CNN trained on the true labels, beyond noise
+    baselines = {g.name: g for g in d.gates}["beats_baselines"]
+    assert "cnn" in baselines.detail["failing"] and baselines.detail["adjusted_p"]["cnn/macro_f1"] < 0.05
+    assert baselines.reason.startswith("significantly worse than ") and "p(worse)" in baselines.reason
+    tags = story.versions["2"].tags
+    assert tags["gates"] == "failed"
+    assert tags["gate.no_regression"] == f"fail: {gate.reason}"
+    assert json.loads(tags["gate.no_regression.p_values"]) == gate.detail["adjusted_p"]
     assert "override" not in story.versions["2"].tags
 
 
@@ -239,11 +254,12 @@ def test_promote_force_without_a_reason_is_a_one_line_error(story):
 
 
 def test_a_champion_that_cannot_be_loaded_is_a_reason_not_a_crash(story):
-    from tasks.ops.gates import no_regression_gate
+    from tasks.ops.gates import champion_gates
     from tasks.shared.config.promote import PromoteConfig
 
     assert story.missing.error and "\n" not in story.missing.error and "9" in story.missing.error
-    gate = no_regression_gate(PromoteConfig(), {"macro_f1": 0.5}, story.missing)
+    test = pd.DataFrame({"id": ["a"], "source": ["f"], "label": ["x"], "pred": ["x"]})
+    gate = champion_gates(PromoteConfig(), test, story.missing, 1000, 0)[0]
     assert not gate.passed and gate.reason.startswith("champion v9 could not be scored again: ")
 
 
@@ -251,5 +267,6 @@ def test_a_changed_label_set_is_compared_on_the_shared_labels(story):
     r = story.relabeled
     assert (r.labels, r.added, r.removed) == (["db", "net"], ["gui"], ["ui"])
     test = pd.read_parquet(story.paths.clean_labeled).query("split == 'test'")
-    assert r.rows == int(test["label"].isin(["db", "net"]).sum()) and r.rows < len(test)
-    assert r.macro_f1 is not None and r.candidate_macro_f1 is not None and r.error is None
+    shared = test[test["label"].isin(["db", "net"])]
+    assert sorted(r.predictions) == sorted(shared["id"]) and len(shared) < len(test) and r.error is None
+    assert r.trained_on == sorted(set(pd.read_parquet(story.paths.clean_labeled).query("split != 'test'")["source"]))

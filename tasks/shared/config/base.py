@@ -68,6 +68,12 @@ class Paths(Section):
     """Minimum-functionality examples (JSONL: text, label) for the behavioral tests, tracked in git."""
     evaluation: Path
     """Evaluation predictions and plots."""
+
+    @property
+    def predictions(self) -> Path:
+        """Evaluate's test predictions of every model (a column `pred_<model>` each), which promotion compares."""
+        return Path(self.evaluation) / "predictions.parquet"
+
     metrics: Path
     """Folder of per-stage metrics JSON files (DVC metrics, committed to git)."""
     plots: Path

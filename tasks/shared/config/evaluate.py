@@ -19,7 +19,9 @@ class EvaluateConfig(Section):
     behavioral_sample: int = Field(200, ge=1)
     """Test texts perturbed per invariance test (whitespace, blank lines, identifier renaming)."""
     seed: int = 1337
-    """Seeds the behavioral tests' sample and perturbations."""
+    """Seeds the behavioral tests' sample and perturbations, and the bootstrap's resamples."""
+    bootstrap_resamples: int = Field(1000, ge=1000, le=100000)
+    """Resamples of the test rows behind every 95% interval and paired comparison (the same rows for every model)."""
     tfidf_max_features: int = Field(50000, ge=100)
     """Vocabulary cap of the TF-IDF baseline."""
     tfidf_c: float = Field(10.0, gt=0)
