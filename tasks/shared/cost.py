@@ -32,6 +32,20 @@ from tasks.shared.io import read_json
 POWERCAP = Path("/sys/class/powercap")
 ROOT_ENV = "LMFORGE_COST_ROOT_PID"
 """The process whose tree is the stage, set by a stage that restarts itself under torchrun."""
+REPORTED_STAGES = (
+    "ingest",
+    "clean",
+    "validate",
+    "tokenize",
+    "pretrain",
+    "finetune",
+    "prune",
+    "sparsify",
+    "distill",
+    "quantize",
+)
+"""The stages whose cost evaluate's report tabulates: every stage before evaluate in dvc.yaml, whose
+metrics files are therefore evaluate's deps there (tests/unit/test_cost.py checks both)."""
 MAXRSS_BYTES = 1 if sys.platform == "darwin" else 1024
 """Bytes per unit of `ru_maxrss` (kilobytes on Linux, bytes on macOS)."""
 
@@ -243,3 +257,13 @@ def cost_markdown(costs: dict[str, dict | None]) -> str:
     if sources:
         lines += ["", "Energy: " + "; ".join(sources) + "."]
     return "\n".join(lines) + "\n"
+
+
+def stage_cost_report(metrics: Path) -> str:
+    """The evaluation report's section on what the stages before evaluate cost, read from their metrics."""
+    return (
+        "\n## Cost of each stage\n\n"
+        "What each upstream stage cost in the run that wrote its current outputs (a stage DVC skipped keeps "
+        "its earlier cost): wall and CPU seconds from its process's start, imports included; peak RSS of its "
+        "largest process.\n\n" + cost_markdown(read_costs(metrics, REPORTED_STAGES))
+    )

@@ -15,13 +15,16 @@ import pytest
 import yaml
 from conftest import write_params
 
+from tasks.ops.dag import load_dvc_yaml, stage_names
 from tasks.shared.cost import (
+    REPORTED_STAGES,
     ROOT_ENV,
     Meter,
     cost_markdown,
     nvml_counters,
     rapl_counters,
     read_costs,
+    stage_cost_report,
     stage_root,
     tree_usage,
 )
@@ -145,6 +148,24 @@ def test_the_cost_table_sums_seconds_and_joules_and_takes_the_largest_memory(tmp
     no_energy = cost_markdown(costs | {"clean": b | {"joules": None}})
     assert "| validate | not recorded | | | |" in no_energy
     assert "| **total** | 3.75 | 3.0 | 900.5 |  |" in no_energy  # joules of a part are not a total
+
+
+def test_evaluate_depends_on_the_metrics_of_every_stage_it_reports():
+    names = stage_names(ROOT)
+    assert REPORTED_STAGES == tuple(names[: names.index("evaluate")])
+    deps = load_dvc_yaml(ROOT)["stages"]["evaluate"]["deps"]
+    assert [d for d in deps if d.startswith("${paths.metrics}/")] == [
+        f"${{paths.metrics}}/{s}.json" for s in REPORTED_STAGES
+    ]
+
+
+def test_the_report_section_has_a_row_per_upstream_stage(tmp_path):
+    cost = {"wall_s": 1.0, "cpu_s": 2.0, "peak_rss_mb": 3.0, "joules": None, "energy_source": "none: x"}
+    (tmp_path / "pretrain.json").write_text(json.dumps({"cost": cost}))
+    section = stage_cost_report(tmp_path)
+    assert section.startswith("\n## Cost of each stage\n")
+    assert "| pretrain | 1.0 | 2.0 | 3.0 |  |" in section and "| **total** | 1.0 | 2.0 | 3.0 |  |" in section
+    assert all(f"| {s} | not recorded |" in section for s in REPORTED_STAGES if s != "pretrain")
 
 
 DEMO_STAGE = textwrap.dedent(
