@@ -36,6 +36,7 @@ from tasks.ops.dag import dvc_command, stage_names
 from tasks.ops.lock import DEFAULT_TIMEOUT, workspace_lock
 from tasks.shared import lifeline
 from tasks.shared.config.params import load_params
+from tasks.shared.cost import cost_markdown
 from tasks.shared.datasets import dvc_file, untracked_inputs
 from tasks.shared.errors import UserError
 from tasks.shared.io import expand_inputs, user_inputs
@@ -74,7 +75,8 @@ def _with_ci(m: dict, key: str) -> str:
     return f"{m[key]:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
 
 
-def summary_markdown(evaluation: dict, decision: dict | None) -> str:
+def summary_markdown(evaluation: dict, decision: dict | None, costs: dict[str, dict | None] | None = None) -> str:
+    """The run's artifact: the test-split table, the promotion's gates and, given `costs`, each stage's cost."""
     rows = [
         "| model | accuracy [95% CI] | macro-F1 [95% CI] | p50 ms (1 text) | p50 ms (32 texts) | size (MB) |",
         "|---|---|---|---|---|---|",
@@ -95,6 +97,8 @@ def summary_markdown(evaluation: dict, decision: dict | None) -> str:
                 + "\n".join(f"- **{v}**: {why}" for v, why in decision["choice"].items())
                 + "\n"
             )
+    if costs:
+        text += "\n## Cost of each stage\n\n" + cost_markdown(costs)
     return text
 
 
@@ -188,7 +192,7 @@ def run_stages(params, promote: bool, run_name: str | None = None) -> dict | Sta
         evaluation = results["stages"]["evaluate"]
         mlflow.log_dict(results, "pipeline_results.json")
         create_markdown_artifact(
-            markdown=summary_markdown(evaluation, decision),
+            markdown=summary_markdown(evaluation, decision, {s: m.get("cost") for s, m in results["stages"].items()}),
             key="lmforge-evaluation",
             description="Test-split evaluation and promotion gates",
         )

@@ -33,6 +33,7 @@ from models.tokenizer import EOT, TOKENIZER_FILE, load_tokenizer
 from tasks.shared.behavior import load_mft, run_behavioral
 from tasks.shared.config.base import Paths
 from tasks.shared.config.evaluate import EvaluateConfig
+from tasks.shared.cost import stage_cost_report
 from tasks.shared.digest import tree_sha256
 from tasks.shared.errors import UserError
 from tasks.shared.harness import stage_main
@@ -509,7 +510,8 @@ def run(cfg: EvaluateConfig, paths: Paths, tracker: Tracker | None = None) -> Ev
         publish(
             tracker, plot_reliability({n: results[n] for n in variant_dirs}, d / "reliability.png"), "reliability.png"
         )
-        (d / REPORT).write_text(markdown_report(cols, front, lm, off, artifacts, len(test), versus))
+        report = markdown_report(cols, front, lm, off, artifacts, len(test), versus) + stage_cost_report(paths.metrics)
+        (d / REPORT).write_text(report)
         tracker.log_artifact(d / REPORT)
         tracker.log_table(cols, "comparison.json")
     write_plot_data(y_true, preds[best], labels, results, paths.plots)

@@ -2,9 +2,9 @@
 
 Load the sections the stage declares (nothing else of params.yaml), open the stage's MLflow run,
 refuse to replace an existing output lmforge did not write (tasks/shared/outputs.py), call it, write
-`metrics/<stage>.json` atomically, and turn a UserError into one line on stderr with
-exit code 2, a tracking-store failure into one line with exit code 3 (anything else keeps its
-traceback). Ctrl-C, SIGTERM and the death of the process that
+`metrics/<stage>.json` atomically with what the stage cost (tasks/shared/cost.py), and turn a
+UserError into one line on stderr with exit code 2, a tracking-store failure into one line with exit
+code 3 (anything else keeps its traceback). Ctrl-C, SIGTERM and the death of the process that
 started the stage (tasks/shared/lifeline.py) stop it cleanly: one line, exit code 130, no output
 replaced by a partial one. However it ends, it writes its status (exit code and line) where the runner
 asked (tasks/shared/stagerun.py).
@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from typing import Callable
 
 from models.errors import ArtifactError
 from tasks.shared import lifeline
 from tasks.shared.config.base import Section, StageParams, load_stage_params
+from tasks.shared.cost import Meter
 from tasks.shared.errors import UserError
 from tasks.shared.io import write_json
 from tasks.shared.outputs import check_replaceable, record
@@ -61,11 +61,11 @@ def stage_main(stage: str, run: StageRun, sections: dict[str, type[Section]]) ->
     parser = argparse.ArgumentParser(prog=f"python -m tasks.{stage}", description=f"Run the {stage} stage.")
     parser.add_argument("--params", default=os.environ.get(PARAMS_ENV, "params.yaml"), help="params file")
     args = parser.parse_args()
-    start = time.perf_counter()
+    meter = Meter.start()
     lifeline.interrupt_on_sigterm()
     lifeline.watch(lifeline.stop_self())
     try:
-        if not _run_stage(stage, run, sections, args.params, start):
+        if not _run_stage(stage, run, sections, args.params, meter):
             return  # a torchrun worker of rank > 0: rank 0 reports
     except (UserError, ArtifactError) as e:  # bad input, or a missing/corrupt artifact: one line
         _end(stage, USER_ERROR_EXIT, error_line(stage, e))
@@ -79,7 +79,7 @@ def stage_main(stage: str, run: StageRun, sections: dict[str, type[Section]]) ->
     write_status(StageStatus(stage, SUCCESS_EXIT))
 
 
-def _run_stage(stage: str, run: StageRun, sections: dict[str, type[Section]], params_file: str, start: float) -> bool:
+def _run_stage(stage: str, run: StageRun, sections: dict[str, type[Section]], params_file: str, meter: Meter) -> bool:
     """Load, check, run and record the stage; False for a torchrun worker of rank > 0 (it neither tracks
     nor reports)."""
     params = load_stage_params(params_file, sections)
@@ -91,10 +91,13 @@ def _run_stage(stage: str, run: StageRun, sections: dict[str, type[Section]], pa
         experiment_id = setup_tracking(params.tracking)
     with stage_run(params, stage, experiment_id) as tracker:
         metrics = run(params, tracker)
-        metrics = {**metrics, "stage_seconds": round(time.perf_counter() - start, 2)}
+        tracker.wait()  # the cost includes the stage's own MLflow writes landing
+        cost = meter.stop().as_dict()
+        metrics = {**metrics, "cost": cost}
         write_json(metrics_file(params, stage), metrics)
         record(stage, params.paths)  # lmforge wrote them, whatever the tracking store does next
         tracker.log_metrics(numeric(metrics))
+        tracker.set_tags({"lmforge.energy_source": cost["energy_source"]})
     return True
 
 

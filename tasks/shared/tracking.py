@@ -87,6 +87,8 @@ class Tracker:
 
     def log_params(self, params: dict) -> None: ...
 
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
     def log_input(
         self, name: str, sources: list[str], digest: str, context: str, tags: dict[str, str] | None = None
     ) -> None: ...
@@ -175,6 +177,9 @@ class MlflowTracker(Tracker):
 
     def log_params(self, params: dict) -> None:
         self._track(self._mlflow.log_params(params, synchronous=False))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._track(self._mlflow.set_tags(tags, synchronous=False))
 
     def log_input(
         self, name: str, sources: list[str], digest: str, context: str, tags: dict[str, str] | None = None

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from tasks.shared.config.training import TrainLoop
+from tasks.shared.cost import ROOT_ENV
 from tasks.shared.errors import UserError
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -246,6 +247,7 @@ def relaunch_under_torchrun(module: str, dist, argv: list[str] | None = None) ->
     env = {
         **os.environ,
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // dist.nproc))),
+        ROOT_ENV: str(os.getpid()),  # rank 0 reports the cost of this process's whole tree
     }
     return subprocess.run(cmd, env=env).returncode
 
