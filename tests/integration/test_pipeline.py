@@ -102,9 +102,19 @@ def _dvc(project, *args: str, timeout: int = 300) -> subprocess.CompletedProcess
     return res
 
 
-def test_rerunning_validate_on_unchanged_data_makes_nothing_stale(project):
-    """The Data Docs change on every run (timestamps); downstream depends only on the deterministic result."""
+def test_rerunning_validate_on_unchanged_data_makes_only_the_cost_report_stale(project):
+    """The Data Docs change on every run (timestamps); downstream depends only on the deterministic result. The
+    one reader of what changes is evaluate: its report's cost table reads every stage's metrics (the cost block)."""
+    metrics = project["dir"] / "metrics" / "validate.json"
+    before = metrics.read_bytes()
     _dvc(project, "repro", "--force", "--single-item", "validate")
+    try:
+        status = json.loads(_dvc(project, "status", "--json").stdout)
+        assert set(status) == {"evaluate"}, status
+        assert status["evaluate"] == [{"changed deps": {"metrics/validate.json": "modified"}}], status
+    finally:  # the run's own metrics file back, recorded as validate's output: nothing stale for the next test
+        metrics.write_bytes(before)
+        _dvc(project, "commit", "--force", "validate")
     assert json.loads(_dvc(project, "status", "--json").stdout) == {}
 
 
