@@ -19,9 +19,9 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from tasks.ops.dag import read_lock
 from tasks.ops.registry import stored_macro_f1
@@ -31,6 +31,9 @@ from tasks.shared.config.promote import PromoteConfig
 from tasks.shared.errors import UserError
 from tasks.shared.stats import Paired, Resamples, holm, paired
 from tasks.shared.validation import read_result
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PASS, FAIL, NOT_CONFIGURED = "pass", "fail", "not configured"
 
