@@ -191,7 +191,7 @@ def _dvc_cache(root: Path) -> Path:
     return Path(res.stdout.strip()) if res.returncode == 0 and res.stdout.strip() else root / ".dvc" / "cache"
 
 
-def _cached(cache: Path, md5: str) -> Path:
+def cache_path(cache: Path, md5: str) -> Path:
     """Where DVC 3's cache keeps a file of this md5 (`files/md5/<2>/<30>`, its documented layout)."""
     return cache / "files" / "md5" / md5[:2] / md5[2:]
 
@@ -227,7 +227,7 @@ def _restore_files(dst: Path, src: Path, files: dict[str, str], cache: Path) -> 
     for target, (workspace, md5) in wanted.items():
         if target.is_file() and dvc_md5(target) == md5:
             continue
-        source = next((s for s in (workspace, _cached(cache, md5)) if s.is_file() and dvc_md5(s) == md5), None)
+        source = next((s for s in (workspace, cache_path(cache, md5)) if s.is_file() and dvc_md5(s) == md5), None)
         if source is None:
             raise UserError(
                 f"input {workspace} (md5 {md5}) is neither in the workspace nor in the DVC cache {cache}: "

@@ -154,3 +154,33 @@ def test_input_files_are_listed_by_md5_only_while_they_are_what_dvc_lock_recorde
     }
     (user / "docs" / "a.md").write_text("changed since the run")
     assert list(lineage.data_files(lock, tmp_path)) == ["mft.jsonl"]
+
+
+def test_inputs_are_restored_by_md5_from_the_dvc_cache_when_the_workspace_moved_on(tmp_path):
+    """The user's data changed since the run (and its old bytes are only in the DVC cache): the worktree gets the
+    bytes the version was built from, a file the run did not have is removed, a file git restored is kept."""
+    from tasks.ops.dag import dvc_md5
+    from tasks.ops.verify import cache_path, restore_inputs
+
+    root, wt = tmp_path / "root", tmp_path / "wt"
+    for base in (root, wt):
+        (base / "data" / "user").mkdir(parents=True)
+        (base / "data" / "user" / "README.md").write_text("read me")
+    old = root / "data" / "user" / "tickets.jsonl"
+    old.write_text('{"text": "the run read this"}\n')
+    files = {"README.md": dvc_md5(old.parent / "README.md"), "tickets.jsonl": dvc_md5(old)}
+    folder_md5 = dvc_md5(old.parent)
+    cached = cache_path(root / ".dvc" / "cache", files["tickets.jsonl"])
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(old.read_bytes())
+    old.write_text('{"text": "edited since"}\n')
+    (wt / "data" / "user" / "stray.md").write_text("not in the run")
+    tags = {"dvc.ingest.deps.data/user": folder_md5, "dvc.ingest.outs.data/raw/labeled.parquet": "r"}
+    rec = Recorded("m", "1", "abc", "fp32", "", {"data/user": files}, {}, lock_tags(tags))
+    restore_inputs(wt, root, rec)
+    assert dvc_md5(wt / "data" / "user") == folder_md5
+    assert (wt / "data" / "user" / "tickets.jsonl").read_text() == '{"text": "the run read this"}\n'
+    cached.unlink()
+    (wt / "data" / "user" / "tickets.jsonl").write_text("x")
+    with pytest.raises(UserError, match="neither in the workspace nor in the DVC cache"):
+        restore_inputs(wt, root, rec)
