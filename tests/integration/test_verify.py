@@ -5,7 +5,6 @@ one line. (Which file and stage differ first when one does: tests/unit/test_veri
 from __future__ import annotations
 
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -41,7 +40,6 @@ def _set_tag(env: dict, version: str, key: str, value: str) -> None:
 def test_verify_rebuilds_the_registered_version_bit_for_bit(project):
     project, env = project
     runs = _runs(env)
-    before = set(Path(tempfile.gettempdir()).glob("lmforge-verify-*"))
     res = _verify(project, env, "1")
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-6000:]
@@ -52,7 +50,8 @@ def test_verify_rebuilds_the_registered_version_bit_for_bit(project):
     # the worktree and its temp folder are gone; the rebuild logged nothing into the project's MLflow store
     worktrees = subprocess.run(["git", "worktree", "list"], cwd=project, capture_output=True, text=True).stdout
     assert len(worktrees.strip().splitlines()) == 1, worktrees
-    assert set(Path(tempfile.gettempdir()).glob("lmforge-verify-*")) == before
+    rebuilt_in = next(line.rsplit(" in ", 1)[1] for line in out.splitlines() if line.startswith("verify: dvc repro"))
+    assert Path(rebuilt_in).parent.name.startswith("lmforge-verify-") and not Path(rebuilt_in).parent.exists()
     assert _runs(env) == runs
 
 
