@@ -41,6 +41,8 @@ class DistillResult:
     val_macro_f1_teacher: float = 0.0
     val_macro_f1_student: float = 0.0
     train_seconds: float = 0.0
+    precision: str | None = None
+    """What the student trained in."""
 
     @property
     def metrics(self) -> dict:
@@ -111,6 +113,7 @@ def run(cfg: DistillConfig, ft: FinetuneConfig, paths: Paths, tracker: Tracker |
         val_macro_f1_teacher=teacher_f1,
         val_macro_f1_student=round(trained.val_macro_f1, 4),
         train_seconds=round(trained.train_seconds, 2),
+        precision=trained.precision,
     )
 
 

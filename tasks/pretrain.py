@@ -262,7 +262,7 @@ def _setup(cfg: PretrainConfig, paths: Paths, rt: Runtime) -> Setup:
     fused = use_fused_loss(cfg.fused_loss, rt.device)
     micro = cfg.batch_size // rt.world // cfg.grad_accum
     x, y = train_batches(micro, torch.Generator().manual_seed(cfg.seed + 1))  # not the training stream
-    probe = probe_cpu_precision(rt, cfg.precision, model, lambda: model(x, y, fused_loss=fused)[1])
+    probe = probe_cpu_precision(rt, cfg.precision, model, lambda: model(x, y, fused_loss=fused)[1], "pretrain")
     rt = rt.with_precision(probe.chosen)
     model = wrap_model(model, rt, cfg.distributed.strategy, cfg.compile)
     opt = build_optimizer(model, cfg, rt.device)

@@ -41,6 +41,8 @@ class PruneResult:
     """Right after the cut, before recovery."""
     val_macro_f1_recovered: float = 0.0
     recovery_seconds: float = 0.0
+    precision: str | None = None
+    """What the recovery fine-tune trained in (None: no recovery)."""
 
     @property
     def metrics(self) -> dict:
@@ -76,13 +78,14 @@ def run(cfg: PruneConfig, ft: FinetuneConfig, paths: Paths, tracker: Tracker | N
         f"prune: {count_params(t.model):,} -> {count_params(pruned):,} parameters; "
         f"validation macro-F1 {teacher_f1:.4f} -> {cut_f1:.4f} before recovery"
     )
-    pruned, recovered, seconds, history = recover(
+    rec = recover(
         "prune", pruned, t, ft, rt, tracker, cfg.recovery_epochs, cfg.recovery_lr, "prune.recovery_lr", cut_f1
     )
+    pruned = rec.model
     trunk = pruned.config.trunk
     with atomic_dir(paths.pruned) as d:
         write_classifier(pruned, d, extra={**t.extra, "variant": "pruned", "prune": cfg.model_dump(mode="json")})
-        (d / "history.json").write_text(json.dumps(history))
+        (d / "history.json").write_text(json.dumps(rec.history))
     return PruneResult(
         enabled=True,
         params_before=count_params(t.model),
@@ -91,8 +94,9 @@ def run(cfg: PruneConfig, ft: FinetuneConfig, paths: Paths, tracker: Tracker | N
         layer_ffn=list(trunk.layer_ffn),
         val_macro_f1_teacher=teacher_f1,
         val_macro_f1_pruned=cut_f1,
-        val_macro_f1_recovered=round(recovered, 4),
-        recovery_seconds=round(seconds, 2),
+        val_macro_f1_recovered=round(rec.val_macro_f1, 4),
+        recovery_seconds=round(rec.seconds, 2),
+        precision=rec.precision,
     )
 
 

@@ -40,6 +40,8 @@ class SparsifyResult:
     """Right after masking, before recovery."""
     val_macro_f1_recovered: float = 0.0
     recovery_seconds: float = 0.0
+    precision: str | None = None
+    """What the recovery fine-tune trained in (None: no recovery)."""
     speedup: str = "none: dense kernels compute the zeros too"
 
     @property
@@ -63,20 +65,21 @@ def run(cfg: SparsifyConfig, ft: FinetuneConfig, paths: Paths, tracker: Tracker 
         f"sparsify: {cfg.sparsity:.0%} of Linear weights zeroed; "
         f"validation macro-F1 {teacher_f1:.4f} -> {cut_f1:.4f} before recovery"
     )
-    masked, recovered, seconds, history = recover(
+    rec = recover(
         "sparsify", masked, t, ft, rt, tracker, cfg.recovery_epochs, cfg.recovery_lr, "sparsify.recovery_lr", cut_f1
     )
-    sparse = make_permanent(masked).eval()
+    sparse = make_permanent(rec.model).eval()
     with atomic_dir(paths.sparse) as d:
         write_classifier(sparse, d, extra={**t.extra, "variant": "sparse", "sparsify": cfg.model_dump(mode="json")})
-        (d / "history.json").write_text(json.dumps(history))
+        (d / "history.json").write_text(json.dumps(rec.history))
     return SparsifyResult(
         enabled=True,
         sparsity=round(sparsity(sparse), 4),
         val_macro_f1_teacher=teacher_f1,
         val_macro_f1_pruned=cut_f1,
-        val_macro_f1_recovered=round(recovered, 4),
-        recovery_seconds=round(seconds, 2),
+        val_macro_f1_recovered=round(rec.val_macro_f1, 4),
+        recovery_seconds=round(rec.seconds, 2),
+        precision=rec.precision,
     )
 
 

@@ -248,6 +248,35 @@ def rollback(
 
 
 @app.command()
+def verify(
+    version: str = typer.Argument(..., help="a registered version of tracking.registered_model (e.g. 1)"),
+    params: str = "params.yaml",
+) -> None:
+    """Rebuild a registered version from its lineage in a temporary git worktree (commit, params, inputs, the
+    recorded precisions) and compare every file it would register: exit 0 when all are identical, 1 if not."""
+    from tasks.ops.verify import run
+
+    try:
+        verdict = run(load_params(params), version.removeprefix("v"))
+    except KeyboardInterrupt:
+        typer.echo("lmforge verify: interrupted; the temporary worktree was removed", err=True)
+        raise typer.Exit(INTERRUPTED_EXIT) from None
+    except UserError as e:
+        _fail(e)
+    except Exception as e:
+        _fail(_registry_errors(e))
+    name, took = load_params(params).tracking.registered_model, f"{verdict.seconds:.0f} s"
+    if verdict.reproduced:
+        typer.echo(f"reproduced {name} v{version.removeprefix('v')}: {verdict.compared} artifacts identical ({took})")
+        return
+    typer.echo(
+        f"not reproduced {name} v{version.removeprefix('v')}: {verdict.first_file}: {verdict.detail}; "
+        f"first differing stage: {verdict.first_stage or 'none (every cached stage output is identical)'} ({took})"
+    )
+    raise typer.Exit(1)
+
+
+@app.command()
 def history(params: str = "params.yaml") -> None:
     """Every move of @champion and @candidate: when, which alias, from which version to which, who, why, and
     whether gates were overridden."""

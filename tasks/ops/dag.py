@@ -224,18 +224,25 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def dvc_md5(path: Path) -> str:
-    """The md5 DVC 3 records for a file, or for a folder (`<md5 of its sorted entry list>.dir`)."""
-    path = Path(path)
-    if path.is_file():
-        return _md5(path)
+def dvc_entries(path: Path) -> list[dict[str, str]]:
+    """A folder's files as DVC 3 lists them in its `.dir` object: `{md5, relpath}`, sorted by relpath."""
     entries = [
         {"md5": _md5(Path(d) / f), "relpath": (Path(d) / f).relative_to(path).as_posix()}
         for d, _, files in os.walk(path)
         for f in files
     ]
-    entries.sort(key=lambda e: e["relpath"])
+    return sorted(entries, key=lambda e: e["relpath"])
+
+
+def dir_md5(entries: list[dict[str, str]]) -> str:
+    """The md5 DVC 3 records for a folder of these `dvc_entries`: `<md5 of the sorted entry list>.dir`."""
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
+def dvc_md5(path: Path) -> str:
+    """The md5 DVC 3 records for a file, or for a folder (`<md5 of its sorted entry list>.dir`)."""
+    path = Path(path)
+    return _md5(path) if path.is_file() else dir_md5(dvc_entries(path))
 
 
 def git_tracked(root: Path = ROOT) -> set[str] | None:

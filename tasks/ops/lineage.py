@@ -19,22 +19,33 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.ops.dag import describe_stale, is_code_dep, read_lock, stale_stages
+from tasks.ops.dag import describe_stale, dir_md5, dvc_entries, dvc_md5, is_code_dep, read_lock, stale_stages
 from tasks.ops.registry import ALIAS, current_version
+from tasks.shared.io import read_json
 
 KINDS = ("data", "code", "params")
 TAG = "lineage.{}"
+PRECISION_TAG = "precision.{}"
+"""What `precision: auto` chose for a model (its stage, or a baseline's name): `lmforge verify` replays it."""
+DIRTY_TAG = "git_dirty"
+"""The code inputs (and dvc.yaml) that differed from `git_commit` when the version was registered, or `no`."""
+PARAMS_ARTIFACT = "lineage/params.yaml"
+"""In the promote run: the exact params.yaml the version was built with (`params_sha256` is its digest)."""
+INPUTS_ARTIFACT = "lineage/inputs.json"
+"""In the promote run: `data_files()`, the md5 of every file of every data input."""
 
 
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def fingerprint(lock_file: Path | str = "dvc.lock") -> dict[str, str]:
-    """{data, code, params} digests of the inputs dvc.lock records (see the module docstring)."""
+def inputs(lock_file: Path | str = "dvc.lock") -> dict[str, dict]:
+    """{data, code, params} of dvc.lock: path -> md5 of every stage input no stage produces, split into code and
+    data (see the module docstring), and stage -> its params."""
     stages = read_lock(lock_file)
     produced = {o["path"] for body in stages.values() for o in body.get("outs") or []}
     parts: dict[str, dict] = {kind: {} for kind in KINDS}
@@ -43,7 +54,66 @@ def fingerprint(lock_file: Path | str = "dvc.lock") -> dict[str, str]:
             if dep["path"] not in produced:
                 parts["code" if is_code_dep(dep["path"]) else "data"][dep["path"]] = dep.get("md5") or dep.get("hash")
         parts["params"][stage] = body.get("params") or {}
+    return parts
+
+
+def fingerprint(lock_file: Path | str = "dvc.lock") -> dict[str, str]:
+    """{data, code, params} digests of the inputs dvc.lock records (see the module docstring)."""
+    parts = inputs(lock_file)
     return {kind: _digest(parts[kind]) for kind in KINDS}
+
+
+def data_files(lock_file: Path | str = "dvc.lock", root: Path = Path(".")) -> dict[str, dict[str, str]]:
+    """Every data input of dvc.lock (a file or a folder) -> the md5 of each file in it now (a file: under "").
+
+    What `lmforge verify` restores a version's inputs from, file by file (from git, the workspace or the DVC
+    cache); an input whose md5 differs from dvc.lock's is left out (it is not what the stages read)."""
+    out = {}
+    for path, md5 in inputs(lock_file)["data"].items():
+        p = Path(root) / path
+        if p.is_file():
+            files = {"": dvc_md5(p)}
+            now = files[""]
+        elif p.is_dir():
+            entries = dvc_entries(p)
+            files, now = {e["relpath"]: e["md5"] for e in entries}, dir_md5(entries)
+        else:
+            continue
+        if now == md5:
+            out[path] = files
+    return out
+
+
+def uncommitted_code(lock_file: Path | str = "dvc.lock", root: Path = Path(".")) -> list[str] | None:
+    """The code inputs of dvc.lock, and dvc.yaml, that differ from git's HEAD (changed or never committed);
+    None outside a git work tree."""
+    code = [*sorted(inputs(lock_file)["code"]), "dvc.yaml"]
+    try:
+        res = subprocess.run(
+            ["git", "status", "--porcelain", "-z", "--untracked-files=all", "--", *code],
+            cwd=root,
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sorted({entry[3:] for entry in res.stdout.decode().split("\0") if len(entry) > 3})
+
+
+def precision_tags(metrics_dir: Path, stages: list[str]) -> dict[str, str]:
+    """What `precision: auto` chose for each model, from the stages' metrics: a stage's own `precision`, and its
+    `baselines.<name>.precision`."""
+    tags = {}
+    for stage in stages:
+        f = Path(metrics_dir) / f"{stage}.json"
+        metrics = read_json(f) if f.is_file() else {}
+        if isinstance(metrics.get("precision"), str):
+            tags[PRECISION_TAG.format(stage)] = metrics["precision"]
+        for name, body in (metrics.get("baselines") or {}).items():
+            if isinstance(body, dict) and isinstance(body.get("precision"), str):
+                tags[PRECISION_TAG.format(name)] = body["precision"]
+    return tags
 
 
 def tags(lock_file: Path | str = "dvc.lock") -> dict[str, str]:

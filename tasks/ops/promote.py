@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.tokenizer import TOKENIZER_FILE
-from tasks.ops.dag import require_current_evaluation
+from tasks.ops.dag import require_current_evaluation, stage_names
 from tasks.ops.gates import (
     SPLIT_ARTIFACT,
     Gate,
@@ -35,7 +35,15 @@ from tasks.ops.gates import (
     rescore_champion,
     smoke_gate,
 )
-from tasks.ops.lineage import dvc_lineage
+from tasks.ops.lineage import (
+    DIRTY_TAG,
+    INPUTS_ARTIFACT,
+    PARAMS_ARTIFACT,
+    data_files,
+    dvc_lineage,
+    precision_tags,
+    uncommitted_code,
+)
 from tasks.ops.lineage import tags as lineage_tags
 from tasks.ops.registry import ALIAS, CANDIDATE, current_version, move_alias, move_champion, override_reason
 from tasks.shared.config.params import Params
@@ -196,7 +204,12 @@ def run(
         decision.lineage = lineage(params, params_file, flow_run_id, scored)
         split = split_record(params.paths)
         decision.lineage |= {k: split[k] for k in ("test_rows", "test_rows_sha256", "test_sources_sha256")}
-        decision.version = register(name, bundle_dir, candidate, decision, force, reason, split)
+        records = {
+            SPLIT_ARTIFACT: split,
+            PARAMS_ARTIFACT: Path(params_file).read_text(encoding="utf-8"),
+            INPUTS_ARTIFACT: data_files(),
+        }
+        decision.version = register(name, bundle_dir, candidate, decision, (force, reason), records)
     tag_version(client, name, candidate, decision)
     move_aliases(client, name, decision, str(champion_mv.version) if champion_mv is not None else None, force, reason)
     return decision
@@ -217,17 +230,24 @@ def evaluated_candidate(params: Params) -> Candidate:
 def build_bundle(params: Params, candidate: Candidate, folder: Path, bundle_dir: Path) -> dict[str, str]:
     """Write the servable bundle (with the clean stage's text normalization) and check it is what evaluate
     scored; returns the sha256 of its parts."""
-    from deploy.resolve import write_preprocess
-    from models.bundle import write_bundle
-
     paths, evaluation, metrics_file = params.paths, candidate.evaluation, candidate.metrics_file
-    write_bundle(bundle_dir, Path(paths.tokenizer) / TOKENIZER_FILE, folder, Path(paths.lm))
-    write_preprocess(bundle_dir, {"unicode_form": params.clean.unicode_form, "tab_size": params.clean.tab_size})
+    write_servable(params, folder, bundle_dir)
     return {
         "artifact_sha256": verify_scored(evaluation, candidate.variant, bundle_dir / "classifier", metrics_file),
         "tokenizer_sha256": verify_scored(evaluation, "tokenizer", bundle_dir / TOKENIZER_FILE, metrics_file),
         "test_data_sha256": verify_scored(evaluation, "labeled_data", Path(paths.clean_labeled), metrics_file),
     }
+
+
+def write_servable(params: Params, folder: Path, bundle_dir: Path, root: Path = Path(".")) -> None:
+    """The bundle of the variant in `folder` as promote registers it: tokenizer, classifier, LM and the clean
+    stage's text normalization (stage outputs under `root`; `lmforge verify` builds one from a rebuild)."""
+    from deploy.resolve import write_preprocess
+    from models.bundle import write_bundle
+
+    paths, root = params.paths, Path(root)
+    write_bundle(bundle_dir, root / paths.tokenizer / TOKENIZER_FILE, root / folder, root / paths.lm)
+    write_preprocess(bundle_dir, {"unicode_form": params.clean.unicode_form, "tab_size": params.clean.tab_size})
 
 
 def gate(params: Params, candidate: Candidate, bundle_dir: Path, client, champion_mv) -> list[Gate]:
@@ -275,8 +295,10 @@ def lineage(params: Params, params_file: Path, flow_run_id: str | None, scored: 
     """What the candidate was built from: commit, params, validation, runs, hashes, DVC fingerprint."""
     paths = params.paths
     validation_ok = read_result(paths.validation)["success"] if Path(paths.validation).exists() else None
+    dirty = uncommitted_code()
     return {
         "git_commit": git_commit(),
+        DIRTY_TAG: "unknown" if dirty is None else ", ".join(dirty) or "no",
         "params_sha256": hashlib.sha256(Path(params_file).read_bytes()).hexdigest(),
         "ge_success": str(validation_ok),
         "prefect_flow_run_id": flow_run_id or os.environ.get("PREFECT__FLOW_RUN_ID", ""),
@@ -284,14 +306,22 @@ def lineage(params: Params, params_file: Path, flow_run_id: str | None, scored: 
         **scored,
         **lineage_tags(),
         **dvc_lineage(),
+        **precision_tags(paths.metrics, stage_names()),
     }
 
 
 def register(
-    name: str, bundle_dir: Path, candidate: Candidate, decision: Decision, force: bool, reason: str, split: dict
+    name: str,
+    bundle_dir: Path,
+    candidate: Candidate,
+    decision: Decision,
+    override: tuple[bool, str],
+    records: dict[str, dict | str],
 ) -> str:
-    """Log the bundle as an MLflow model in a `promote` run (nested under the pipeline's) and register it;
-    returns the new version."""
+    """Log the bundle as an MLflow model in a `promote` run (nested under the pipeline's) and register it, with
+    `records` beside it (artifact name -> a dict logged as JSON, or text): the split its no_regression needs later
+    and what `lmforge verify` rebuilds it from (the params file, the md5 of every input file); returns the new
+    version. `override`: (force, reason) as given to `run`."""
     import mlflow
 
     gates = decision.gates
@@ -302,18 +332,16 @@ def register(
         nested=mlflow.active_run() is not None,
         tags={"lmforge.stage": "promote"},
     ) as run_:
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(MODEL_CODE),
-            artifacts={"bundle": str(bundle_dir)},
-            code_paths=[str(ROOT / "models")],
-            pip_requirements=_requirements(),
-            registered_model_name=name,
-        )
+        info = mlflow.pyfunc.log_model(name="model", registered_model_name=name, **pyfunc_model(bundle_dir))
+        for artifact, record in records.items():
+            if isinstance(record, dict):
+                mlflow.log_dict(record, artifact)
+            else:
+                mlflow.log_text(record, artifact)
         mlflow.log_metrics({f"test_{k}": v for k, v in numeric(candidate.scalars).items()})
+        force, reason = override
         report = {"gates": [g.as_dict() for g in gates], "choice": candidate.choice, "force": force, "reason": reason}
         mlflow.log_dict({"variant": candidate.variant, **report}, "gates.json")
-        mlflow.log_dict(split, SPLIT_ARTIFACT)
         mlflow.set_tags({f"gate.{g.name}": g.status for g in gates})
         decision.lineage["mlflow_promote_run_id"] = run_.info.run_id
     return str(info.registered_model_version)
@@ -363,6 +391,17 @@ def move_aliases(client, name: str, decision: Decision, previous: str | None, fo
             f"not promoted: {name} v{version} ({variant}) failed {failed}; "
             f"@{ALIAS} unchanged{kept}, @{CANDIDATE} -> v{version}"
         )
+
+
+def pyfunc_model(bundle_dir: Path, root: Path = ROOT) -> dict:
+    """What a registered model holds beside its bundle: `mlflow.pyfunc` arguments shared by `register` (from
+    this checkout) and `lmforge verify` (from the rebuilt one, `root`)."""
+    return {
+        "python_model": str(Path(root) / MODEL_CODE.relative_to(ROOT)),
+        "artifacts": {"bundle": str(bundle_dir)},
+        "code_paths": [str(Path(root) / "models")],
+        "pip_requirements": _requirements(),
+    }
 
 
 def _requirements() -> list[str]:

@@ -220,7 +220,7 @@ def fit(
 
     n_params = sum(p.numel() for p in model.parameters())
     model.train()
-    probe = probe_cpu_precision(rt, cfg.precision, model, lambda: _probe_loss(model, train, cfg.batch_size, rt))
+    probe = probe_cpu_precision(rt, cfg.precision, model, lambda: _probe_loss(model, train, cfg.batch_size, rt), name)
     if probe.fp32_s is not None:
         tracker.log_params({f"{prefix}precision": probe.chosen, f"{prefix}precision_probe": probe.reason})
     train_rt = rt.with_precision(probe.chosen)  # this model's training only, with a loss scale of its own
@@ -349,6 +349,19 @@ def recipe(cfg: FinetuneConfig, epochs: int, lr: float) -> FinetuneConfig:
     return cfg.model_copy(update={"epochs": epochs, "lr": lr, "min_lr": cfg.min_lr * lr / cfg.lr, "patience": 0})
 
 
+@dataclass
+class Recovered:
+    """A compressed model after its recovery fine-tune (as it was when nothing ran)."""
+
+    model: nn.Module
+    val_macro_f1: float
+    """At the best validation epoch (the score before recovery when nothing ran)."""
+    seconds: float
+    history: list[dict]
+    precision: str | None
+    """What it trained in (None: nothing trained); `lmforge verify` replays it."""
+
+
 def recover(
     name: str,
     model: nn.Module,
@@ -360,18 +373,14 @@ def recover(
     lr: float,
     lr_key: str,
     before: float,
-) -> tuple[nn.Module, float, float, list[dict]]:
-    """A short fine-tune of a compressed model with finetune's recipe at peak `lr` (0 epochs: as it is).
-
-    Returns the model at its best validation epoch, that epoch's macro-F1 (`before` when nothing ran),
-    the training seconds and the per-epoch history.
-    """
+) -> Recovered:
+    """A short fine-tune of a compressed model with finetune's recipe at peak `lr` (0 epochs: as it is)."""
     if not epochs:
-        return model, before, 0.0, []
+        return Recovered(model, before, 0.0, [], None)
     trained = fit(
         name, model, recipe(cfg, epochs, lr), t.train, t.val, len(t.labels), rt, tracker, epochs, lr_key=lr_key
     )
-    return trained.model, trained.val_macro_f1, trained.train_seconds, trained.history
+    return Recovered(trained.model, trained.val_macro_f1, trained.train_seconds, trained.history, trained.precision)
 
 
 def val_scores(model: nn.Module, data: Examples, n_classes: int, rt: Runtime) -> dict[str, float]:

@@ -83,7 +83,7 @@ def test_lmforge_cli_lists_commands():
         [sys.executable, "-m", "tasks.ops.cli", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert res.returncode == 0
-    for command in ("stage", "pipeline", "promote", "rollback", "serve", "ui", "check", "deps", "check-lock"):
+    for command in ("stage", "pipeline", "promote", "rollback", "verify", "serve", "ui", "check", "deps", "check-lock"):
         assert command in res.stdout
 
 

@@ -574,7 +574,7 @@ def test_auto_precision_on_cpu_takes_bf16_only_where_it_is_measured_faster(monke
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     before = dataclasses.replace(rt)
-    probe = probe_cpu_precision(rt, "auto", model, _timed_loss(monkeypatch, model, bf16_ms, fp32_ms))
+    probe = probe_cpu_precision(rt, "auto", model, _timed_loss(monkeypatch, model, bf16_ms, fp32_ms), "m")
     assert probe.chosen == chosen  # 10 vs 10.5 ms is under BF16_MIN_GAIN: fp32 stays
     assert rt == before and rt.precision == "fp32"  # the choice is returned; the runtime passed in is unchanged
     assert rt.with_precision(probe.chosen).precision == chosen
@@ -595,11 +595,26 @@ def test_auto_precision_without_native_bf16_or_when_set_is_not_timed(monkeypatch
     model = _probe_model()
     never = lambda: pytest.fail("the model was run")  # noqa: E731
     rt = setup_runtime(PretrainConfig(precision="auto"))
-    probe = probe_cpu_precision(rt, "auto", model, never)
+    probe = probe_cpu_precision(rt, "auto", model, never, "m")
     assert (probe.chosen, rt.precision, probe.fp32_s) == ("fp32", "fp32", None) and "no native bf16" in probe.reason
     for precision in ("fp32", "bf16"):
         rt = setup_runtime(PretrainConfig(precision=precision))
-        assert probe_cpu_precision(rt, precision, model, never).chosen == precision == rt.precision
+        assert probe_cpu_precision(rt, precision, model, never, "m").chosen == precision == rt.precision
+
+
+def test_auto_precision_replays_the_recorded_choice_without_timing(monkeypatch):
+    """`lmforge verify` replays what the original run's probe chose, per model, instead of timing again."""
+    monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: True)
+    model = _probe_model()
+    never = lambda: pytest.fail("the model was timed")  # noqa: E731
+    rt = setup_runtime(PretrainConfig(precision="auto"))
+    monkeypatch.setenv(runtime.PRECISION_REPLAY_ENV, '{"pretrain": "bf16", "cnn": "fp32"}')
+    assert probe_cpu_precision(rt, "auto", model, never, "pretrain").chosen == "bf16"
+    assert probe_cpu_precision(rt, "auto", model, never, "cnn").chosen == "fp32"
+    assert probe_cpu_precision(rt, "fp32", model, never, "pretrain").chosen == "fp32"  # an explicit setting wins
+    monkeypatch.setenv(runtime.PRECISION_REPLAY_ENV, '{"pretrain": "int4"}')
+    with pytest.raises(UserError, match="pretrain: 'int4' is not one of"):
+        probe_cpu_precision(rt, "auto", model, never, "pretrain")
 
 
 def test_native_bf16_is_read_from_the_cpu_flags_the_kernel_lists(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import platform
 import subprocess
@@ -102,6 +103,11 @@ BF16_MIN_GAIN = 1.1
 """`precision: auto` on CPU trains in bf16 only when the probe finds it at least this much faster than fp32."""
 
 
+PRECISION_REPLAY_ENV = "LMFORGE_PRECISION_REPLAY"
+"""JSON `{model: precision}` that `precision: auto` on CPU takes instead of timing: `lmforge verify` replays what the
+run it rebuilds chose (a model is named by its stage, or a baseline by its own name)."""
+
+
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 """CPU flags (Linux /proc/cpuinfo) of the native bf16 matrix instructions that oneDNN uses."""
 
@@ -160,8 +166,22 @@ def _time_precisions(
     return times
 
 
+def replayed_precision(name: str) -> str | None:
+    """The precision PRECISION_REPLAY_ENV names for model `name`, if it names one."""
+    raw = os.environ.get(PRECISION_REPLAY_ENV)
+    if not raw:
+        return None
+    try:
+        chosen = json.loads(raw).get(name)
+    except (ValueError, AttributeError):
+        raise UserError(f"{PRECISION_REPLAY_ENV}: not a JSON object of model -> precision: {raw[:200]!r}") from None
+    if chosen is not None and chosen not in PRECISIONS:
+        raise UserError(f"{PRECISION_REPLAY_ENV}: {name}: {chosen!r} is not one of {sorted(PRECISIONS)}")
+    return chosen
+
+
 def probe_cpu_precision(
-    rt: Runtime, precision: str, model: nn.Module, loss: Callable[[], torch.Tensor], reps: int = 5
+    rt: Runtime, precision: str, model: nn.Module, loss: Callable[[], torch.Tensor], name: str, reps: int = 5
 ) -> PrecisionProbe:
     """Resolve `precision: auto` on CPU by timing the model itself: bf16 autocast where it is faster.
 
@@ -171,10 +191,14 @@ def probe_cpu_precision(
     backward runs once untimed and `reps` times timed in each precision, interleaved, and bf16 is chosen when
     the median ratio of each fp32 run to the bf16 run right after it is at least BF16_MIN_GAIN (pairs see the
     same load on the machine). Weights, gradients, random state and `rt` are left as they were: the caller
-    trains in `rt.with_precision(probe.chosen)`. Explicit precisions and GPUs keep `rt`'s precision.
+    trains in `rt.with_precision(probe.chosen)`. Explicit precisions and GPUs keep `rt`'s precision. `name` (the
+    stage, or a baseline's name) is how the stage's metrics record the choice, and what PRECISION_REPLAY_ENV
+    replays.
     """
     if precision != "auto" or rt.device.type != "cpu":
         return PrecisionProbe(rt.precision, reason=f"precision: {precision} on {rt.device.type}")
+    if (replayed := replayed_precision(name)) is not None:
+        return PrecisionProbe(replayed, reason=f"replayed from {PRECISION_REPLAY_ENV}")
     if not cpu_bf16_supported():
         return PrecisionProbe("fp32", reason="this CPU has no native bf16 instructions")
     times = _time_precisions(rt, model, loss, reps)
