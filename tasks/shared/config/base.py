@@ -68,6 +68,8 @@ class Paths(Section):
     """Minimum-functionality examples (JSONL: text, label) for the behavioral tests, tracked in git."""
     evaluation: Path
     """Evaluation predictions and plots."""
+    curve: Path
+    """The learning curve's test predictions (every model, k and seed) and its chart (curve/dvc.yaml)."""
     metrics: Path
     """Folder of per-stage metrics JSON files (DVC metrics, committed to git)."""
     plots: Path
