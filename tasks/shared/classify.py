@@ -90,7 +90,7 @@ class Examples:
 
     def take(self, rows: torch.Tensor | np.ndarray) -> "Examples":
         """The examples at positions `rows`, in that order."""
-        rows = torch.as_tensor(rows, dtype=torch.long)
+        rows = torch.as_tensor(np.array(rows, dtype=np.int64))  # a copy: pandas hands out read-only arrays
         return Examples(self.ids[rows], self.lengths[rows], self.y[rows])
 
 

@@ -24,7 +24,7 @@ class CurveConfig(Section):
     models: list[CurveModel] = Field(default_factory=lambda: ["pretrained", "scratch", "cnn", "tfidf"])
     """`pretrained` (a head on paths.lm, finetune's recipe), `scratch` (the same Transformer, random init),
     `cnn` (finetune's CNN baseline and its recipe), `tfidf` (TF-IDF + logistic regression)."""
-    min_steps: int = Field(200, ge=0)
+    min_steps: int = Field(100, ge=0)
     """Fewest optimizer steps a neural run takes: with few examples, epochs are added until the run reaches
     it (the schedule's warmup and decay stretch with it); a run with more steps keeps its recipe's epochs."""
     cap_validation: bool = True
