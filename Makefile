@@ -14,7 +14,7 @@ export DO_NOT_TRACK ?= 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR ?= false
 export GIT_PYTHON_REFRESH ?= quiet
 
-.PHONY: help install lint pipeline repro promote retrain schedule deploy test test-fast serve serve-grpc bento grpc-stubs ui check check-lock deps constraints postgres stack-up stack-down
+.PHONY: help install lint pipeline repro curve promote retrain schedule deploy test test-fast serve serve-grpc bento grpc-stubs ui check check-lock deps constraints postgres stack-up stack-down
 
 .DEFAULT_GOAL := help
 
@@ -37,6 +37,10 @@ pipeline: install  ## run the whole Prefect flow: every stage through DVC, then 
 repro: install  ## the same stages with DVC alone (then `lmforge promote`); params.yaml is checked whole first
 	$(BIN)/lmforge check
 	$(BIN)/dvc repro
+
+curve: install  ## the learning curve, outside the pipeline (curve/dvc.yaml): where pretraining pays, 8/32/128/all labels per class; after make pipeline
+	$(BIN)/lmforge check
+	$(BIN)/dvc repro curve/dvc.yaml
 
 promote: install  ## gates + registry after a `dvc repro`: register @candidate, move @champion if every gate passes
 	$(BIN)/lmforge promote

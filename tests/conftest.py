@@ -176,8 +176,10 @@ TINY_PROJECT: dict[str, dict] = {
     # every training row (a class-balanced subset makes the tiny model score below the majority class),
     # in few large batches
     "finetune": {**TINY["finetune"], "batch_size": 16, "epochs": 1, "deterministic": True, "precision": "fp32"},
-    # the gates are not under test in whole-pipeline runs: a tiny model passes them, on a busy machine too
+    # the gates are not under test in whole-pipeline runs: a tiny model passes them, on a busy machine too (this
+    # one learns little from 8 files: TF-IDF beats it significantly, so the baselines are reported, not gated)
     "promote": {
+        "baselines": "report",
         "min_accuracy": 0.0,
         "min_macro_f1": 0.0,
         "min_gain_over_majority": 0.0,

@@ -1,14 +1,20 @@
 """The pipeline as dvc.yaml declares it, and the checks that keep dvc.yaml and dvc.lock honest.
 
-- `stage_names()`: the stages in dvc.yaml order, the one list that the flow and the CLI use.
+- `stage_names()`: the stages of the default pipeline in dvc.yaml order, the one list that the flow and the CLI
+  use; `pipeline_stages()`: those and the stages of the pipelines run only by hand (the learning curve's
+  curve/dvc.yaml), whose code deps are generated and checked alike.
 - `import_closure()`: every project file a module imports, transitively, imports inside functions included.
 - `check_deps()` / `write_deps()`: each stage's code deps in dvc.yaml must be exactly its import
   closure, and its `params:` exactly the sections its module declares (`SECTIONS`); `write_deps`
   rewrites dvc.yaml from the code (comments and data deps kept).
 - `read_lock()`: dvc.lock's stages; `stale_lock()`: every code or params dependency whose hash or value in
   dvc.lock differs from the working tree (seconds, nothing runs), so a commit cannot carry a lock of other code.
-- `stale_stages()` / `require_current_evaluation()`: what `dvc status` reports out of date, and a refusal
-  to act on an evaluation that does not describe the workspace.
+- `stale_stages()` / `require_current_evaluation()`: what `dvc status` reports out of date in the default
+  pipeline, and a refusal to act on an evaluation that does not describe the workspace.
+
+Only the default pipeline (dvc.yaml, dvc.lock) counts for staleness: `dvc status` without targets also
+reports the stages of every other dvc.yaml in the repository (the learning curve's), which never make the
+pipeline, its evaluation or a promotion out of date.
 
 Nothing here imports a stage: modules are read as source (ast), so the check costs no torch import.
 """
@@ -29,6 +35,7 @@ import yaml
 
 from tasks.shared.config.base import read_params_file
 from tasks.shared.errors import UserError
+from tasks.shared.outputs import DEFAULT_PIPELINE, PIPELINES
 from tasks.shared.tracking import flatten
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,8 +50,9 @@ def dvc_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "dvc", *args]
 
 
-def load_dvc_yaml(root: Path = ROOT) -> dict:
-    f = Path(root) / "dvc.yaml"
+def load_dvc_yaml(root: Path = ROOT, file: Path = DEFAULT_PIPELINE) -> dict:
+    """A pipeline file (the default pipeline's dvc.yaml unless `file` names another) as a mapping."""
+    f = Path(root) / file
     try:
         return yaml.safe_load(f.read_text()) or {}
     except FileNotFoundError:
@@ -56,6 +64,15 @@ def load_dvc_yaml(root: Path = ROOT) -> dict:
 def stage_names(root: Path = ROOT) -> list[str]:
     """The DVC stages in the order dvc.yaml lists them (an order that respects their dependencies)."""
     return list((load_dvc_yaml(root).get("stages") or {}))
+
+
+def pipeline_stages(root: Path = ROOT) -> dict[str, dict]:
+    """Every stage of every pipeline file (the default pipeline's first, then those run by hand), by name."""
+    stages: dict[str, dict] = {}
+    for file in PIPELINES:
+        if file == DEFAULT_PIPELINE or (Path(root) / file).exists():
+            stages.update(load_dvc_yaml(root, file).get("stages") or {})
+    return stages
 
 
 def stage_module(stage: str, body: dict) -> str:
@@ -158,7 +175,7 @@ class StageDeps:
 def expected(root: Path = ROOT) -> list[StageDeps]:
     """Per stage, the code deps and params sections the code implies."""
     out = []
-    for stage, body in (load_dvc_yaml(root).get("stages") or {}).items():
+    for stage, body in pipeline_stages(root).items():
         module = stage_module(stage, body)
         file = module_file(module, root)
         if file is None:
@@ -168,8 +185,8 @@ def expected(root: Path = ROOT) -> list[StageDeps]:
 
 
 def check_deps(root: Path = ROOT) -> list[str]:
-    """One line per disagreement between dvc.yaml and the code (empty when they agree)."""
-    stages = load_dvc_yaml(root).get("stages") or {}
+    """One line per disagreement between the pipeline files and the code (empty when they agree)."""
+    stages = pipeline_stages(root)
     problems = []
     for want in expected(root):
         body = stages[want.stage]
@@ -188,21 +205,29 @@ def check_deps(root: Path = ROOT) -> list[str]:
 
 
 def write_deps(root: Path = ROOT) -> bool:
-    """Rewrite every stage's code deps and params in dvc.yaml from the code; True if anything changed."""
+    """Rewrite every stage's code deps and params in the pipeline files from the code; True if anything changed."""
+    wanted = {want.stage: want for want in expected(root)}
+    changed = False
+    for file in PIPELINES:
+        if (Path(root) / file).exists():
+            changed |= _write_file_deps(Path(root) / file, wanted)
+    return changed
+
+
+def _write_file_deps(path: Path, wanted: dict[str, StageDeps]) -> bool:
+    """Rewrite the code deps and params of the stages in one pipeline file (comments and data deps kept)."""
     from ruamel.yaml import YAML
 
-    path = Path(root) / "dvc.yaml"
     rt = YAML()
     rt.preserve_quotes = True
     rt.indent(mapping=2, sequence=4, offset=2)
     rt.width = 4096
     doc = rt.load(path.read_text())
     before = json.dumps(doc, default=str)
-    for want in expected(root):
-        body = doc["stages"][want.stage]
+    for stage, body in (doc.get("stages") or {}).items():
         data = [d for d in body.get("deps") or [] if not is_code_dep(str(d))]
-        body["deps"] = [*want.code, *data]
-        body["params"] = list(want.sections)
+        body["deps"] = [*wanted[stage].code, *data]
+        body["params"] = list(wanted[stage].sections)
     if json.dumps(doc, default=str) == before:
         return False
     tmp = path.with_name(f".{path.name}.tmp")
@@ -343,8 +368,10 @@ def stale_lock(root: Path = ROOT) -> list[str]:
 
 
 def stale_stages(root: Path = Path(".")) -> dict[str, list]:
-    """`dvc status` of the pipeline: stage -> what changed since dvc.lock recorded it (empty: all up to date)."""
-    res = subprocess.run(dvc_command("status", "--json"), cwd=root, capture_output=True, text=True)
+    """`dvc status` of the default pipeline: stage -> what changed since dvc.lock recorded it (empty: all up to
+    date). The target keeps the other pipeline files out (the learning curve's stage, stale or never run)."""
+    target = str(DEFAULT_PIPELINE)
+    res = subprocess.run(dvc_command("status", "--json", target), cwd=root, capture_output=True, text=True)
     if res.returncode != 0:
         last = (res.stderr or res.stdout).strip().splitlines()[-1:] or [f"exit code {res.returncode}"]
         raise UserError(f"dvc status failed: {last[0]}")

@@ -88,6 +88,11 @@ class Examples:
     def __len__(self) -> int:
         return len(self.y)
 
+    def take(self, rows: torch.Tensor | np.ndarray) -> "Examples":
+        """The examples at positions `rows`, in that order."""
+        rows = torch.as_tensor(np.array(rows, dtype=np.int64))  # a copy: pandas hands out read-only arrays
+        return Examples(self.ids[rows], self.lengths[rows], self.y[rows])
+
 
 BUCKET_BATCHES = 16
 """Batches drawn together and sorted by length (see `bucketed_batches`)."""
@@ -293,22 +298,39 @@ def _probe_loss(model: nn.Module, train: Examples, batch_size: int, rt: Runtime)
     return model(train.ids[:batch_size, : int(n.max())].to(rt.device), n.to(rt.device)).float().square().mean()
 
 
-def load_examples(cfg: FinetuneConfig, paths: Paths, max_length: int) -> tuple[list[str], Examples, Examples]:
-    """Labels (sorted) and the encoded train (capped per label) and validation examples."""
+def read_labeled(paths: Paths) -> tuple[list[str], pd.DataFrame]:
+    """The training labels (sorted) and the cleaned labeled rows (text, label, split)."""
+    data = read_parquet(paths.clean_labeled, ["text", "label", "split"])
+    return sorted(data.loc[data["split"] == "train", "label"].unique()), data
+
+
+def split_rows(data: pd.DataFrame, split: str, labels: list[str], paths: Paths) -> pd.DataFrame:
+    """The rows of `split` whose label is one of `labels` (positions 0..n-1); none is a UserError."""
+    rows = data[(data["split"] == split) & data["label"].isin(labels)].reset_index(drop=True)
+    if rows.empty:
+        raise UserError(f"{paths.clean_labeled}: no rows of split {split!r} with a training label")
+    return rows
+
+
+def encoder(paths: Paths, labels: list[str], max_length: int) -> Callable[[pd.DataFrame], Examples]:
+    """Rows (text, label) -> Examples: the tokenizer in `paths.tokenizer`, at most `max_length` tokens a row."""
     tok = load_tokenizer(paths.tokenizer)
     pad_id = tok.token_to_id(PAD)
-    data = read_parquet(paths.clean_labeled, ["text", "label", "split"])
-    labels = sorted(data.loc[data["split"] == "train", "label"].unique())
     index = {lab: i for i, lab in enumerate(labels)}
-    train = cap_per_label(data[data["split"] == "train"], cfg.max_train_per_label, cfg.seed)
-    val = data[(data["split"] == "val") & data["label"].isin(index)]
-    if val.empty:
-        raise UserError(f"{paths.clean_labeled}: no validation rows with a training label")
 
     def encode(df: pd.DataFrame) -> Examples:
         ids, lengths = encode_texts(tok, df["text"].tolist(), max_length, pad_id)
         return Examples(ids, lengths, torch.tensor(df["label"].map(index).to_numpy()))
 
+    return encode
+
+
+def load_examples(cfg: FinetuneConfig, paths: Paths, max_length: int) -> tuple[list[str], Examples, Examples]:
+    """Labels (sorted) and the encoded train (capped per label) and validation examples."""
+    labels, data = read_labeled(paths)
+    train = cap_per_label(data[data["split"] == "train"], cfg.max_train_per_label, cfg.seed)
+    val = split_rows(data, "val", labels, paths)
+    encode = encoder(paths, labels, max_length)
     return labels, encode(train), encode(val)
 
 

@@ -1,12 +1,12 @@
 """lmforge replaces only outputs it wrote: a stage refuses to overwrite anything else.
 
-A stage's outputs are the `outs`, `metrics` and `plots` files dvc.yaml declares for it, resolved
-from params.yaml's `paths:`. One that already exists may be replaced only if lmforge owns it: DVC
-recorded it as an output in dvc.lock, lmforge recorded it after writing it
-(`.dvc/tmp/lmforge-outputs.json`), or it is an empty folder. Anything else — a folder of your own
-that an output path now points at — is refused with one line naming the params key. dvc.yaml marks
-outputs `persist: true` so that DVC does not delete them before the stage can look (DVC's default
-is to remove a stage's outputs before running it).
+A stage's outputs are the `outs`, `metrics` and `plots` files its dvc.yaml (the default pipeline's, or the
+learning curve's curve/dvc.yaml) declares for it, resolved from params.yaml's `paths:`. One that already
+exists may be replaced only if lmforge owns it: DVC recorded it as an output in a lock file, lmforge
+recorded it after writing it (`.dvc/tmp/lmforge-outputs.json`), or it is an empty folder. Anything else —
+a folder of your own that an output path now points at — is refused with one line naming the params key.
+dvc.yaml marks outputs `persist: true` so that DVC does not delete them before the stage can look (DVC's
+default is to remove a stage's outputs before running it).
 """
 
 from __future__ import annotations
@@ -20,15 +20,18 @@ import yaml
 from tasks.shared.errors import UserError
 
 LEDGER = Path(".dvc") / "tmp" / "lmforge-outputs.json"
+DEFAULT_PIPELINE = Path("dvc.yaml")
+"""The pipeline `dvc repro` and `make pipeline` run, and the only one the staleness checks look at."""
+PIPELINES = (DEFAULT_PIPELINE, Path("curve") / "dvc.yaml")
+"""Every pipeline file: the default one and the learning curve's, which runs only when asked (`make curve`). The
+curve's stage runs in the project root (`wdir: ..`), so its paths read as the default pipeline's; each file's
+lock lies beside it."""
 _PATH_REF = re.compile(r"\$\{paths\.(\w+)\}")
 
 
 def declared_outputs(stage: str, paths, root: Path = Path(".")) -> dict[Path, str]:
     """The outputs dvc.yaml declares for `stage`, resolved: path -> the params key it comes from."""
-    f = Path(root) / "dvc.yaml"
-    if not f.exists():
-        return {}
-    body = (yaml.safe_load(f.read_text()) or {}).get("stages", {}).get(stage) or {}
+    body = next((s[stage] for s in _stages(root, PIPELINES) if stage in s), {})
     out: dict[Path, str] = {}
     for kind in ("outs", "metrics", "plots"):
         for item in body.get(kind) or []:
@@ -39,19 +42,26 @@ def declared_outputs(stage: str, paths, root: Path = Path(".")) -> dict[Path, st
     return out
 
 
+def _stages(root: Path, files) -> list[dict]:
+    """The `stages:` mapping of each of `files` (dvc.yaml or dvc.lock files) that exists and parses."""
+    found = []
+    for f in files:
+        f = Path(root) / f
+        try:
+            found.append((yaml.safe_load(f.read_text()) or {}).get("stages") or {})
+        except (FileNotFoundError, yaml.YAMLError):
+            continue
+    return found
+
+
 def _norm(p: Path | str) -> str:
     return Path(p).as_posix().rstrip("/")
 
 
 def owned(root: Path = Path(".")) -> set[str]:
-    """Paths lmforge may replace: outputs in dvc.lock and in the ledger."""
+    """Paths lmforge may replace: outputs in the pipelines' locks (dvc.lock, curve/dvc.lock) and in the ledger."""
     found: set[str] = set()
-    lock = Path(root) / "dvc.lock"
-    if lock.exists():
-        try:
-            stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) or {}
-        except yaml.YAMLError:
-            stages = {}
+    for stages in _stages(root, [f.with_suffix(".lock") for f in PIPELINES]):
         found |= {_norm(o["path"]) for body in stages.values() for o in (body.get("outs") or []) if "path" in o}
     ledger = Path(root) / LEDGER
     if ledger.exists():

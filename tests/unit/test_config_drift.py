@@ -10,14 +10,15 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from tasks.ops.dag import stage_module, stage_names
+from tasks.ops.dag import pipeline_stages, stage_module
 from tasks.shared.config.base import Paths, Section
 from tasks.shared.config.params import SECTION_TYPES, load_params
 
 ROOT = Path(__file__).resolve().parents[2]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
-STAGES = DVC["stages"]
+STAGES = pipeline_stages(ROOT)
+"""Every stage: the default pipeline's and the learning curve's (curve/dvc.yaml)."""
 
 
 def test_params_yaml_has_exactly_the_typed_sections():
@@ -55,7 +56,7 @@ def test_the_drift_check_names_a_missing_field_and_a_changed_default():
     assert any(p.startswith("pretrain.lr: params.yaml says 0.5") for p in problems)
 
 
-@pytest.mark.parametrize("stage", stage_names(ROOT))
+@pytest.mark.parametrize("stage", STAGES)
 def test_stage_module_declares_typed_sections_and_has_main(stage):
     module = importlib.import_module(stage_module(stage, STAGES[stage]))
     assert module.__name__ == f"tasks.{stage}"

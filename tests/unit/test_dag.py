@@ -25,10 +25,10 @@ def test_stage_list_is_dvc_yaml_order_and_respects_dependencies():
     assert names.index("tokenize") < names.index("pretrain") < names.index("finetune") < names.index("evaluate")
 
 
-@pytest.mark.parametrize("stage", dag.stage_names())
+@pytest.mark.parametrize("stage", dag.pipeline_stages())
 def test_a_stage_imports_shared_code_never_another_stage_or_an_operation(stage):
     closure = dag.import_closure(f"tasks.{stage}")
-    stage_files = {f"tasks/{s}.py" for s in dag.stage_names()}
+    stage_files = {f"tasks/{s}.py" for s in dag.pipeline_stages()}
     assert closure & stage_files == {f"tasks/{stage}.py"}
     assert not [f for f in closure if f.startswith(("tasks/ops/", "flows/", "deploy/"))]
 
@@ -41,7 +41,7 @@ def test_shared_code_and_models_import_no_stage_or_operation(file):
     module = file.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
     closure = dag.import_closure(module)
     assert not [f for f in closure if f.startswith(("tasks/ops/", "flows/", "deploy/"))]
-    assert not closure & {f"tasks/{s}.py" for s in dag.stage_names()}
+    assert not closure & {f"tasks/{s}.py" for s in dag.pipeline_stages()}
     if file.startswith("models/"):  # the MLflow pyfunc ships models/ alone
         assert all(f.startswith("models/") for f in closure)
 

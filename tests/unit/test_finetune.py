@@ -18,7 +18,7 @@ from models.baselines import CNNClassifier, GRUClassifier
 from models.classifier import ClassifierConfig, TransformerClassifier
 from models.transformer import tiny
 from tasks import finetune
-from tasks.shared import classify
+from tasks.shared import classifiers, classify
 from tasks.shared.classify import EarlyStopping, Examples, balanced_class_weights, fit, predict
 from tasks.shared.config.finetune import FinetuneConfig
 from tasks.shared.engine.optim import build_optimizer, set_lr
@@ -66,7 +66,7 @@ def one_step(model, cfg: FinetuneConfig, lr_scale=None) -> None:
 )
 def test_frozen_parameters_stay_bit_identical_after_a_step(freeze, frozen_prefixes):
     model = classifier()
-    frozen = finetune.freeze_trunk(model, freeze)
+    frozen = classifiers.freeze_trunk(model, freeze)
     names = [n for n, _ in model.named_parameters()]
     assert frozen == [n for n in names if n.startswith(frozen_prefixes)]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -81,12 +81,12 @@ def test_frozen_parameters_stay_bit_identical_after_a_step(freeze, frozen_prefix
 
 def test_freezing_more_blocks_than_the_trunk_has_is_a_user_error():
     with pytest.raises(UserError, match="finetune.freeze: 3 exceeds the LM's 2 blocks"):
-        finetune.freeze_trunk(classifier(), 3)
+        classifiers.freeze_trunk(classifier(), 3)
 
 
 def test_rope_trunk_has_no_position_table_to_freeze():
     model = classifier(pos_encoding="rope")
-    assert finetune.freeze_trunk(model, "embeddings") == ["trunk.wte.weight"]
+    assert classifiers.freeze_trunk(model, "embeddings") == ["trunk.wte.weight"]
 
 
 # --- layer-wise learning rates -----------------------------------------------------------------
@@ -94,7 +94,7 @@ def test_rope_trunk_has_no_position_table_to_freeze():
 
 def test_layer_lr_decay_scales_each_block_from_the_top():
     model = classifier()  # 2 blocks
-    scales = finetune.layer_lr_scales(model, 0.5)
+    scales = classifiers.layer_lr_scales(model, 0.5)
     assert set(scales) == {n for n, _ in model.named_parameters()}
     for name, s in scales.items():
         if name.startswith(("head.", "trunk.ln_f.")):
@@ -110,7 +110,7 @@ def test_layer_lr_decay_scales_each_block_from_the_top():
 def test_optimizer_groups_get_the_decayed_learning_rates():
     model = classifier()
     cfg = FinetuneConfig(lr=1e-2, min_lr=1e-3, warmup_steps=0)
-    scales = finetune.layer_lr_scales(model, 0.5)
+    scales = classifiers.layer_lr_scales(model, 0.5)
     opt = build_optimizer(model, cfg, torch.device("cpu"), scales)
     set_lr(opt, 4e-3)
     name_of = {id(p): n for n, p in model.named_parameters()}
@@ -126,8 +126,8 @@ def test_optimizer_groups_get_the_decayed_learning_rates():
 def test_layer_decay_and_freezing_combine():
     """Frozen parameters get no group at all; the rest keep their decayed lr."""
     model = classifier()
-    finetune.freeze_trunk(model, 1)
-    opt = build_optimizer(model, FinetuneConfig(), torch.device("cpu"), finetune.layer_lr_scales(model, 0.5))
+    classifiers.freeze_trunk(model, 1)
+    opt = build_optimizer(model, FinetuneConfig(), torch.device("cpu"), classifiers.layer_lr_scales(model, 0.5))
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     for n, p in model.named_parameters():
         assert (id(p) in in_opt) == p.requires_grad, n
@@ -413,7 +413,8 @@ def test_a_diverged_fit_is_a_user_error_naming_step_and_key(monkeypatch, name, c
     if patch is not None:
         monkeypatch.setattr(classify, "F", patch)
     cfg = FinetuneConfig(**{"lr": 1e-2, "warmup_steps": 0, "batch_size": 4, "seed": SEED, **cfg_update})
-    model = finetune.baseline_model(name, cfg, tiny(vocab_size=VOCAB), LABELS) if name != "finetune" else classifier()
+    trunk = tiny(vocab_size=VOCAB)
+    model = classifiers.baseline_model(name, cfg, trunk, LABELS) if name != "finetune" else classifier()
     with pytest.raises(UserError, match=message):
         fit(
             name,
@@ -457,7 +458,7 @@ def test_bucketed_batches_cover_every_row_once_in_batches_of_similar_length():
 
 def test_predict_returns_rows_in_input_order():
     data = examples(n=50, T=12)
-    model = finetune.baseline_model("cnn", FinetuneConfig(seed=SEED), tiny(vocab_size=VOCAB), LABELS)
+    model = classifiers.baseline_model("cnn", FinetuneConfig(seed=SEED), tiny(vocab_size=VOCAB), LABELS)
     rt = setup_runtime(FinetuneConfig())
     got = predict(model, data, rt, batch_size=7)
     with torch.no_grad():

@@ -269,6 +269,7 @@ def test_beats_baselines_modes():
     worse = _versus(candidate_right=0.5)
     report = beats_baselines_gate(CFG.model_copy(update={"baselines": "report"}), {"vs_baselines": worse})
     assert report.status == "not configured" and report.reason.startswith("significantly worse than ")
+    assert report.passed  # a gate that only reports never blocks
     assert not beats_baselines_gate(CFG, {}).passed  # an evaluation without the comparison is not evidence
 
 

@@ -68,16 +68,17 @@ class Paths(Section):
     """Minimum-functionality examples (JSONL: text, label) for the behavioral tests, tracked in git."""
     evaluation: Path
     """Evaluation predictions and plots."""
+    curve: Path
+    """The learning curve's test predictions (every model, k and seed) and its chart (curve/dvc.yaml)."""
+    metrics: Path
+    """Folder of per-stage metrics JSON files (DVC metrics, committed to git)."""
+    plots: Path
+    """Folder of plot data (CSV) that `dvc plots diff` overlays across commits (committed to git)."""
 
     @property
     def predictions(self) -> Path:
         """Evaluate's test predictions of every model (a column `pred_<model>` each), which promotion compares."""
         return Path(self.evaluation) / "predictions.parquet"
-
-    metrics: Path
-    """Folder of per-stage metrics JSON files (DVC metrics, committed to git)."""
-    plots: Path
-    """Folder of plot data (CSV) that `dvc plots diff` overlays across commits (committed to git)."""
 
 
 class TrackingConfig(Section):

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.shared.config.base import DEFAULT_PARAMS, Paths, Section, TrackingConfig, describe, read_params_file
 from tasks.shared.config.clean import CleanConfig
+from tasks.shared.config.curve import CurveConfig
 from tasks.shared.config.distill import DistillConfig
 from tasks.shared.config.evaluate import EvaluateConfig
 from tasks.shared.config.finetune import FinetuneConfig
@@ -39,6 +40,7 @@ SECTION_TYPES: dict[str, type[Section]] = {
     "distill": DistillConfig,
     "quantize": QuantizeConfig,
     "evaluate": EvaluateConfig,
+    "curve": CurveConfig,
     "promote": PromoteConfig,
     "orchestrate": OrchestrateConfig,
 }
@@ -61,6 +63,7 @@ class Params(BaseModel):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    curve: CurveConfig = Field(default_factory=CurveConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
     orchestrate: OrchestrateConfig = Field(default_factory=OrchestrateConfig)
 
