@@ -95,6 +95,7 @@ def test_second_dvc_repro_runs_nothing(project):
 
 
 def _dvc(project, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`dvc *args` in the project (`dvc status ... dvc.yaml`: the pipeline, not the learning curve beside it)."""
     res = subprocess.run(
         ["dvc", *args], cwd=project["dir"], env=project["env"], capture_output=True, text=True, timeout=timeout
     )
@@ -109,13 +110,13 @@ def test_rerunning_validate_on_unchanged_data_makes_only_the_cost_report_stale(p
     before = metrics.read_bytes()
     _dvc(project, "repro", "--force", "--single-item", "validate")
     try:
-        status = json.loads(_dvc(project, "status", "--json").stdout)
+        status = json.loads(_dvc(project, "status", "--json", "dvc.yaml").stdout)
         assert set(status) == {"evaluate"}, status
         assert status["evaluate"] == [{"changed deps": {"metrics/validate.json": "modified"}}], status
     finally:  # the run's own metrics file back, recorded as validate's output: nothing stale for the next test
         metrics.write_bytes(before)
         _dvc(project, "commit", "--force", "validate")
-    assert json.loads(_dvc(project, "status", "--json").stdout) == {}
+    assert json.loads(_dvc(project, "status", "--json", "dvc.yaml").stdout) == {}
 
 
 def test_editing_a_config_default_makes_its_readers_stale(project):
@@ -124,13 +125,13 @@ def test_editing_a_config_default_makes_its_readers_stale(project):
     original = f.read_text()
     f.write_text(original.replace("beta2: float = Field(0.95", "beta2: float = Field(0.96"))
     try:
-        status = json.loads(_dvc(project, "status", "--json").stdout)
+        status = json.loads(_dvc(project, "status", "--json", "dvc.yaml").stdout)
     finally:
         f.write_text(original)
     assert set(status) == {"pretrain", "finetune", "prune", "sparsify", "distill"}, (
         status
     )  # the stages that import the module
-    assert json.loads(_dvc(project, "status", "--json").stdout) == {}
+    assert json.loads(_dvc(project, "status", "--json", "dvc.yaml").stdout) == {}
 
 
 def test_metrics_diff_shows_the_committed_run_beside_this_one(project):
