@@ -45,7 +45,7 @@ def registry(env: dict) -> tuple[list[str], str]:
 
 def dvc_status(project: Path, env: dict) -> dict:
     res = subprocess.run(
-        [sys.executable, "-m", "dvc", "status", "--json"],
+        [sys.executable, "-m", "dvc", "status", "--json", "dvc.yaml"],
         cwd=project,
         env=env,
         capture_output=True,

@@ -339,7 +339,9 @@ def test_first_retrain_places_stages_survives_a_killed_worker_run_and_promotes_i
         assert json.loads(Path(handoff).read_text())["workdir"] == str(b.resolve())
         assert (b / "data" / "models" / ("lm" if stage == "pretrain" else "classifier")).is_dir()
     assert not (b / "data" / "models" / "quantized").exists()  # quantize ran in A only
-    status = subprocess.run([str(BIN / "dvc"), "status", "--json"], cwd=a, capture_output=True, text=True, check=True)
+    status = subprocess.run(
+        [str(BIN / "dvc"), "status", "--json", "dvc.yaml"], cwd=a, capture_output=True, text=True, check=True
+    )
     assert json.loads(status.stdout) == {}, status.stdout
     assert any(stack.dvc_remote.rglob("*")), "nothing was pushed to the shared DVC remote"
 
