@@ -202,6 +202,7 @@ LONGEST_FIRST = (
     "tests/integration/test_retrain.py",
     "tests/integration/test_serving.py",
     "tests/integration/test_pipeline.py",
+    "tests/integration/test_verify_rebuild.py",
     "tests/unit/test_service.py",
     "tests/data/test_validate.py",
     "tests/unit/test_cli.py",
