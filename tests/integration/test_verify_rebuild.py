@@ -55,15 +55,25 @@ def test_verify_rebuilds_the_registered_version_bit_for_bit(project):
     assert _runs(env) == runs
 
 
-def test_versions_that_cannot_be_rebuilt_are_refused_in_one_line(project):
+def test_versions_that_cannot_be_rebuilt_are_refused_in_one_line(project, monkeypatch):
+    """In process (the refusals come before any rebuild): `lmforge verify` as the CLI runs it."""
+    from typer.testing import CliRunner
+
+    from tasks.ops.cli import app
+
     project, env = project
-    res = _verify(project, env, "7")
-    assert res.returncode == 2 and res.stderr.strip() == f"lmforge: error: no version '7' of registered model '{NAME}'"
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+
+    def refused(version: str) -> str:
+        res = CliRunner().invoke(app, ["verify", version, "--params", str(project / "params.yaml")])
+        assert res.exit_code == 2, res.output
+        assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output, res.output
+        return res.output.strip()
+
+    assert refused("7") == f"lmforge: error: no version '7' of registered model '{NAME}'"
     _set_tag(env, "1", "git_dirty", "tasks/finetune.py")
-    res = _verify(project, env, "1")
-    assert res.returncode == 2 and "built from uncommitted code (tasks/finetune.py)" in res.stderr, res.stderr
+    assert "built from uncommitted code (tasks/finetune.py)" in refused("1")
     _set_tag(env, "1", "git_dirty", "no")
     _set_tag(env, "1", "git_commit", "0" * 40)
-    res = _verify(project, env, "1")
-    assert res.returncode == 2 and "which this repository does not have" in res.stderr, res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+    assert "which this repository does not have" in refused("1")
