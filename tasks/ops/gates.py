@@ -157,11 +157,13 @@ def baseline_verdict(cfg: PromoteConfig, versus: dict[str, dict]) -> tuple[bool,
             f"accuracy {adjusted[f'{key}/accuracy']:.3g} over {len(raw)} tests"
         )
     named = "strongest baseline" if key == strongest else "baseline"
+    verdict = f"{verdict} of {len(pairs)} trained baselines"
     why = (
-        f"{verdict} of {len(pairs)} trained baselines (promote.baselines: {cfg.baselines}, α {cfg.alpha}); "
+        f"{verdict} (promote.baselines: {cfg.baselines}, α {cfg.alpha}); "
         f"{named} {key}: {pairs[key].describe('candidate', key)}; {p_line}"
     )
-    detail = {"strongest_baseline": strongest, "failing": failing, "adjusted_p": adjusted, "vs_baselines": versus}
+    detail = {"verdict": verdict, "strongest_baseline": strongest, "failing": failing, "adjusted_p": adjusted}
+    detail["vs_baselines"] = versus
     return not failing, why, detail
 
 

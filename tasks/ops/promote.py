@@ -115,8 +115,8 @@ def choose_variant(cfg: PromoteConfig, variants: dict[str, dict]) -> tuple[str, 
             why[v] = f"{m['size_mb']:.2f} MB over the size budget {cfg.max_size_mb:.2f} MB"
         elif behavior is not None and behavior < cfg.min_behavioral_pass_rate:
             why[v] = f"behavioral tests pass {behavior:.3f} of cases, below {cfg.min_behavioral_pass_rate:.3f}"
-        elif cfg.baselines != "report" and m.get("vs_baselines") and not baseline_verdict(cfg, m["vs_baselines"])[0]:
-            why[v] = baseline_verdict(cfg, m["vs_baselines"])[1].split(" (promote.baselines")[0]
+        elif lost := _lost_to_baselines(cfg, m):
+            why[v] = lost
         else:
             eligible.append(v)
     if not eligible:
@@ -132,6 +132,14 @@ def choose_variant(cfg: PromoteConfig, variants: dict[str, dict]) -> tuple[str, 
             else f"qualified but slower: p50 {variants[v]['p50_ms_b1']:.3f} ms vs {fast:.3f} ms ({pick})"
         )
     return pick, why
+
+
+def _lost_to_baselines(cfg: PromoteConfig, m: dict) -> str | None:
+    """Why a variant does not stand against the trained baselines as `promote.baselines` asks, or None."""
+    if cfg.baselines == "report" or not m.get("vs_baselines"):
+        return None
+    passed, _, detail = baseline_verdict(cfg, m["vs_baselines"])
+    return None if passed else detail["verdict"]
 
 
 def verify_scored(evaluation: dict, name: str, path: Path, metrics_file: Path) -> str:
