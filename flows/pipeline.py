@@ -41,20 +41,25 @@ from tasks.shared.datasets import dvc_file, untracked_inputs
 from tasks.shared.errors import UserError
 from tasks.shared.io import expand_inputs, user_inputs
 from tasks.shared.stagerun import INTERRUPTED_EXIT, RESUMABLE, USER_ERROR_EXIT, error_line, stage_env
+from tasks.shared.tasks import TASKS, promotion, registered_name, selected_stages
 from tasks.shared.tracking import PARENT_RUN_ENV, setup_tracking, tracking_uri
 
 
-@task(retries=0)
-def promote_candidate(parent_run_id: str) -> dict | str:
-    """Apply the promotion gates and move `champion` only if all pass; a refusal is its one-line reason."""
-    from tasks.ops.promote import run as promote_run
-
+@task(retries=0, task_run_name="promote {task_name}")
+def promote_candidate(parent_run_id: str, task_name: str = "classification") -> dict | str:
+    """Apply task `task_name`'s promotion gates and move its `champion` only if all pass; a refusal is its
+    one-line reason."""
+    task = TASKS[task_name]
+    promote_run = promotion(task)
     os.environ[PARENT_RUN_ENV] = parent_run_id
+    params = load_params()
     try:
-        decision = promote_run(load_params(), flow_run_id=str(flow_run.id or ""))
+        decision = promote_run(params, flow_run_id=str(flow_run.id or ""))
     except UserError as e:
-        return error_line("promote", e)
+        return error_line(f"promote {task_name}" if task_name != "classification" else "promote", e)
     return {
+        "task": task_name,
+        "registered_model": registered_name(task, params.tracking),
         "variant": decision.variant,
         "version": decision.version,
         "promoted": decision.promoted,
@@ -75,31 +80,60 @@ def _with_ci(m: dict, key: str) -> str:
     return f"{m[key]:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
 
 
-def summary_markdown(evaluation: dict, decision: dict | None, costs: dict[str, dict | None] | None = None) -> str:
-    """The run's artifact: the test-split table, the promotion's gates and, given `costs`, each stage's cost."""
-    rows = [
-        "| model | accuracy [95% CI] | macro-F1 [95% CI] | p50 ms (1 text) | p50 ms (32 texts) | size (MB) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, m in {**evaluation.get("variants", {}), **evaluation.get("baselines", {})}.items():
-        rows.append(
-            f"| {name} | {_with_ci(m, 'accuracy')} | {_with_ci(m, 'macro_f1')} | {m.get('p50_ms_b1', '')} | "
-            f"{m.get('p50_ms_b32', '')} | {m.get('size_mb', '')} |"
-        )
-    text = "## Test-split evaluation\n\n" + "\n".join(rows)
-    if decision:
-        verdict = "promoted to @champion" if decision["promoted"] else "not promoted"
-        gates = "\n".join(f"- {_status(g)} **{g['gate']}**: {g['reason']}" for g in decision["gates"])
-        text += f"\n\n## Promotion: {decision['variant']} v{decision['version']} {verdict}\n\n{gates}\n"
-        if decision.get("choice"):
-            text += (
-                "\n### Why this variant\n\n"
-                + "\n".join(f"- **{v}**: {why}" for v, why in decision["choice"].items())
-                + "\n"
+def summary_markdown(
+    evaluation: dict | None,
+    decision: dict | None,
+    costs: dict[str, dict | None] | None = None,
+    others: dict[str, tuple[dict | None, dict | None]] | None = None,
+) -> str:
+    """The run's artifact: the test-split table and the promotion's gates (classification's `evaluation` and
+    `decision`), each other task's scores and promotion (`others`: task -> (its metrics, its decision)) and, given
+    `costs`, each stage's cost."""
+    text = ""
+    if evaluation:
+        rows = [
+            "| model | accuracy [95% CI] | macro-F1 [95% CI] | p50 ms (1 text) | p50 ms (32 texts) | size (MB) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, m in {**evaluation.get("variants", {}), **evaluation.get("baselines", {})}.items():
+            rows.append(
+                f"| {name} | {_with_ci(m, 'accuracy')} | {_with_ci(m, 'macro_f1')} | {m.get('p50_ms_b1', '')} | "
+                f"{m.get('p50_ms_b32', '')} | {m.get('size_mb', '')} |"
             )
+        text += "## Test-split evaluation\n\n" + "\n".join(rows)
+    text += _promotion_markdown(decision)
+    for task_name, (metrics, task_decision) in (others or {}).items():
+        if metrics:
+            text += f"\n\n## Task {task_name}: test-split scores\n\n" + _scores_markdown(metrics)
+        text += _promotion_markdown(task_decision)
     if costs:
         text += "\n## Cost of each stage\n\n" + cost_markdown(costs)
     return text
+
+
+def _promotion_markdown(decision: dict | None) -> str:
+    if not decision:
+        return ""
+    verdict = "promoted to @champion" if decision["promoted"] else "not promoted"
+    gates = "\n".join(f"- {_status(g)} **{g['gate']}**: {g['reason']}" for g in decision["gates"])
+    model = decision.get("registered_model", "")
+    text = f"\n\n## Promotion: {model} {decision['variant']} v{decision['version']} {verdict}\n\n{gates}\n"
+    if len(decision.get("choice") or {}) > 1:
+        text += "\n### Why this variant\n\n" + "\n".join(f"- **{v}**: {why}" for v, why in decision["choice"].items())
+        text += "\n"
+    return text
+
+
+def _scores_markdown(metrics: dict) -> str:
+    """Every score of a task's metrics that carries a 95% interval, beside its baseline's where there is one."""
+    rows = ["| score | model [95% CI] | baseline [95% CI] |", "|---|---|---|"]
+    for key in [k for k in metrics if f"{k}_ci95" in metrics and not k.endswith("_baseline")]:
+        if metrics[key] is None:
+            continue
+        base = f"{key}_baseline"
+        shown = _with_ci(metrics, base) if metrics.get(base) is not None else ""
+        rows.append(f"| {key} | {_with_ci(metrics, key)} | {shown} |")
+    return "\n".join(rows)
 
 
 @flow(name="lmforge-pipeline", log_prints=True)
@@ -154,7 +188,7 @@ def run_stages(params, promote: bool, run_name: str | None = None) -> dict | Sta
     """The stages in order inside one MLflow parent run, then promotion; a Failed state at the first failure."""
     import mlflow
 
-    names = stage_names(Path.cwd())
+    names = selected_stages(stage_names(Path.cwd()), params.tasks.enabled)
     orchestrate = params.orchestrate
     placed = set(orchestrate.gpu_stages) if orchestrate.placement else set()
     if placed - set(names):
@@ -184,20 +218,29 @@ def run_stages(params, promote: bool, run_name: str | None = None) -> dict | Sta
             results["stages"][stage] = state.result()
             if placed and stage not in placed:  # workers share the DVC remote, not a disk
                 dvc_transfer.with_options(**io_options(orchestrate))("push", [stage])
-        decision = promote_candidate(parent.info.run_id) if promote else None
-        if isinstance(decision, str):  # promotion refused with a one-line reason
-            _end_failed("promote")
-            return user_error(decision)
-        results["promotion"] = decision
-        evaluation = results["stages"]["evaluate"]
+        decisions: dict[str, dict] = {}
+        for task_name in params.tasks.enabled if promote else []:
+            decision = promote_candidate(parent.info.run_id, task_name)
+            if isinstance(decision, str):  # promotion refused with a one-line reason
+                _end_failed("promote")
+                return user_error(decision)
+            decisions[task_name] = decision
+        decision = decisions.get("classification")
+        results["promotion"], results["promotions"] = decision, decisions
         mlflow.log_dict(results, "pipeline_results.json")
+        others = {
+            t: (results["stages"].get(TASKS[t].stages[-1]), decisions.get(t))
+            for t in params.tasks.enabled
+            if t != "classification"
+        }
+        costs = {s: m.get("cost") for s, m in results["stages"].items()}
         create_markdown_artifact(
-            markdown=summary_markdown(evaluation, decision, {s: m.get("cost") for s, m in results["stages"].items()}),
+            markdown=summary_markdown(results["stages"].get("evaluate"), decision, costs, others),
             key="lmforge-evaluation",
             description="Test-split evaluation and promotion gates",
         )
         try:
-            links_artifact(parent.info.run_id, decision, params)
+            links_artifact(parent.info.run_id, decisions, params)
         except Exception as e:  # noqa: BLE001 - links are a convenience: never fail a promoted run over them
             get_run_logger().warning(
                 f"could not create the run's link artifacts: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
@@ -256,8 +299,9 @@ def _end_failed(stage: str) -> None:
             get_run_logger().warning(f"could not record the failure in MLflow ({str(e.message).splitlines()[0][:200]})")
 
 
-def links_artifact(parent_run_id: str, decision: dict | None, params) -> None:
-    """A Prefect link artifact per run: the MLflow run, the registry version (the Data Docs: `data_docs_artifact`)."""
+def links_artifact(parent_run_id: str, decisions: dict[str, dict], params) -> None:
+    """A Prefect link artifact per run: the MLflow run, each task's registry version (the Data Docs:
+    `data_docs_artifact`)."""
     from prefect.artifacts import create_link_artifact
 
     import mlflow
@@ -268,12 +312,14 @@ def links_artifact(parent_run_id: str, decision: dict | None, params) -> None:
         uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
     )  # `lmforge ui` serves the embedded store there
     links = {"lmforge-mlflow-run": (f"{web}/#/experiments/{exp}/runs/{parent_run_id}", "MLflow run of this pipeline")}
-    if decision and decision.get("version"):
-        name = params.tracking.registered_model
-        links["lmforge-model-version"] = (
-            f"{web}/#/models/{name}/versions/{decision['version']}",
-            f"{name} v{decision['version']} in the MLflow registry",
-        )
+    for task_name, decision in decisions.items():
+        if decision and decision.get("version"):
+            name = registered_name(TASKS[task_name], params.tracking)
+            key = "lmforge-model-version" if task_name == "classification" else f"lmforge-{task_name}-model-version"
+            links[key] = (
+                f"{web}/#/models/{name}/versions/{decision['version']}",
+                f"{name} v{decision['version']} in the MLflow registry",
+            )
     for key, (link, description) in links.items():
         create_link_artifact(link=link, key=key, description=description)
 

@@ -199,6 +199,9 @@ def _registry_errors(e: Exception) -> UserError:
 @app.command()
 def promote(
     params: str = "params.yaml",
+    task: Optional[str] = typer.Option(
+        None, help="only this task (classification, kg); default: every task in tasks.enabled, in order"
+    ),
     lock_timeout: float = typer.Option(3600.0, help="seconds to wait while a pipeline holds this workspace"),
     force: bool = typer.Option(
         False, "--force", help="move @champion even if gates fail (needs --reason; recorded as an override)"
@@ -207,24 +210,30 @@ def promote(
         None, help="why: recorded in the alias history (and on the version when forced)"
     ),
 ) -> None:
-    """Gate the evaluated candidate, register it as @candidate and move @champion if every gate passes (exit 1 if not).
+    """Gate each task's evaluated candidate, register it as @candidate and move its @champion if every gate passes
+    (exit 1 if one is not promoted).
 
-    Refuses (exit 2) unless DVC reports every stage up to date and the artifacts match what evaluate scored.
+    Refuses (exit 2) unless DVC reports the task's stages up to date and the artifacts match what was scored.
     With --force --reason "…" a candidate that fails gates becomes @champion anyway, recorded as an override."""
     from tasks.ops.lock import workspace_lock
-    from tasks.ops.promote import run
     from tasks.ops.registry import override_reason
+    from tasks.shared.tasks import TASKS, promotion
 
     try:
         override_reason(force, reason)  # before waiting for the workspace
         cfg = load_params(params)
+        names = [task] if task else list(cfg.tasks.enabled)
+        if unknown := [t for t in names if t not in TASKS]:
+            raise UserError(f"--task: unknown task {unknown[0]!r}; tasks are {sorted(TASKS)}")
+        promoted = []
         with workspace_lock(Path.cwd(), "lmforge promote", lock_timeout):
-            decision = run(cfg, params_file=params, force=force, reason=reason)
+            for name in names:
+                promoted.append(promotion(TASKS[name])(cfg, params_file=params, force=force, reason=reason).promoted)
     except UserError as e:
         _fail(e)
     except Exception as e:
         _fail(_registry_errors(e))
-    raise typer.Exit(0 if decision.promoted else 1)
+    raise typer.Exit(0 if all(promoted) else 1)
 
 
 @app.command()

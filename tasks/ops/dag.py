@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("tasks", "models", "flows", "deploy")
 """Top-level packages of this project; imports of anything else are libraries."""
 PARAMS_FILE = "params.yaml"
-STAGE_CMD = re.compile(r"python -m (tasks\.\w+)")
+STAGE_CMD = re.compile(r"python -m (tasks(?:\.\w+)+)")
 
 
 def dvc_command(*args: str) -> list[str]:
@@ -367,11 +367,13 @@ def stale_lock(root: Path = ROOT) -> list[str]:
 # dvc status
 
 
-def stale_stages(root: Path = Path(".")) -> dict[str, list]:
+def stale_stages(root: Path = Path("."), stages: list[str] | None = None) -> dict[str, list]:
     """`dvc status` of the default pipeline: stage -> what changed since dvc.lock recorded it (empty: all up to
-    date). The target keeps the other pipeline files out (the learning curve's stage, stale or never run)."""
-    target = str(DEFAULT_PIPELINE)
-    res = subprocess.run(dvc_command("status", "--json", target), cwd=root, capture_output=True, text=True)
+    date). The target keeps the other pipeline files out (the learning curve's stage, stale or never run); given
+    `stages`, only those and what they depend on (one task's stages and the shared ones)."""
+    targets = [f"{DEFAULT_PIPELINE}:{s}" for s in stages] if stages else [str(DEFAULT_PIPELINE)]
+    extra = ["--with-deps"] if stages else []
+    res = subprocess.run(dvc_command("status", "--json", *extra, *targets), cwd=root, capture_output=True, text=True)
     if res.returncode != 0:
         last = (res.stderr or res.stdout).strip().splitlines()[-1:] or [f"exit code {res.returncode}"]
         raise UserError(f"dvc status failed: {last[0]}")
@@ -402,9 +404,10 @@ def describe_stale(stale: dict[str, list]) -> str:
     return f"{len(stale)} stage(s) out of date ({', '.join(stale)}; {first}: {describe_change(stale[first])})"
 
 
-def require_current_evaluation(root: Path = Path(".")) -> None:
-    """Refuse unless DVC reports every stage up to date (evaluation and lineage describe the workspace)."""
-    stale = stale_stages(root)
+def require_current_evaluation(root: Path = Path("."), stages: list[str] | None = None) -> None:
+    """Refuse unless DVC reports every stage (or every one of `stages` and what they depend on) up to date, so the
+    evaluation and lineage describe the workspace."""
+    stale = stale_stages(root, stages)
     if stale:
         raise UserError(
             f"the evaluation is not evidence for the current artifacts: dvc status reports {describe_stale(stale)}; "

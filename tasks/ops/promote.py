@@ -51,6 +51,7 @@ from tasks.shared.config.promote import PromoteConfig
 from tasks.shared.digest import tree_sha256
 from tasks.shared.errors import UserError
 from tasks.shared.io import read_json, read_parquet
+from tasks.shared.tasks import TASKS
 from tasks.shared.tracking import PARENT_RUN_ENV, git_commit, numeric, setup_tracking
 from tasks.shared.validation import read_result
 from tasks.shared.variants import folders as variant_folders
@@ -190,7 +191,7 @@ def run(
     from mlflow import MlflowClient
 
     reason = override_reason(force, reason)
-    require_current_evaluation()
+    require_current_evaluation(stages=list(TASKS["classification"].stages))
     candidate = evaluated_candidate(params)
     setup_tracking(params.tracking)
     client = MlflowClient()
@@ -217,7 +218,7 @@ def run(
             PARAMS_ARTIFACT: Path(params_file).read_text(encoding="utf-8"),
             INPUTS_ARTIFACT: data_files(),
         }
-        decision.version = register(name, bundle_dir, candidate, decision, (force, reason), records)
+        decision.version = register(name, pyfunc_model(bundle_dir), candidate, decision, (force, reason), records)
     tag_version(client, name, candidate, decision)
     move_aliases(client, name, decision, str(champion_mv.version) if champion_mv is not None else None, force, reason)
     return decision
@@ -320,16 +321,16 @@ def lineage(params: Params, params_file: Path, flow_run_id: str | None, scored: 
 
 def register(
     name: str,
-    bundle_dir: Path,
+    model: dict,
     candidate: Candidate,
     decision: Decision,
     override: tuple[bool, str],
     records: dict[str, dict | str],
 ) -> str:
-    """Log the bundle as an MLflow model in a `promote` run (nested under the pipeline's) and register it, with
-    `records` beside it (artifact name -> a dict logged as JSON, or text): the split its no_regression needs later
-    and what `lmforge verify` rebuilds it from (the params file, the md5 of every input file); returns the new
-    version. `override`: (force, reason) as given to `run`."""
+    """Log `model` (`mlflow.pyfunc.log_model` arguments) in a `promote` run (nested under the pipeline's) and
+    register it, with `records` beside it (artifact name -> a dict logged as JSON, or text): the split its
+    no_regression needs later and what `lmforge verify` rebuilds it from (the params file, the md5 of every input
+    file); returns the new version. `override`: (force, reason) as given to `run`."""
     import mlflow
 
     gates = decision.gates
@@ -340,7 +341,7 @@ def register(
         nested=mlflow.active_run() is not None,
         tags={"lmforge.stage": "promote"},
     ) as run_:
-        info = mlflow.pyfunc.log_model(name="model", registered_model_name=name, **pyfunc_model(bundle_dir))
+        info = mlflow.pyfunc.log_model(name="model", registered_model_name=name, **model)
         for artifact, record in records.items():
             if isinstance(record, dict):
                 mlflow.log_dict(record, artifact)

@@ -91,7 +91,9 @@ class TrackingConfig(Section):
     experiment: str = "lmforge"
     """MLflow experiment name."""
     registered_model: str = "lmforge-classifier"
-    """Name of the registered model that carries the `champion` alias."""
+    """Name of the registered classifier (task `classification`), which carries its own `champion` alias."""
+    extractor_model: str = "lmforge-extractor"
+    """Name of the registered extractor (task `kg`: entities, relations, links and the graph built with them)."""
 
 
 def describe(err: ValidationError, source: Path, prefix: str = "") -> str:

@@ -19,9 +19,11 @@ from tasks.shared.config.ingest import IngestConfig
 from tasks.shared.config.orchestrate import OrchestrateConfig
 from tasks.shared.config.pretrain import PretrainConfig
 from tasks.shared.config.promote import PromoteConfig
+from tasks.shared.config.promote_kg import PromoteKgConfig
 from tasks.shared.config.prune import PruneConfig
 from tasks.shared.config.quantize import QuantizeConfig
 from tasks.shared.config.sparsify import SparsifyConfig
+from tasks.shared.config.tasks import TasksConfig
 from tasks.shared.config.tokenize import TokenizeConfig
 from tasks.shared.config.validate import ValidateConfig
 from tasks.shared.errors import UserError
@@ -29,6 +31,7 @@ from tasks.shared.errors import UserError
 SECTION_TYPES: dict[str, type[Section]] = {
     "paths": Paths,
     "tracking": TrackingConfig,
+    "tasks": TasksConfig,
     "ingest": IngestConfig,
     "clean": CleanConfig,
     "validate": ValidateConfig,
@@ -42,6 +45,7 @@ SECTION_TYPES: dict[str, type[Section]] = {
     "evaluate": EvaluateConfig,
     "curve": CurveConfig,
     "promote": PromoteConfig,
+    "promote_kg": PromoteKgConfig,
     "orchestrate": OrchestrateConfig,
 }
 """Every top-level key of params.yaml and the config class that validates it."""
@@ -52,6 +56,7 @@ class Params(BaseModel):
 
     paths: Paths
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    tasks: TasksConfig = Field(default_factory=TasksConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     clean: CleanConfig = Field(default_factory=CleanConfig)
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
@@ -65,6 +70,7 @@ class Params(BaseModel):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     curve: CurveConfig = Field(default_factory=CurveConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
+    promote_kg: PromoteKgConfig = Field(default_factory=PromoteKgConfig)
     orchestrate: OrchestrateConfig = Field(default_factory=OrchestrateConfig)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
