@@ -196,6 +196,17 @@ def _registry_errors(e: Exception) -> UserError:
     raise e
 
 
+TASK_HELP = "the task whose registered model to act on (classification, kg)"
+
+
+def _require_task(task: str) -> str:
+    from tasks.shared.tasks import TASKS
+
+    if task not in TASKS:
+        raise UserError(f"--task: unknown task {task!r}; tasks are {sorted(TASKS)}")
+    return task
+
+
 @app.command()
 def promote(
     params: str = "params.yaml",
@@ -222,9 +233,7 @@ def promote(
     try:
         override_reason(force, reason)  # before waiting for the workspace
         cfg = load_params(params)
-        names = [task] if task else list(cfg.tasks.enabled)
-        if unknown := [t for t in names if t not in TASKS]:
-            raise UserError(f"--task: unknown task {unknown[0]!r}; tasks are {sorted(TASKS)}")
+        names = [_require_task(task)] if task else list(cfg.tasks.enabled)
         promoted = []
         with workspace_lock(Path.cwd(), "lmforge promote", lock_timeout):
             for name in names:
@@ -243,13 +252,15 @@ def rollback(
         False, "--force", help="allow a version that failed its gates (needs --reason; recorded)"
     ),
     reason: Optional[str] = typer.Option(None, help="why: recorded in the alias history"),
+    task: str = typer.Option("classification", help=TASK_HELP),
     params: str = "params.yaml",
 ) -> None:
     """Move @champion back to an earlier registered version that passed its gates (or --force one that did not)."""
     from tasks.ops.rollback import run
 
     try:
-        run(load_params(params), to, force=force, reason=reason)
+        _require_task(task)
+        run(load_params(params), to, force=force, reason=reason, task=task)
     except UserError as e:
         _fail(e)
     except Exception as e:
@@ -286,17 +297,19 @@ def verify(
 
 
 @app.command()
-def history(params: str = "params.yaml") -> None:
+def history(task: str = typer.Option("classification", help=TASK_HELP), params: str = "params.yaml") -> None:
     """Every move of @champion and @candidate: when, which alias, from which version to which, who, why, and
     whether gates were overridden."""
     from mlflow import MlflowClient
     from tasks.ops.registry import alias_history
+    from tasks.shared.tasks import TASKS, registered_name
     from tasks.shared.tracking import setup_tracking
 
     try:
+        _require_task(task)
         cfg = load_params(params).tracking
         setup_tracking(cfg)
-        events = alias_history(MlflowClient(), cfg.registered_model)
+        events = alias_history(MlflowClient(), registered_name(TASKS[task], cfg))
     except UserError as e:
         _fail(e)
     except Exception as e:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from tasks.ops.registry import ALIAS, alias_history, current_champion, move_champion, override_reason
 from tasks.shared.config.params import Params
 from tasks.shared.errors import UserError
+from tasks.shared.tasks import TASKS, registered_name
 from tasks.shared.tracking import setup_tracking
 
 
@@ -49,9 +50,11 @@ def previous_champion(client, name: str, current: str) -> str | None:
     return None
 
 
-def run(params: Params, to_version: str | None = None, force: bool = False, reason: str | None = None) -> str:
-    """Point `champion` at `to_version`, or at the previous champion that passed its gates
-    (see the module docstring)."""
+def run(
+    params: Params, to_version: str | None = None, force: bool = False, reason: str | None = None, task: str = ""
+) -> str:
+    """Point `champion` of `task`'s registered model (default: the classifier) at `to_version`, or at the previous
+    champion that passed its gates (see the module docstring)."""
     from mlflow.exceptions import MlflowException
 
     from mlflow import MlflowClient
@@ -59,7 +62,7 @@ def run(params: Params, to_version: str | None = None, force: bool = False, reas
     override_reason(force, reason)
     setup_tracking(params.tracking)
     client = MlflowClient()
-    name = params.tracking.registered_model
+    name = registered_name(TASKS[task or "classification"], params.tracking)
     champion = current_champion(client, name)
     if to_version is None:
         if champion is None:
