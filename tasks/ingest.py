@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tasks.kg.records import RAW_COLUMNS, read_user_spans, write_raw
 from tasks.shared.config.base import Paths
 from tasks.shared.config.ingest import IngestConfig
 from tasks.shared.datasets import log_dataset
@@ -331,6 +332,8 @@ class IngestResult:
     skipped_files: int
     corpus_blank: int = 0
     corpus_held_out: int = 0
+    span_rows: int = 0
+    """Rows of the user's labeled spans (0 with `ingest.spans: stdlib`)."""
 
     @property
     def metrics(self) -> dict:
@@ -342,6 +345,7 @@ class IngestResult:
             "skipped_files": self.skipped_files,
             "corpus_blank": self.corpus_blank,
             "corpus_held_out": self.corpus_held_out,
+            "span_rows": self.span_rows,
         }
 
 
@@ -361,6 +365,7 @@ def run(cfg: IngestConfig, paths: Paths, tracker: Tracker | None = None) -> Inge
     labeled = split_labeled(stdlib_labeled(cfg, files, root), cfg) if cfg.labeled == STDLIB else _user_labeled(cfg)
     check_labels(labeled, _name(cfg.labeled), cfg.min_examples_per_label)
 
+    spans = read_user_spans(cfg.spans, read_options(cfg), cfg.id_column) if cfg.spans != STDLIB else None
     _warn_outside(cfg, paths.user_data)
     held_out = set(labeled.loc[labeled["split"] != "train", "source"])
     skipped, counts = [], CorpusCounts()
@@ -392,6 +397,7 @@ def run(cfg: IngestConfig, paths: Paths, tracker: Tracker | None = None) -> Inge
     if not counts.rows:
         raise UserError(f"ingest.corpus ({_name(cfg.corpus)}): no documents")
     write_parquet(labeled[LABELED_COLUMNS], paths.raw_labeled)
+    write_raw(spans if spans is not None else pd.DataFrame(columns=RAW_COLUMNS), paths.kg_raw)
     if tracker:
         for name, spec, output in (
             ("corpus", cfg.corpus, paths.raw_corpus),
@@ -406,6 +412,7 @@ def run(cfg: IngestConfig, paths: Paths, tracker: Tracker | None = None) -> Inge
         skipped_files=len(skipped),
         corpus_blank=counts.blank,
         corpus_held_out=counts.held_out,
+        span_rows=0 if spans is None else len(spans),
     )
 
 
@@ -413,7 +420,8 @@ def _warn_outside(cfg: IngestConfig, user_data: Path) -> None:
     """One line for input files outside paths.user_data: the ingest stage's DVC dependency does not cover
     them, so `dvc repro` would not notice when they change."""
     root = Path(user_data).absolute()
-    outside = [str(f) for f in expand_inputs(user_inputs(cfg.corpus, cfg.labeled)) if root not in f.absolute().parents]
+    files = expand_inputs(user_inputs(cfg.corpus, cfg.labeled, cfg.spans))
+    outside = [str(f) for f in files if root not in f.absolute().parents]
     if outside:
         more = f" and {len(outside) - 3} more" if len(outside) > 3 else ""
         print(
