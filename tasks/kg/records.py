@@ -82,11 +82,14 @@ def _write(df: pd.DataFrame, columns: list[str], path: Path, ints: set[str] = fr
     pq.write_table(pa.Table.from_pandas(df[columns], schema=schema, preserve_index=False), path)
 
 
-def write_tables(tables: KgTables, folder: Path | str) -> None:
-    """Write every table into `folder` at once (a temp folder renamed into place)."""
+def write_tables(tables: KgTables, folder: Path | str, extra: dict[str, dict] | None = None) -> None:
+    """Write every table (and each `extra` {file name: JSON object}) into `folder` at once: a temp folder
+    renamed into place."""
     with atomic_dir(folder) as tmp:
         for name, df in tables.frames().items():
             _write(df, TABLES[name], tmp / f"{name}.parquet", INT_COLUMNS.get(name, set()))
+        for name, obj in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def read_tables(folder: Path | str) -> KgTables:
