@@ -100,6 +100,25 @@ def test_assign_splits_is_deterministic_and_seeded():
     assert m1 != assign_splits(groups, _cfg(seed=2))
 
 
+def test_run_writes_the_users_spans_or_an_empty_span_table(tiny_project, tmp_path):
+    labeled, corpus = _user_data(tmp_path)
+    cfg = {"corpus": str(corpus), "labeled": str(labeled), "min_examples_per_label": 10}
+    res = ingest.run(_cfg(**cfg), tiny_project)
+    empty = pd.read_parquet(tiny_project.kg_raw)
+    assert (
+        res.span_rows == 0 and empty.empty and list(empty.columns) == ["id", "text", "source", "entities", "relations"]
+    )
+    spans = tmp_path / "user" / "spans.jsonl"
+    spans.write_text(json.dumps({"text": "Ann met Bo.", "entities": [{"start": 0, "end": 3, "label": "PER"}]}) + "\n")
+    res = ingest.run(_cfg(**cfg, spans=str(spans)), tiny_project)
+    out = pd.read_parquet(tiny_project.kg_raw)
+    assert res.span_rows == 1 and out["id"].tolist() == [f"{spans}#1"]
+    assert json.loads(out["entities"][0]) == [{"start": 0, "end": 3, "label": "PER"}]
+    spans.write_text(json.dumps({"text": "Ann", "entities": [{"start": 0, "end": 9, "label": "PER"}]}) + "\n")
+    with pytest.raises(UserError, match=r"spans.jsonl: row 1: entities\[0\] \[0, 9\) is out of range"):
+        ingest.run(_cfg(**cfg, spans=str(spans)), tiny_project)
+
+
 def test_split_labeled_on_user_style_rows():
     df = pd.DataFrame(
         {
