@@ -353,14 +353,14 @@ def _parameters(node: ast.AST) -> dict[str, str]:
     return {n: PARAMETER for n in names if n not in INSTANCE}
 
 
-def scopes(d: Definition, kb: KnowledgeBase, by_id: dict[str, Definition]) -> tuple[Scope, Scope]:
+def scopes(d: Definition, kb: KnowledgeBase, nodes: list[ast.AST]) -> tuple[Scope, Scope]:
     """(code scope, text scope) of a definition: Python's own rules for its code; its docstring also sees
     the members of its class (a docstring says `close()` for the sibling method)."""
     module = d.module
     is_package = module.source.replace("\\", "/").endswith("__init__.py")
     params = _parameters(d.node)
     is_function = isinstance(d.node, (ast.FunctionDef, ast.AsyncFunctionDef))
-    local = imports(own_nodes(d.node), module.id, is_package) if is_function else {}  # imports inside the body
+    local = imports(nodes, module.id, is_package) if is_function else {}  # imports inside the body
     is_class = isinstance(d.node, ast.ClassDef)
     owner_class = d.id if is_class else d.parent
     members = kb.members.get(owner_class, {}) if owner_class else {}
@@ -369,8 +369,9 @@ def scopes(d: Definition, kb: KnowledgeBase, by_id: dict[str, Definition]) -> tu
     return code, text
 
 
-def facts(d: Definition, scope: Scope) -> set[tuple[str, str, str]]:
-    """What the definition's own code states: raises X, returns an instance of X, calls X, inherits X."""
+def facts(d: Definition, scope: Scope, nodes: list[ast.AST]) -> set[tuple[str, str, str]]:
+    """What the definition's own code (`nodes`, from `own_nodes`) states: raises X, returns an instance of X,
+    calls X, inherits X."""
     kb = scope.kb
     found: set[tuple[str, str, str]] = set()
 
@@ -383,7 +384,7 @@ def facts(d: Definition, scope: Scope) -> set[tuple[str, str, str]]:
     if isinstance(d.node, ast.ClassDef):
         for base in d.node.bases:
             add("inherits", base, ("class", "exception"))
-    for node in own_nodes(d.node):
+    for node in nodes:
         if isinstance(node, ast.Raise) and node.exc is not None:
             add("raises", node.exc.func if isinstance(node.exc, ast.Call) else node.exc, ("class", "exception"))
         elif isinstance(node, ast.Return) and isinstance(node.value, ast.Call):
@@ -455,11 +456,11 @@ def build(rows: Iterable[tuple[str, str]], max_chars: int) -> tuple[KgTables, li
     """The task data from (source, code) rows (splits left ""), and the sources that did not parse."""
     modules, unparsable = parse_modules(rows)
     kb, defs = knowledge_base(modules)
-    by_id = {d.id: d for d in defs}
     out: dict[str, list] = {"docs": [], "mentions": [], "relations": [], "facts": []}
     for d in defs:
-        code_scope, text_scope = scopes(d, kb, by_id)
-        stated = facts(d, code_scope)
+        nodes = list(own_nodes(d.node))
+        code_scope, text_scope = scopes(d, kb, nodes)
+        stated = facts(d, code_scope, nodes)
         out["facts"] += stated
         owner_facts: dict[str, set[str]] = {}
         for _, relation, tail in stated:
