@@ -97,6 +97,10 @@ class ExtractorNet(nn.Module):
         self.relation = nn.Sequential(nn.Linear(4 * C, C), nn.GELU(), nn.Linear(C, len(cfg.relation_labels)))
         self.mention_proj = nn.Linear(3 * C, D)
         self.desc_proj = nn.Linear(C, D)
+        for head in (self.tagger, *self.relation, self.mention_proj, self.desc_proj):
+            if isinstance(head, nn.Linear):  # small heads on the trunk's large states: calm first steps
+                nn.init.normal_(head.weight, std=0.02)
+                nn.init.zeros_(head.bias)
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Token states (B, T, C) of right-padded ids (B, T)."""
@@ -131,8 +135,9 @@ class ExtractorNet(nn.Module):
         return self.mention_proj(features)
 
     def describe(self, pooled: torch.Tensor) -> torch.Tensor:
-        """(N, D) description vectors of pooled description states (N, C)."""
-        return self.desc_proj(pooled)
+        """(N, D) description vectors of pooled description states (N, C), scaled by 1/sqrt(D) so that a dot
+        product with a context vector is a well-scaled logit."""
+        return self.desc_proj(pooled) / self.config.link_dim**0.5
 
 
 # ---------------------------------------------------------------------------------------------

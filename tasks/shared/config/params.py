@@ -16,6 +16,8 @@ from tasks.shared.config.distill import DistillConfig
 from tasks.shared.config.evaluate import EvaluateConfig
 from tasks.shared.config.finetune import FinetuneConfig
 from tasks.shared.config.ingest import IngestConfig
+from tasks.shared.config.kg_evaluate import KgEvaluateConfig
+from tasks.shared.config.kg_train import KgTrainConfig
 from tasks.shared.config.orchestrate import OrchestrateConfig
 from tasks.shared.config.pretrain import PretrainConfig
 from tasks.shared.config.promote import PromoteConfig
@@ -40,6 +42,8 @@ SECTION_TYPES: dict[str, type[Section]] = {
     "distill": DistillConfig,
     "quantize": QuantizeConfig,
     "evaluate": EvaluateConfig,
+    "kg_train": KgTrainConfig,
+    "kg_evaluate": KgEvaluateConfig,
     "curve": CurveConfig,
     "promote": PromoteConfig,
     "orchestrate": OrchestrateConfig,
@@ -63,6 +67,8 @@ class Params(BaseModel):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    kg_train: KgTrainConfig = Field(default_factory=KgTrainConfig)
+    kg_evaluate: KgEvaluateConfig = Field(default_factory=KgEvaluateConfig)
     curve: CurveConfig = Field(default_factory=CurveConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
     orchestrate: OrchestrateConfig = Field(default_factory=OrchestrateConfig)
