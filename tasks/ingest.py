@@ -14,7 +14,6 @@ labeled row are left out, counted in the metrics and reported on stdout.
 from __future__ import annotations
 
 import ast
-import hashlib
 import math
 import numbers
 import sysconfig
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tasks.kg.records import RAW_COLUMNS, read_user_spans, write_raw
 from tasks.shared.config.base import Paths
 from tasks.shared.config.ingest import IngestConfig
 from tasks.shared.datasets import log_dataset
@@ -44,12 +44,12 @@ from tasks.shared.io import (
     write_parquet,
     write_parquet_chunks,
 )
+from tasks.shared.splits import SPLITS, assign_splits, seeded_hash
 from tasks.shared.tracking import Tracker
 
 SECTIONS = {"ingest": IngestConfig}
 """The params.yaml sections this stage reads (its dvc.yaml `params:`)."""
 
-SPLITS = ("train", "val", "test")
 CORPUS_COLUMNS = ["id", "text", "source", "kind"]
 LABELED_COLUMNS = ["id", "text", "label", "source", "split"]
 """The columns of paths.raw_corpus / paths.raw_labeled (all strings; ids unique per file)."""
@@ -69,10 +69,6 @@ def stdlib_files(root: Path) -> list[Path]:
             continue
         files.append(f)
     return files
-
-
-def _seeded_hash(seed: int, key: str) -> str:
-    return hashlib.sha1(f"{seed}:{key}".encode()).hexdigest()
 
 
 def _read_source(f: Path) -> str | None:
@@ -114,48 +110,13 @@ def functions(tree: ast.Module, src: str) -> list[str]:
     return out
 
 
-OVERSHOOT = 1.5
-"""A group goes to a held-out split only if that split stays within OVERSHOOT x its quota for the label."""
-
-
-def assign_splits(groups: pd.DataFrame, cfg: IngestConfig) -> dict[str, str]:
-    """Map each group (source file) to a split so each label gets ~val/test_fraction of its rows.
-
-    `groups` has columns group, label, n. Groups are visited in seeded hash order: test fills first,
-    then val, the rest is train (always at least the last group). A group that would take a split past
-    OVERSHOOT x its quota stays in train, so one big file cannot become most of a label's test rows; a
-    held-out split that no group fits gets the label's smallest train group (while train keeps one).
-    """
-    out: dict[str, str] = {}
-    for _, g in groups.groupby("label", sort=True):
-        g = g.assign(h=[_seeded_hash(cfg.seed, str(k)) for k in g["group"]]).sort_values("h")
-        total = g["n"].sum()
-        quota = {"test": cfg.test_fraction * total, "val": cfg.val_fraction * total}
-        filled = {"test": 0, "val": 0}
-        for i, (key, n) in enumerate(zip(g["group"], g["n"])):
-            last = i == len(g) - 1
-            fits = [
-                s
-                for s in ("test", "val")
-                if not last and filled[s] < quota[s] and filled[s] + n <= OVERSHOOT * quota[s]
-            ]
-            out[key] = fits[0] if fits else "train"
-            if fits:
-                filled[fits[0]] += n
-        for split in ("test", "val"):
-            train = g[g["group"].map(out) == "train"].sort_values(["n", "h"])
-            if not filled[split] and quota[split] > 0 and len(train) > 1:
-                out[train["group"].iloc[0]] = split
-    return out
-
-
 def stdlib_labeled(cfg: IngestConfig, files: list[Path], root: Path) -> pd.DataFrame:
     rows = []
     for pkg in cfg.packages:
         pkg_files = [f for f in files if f.relative_to(root).parts[0] == pkg and len(f.relative_to(root).parts) > 1]
         if not pkg_files:
             raise UserError(f"params.yaml: ingest.packages: {pkg!r} is not a package of the standard library at {root}")
-        pkg_files.sort(key=lambda f: _seeded_hash(cfg.seed, str(f.relative_to(root))))
+        pkg_files.sort(key=lambda f: seeded_hash(cfg.seed, str(f.relative_to(root))))
         if cfg.max_files:
             pkg_files = pkg_files[: cfg.max_files]
         for f in pkg_files:
@@ -185,7 +146,7 @@ def stdlib_corpus(
     rows, skipped = [], []
     files = [f for f in files if str(f.relative_to(root)) not in exclude]
     if max_files:
-        files = sorted(files, key=lambda f: _seeded_hash(seed, str(f.relative_to(root))))[:max_files]
+        files = sorted(files, key=lambda f: seeded_hash(seed, str(f.relative_to(root))))[:max_files]
     for f in files:
         src = _read_source(f)
         tree = _parse(src) if src else None
@@ -371,6 +332,8 @@ class IngestResult:
     skipped_files: int
     corpus_blank: int = 0
     corpus_held_out: int = 0
+    span_rows: int = 0
+    """Rows of the user's labeled spans (0 with `ingest.spans: stdlib`)."""
 
     @property
     def metrics(self) -> dict:
@@ -382,6 +345,7 @@ class IngestResult:
             "skipped_files": self.skipped_files,
             "corpus_blank": self.corpus_blank,
             "corpus_held_out": self.corpus_held_out,
+            "span_rows": self.span_rows,
         }
 
 
@@ -401,6 +365,7 @@ def run(cfg: IngestConfig, paths: Paths, tracker: Tracker | None = None) -> Inge
     labeled = split_labeled(stdlib_labeled(cfg, files, root), cfg) if cfg.labeled == STDLIB else _user_labeled(cfg)
     check_labels(labeled, _name(cfg.labeled), cfg.min_examples_per_label)
 
+    spans = read_user_spans(cfg.spans, read_options(cfg), cfg.id_column) if cfg.spans != STDLIB else None
     _warn_outside(cfg, paths.user_data)
     held_out = set(labeled.loc[labeled["split"] != "train", "source"])
     skipped, counts = [], CorpusCounts()
@@ -432,6 +397,7 @@ def run(cfg: IngestConfig, paths: Paths, tracker: Tracker | None = None) -> Inge
     if not counts.rows:
         raise UserError(f"ingest.corpus ({_name(cfg.corpus)}): no documents")
     write_parquet(labeled[LABELED_COLUMNS], paths.raw_labeled)
+    write_raw(spans if spans is not None else pd.DataFrame(columns=RAW_COLUMNS), paths.kg_raw)
     if tracker:
         for name, spec, output in (
             ("corpus", cfg.corpus, paths.raw_corpus),
@@ -446,6 +412,7 @@ def run(cfg: IngestConfig, paths: Paths, tracker: Tracker | None = None) -> Inge
         skipped_files=len(skipped),
         corpus_blank=counts.blank,
         corpus_held_out=counts.held_out,
+        span_rows=0 if spans is None else len(spans),
     )
 
 
@@ -453,7 +420,8 @@ def _warn_outside(cfg: IngestConfig, user_data: Path) -> None:
     """One line for input files outside paths.user_data: the ingest stage's DVC dependency does not cover
     them, so `dvc repro` would not notice when they change."""
     root = Path(user_data).absolute()
-    outside = [str(f) for f in expand_inputs(user_inputs(cfg.corpus, cfg.labeled)) if root not in f.absolute().parents]
+    files = expand_inputs(user_inputs(cfg.corpus, cfg.labeled, cfg.spans))
+    outside = [str(f) for f in files if root not in f.absolute().parents]
     if outside:
         more = f" and {len(outside) - 3} more" if len(outside) > 3 else ""
         print(

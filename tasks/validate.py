@@ -19,7 +19,6 @@ with one line naming each failure and up to three offending rows by `id`.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from tasks.shared.errors import UserError
 from tasks.shared.harness import stage_main
 from tasks.shared.io import atomic_dir, read_parquet
 from tasks.shared.tracking import Tracker
-from tasks.shared.validation import write_result
+from tasks.shared.validation import describe_failure, open_checkpoints, record, write_result
 
 SECTIONS = {"validate": ValidateConfig, "clean": CleanConfig, "ingest": IngestConfig}
 """The params.yaml sections this stage reads (its dvc.yaml `params:`); thresholds come from all three."""
@@ -43,20 +42,6 @@ TABLES = ("corpus", *SPLITS, "splits", "classes")
 """One suite, validation definition and checkpoint per table in gx/, each named after the table."""
 SITE = "local_site"
 """The Data Docs site of gx/great_expectations.yml that the checkpoints update."""
-SAMPLES = 3
-"""Offending rows named per failed expectation in the error line."""
-RESULT_KEYS = (
-    "observed_value",
-    "details",
-    "element_count",
-    "missing_count",
-    "unexpected_count",
-    "unexpected_percent",
-    "partial_unexpected_list",
-    "partial_unexpected_index_list",
-    "partial_missing_list",
-)
-"""What a result record keeps of GE's result: values, no run ids or timestamps."""
 
 
 def tables(corpus: pd.DataFrame, labeled: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -99,97 +84,6 @@ def suite_parameters(cfg: ValidateConfig, clean: CleanConfig, labels: list[str])
         "labeled_max_chars": clean.labeled_max_chars,
         "labels": labels,
     }
-
-
-def _short(value, n: int = 40) -> str:
-    s = repr(value) if isinstance(value, str) else f"{value:.4g}" if isinstance(value, float) else str(value)
-    return s if len(s) <= n else s[: n - 3] + "..."
-
-
-def _error(r) -> str | None:
-    """The message of an exception GE caught while evaluating `r` (a flat dict, or one per metric), if any."""
-    info = r.exception_info or {}
-    for item in [info] if "raised_exception" in info else info.values():
-        if isinstance(item, dict) and item.get("raised_exception"):
-            message = str(item.get("exception_message") or "").strip().removeprefix("Error: ")
-            return (message.splitlines() or ["(no message)"])[0][:120]
-    return None
-
-
-def _bounds(kw: dict) -> str | None:
-    lo, hi = kw.get("min_value"), kw.get("max_value")
-    if lo is None and hi is None:
-        return None
-    return (
-        f"{_short(lo)}..{_short(hi)}"
-        if lo is not None and hi is not None
-        else f">={_short(lo)}"
-        if lo is not None
-        else f"<={_short(hi)}"
-    )
-
-
-def describe_failure(table: str, r) -> str:
-    """One failed expectation: its type and arguments, then the offending rows (id=value) or what GE observed."""
-    kw = r.expectation_config.kwargs
-    column = kw.get("column")
-    args = [
-        a
-        for a in (column, _bounds(kw), f"mostly={kw['mostly']:.4g}" if kw.get("mostly", 1) != 1 else None)
-        if a is not None
-    ]
-    res = r.result or {}
-    mismatched = (res.get("details") or {}).get("mismatched") or {}
-    if (error := _error(r)) is not None:
-        detail = f"error: {error}"
-    elif res.get("unexpected_count"):
-        rows = [
-            str(row.get("id")) + (f"={_short(row[column])}" if column in row and column != "id" else "")
-            for row in res.get("partial_unexpected_index_list") or []
-        ]
-        sample = ", ".join(rows[:SAMPLES]) or ", ".join(
-            _short(v) for v in (res.get("partial_unexpected_list") or [])[:SAMPLES]
-        )
-        detail = f"{res['unexpected_count']} of {res.get('element_count', '?')} rows, e.g. {sample}"
-    elif mismatched:
-        detail = ", ".join(f"{k} {sorted(v)}" for k, v in sorted(mismatched.items()) if v)
-    elif res.get("partial_missing_list"):
-        detail = f"missing {sorted(res['partial_missing_list'])[:10]}"
-    else:
-        detail = f"observed {_short(res.get('observed_value'), 80)}"
-    return f"{table}: {r.expectation_config.type}({', '.join(args)}): {detail}"
-
-
-def _record(r) -> dict:
-    """One expectation's outcome, deterministic for the same data (GE's own JSON carries fresh ids and times)."""
-    cfg = r.expectation_config
-    res = r.result or {}
-    record = {
-        "expectation": cfg.type,
-        "kwargs": {k: v for k, v in cfg.kwargs.items() if k != "batch_id"},
-        "success": bool(r.success),
-        "result": {k: res[k] for k in RESULT_KEYS if k in res},
-    }
-    if (error := _error(r)) is not None:
-        record["error"] = error
-    return json.loads(json.dumps(record, default=str))
-
-
-def open_project(src: Path, work: Path) -> dict:
-    """The checkpoints, by table, of a File Data Context on a copy of the GE project `src` made at `work`
-    (see the module docstring)."""
-    import great_expectations as gx
-
-    if not (Path(src) / "great_expectations.yml").is_file():
-        raise UserError(f"{src}: not a Great Expectations project (no great_expectations.yml; paths.gx in params.yaml)")
-    shutil.copytree(src, work, ignore=shutil.ignore_patterns("uncommitted", ".ge_store_backend_id"))
-    try:
-        ctx = gx.get_context(mode="file", context_root_dir=work)
-        return {name: ctx.checkpoints.get(name) for name in TABLES}
-    except Exception as e:  # noqa: BLE001 - a hand-edited suite, definition or checkpoint that GE cannot load
-        raise UserError(
-            f"{src}: cannot load the Great Expectations project ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-        ) from None
 
 
 def checkpoint_inputs(
@@ -248,7 +142,7 @@ def run(
     report: dict = {"suite_parameters": params, "suites": {}}
     with atomic_dir(paths.data_docs) as docs:
         work = docs / ".gx"
-        checkpoints = open_project(Path(paths.gx), work)
+        checkpoints = open_checkpoints(Path(paths.gx), work, TABLES)
         run_id = RunIdentifier(run_name="lmforge-validate")  # one run: the Data Docs list its tables together
         for name in TABLES:
             checkpoint_result = checkpoints[name].run(
@@ -264,7 +158,7 @@ def run(
                     "evaluated": len(res.results),
                     "failed": len(failed),
                 }
-                report["suites"][name] = {"success": bool(res.success), "results": [_record(r) for r in res.results]}
+                report["suites"][name] = {"success": bool(res.success), "results": [record(r) for r in res.results]}
         site = work / "uncommitted" / "data_docs" / SITE
         for item in site.iterdir():
             item.replace(docs / item.name)

@@ -43,6 +43,7 @@ PACKAGES = ("tasks", "models", "flows", "deploy")
 """Top-level packages of this project; imports of anything else are libraries."""
 PARAMS_FILE = "params.yaml"
 STAGE_CMD = re.compile(r"python -m (tasks(?:\.\w+)+)")
+"""A stage command: `python -m tasks.<stage>`, or a task package's stage (`python -m tasks.kg.data`)."""
 
 
 def dvc_command(*args: str) -> list[str]:

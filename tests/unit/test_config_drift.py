@@ -59,7 +59,8 @@ def test_the_drift_check_names_a_missing_field_and_a_changed_default():
 @pytest.mark.parametrize("stage", STAGES)
 def test_stage_module_declares_typed_sections_and_has_main(stage):
     module = importlib.import_module(stage_module(stage, STAGES[stage]))
-    assert module.__name__ in (f"tasks.{stage}", f"tasks.{stage.replace('_', '.', 1)}")  # kg_train: tasks.kg.train
+    # a stage is tasks/<stage>.py, or tasks/<task>/<stage>.py for a task package's stage (kg_data: tasks.kg.data)
+    assert module.__name__ in (f"tasks.{stage}", f"tasks.{stage.replace('_', '.', 1)}")
     assert callable(module.main) and callable(module.run)
     assert module.SECTIONS and all(SECTION_TYPES[name] is t for name, t in module.SECTIONS.items())
     assert stage in module.SECTIONS

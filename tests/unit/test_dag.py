@@ -26,13 +26,20 @@ def test_stage_list_is_dvc_yaml_order_and_respects_dependencies():
     assert names.index("pretrain") < names.index("kg_train") < names.index("kg_evaluate")
 
 
+def _stage_file(stage: str, body: dict) -> str:
+    """The file of a stage's module (`python -m tasks.kg.data` -> tasks/kg/data.py)."""
+    return dag.stage_module(stage, body).replace(".", "/") + ".py"
+
+
+def _stage_files() -> set[str]:
+    return {_stage_file(s, body) for s, body in dag.pipeline_stages().items()}
+
+
 @pytest.mark.parametrize("stage", dag.pipeline_stages())
 def test_a_stage_imports_shared_code_never_another_stage_or_an_operation(stage):
-    stages = dag.pipeline_stages()
-    module = dag.stage_module(stage, stages[stage])
-    closure = dag.import_closure(module)
-    stage_files = {dag.stage_module(s, body).replace(".", "/") + ".py" for s, body in stages.items()}
-    assert closure & stage_files == {module.replace(".", "/") + ".py"}
+    body = dag.pipeline_stages()[stage]
+    closure = dag.import_closure(dag.stage_module(stage, body))
+    assert closure & _stage_files() == {_stage_file(stage, body)}
     assert not [f for f in closure if f.startswith(("tasks/ops/", "flows/", "deploy/"))]
 
 
@@ -44,7 +51,7 @@ def test_shared_code_and_models_import_no_stage_or_operation(file):
     module = file.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
     closure = dag.import_closure(module)
     assert not [f for f in closure if f.startswith(("tasks/ops/", "flows/", "deploy/"))]
-    assert not closure & {f"tasks/{s}.py" for s in dag.pipeline_stages()}
+    assert not closure & _stage_files()
     if file.startswith("models/"):  # the MLflow pyfunc ships models/ alone
         assert all(f.startswith("models/") for f in closure)
 

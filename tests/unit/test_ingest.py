@@ -11,6 +11,7 @@ import pytest
 from tasks import ingest
 from tasks.shared.config.ingest import IngestConfig
 from tasks.shared.errors import UserError
+from tasks.shared.splits import OVERSHOOT, assign_splits
 
 SOURCE = '''"""Module doc."""
 
@@ -76,7 +77,7 @@ def test_assign_splits_each_group_in_exactly_one_split_and_every_split_filled():
         + [{"group": f"b/{i}.py", "label": "b", "n": 3} for i in range(3)]
         + [{"group": "c/only.py", "label": "c", "n": 50}]
     )
-    mapping = ingest.assign_splits(groups, _cfg())
+    mapping = assign_splits(groups, _cfg())
     assert set(mapping) == set(groups["group"])  # every group assigned, once (dict keys)
     assert set(mapping.values()) <= set(ingest.SPLITS)
     rows = groups.assign(split=groups["group"].map(mapping))
@@ -94,9 +95,9 @@ def test_assign_splits_each_group_in_exactly_one_split_and_every_split_filled():
 
 def test_assign_splits_is_deterministic_and_seeded():
     groups = pd.DataFrame([{"group": f"g{i}", "label": "a", "n": 1} for i in range(30)])
-    m1 = ingest.assign_splits(groups, _cfg(seed=1))
-    assert m1 == ingest.assign_splits(groups, _cfg(seed=1))
-    assert m1 != ingest.assign_splits(groups, _cfg(seed=2))
+    m1 = assign_splits(groups, _cfg(seed=1))
+    assert m1 == assign_splits(groups, _cfg(seed=1))
+    assert m1 != assign_splits(groups, _cfg(seed=2))
 
 
 def test_split_labeled_on_user_style_rows():
@@ -481,17 +482,17 @@ def test_assign_splits_keeps_a_file_bigger_than_the_quota_out_of_the_held_out_sp
         [{"group": "big.py", "label": "a", "n": 100}] + [{"group": f"f{i}.py", "label": "a", "n": 5} for i in range(20)]
     )
     for seed in range(5):
-        mapping = ingest.assign_splits(groups, _cfg(seed=seed))
+        mapping = assign_splits(groups, _cfg(seed=seed))
         assert mapping["big.py"] == "train"
         rows = groups.assign(split=groups["group"].map(mapping)).groupby("split")["n"].sum()
         for split in ("val", "test"):
-            assert 0 < rows[split] <= ingest.OVERSHOOT * 0.15 * 200
+            assert 0 < rows[split] <= OVERSHOOT * 0.15 * 200
 
 
 def test_assign_splits_gives_an_empty_held_out_split_the_smallest_train_file():
     # no file fits (each is a third of the label, over 1.5 x the 15% quota): test and val still get one file each
     groups = pd.DataFrame([{"group": f"f{i}.py", "label": "a", "n": 30 + i} for i in range(3)])
-    mapping = ingest.assign_splits(groups, _cfg())
+    mapping = assign_splits(groups, _cfg())
     assert mapping["f2.py"] == "train"
     assert {mapping["f0.py"], mapping["f1.py"]} == {"test", "val"}
 

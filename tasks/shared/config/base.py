@@ -37,6 +37,11 @@ class Paths(Section):
     """Cleaned labeled set."""
     clean_report: Path
     """The clean stage's Markdown report: rows each filter removed or changed, why, with examples."""
+    kg_raw: Path
+    """The user's labeled spans after ingest (parquet: id, text, source, entities, relations as JSON strings);
+    an empty table when `ingest.spans` is stdlib."""
+    kg_data: Path
+    """The knowledge-graph task data: a folder of entities/docs/mentions/relations/facts .parquet (kg_data)."""
     gx: Path
     """The Great Expectations project (File Data Context: suites, validation definitions, checkpoints),
     tracked in git."""
@@ -68,8 +73,6 @@ class Paths(Section):
     """Minimum-functionality examples (JSONL: text, label) for the behavioral tests, tracked in git."""
     evaluation: Path
     """Evaluation predictions and plots."""
-    kg_data: Path
-    """Knowledge-graph task data: entities/docs/mentions/relations/facts .parquet (kg_data)."""
     kg_model: Path
     """The extractor bundle (weights, config, tokenizer, knowledge base, candidate vectors) and baselines.json
     (kg_train)."""

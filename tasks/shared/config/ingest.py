@@ -16,6 +16,10 @@ class IngestConfig(Section):
     labeled: str | list[str] = "stdlib"
     """`stdlib` (which package a function comes from), or jsonl/csv/parquet data with text and label columns
     (files, folders or globs, as for `corpus`)."""
+    spans: str | list[str] = "stdlib"
+    """`stdlib` (the knowledge-graph task's data is built from the clean corpus' code by kg_data), or your
+    labeled spans: JSONL rows `{"text", "entities": [{"start", "end", "label"}], "relations": [{"head",
+    "tail", "label"}]}` (or Doccano's export; csv/parquet with JSON-string columns), as files, folders or globs."""
     text_column: str = Field("text", min_length=1)
     """The column of your data that holds the text."""
     label_column: str = Field("label", min_length=1)
@@ -61,7 +65,7 @@ class IngestConfig(Section):
             codecs.lookup(self.encoding)
         except LookupError:
             raise ValueError(f"encoding: unknown encoding {self.encoding!r}") from None
-        for name in ("corpus", "labeled"):
+        for name in ("corpus", "labeled", "spans"):
             value = getattr(self, name)
             if isinstance(value, list) and (not value or "stdlib" in value):
                 raise ValueError(

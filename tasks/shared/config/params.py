@@ -16,6 +16,7 @@ from tasks.shared.config.distill import DistillConfig
 from tasks.shared.config.evaluate import EvaluateConfig
 from tasks.shared.config.finetune import FinetuneConfig
 from tasks.shared.config.ingest import IngestConfig
+from tasks.shared.config.kg_data import KgDataConfig
 from tasks.shared.config.kg_evaluate import KgEvaluateConfig
 from tasks.shared.config.kg_train import KgTrainConfig
 from tasks.shared.config.orchestrate import OrchestrateConfig
@@ -35,6 +36,7 @@ SECTION_TYPES: dict[str, type[Section]] = {
     "clean": CleanConfig,
     "validate": ValidateConfig,
     "tokenize": TokenizeConfig,
+    "kg_data": KgDataConfig,
     "pretrain": PretrainConfig,
     "finetune": FinetuneConfig,
     "prune": PruneConfig,
@@ -60,6 +62,7 @@ class Params(BaseModel):
     clean: CleanConfig = Field(default_factory=CleanConfig)
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
+    kg_data: KgDataConfig = Field(default_factory=KgDataConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     prune: PruneConfig = Field(default_factory=PruneConfig)
