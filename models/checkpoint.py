@@ -134,7 +134,7 @@ def read_config(path: Path) -> dict:
     return meta
 
 
-def _load_weights(model: nn.Module, path: Path) -> None:
+def load_weights(model: nn.Module, path: Path) -> None:
     """Fill `model` from `path/model.safetensors` (strict: every tensor, right shapes)."""
     tensors = load_tensors(Path(path) / WEIGHTS)
     named = model.state_dict(keep_vars=True)
@@ -177,7 +177,7 @@ def load_lm(path: Path) -> GPT:
     """Load a language-model directory; returns it in eval mode."""
     meta = read_config(path)
     model = GPT(_config(GPTConfig, meta, path))
-    _load_weights(model, path)
+    load_weights(model, path)
     return model.eval()
 
 
@@ -213,7 +213,7 @@ def load_classifier(path: Path) -> nn.Module:
         )
     config_type, module_type = CLASSIFIER_KINDS[meta["kind"]]
     model = module_type(_config(config_type, meta, path))
-    _load_weights(model, path)
+    load_weights(model, path)
     return model.eval()
 
 

@@ -77,7 +77,7 @@ def pipeline_stages(root: Path = ROOT) -> dict[str, dict]:
 
 
 def stage_module(stage: str, body: dict) -> str:
-    """`tasks.<stage>` from a stage's `cmd: python -m tasks.<stage>`."""
+    """The module of a stage's `cmd: python -m tasks.<module>` (`tasks.<stage>`, or a task's `tasks.kg.train`)."""
     m = STAGE_CMD.fullmatch(str(body.get("cmd", "")).strip())
     if not m:
         raise UserError(f"dvc.yaml: stages.{stage}.cmd: expected `python -m tasks.<module>`, got {body.get('cmd')!r}")

@@ -73,6 +73,11 @@ class Paths(Section):
     """Minimum-functionality examples (JSONL: text, label) for the behavioral tests, tracked in git."""
     evaluation: Path
     """Evaluation predictions and plots."""
+    kg_model: Path
+    """The extractor bundle (weights, config, tokenizer, knowledge base, candidate vectors) and baselines.json
+    (kg_train)."""
+    kg_evaluation: Path
+    """The extractor's test predictions (per-document counts, predictions.parquet) and report.md (kg_evaluate)."""
     curve: Path
     """The learning curve's test predictions (every model, k and seed) and its chart (curve/dvc.yaml)."""
     metrics: Path

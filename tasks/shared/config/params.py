@@ -17,6 +17,8 @@ from tasks.shared.config.evaluate import EvaluateConfig
 from tasks.shared.config.finetune import FinetuneConfig
 from tasks.shared.config.ingest import IngestConfig
 from tasks.shared.config.kg_data import KgDataConfig
+from tasks.shared.config.kg_evaluate import KgEvaluateConfig
+from tasks.shared.config.kg_train import KgTrainConfig
 from tasks.shared.config.orchestrate import OrchestrateConfig
 from tasks.shared.config.pretrain import PretrainConfig
 from tasks.shared.config.promote import PromoteConfig
@@ -45,6 +47,8 @@ SECTION_TYPES: dict[str, type[Section]] = {
     "distill": DistillConfig,
     "quantize": QuantizeConfig,
     "evaluate": EvaluateConfig,
+    "kg_train": KgTrainConfig,
+    "kg_evaluate": KgEvaluateConfig,
     "curve": CurveConfig,
     "promote": PromoteConfig,
     "promote_kg": PromoteKgConfig,
@@ -71,6 +75,8 @@ class Params(BaseModel):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    kg_train: KgTrainConfig = Field(default_factory=KgTrainConfig)
+    kg_evaluate: KgEvaluateConfig = Field(default_factory=KgEvaluateConfig)
     curve: CurveConfig = Field(default_factory=CurveConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
     promote_kg: PromoteKgConfig = Field(default_factory=PromoteKgConfig)

@@ -1,0 +1,493 @@
+"""The knowledge-graph extractor: three heads on the pretrained GPT trunk, its on-disk bundle and its inference API.
+
+- a BIO token tagger over the entity labels; character spans come from the tokenizer's offsets;
+- a relation classifier over (head representation, tail span representation), where the head is a span or,
+  for head = -1, the mean of the whole text (the documented object, the `subject`);
+- a linking projection scoring a mention's context vector against each candidate's description vector by dot
+  product (candidates = knowledge-base entities with the mention's `name`).
+
+A span is represented by the mean of its token states and, because the trunk is causal, by the state a few tokens
+after its end (`right_context`), which has read what follows the span ("ValueError is raised").
+
+The bundle folder holds `model.safetensors`, `config.json`, `tokenizer.json`, `entities.parquet` (the KB it links
+into) and `candidates.safetensors` (the projected description vector of every entity whose name is shared, so
+serving never re-encodes the KB). Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file, save_model
+
+from models.checkpoint import CONFIG, WEIGHTS, load_json, load_tensors, load_weights
+from models.errors import ArtifactError
+from models.files import file_sha256
+from models.tokenizer import PAD, TOKENIZER_FILE, load_tokenizer
+from models.transformer import GPT, GPTConfig
+
+KIND = "extractor"
+"""`kind` in config.json."""
+ENTITIES = "entities.parquet"
+"""The knowledge base the extractor links into (KG-SPEC's entities table)."""
+CANDIDATES = "candidates.safetensors"
+"""`vectors` (N, link_dim): projected descriptions; `rows` (N,): their row in entities.parquet."""
+NO_RELATION = "none"
+"""The relation label of a pair with no relation; never reported by `extract`."""
+PARAMETER = "parameter"
+"""Entity label that never links (a parameter is not a knowledge-base entity)."""
+ENTITY_COLUMNS = ["id", "name", "kind", "module", "source", "signature", "doc"]
+
+Span = tuple[int, int]
+
+
+@dataclass
+class ExtractorConfig:
+    """Trunk shape, label sets and the sizes of the heads."""
+
+    trunk: GPTConfig = field(default_factory=GPTConfig)
+    """Shape of the pretrained Transformer trunk."""
+    entity_labels: list[str] = field(default_factory=list)
+    """Entity types, in tag order (tag 0 = O, then B-x, I-x per label)."""
+    relation_labels: list[str] = field(default_factory=lambda: [NO_RELATION])
+    """Relation labels in logit order; `none` first."""
+    link_dim: int = 64
+    """Width of the context and description vectors compared by dot product."""
+    right_context: int = 2
+    """Tokens after a span's last token whose state represents what follows it."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.trunk, dict):
+            self.trunk = GPTConfig.from_dict(self.trunk)
+        if not self.entity_labels:
+            raise ValueError("an extractor needs at least one entity label")
+        if not self.relation_labels or self.relation_labels[0] != NO_RELATION:
+            raise ValueError(f"relation_labels must start with {NO_RELATION!r}")
+
+    @property
+    def tags(self) -> list[str]:
+        """BIO tag names in logit order."""
+        return ["O", *[f"{p}-{lab}" for lab in self.entity_labels for p in ("B", "I")]]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExtractorConfig":
+        return cls(**d)
+
+
+class ExtractorNet(nn.Module):
+    """GPT trunk + BIO tagger + relation classifier + linking projections."""
+
+    def __init__(self, cfg: ExtractorConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        C, D = cfg.trunk.n_embd, cfg.link_dim
+        self.trunk = GPT(cfg.trunk)
+        self.tagger = nn.Linear(C, len(cfg.tags))
+        self.relation = nn.Sequential(nn.Linear(4 * C, C), nn.GELU(), nn.Linear(C, len(cfg.relation_labels)))
+        self.mention_proj = nn.Linear(3 * C, D)
+        self.desc_proj = nn.Linear(C, D)
+        for head in (self.tagger, *self.relation, self.mention_proj, self.desc_proj):
+            if isinstance(head, nn.Linear):  # small heads on the trunk's large states: calm first steps
+                nn.init.normal_(head.weight, std=0.02)
+                nn.init.zeros_(head.bias)
+
+    def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Token states (B, T, C) of right-padded ids (B, T)."""
+        return self.trunk.hidden(idx, lengths)
+
+    def span_features(self, h: torch.Tensor, lengths: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
+        """(S, 3C): [mean of the span's tokens, state `right_context` tokens after it, mean of its text] for token
+        spans (S, 3) = (row, first token, end token exclusive)."""
+        B, T, C = h.shape
+        pos = torch.arange(T, device=h.device)
+        rows, lo, hi = spans[:, 0], spans[:, 1], spans[:, 2]
+        inside = ((pos[None] >= lo[:, None]) & (pos[None] < hi[:, None])).to(h.dtype)  # (S, T)
+        mean = torch.einsum("st,stc->sc", inside, h[rows]) / (hi - lo).clamp(min=1)[:, None].to(h.dtype)  # (S, C)
+        right_at = torch.minimum(hi - 1 + self.config.right_context, lengths[rows] - 1)
+        right = h[rows, right_at]  # (S, C)
+        return torch.cat([mean, right, self.text_means(h, lengths)[rows]], dim=-1)
+
+    @staticmethod
+    def text_means(h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Mean token state of each text (B, C)."""
+        mask = (torch.arange(h.size(1), device=h.device)[None] < lengths[:, None]).to(h.dtype)  # (B, T)
+        return (h * mask[..., None]).sum(1) / lengths[:, None].to(h.dtype)
+
+    def relation_logits(self, head: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+        """(P, R) logits for head vectors (P, C) and tail span features (P, 3C)."""
+        C = head.size(-1)
+        tail_mean, tail_right = tail[:, :C], tail[:, C : 2 * C]
+        return self.relation(torch.cat([head, tail_mean, tail_right, head * tail_mean], dim=-1))
+
+    def context_vectors(self, features: torch.Tensor) -> torch.Tensor:
+        """(S, D) linking vectors of span features (S, 3C)."""
+        return self.mention_proj(features)
+
+    def describe(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(N, D) description vectors of pooled description states (N, C), scaled by 1/sqrt(D) so that a dot
+        product with a context vector is a well-scaled logit."""
+        return self.desc_proj(pooled) / self.config.link_dim**0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# text <-> tokens
+
+
+@dataclass
+class Encoded:
+    """Right-padded ids (B, T), lengths (B,) and each text's kept token offsets (character start, end)."""
+
+    ids: torch.Tensor
+    lengths: torch.Tensor
+    offsets: list[list[Span]]
+
+
+def encode(tokenizer, texts: list[str], max_length: int, pad_id: int) -> Encoded:
+    """Tokenize `texts` (at most `max_length` tokens each, at least 1) keeping the character offsets."""
+    encs = tokenizer.encode_batch(list(texts))
+    kept = [e.ids[:max_length] or [pad_id] for e in encs]
+    offsets = [list(e.offsets[:max_length]) or [(0, 0)] for e in encs]
+    ids = torch.full((len(kept), max((len(k) for k in kept), default=1)), pad_id, dtype=torch.long)
+    for i, seq in enumerate(kept):
+        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return Encoded(ids, torch.tensor([len(k) for k in kept], dtype=torch.long), offsets)
+
+
+def token_span(offsets: list[Span], span: Span) -> Span | None:
+    """(first token, end token exclusive) of the tokens overlapping character span `span`; None if none is kept."""
+    start, end = span
+    ends = [e for _, e in offsets]
+    first = bisect.bisect_right(ends, start)  # the first token ending after `start`
+    last = first
+    while last < len(offsets) and offsets[last][0] < end:
+        last += 1
+    return (first, last) if last > first else None
+
+
+def bio_targets(offsets: list[Span], spans: list[Span], label_ids: list[int], length: int) -> list[int]:
+    """Tag ids per token (0 = O, 1 + 2k = B of label k, 2 + 2k = I) for character spans with label indices."""
+    tags = [0] * length
+    for span, k in zip(spans, label_ids):
+        tok = token_span(offsets, span)
+        if tok is None:
+            continue
+        first, last = tok
+        if any(tags[first:last]):  # a token shared with another span keeps the first span's tag
+            continue
+        tags[first] = 1 + 2 * k
+        tags[first + 1 : last] = [2 + 2 * k] * (last - first - 1)
+    return tags
+
+
+def decode_tags(text: str, offsets: list[Span], probs: np.ndarray, labels: list[str]) -> list[dict]:
+    """Valid, non-overlapping character spans from per-token tag probabilities (T, 1 + 2K).
+
+    A span opens at a B tag (or an I tag that does not continue the open span) and goes on over I tags of its
+    label; its characters are its tokens' offsets with surrounding whitespace trimmed; its score is the mean
+    probability of its tokens' tags.
+    """
+    tags = probs.argmax(-1)
+    runs: list[tuple[int, int, int]] = []  # (label index, first token, end token)
+    for t, tag in enumerate(tags[: len(offsets)]):
+        if tag == 0:
+            continue
+        k, inside = (tag - 1) // 2, (tag - 1) % 2 == 1
+        if inside and runs and runs[-1][0] == k and runs[-1][2] == t:
+            runs[-1] = (k, runs[-1][1], t + 1)
+        else:
+            runs.append((k, t, t + 1))
+    spans, floor = [], 0
+    for k, first, last in runs:
+        start, end = max(offsets[first][0], floor), offsets[last - 1][1]
+        while start < end and text[start].isspace():
+            start += 1
+        while end > start and text[end - 1].isspace():
+            end -= 1
+        if start >= end:
+            continue
+        score = float(probs[np.arange(first, last), tags[first:last]].mean())
+        spans.append({"start": start, "end": end, "text": text[start:end], "label": labels[k], "score": score})
+        floor = end
+    return spans
+
+
+def candidate_name(surface: str) -> str:
+    """The entity `name` a mention's text refers to: its last dotted component (`email.message.Message` ->
+    `Message`), without call parentheses."""
+    return surface.strip().removesuffix("()").rsplit(".", 1)[-1]
+
+
+def candidate_index(entities: pd.DataFrame) -> dict[str, list[int]]:
+    """Entity rows per `name`, each list in `id` order: the candidates of a mention."""
+    order = entities.reset_index(drop=True).sort_values("id", kind="stable")
+    index: dict[str, list[int]] = {}
+    for row, name in zip(order.index, order["name"]):
+        index.setdefault(name, []).append(int(row))
+    return index
+
+
+def description(entity) -> str:
+    """The text a candidate is described by: id, kind, signature and first docstring line."""
+    return " ".join(str(x) for x in (entity.id, entity.kind, entity.signature, entity.doc) if x)
+
+
+@torch.no_grad()
+def pooled_states(trunk: GPT, tokenizer, texts: list[str], max_length: int, batch_size: int = 256) -> torch.Tensor:
+    """Mean trunk state (N, C) of each text (at most `max_length` tokens), in batches of similar lengths."""
+    pad_id = tokenizer.token_to_id(PAD)
+    enc = encode(tokenizer, texts, max_length, pad_id)
+    order = torch.argsort(enc.lengths, stable=True)
+    out = torch.zeros(len(texts), trunk.config.n_embd)
+    trunk.eval()
+    for i in range(0, len(texts), batch_size):
+        rows = order[i : i + batch_size]
+        n = enc.lengths[rows]
+        h = trunk.hidden(enc.ids[rows, : int(n.max())], n)
+        out[rows] = ExtractorNet.text_means(h, n).float()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the bundle
+
+
+def write_extractor(
+    model: ExtractorNet,
+    folder: Path,
+    tokenizer_dir: Path,
+    entities: pd.DataFrame,
+    pooled: torch.Tensor,
+    rows: list[int],
+    extra: dict | None = None,
+) -> None:
+    """Write the bundle into existing folder `folder` (stages pass an atomic one).
+
+    `pooled` (N, C) are the description states of entity rows `rows` (see `pooled_states`); they are projected
+    with the model's description head here, so the saved vectors always match the saved weights.
+    """
+    folder = Path(folder)
+    save_model(model, str(folder / WEIGHTS))
+    meta = {"kind": KIND, "config": model.config.to_dict(), **(extra or {})}
+    (folder / CONFIG).write_text(json.dumps(meta, indent=2))
+    shutil.copyfile(Path(tokenizer_dir) / TOKENIZER_FILE, folder / TOKENIZER_FILE)
+    entities[ENTITY_COLUMNS].reset_index(drop=True).to_parquet(folder / ENTITIES, index=False)
+    with torch.no_grad():
+        vectors = model.describe(pooled.float()).contiguous()
+    save_file({"vectors": vectors, "rows": torch.tensor(rows, dtype=torch.long)}, str(folder / CANDIDATES))
+
+
+class Extractor:
+    """A loaded bundle: tagging, relation classification and linking of raw texts (inference only)."""
+
+    def __init__(self, model: ExtractorNet, tokenizer, entities: pd.DataFrame, vectors: dict, meta: dict, version: str):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.token_to_id(PAD)
+        self.entities = entities
+        self.ids = entities["id"].tolist()
+        self.candidates = candidate_index(entities)
+        self.vectors = torch.zeros(len(entities), model.config.link_dim)
+        self.vectors[vectors["rows"]] = vectors["vectors"]
+        self.meta = meta
+        self.max_length = int(meta.get("max_length", model.config.trunk.block_size))
+        self.version = version
+
+    @property
+    def entity_labels(self) -> list[str]:
+        return list(self.model.config.entity_labels)
+
+    @property
+    def relation_labels(self) -> list[str]:
+        return list(self.model.config.relation_labels)
+
+    def _batches(self, texts: list[str], batch_size: int):
+        """(first row, encoded batch, token states) per batch of `texts`."""
+        for i in range(0, len(texts), batch_size):
+            enc = encode(self.tokenizer, texts[i : i + batch_size], self.max_length, self.pad_id)
+            yield i, enc, self.model(enc.ids, enc.lengths).float()
+
+    def _features(self, h, enc: Encoded, spans: list[list[Span]]) -> tuple[torch.Tensor, list[list[int | None]]]:
+        """Span features (S, 3C) of every kept span, and per text the row of each span in them (None: cut off)."""
+        rows, where, n = [], [], 0
+        for b, text_spans in enumerate(spans):
+            mine = []
+            for span in text_spans:
+                tok = token_span(enc.offsets[b], tuple(span))
+                mine.append(None if tok is None else n)
+                if tok is not None:
+                    rows.append((b, *tok))
+                    n += 1
+            where.append(mine)
+        if not rows:
+            return h.new_zeros(0, 3 * h.size(-1)), where
+        return self.model.span_features(h, enc.lengths, torch.tensor(rows, dtype=torch.long)), where
+
+    @torch.no_grad()
+    def tag(self, texts: list[str], batch_size: int = 32) -> list[list[dict]]:
+        """Entity spans of each text: {start, end, text, label, score}."""
+        out = []
+        labels = self.entity_labels
+        for i, enc, h in self._batches(texts, batch_size):
+            probs = self.model.tagger(h).softmax(-1).numpy()
+            for b in range(len(enc.offsets)):
+                n = int(enc.lengths[b])
+                out.append(decode_tags(texts[i + b], enc.offsets[b], probs[b, :n], labels))
+        return out
+
+    def _link_rows(self, texts: list[str], spans: list[list[Span]], h, enc, i: int) -> list[list[tuple[str, float]]]:
+        feats, where = self._features(h, enc, spans)
+        ctx = self.model.context_vectors(feats)
+        out = []
+        for b, text_spans in enumerate(spans):
+            mine = []
+            for span, r in zip(text_spans, where[b]):
+                rows = self.candidates.get(candidate_name(texts[i + b][span[0] : span[1]]), [])
+                if len(rows) < 2 or r is None:
+                    mine.append((self.ids[rows[0]], 1.0 / max(1, len(rows))) if rows else ("", 0.0))
+                    continue
+                p = (self.vectors[rows] @ ctx[r]).softmax(-1)
+                best = int(p.argmax())
+                mine.append((self.ids[rows[best]], float(p[best])))
+            out.append(mine)
+        return out
+
+    @torch.no_grad()
+    def link(self, texts: list[str], spans: list[list[Span]], batch_size: int = 32) -> list[list[tuple[str, float]]]:
+        """(entity id, probability) of each span (start, end) of each text; ("", 0.0) when no entity has its name."""
+        out = []
+        for i, enc, h in self._batches(texts, batch_size):
+            out += self._link_rows(texts, spans[i : i + len(enc.offsets)], h, enc, i)
+        return out
+
+    def _relate_rows(self, pairs: list[list[tuple]], h, enc) -> list[list[tuple[str, float]]]:
+        spans = [[s for pair in text_pairs for s in pair if s is not None] for text_pairs in pairs]
+        feats, where = self._features(h, enc, spans)
+        means = self.model.text_means(h, enc.lengths)
+        C = h.size(-1)
+        heads, tails, slots = [], [], []
+        for b, text_pairs in enumerate(pairs):
+            k = 0
+            for head, _tail in text_pairs:
+                head_row = None if head is None else where[b][k]
+                k += head is not None
+                tail_row = where[b][k]
+                k += 1
+                if tail_row is None or (head is not None and head_row is None):
+                    slots.append(None)  # a span cut off by max_length: no relation can be read
+                    continue
+                heads.append(means[b] if head is None else feats[head_row, :C])
+                tails.append(feats[tail_row])
+                slots.append(len(heads) - 1)
+        probs = self.model.relation_logits(torch.stack(heads), torch.stack(tails)).softmax(-1) if heads else None
+        labels, out, n = self.relation_labels, [], 0
+        for text_pairs in pairs:
+            mine = []
+            for _ in text_pairs:
+                slot = slots[n]
+                n += 1
+                if slot is None:
+                    mine.append((NO_RELATION, 1.0))
+                else:
+                    best = int(probs[slot].argmax())
+                    mine.append((labels[best], float(probs[slot, best])))
+            out.append(mine)
+        return out
+
+    @torch.no_grad()
+    def relate(self, texts: list[str], pairs: list[list[tuple]], batch_size: int = 32) -> list[list[tuple[str, float]]]:
+        """(label, probability) of each (head, tail) pair of each text: head a character span or None (the subject:
+        the whole text), tail a character span."""
+        out = []
+        for i, enc, h in self._batches(texts, batch_size):
+            out += self._relate_rows(pairs[i : i + len(enc.offsets)], h, enc)
+        return out
+
+    @torch.no_grad()
+    def annotate(
+        self, texts: list[str], pairs: list[list[tuple]], spans: list[list[Span]], batch_size: int = 32
+    ) -> tuple[list[list[dict]], list[list[tuple[str, float]]], list[list[tuple[str, float]]]]:
+        """`tag(texts)`, `relate(texts, pairs)` and `link(texts, spans)` in one forward pass per batch."""
+        tags, rels, links = [], [], []
+        labels = self.entity_labels
+        for i, enc, h in self._batches(texts, batch_size):
+            probs = self.model.tagger(h).softmax(-1).numpy()
+            n = len(enc.offsets)
+            tags += [
+                decode_tags(texts[i + b], enc.offsets[b], probs[b, : int(enc.lengths[b])], labels) for b in range(n)
+            ]
+            rels += self._relate_rows(pairs[i : i + n], h, enc)
+            links += self._link_rows(texts, spans[i : i + n], h, enc, i)
+        return tags, rels, links
+
+    @torch.no_grad()
+    def extract(self, texts: list[str], subjects: list[str | None] | None = None, batch_size: int = 32) -> list[dict]:
+        """Entities (span, label, score, link, link_score) and relations (head -1 = the subject, tail = entity
+        index, label, score; `none` omitted) of each text. `subjects` only name relation heads for callers."""
+        out = []
+        labels = self.entity_labels
+        for i, enc, h in self._batches(texts, batch_size):
+            probs = self.model.tagger(h).softmax(-1).numpy()
+            ents = [
+                decode_tags(texts[i + b], enc.offsets[b], probs[b, : int(enc.lengths[b])], labels)
+                for b in range(len(enc.offsets))
+            ]
+            spans = [[(e["start"], e["end"]) for e in row] for row in ents]
+            links = self._link_rows(texts, spans, h, enc, i)
+            pairs = [
+                [(None, s) for s, e in zip(row, erow) if e["label"] != PARAMETER] for row, erow in zip(spans, ents)
+            ]
+            rels = self._relate_rows(pairs, h, enc)
+            for b, row in enumerate(ents):
+                out.append(_extraction(row, links[b], rels[b]))
+        return out
+
+
+def _extraction(entities: list[dict], links: list[tuple[str, float]], relations: list[tuple[str, float]]) -> dict:
+    """One text's `extract` result from its spans, their links and the (subject, entity) relation of each
+    non-parameter entity, in entity order."""
+    rel_iter = iter(relations)
+    out_entities, out_relations = [], []
+    for j, (ent, (link, link_score)) in enumerate(zip(entities, links)):
+        if ent["label"] == PARAMETER:
+            link, link_score = "", 0.0
+        else:
+            label, score = next(rel_iter)
+            if label != NO_RELATION:
+                out_relations.append({"head": -1, "tail": j, "label": label, "score": round(score, 4)})
+        out_entities.append({**ent, "score": round(ent["score"], 4), "link": link, "link_score": round(link_score, 4)})
+    return {"entities": out_entities, "relations": out_relations}
+
+
+def load_extractor(folder: Path | str) -> Extractor:
+    """Load an extractor bundle; `version` is the first 12 hex of model.safetensors' sha256."""
+    folder = Path(folder)
+    meta = load_json(folder / CONFIG, ("kind", "config"))
+    if meta["kind"] != KIND:
+        raise ArtifactError(folder / CONFIG, f"not an extractor (kind {meta['kind']!r})")
+    try:
+        cfg = ExtractorConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(folder / CONFIG, f"config does not fit kind {KIND!r}: {e}") from None
+    model = ExtractorNet(cfg)
+    load_weights(model, folder)
+    if not (folder / ENTITIES).is_file():
+        raise ArtifactError(folder / ENTITIES, "missing")
+    entities = pd.read_parquet(folder / ENTITIES)
+    vectors = load_tensors(folder / CANDIDATES)
+    if set(vectors) != {"vectors", "rows"} or vectors["vectors"].shape[-1] != cfg.link_dim:
+        raise ArtifactError(folder / CANDIDATES, f"needs `vectors` (N, {cfg.link_dim}) and `rows` (N,)")
+    if len(vectors["rows"]) and int(vectors["rows"].max()) >= len(entities):
+        raise ArtifactError(folder / CANDIDATES, f"rows point past the {len(entities)} entities of {ENTITIES}")
+    tokenizer = load_tokenizer(folder / TOKENIZER_FILE)
+    return Extractor(model, tokenizer, entities, vectors, meta, file_sha256(folder / WEIGHTS)[:12])

@@ -1,0 +1,83 @@
+"""The kg task data as the extractor trains and is scored on it: one `Doc` per text, with its gold mentions and
+candidate relation pairs, read from the flat tables of `paths.kg_data` (KG-SPEC "Task data")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from tasks.shared.errors import UserError
+from tasks.shared.io import read_parquet
+
+TABLES = {
+    "entities": ["id", "name", "kind", "module", "source", "signature", "doc"],
+    "docs": ["id", "text", "source", "module", "owner", "split"],
+    "mentions": ["doc_id", "m", "start", "end", "label", "link"],
+    "relations": ["doc_id", "head", "tail", "label"],
+}
+"""The tables the extractor reads (`<name>.parquet` in paths.kg_data) and the columns it needs of each."""
+
+
+@dataclass
+class Mention:
+    start: int
+    end: int
+    label: str
+    link: str
+
+
+@dataclass
+class Doc:
+    """One text with its gold mentions (in `m` order) and gold relation pairs (head -1 = the doc's owner)."""
+
+    id: str
+    text: str
+    module: str
+    split: str
+    mentions: list[Mention] = field(default_factory=list)
+    pairs: list[tuple[int, int, str]] = field(default_factory=list)
+    """(head, tail, label): mention indices, head -1 for the documented object."""
+
+
+@dataclass
+class TaskData:
+    entities: pd.DataFrame
+    docs: list[Doc]
+
+    def split(self, name: str) -> list[Doc]:
+        return [d for d in self.docs if d.split == name]
+
+    @property
+    def entity_labels(self) -> list[str]:
+        """Entity labels of the train split, sorted."""
+        return sorted({m.label for d in self.split("train") for m in d.mentions})
+
+    @property
+    def relation_labels(self) -> list[str]:
+        """`none` first, then the other relation labels of the train split, sorted."""
+        found = {label for d in self.split("train") for *_, label in d.pairs}
+        return ["none", *sorted(found - {"none"})]
+
+
+def read_tables(folder: Path) -> dict[str, pd.DataFrame]:
+    """Every table of TABLES in `folder` with the columns it needs."""
+    tables = {}
+    for name, columns in TABLES.items():
+        path = Path(folder) / f"{name}.parquet"
+        if not path.exists():
+            raise UserError(f"{path}: task data not found (run the kg_data stage)")
+        tables[name] = read_parquet(path, columns)
+    return tables
+
+
+def load_task_data(folder: Path) -> TaskData:
+    """The docs of `folder` with their mentions and relation pairs attached."""
+    t = read_tables(folder)
+    docs = {r.id: Doc(r.id, r.text, r.module, r.split) for r in t["docs"].itertuples(index=False)}
+    for r in t["mentions"].sort_values(["doc_id", "m"]).itertuples(index=False):
+        docs[r.doc_id].mentions.append(Mention(int(r.start), int(r.end), str(r.label), str(r.link)))
+    for r in t["relations"].itertuples(index=False):
+        docs[r.doc_id].pairs.append((int(r.head), int(r.tail), str(r.label)))
+    return TaskData(t["entities"], list(docs.values()))

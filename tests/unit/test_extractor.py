@@ -1,0 +1,262 @@
+"""The extractor: token spans from offsets, the bundle's round trip, and a tiny multitask training run."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from models.checkpoint import save_lm
+from models.extractor import (
+    ExtractorConfig,
+    ExtractorNet,
+    bio_targets,
+    candidate_name,
+    decode_tags,
+    load_extractor,
+    token_span,
+)
+from models.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, load_tokenizer
+from models.transformer import GPT, tiny
+from tasks.kg import train as kg_train
+from tasks.kg.baselines import Baselines, fit_baselines
+from tasks.kg.examples import load_task_data
+from tasks.shared.config.base import Paths
+from tasks.shared.config.kg_train import KgTrainConfig
+from tasks.shared.tracking import NullTracker
+
+ROOT = Path(__file__).resolve().parents[2]
+EXCEPTIONS = ["ValueError", "KeyError", "TypeError", "OSError"]
+WORDS = ["the", "value", "is", "bad", "when", "given", "a", "name", "file", "missing", "list", "empty"]
+
+
+def kg_tables(n_docs: int = 48, seed: int = 0) -> dict[str, pd.DataFrame]:
+    """Synthetic KG-SPEC tables: "Raises <Exception>" mentions that `raises`, ambiguous `Message` classes."""
+    rng = random.Random(seed)
+    entities = [
+        {"id": e, "name": e, "kind": "exception", "module": "builtins", "source": "", "signature": "", "doc": ""}
+        for e in EXCEPTIONS
+    ] + [
+        {
+            "id": f"{m}.Message",
+            "name": "Message",
+            "kind": "class",
+            "module": m,
+            "source": f"{m}.py",
+            "signature": "",
+            "doc": f"A {m} message.",
+        }
+        for m in ("email", "mailbox")
+    ]
+    docs, mentions, relations = [], [], []
+    for i in range(n_docs):
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6)))
+        exc, module = rng.choice(EXCEPTIONS), ("email", "mailbox")[i % 2]
+        text = f"Return the {words}. Raises {exc} if {words}; builds a Message"
+        doc_id = f"{module}.py#{module}.f{i}"
+        split = ("train", "train", "val", "test")[i % 4]
+        docs.append(
+            {
+                "id": doc_id,
+                "text": text,
+                "source": f"{module}.py",
+                "module": module,
+                "owner": f"{module}.f{i}",
+                "split": split,
+            }
+        )
+        s = text.index(exc)
+        m = text.index("Message")
+        mentions += [
+            {"doc_id": doc_id, "m": 0, "start": s, "end": s + len(exc), "label": "exception", "link": exc},
+            {"doc_id": doc_id, "m": 1, "start": m, "end": m + 7, "label": "class", "link": f"{module}.Message"},
+        ]
+        relations += [
+            {"doc_id": doc_id, "head": -1, "tail": 0, "label": "raises"},
+            {"doc_id": doc_id, "head": -1, "tail": 1, "label": "none"},
+        ]
+    return {
+        "entities": pd.DataFrame(entities),
+        "docs": pd.DataFrame(docs),
+        "mentions": pd.DataFrame(mentions),
+        "relations": pd.DataFrame(relations),
+        "facts": pd.DataFrame({"head": ["email.f0"], "relation": ["raises"], "tail": ["ValueError"]}),
+    }
+
+
+def write_tables(folder: Path, tables: dict[str, pd.DataFrame]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, df in tables.items():
+        df.to_parquet(folder / f"{name}.parquet", index=False)
+    return folder
+
+
+def train_tokenizer(folder: Path, texts: list[str]) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=list(SPECIAL_TOKENS)))
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / TOKENIZER_FILE))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def kg_project(tmp_path_factory) -> Paths:
+    """Tiny task data, tokenizer and LM; Paths pointing at them (outputs under the same temp folder)."""
+    base = tmp_path_factory.mktemp("kg")
+    tables = kg_tables(96)
+    write_tables(base / "kg_data", tables)
+    train_tokenizer(base / "tokenizer", tables["docs"]["text"].tolist())
+    vocab = load_tokenizer(base / "tokenizer").get_vocab_size()
+    torch.manual_seed(0)
+    save_lm(GPT(tiny(vocab_size=vocab, block_size=64)), base / "lm")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())["paths"]
+    raw = {k: str(base / Path(v).name) for k, v in raw.items()}
+    raw |= {"kg_data": str(base / "kg_data"), "tokenizer": str(base / "tokenizer"), "lm": str(base / "lm")}
+    return Paths.model_validate(raw)
+
+
+class Recorder(NullTracker):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def log_metrics(self, metrics, step=None) -> None:
+        if "train_loss" in metrics:
+            self.losses.append(metrics["train_loss"])
+
+
+@pytest.fixture(scope="module")
+def trained(kg_project):
+    cfg = KgTrainConfig(
+        epochs=15,
+        batch_size=8,
+        max_length=64,
+        lr=1e-2,
+        min_lr=1e-3,
+        warmup_steps=2,
+        link_dim=8,
+        description_length=8,
+        precision="fp32",
+    )
+    tracker = Recorder()
+    kg_train.LOG_EVERY = 1
+    result = kg_train.run(cfg, kg_project, tracker)
+    return result, tracker, kg_project
+
+
+def test_token_span_covers_exactly_the_overlapping_tokens():
+    offsets = [(0, 6), (6, 8), (8, 11), (11, 16), (16, 23)]  # "Return| a| Me|ssage| object"
+    assert token_span(offsets, (9, 16)) == (2, 4)
+    assert token_span(offsets, (7, 8)) == (1, 2)
+    assert token_span(offsets, (30, 35)) is None
+
+
+def test_bio_targets_and_decoding_give_back_the_spans():
+    text = "Return a Message object or raise KeyError"
+    offsets = [(0, 6), (6, 8), (8, 11), (11, 16), (16, 23), (23, 26), (26, 32), (32, 36), (36, 41)]
+    spans = [(9, 16), (33, 41)]
+    tags = bio_targets(offsets, spans, [0, 1], len(offsets))
+    assert tags == [0, 0, 1, 2, 0, 0, 0, 3, 4]
+    probs = np.eye(5)[tags]
+    out = decode_tags(text, offsets, probs, ["class", "exception"])
+    assert [(s["start"], s["end"], s["label"], s["text"]) for s in out] == [
+        (9, 16, "class", "Message"),
+        (33, 41, "exception", "KeyError"),
+    ]
+
+
+def test_decoded_spans_are_valid_and_never_overlap_whatever_the_tags():
+    rng = np.random.default_rng(0)
+    text = "Raise ValueError  when  é the file é is missing"
+    offsets = [
+        (0, 5),
+        (5, 16),
+        (16, 18),
+        (18, 22),
+        (22, 24),
+        (24, 25),
+        (24, 25),
+        (25, 29),
+        (29, 34),
+        (34, 36),
+        (36, 39),
+        (39, 47),
+    ]  # a multi-byte character split in two tokens with the same offsets
+    for _ in range(200):
+        probs = rng.random((len(offsets), 7))
+        spans = decode_tags(text, offsets, probs, ["a", "b", "c"])
+        ends = 0
+        for s in spans:
+            assert 0 <= s["start"] < s["end"] <= len(text) and s["start"] >= ends
+            assert s["text"] == text[s["start"] : s["end"]] and s["text"] == s["text"].strip()
+            ends = s["end"]
+
+
+def test_candidate_name_is_the_last_dotted_component():
+    assert candidate_name("email.message.Message") == "Message"
+    assert candidate_name(" dumps() ") == "dumps"
+
+
+def test_config_round_trips_and_refuses_bad_label_sets():
+    cfg = ExtractorConfig(tiny(), ["class"], ["none", "raises"])
+    assert ExtractorConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.tags == ["O", "B-class", "I-class"]
+    with pytest.raises(ValueError):
+        ExtractorConfig(tiny(), ["class"], ["raises", "none"])
+    with pytest.raises(ValueError):
+        ExtractorConfig(tiny(), [], ["none"])
+
+
+def test_training_on_a_learnable_pattern_lowers_the_loss(trained):
+    result, tracker, _ = trained
+    first, last = np.mean(tracker.losses[:3]), np.mean(tracker.losses[-3:])
+    assert last < 0.5 * first, tracker.losses
+    assert result.epochs_run == 15 and 1 <= result.best_epoch <= 15
+    assert result.train_links > 0 and result.train_pairs == 2 * result.train_docs
+
+
+def test_saved_bundle_loads_and_gives_identical_outputs(trained):
+    _, _, paths = trained
+    a, b = load_extractor(paths.kg_model), load_extractor(paths.kg_model)
+    assert a.version == b.version and len(a.version) == 12
+    texts = ["Return the bad value. Raises KeyError if empty; builds a Message", "Raises OSError"]
+    out = a.extract(texts, ["email.f", None])
+    assert out == b.extract(texts)
+    assert a.entity_labels == ["class", "exception"] and a.relation_labels == ["none", "raises"]
+    for text, row in zip(texts, out):
+        for e in row["entities"]:
+            assert text[e["start"] : e["end"]] == e["text"]
+            assert set(e) == {"start", "end", "text", "label", "score", "link", "link_score"}
+        for r in row["relations"]:
+            assert r["head"] == -1 and 0 <= r["tail"] < len(row["entities"]) and r["label"] != "none"
+    net = a.model
+    again = ExtractorNet(net.config)
+    again.load_state_dict(net.state_dict())
+    ids = torch.randint(0, 50, (2, 10))
+    torch.testing.assert_close(again(ids, torch.tensor([10, 7])), net(ids, torch.tensor([10, 7])))
+
+
+def test_linking_picks_one_of_the_candidates_with_a_probability(trained):
+    _, _, paths = trained
+    ex = load_extractor(paths.kg_model)
+    assert ex.link(["Raises KeyError"], [[(7, 15)]]) == [[("KeyError", 1.0)]]  # one candidate
+    assert ex.link(["Raises Nothing"], [[(7, 14)]]) == [[("", 0.0)]]
+    text = "Return a list. Raises KeyError; builds a Message"
+    links = ex.link([text], [[(text.index("Message"), len(text))]])
+    assert links[0][0][0] in {"email.Message", "mailbox.Message"} and 0.0 < links[0][0][1] <= 1.0
+
+
+def test_bundle_holds_the_baselines_fitted_on_train_only(trained):
+    _, _, paths = trained
+    b = Baselines.load(paths.kg_model)
+    train = load_task_data(paths.kg_data).split("train")
+    assert b == fit_baselines(train, ["none", "raises"])
+    assert b.gazetteer["Message"] == "class"
