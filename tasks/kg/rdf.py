@@ -34,6 +34,13 @@ from urllib.parse import quote
 
 from pyoxigraph import Literal, NamedNode, Quad
 
+GRAPH_FILE = "graph.nt"
+"""In `paths.kg_graph` (and a registered extractor's `graph/` artifact): the N-Triples export."""
+STORE_DIR = "store"
+"""In `paths.kg_graph`: the pyoxigraph store (RocksDB) folder."""
+TABLE_FILE = "{}.parquet"
+"""In `paths.kg_data`: the file of each task table (`entities`, `docs`, `mentions`, `relations`, `facts`)."""
+
 LF = "https://lmforge.dev/kg#"
 ENTITY = "https://lmforge.dev/entity/"
 DOC = "https://lmforge.dev/doc/"
@@ -95,10 +102,6 @@ def relation_predicate(label: str) -> NamedNode:
     return lf(_local(label))
 
 
-def _triple(s: NamedNode, p: NamedNode, o) -> Quad:
-    return Quad(s, p, o)
-
-
 def _text(value) -> Literal:
     return Literal(str(value))
 
@@ -108,69 +111,82 @@ def entity_quads(entities: Iterable[dict]) -> Iterator[Quad]:
     for e in entities:
         node = entity_iri(e["id"])
         for cls in KIND_CLASSES.get(e["kind"], ()):
-            yield _triple(node, A, lf(cls))
-        yield _triple(node, LABEL, _text(e["name"]))
+            yield Quad(node, A, lf(cls))
+        yield Quad(node, LABEL, _text(e["name"]))
         if e["module"]:
-            yield _triple(node, lf("module"), entity_iri(e["module"]))
+            yield Quad(node, lf("module"), entity_iri(e["module"]))
         for key, prop in (("signature", "signature"), ("doc", "doc"), ("source", "sourceFile")):
             if e.get(key):
-                yield _triple(node, lf(prop), _text(e[key]))
+                yield Quad(node, lf(prop), _text(e[key]))
 
 
 def doc_quads(docs: Iterable[dict]) -> Iterator[Quad]:
     """Each doc as an `lf:Doc` with the entity it documents, its file and split (the text stays in the tables)."""
     for d in docs:
         node = doc_iri(d["id"])
-        yield _triple(node, A, lf("Doc"))
+        yield Quad(node, A, lf("Doc"))
         if d.get("owner"):
-            yield _triple(node, lf("documents"), entity_iri(d["owner"]))
+            yield Quad(node, lf("documents"), entity_iri(d["owner"]))
         if d.get("source"):
-            yield _triple(node, lf("sourceFile"), _text(d["source"]))
-        yield _triple(node, lf("split"), _text(d["split"]))
+            yield Quad(node, lf("sourceFile"), _text(d["source"]))
+        yield Quad(node, lf("split"), _text(d["split"]))
 
 
-def _statement(source: str, head: str, label: str, tail: str, doc_id: str = "") -> tuple[NamedNode, list[Quad]]:
-    """A reified statement node for (head, label, tail) and its rdf:Statement quads; one node per source and doc."""
-    key = "\x1f".join((source, head, label, tail, doc_id)).encode()
+def _statement(source: str, head: str, label: str, tail: str, where: str = "") -> tuple[NamedNode, list[Quad]]:
+    """A reified statement node for (head, label, tail) and its rdf:Statement quads; one node per source and
+    `where` (the place in the text that states it; "" for the AST)."""
+    key = "\x1f".join((source, head, label, tail, where)).encode()
     node = NamedNode(STATEMENT + hashlib.sha256(key).hexdigest()[:24])
     return node, [
-        _triple(node, A, STATEMENT_CLASS),
-        _triple(node, SUBJECT, entity_iri(head)),
-        _triple(node, PREDICATE, relation_predicate(label)),
-        _triple(node, OBJECT, entity_iri(tail)),
-        _triple(node, lf("source"), _text(source)),
+        Quad(node, A, STATEMENT_CLASS),
+        Quad(node, SUBJECT, entity_iri(head)),
+        Quad(node, PREDICATE, relation_predicate(label)),
+        Quad(node, OBJECT, entity_iri(tail)),
+        Quad(node, lf("source"), _text(source)),
     ]
 
 
 def fact_quads(facts: Iterable[dict]) -> Iterator[Quad]:
     """Each AST fact as a plain triple (head, lf:<relation>, tail) and as a statement marked `lf:source "ast"`."""
     for f in facts:
-        yield _triple(entity_iri(f["head"]), relation_predicate(f["relation"]), entity_iri(f["tail"]))
+        yield Quad(entity_iri(f["head"]), relation_predicate(f["relation"]), entity_iri(f["tail"]))
         yield from _statement(SOURCE_AST, f["head"], f["relation"], f["tail"])[1]
+
+
+def kept_mentions(extraction: dict, min_confidence: float = 0.0) -> list[tuple[int, dict]]:
+    """(index, entity) of the extracted mentions scored at least `min_confidence`."""
+    return [(m, e) for m, e in enumerate(extraction["entities"]) if e["score"] >= min_confidence]
+
+
+def kept_relations(doc: dict, extraction: dict, min_confidence: float = 0.0) -> list[dict]:
+    """The extracted relations scored at least `min_confidence` whose ends are both entities (the head -1 is the
+    doc's owner, any other end a mention linked to an entity), with `head_id` and `tail_id` added."""
+    entities, kept = extraction["entities"], []
+    for rel in extraction["relations"]:
+        head = doc.get("owner", "") if rel["head"] == -1 else _link(entities, rel["head"])
+        tail = _link(entities, rel["tail"])
+        if head and tail and rel["score"] >= min_confidence:
+            kept.append({**rel, "head_id": head, "tail_id": tail})
+    return kept
 
 
 def extracted_quads(doc: dict, extraction: dict, model_version: str, min_confidence: float = 0.0) -> Iterator[Quad]:
     """The mentions and relations the extractor found in `doc` (a docs row; extraction = one item of
-    `Extractor.extract`), those scored below `min_confidence` left out.
+    `Extractor.extract`) that `kept_mentions` and `kept_relations` keep.
 
-    A relation becomes a statement only when both ends are entities: the head -1 is the doc's owner, any other
-    end a mention linked to an entity. Extracted relations are never asserted as plain triples (only the AST's
-    are): a query that wants them asks for `lf:source "model"` statements and their confidence.
+    Extracted relations are never asserted as plain triples (only the AST's are): a query that wants them asks
+    for `lf:source "model"` statements and their confidence.
     """
-    doc_id, entities = doc["id"], extraction["entities"]
-    for m, ent in enumerate(entities):
-        if ent["score"] >= min_confidence:
-            yield from mention_quads(doc_id, m, ent)
-    for rel in extraction["relations"]:
-        head = doc.get("owner", "") if rel["head"] == -1 else _link(entities, rel["head"])
-        tail = _link(entities, rel["tail"])
-        if not head or not tail or rel["score"] < min_confidence:
-            continue
-        node, quads = _statement(SOURCE_MODEL, head, rel["label"], tail, doc_id)
+    doc_id = doc["id"]
+    for m, ent in kept_mentions(extraction, min_confidence):
+        yield from mention_quads(doc_id, m, ent)
+    for rel in kept_relations(doc, extraction, min_confidence):
+        where = f"{doc_id}\x1f{rel['head']}\x1f{rel['tail']}"  # one statement per mention pair of the doc
+        node, quads = _statement(SOURCE_MODEL, rel["head_id"], rel["label"], rel["tail_id"], where)
         yield from quads
-        yield _triple(node, lf("confidence"), Literal(repr(float(rel["score"])), datatype=DOUBLE))
-        yield _triple(node, lf("modelVersion"), _text(model_version))
-        yield _triple(node, lf("fromDoc"), doc_iri(doc_id))
+        yield Quad(node, lf("confidence"), Literal(repr(float(rel["score"])), datatype=DOUBLE))
+        yield Quad(node, lf("modelVersion"), _text(model_version))
+        yield Quad(node, lf("fromDoc"), doc_iri(doc_id))
 
 
 def _link(entities: list[dict], index: int) -> str:
@@ -180,13 +196,13 @@ def _link(entities: list[dict], index: int) -> str:
 def mention_quads(doc_id: str, m: int, ent: dict) -> Iterator[Quad]:
     """One `lf:Mention` node: where it lies, what it says, its label and score, and the entity it is linked to."""
     node = mention_iri(doc_id, m)
-    yield _triple(node, A, lf("Mention"))
-    yield _triple(node, lf("inDoc"), doc_iri(doc_id))
-    yield _triple(node, lf("start"), Literal(str(int(ent["start"])), datatype=INTEGER))
-    yield _triple(node, lf("end"), Literal(str(int(ent["end"])), datatype=INTEGER))
-    yield _triple(node, lf("text"), _text(ent["text"]))
-    yield _triple(node, lf("label"), _text(ent["label"]))
-    yield _triple(node, lf("confidence"), Literal(repr(float(ent["score"])), datatype=DOUBLE))
+    yield Quad(node, A, lf("Mention"))
+    yield Quad(node, lf("inDoc"), doc_iri(doc_id))
+    yield Quad(node, lf("start"), Literal(str(int(ent["start"])), datatype=INTEGER))
+    yield Quad(node, lf("end"), Literal(str(int(ent["end"])), datatype=INTEGER))
+    yield Quad(node, lf("text"), _text(ent["text"]))
+    yield Quad(node, lf("label"), _text(ent["label"]))
+    yield Quad(node, lf("confidence"), Literal(repr(float(ent["score"])), datatype=DOUBLE))
     if ent.get("link"):
-        yield _triple(node, lf("refersTo"), entity_iri(ent["link"]))
-        yield _triple(node, lf("linkConfidence"), Literal(repr(float(ent.get("link_score", 0.0))), datatype=DOUBLE))
+        yield Quad(node, lf("refersTo"), entity_iri(ent["link"]))
+        yield Quad(node, lf("linkConfidence"), Literal(repr(float(ent.get("link_score", 0.0))), datatype=DOUBLE))

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("tasks", "models", "flows", "deploy")
 """Top-level packages of this project; imports of anything else are libraries."""
 PARAMS_FILE = "params.yaml"
-STAGE_CMD = re.compile(r"python -m (tasks\.\w+)")
+STAGE_CMD = re.compile(r"python -m (tasks(?:\.\w+)+)")
 
 
 def dvc_command(*args: str) -> list[str]:

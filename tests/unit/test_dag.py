@@ -27,10 +27,15 @@ def test_stage_list_is_dvc_yaml_order_and_respects_dependencies():
 
 @pytest.mark.parametrize("stage", dag.pipeline_stages())
 def test_a_stage_imports_shared_code_never_another_stage_or_an_operation(stage):
-    closure = dag.import_closure(f"tasks.{stage}")
-    stage_files = {f"tasks/{s}.py" for s in dag.pipeline_stages()}
-    assert closure & stage_files == {f"tasks/{stage}.py"}
+    files = {name: _stage_file(name, body) for name, body in dag.pipeline_stages().items()}
+    closure = dag.import_closure(dag.stage_module(stage, dag.pipeline_stages()[stage]))
+    assert closure & set(files.values()) == {files[stage]}
     assert not [f for f in closure if f.startswith(("tasks/ops/", "flows/", "deploy/"))]
+
+
+def _stage_file(stage: str, body: dict) -> str:
+    """`tasks/kg/graph.py` for `cmd: python -m tasks.kg.graph`."""
+    return dag.stage_module(stage, body).replace(".", "/") + ".py"
 
 
 @pytest.mark.parametrize(
@@ -41,7 +46,7 @@ def test_shared_code_and_models_import_no_stage_or_operation(file):
     module = file.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
     closure = dag.import_closure(module)
     assert not [f for f in closure if f.startswith(("tasks/ops/", "flows/", "deploy/"))]
-    assert not closure & {f"tasks/{s}.py" for s in dag.pipeline_stages()}
+    assert not closure & {_stage_file(s, body) for s, body in dag.pipeline_stages().items()}
     if file.startswith("models/"):  # the MLflow pyfunc ships models/ alone
         assert all(f.startswith("models/") for f in closure)
 

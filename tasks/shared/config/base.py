@@ -68,6 +68,12 @@ class Paths(Section):
     """Minimum-functionality examples (JSONL: text, label) for the behavioral tests, tracked in git."""
     evaluation: Path
     """Evaluation predictions and plots."""
+    kg_data: Path
+    """The knowledge-graph task data: entities/docs/mentions/relations/facts .parquet (kg_data)."""
+    kg_model: Path
+    """The extractor bundle (tagger, relation and linking heads on the trunk) and its baselines (kg_train)."""
+    kg_graph: Path
+    """The knowledge graph: `store/` (a pyoxigraph store) and `graph.nt` (its N-Triples export) (kg_graph)."""
     curve: Path
     """The learning curve's test predictions (every model, k and seed) and its chart (curve/dvc.yaml)."""
     metrics: Path

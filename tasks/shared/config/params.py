@@ -16,6 +16,7 @@ from tasks.shared.config.distill import DistillConfig
 from tasks.shared.config.evaluate import EvaluateConfig
 from tasks.shared.config.finetune import FinetuneConfig
 from tasks.shared.config.ingest import IngestConfig
+from tasks.shared.config.kg_graph import KgGraphConfig
 from tasks.shared.config.orchestrate import OrchestrateConfig
 from tasks.shared.config.pretrain import PretrainConfig
 from tasks.shared.config.promote import PromoteConfig
@@ -40,6 +41,7 @@ SECTION_TYPES: dict[str, type[Section]] = {
     "distill": DistillConfig,
     "quantize": QuantizeConfig,
     "evaluate": EvaluateConfig,
+    "kg_graph": KgGraphConfig,
     "curve": CurveConfig,
     "promote": PromoteConfig,
     "orchestrate": OrchestrateConfig,
@@ -63,6 +65,7 @@ class Params(BaseModel):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    kg_graph: KgGraphConfig = Field(default_factory=KgGraphConfig)
     curve: CurveConfig = Field(default_factory=CurveConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
     orchestrate: OrchestrateConfig = Field(default_factory=OrchestrateConfig)
