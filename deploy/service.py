@@ -14,8 +14,8 @@ Endpoints:
   relations (head, relation, tail, score) per text, adaptive batching as for /classify;
 - `POST /graph/query {"sparql": "..."}`: read-only SELECT/ASK on the extractor's graph (deploy/sparql.py: updates,
   SERVICE, CONSTRUCT, DESCRIBE refused with 400; at most LMFORGE_SPARQL_MAX_ROWS rows, default 1000; a query past
-  LMFORGE_SPARQL_TIMEOUT_S, default 5, is stopped: 408). Both answer 503 while no extractor / graph is served
-  (deploy/resolve.py's open_kg: classification is served alone then);
+  LMFORGE_SPARQL_TIMEOUT_S, default 5, is stopped: 408). Both answer 404 when no extractor (or graph) exists
+  (deploy/resolve.py's open_kg: classification is served alone then), 503 when one exists but failed to load;
 - `GET /metadata`: registered model name and version, variant, lineage, gates and test metrics, and `tasks`:
   every served task and its version;
 - `POST /reload`: load the registry's current @champion without a restart (needs LMFORGE_API_KEY);
@@ -255,10 +255,10 @@ class Gatekeeper:
             and path in ("/classify", "/generate", "/generate_stream", "/metadata")
         ):
             return 503, f"model unavailable: {service.unavailable}"
-        if service is not None and path == "/extract" and service.kg is None:
-            return 503, f"extractor unavailable: {service.kg_unavailable}"
-        if service is not None and path == "/graph/query" and service.graph is None:
-            return 503, f"knowledge graph unavailable: {service.kg_unavailable}"
+        if service is not None and path in ("/extract", "/graph/query"):
+            missing = service.kg is None if path == "/extract" else service.graph is None
+            if missing:  # 404: this service serves no such task; 503: it should, but loading failed
+                return (503 if service.kg_failed else 404), f"{path}: not served: {service.kg_unavailable}"
         return None
 
 
@@ -331,6 +331,7 @@ class LMForge:
         except Exception as e:  # a bug: its traceback once, then the same 503s (a restart would fail again)
             self.unavailable = f"{type(e).__name__}: {' '.join(str(e).split())}"
             logger.exception("lmforge: loading the model failed, answering 503")
+        self.kg_failed = False
         self.kg, self.graph, self.kg_unavailable = self._open_kg()
 
     def _open_kg(self) -> tuple[ServedKG | None, GraphQueries | None, str]:
@@ -339,6 +340,7 @@ class LMForge:
             kg = open_kg()
         except ModelUnavailable as e:
             logger.error("lmforge: no extractor to serve, /extract answers 503: %s", e)
+            self.kg_failed = True
             return None, None, str(e)
         if kg is None:
             return None, None, "no extractor registered or built (classification is served alone)"

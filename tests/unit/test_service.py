@@ -633,12 +633,21 @@ def test_kg_bad_requests_get_a_4xx_naming_the_problem(case, app, kg_service):
     assert message in r.text
 
 
-def test_without_an_extractor_extract_and_graph_query_answer_503(app, tmp_path, monkeypatch):
+def test_without_an_extractor_extract_and_graph_query_are_404_and_a_broken_one_503(app, tmp_path, monkeypatch):
     from deploy import service
+    from deploy.resolve import ModelUnavailable
 
     monkeypatch.setattr(service, "open_kg", lambda: None)
     monkeypatch.setenv(MODEL_URI_ENV, str(tmp_path / "no-classifier"))
     with client(app) as c:
         r = c.post("/extract", json={"texts": ["x"]})
-        assert r.status_code == 503 and "no extractor registered or built" in r.json()["error"]
-        assert c.post("/graph/query", json={"sparql": "ASK {}"}).status_code == 503
+        assert r.status_code == 404 and "no extractor registered or built" in r.json()["error"]
+        assert c.post("/graph/query", json={"sparql": "ASK {}"}).status_code == 404
+
+    def broken():
+        raise ModelUnavailable("/x/extractor: model.safetensors: truncated")
+
+    monkeypatch.setattr(service, "open_kg", broken)
+    with client(app) as c:
+        r = c.post("/extract", json={"texts": ["x"]})
+        assert r.status_code == 503 and "model.safetensors: truncated" in r.json()["error"]
