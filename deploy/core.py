@@ -12,7 +12,8 @@ from typing import Iterator
 import torch
 
 from deploy.requests import GenerationRequest
-from deploy.resolve import ServedModel
+from deploy.resolve import ServedKG, ServedModel
+from deploy.sparql import GraphQueries
 from models.sampling import Sampling, decode
 from tasks.shared.text import normalize_text
 
@@ -27,6 +28,36 @@ def check_can_generate(model: ServedModel) -> None:
         raise CannotGenerate("the served model has no language model (its bundle has no lm/) and cannot generate text")
     if not model.bundle.can_generate:
         raise CannotGenerate("the served model was pretrained as a masked LM and cannot generate text")
+
+
+class KgUnavailable(Exception):
+    """No extractor or no graph is served (HTTP 503, gRPC UNAVAILABLE); the message says which and why."""
+
+
+def extract(kg: ServedKG | None, texts: list[str]) -> list[dict]:
+    """Entities (span, text, type, linked entity id, scores) and relations (head and tail entity indices, -1 =
+    the object the text documents; relation; score) in each text (already checked), with the model version."""
+    if kg is None:
+        raise KgUnavailable("no extractor is served (register lmforge-extractor or set LMFORGE_EXTRACTOR_URI)")
+    out = kg.extractor.extract(texts)
+    return [
+        {
+            "entities": r["entities"],
+            "relations": [
+                {"head": x["head"], "relation": x["label"], "tail": x["tail"], "score": x["score"]}
+                for x in r["relations"]
+            ],
+            "model_version": kg.model_version,
+        }
+        for r in out
+    ]
+
+
+def graph_query(graph: GraphQueries | None, sparql: str) -> dict:
+    """A read-only SELECT/ASK query's answer from the served graph (deploy/sparql.py: refusals, rows, timeout)."""
+    if graph is None:
+        raise KgUnavailable("no knowledge graph is served (the extractor's graph.nt was not found)")
+    return graph.query(sparql)
 
 
 def classify(model: ServedModel, texts: list[str]) -> list[dict]:

@@ -3,7 +3,8 @@
 Start it with `make serve-grpc` (`lmforge serve --grpc`, i.e. `python -m deploy.grpc_server`); it serves
 the model deploy/resolve.py finds (LMFORGE_MODEL_URI, a Bento's model, else the registry's @champion) on
 127.0.0.1:50051. The contract is deploy/lmforge.proto (`lmforge.v1.Inference`: Classify, Generate,
-GenerateStream, Metadata); `make grpc-stubs` regenerates deploy/lmforge_pb2*.py from it.
+GenerateStream, Metadata, and the knowledge-graph task's Extract and GraphQuery when an extractor is found);
+`make grpc-stubs` regenerates deploy/lmforge_pb2*.py from it.
 
 Besides Inference the server carries the standard health service (`grpc.health.v1.Health`: SERVING for
 "" and "lmforge.v1.Inference" while a model is loaded) and server reflection, so `grpcurl` needs no .proto.
@@ -36,9 +37,28 @@ from grpc_reflection.v1alpha import reflection
 
 from deploy import lmforge_pb2 as pb
 from deploy import lmforge_pb2_grpc as pb_grpc
-from deploy.core import CannotGenerate, check_can_generate, classify, describe, generate, stream
-from deploy.requests import API_KEY_ENV, MAX_BODY_BYTES, GenerationRequest, InvalidInput, check_texts
-from deploy.resolve import ModelUnavailable, ServedModel, open_model
+from deploy.core import (
+    CannotGenerate,
+    KgUnavailable,
+    check_can_generate,
+    classify,
+    describe,
+    extract,
+    generate,
+    graph_query,
+    stream,
+)
+from deploy.requests import (
+    API_KEY_ENV,
+    LIMITS,
+    MAX_BODY_BYTES,
+    GenerationRequest,
+    InvalidInput,
+    check_sparql,
+    check_texts,
+)
+from deploy.resolve import ModelUnavailable, ServedKG, ServedModel, open_kg, open_model
+from deploy.sparql import GraphQueries, QueryRefused, QueryTimeout
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 """`lmforge.v1.Inference`: the name health checks and reflection know the service by."""
@@ -62,8 +82,12 @@ def _rpc(method: Callable) -> Callable:
     def wrapper(self, request, context):
         try:
             return method(self, request, context)
-        except InvalidInput as e:
+        except (InvalidInput, QueryRefused) as e:
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
+        except QueryTimeout as e:
+            code, message = grpc.StatusCode.DEADLINE_EXCEEDED, str(e)
+        except KgUnavailable as e:
+            code, message = grpc.StatusCode.UNAVAILABLE, str(e)
         except CannotGenerate as e:
             code, message = grpc.StatusCode.FAILED_PRECONDITION, str(e)
         except ModelUnavailable as e:
@@ -94,8 +118,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     """`lmforge.v1.Inference` over one loaded model (or none, with the reason); every method is safe to call
     from the server's thread pool at once (inference only reads the model)."""
 
-    def __init__(self, model: ServedModel | None, unavailable: str | None = None) -> None:
-        self.model = model
+    def __init__(
+        self,
+        model: ServedModel | None,
+        unavailable: str | None = None,
+        kg: ServedKG | None = None,
+        graph: GraphQueries | None = None,
+    ) -> None:
+        self.model, self.kg, self.graph = model, kg, graph
         self.unavailable = None if model is not None else unavailable or "no model loaded"
 
     def _model(self) -> ServedModel:
@@ -164,6 +194,32 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             metadata=document,
         )
 
+    @_rpc
+    def Extract(self, request: pb.ExtractRequest, context) -> pb.ExtractResponse:
+        texts = check_texts(list(request.texts), max_items=LIMITS.max_extract_items, max_chars=LIMITS.max_extract_chars)
+        results = [
+            pb.Extraction(
+                entities=[pb.Entity(**e) for e in r["entities"]],
+                relations=[pb.Relation(**x) for x in r["relations"]],
+                model_version=r["model_version"],
+            )
+            for r in extract(self.kg, texts)
+        ]
+        return pb.ExtractResponse(results=results)
+
+    @_rpc
+    def GraphQuery(self, request: pb.GraphQueryRequest, context) -> pb.GraphQueryResponse:
+        document = struct_pb2.Struct()
+        json_format.ParseDict(graph_query(self.graph, check_sparql(request.sparql)), document)
+        return pb.GraphQueryResponse(result=document)
+
+
+def open_graph(kg: ServedKG | None) -> GraphQueries | None:
+    """Query workers over the extractor's graph (None without one), with the REST service's limits."""
+    if kg is None or kg.graph is None:
+        return None
+    return GraphQueries(kg.graph, timeout=LIMITS.sparql_timeout_s, max_rows=LIMITS.sparql_rows)
+
 
 class ApiKeyInterceptor(grpc.ServerInterceptor):
     """Refuse Inference calls without the key (`authorization: Bearer <key>` or `x-api-key: <key>`) with
@@ -212,6 +268,8 @@ def build_server(
     unavailable: str | None = None,
     api_key: str | None = None,
     checks: health.HealthServicer | None = None,
+    kg: ServedKG | None = None,
+    graph: GraphQueries | None = None,
 ) -> tuple[grpc.Server, int]:
     """An unstarted server for `model` (None: every Inference call answers UNAVAILABLE with `unavailable`),
     with health checks and reflection, listening on `host:port` (port 0: any free port).
@@ -219,7 +277,8 @@ def build_server(
     `max_workers` calls run at once (a stream holds its worker until it ends); with 8 times as many in
     flight, the next call is refused at once with RESOURCE_EXHAUSTED instead of queueing without bound.
     `api_key` defaults to LMFORGE_API_KEY; `checks` is the health servicer to register (pass one in to
-    call its `enter_graceful_shutdown()` before stopping; default: a new one).
+    call its `enter_graceful_shutdown()` before stopping; default: a new one); `kg` and `graph` serve Extract and
+    GraphQuery (None: UNAVAILABLE).
 
     Returns:
         The server and the port it is bound to.
@@ -239,7 +298,7 @@ def build_server(
         options=options,
         maximum_concurrent_rpcs=8 * max_workers,
     )
-    servicer = InferenceServicer(model, unavailable)
+    servicer = InferenceServicer(model, unavailable, kg, graph)
     pb_grpc.add_InferenceServicer_to_server(servicer, server)
     checks = health.HealthServicer() if checks is None else checks
     status = health_pb2.HealthCheckResponse.SERVING if model is not None else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -277,10 +336,22 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # a bug: its traceback once, then the same UNAVAILABLE answers (a restart would fail again)
         logger.exception("lmforge: loading the model failed")
         unavailable = f"{type(e).__name__}: {' '.join(str(e).split())}"
+    kg = None
+    try:
+        kg = open_kg()
+    except ModelUnavailable as e:  # classification is served anyway; Extract and GraphQuery say why
+        logger.error("lmforge: no extractor to serve: %s", e)
     checks = health.HealthServicer()
     try:
         server, port = build_server(
-            model, args.host, args.port, args.max_workers, unavailable=unavailable, checks=checks
+            model,
+            args.host,
+            args.port,
+            args.max_workers,
+            unavailable=unavailable,
+            checks=checks,
+            kg=kg,
+            graph=open_graph(kg),
         )
     except OSError as e:
         sys.exit(f"lmforge: error: {e}")

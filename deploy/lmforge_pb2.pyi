@@ -7,6 +7,70 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ExtractRequest(_message.Message):
+    __slots__ = ("texts",)
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, texts: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Entity(_message.Message):
+    __slots__ = ("start", "end", "text", "label", "score", "link", "link_score")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    LINK_FIELD_NUMBER: _ClassVar[int]
+    LINK_SCORE_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    text: str
+    label: str
+    score: float
+    link: str
+    link_score: float
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., text: _Optional[str] = ..., label: _Optional[str] = ..., score: _Optional[float] = ..., link: _Optional[str] = ..., link_score: _Optional[float] = ...) -> None: ...
+
+class Relation(_message.Message):
+    __slots__ = ("head", "relation", "tail", "score")
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    RELATION_FIELD_NUMBER: _ClassVar[int]
+    TAIL_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    head: int
+    relation: str
+    tail: int
+    score: float
+    def __init__(self, head: _Optional[int] = ..., relation: _Optional[str] = ..., tail: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
+
+class Extraction(_message.Message):
+    __slots__ = ("entities", "relations", "model_version")
+    ENTITIES_FIELD_NUMBER: _ClassVar[int]
+    RELATIONS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    entities: _containers.RepeatedCompositeFieldContainer[Entity]
+    relations: _containers.RepeatedCompositeFieldContainer[Relation]
+    model_version: str
+    def __init__(self, entities: _Optional[_Iterable[_Union[Entity, _Mapping]]] = ..., relations: _Optional[_Iterable[_Union[Relation, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class ExtractResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[Extraction]
+    def __init__(self, results: _Optional[_Iterable[_Union[Extraction, _Mapping]]] = ...) -> None: ...
+
+class GraphQueryRequest(_message.Message):
+    __slots__ = ("sparql",)
+    SPARQL_FIELD_NUMBER: _ClassVar[int]
+    sparql: str
+    def __init__(self, sparql: _Optional[str] = ...) -> None: ...
+
+class GraphQueryResponse(_message.Message):
+    __slots__ = ("result",)
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    result: _struct_pb2.Struct
+    def __init__(self, result: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
 class ClassifyRequest(_message.Message):
     __slots__ = ("texts",)
     TEXTS_FIELD_NUMBER: _ClassVar[int]

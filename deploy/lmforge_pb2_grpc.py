@@ -55,6 +55,16 @@ class InferenceStub:
                 request_serializer=deploy_dot_lmforge__pb2.MetadataRequest.SerializeToString,
                 response_deserializer=deploy_dot_lmforge__pb2.MetadataResponse.FromString,
                 _registered_method=True)
+        self.Extract = channel.unary_unary(
+                '/lmforge.v1.Inference/Extract',
+                request_serializer=deploy_dot_lmforge__pb2.ExtractRequest.SerializeToString,
+                response_deserializer=deploy_dot_lmforge__pb2.ExtractResponse.FromString,
+                _registered_method=True)
+        self.GraphQuery = channel.unary_unary(
+                '/lmforge.v1.Inference/GraphQuery',
+                request_serializer=deploy_dot_lmforge__pb2.GraphQueryRequest.SerializeToString,
+                response_deserializer=deploy_dot_lmforge__pb2.GraphQueryResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -89,6 +99,21 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Extract(self, request, context):
+        """Entity mentions (span, type, linked entity, score) and relations in each text (the knowledge-graph task).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GraphQuery(self, request, context):
+        """A read-only SPARQL SELECT or ASK query on the knowledge graph; updates, SERVICE, CONSTRUCT and DESCRIBE are
+        INVALID_ARGUMENT, a query past the time limit DEADLINE_EXCEEDED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +136,16 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Metadata,
                     request_deserializer=deploy_dot_lmforge__pb2.MetadataRequest.FromString,
                     response_serializer=deploy_dot_lmforge__pb2.MetadataResponse.SerializeToString,
+            ),
+            'Extract': grpc.unary_unary_rpc_method_handler(
+                    servicer.Extract,
+                    request_deserializer=deploy_dot_lmforge__pb2.ExtractRequest.FromString,
+                    response_serializer=deploy_dot_lmforge__pb2.ExtractResponse.SerializeToString,
+            ),
+            'GraphQuery': grpc.unary_unary_rpc_method_handler(
+                    servicer.GraphQuery,
+                    request_deserializer=deploy_dot_lmforge__pb2.GraphQueryRequest.FromString,
+                    response_serializer=deploy_dot_lmforge__pb2.GraphQueryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +257,60 @@ class Inference:
             '/lmforge.v1.Inference/Metadata',
             deploy_dot_lmforge__pb2.MetadataRequest.SerializeToString,
             deploy_dot_lmforge__pb2.MetadataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Extract(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmforge.v1.Inference/Extract',
+            deploy_dot_lmforge__pb2.ExtractRequest.SerializeToString,
+            deploy_dot_lmforge__pb2.ExtractResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GraphQuery(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmforge.v1.Inference/GraphQuery',
+            deploy_dot_lmforge__pb2.GraphQueryRequest.SerializeToString,
+            deploy_dot_lmforge__pb2.GraphQueryResponse.FromString,
             options,
             channel_credentials,
             insecure,

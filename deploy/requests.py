@@ -23,6 +23,17 @@ EXAMPLE_INPUT = [
     ),
 ]
 """Texts to classify: the API docs' example, sent by the promotion smoke gate and the tests."""
+EXAMPLE_DOCSTRINGS = [
+    "Deserialize s to a Python object. Raises JSONDecodeError if s is not a valid JSON document.",
+    "Return a new Message object parsed from the bytes; see email.message.Message.",
+]
+"""Docstrings to extract entities and relations from: the API docs' example."""
+EXAMPLE_SPARQL = (
+    "SELECT ?function WHERE { ?function a lf:Function ; lf:raises <https://lmforge.dev/entity/builtins.ValueError> }"
+)
+"""Which functions raise ValueError: the API docs' example query (lf:, rdf:, rdfs:, xsd:, ent: are declared)."""
+
+
 EXAMPLE_PROMPT = "def read_config(path):\n    "
 """A prompt to continue: the API docs' example, sent by the promotion smoke gate."""
 
@@ -41,6 +52,15 @@ class Limits:
     max_stop: int = 8
     max_stop_chars: int = 64
     max_seed: int = 2**63 - 1
+    max_extract_items: int = 64
+    """Texts per /extract request."""
+    max_extract_chars: int = 4_000
+    """Characters per /extract text (the extractor reads its first max_length tokens)."""
+    max_sparql_chars: int = 10_000
+    sparql_rows: int = 1_000
+    """Rows a SELECT answers at most (`truncated: true` when there were more); LMFORGE_SPARQL_MAX_ROWS."""
+    sparql_timeout_s: float = 5.0
+    """Seconds a query may run before its worker is stopped; LMFORGE_SPARQL_TIMEOUT_S."""
 
 
 LIMITS = Limits()
@@ -59,21 +79,34 @@ def unicode_problem(text: str) -> str | None:
     return None
 
 
-def check_texts(texts, limits: Limits = LIMITS) -> list[str]:
-    """`texts` if it is a list of 1..max_items non-blank strings of at most max_text_chars each."""
+def check_sparql(sparql, limits: Limits = LIMITS) -> str:
+    """`sparql` if it is a non-blank string of at most max_sparql_chars (what it asks is deploy/sparql.py's check)."""
+    if not isinstance(sparql, str) or not sparql.strip():
+        raise InvalidInput("sparql: empty or not a string")
+    if len(sparql) > limits.max_sparql_chars:
+        raise InvalidInput(f"sparql: {len(sparql)} characters, at most {limits.max_sparql_chars}")
+    if problem := unicode_problem(sparql):
+        raise InvalidInput(f"sparql: {problem}")
+    return sparql
+
+
+def check_texts(texts, limits: Limits = LIMITS, max_items: int = 0, max_chars: int = 0) -> list[str]:
+    """`texts` if it is a list of 1..max_items non-blank strings of at most max_chars each (default: the limits'
+    max_items and max_text_chars, /classify's)."""
+    max_items, max_chars = max_items or limits.max_items, max_chars or limits.max_text_chars
     if not isinstance(texts, (list, tuple)):
         raise InvalidInput(f"texts: expected a list of strings, got {type(texts).__name__}")
     if not texts:
         raise InvalidInput("texts: empty list; send at least one text")
-    if len(texts) > limits.max_items:
-        raise InvalidInput(f"texts: {len(texts)} items, at most {limits.max_items} per request")
+    if len(texts) > max_items:
+        raise InvalidInput(f"texts: {len(texts)} items, at most {max_items} per request")
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise InvalidInput(f"texts[{i}]: expected a string, got {type(t).__name__}")
         if not t.strip():
             raise InvalidInput(f"texts[{i}]: empty or only whitespace")
-        if len(t) > limits.max_text_chars:
-            raise InvalidInput(f"texts[{i}]: {len(t)} characters, at most {limits.max_text_chars}")
+        if len(t) > max_chars:
+            raise InvalidInput(f"texts[{i}]: {len(t)} characters, at most {max_chars}")
         if problem := unicode_problem(t):
             raise InvalidInput(f"texts[{i}]: {problem}")
     return list(texts)

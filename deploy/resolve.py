@@ -422,3 +422,134 @@ def open_model(uri: str | None = None, to_store: bool = True) -> ServedModel:
         if env and str(e).startswith(env):
             raise ModelUnavailable(f"{MODEL_URI_ENV}={e}") from None
         raise
+
+
+# --- the knowledge-graph task: the extractor and its graph -------------------------------------------
+
+EXTRACTOR_URI_ENV = "LMFORGE_EXTRACTOR_URI"
+"""The extractor to serve, when set: an extractor bundle folder (its graph: GRAPH_ENV, else the workspace's), an
+MLflow model URI laid out as `lmforge promote` registers it, or `off` (serve classification alone)."""
+GRAPH_ENV = "LMFORGE_GRAPH"
+"""The N-Triples file /graph/query answers from, when the extractor is a folder (default: the workspace's)."""
+EXTRACTOR_MODEL_NAME = "lmforge-extractor"
+"""The registered model of the knowledge-graph task (its @champion is served)."""
+EXTRACTOR_ARTIFACT = Path("artifacts") / "extractor"
+GRAPH_ARTIFACT = Path("artifacts") / "graph" / "graph.nt"
+"""Where the extractor bundle and the graph's N-Triples export lie inside a registered extractor version."""
+
+
+@dataclass
+class ServedKG:
+    """A loaded extractor and the graph built with it (either may be missing: None)."""
+
+    extractor: object
+    graph: Path | None
+    uri: str
+    source: str
+    """`registry` or `folder`."""
+    name: str = EXTRACTOR_MODEL_NAME
+    version: str = "local"
+    tags: dict[str, str] = field(default_factory=dict)
+    keep: object = None
+    """The temporary folder holding a downloaded version (removed when this object goes)."""
+
+    @property
+    def model_version(self) -> str:
+        return f"{self.name}/{self.version}"
+
+    def metadata(self) -> dict:
+        """What /metadata says about the extractor."""
+        return {
+            "registered_model": self.name,
+            "version": self.version,
+            "model_version": self.model_version,
+            "source": self.source,
+            "model_uri": self.uri,
+            "extractor_sha256": getattr(self.extractor, "version", None),
+            "entity_labels": list(getattr(self.extractor, "entity_labels", [])),
+            "relation_labels": list(getattr(self.extractor, "relation_labels", [])),
+            "graph": self.graph is not None,
+            "gates": {k[len("gate.") :]: v for k, v in self.tags.items() if k.startswith("gate.")},
+        }
+
+
+def _load_extractor(folder: Path, shown: str):
+    """models/extractor.py's bundle at `folder` (torch is imported there)."""
+    from models.extractor import load_extractor
+
+    try:
+        return load_extractor(folder)
+    except ArtifactError as e:
+        raise _broken(e, folder, shown) from None
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelUnavailable(f"{shown}: {_line(e)}") from None
+
+
+def _workspace_kg() -> tuple[Path, Path] | None:
+    """The workspace's extractor folder and graph file (params.yaml's paths.kg_model, paths.kg_graph)."""
+    from tasks.kg.rdf import GRAPH_FILE
+    from tasks.shared.config.params import load_params
+    from tasks.shared.errors import UserError
+
+    try:
+        paths = load_params().paths
+    except UserError:
+        return None
+    return Path(paths.kg_model), Path(paths.kg_graph) / GRAPH_FILE
+
+
+def _kg_folder(folder: Path, graph: Path | None) -> ServedKG:
+    extractor = _load_extractor(folder, str(folder))
+    return ServedKG(extractor, graph if graph is not None and graph.is_file() else None, str(folder), "folder")
+
+
+def _kg_registry(uri: str) -> ServedKG:
+    store = registry_uri()
+    mv = registered_version(uri, store)
+    tmp = tempfile.TemporaryDirectory(prefix="lmforge-kg-")  # the graph file stays for the query workers
+    from mlflow.exceptions import MlflowException
+
+    import mlflow
+
+    source = _source(mv, store) if mv is not None else uri
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp.name, tracking_uri=store))
+    except (MlflowException, OSError) as e:
+        raise ModelUnavailable(f"{uri}: {_line(e)} (MLflow store {store})") from None
+    if not (local / EXTRACTOR_ARTIFACT).is_dir():
+        raise ModelUnavailable(f"{uri}: not an lmforge extractor (no {EXTRACTOR_ARTIFACT.as_posix()})")
+    extractor = _load_extractor(local / EXTRACTOR_ARTIFACT, uri)
+    graph = local / GRAPH_ARTIFACT
+    served = ServedKG(extractor, graph if graph.is_file() else None, uri, "registry", keep=tmp)
+    if mv is not None:
+        served.name, served.version, served.tags = mv.name, str(mv.version), dict(mv.tags or {})
+    return served
+
+
+def open_kg() -> ServedKG | None:
+    """The knowledge-graph task to serve: LMFORGE_EXTRACTOR_URI, else `lmforge-extractor@champion`, else the
+    workspace's extractor and graph; None when there is none (or LMFORGE_EXTRACTOR_URI=off): classification alone.
+
+    Raises:
+        ModelUnavailable: an extractor was named or found but cannot be loaded (one line naming what and where).
+    """
+    env = os.environ.get(EXTRACTOR_URI_ENV, "").strip()
+    graph_env = Path(os.environ[GRAPH_ENV]) if os.environ.get(GRAPH_ENV) else None
+    if env.lower() == "off":
+        return None
+    if env:
+        if _is_path(env):
+            if not Path(env).is_dir():
+                raise ModelUnavailable(f"{EXTRACTOR_URI_ENV}={env}: no such folder or model URI")
+            return _kg_folder(Path(env), graph_env or (_workspace_kg() or (None, None))[1])
+        return _kg_registry(env)
+    if not IN_BENTO:
+        try:
+            return _kg_registry(f"models:/{EXTRACTOR_MODEL_NAME}@champion")
+        except ModelUnavailable as e:
+            if "no registered model" not in str(e) and "not set" not in str(e):
+                raise
+    workspace = None if IN_BENTO else _workspace_kg()
+    if workspace is None or not workspace[0].is_dir():
+        return None
+    return _kg_folder(workspace[0], graph_env or workspace[1])

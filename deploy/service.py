@@ -10,7 +10,14 @@ Endpoints:
   LMFORGE_BATCH_MAX_LATENCY_MS, default 10000: BentoML answers 503 to a request that would wait longer);
 - `POST /generate`, `POST /generate_stream` (plain-text chunks as they are sampled): max_new_tokens,
   temperature, top_k, top_p, stop strings, seed, all bounded (deploy/requests.py's Limits);
-- `GET /metadata`: registered model name and version, variant, lineage, gates and test metrics;
+- `POST /extract {"texts": [...]}`: the knowledge-graph task's entities (span, type, linked entity id, score) and
+  relations (head, relation, tail, score) per text, adaptive batching as for /classify;
+- `POST /graph/query {"sparql": "..."}`: read-only SELECT/ASK on the extractor's graph (deploy/sparql.py: updates,
+  SERVICE, CONSTRUCT, DESCRIBE refused with 400; at most LMFORGE_SPARQL_MAX_ROWS rows, default 1000; a query past
+  LMFORGE_SPARQL_TIMEOUT_S, default 5, is stopped: 408). Both answer 404 when no extractor (or graph) exists
+  (deploy/resolve.py's open_kg: classification is served alone then), 503 when one exists but failed to load;
+- `GET /metadata`: registered model name and version, variant, lineage, gates and test metrics, and `tasks`:
+  every served task and its version;
 - `POST /reload`: load the registry's current @champion without a restart (needs LMFORGE_API_KEY);
 - `/healthz`, `/livez` (the process is up), `/readyz` (a model is loaded; 503 with the reason otherwise),
   `/metrics` (Prometheus: request counts and latency by endpoint and status), all BentoML's own.
@@ -38,25 +45,42 @@ from fastapi import FastAPI
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
-from deploy.core import CannotGenerate, check_can_generate, classify, describe, stream
+from deploy.core import (
+    CannotGenerate,
+    KgUnavailable,
+    check_can_generate,
+    classify,
+    describe,
+    extract,
+    graph_query,
+    stream,
+)
 from deploy.core import generate as generate_text
 from deploy.requests import (
     API_KEY_ENV,
+    EXAMPLE_DOCSTRINGS,
     EXAMPLE_INPUT,
     EXAMPLE_PROMPT,
+    EXAMPLE_SPARQL,
     LIMITS,
     MAX_BODY_BYTES,
     GenerationRequest,
     InvalidInput,
     unicode_problem,
 )
-from deploy.resolve import ModelUnavailable, ServedModel, open_model
+from deploy.resolve import ModelUnavailable, ServedKG, ServedModel, open_kg, open_model
+from deploy.sparql import GraphQueries, QueryRefused, QueryTimeout
 
 BATCH_SIZE_ENV, BATCH_LATENCY_ENV = "LMFORGE_BATCH_MAX_SIZE", "LMFORGE_BATCH_MAX_LATENCY_MS"
 WORKERS_ENV, ACCESS_LOG_ENV, TRACING_ENV = "LMFORGE_WORKERS", "LMFORGE_ACCESS_LOG", "LMFORGE_TRACING"
+SPARQL_TIMEOUT_ENV, SPARQL_ROWS_ENV, SPARQL_WORKERS_ENV = (
+    "LMFORGE_SPARQL_TIMEOUT_S",
+    "LMFORGE_SPARQL_MAX_ROWS",
+    "LMFORGE_SPARQL_WORKERS",
+)
 PUBLIC = ("/healthz", "/livez", "/readyz", "/metrics", "/docs.json", "/")
 """Paths open without the API key: the probes, Prometheus and the API docs."""
-JSON_ROUTES = ("/classify", "/generate", "/generate_stream", "/reload")
+JSON_ROUTES = ("/classify", "/generate", "/generate_stream", "/reload", "/extract", "/graph/query")
 
 logger = logging.getLogger("bentoml.lmforge")
 
@@ -105,6 +129,9 @@ Temperature = Annotated[float, Field(ge=0.0, le=LIMITS.max_temperature, allow_in
 TopK = Annotated[int, Field(ge=0, le=LIMITS.max_top_k, strict=True)]
 TopP = Annotated[float, Field(ge=LIMITS.min_top_p, le=1.0, allow_inf_nan=False)]  # ge, not gt: BentoML's OpenAPI is 3.0
 Seed = Annotated[int, Field(ge=0, le=LIMITS.max_seed, strict=True)]
+ExtractText = Annotated[str, Field(min_length=1, max_length=LIMITS.max_extract_chars), AfterValidator(_nonblank)]
+ExtractTexts = Annotated[list[ExtractText], Field(min_length=1, max_length=LIMITS.max_extract_items)]
+Sparql = Annotated[str, Field(min_length=1, max_length=LIMITS.max_sparql_chars), AfterValidator(_nonblank)]
 
 
 class GenerateInput(BaseModel):
@@ -134,6 +161,35 @@ class Classification(BaseModel):
 ClassifyOutput = Annotated[list[Classification], ContentType("application/json")]
 """/classify's answer, its media type declared (bentoml.validators.ContentType): BentoML would otherwise derive it
 from the list's JSON schema, rebuilt on every response (an eighth of the worker's CPU under load)."""
+
+
+class Entity(BaseModel):
+    start: int
+    end: int
+    """Character offsets into the text, end exclusive."""
+    text: str
+    label: str
+    score: float
+    link: str
+    """The fully qualified id of the entity the mention refers to ("" when no candidate exists)."""
+    link_score: float
+
+
+class Relation(BaseModel):
+    head: int
+    """Index into `entities`, or -1: the object the text documents."""
+    relation: str
+    tail: int
+    score: float
+
+
+class Extraction(BaseModel):
+    entities: list[Entity]
+    relations: list[Relation]
+    model_version: str
+
+
+ExtractOutput = Annotated[list[Extraction], ContentType("application/json")]
 
 
 class Generation(BaseModel):
@@ -199,6 +255,10 @@ class Gatekeeper:
             and path in ("/classify", "/generate", "/generate_stream", "/metadata")
         ):
             return 503, f"model unavailable: {service.unavailable}"
+        if service is not None and path in ("/extract", "/graph/query"):
+            missing = service.kg is None if path == "/extract" else service.graph is None
+            if missing:  # 404: this service serves no such task; 503: it should, but loading failed
+                return (503 if service.kg_failed else 404), f"{path}: not served: {service.kg_unavailable}"
         return None
 
 
@@ -271,6 +331,29 @@ class LMForge:
         except Exception as e:  # a bug: its traceback once, then the same 503s (a restart would fail again)
             self.unavailable = f"{type(e).__name__}: {' '.join(str(e).split())}"
             logger.exception("lmforge: loading the model failed, answering 503")
+        self.kg_failed = False
+        self.kg, self.graph, self.kg_unavailable = self._open_kg()
+
+    def _open_kg(self) -> tuple[ServedKG | None, GraphQueries | None, str]:
+        """The extractor and its graph's query workers, or None and why (classification is served either way)."""
+        try:
+            kg = open_kg()
+        except ModelUnavailable as e:
+            logger.error("lmforge: no extractor to serve, /extract answers 503: %s", e)
+            self.kg_failed = True
+            return None, None, str(e)
+        if kg is None:
+            return None, None, "no extractor registered or built (classification is served alone)"
+        if kg.graph is None:
+            return kg, None, f"{kg.uri} has no graph.nt"
+        graph = GraphQueries(
+            kg.graph,
+            workers=_env_int(SPARQL_WORKERS_ENV, 1, 1),
+            timeout=float(_env_int(SPARQL_TIMEOUT_ENV, int(LIMITS.sparql_timeout_s), 1)),
+            max_rows=_env_int(SPARQL_ROWS_ENV, LIMITS.sparql_rows, 1),
+        )
+        logger.info("lmforge: serving extractor %s and its graph (%d triples)", kg.model_version, graph.triples)
+        return kg, graph, ""
 
     def __is_ready__(self) -> bool:
         """/readyz: 503 with the reason while there is no model."""
@@ -290,6 +373,29 @@ class LMForge:
         and the model version."""
         model = self.model  # one model for the whole batch, even if /reload swaps it meanwhile
         return [Classification(**p) for p in classify(model, texts)]
+
+    @bentoml.api(
+        batchable=True,
+        max_batch_size=_env_int(BATCH_SIZE_ENV, LIMITS.max_items, LIMITS.max_items),
+        max_latency_ms=_env_int(BATCH_LATENCY_ENV, 10_000, 10),
+    )
+    def extract(self, texts: Annotated[ExtractTexts, Field(examples=[EXAMPLE_DOCSTRINGS])]) -> ExtractOutput:
+        """Entity mentions (span, type, linked entity id, scores) and the relations between them in each text."""
+        return [Extraction(**r) for r in extract(self.kg, texts)]
+
+    @bentoml.api(route="/graph/query")
+    def graph_query(self, sparql: Annotated[Sparql, Field(examples=[EXAMPLE_SPARQL])]) -> dict:
+        """A read-only SPARQL SELECT or ASK query on the knowledge graph (prefixes lf:, rdf:, rdfs:, xsd:, ent:
+        declared): SELECT -> vars and rows (at most the row limit; `truncated` says if there were more),
+        ASK -> boolean. Updates, SERVICE, CONSTRUCT and DESCRIBE are refused (400); past the time limit, 408."""
+        try:
+            return graph_query(self.graph, sparql)
+        except QueryRefused as e:
+            return JSONResponse({"error": str(e)}, status_code=400)
+        except QueryTimeout as e:
+            return JSONResponse({"error": str(e)}, status_code=408)
+        except KgUnavailable as e:
+            return JSONResponse({"error": str(e)}, status_code=503)
 
     def _request(self, params: dict) -> GenerationRequest | JSONResponse:
         try:
@@ -348,7 +454,18 @@ class LMForge:
         flow run), gates and test metrics."""
         if self.model is None:
             return JSONResponse({"error": f"model unavailable: {self.unavailable}"}, status_code=503)
-        return self.model.metadata()
+        return {**self.model.metadata(), "tasks": self.tasks()}
+
+    def tasks(self) -> dict:
+        """Every served task and its model version (the extractor's `null`, with the reason, when not served)."""
+        kg = self.kg.metadata() if self.kg is not None else None
+        if kg is not None:
+            kg["graph_triples"] = self.graph.triples if self.graph is not None else None
+        return {
+            "classification": {"model_version": self.model.model_version},
+            "kg": kg,
+            **({"kg_unavailable": self.kg_unavailable} if self.kg_unavailable else {}),
+        }
 
 
 LMForge.add_asgi_middleware(Gatekeeper)

@@ -1,1 +1,2 @@
-"""The knowledge-graph task: entity recognition, relation extraction and entity linking (KG-SPEC in docs/kg.md)."""
+"""The knowledge-graph task: entity recognition, relation extraction and entity linking from docstrings, and the
+graph built from them (see docs/kg.md)."""

@@ -43,6 +43,11 @@ def test_a_stage_imports_shared_code_never_another_stage_or_an_operation(stage):
     assert not [f for f in closure if f.startswith(("tasks/ops/", "flows/", "deploy/"))]
 
 
+def _stage_file(stage: str, body: dict) -> str:
+    """`tasks/kg/graph.py` for `cmd: python -m tasks.kg.graph`."""
+    return dag.stage_module(stage, body).replace(".", "/") + ".py"
+
+
 @pytest.mark.parametrize(
     "file",
     sorted(p.relative_to(ROOT).as_posix() for p in [*ROOT.glob("tasks/shared/**/*.py"), *ROOT.glob("models/*.py")]),

@@ -80,3 +80,89 @@ def test_a_taken_port_is_one_line():
             build_server(None, port=port)
     finally:
         server.stop(None)
+
+
+@pytest.fixture
+def kg_server(tmp_path):
+    """A server with no classifier but the kg task: the stand-in extractor and the graph built from small tables."""
+    from conftest import make_paths
+    from test_kg_graph import FakeExtractor, write_tables
+
+    from deploy.resolve import ServedKG
+    from deploy.sparql import GraphQueries
+    from tasks.kg import graph
+    from tasks.kg.rdf import GRAPH_FILE
+    from tasks.shared.config.kg_graph import KgGraphConfig
+
+    paths = make_paths(tmp_path)
+    write_tables(paths.kg_data)
+    graph.run(KgGraphConfig(), paths, extractor=FakeExtractor())
+    kg = ServedKG(FakeExtractor(), paths.kg_graph / GRAPH_FILE, str(paths.kg_model), "folder")
+    queries = GraphQueries(kg.graph, timeout=2.0, max_rows=3)
+    server, port = build_server(None, port=0, unavailable="no classifier", kg=kg, graph=queries)
+    server.start()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield pb_grpc.InferenceStub(channel)
+    server.stop(None)
+    queries.close()
+
+
+def test_extract_and_graph_query_answer_from_the_kg_task(kg_server):
+    from google.protobuf import json_format
+
+    (r,) = kg_server.Extract(pb.ExtractRequest(texts=["Raises JSONDecodeError on bad input."]), timeout=10).results
+    assert [(e.text, e.link) for e in r.entities] == [("JSONDecodeError", "json.decoder.JSONDecodeError")]
+    assert [(x.head, x.relation, x.tail) for x in r.relations] == [(-1, "raises", 0)]
+    assert r.model_version == "lmforge-extractor/local"
+    sparql = "SELECT ?f WHERE { ?f lf:raises ent:builtins.ValueError }"
+    answer = json_format.MessageToDict(kg_server.GraphQuery(pb.GraphQueryRequest(sparql=sparql), timeout=10).result)
+    assert [row["f"]["value"] for row in answer["rows"]] == ["https://lmforge.dev/entity/json.loads"]
+    ask = kg_server.GraphQuery(pb.GraphQueryRequest(sparql="ASK { ?s lf:calls ?o }"), timeout=10).result
+    assert json_format.MessageToDict(ask) == {"boolean": True}
+
+
+@pytest.mark.parametrize(
+    ("call", "message_in", "code", "message"),
+    [
+        ("Extract", pb.ExtractRequest(texts=[]), grpc.StatusCode.INVALID_ARGUMENT, "empty list"),
+        ("Extract", pb.ExtractRequest(texts=["  "]), grpc.StatusCode.INVALID_ARGUMENT, "only whitespace"),
+        ("Extract", pb.ExtractRequest(texts=["x"] * 65), grpc.StatusCode.INVALID_ARGUMENT, "at most 64"),
+        ("Extract", pb.ExtractRequest(texts=["x" * 4001]), grpc.StatusCode.INVALID_ARGUMENT, "at most 4000"),
+        ("GraphQuery", pb.GraphQueryRequest(sparql=""), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+        (
+            "GraphQuery",
+            pb.GraphQueryRequest(sparql="SELECT * { SERVICE <http://example.org/s> { ?s ?p ?o } }"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "SERVICE is refused",
+        ),
+        (
+            "GraphQuery",
+            pb.GraphQueryRequest(sparql="DELETE WHERE { ?s ?p ?o }"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "read-only",
+        ),
+        (
+            "GraphQuery",
+            pb.GraphQueryRequest(sparql="SELECT (COUNT(*) AS ?n) { ?a ?b ?c . ?d ?e ?f . ?g ?h ?i . ?j ?k ?l }"),
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            "2 s limit",
+        ),
+        ("Classify", pb.ClassifyRequest(texts=["x"]), grpc.StatusCode.UNAVAILABLE, "no classifier"),
+    ],
+)
+def test_kg_bad_requests_are_status_codes_with_the_reason(kg_server, call, message_in, code, message):
+    with pytest.raises(grpc.RpcError) as e:
+        getattr(kg_server, call)(message_in, timeout=20)
+    assert e.value.code() == code and message in e.value.details()
+
+
+def test_without_an_extractor_extract_and_graph_query_are_unavailable(no_model):
+    stub, key = pb_grpc.InferenceStub(no_model), (("x-api-key", "k"),)
+    calls = {
+        "Extract": (pb.ExtractRequest(texts=["x"]), "no extractor is served"),
+        "GraphQuery": (pb.GraphQueryRequest(sparql="ASK {}"), "no knowledge graph is served"),
+    }
+    for call, (request, message) in calls.items():
+        with pytest.raises(grpc.RpcError) as e:
+            getattr(stub, call)(request, metadata=key, timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and message in e.value.details()

@@ -555,3 +555,99 @@ def test_texts_are_normalized_the_way_the_training_texts_were(bundles, tmp_path)
     probs = lambda m, t: classify(m, [t])[0]["probabilities"]  # noqa: E731
     assert probs(model, raw) == probs(model, cleaned) == probs(plain, cleaned)  # served like the test split was scored
     assert classify(model, ["\x00\x01"])[0]["label"] in LABELS  # nothing left after normalizing: classified as sent
+
+
+# --- the knowledge-graph task: /extract and /graph/query ---------------------------------------------
+
+
+@pytest.fixture
+def kg_service(tmp_path, monkeypatch):
+    """The service with no classifier and the kg task resolved to the stand-in extractor (tests/unit/
+    test_kg_graph.py's) and the graph built with it from small tables."""
+    from conftest import make_paths
+    from test_kg_graph import FakeExtractor, write_tables
+
+    from deploy import service
+    from deploy.resolve import ServedKG
+    from tasks.kg import graph
+    from tasks.kg.rdf import GRAPH_FILE
+    from tasks.shared.config.kg_graph import KgGraphConfig
+
+    paths = make_paths(tmp_path)
+    write_tables(paths.kg_data)
+    graph.run(KgGraphConfig(), paths, extractor=FakeExtractor())
+    kg = ServedKG(FakeExtractor(), paths.kg_graph / GRAPH_FILE, "fake", "folder")
+    monkeypatch.setattr(service, "open_kg", lambda: kg)
+    monkeypatch.setenv(MODEL_URI_ENV, str(tmp_path / "no-classifier"))
+    monkeypatch.setenv("LMFORGE_SPARQL_TIMEOUT_S", "1")
+    monkeypatch.setenv("LMFORGE_SPARQL_MAX_ROWS", "2")
+
+
+def test_extract_and_graph_query_are_served_without_a_classifier(app, kg_service):
+    with client(app) as c:
+        r = c.post("/extract", json={"texts": ["Raises JSONDecodeError.", "Nothing here."]})
+        assert r.status_code == 200, r.text
+        first, second = r.json()
+        assert [(e["text"], e["link"]) for e in first["entities"]] == [
+            ("JSONDecodeError", "json.decoder.JSONDecodeError")
+        ]
+        assert first["relations"] == [{"head": -1, "relation": "raises", "tail": 0, "score": 0.75}]
+        assert second == {"entities": [], "relations": [], "model_version": "lmforge-extractor/local"}
+        q = c.post("/graph/query", json={"sparql": "SELECT ?f WHERE { ?f lf:raises ent:builtins.ValueError }"})
+        assert q.status_code == 200, q.text
+        assert q.json()["rows"] == [{"f": {"type": "uri", "value": "https://lmforge.dev/entity/json.loads"}}]
+        rows = c.post("/graph/query", json={"sparql": "SELECT * { ?s ?p ?o }"}).json()
+        assert len(rows["rows"]) == 2 and rows["truncated"] is True  # LMFORGE_SPARQL_MAX_ROWS
+        assert c.post("/classify", json={"texts": ["x"]}).status_code == 503
+
+
+LINK = "json.decoder.JSONDecodeError"
+KG_BAD_REQUESTS = {
+    "no texts": ("/extract", {"texts": []}, 400, "at least 1 item"),
+    "blank text": ("/extract", {"texts": [" "]}, 400, "empty or only whitespace"),
+    "too many texts": ("/extract", {"texts": ["a"] * 65}, 400, "at most 64 items"),
+    "text too long": ("/extract", {"texts": ["a" * 4001]}, 400, "at most 4000 characters"),
+    "texts not a list": ("/extract", {"texts": "a"}, 400, "valid array"),
+    "no sparql": ("/graph/query", {}, 400, "Field required"),
+    "blank sparql": ("/graph/query", {"sparql": " "}, 400, "empty or only whitespace"),
+    "sparql not a string": ("/graph/query", {"sparql": 1}, 400, "valid string"),
+    "update": ("/graph/query", {"sparql": "INSERT DATA { <http://a> <http://b> <http://c> }"}, 400, "read-only"),
+    "service": ("/graph/query", {"sparql": "SELECT * { SERVICE <http://x/> { ?s ?p ?o } }"}, 400, "SERVICE"),
+    "construct": ("/graph/query", {"sparql": "CONSTRUCT WHERE { ?s ?p ?o }"}, 400, "only SELECT and ASK"),
+    "invalid": ("/graph/query", {"sparql": "SELECT ?x WHERE {"}, 400, "invalid SPARQL"),
+    "too slow": (
+        "/graph/query",
+        {"sparql": "SELECT (COUNT(*) AS ?n) { ?a ?b ?c . ?d ?e ?f . ?g ?h ?i . ?j ?k ?l }"},
+        408,
+        "1 s limit",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", KG_BAD_REQUESTS)
+def test_kg_bad_requests_get_a_4xx_naming_the_problem(case, app, kg_service):
+    path, body, status, message = KG_BAD_REQUESTS[case]
+    with client(app) as c:
+        r = c.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    assert message in r.text
+
+
+def test_without_an_extractor_extract_and_graph_query_are_404_and_a_broken_one_503(app, tmp_path, monkeypatch):
+    from deploy import service
+    from deploy.resolve import ModelUnavailable
+
+    monkeypatch.setattr(service, "open_kg", lambda: None)
+    monkeypatch.setenv(MODEL_URI_ENV, str(tmp_path / "no-classifier"))
+    with client(app) as c:
+        r = c.post("/extract", json={"texts": ["x"]})
+        assert r.status_code == 404 and "no extractor registered or built" in r.json()["error"]
+        assert c.post("/graph/query", json={"sparql": "ASK {}"}).status_code == 404
+
+    def broken():
+        raise ModelUnavailable("/x/extractor: model.safetensors: truncated")
+
+    monkeypatch.setattr(service, "open_kg", broken)
+    with client(app) as c:
+        r = c.post("/extract", json={"texts": ["x"]})
+        assert r.status_code == 503 and "model.safetensors: truncated" in r.json()["error"]

@@ -78,6 +78,8 @@ class Paths(Section):
     (kg_train)."""
     kg_evaluation: Path
     """The extractor's test predictions (per-document counts, predictions.parquet) and report.md (kg_evaluate)."""
+    kg_graph: Path
+    """The knowledge graph: `store/` (a pyoxigraph store) and `graph.nt` (its N-Triples export) (kg_graph)."""
     curve: Path
     """The learning curve's test predictions (every model, k and seed) and its chart (curve/dvc.yaml)."""
     metrics: Path

@@ -19,6 +19,7 @@ from tasks.shared.config.ingest import IngestConfig
 from tasks.shared.config.kg_data import KgDataConfig
 from tasks.shared.config.kg_evaluate import KgEvaluateConfig
 from tasks.shared.config.kg_train import KgTrainConfig
+from tasks.shared.config.kg_graph import KgGraphConfig
 from tasks.shared.config.orchestrate import OrchestrateConfig
 from tasks.shared.config.pretrain import PretrainConfig
 from tasks.shared.config.promote import PromoteConfig
@@ -49,6 +50,7 @@ SECTION_TYPES: dict[str, type[Section]] = {
     "evaluate": EvaluateConfig,
     "kg_train": KgTrainConfig,
     "kg_evaluate": KgEvaluateConfig,
+    "kg_graph": KgGraphConfig,
     "curve": CurveConfig,
     "promote": PromoteConfig,
     "promote_kg": PromoteKgConfig,
@@ -77,6 +79,7 @@ class Params(BaseModel):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     kg_train: KgTrainConfig = Field(default_factory=KgTrainConfig)
     kg_evaluate: KgEvaluateConfig = Field(default_factory=KgEvaluateConfig)
+    kg_graph: KgGraphConfig = Field(default_factory=KgGraphConfig)
     curve: CurveConfig = Field(default_factory=CurveConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
     promote_kg: PromoteKgConfig = Field(default_factory=PromoteKgConfig)
