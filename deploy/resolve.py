@@ -526,6 +526,17 @@ def _kg_registry(uri: str) -> ServedKG:
     return served
 
 
+def _extractor_name() -> str:
+    """params.yaml's tracking.extractor_model (the default name outside a project)."""
+    from tasks.shared.config.params import load_params
+    from tasks.shared.errors import UserError
+
+    try:
+        return load_params().tracking.extractor_model
+    except UserError:
+        return EXTRACTOR_MODEL_NAME
+
+
 def open_kg() -> ServedKG | None:
     """The knowledge-graph task to serve: LMFORGE_EXTRACTOR_URI, else `lmforge-extractor@champion`, else the
     workspace's extractor and graph; None when there is none (or LMFORGE_EXTRACTOR_URI=off): classification alone.
@@ -545,7 +556,7 @@ def open_kg() -> ServedKG | None:
         return _kg_registry(env)
     if not IN_BENTO:
         try:
-            return _kg_registry(f"models:/{EXTRACTOR_MODEL_NAME}@champion")
+            return _kg_registry(f"models:/{_extractor_name()}@champion")
         except ModelUnavailable as e:
             if "no registered model" not in str(e) and "not set" not in str(e):
                 raise

@@ -11,10 +11,13 @@ core. The registered version carries the extractor and the graph built with it (
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import tempfile
 from pathlib import Path
 
 from models.files import file_sha256
+from tasks.kg.rdf import GRAPH_FILE
 from tasks.ops.dag import require_current_evaluation
 from tasks.ops.gates import SPLIT_ARTIFACT, Gate, data_validation_gate
 from tasks.ops.lineage import INPUTS_ARTIFACT, PARAMS_ARTIFACT, data_files
@@ -31,7 +34,6 @@ from tasks.shared.tracking import setup_tracking
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_CODE = ROOT / "deploy" / "mlflow_extractor.py"
-GRAPH_FILE = "graph.nt"
 HEADS = {"entity_f1": "entities", "relation_f1": "relations", "linking_accuracy": "links"}
 """Each head's score in metrics/extract.json and what it scores."""
 VARIANT = "extractor"
@@ -77,8 +79,9 @@ def run(
         PARAMS_ARTIFACT: Path(params_file).read_text(encoding="utf-8"),
         INPUTS_ARTIFACT: data_files(),
     }
-    model = pyfunc_model(model_dir, graph_file)
-    decision.version = register(name, model, candidate, decision, (force, reason), records)
+    with tempfile.TemporaryDirectory(prefix="lmforge-extractor-") as tmp:
+        model = pyfunc_model(*registered_layout(model_dir, graph_file, Path(tmp)))
+        decision.version = register(name, model, candidate, decision, (force, reason), records)
     tag_version(client, name, candidate, decision)
     move_aliases(client, name, decision, str(champion_mv.version) if champion_mv is not None else None, force, reason)
     return decision
@@ -135,7 +138,7 @@ def regression_gate(cfg: PromoteKgConfig, params: Params, client, champion_mv) -
     with the candidate document by document; fails on a significant drop larger than `max_regression`."""
     if champion_mv is None:
         return Gate("no_regression", True, "no champion yet: nothing to regress from")
-    from tasks.kg.scoring import compare, document_counts
+    from tasks.kg.scoring import compare, document_counts, system_counts
 
     paths, evaluate = params.paths, params.kg_evaluate
     name, version = params.tracking.extractor_model, str(champion_mv.version)
@@ -152,10 +155,11 @@ def regression_gate(cfg: PromoteKgConfig, params: Params, client, champion_mv) -
             f"(promote_kg.min_comparable_docs {cfg.min_comparable_docs}): not comparable; "
             "`lmforge promote --force --reason ...` to promote anyway",
         )
-    candidate = read_parquet(Path(paths.kg_evaluation) / "predictions.parquet")
-    candidate = candidate[candidate["doc_id"].isin(docs)]
-    theirs = document_counts(champion, Path(paths.kg_data), set(docs))
-    versus = compare(candidate, theirs, evaluate.bootstrap_resamples, evaluate.seed)
+    ours = system_counts(read_parquet(Path(paths.kg_evaluation) / "predictions.parquet"), "model")
+    ours = ours[ours["doc_id"].isin(docs)].sort_values("doc_id", ignore_index=True)
+    theirs = document_counts(champion, Path(paths.kg_data), set(ours["doc_id"]))
+    theirs = theirs.sort_values("doc_id", ignore_index=True)
+    versus = compare(ours, theirs, evaluate.bootstrap_resamples, evaluate.seed)
     return _regression_verdict(cfg, versus, version, len(docs))
 
 
@@ -233,13 +237,31 @@ def smoke_gate(model_dir: Path) -> Gate:
     return Gate("smoke_test", True, f"the extractor loaded and answered an example ({found})")
 
 
-def pyfunc_model(model_dir: Path, graph_file: Path, root: Path = ROOT) -> dict:
-    """`mlflow.pyfunc.log_model` arguments: the extractor folder and the graph built with it, models from code."""
+def registered_layout(model_dir: Path, graph_file: Path, tmp: Path) -> tuple[Path, Path]:
+    """The extractor and graph as a registered version holds them (`artifacts/extractor/`, `artifacts/graph/graph.nt`:
+    deploy/resolve.py reads them there), hard-linked under `tmp` (copied where links cannot be made)."""
+    extractor, graph = tmp / VARIANT, tmp / "graph"
+    shutil.copytree(model_dir, extractor, copy_function=_link)
+    graph.mkdir()
+    _link(graph_file, graph / GRAPH_FILE)
+    return extractor, graph
+
+
+def _link(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(src, dst)
+
+
+def pyfunc_model(model_dir: Path, graph_dir: Path, root: Path = ROOT) -> dict:
+    """`mlflow.pyfunc.log_model` arguments: the extractor folder and the graph built with it (a folder holding
+    graph.nt), models from code; MLflow stores each under `artifacts/<folder name>`."""
     from importlib.metadata import version
 
     return {
         "python_model": str(Path(root) / MODEL_CODE.relative_to(ROOT)),
-        "artifacts": {VARIANT: str(model_dir), "graph": str(graph_file)},
+        "artifacts": {VARIANT: str(model_dir), "graph": str(graph_dir)},
         "code_paths": [str(Path(root) / "models")],
         "pip_requirements": [
             f"{p}=={version(p)}" for p in ("torch", "tokenizers", "safetensors", "mlflow", "numpy", "pandas", "pyarrow")
