@@ -1,7 +1,7 @@
 """The knowledge-graph task's tables on disk, and the user's labeled spans read into them.
 
 `paths.kg_data` is a folder of flat parquet tables (entities, docs, mentions, relations, facts; their
-columns below and in docs/kg.md). The user's own data is JSONL (or csv/parquet with JSON-string
+columns: TABLES below). The user's own data is JSONL (or csv/parquet with JSON-string
 columns), one text per row:
 
     {"text": "...", "entities": [{"start": 0, "end": 5, "label": "ORG"}, ...],

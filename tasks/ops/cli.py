@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from tasks.ops.dag import stage_names
+from tasks.ops.dag import load_dvc_yaml, stage_module, stage_names
 from tasks.shared.config.params import load_params
 from tasks.shared.errors import UserError
 from tasks.shared.stagerun import INTERRUPTED_EXIT, USER_ERROR_EXIT
@@ -36,8 +36,9 @@ def stage(
     if name not in names:
         _fail(UserError(f"unknown stage {name!r}; dvc.yaml has {names}"))
     os.environ["LMFORGE_PARAMS"] = params
-    sys.argv = [f"tasks.{name}"]
-    importlib.import_module(f"tasks.{name}").main()
+    module = stage_module(name, load_dvc_yaml(Path.cwd())["stages"][name])  # tasks.<stage> or tasks.<task>.<stage>
+    sys.argv = [module]
+    importlib.import_module(module).main()
 
 
 @app.command()

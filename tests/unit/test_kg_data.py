@@ -336,3 +336,7 @@ def test_user_spans_become_the_tables_with_none_pairs(project, tmp_path):
     assert (tables.mentions["link"] == "").all() and tables.entities.empty and tables.facts.empty
     assert set(tables.docs["split"]) <= {"train", "val", "test"}
     kg_data.validate_tables(tables, KgDataConfig(min_docs=1), project.gx, stdlib=False)
+    records.write_raw(raw, project.kg_raw)  # what ingest writes; the stage reads it when ingest.spans names files
+    result = kg_data.run(KgDataConfig(min_docs=1), IngestConfig(spans=str(tmp_path / "spans.jsonl")), project)
+    assert result.metrics["docs"] == 4 and result.metrics["relations_per_label"]["works_for"] == 2
+    assert records.read_tables(project.kg_data).docs["id"].tolist() == ["a", "b", "c", "d"]
