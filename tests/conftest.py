@@ -143,6 +143,7 @@ TINY: dict[str, dict] = {
         "behavioral_sample": 16,
         "tfidf_max_features": 200,
     },
+    "kg_train": {"epochs": 1, "batch_size": 8, "max_length": 64, "seed": SEED},
 }
 """The tiny configuration, as params.yaml sections: small enough that the whole pipeline runs in seconds on
 2 CPU cores. The in-process stage runs use it as is (TINY_<STAGE>); whole-pipeline runs use TINY_PROJECT."""
@@ -188,6 +189,8 @@ TINY_PROJECT: dict[str, dict] = {
         "max_perplexity": 1000.0,
         "max_latency_ms": 60000.0,
     },
+    # the same for the extractor: a tiny one on a few files is not better than its baselines
+    "promote_kg": {"baselines": "report", "max_regression": 1.0, "min_comparable_docs": 1},
 }
 """TINY for a whole `lmforge pipeline` in a copy of the project (`make_tiny_project`)."""
 
