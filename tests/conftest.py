@@ -143,7 +143,7 @@ TINY: dict[str, dict] = {
         "behavioral_sample": 16,
         "tfidf_max_features": 200,
     },
-    "kg_train": {"epochs": 1, "batch_size": 8, "max_length": 64, "seed": SEED},
+    "kg_train": {"epochs": 1, "batch_size": 8, "max_length": 32, "seed": SEED},
 }
 """The tiny configuration, as params.yaml sections: small enough that the whole pipeline runs in seconds on
 2 CPU cores. The in-process stage runs use it as is (TINY_<STAGE>); whole-pipeline runs use TINY_PROJECT."""

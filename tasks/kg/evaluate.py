@@ -21,6 +21,7 @@ from tasks.kg.scoring import COUNTS, intervals, per_label, scores, versus
 from tasks.shared.config.base import Paths
 from tasks.shared.config.kg_evaluate import KgEvaluateConfig
 from tasks.shared.cost import Meter
+from tasks.shared.digest import tree_sha256
 from tasks.shared.errors import UserError
 from tasks.shared.harness import stage_main
 from tasks.shared.io import atomic_dir, write_json
@@ -117,7 +118,8 @@ def run(cfg: KgEvaluateConfig, paths: Paths, tracker: Tracker | None = None) -> 
         "test_relations": int(model.counts[["relation_tp", "relation_fn"]].to_numpy().sum()),
         "test_links": int(model.counts["link_total"].sum()),
         "test_links_all": int(model.counts["link_all_total"].sum()),
-        "model_sha256": ex.version,
+        "model_sha256": tree_sha256(paths.kg_model),  # the whole bundle, as promotion checks it
+        "model_version": ex.version,
     }
     with atomic_dir(paths.kg_evaluation) as d:
         predictions_table(model, baseline).to_parquet(d / PREDICTIONS, index=False)
