@@ -79,10 +79,49 @@ def test_registry_has_champion_with_lineage(project):
         "distill",
         "quantize",
         "evaluate",
+        "kg_data",
+        "kg_train",
+        "kg_graph",
+        "kg_evaluate",
         "promote",
     }
+    promotions = [r for r in children if r.data.tags["lmforge.stage"] == "promote"]
+    assert len(promotions) == 2  # one per task: the classifier, then the extractor
     pretrain = next(r for r in children if r.data.tags["lmforge.stage"] == "pretrain")
     assert "val_perplexity" in pretrain.data.metrics and "tokens_per_s" in pretrain.data.metrics
+
+
+def test_the_extractor_is_registered_with_its_graph_and_served_from_the_registry(project):
+    """Task kg beside classification: lmforge-extractor v1 is @champion, its version holds the extractor and the
+    graph, and the serving core's resolver loads both from the registry and answers /extract and SPARQL."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    env = project["env"]
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    mv = client.get_model_version_by_alias("lmforge-extractor", "champion")
+    assert str(mv.version) == "1" and mv.tags["gates"] == "passed"
+    assert mv.tags["gate.no_regression"].startswith("pass") and mv.tags["gate.smoke_test"].startswith("pass")
+    assert mv.tags["gate.beats_baselines"].startswith("not configured")  # TINY_PROJECT reports it
+    assert int(mv.tags["test_docs"]) > 0 and len(mv.tags["graph_sha256"]) == 64
+    source = client.get_model_version_download_uri("lmforge-extractor", mv.version)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=env["MLFLOW_TRACKING_URI"]))
+    assert (local / "artifacts" / "extractor" / "model.safetensors").is_file()
+    graph = (local / "artifacts" / "graph" / "graph.nt").read_text()
+    assert graph == (project["dir"] / "data" / "kg" / "graph" / "graph.nt").read_text()
+    code = (
+        "from deploy.core import extract, graph_query; from deploy.resolve import open_kg; "
+        "from deploy.sparql import GraphQueries; import json; kg = open_kg(); graph = GraphQueries(kg.graph); "
+        "print(json.dumps([kg.source, kg.version, extract(kg, ['Raise ValueError.'])[0], "
+        "graph_query(graph, 'ASK { ?s ?p ?o }')])); graph.close()"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=project["dir"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    source, version, extraction, answer = json.loads(res.stdout.strip().splitlines()[-1])
+    assert (source, version) == ("registry", "1")
+    assert set(extraction) == {"entities", "relations", "model_version"} and answer == {"boolean": True}
 
 
 def test_second_dvc_repro_runs_nothing(project):
@@ -128,7 +167,7 @@ def test_editing_a_config_default_makes_its_readers_stale(project):
         status = json.loads(_dvc(project, "status", "--json", "dvc.yaml").stdout)
     finally:
         f.write_text(original)
-    assert set(status) == {"pretrain", "finetune", "prune", "sparsify", "distill"}, (
+    assert set(status) == {"pretrain", "finetune", "prune", "sparsify", "distill", "kg_train"}, (
         status
     )  # the stages that import the module
     assert json.loads(_dvc(project, "status", "--json", "dvc.yaml").stdout) == {}
