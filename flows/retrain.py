@@ -25,11 +25,13 @@ from prefect.runtime import flow_run
 
 from flows.pipeline import execute, prepare, run_stages
 from flows.stages import user_error
+from tasks.ops.dag import stage_names
 from tasks.ops.lineage import compare_with_champion
 from tasks.ops.lock import DEFAULT_TIMEOUT, workspace_lock
 from tasks.ops.schedule import DEPLOYMENT, check_schedule
 from tasks.shared.errors import UserError
 from tasks.shared.stagerun import USER_ERROR_EXIT
+from tasks.shared.tasks import TASKS, registered_name, selected_stages
 
 
 @task(
@@ -38,12 +40,21 @@ from tasks.shared.stagerun import USER_ERROR_EXIT
     retry_jitter_factor=0.5,
     retry_condition_fn=lambda t, r, s: not isinstance(s.result(raise_on_failure=False), UserError),
 )
-def compare(model: str) -> dict:
-    """Would a run rebuild @champion? (registry reads are retried with backoff.)"""
+def compare(model: str, stages: list[str] | None = None) -> dict:
+    """Would a run rebuild @champion of `model`, given the `stages` a run covers? (registry reads are retried with
+    backoff.)"""
     from mlflow import MlflowClient
 
-    c = compare_with_champion(MlflowClient(), model)
+    c = compare_with_champion(MlflowClient(), model, stages=stages)
     return {"changed": c.changed, "reason": c.reason, "champion": c.champion}
+
+
+def compare_tasks(params) -> dict:
+    """The verdict over every enabled task: a run is needed when one task's champion would be rebuilt (or has none
+    yet); the first such task's reason, else the first task's."""
+    stages = selected_stages(stage_names(Path.cwd()), params.tasks.enabled)
+    verdicts = [compare(registered_name(TASKS[t], params.tracking), stages) for t in params.tasks.enabled]
+    return next((v for v in verdicts if v["changed"]), verdicts[0])
 
 
 @flow(name="lmforge-retrain", log_prints=True)
@@ -53,7 +64,7 @@ def retrain(promote: bool = True, force: bool = False, lock_timeout: float = DEF
     try:
         params = prepare()
         with workspace_lock(Path.cwd(), f"lmforge retrain (Prefect flow run {flow_run.name or '?'})", lock_timeout):
-            verdict = compare(params.tracking.registered_model)
+            verdict = compare_tasks(params)
             if not verdict["changed"] and not force:
                 line = f"nothing changed: {verdict['reason']}; skipped, registered nothing"
                 create_markdown_artifact(

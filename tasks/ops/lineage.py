@@ -129,9 +129,10 @@ class Comparison:
     """The champion's version, if there is one."""
 
 
-def compare_with_champion(client, model: str, root: Path = Path(".")) -> Comparison:
-    """Would a run of the pipeline in `root` rebuild @champion? (`dvc status` first, then the fingerprints.)"""
-    stale = stale_stages(root)
+def compare_with_champion(client, model: str, root: Path = Path("."), stages: list[str] | None = None) -> Comparison:
+    """Would a run of the pipeline in `root` rebuild @champion? (`dvc status` first — of `stages` and what they
+    depend on, when given: the enabled tasks' — then the fingerprints.)"""
+    stale = stale_stages(root, stages)
     if stale:
         return Comparison(True, f"dvc status reports {describe_stale(stale)}")
     mv = current_version(client, model)

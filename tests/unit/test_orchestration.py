@@ -87,7 +87,7 @@ def registry(tmp_path, monkeypatch, mlflow_db):
     monkeypatch.chdir(tmp_path)
     write_lock(tmp_path, LOCK)
     stale: dict = {}
-    monkeypatch.setattr(lineage, "stale_stages", lambda root=Path("."): stale)
+    monkeypatch.setattr(lineage, "stale_stages", lambda root=Path("."), stages=None: stale)
     client = MlflowClient(tracking_uri=mlflow_db)
     (tmp_path / "model").mkdir()
     return client, stale
