@@ -134,6 +134,11 @@ def test_schemathesis_finds_no_server_error(served, tmp_path):
             "15",
             "--seed",
             "1",
+            # every warning but validation_mismatch: a SPARQL query's grammar is not expressible in OpenAPI, so
+            # /graph/query rejects (400) most generated strings by design
+            "--warnings",
+            "missing_auth,missing_test_data,base_url_mismatch,missing_deserializer,unused_openapi_auth,"
+            "unsupported_regex,method_not_allowed,unmatched_filter,unresolvable_reference",
         ],
         cwd=tmp_path,
         capture_output=True,
@@ -141,7 +146,8 @@ def test_schemathesis_finds_no_server_error(served, tmp_path):
         timeout=600,
     )
     assert res.returncode == 0, res.stdout[-4000:]
-    assert "No issues found" in res.stdout
+    assert "No issues found" in res.stdout, res.stdout[-3000:]
+    assert "POST /extract" in res.stdout or "11 selected" in res.stdout  # the kg task's endpoints were fuzzed too
     log = served["log"].read_text()
     assert "status=5" not in log and "Traceback" not in log
 
