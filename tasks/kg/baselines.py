@@ -16,7 +16,8 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from models.extractor import NO_RELATION, candidate_name
+from models.extractor import NO_RELATION
+from models.kb_features import candidate_name
 from tasks.kg.examples import Doc
 
 BASELINES_FILE = "baselines.json"

@@ -14,6 +14,9 @@ class KgTrainConfig(TrainLoop):
     """Peak learning rate."""
     min_lr: float = Field(2e-4, ge=0)
     """Learning rate at the end of the decay."""
+    head_lr_scale: float = Field(10.0, gt=0)
+    """Learning-rate multiplier of the new parameters (heads, knowledge-base features) over the pretrained trunk's:
+    the heads start from scratch and the run is short."""
     warmup_steps: int = Field(10, ge=0)
     """Linear warmup steps."""
     weight_decay: float = Field(0.01, ge=0)
@@ -32,6 +35,8 @@ class KgTrainConfig(TrainLoop):
     """Weight of the tagging loss (cross-entropy per token)."""
     relation_weight: float = Field(1.0, ge=0)
     """Weight of the relation loss (cross-entropy per gold pair)."""
+    relation_balance: float = Field(0.5, ge=0, le=1)
+    """Class weights of the relation loss: count ** -balance (0 = unweighted; most pairs are `none`)."""
     link_weight: float = Field(1.0, ge=0)
     """Weight of the linking loss (cross-entropy over each mention's candidates)."""
     max_link_examples: int = Field(0, ge=0)

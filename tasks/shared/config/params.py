@@ -18,8 +18,8 @@ from tasks.shared.config.finetune import FinetuneConfig
 from tasks.shared.config.ingest import IngestConfig
 from tasks.shared.config.kg_data import KgDataConfig
 from tasks.shared.config.kg_evaluate import KgEvaluateConfig
-from tasks.shared.config.kg_train import KgTrainConfig
 from tasks.shared.config.kg_graph import KgGraphConfig
+from tasks.shared.config.kg_train import KgTrainConfig
 from tasks.shared.config.orchestrate import OrchestrateConfig
 from tasks.shared.config.pretrain import PretrainConfig
 from tasks.shared.config.promote import PromoteConfig
