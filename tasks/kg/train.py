@@ -252,6 +252,16 @@ class KgTrainResult:
         return asdict(self)
 
 
+def freeze_trunk(model: ExtractorNet, blocks: int) -> None:
+    """Keep the embeddings and the lowest `blocks` trunk blocks as pretrained (no-op for 0)."""
+    if blocks <= 0:
+        return
+    trunk = model.trunk
+    for module in (trunk.wte, trunk.wpe, *trunk.blocks[:blocks]):
+        for p in module.parameters() if module is not None else ():
+            p.requires_grad_(False)
+
+
 def _sample(docs: list[Doc], cap: int, seed: int) -> list[Doc]:
     return docs if not cap or len(docs) <= cap else random.Random(seed).sample(docs, cap)
 
@@ -270,6 +280,7 @@ def run(cfg: KgTrainConfig, paths: Paths, tracker: Tracker | None = None) -> KgT
     torch.manual_seed(cfg.seed)
     model = ExtractorNet(net_cfg)
     model.trunk.load_state_dict(lm.state_dict())
+    freeze_trunk(model, cfg.frozen_blocks)
     t0 = time.perf_counter()
     linker = build_linker(data, train, lm, tokenizer, cfg)
     described = time.perf_counter() - t0
@@ -299,7 +310,7 @@ def run(cfg: KgTrainConfig, paths: Paths, tracker: Tracker | None = None) -> KgT
         train_seconds=round(fitted.seconds, 2),
         tokens_per_s=round(fitted.tokens_per_s, 1),
         description_seconds=round(described, 2),
-        trainable_params=sum(p.numel() for p in model.parameters()),
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         device=device_name(rt.device),
         precision=fitted.precision,
     )

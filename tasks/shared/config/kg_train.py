@@ -21,6 +21,9 @@ class KgTrainConfig(TrainLoop):
     """Linear warmup steps."""
     weight_decay: float = Field(0.01, ge=0)
     """Decoupled weight decay on matrices."""
+    frozen_blocks: int = Field(0, ge=0)
+    """Lowest trunk blocks kept as pretrained, with the embeddings (0 = fine-tune the whole trunk): backward stops
+    below the first trained block, so each frozen block saves time."""
     epochs: int = Field(3, ge=1)
     """Passes over the training docs; the epoch with the best validation score is kept."""
     batch_size: int = Field(32, ge=1)
