@@ -32,12 +32,14 @@ from models.checkpoint import CONFIG, WEIGHTS, load_json, load_tensors, load_wei
 from models.errors import ArtifactError
 from models.files import file_sha256
 from models.kb_features import (
+    CUES,
     LINK_FEATURES,
     SUBJECT_KINDS,
     TOKEN_FEATURES,
     KnowledgeIndex,
     Subject,
     candidate_name,
+    relation_cues,
 )
 from models.tokenizer import PAD, TOKENIZER_FILE, load_tokenizer
 from models.transformer import GPT, GPTConfig
@@ -77,6 +79,8 @@ class ExtractorConfig:
     """Knowledge-base features per token (models/kb_features.py), added to the trunk's states."""
     link_features: int = len(LINK_FEATURES)
     """Features per (mention, candidate) whose learned weights add to the linking score."""
+    relation_cues: int = len(CUES)
+    """Surface cues per relation tail (models/kb_features.py CUES) read by the relation classifier."""
 
     def __post_init__(self) -> None:
         if isinstance(self.trunk, dict):
@@ -110,7 +114,9 @@ class ExtractorNet(nn.Module):
         self.kb = nn.Linear(cfg.token_features, C)
         self.subject = nn.Embedding(len(SUBJECT_KINDS), C)
         self.tagger = nn.Sequential(nn.Linear(2 * C, C), nn.GELU(), nn.Linear(C, len(cfg.tags)))
-        self.relation = nn.Sequential(nn.Linear(4 * C, C), nn.GELU(), nn.Linear(C, len(cfg.relation_labels)))
+        self.relation = nn.Sequential(
+            nn.Linear(4 * C + cfg.relation_cues, C), nn.GELU(), nn.Linear(C, len(cfg.relation_labels))
+        )
         self.mention_proj = nn.Linear(3 * C, D)
         self.desc_proj = nn.Linear(C, D)
         self.link_prior = nn.Linear(cfg.link_features, 1)
@@ -156,11 +162,11 @@ class ExtractorNet(nn.Module):
         mask = (torch.arange(h.size(1), device=h.device)[None] < lengths[:, None]).to(h.dtype)  # (B, T)
         return (h * mask[..., None]).sum(1) / lengths[:, None].to(h.dtype)
 
-    def relation_logits(self, head: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
-        """(P, R) logits for head vectors (P, C) and tail span features (P, 3C)."""
+    def relation_logits(self, head: torch.Tensor, tail: torch.Tensor, cues: torch.Tensor) -> torch.Tensor:
+        """(P, R) logits for head vectors (P, C), tail span features (P, 3C) and the tails' cues (P, n_cues)."""
         C = head.size(-1)
         tail_mean, tail_right = tail[:, :C], tail[:, C : 2 * C]
-        return self.relation(torch.cat([head, tail_mean, tail_right, head * tail_mean], dim=-1))
+        return self.relation(torch.cat([head, tail_mean, tail_right, head * tail_mean, cues.to(head.dtype)], dim=-1))
 
     def context_vectors(self, features: torch.Tensor) -> torch.Tensor:
         """(S, D) linking vectors of span features (S, 3C)."""
@@ -419,16 +425,16 @@ class Extractor:
             out += self._link_rows(texts, spans[i : i + len(enc.offsets)], h, enc, i, subs)
         return out
 
-    def _relate_rows(self, pairs: list[list[tuple]], h, enc, subs) -> list[list[tuple[str, float]]]:
+    def _relate_rows(self, texts, pairs: list[list[tuple]], h, enc, i: int, subs) -> list[list[tuple[str, float]]]:
         spans = [[s for pair in text_pairs for s in pair if s is not None] for text_pairs in pairs]
         feats, where = self._features(h, enc, spans)
         kinds = torch.tensor([s.kind_id for s in subs], dtype=torch.long)
         subject = self.model.subject_vectors(self.model.text_means(h, enc.lengths), kinds)
         C = h.size(-1)
-        heads, tails, slots = [], [], []
+        heads, tails, cues, slots = [], [], [], []
         for b, text_pairs in enumerate(pairs):
             k = 0
-            for head, _tail in text_pairs:
+            for head, tail in text_pairs:
                 head_row = None if head is None else where[b][k]
                 k += head is not None
                 tail_row = where[b][k]
@@ -438,8 +444,12 @@ class Extractor:
                     continue
                 heads.append(subject[b] if head is None else feats[head_row, :C])
                 tails.append(feats[tail_row])
+                cues.append(relation_cues(texts[i + b], tuple(tail)))
                 slots.append(len(heads) - 1)
-        probs = self.model.relation_logits(torch.stack(heads), torch.stack(tails)).softmax(-1) if heads else None
+        probs = None
+        if heads:
+            cue_t = torch.tensor(cues, dtype=h.dtype).reshape(len(heads), -1)
+            probs = self.model.relation_logits(torch.stack(heads), torch.stack(tails), cue_t).softmax(-1)
         labels, out, n = self.relation_labels, [], 0
         for text_pairs in pairs:
             mine = []
@@ -462,7 +472,7 @@ class Extractor:
         the documented object), tail a character span."""
         out = []
         for i, enc, subs, h in self._batches(texts, subjects, batch_size):
-            out += self._relate_rows(pairs[i : i + len(enc.offsets)], h, enc, subs)
+            out += self._relate_rows(texts, pairs[i : i + len(enc.offsets)], h, enc, i, subs)
         return out
 
     @torch.no_grad()
@@ -479,7 +489,7 @@ class Extractor:
         for i, enc, subs, h in self._batches(texts, subjects, batch_size):
             n = len(enc.offsets)
             tags += self._tag_rows(texts, h, enc, i)
-            rels += self._relate_rows(pairs[i : i + n], h, enc, subs)
+            rels += self._relate_rows(texts, pairs[i : i + n], h, enc, i, subs)
             links += self._link_rows(texts, spans[i : i + n], h, enc, i, subs)
         return tags, rels, links
 
@@ -496,7 +506,7 @@ class Extractor:
             pairs = [
                 [(None, s) for s, e in zip(row, erow) if e["label"] != PARAMETER] for row, erow in zip(spans, ents)
             ]
-            rels = self._relate_rows(pairs, h, enc, subs)
+            rels = self._relate_rows(texts, pairs, h, enc, i, subs)
             for b, row in enumerate(ents):
                 out.append(_extraction(row, links[b], rels[b]))
         return out

@@ -7,6 +7,8 @@ same features are computed in training and at inference from the bundle alone:
 - per token (`TOKEN_FEATURES`): whether the token is part of an identifier-like span, its first token, dotted,
   marked (quotes, backticks, `name()`), one of the documented object's parameters, the kinds of the entities
   named like it, builtin, in the subject's module, a member of the subject's class, a qualified id, ambiguous;
+- per relation tail (`CUES`): which surface cue of a relation the words around the mention show ("Raises X",
+  "Return a X", "subclass of X", "calls X"; the pattern baseline reads the same cues);
 - per (mention, candidate) (`LINK_FEATURES`): same module as the subject, member of the subject's class, the
   subject itself, builtin, train prior of the surface string (log count and share), qualified match, same top-level
   package, the candidate's kind.
@@ -53,6 +55,15 @@ LINK_FEATURES = (
 )
 SUBJECT_KINDS = ("", *KINDS)
 """Subject kind ids (0 = no subject)."""
+CUE_WINDOW = 40
+"""Characters before and after a tail mention that the relation cues read."""
+CUES = [
+    ("raises", r"\b(raise[sd]?|raising)\W+(an?\s+|the\s+)?$", r"^\W*(is|will be|may be|are)\s+raised\b"),
+    ("returns", r"\b(returns?|returning)\s+(an?|the|new)?\s*(new\s+)?\W*$", r"^\W*(instance|object)s?\b.*\breturned\b"),
+    ("inherits", r"\b(subclass(es)?\s+of|inherits?(\s+from)?|derived\s+from|based\s+on)\s+(an?\s+|the\s+)?\W*$", None),
+    ("calls", r"\b(calls?|calling|called|invokes?|uses)\s+(the\s+)?\W*$", r"^\W*(is|will be|are)\s+called\b"),
+]
+"""(relation, pattern on the text before the mention, pattern on the text after it), in cue order."""
 IDENTIFIER = re.compile(r"(?<![\w.])[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*(?!\w)")
 """An identifier-like span: a plain or dotted name (not part of a longer word or dotted name)."""
 MARKS = frozenset("`'\"")
@@ -77,6 +88,12 @@ def candidate_index(entities: pd.DataFrame) -> dict[str, list[int]]:
     for row, name in zip(order.index, order["name"]):
         index.setdefault(name, []).append(int(row))
     return index
+
+
+def relation_cues(text: str, tail: Span) -> list[bool]:
+    """Per CUES entry: does the text around the mention at `tail` show that relation's cue."""
+    before, after = text[max(0, tail[0] - CUE_WINDOW) : tail[0]], text[tail[1] : tail[1] + CUE_WINDOW]
+    return [bool(re.search(pre, before, re.I) or (post and re.search(post, after, re.I))) for _, pre, post in CUES]
 
 
 def parameters(signature: str) -> frozenset[str]:

@@ -35,7 +35,7 @@ from models.extractor import (
     token_span,
     write_extractor,
 )
-from models.kb_features import KnowledgeIndex, Priors, candidate_name
+from models.kb_features import KnowledgeIndex, Priors, candidate_name, relation_cues
 from models.tokenizer import PAD, load_tokenizer
 from tasks.kg.baselines import fit_baselines
 from tasks.kg.examples import Doc, TaskData, load_task_data
@@ -96,8 +96,8 @@ def build_linker(data: TaskData, train: list[Doc], lm, tokenizer, cfg: KgTrainCo
 class Examples:
     """Train docs encoded once: ids/lengths (N, T), knowledge-base features (N, T, F), subject kinds (N,), tag
     targets (N, T) (-100 on pads), and flat lists of mention token spans (doc, first, end), relation pairs (head
-    span or -1, tail span, doc, label) and linking examples (span, candidate slots, gold position, candidate
-    features (K, F) with the example's own link left out of the prior)."""
+    span or -1, tail span, doc, label) with their tails' cues, and linking examples (span, candidate slots, gold
+    position, candidate features (K, F) with the example's own link left out of the prior)."""
 
     enc: Encoded
     features: torch.Tensor
@@ -105,6 +105,7 @@ class Examples:
     tags: torch.Tensor
     spans: list[tuple[int, int, int]]
     pairs: list[tuple[int, int, int, int]]
+    cues: list[list[bool]]
     links: list[tuple[int, list[int], int, torch.Tensor]]
 
 
@@ -121,6 +122,7 @@ def _doc_examples(b: int, doc: Doc, offsets, ex: Examples, labels: tuple[dict, d
     for h, t, label in doc.pairs:
         if where[t] is not None and (h < 0 or where[h] is not None) and label in relation_ids:
             ex.pairs.append((-1 if h < 0 else where[h], where[t], b, relation_ids[label]))
+            ex.cues.append(relation_cues(doc.text, (doc.mentions[t].start, doc.mentions[t].end)))
     for m, w in zip(doc.mentions, where):
         surface = doc.text[m.start : m.end]
         group = kb.by_name.get(candidate_name(surface), [])
@@ -138,7 +140,7 @@ def build_examples(docs: list[Doc], tokenizer, cfg: KgTrainConfig, net_cfg: Extr
     subjects = [linker.kb.subject(d.owner) for d in docs]
     features = token_features(linker.kb, texts, enc, subjects)
     kinds = torch.tensor([s.kind_id for s in subjects], dtype=torch.long)
-    ex = Examples(enc, features, kinds, torch.full(enc.ids.shape, -100, dtype=torch.long), [], [], [])
+    ex = Examples(enc, features, kinds, torch.full(enc.ids.shape, -100, dtype=torch.long), [], [], [], [])
     labels = (
         {k: i for i, k in enumerate(net_cfg.entity_labels)},
         {k: i for i, k in enumerate(net_cfg.relation_labels)},
@@ -155,6 +157,7 @@ def multitask_loss(model: ExtractorNet, ex: Examples, linker: Linker, cfg: KgTra
     """`loss_of` for `train_step`: a batch's doc indices -> weighted sum of the three losses."""
     spans = torch.tensor(ex.spans, dtype=torch.long).reshape(-1, 3)
     pairs = torch.tensor(ex.pairs, dtype=torch.long).reshape(-1, 4)
+    cues = torch.tensor(ex.cues, dtype=torch.float32).reshape(len(pairs), -1)
     pooled = linker.pooled.to(device)
     weights = relation_weights(pairs[:, 3], len(model.config.relation_labels), cfg.relation_balance).to(device)
 
@@ -175,7 +178,7 @@ def multitask_loss(model: ExtractorNet, ex: Examples, linker: Linker, cfg: KgTra
         batch_spans = torch.stack([local[spans[keep, 0]], spans[keep, 1], spans[keep, 2]], 1).to(device)
         feats = model.span_features(h, n.to(device), batch_spans)  # (S, 3C)
         subject = model.subject_vectors(model.text_means(h, n.to(device)), ex.subject_kinds[rows].to(device))
-        loss = loss + _relation_loss(model, subject, feats, pairs, (local, span_rows), weights, cfg)
+        loss = loss + _relation_loss(model, subject, feats, (pairs, cues), (local, span_rows), weights, cfg)
         return loss + _link_loss(model, feats, ex, span_rows, pooled, cfg, device)
 
     return loss_of
@@ -189,9 +192,10 @@ def relation_weights(labels: torch.Tensor, n: int, balance: float) -> torch.Tens
     return w / (w[labels].mean() if len(labels) else 1.0)
 
 
-def _relation_loss(model, subject, feats, pairs, rows: tuple, weights, cfg) -> torch.Tensor:
-    local, span_rows = rows
-    mine = pairs[local[pairs[:, 2]] >= 0] if len(pairs) else pairs
+def _relation_loss(model, subject, feats, examples: tuple, rows: tuple, weights, cfg) -> torch.Tensor:
+    (pairs, cues), (local, span_rows) = examples, rows
+    keep = local[pairs[:, 2]] >= 0 if len(pairs) else torch.zeros(0, dtype=torch.bool)
+    mine, cues = pairs[keep], cues[keep]
     if not len(mine) or not cfg.relation_weight:
         return subject.new_zeros(())
     device, C = subject.device, subject.size(-1)
@@ -201,7 +205,7 @@ def _relation_loss(model, subject, feats, pairs, rows: tuple, weights, cfg) -> t
         feats[span_rows[mine[:, 0].clamp(min=0)].clamp(min=0).to(device), :C],
     )
     tail = feats[span_rows[mine[:, 1]].to(device)]
-    logits = model.relation_logits(head, tail).float()
+    logits = model.relation_logits(head, tail, cues.to(device)).float()
     return cfg.relation_weight * F.cross_entropy(logits, mine[:, 3].to(device), weight=weights)
 
 
