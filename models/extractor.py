@@ -497,7 +497,19 @@ class Extractor:
     def extract(self, texts: list[str], subjects: list[str | None] | None = None, batch_size: int = 32) -> list[dict]:
         """Entities (span, label, score, link, link_score) and relations (head -1 = the subject, tail = entity
         index, label, score; `none` omitted) of each text. `subjects[i]`: the entity id of the documented object
-        of text i (its module, class and parameters inform the features), or None for free text."""
+        of text i (its module, class and parameters inform the features), or None for free text. Texts are run
+        in batches of similar lengths (little padding) and returned in the given order."""
+        subjects = subjects or [None] * len(texts)
+        if len(subjects) != len(texts):
+            raise ValueError(f"{len(subjects)} subjects for {len(texts)} texts")
+        order = sorted(range(len(texts)), key=lambda k: len(texts[k]))
+        ordered = self._extract_rows([texts[k] for k in order], [subjects[k] for k in order], batch_size)
+        out: list[dict] = [{}] * len(texts)
+        for k, row in zip(order, ordered):
+            out[k] = row
+        return out
+
+    def _extract_rows(self, texts: list[str], subjects: list[str | None], batch_size: int) -> list[dict]:
         out = []
         for i, enc, subs, h in self._batches(texts, subjects, batch_size):
             ents = self._tag_rows(texts, h, enc, i)

@@ -246,6 +246,10 @@ def test_saved_bundle_loads_and_gives_identical_outputs(trained):
     assert spans == [[(e["start"], e["end"], e["label"]) for e in row["entities"]] for row in out]
     with pytest.raises(ValueError):
         a.extract(texts, ["email.f0"])
+    alone = [a.extract([t], [s])[0] for t, s in zip(texts, subjects)]  # batched by length, returned in order
+    assert [[(e["start"], e["end"], e["label"]) for e in row["entities"]] for row in alone] == [
+        [(e["start"], e["end"], e["label"]) for e in row["entities"]] for row in out
+    ]
     assert a.entity_labels == ["class", "exception"] and a.relation_labels == ["none", "raises"]
     for text, row in zip(texts, out):
         for e in row["entities"]:
