@@ -7,11 +7,18 @@
   product (candidates = knowledge-base entities with the mention's `name`).
 
 A span is represented by the mean of its token states and, because the trunk is causal, by the state a few tokens
-after its end (`right_context`), which has read what follows the span ("ValueError is raised").
+after its end (`right_context`), which has read what follows the span ("ValueError is raised"); the tagger reads
+each token with the next one's state.
+
+What the knowledge base says about the text (models/kb_features.py) is input, as in NER systems with gazetteer
+features and entity linkers with priors: per-token features (identifier, kinds of the entities named so, one of
+the documented object's parameters, in its module or class, ...) are projected and added to the trunk's states;
+the linking score adds learned weights on per-candidate features (same module as the subject, train prior, ...);
+the relation classifier reads the surface cues around the tail ("Raises X") and the subject's kind.
 
 The bundle folder holds `model.safetensors`, `config.json`, `tokenizer.json`, `entities.parquet` (the KB it links
-into) and `candidates.safetensors` (the projected description vector of every entity whose name is shared, so
-serving never re-encodes the KB). Nothing is unpickled.
+into), `priors.json` (train link counts of surface strings) and `candidates.safetensors` (the projected description
+vector of every entity whose name is shared, so serving never re-encodes the KB). Nothing is unpickled.
 """
 
 from __future__ import annotations

@@ -1,13 +1,15 @@
 """kg_train: the knowledge-graph extractor on the pretrained trunk, and the baselines beside it.
 
 One multitask fine-tune (models/extractor.py): every step reads a batch of train docs once through the trunk and
-sums the tagging loss (BIO cross-entropy per token), the relation loss (cross-entropy per gold pair) and the
-linking loss (cross-entropy over each ambiguous mention's candidates), weighted by the config, through the
-engine's one training step. Candidate descriptions are read once by the pretrained LM (frozen): only the linker's
-description projection learns, so the saved description vectors are exactly what training compared against.
-After each epoch the validation docs are scored with the inference code itself (models.extractor.Extractor) and
-the epoch with the best mean of entity F1, relation F1 and linking accuracy is kept. The bundle and the fitted
-baselines go to `paths.kg_model`.
+sums the tagging loss (BIO cross-entropy per token), the relation loss (cross-entropy per gold pair) and the linking
+loss (cross-entropy over each ambiguous mention's candidates), weighted by the config, through the engine's one
+training step (relation loss class-weighted: most pairs are `none`; the new heads at `head_lr_scale` times the
+trunk's lr). The knowledge-base features (models/kb_features.py) come from the KB and the train docs' link counts
+(leave-one-out for each training mention, so the prior is never its own answer). Candidate descriptions are read
+once by the pretrained LM (frozen): only the linker's description projection learns, so the saved description
+vectors are exactly what training compared against. After each epoch the validation docs are scored with the
+inference code itself (models.extractor.Extractor) and the epoch with the best mean of entity F1, relation F1 and
+linking accuracy is kept. The bundle and the fitted baselines go to `paths.kg_model`.
 """
 
 from __future__ import annotations
