@@ -36,7 +36,7 @@ class KgTrainConfig(TrainLoop):
     """Cap on validation docs scored after each epoch (seeded sample; 0 = all)."""
     tag_weight: float = Field(1.0, ge=0)
     """Weight of the tagging loss (cross-entropy per token)."""
-    relation_weight: float = Field(1.0, ge=0)
+    relation_weight: float = Field(2.0, ge=0)
     """Weight of the relation loss (cross-entropy per gold pair)."""
     relation_balance: float = Field(0.5, ge=0, le=1)
     """Class weights of the relation loss: count ** -balance (0 = unweighted; most pairs are `none`)."""
