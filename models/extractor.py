@@ -7,11 +7,18 @@
   product (candidates = knowledge-base entities with the mention's `name`).
 
 A span is represented by the mean of its token states and, because the trunk is causal, by the state a few tokens
-after its end (`right_context`), which has read what follows the span ("ValueError is raised").
+after its end (`right_context`), which has read what follows the span ("ValueError is raised"); the tagger reads
+each token with the next one's state.
+
+What the knowledge base says about the text (models/kb_features.py) is input, as in NER systems with gazetteer
+features and entity linkers with priors: per-token features (identifier, kinds of the entities named so, one of
+the documented object's parameters, in its module or class, ...) are projected and added to the trunk's states;
+the linking score adds learned weights on per-candidate features (same module as the subject, train prior, ...);
+the relation classifier reads the surface cues around the tail ("Raises X") and the subject's kind.
 
 The bundle folder holds `model.safetensors`, `config.json`, `tokenizer.json`, `entities.parquet` (the KB it links
-into) and `candidates.safetensors` (the projected description vector of every entity whose name is shared, so
-serving never re-encodes the KB). Nothing is unpickled.
+into), `priors.json` (train link counts of surface strings) and `candidates.safetensors` (the projected description
+vector of every entity whose name is shared, so serving never re-encodes the KB). Nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -31,6 +38,16 @@ from safetensors.torch import save_file, save_model
 from models.checkpoint import CONFIG, WEIGHTS, load_json, load_tensors, load_weights
 from models.errors import ArtifactError
 from models.files import file_sha256
+from models.kb_features import (
+    CUES,
+    LINK_FEATURES,
+    SUBJECT_KINDS,
+    TOKEN_FEATURES,
+    KnowledgeIndex,
+    Subject,
+    candidate_name,
+    relation_cues,
+)
 from models.tokenizer import PAD, TOKENIZER_FILE, load_tokenizer
 from models.transformer import GPT, GPTConfig
 
@@ -44,6 +61,8 @@ NO_RELATION = "none"
 """The relation label of a pair with no relation; never reported by `extract`."""
 PARAMETER = "parameter"
 """Entity label that never links (a parameter is not a knowledge-base entity)."""
+PRIORS = "priors.json"
+"""Train link counts of surface strings (models/kb_features.py `Priors`), the linker's prior features."""
 ENTITY_COLUMNS = ["id", "name", "kind", "module", "source", "signature", "doc"]
 
 Span = tuple[int, int]
@@ -63,6 +82,12 @@ class ExtractorConfig:
     """Width of the context and description vectors compared by dot product."""
     right_context: int = 2
     """Tokens after a span's last token whose state represents what follows it."""
+    token_features: int = len(TOKEN_FEATURES)
+    """Knowledge-base features per token (models/kb_features.py), added to the trunk's states."""
+    link_features: int = len(LINK_FEATURES)
+    """Features per (mention, candidate) whose learned weights add to the linking score."""
+    relation_cues: int = len(CUES)
+    """Surface cues per relation tail (models/kb_features.py CUES) read by the relation classifier."""
 
     def __post_init__(self) -> None:
         if isinstance(self.trunk, dict):
@@ -86,25 +111,45 @@ class ExtractorConfig:
 
 
 class ExtractorNet(nn.Module):
-    """GPT trunk + BIO tagger + relation classifier + linking projections."""
+    """GPT trunk + knowledge-base features + BIO tagger + relation classifier + linking projections."""
 
     def __init__(self, cfg: ExtractorConfig) -> None:
         super().__init__()
         self.config = cfg
         C, D = cfg.trunk.n_embd, cfg.link_dim
         self.trunk = GPT(cfg.trunk)
-        self.tagger = nn.Linear(C, len(cfg.tags))
-        self.relation = nn.Sequential(nn.Linear(4 * C, C), nn.GELU(), nn.Linear(C, len(cfg.relation_labels)))
+        self.kb = nn.Linear(cfg.token_features, C)
+        self.subject = nn.Embedding(len(SUBJECT_KINDS), C)
+        self.tagger = nn.Sequential(nn.Linear(2 * C, C), nn.GELU(), nn.Linear(C, len(cfg.tags)))
+        self.relation = nn.Sequential(
+            nn.Linear(4 * C + cfg.relation_cues, C), nn.GELU(), nn.Linear(C, len(cfg.relation_labels))
+        )
         self.mention_proj = nn.Linear(3 * C, D)
         self.desc_proj = nn.Linear(C, D)
-        for head in (self.tagger, *self.relation, self.mention_proj, self.desc_proj):
+        self.link_prior = nn.Linear(cfg.link_features, 1)
+        heads = (self.kb, *self.tagger, *self.relation, self.mention_proj, self.desc_proj, self.link_prior)
+        for head in heads:
             if isinstance(head, nn.Linear):  # small heads on the trunk's large states: calm first steps
                 nn.init.normal_(head.weight, std=0.02)
                 nn.init.zeros_(head.bias)
+        nn.init.normal_(self.subject.weight, std=0.02)
 
-    def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Token states (B, T, C) of right-padded ids (B, T)."""
-        return self.trunk.hidden(idx, lengths)
+    def forward(self, idx: torch.Tensor, lengths: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token states (B, T, C) of right-padded ids (B, T) plus their knowledge-base features (B, T, F)."""
+        h = self.trunk.hidden(idx, lengths)
+        if features is None:
+            return h
+        return h + self.kb(features.to(h.dtype))
+
+    def tag_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, T, tags): each token read with the next token's state (the trunk is causal: `ValueError` is
+        tagged knowing what follows its first piece)."""
+        nxt = torch.cat([h[:, 1:], torch.zeros_like(h[:, :1])], dim=1)
+        return self.tagger(torch.cat([h, nxt], dim=-1))
+
+    def subject_vectors(self, means: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+        """(B, C) head vectors of the documented object: its text's mean state plus its kind's embedding."""
+        return means + self.subject(kinds)
 
     def span_features(self, h: torch.Tensor, lengths: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
         """(S, 3C): [mean of the span's tokens, state `right_context` tokens after it, mean of its text] for token
@@ -124,15 +169,20 @@ class ExtractorNet(nn.Module):
         mask = (torch.arange(h.size(1), device=h.device)[None] < lengths[:, None]).to(h.dtype)  # (B, T)
         return (h * mask[..., None]).sum(1) / lengths[:, None].to(h.dtype)
 
-    def relation_logits(self, head: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
-        """(P, R) logits for head vectors (P, C) and tail span features (P, 3C)."""
+    def relation_logits(self, head: torch.Tensor, tail: torch.Tensor, cues: torch.Tensor) -> torch.Tensor:
+        """(P, R) logits for head vectors (P, C), tail span features (P, 3C) and the tails' cues (P, n_cues)."""
         C = head.size(-1)
         tail_mean, tail_right = tail[:, :C], tail[:, C : 2 * C]
-        return self.relation(torch.cat([head, tail_mean, tail_right, head * tail_mean], dim=-1))
+        return self.relation(torch.cat([head, tail_mean, tail_right, head * tail_mean, cues.to(head.dtype)], dim=-1))
 
     def context_vectors(self, features: torch.Tensor) -> torch.Tensor:
         """(S, D) linking vectors of span features (S, 3C)."""
         return self.mention_proj(features)
+
+    def link_logits(self, ctx: torch.Tensor, cands: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """(..., K) scores of candidates: context (..., D) . description (..., K, D) + learned prior of features
+        (..., K, F)."""
+        return torch.einsum("...d,...kd->...k", ctx, cands) + self.link_prior(features.to(ctx.dtype)).squeeze(-1)
 
     def describe(self, pooled: torch.Tensor) -> torch.Tensor:
         """(N, D) description vectors of pooled description states (N, C), scaled by 1/sqrt(D) so that a dot
@@ -222,21 +272,6 @@ def decode_tags(text: str, offsets: list[Span], probs: np.ndarray, labels: list[
     return spans
 
 
-def candidate_name(surface: str) -> str:
-    """The entity `name` a mention's text refers to: its last dotted component (`email.message.Message` ->
-    `Message`), without call parentheses."""
-    return surface.strip().removesuffix("()").rsplit(".", 1)[-1]
-
-
-def candidate_index(entities: pd.DataFrame) -> dict[str, list[int]]:
-    """Entity rows per `name`, each list in `id` order: the candidates of a mention."""
-    order = entities.reset_index(drop=True).sort_values("id", kind="stable")
-    index: dict[str, list[int]] = {}
-    for row, name in zip(order.index, order["name"]):
-        index.setdefault(name, []).append(int(row))
-    return index
-
-
 def description(entity) -> str:
     """The text a candidate is described by: id, kind, signature and first docstring line."""
     return " ".join(str(x) for x in (entity.id, entity.kind, entity.signature, entity.doc) if x)
@@ -262,11 +297,20 @@ def pooled_states(trunk: GPT, tokenizer, texts: list[str], max_length: int, batc
 # the bundle
 
 
+def token_features(kb: KnowledgeIndex, texts: list[str], enc: Encoded, subjects: list[Subject]) -> torch.Tensor:
+    """(B, T, F) knowledge-base features of an encoded batch (0 on pads)."""
+    out = torch.zeros(*enc.ids.shape, len(TOKEN_FEATURES))
+    for b, (text, offsets, subject) in enumerate(zip(texts, enc.offsets, subjects)):
+        n = int(enc.lengths[b])
+        out[b, :n] = torch.from_numpy(kb.token_features(text, offsets[:n], subject))
+    return out
+
+
 def write_extractor(
     model: ExtractorNet,
     folder: Path,
     tokenizer_dir: Path,
-    entities: pd.DataFrame,
+    kb: KnowledgeIndex,
     pooled: torch.Tensor,
     rows: list[int],
     extra: dict | None = None,
@@ -281,23 +325,27 @@ def write_extractor(
     meta = {"kind": KIND, "config": model.config.to_dict(), **(extra or {})}
     (folder / CONFIG).write_text(json.dumps(meta, indent=2))
     shutil.copyfile(Path(tokenizer_dir) / TOKENIZER_FILE, folder / TOKENIZER_FILE)
-    entities[ENTITY_COLUMNS].reset_index(drop=True).to_parquet(folder / ENTITIES, index=False)
+    kb.entities[ENTITY_COLUMNS].reset_index(drop=True).to_parquet(folder / ENTITIES, index=False)
+    (folder / PRIORS).write_text(json.dumps(kb.priors, sort_keys=True))
     with torch.no_grad():
         vectors = model.describe(pooled.float()).contiguous()
     save_file({"vectors": vectors, "rows": torch.tensor(rows, dtype=torch.long)}, str(folder / CANDIDATES))
 
 
 class Extractor:
-    """A loaded bundle: tagging, relation classification and linking of raw texts (inference only)."""
+    """A loaded bundle: tagging, relation classification and linking of raw texts (inference only).
 
-    def __init__(self, model: ExtractorNet, tokenizer, entities: pd.DataFrame, vectors: dict, meta: dict, version: str):
+    Every call takes `subjects`: per text the entity id of the documented object (or None), whose module, class
+    and parameters the knowledge-base features compare mentions with.
+    """
+
+    def __init__(self, model: ExtractorNet, tokenizer, kb: KnowledgeIndex, vectors: dict, meta: dict, version: str):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.token_to_id(PAD)
-        self.entities = entities
-        self.ids = entities["id"].tolist()
-        self.candidates = candidate_index(entities)
-        self.vectors = torch.zeros(len(entities), model.config.link_dim)
+        self.kb = kb
+        self.entities = kb.entities
+        self.vectors = torch.zeros(len(kb.entities), model.config.link_dim)
         self.vectors[vectors["rows"]] = vectors["vectors"]
         self.meta = meta
         self.max_length = int(meta.get("max_length", model.config.trunk.block_size))
@@ -311,11 +359,17 @@ class Extractor:
     def relation_labels(self) -> list[str]:
         return list(self.model.config.relation_labels)
 
-    def _batches(self, texts: list[str], batch_size: int):
-        """(first row, encoded batch, token states) per batch of `texts`."""
+    def _batches(self, texts: list[str], subjects: list[str | None] | None, batch_size: int):
+        """(first row, encoded batch, its subjects, token states) per batch of `texts`."""
+        subjects = subjects or [None] * len(texts)
+        if len(subjects) != len(texts):
+            raise ValueError(f"{len(subjects)} subjects for {len(texts)} texts")
         for i in range(0, len(texts), batch_size):
-            enc = encode(self.tokenizer, texts[i : i + batch_size], self.max_length, self.pad_id)
-            yield i, enc, self.model(enc.ids, enc.lengths).float()
+            chunk = texts[i : i + batch_size]
+            enc = encode(self.tokenizer, chunk, self.max_length, self.pad_id)
+            subs = [self.kb.subject(s) for s in subjects[i : i + batch_size]]
+            feats = token_features(self.kb, chunk, enc, subs)
+            yield i, enc, subs, self.model(enc.ids, enc.lengths, feats).float()
 
     def _features(self, h, enc: Encoded, spans: list[list[Span]]) -> tuple[torch.Tensor, list[list[int | None]]]:
         """Span features (S, 3C) of every kept span, and per text the row of each span in them (None: cut off)."""
@@ -333,52 +387,61 @@ class Extractor:
             return h.new_zeros(0, 3 * h.size(-1)), where
         return self.model.span_features(h, enc.lengths, torch.tensor(rows, dtype=torch.long)), where
 
+    def _tag_rows(self, texts: list[str], h, enc: Encoded, i: int) -> list[list[dict]]:
+        probs = self.model.tag_logits(h).softmax(-1).numpy()
+        labels = self.entity_labels
+        return [
+            decode_tags(texts[i + b], enc.offsets[b], probs[b, : int(enc.lengths[b])], labels)
+            for b in range(len(enc.offsets))
+        ]
+
     @torch.no_grad()
-    def tag(self, texts: list[str], batch_size: int = 32) -> list[list[dict]]:
+    def tag(self, texts: list[str], batch_size: int = 32, subjects: list | None = None) -> list[list[dict]]:
         """Entity spans of each text: {start, end, text, label, score}."""
         out = []
-        labels = self.entity_labels
-        for i, enc, h in self._batches(texts, batch_size):
-            probs = self.model.tagger(h).softmax(-1).numpy()
-            for b in range(len(enc.offsets)):
-                n = int(enc.lengths[b])
-                out.append(decode_tags(texts[i + b], enc.offsets[b], probs[b, :n], labels))
+        for i, enc, _, h in self._batches(texts, subjects, batch_size):
+            out += self._tag_rows(texts, h, enc, i)
         return out
 
-    def _link_rows(self, texts: list[str], spans: list[list[Span]], h, enc, i: int) -> list[list[tuple[str, float]]]:
+    def _link_rows(self, texts, spans: list[list[Span]], h, enc, i: int, subs) -> list[list[tuple[str, float]]]:
         feats, where = self._features(h, enc, spans)
         ctx = self.model.context_vectors(feats)
         out = []
         for b, text_spans in enumerate(spans):
             mine = []
             for span, r in zip(text_spans, where[b]):
-                rows = self.candidates.get(candidate_name(texts[i + b][span[0] : span[1]]), [])
+                surface = texts[i + b][span[0] : span[1]]
+                rows = self.kb.by_name.get(candidate_name(surface), [])
                 if len(rows) < 2 or r is None:
-                    mine.append((self.ids[rows[0]], 1.0 / max(1, len(rows))) if rows else ("", 0.0))
+                    mine.append((self.kb.ids[rows[0]], 1.0 / max(1, len(rows))) if rows else ("", 0.0))
                     continue
-                p = (self.vectors[rows] @ ctx[r]).softmax(-1)
+                prior = torch.from_numpy(self.kb.link_features(surface, rows, subs[b]))
+                p = self.model.link_logits(ctx[r], self.vectors[rows], prior).softmax(-1)
                 best = int(p.argmax())
-                mine.append((self.ids[rows[best]], float(p[best])))
+                mine.append((self.kb.ids[rows[best]], float(p[best])))
             out.append(mine)
         return out
 
     @torch.no_grad()
-    def link(self, texts: list[str], spans: list[list[Span]], batch_size: int = 32) -> list[list[tuple[str, float]]]:
+    def link(
+        self, texts: list[str], spans: list[list[Span]], batch_size: int = 32, subjects: list | None = None
+    ) -> list[list[tuple[str, float]]]:
         """(entity id, probability) of each span (start, end) of each text; ("", 0.0) when no entity has its name."""
         out = []
-        for i, enc, h in self._batches(texts, batch_size):
-            out += self._link_rows(texts, spans[i : i + len(enc.offsets)], h, enc, i)
+        for i, enc, subs, h in self._batches(texts, subjects, batch_size):
+            out += self._link_rows(texts, spans[i : i + len(enc.offsets)], h, enc, i, subs)
         return out
 
-    def _relate_rows(self, pairs: list[list[tuple]], h, enc) -> list[list[tuple[str, float]]]:
+    def _relate_rows(self, texts, pairs: list[list[tuple]], h, enc, i: int, subs) -> list[list[tuple[str, float]]]:
         spans = [[s for pair in text_pairs for s in pair if s is not None] for text_pairs in pairs]
         feats, where = self._features(h, enc, spans)
-        means = self.model.text_means(h, enc.lengths)
+        kinds = torch.tensor([s.kind_id for s in subs], dtype=torch.long)
+        subject = self.model.subject_vectors(self.model.text_means(h, enc.lengths), kinds)
         C = h.size(-1)
-        heads, tails, slots = [], [], []
+        heads, tails, cues, slots = [], [], [], []
         for b, text_pairs in enumerate(pairs):
             k = 0
-            for head, _tail in text_pairs:
+            for head, tail in text_pairs:
                 head_row = None if head is None else where[b][k]
                 k += head is not None
                 tail_row = where[b][k]
@@ -386,10 +449,14 @@ class Extractor:
                 if tail_row is None or (head is not None and head_row is None):
                     slots.append(None)  # a span cut off by max_length: no relation can be read
                     continue
-                heads.append(means[b] if head is None else feats[head_row, :C])
+                heads.append(subject[b] if head is None else feats[head_row, :C])
                 tails.append(feats[tail_row])
+                cues.append(relation_cues(texts[i + b], tuple(tail)))
                 slots.append(len(heads) - 1)
-        probs = self.model.relation_logits(torch.stack(heads), torch.stack(tails)).softmax(-1) if heads else None
+        probs = None
+        if heads:
+            cue_t = torch.tensor(cues, dtype=h.dtype).reshape(len(heads), -1)
+            probs = self.model.relation_logits(torch.stack(heads), torch.stack(tails), cue_t).softmax(-1)
         labels, out, n = self.relation_labels, [], 0
         for text_pairs in pairs:
             mine = []
@@ -405,49 +472,60 @@ class Extractor:
         return out
 
     @torch.no_grad()
-    def relate(self, texts: list[str], pairs: list[list[tuple]], batch_size: int = 32) -> list[list[tuple[str, float]]]:
+    def relate(
+        self, texts: list[str], pairs: list[list[tuple]], batch_size: int = 32, subjects: list | None = None
+    ) -> list[list[tuple[str, float]]]:
         """(label, probability) of each (head, tail) pair of each text: head a character span or None (the subject:
-        the whole text), tail a character span."""
+        the documented object), tail a character span."""
         out = []
-        for i, enc, h in self._batches(texts, batch_size):
-            out += self._relate_rows(pairs[i : i + len(enc.offsets)], h, enc)
+        for i, enc, subs, h in self._batches(texts, subjects, batch_size):
+            out += self._relate_rows(texts, pairs[i : i + len(enc.offsets)], h, enc, i, subs)
         return out
 
     @torch.no_grad()
     def annotate(
-        self, texts: list[str], pairs: list[list[tuple]], spans: list[list[Span]], batch_size: int = 32
+        self,
+        texts: list[str],
+        pairs: list[list[tuple]],
+        spans: list[list[Span]],
+        batch_size: int = 32,
+        subjects: list | None = None,
     ) -> tuple[list[list[dict]], list[list[tuple[str, float]]], list[list[tuple[str, float]]]]:
         """`tag(texts)`, `relate(texts, pairs)` and `link(texts, spans)` in one forward pass per batch."""
         tags, rels, links = [], [], []
-        labels = self.entity_labels
-        for i, enc, h in self._batches(texts, batch_size):
-            probs = self.model.tagger(h).softmax(-1).numpy()
+        for i, enc, subs, h in self._batches(texts, subjects, batch_size):
             n = len(enc.offsets)
-            tags += [
-                decode_tags(texts[i + b], enc.offsets[b], probs[b, : int(enc.lengths[b])], labels) for b in range(n)
-            ]
-            rels += self._relate_rows(pairs[i : i + n], h, enc)
-            links += self._link_rows(texts, spans[i : i + n], h, enc, i)
+            tags += self._tag_rows(texts, h, enc, i)
+            rels += self._relate_rows(texts, pairs[i : i + n], h, enc, i, subs)
+            links += self._link_rows(texts, spans[i : i + n], h, enc, i, subs)
         return tags, rels, links
 
     @torch.no_grad()
     def extract(self, texts: list[str], subjects: list[str | None] | None = None, batch_size: int = 32) -> list[dict]:
         """Entities (span, label, score, link, link_score) and relations (head -1 = the subject, tail = entity
-        index, label, score; `none` omitted) of each text. `subjects` only name relation heads for callers."""
+        index, label, score; `none` omitted) of each text. `subjects[i]`: the entity id of the documented object
+        of text i (its module, class and parameters inform the features), or None for free text. Texts are run
+        in batches of similar lengths (little padding) and returned in the given order."""
+        subjects = subjects or [None] * len(texts)
+        if len(subjects) != len(texts):
+            raise ValueError(f"{len(subjects)} subjects for {len(texts)} texts")
+        order = sorted(range(len(texts)), key=lambda k: len(texts[k]))
+        ordered = self._extract_rows([texts[k] for k in order], [subjects[k] for k in order], batch_size)
+        out: list[dict] = [{}] * len(texts)
+        for k, row in zip(order, ordered):
+            out[k] = row
+        return out
+
+    def _extract_rows(self, texts: list[str], subjects: list[str | None], batch_size: int) -> list[dict]:
         out = []
-        labels = self.entity_labels
-        for i, enc, h in self._batches(texts, batch_size):
-            probs = self.model.tagger(h).softmax(-1).numpy()
-            ents = [
-                decode_tags(texts[i + b], enc.offsets[b], probs[b, : int(enc.lengths[b])], labels)
-                for b in range(len(enc.offsets))
-            ]
+        for i, enc, subs, h in self._batches(texts, subjects, batch_size):
+            ents = self._tag_rows(texts, h, enc, i)
             spans = [[(e["start"], e["end"]) for e in row] for row in ents]
-            links = self._link_rows(texts, spans, h, enc, i)
+            links = self._link_rows(texts, spans, h, enc, i, subs)
             pairs = [
                 [(None, s) for s, e in zip(row, erow) if e["label"] != PARAMETER] for row, erow in zip(spans, ents)
             ]
-            rels = self._relate_rows(pairs, h, enc)
+            rels = self._relate_rows(texts, pairs, h, enc, i, subs)
             for b, row in enumerate(ents):
                 out.append(_extraction(row, links[b], rels[b]))
         return out
@@ -484,10 +562,12 @@ def load_extractor(folder: Path | str) -> Extractor:
     if not (folder / ENTITIES).is_file():
         raise ArtifactError(folder / ENTITIES, "missing")
     entities = pd.read_parquet(folder / ENTITIES)
+    priors = load_json(folder / PRIORS)
     vectors = load_tensors(folder / CANDIDATES)
     if set(vectors) != {"vectors", "rows"} or vectors["vectors"].shape[-1] != cfg.link_dim:
         raise ArtifactError(folder / CANDIDATES, f"needs `vectors` (N, {cfg.link_dim}) and `rows` (N,)")
     if len(vectors["rows"]) and int(vectors["rows"].max()) >= len(entities):
         raise ArtifactError(folder / CANDIDATES, f"rows point past the {len(entities)} entities of {ENTITIES}")
     tokenizer = load_tokenizer(folder / TOKENIZER_FILE)
-    return Extractor(model, tokenizer, entities, vectors, meta, file_sha256(folder / WEIGHTS)[:12])
+    version = file_sha256(folder / WEIGHTS)[:12]
+    return Extractor(model, tokenizer, KnowledgeIndex(entities, priors), vectors, meta, version)

@@ -3,7 +3,8 @@
 - entities: a gazetteer of every surface string labeled in train docs, with its most frequent label, kept when
   it is labeled in at least half of its train occurrences; matched longest-first, on word boundaries.
 - relations: surface patterns in the text just before and after the tail mention ("Raises X" -> raises,
-  "Return a X" -> returns, "subclass of X" -> inherits, "calls X" -> calls), else none.
+  "Return a X" -> returns, "subclass of X" -> inherits, "calls X" -> calls; models/kb_features.py CUES, which the
+  extractor reads as features too), else none.
 - linking: the candidate in the doc's own module, else the most frequent link of the surface string in train,
   else the first candidate in id order.
 """
@@ -16,21 +17,12 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from models.extractor import NO_RELATION, candidate_name
+from models.extractor import NO_RELATION
+from models.kb_features import CUES, candidate_name, relation_cues
 from tasks.kg.examples import Doc
 
 BASELINES_FILE = "baselines.json"
 """The fitted baselines in the extractor bundle folder."""
-WINDOW = 40
-"""Characters before and after a tail mention that the relation patterns read."""
-
-# (relation, pattern on the text before the mention, pattern on the text after it); first match wins
-PATTERNS = [
-    ("raises", r"\b(raise[sd]?|raising)\W+(an?\s+|the\s+)?$", r"^\W*(is|will be|may be|are)\s+raised\b"),
-    ("returns", r"\b(returns?|returning)\s+(an?|the|new)?\s*(new\s+)?\W*$", r"^\W*(instance|object)s?\b.*\breturned\b"),
-    ("inherits", r"\b(subclass(es)?\s+of|inherits?(\s+from)?|derived\s+from|based\s+on)\s+(an?\s+|the\s+)?\W*$", None),
-    ("calls", r"\b(calls?|calling|called|invokes?|uses)\s+(the\s+)?\W*$", r"^\W*(is|will be|are)\s+called\b"),
-]
 
 
 @dataclass
@@ -58,11 +50,8 @@ class Baselines:
 
     def relate(self, text: str, tail: tuple[int, int]) -> str:
         """The relation of the documented object to the mention at `tail`, read from the words around it."""
-        before, after = text[max(0, tail[0] - WINDOW) : tail[0]], text[tail[1] : tail[1] + WINDOW]
-        for label, pre, post in PATTERNS:
-            if label not in self.relation_labels:
-                continue
-            if re.search(pre, before, re.I) or (post and re.search(post, after, re.I)):
+        for (label, _, _), cue in zip(CUES, relation_cues(text, tail)):
+            if cue and label in self.relation_labels:
                 return label
         return NO_RELATION
 

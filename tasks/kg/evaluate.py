@@ -16,8 +16,8 @@ import pandas as pd
 from models.extractor import load_extractor
 from tasks.kg.baselines import Baselines
 from tasks.kg.examples import load_task_data
-from tasks.kg.predict import Scored, baseline_outputs, extractor_outputs, score_outputs
-from tasks.kg.scoring import COUNTS, intervals, per_label, scores, versus
+from tasks.kg.predict import baseline_outputs, extractor_outputs
+from tasks.kg.scoring import COUNTS, Scored, intervals, per_label, score_outputs, scores, versus
 from tasks.shared.config.base import Paths
 from tasks.shared.config.kg_evaluate import KgEvaluateConfig
 from tasks.shared.cost import Meter

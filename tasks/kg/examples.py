@@ -39,6 +39,8 @@ class Doc:
     mentions: list[Mention] = field(default_factory=list)
     pairs: list[tuple[int, int, str]] = field(default_factory=list)
     """(head, tail, label): mention indices, head -1 for the documented object."""
+    owner: str = ""
+    """Entity id of the documented object ("" for user data)."""
 
 
 @dataclass
@@ -75,7 +77,7 @@ def read_tables(folder: Path) -> dict[str, pd.DataFrame]:
 def load_task_data(folder: Path) -> TaskData:
     """The docs of `folder` with their mentions and relation pairs attached."""
     t = read_tables(folder)
-    docs = {r.id: Doc(r.id, r.text, r.module, r.split) for r in t["docs"].itertuples(index=False)}
+    docs = {r.id: Doc(r.id, r.text, r.module, r.split, owner=r.owner) for r in t["docs"].itertuples(index=False)}
     for r in t["mentions"].sort_values(["doc_id", "m"]).itertuples(index=False):
         docs[r.doc_id].mentions.append(Mention(int(r.start), int(r.end), str(r.label), str(r.link)))
     for r in t["relations"].itertuples(index=False):

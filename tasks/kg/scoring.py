@@ -5,7 +5,8 @@
 - linking accuracy: share of gold mentions with a link and at least 2 candidates whose predicted id is the gold
   one (`linking_accuracy`), and over every mention with a link (`linking_accuracy_all`).
 
-Each system's predictions reduce to a few counts per test document (COUNTS), so intervals and comparisons are a
+Each system's predictions (tasks/kg/predict.py) reduce to a few counts per test document (COUNTS, `score_outputs`;
+`document_counts` runs an extractor on chosen docs and counts in one call), so intervals and comparisons are a
 paired bootstrap over documents: one seeded matrix of resampled documents (`tasks.shared.stats.Resamples`) and every
 system scored on the same resamples. Promotion compares a candidate with the champion from the same counts
 (`compare`).
@@ -14,10 +15,15 @@ system scored on the same resamples. Promotion compares a candidate with the cha
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from models.kb_features import candidate_index, candidate_name
+from tasks.kg.examples import Doc, load_task_data
+from tasks.kg.predict import Outputs, extractor_outputs
 from tasks.shared.stats import RESAMPLES, Resamples, interval
 
 COUNTS = [
@@ -49,6 +55,53 @@ def relation_counts(gold: list[str], pred: list[str]) -> tuple[int, int, int]:
     fp = sum(p != NO_RELATION and p != g for g, p in zip(gold, pred))
     fn = sum(g != NO_RELATION and p != g for g, p in zip(gold, pred))
     return tp, fp, fn
+
+
+@dataclass
+class Scored:
+    """Per-document counts and the items of the per-label tables."""
+
+    counts: pd.DataFrame
+    gold_entities: list[tuple] = field(default_factory=list)
+    pred_entities: list[tuple] = field(default_factory=list)
+    gold_relations: list[tuple] = field(default_factory=list)
+    pred_relations: list[tuple] = field(default_factory=list)
+
+
+def score_outputs(out: Outputs, docs: list[Doc], entities: pd.DataFrame) -> Scored:
+    """Counts per doc (and per-label items) of `out` against the gold of `docs`; ambiguity = candidates in
+    `entities` by name."""
+    index = candidate_index(entities)
+    rows, s = [], Scored(pd.DataFrame())
+    for doc, spans, rels, links in zip(docs, out.spans, out.relations, out.links):
+        gold = {(doc.id, m.start, m.end, m.label) for m in doc.mentions}
+        pred = {(doc.id, p["start"], p["end"], p["label"]) for p in spans}
+        gold_rel = [g for *_, g in doc.pairs]
+        linked = [m for m in doc.mentions if m.link]
+        ambiguous = [len(index.get(candidate_name(doc.text[m.start : m.end]), [])) >= 2 for m in linked]
+        right = [p == m.link for m, p in zip(linked, links)]
+        counts = (
+            *span_counts(gold, pred),
+            *relation_counts(gold_rel, rels),
+            sum(r for r, a in zip(right, ambiguous) if a),
+            sum(ambiguous),
+            sum(right),
+            len(linked),
+        )
+        rows.append({"doc_id": doc.id, **dict(zip(COUNTS, counts))})
+        s.gold_entities += gold
+        s.pred_entities += pred
+        s.gold_relations += [(doc.id, h, t, g) for h, t, g in doc.pairs]
+        s.pred_relations += [(doc.id, h, t, p) for (h, t, _), p in zip(doc.pairs, rels)]
+    s.counts = pd.DataFrame(rows, columns=["doc_id", *COUNTS])
+    return s
+
+
+def document_counts(extractor, data_dir: Path, doc_ids: set[str], batch_size: int = 32) -> pd.DataFrame:
+    """Per-document COUNTS (with `doc_id`, in the task data's doc order) of `extractor` on the docs `doc_ids` of
+    the task data in `data_dir`, scored as kg_evaluate scores the candidate (promotion reruns the champion so)."""
+    docs = [d for d in load_task_data(data_dir).docs if d.id in doc_ids]
+    return score_outputs(extractor_outputs(extractor, docs, batch_size), docs, extractor.entities).counts
 
 
 def _f1(tp, fp, fn):

@@ -16,11 +16,11 @@ from models.extractor import (
     ExtractorConfig,
     ExtractorNet,
     bio_targets,
-    candidate_name,
     decode_tags,
     load_extractor,
     token_span,
 )
+from models.kb_features import LINK_FEATURES, TOKEN_FEATURES, KnowledgeIndex, candidate_name, parameters
 from models.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, load_tokenizer
 from models.transformer import GPT, tiny
 from tasks.kg import train as kg_train
@@ -72,6 +72,17 @@ def kg_tables(n_docs: int = 48, seed: int = 0) -> dict[str, pd.DataFrame]:
         )
         s = text.index(exc)
         m = text.index("Message")
+        entities.append(
+            {
+                "id": f"{module}.f{i}",
+                "name": f"f{i}",
+                "kind": "function",
+                "module": module,
+                "source": f"{module}.py",
+                "signature": "(name, value=None)",
+                "doc": "",
+            }
+        )
         mentions += [
             {"doc_id": doc_id, "m": 0, "start": s, "end": s + len(exc), "label": "exception", "link": exc},
             {"doc_id": doc_id, "m": 1, "start": m, "end": m + 7, "label": "class", "link": f"{module}.Message"},
@@ -228,8 +239,17 @@ def test_saved_bundle_loads_and_gives_identical_outputs(trained):
     a, b = load_extractor(paths.kg_model), load_extractor(paths.kg_model)
     assert a.version == b.version and len(a.version) == 12
     texts = ["Return the bad value. Raises KeyError if empty; builds a Message", "Raises OSError"]
-    out = a.extract(texts, ["email.f", None])
-    assert out == b.extract(texts)
+    subjects = ["email.f0", None]
+    out = a.extract(texts, subjects)
+    assert out == b.extract(texts, subjects)
+    spans = [[(e["start"], e["end"], e["label"]) for e in row] for row in a.tag(texts, subjects=subjects)]
+    assert spans == [[(e["start"], e["end"], e["label"]) for e in row["entities"]] for row in out]
+    with pytest.raises(ValueError):
+        a.extract(texts, ["email.f0"])
+    alone = [a.extract([t], [s])[0] for t, s in zip(texts, subjects)]  # batched by length, returned in order
+    assert [[(e["start"], e["end"], e["label"]) for e in row["entities"]] for row in alone] == [
+        [(e["start"], e["end"], e["label"]) for e in row["entities"]] for row in out
+    ]
     assert a.entity_labels == ["class", "exception"] and a.relation_labels == ["none", "raises"]
     for text, row in zip(texts, out):
         for e in row["entities"]:
@@ -260,3 +280,55 @@ def test_bundle_holds_the_baselines_fitted_on_train_only(trained):
     train = load_task_data(paths.kg_data).split("train")
     assert b == fit_baselines(train, ["none", "raises"])
     assert b.gazetteer["Message"] == "class"
+
+
+def kb() -> KnowledgeIndex:
+    entities = kg_tables(4)["entities"]
+    return KnowledgeIndex(entities, {"Message": {"email.Message": 3, "mailbox.Message": 1}})
+
+
+def test_parameters_of_a_signature_leave_out_self_and_bad_signatures():
+    assert parameters("(self, a, b=None, *args, c, **kw)") == {"a", "b", "args", "c", "kw"}
+    assert parameters("(x, /, y: int = 2)") == {"x", "y"}
+    assert parameters("") == frozenset() and parameters("(a b)") == frozenset()
+
+
+def test_token_features_say_what_the_knowledge_base_knows_of_each_identifier():
+    index = kb()
+    subject = index.subject("email.f0")
+    assert (subject.module, subject.kind, subject.params) == ("email", "function", {"name", "value"})
+    assert index.subject(None).module == "" and index.subject("nowhere.g").kind_id == 0
+    text = "Raises `KeyError` for name; builds a Message"
+    offsets = [(0, 6), (6, 8), (8, 11), (11, 16), (16, 17), (17, 21), (21, 26), (26, 27), (27, 34), (34, 36), (36, 44)]
+    f = index.token_features(text, offsets, subject)
+    col = {name: i for i, name in enumerate(TOKEN_FEATURES)}
+    assert f.shape == (len(offsets), len(TOKEN_FEATURES))
+    assert f[2:4, col["kind_exception"]].tolist() == [1, 1] and f[2, col["first"]] == 1 and f[3, col["first"]] == 0
+    assert f[2, col["marked"]] == 1 and f[2, col["builtin"]] == 1
+    assert f[6, col["parameter"]] == 1 and f[6, col["kind_class"]] == 0 and f[5, col["identifier"]] == 1
+    assert f[10, col["kind_class"]] == 1 and f[10, col["ambiguous"]] == 1 and f[10, col["same_module"]] == 1
+    assert not f[4].any() and not f[7].any()  # a backtick, a semicolon
+    assert index.token_features(text, offsets, index.subject(None))[6, col["parameter"]] == 0
+
+
+def test_link_features_hold_the_train_prior_without_the_example_itself():
+    index = kb()
+    rows = index.by_name["Message"]
+    assert [index.ids[r] for r in rows] == ["email.Message", "mailbox.Message"]
+    col = {name: i for i, name in enumerate(LINK_FEATURES)}
+    f = index.link_features("Message", rows, index.subject("mailbox.f1"))
+    assert f[:, col["same_module"]].tolist() == [0, 1] and f[:, col["prior_share"]].tolist() == [0.75, 0.25]
+    held = index.link_features("Message", rows, index.subject("mailbox.f1"), held_out="email.Message")
+    assert np.allclose(held[:, col["prior_share"]], [2 / 3, 1 / 3])
+    assert index.link_features("mailbox.Message", rows, index.subject(None))[:, col["qualified"]].tolist() == [0, 1]
+
+
+def test_document_counts_score_an_extractor_on_the_chosen_docs(trained):
+    from tasks.kg.scoring import COUNTS, document_counts
+
+    _, _, paths = trained
+    ex = load_extractor(paths.kg_model)
+    test = [d.id for d in load_task_data(paths.kg_data).split("test")]
+    counts = document_counts(ex, Path(paths.kg_data), set(test[:5]))
+    assert list(counts.columns) == ["doc_id", *COUNTS] and counts["doc_id"].tolist() == test[:5]
+    assert (counts["entity_tp"] + counts["entity_fn"]).tolist() == [2] * 5

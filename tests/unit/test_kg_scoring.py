@@ -8,8 +8,18 @@ import pytest
 
 from tasks.kg.baselines import fit_baselines
 from tasks.kg.examples import Doc, Mention
-from tasks.kg.predict import Outputs, score_outputs
-from tasks.kg.scoring import COUNTS, compare, intervals, per_label, relation_counts, scores, span_counts, versus
+from tasks.kg.predict import Outputs
+from tasks.kg.scoring import (
+    COUNTS,
+    compare,
+    intervals,
+    per_label,
+    relation_counts,
+    score_outputs,
+    scores,
+    span_counts,
+    versus,
+)
 from tasks.shared.stats import Resamples
 
 ENTITIES = pd.DataFrame(

@@ -14,10 +14,16 @@ class KgTrainConfig(TrainLoop):
     """Peak learning rate."""
     min_lr: float = Field(2e-4, ge=0)
     """Learning rate at the end of the decay."""
+    head_lr_scale: float = Field(10.0, gt=0)
+    """Learning-rate multiplier of the new parameters (heads, knowledge-base features) over the pretrained trunk's:
+    the heads start from scratch and the run is short."""
     warmup_steps: int = Field(10, ge=0)
     """Linear warmup steps."""
     weight_decay: float = Field(0.01, ge=0)
     """Decoupled weight decay on matrices."""
+    frozen_blocks: int = Field(0, ge=0)
+    """Lowest trunk blocks kept as pretrained, with the embeddings (0 = fine-tune the whole trunk): backward stops
+    below the first trained block, so each frozen block saves time."""
     epochs: int = Field(3, ge=1)
     """Passes over the training docs; the epoch with the best validation score is kept."""
     batch_size: int = Field(32, ge=1)
@@ -30,8 +36,10 @@ class KgTrainConfig(TrainLoop):
     """Cap on validation docs scored after each epoch (seeded sample; 0 = all)."""
     tag_weight: float = Field(1.0, ge=0)
     """Weight of the tagging loss (cross-entropy per token)."""
-    relation_weight: float = Field(1.0, ge=0)
+    relation_weight: float = Field(2.0, ge=0)
     """Weight of the relation loss (cross-entropy per gold pair)."""
+    relation_balance: float = Field(0.5, ge=0, le=1)
+    """Class weights of the relation loss: count ** -balance (0 = unweighted; most pairs are `none`)."""
     link_weight: float = Field(1.0, ge=0)
     """Weight of the linking loss (cross-entropy over each mention's candidates)."""
     max_link_examples: int = Field(0, ge=0)
