@@ -133,7 +133,7 @@ TINY: dict[str, dict] = {
         "gru_hidden": 16,
     },
     "prune": {"recovery_epochs": 1},
-    "sparsify": {"recovery_epochs": 0},
+    "sparsify": {"enabled": True, "recovery_epochs": 0},
     "distill": {"n_layer": 1, "epochs": 1},
     "quantize": {"backend": "torch.ao"},
     "evaluate": {

@@ -20,7 +20,7 @@ class DistillConfig(Section):
     """Softmax temperature of the KL term (both teacher and student logits are divided by it)."""
     alpha: float = Field(0.5, ge=0, le=1)
     """Weight of the KL-to-teacher term; 1 - alpha weighs cross-entropy on the true labels."""
-    epochs: int = Field(6, ge=1)
+    epochs: int = Field(5, ge=1)
     """Training epochs (finetune's recipe otherwise); the best validation epoch is kept."""
     lr: float = Field(1e-3, gt=0)
     """Peak learning rate."""

@@ -40,7 +40,7 @@ class FinetuneConfig(TrainLoop):
     """Per-class loss weights: `balanced` = train examples / (classes x examples of the class), as in scikit-learn."""
     patience: int = Field(0, ge=0)
     """Early stopping: stop after this many epochs without a better validation macro-F1 (0 = off)."""
-    baselines: list[Literal["scratch", "cnn", "gru"]] = Field(default_factory=lambda: ["scratch", "cnn", "gru"])
+    baselines: list[Literal["scratch", "cnn", "gru"]] = Field(default_factory=lambda: ["scratch", "cnn"])
     """Trained beside the pretrained model on the same batches: `scratch` (same Transformer and recipe,
     random init), `cnn`, `gru`."""
     baseline_epochs: int = Field(0, ge=0)

@@ -23,7 +23,7 @@ class PretrainConfig(TrainLoop):
     micro_batch_size: int = Field(0, ge=0)
     """Sequences per forward pass per process; batch_size / (micro x processes) = accumulation steps.
     0 = no accumulation."""
-    max_steps: int = Field(1500, ge=1)
+    max_steps: int = Field(1100, ge=1)
     """Optimizer steps."""
     fused_loss: Literal["auto", "on", "off"] = "auto"
     """Chunked LM-head + cross-entropy that never builds the logits; `auto` = on for CPU."""

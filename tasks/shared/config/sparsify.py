@@ -10,7 +10,7 @@ from tasks.shared.config.base import Section
 class SparsifyConfig(Section):
     """Unstructured magnitude pruning of the fine-tuned classifier (variant `sparse`)."""
 
-    enabled: bool = True
+    enabled: bool = False
     """Build the variant; false leaves a `skipped.json` marker and nothing to evaluate."""
     sparsity: float = Field(0.5, ge=0, lt=1)
     """Share of classification-Linear weights set to zero, smallest magnitude first, over all layers at once."""
