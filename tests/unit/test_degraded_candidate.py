@@ -121,7 +121,7 @@ def story(tiny_pipeline, tmp_path_factory) -> SimpleNamespace:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
         mp.chdir(root)
         mp.setattr(
-            promote, "require_current_evaluation", lambda root=None: None
+            promote, "require_current_evaluation", lambda root=None, stages=None: None
         )  # no DVC here: write_lock stands in for `dvc repro`
         params = load_params(params_file)
         write_lock(root, paths)

@@ -7,6 +7,7 @@ counts: `import x`, `from x import y`, relative imports and imports inside funct
 from __future__ import annotations
 
 import ast
+import functools
 import sys
 from dataclasses import dataclass, field
 from functools import cache
@@ -167,15 +168,30 @@ def closure(modules: dict[str, Module], start: str) -> dict[str, str]:
     return via
 
 
+@functools.cache
 def stage_modules() -> list[str]:
     stages = (yaml.safe_load((ROOT / "dvc.yaml").read_text()) or {}).get("stages") or {}
     return sorted({str(body["cmd"]).split()[-1] for body in stages.values()})
 
 
+def task_part(name: str) -> bool:
+    """A module of a task's package (tasks/<task>/*.py) that is not one of its stages: what its stages share."""
+    return (
+        name.startswith("tasks.")
+        and name.count(".") >= 2
+        and not name.startswith(("tasks.shared", "tasks.ops"))
+        and name not in stage_modules()
+    )
+
+
 LAYERS = [
     ("models", lambda n: n.startswith("models")),
     ("plumbing", lambda n: n == "tasks" or n.startswith("tasks.shared")),
-    ("stages and serving", lambda n: n.startswith("deploy") or (n.startswith("tasks.") and n.count(".") == 1)),
+    ("task parts", task_part),
+    (
+        "stages and serving",
+        lambda n: n.startswith("deploy") or (n.startswith("tasks.") and n.count(".") == 1) or n in stage_modules(),
+    ),
     ("operations", lambda n: n.startswith("tasks.ops")),
     ("flows and benchmarks", lambda n: n.startswith(("flows", "bench"))),
 ]
