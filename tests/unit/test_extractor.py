@@ -369,7 +369,7 @@ def user_span_tables(n_docs: int = 32, seed: int = 0) -> dict[str, pd.DataFrame]
 
 @pytest.fixture(scope="module")
 def user_trained(tmp_path_factory):
-    """One epoch of a tiny extractor on user span data (empty knowledge base, span-span relations)."""
+    """A few epochs of a tiny extractor on user span data (empty knowledge base, span-span relations)."""
     base = tmp_path_factory.mktemp("kg_user")
     tables = user_span_tables()
     write_tables(base / "kg_data", tables)
@@ -380,7 +380,17 @@ def user_trained(tmp_path_factory):
     raw = {k: str(base / Path(v).name) for k, v in raw.items()}
     raw |= {"kg_data": str(base / "kg_data"), "tokenizer": str(base / "tokenizer"), "lm": str(base / "lm")}
     paths = Paths.model_validate(raw)
-    cfg = KgTrainConfig(epochs=1, batch_size=8, max_length=64, link_dim=8, description_length=8, precision="fp32")
+    cfg = KgTrainConfig(
+        epochs=4,
+        batch_size=8,
+        max_length=64,
+        lr=1e-2,
+        min_lr=1e-3,
+        warmup_steps=2,
+        link_dim=8,
+        description_length=8,
+        precision="fp32",
+    )
     return kg_train.run(cfg, paths, NullTracker()), paths
 
 
