@@ -64,6 +64,11 @@ PARAMETER = "parameter"
 PRIORS = "priors.json"
 """Train link counts of surface strings (models/kb_features.py `Priors`), the linker's prior features."""
 ENTITY_COLUMNS = ["id", "name", "kind", "module", "source", "signature", "doc"]
+RELATION_HEADS = ("subject", "span")
+"""What a relation's head is in the train data: the documented object (head -1, the stdlib task) or another
+mention (user span data); `extract` classifies (subject, entity) pairs or ordered (entity, entity) pairs."""
+MAX_PAIRS = 64
+"""Ordered entity pairs `extract` classifies per text when relation heads are spans (the first ones in text order)."""
 
 Span = tuple[int, int]
 
@@ -88,6 +93,8 @@ class ExtractorConfig:
     """Features per (mention, candidate) whose learned weights add to the linking score."""
     relation_cues: int = len(CUES)
     """Surface cues per relation tail (models/kb_features.py CUES) read by the relation classifier."""
+    relation_heads: str = "subject"
+    """RELATION_HEADS: the head of the pairs it was trained on (and `extract` classifies)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.trunk, dict):
@@ -96,6 +103,8 @@ class ExtractorConfig:
             raise ValueError("an extractor needs at least one entity label")
         if not self.relation_labels or self.relation_labels[0] != NO_RELATION:
             raise ValueError(f"relation_labels must start with {NO_RELATION!r}")
+        if self.relation_heads not in RELATION_HEADS:
+            raise ValueError(f"relation_heads must be one of {RELATION_HEADS}, not {self.relation_heads!r}")
 
     @property
     def tags(self) -> list[str]:
@@ -346,7 +355,7 @@ class Extractor:
         self.kb = kb
         self.entities = kb.entities
         self.vectors = torch.zeros(len(kb.entities), model.config.link_dim)
-        self.vectors[vectors["rows"]] = vectors["vectors"]
+        self.vectors[vectors["rows"].long()] = vectors["vectors"]  # an empty KB's rows may load as a float tensor
         self.meta = meta
         self.max_length = int(meta.get("max_length", model.config.trunk.block_size))
         self.version = version
@@ -522,27 +531,39 @@ class Extractor:
             ents = self._tag_rows(texts, h, enc, i)
             spans = [[(e["start"], e["end"]) for e in row] for row in ents]
             links = self._link_rows(texts, spans, h, enc, i, subs)
-            pairs = [
-                [(None, s) for s, e in zip(row, erow) if e["label"] != PARAMETER] for row, erow in zip(spans, ents)
-            ]
+            index_pairs = [relation_pairs(row, self.model.config.relation_heads) for row in ents]
+            pairs = [[(None if a < 0 else row[a], row[b]) for a, b in ips] for row, ips in zip(spans, index_pairs)]
             rels = self._relate_rows(texts, pairs, h, enc, i, subs)
             for b, row in enumerate(ents):
-                out.append(_extraction(row, links[b], rels[b]))
+                out.append(_extraction(row, links[b], index_pairs[b], rels[b]))
         return out
 
 
-def _extraction(entities: list[dict], links: list[tuple[str, float]], relations: list[tuple[str, float]]) -> dict:
-    """One text's `extract` result from its spans, their links and the (subject, entity) relation of each
-    non-parameter entity, in entity order."""
-    rel_iter = iter(relations)
-    out_entities, out_relations = [], []
-    for j, (ent, (link, link_score)) in enumerate(zip(entities, links)):
+def relation_pairs(entities: list[dict], relation_heads: str) -> list[tuple[int, int]]:
+    """(head, tail) entity indices `extract` classifies: (-1 = the subject, each non-parameter entity), or, for a
+    model trained on span-span pairs, ordered pairs of distinct entities, nearest first (related mentions are
+    mostly close), at most MAX_PAIRS."""
+    if relation_heads == "span":
+        n = len(entities)
+        pairs = sorted(((a, b) for a in range(n) for b in range(n) if a != b), key=lambda p: (abs(p[0] - p[1]), p))
+        return pairs[:MAX_PAIRS]
+    return [(-1, j) for j, e in enumerate(entities) if e["label"] != PARAMETER]
+
+
+def _extraction(
+    entities: list[dict], links: list[tuple[str, float]], pairs: list[tuple[int, int]], relations: list[tuple]
+) -> dict:
+    """One text's `extract` result from its spans, their links and the (label, score) of each (head, tail) entity
+    index pair (head -1: the subject); `none` relations are left out, parameters are never linked."""
+    out_relations = [
+        {"head": a, "tail": b, "label": label, "score": round(score, 4)}
+        for (a, b), (label, score) in zip(pairs, relations)
+        if label != NO_RELATION
+    ]
+    out_entities = []
+    for ent, (link, link_score) in zip(entities, links):
         if ent["label"] == PARAMETER:
             link, link_score = "", 0.0
-        else:
-            label, score = next(rel_iter)
-            if label != NO_RELATION:
-                out_relations.append({"head": -1, "tail": j, "label": label, "score": round(score, 4)})
         out_entities.append({**ent, "score": round(ent["score"], 4), "link": link, "link_score": round(link_score, 4)})
     return {"entities": out_entities, "relations": out_relations}
 

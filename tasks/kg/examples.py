@@ -62,6 +62,11 @@ class TaskData:
         found = {label for d in self.split("train") for *_, label in d.pairs}
         return ["none", *sorted(found - {"none"})]
 
+    @property
+    def relation_heads(self) -> str:
+        """ "span" when a train pair's head is a mention (user span data), else "subject" (head -1, the stdlib)."""
+        return "span" if any(h >= 0 for d in self.split("train") for h, _, _ in d.pairs) else "subject"
+
 
 def read_tables(folder: Path) -> dict[str, pd.DataFrame]:
     """Every table of TABLES in `folder` with the columns it needs."""

@@ -229,7 +229,10 @@ def _link_loss(model, feats, ex: Examples, span_rows, pooled, cfg, device) -> to
 def in_memory_extractor(model: ExtractorNet, tokenizer, data: TaskData, linker: Linker, cfg) -> Extractor:
     """The model as the bundle would load it (same inference code), without writing it."""
     with torch.no_grad():
-        vectors = {"vectors": model.describe(linker.pooled).float(), "rows": torch.tensor(linker.rows)}
+        vectors = {
+            "vectors": model.describe(linker.pooled).float(),
+            "rows": torch.tensor(linker.rows, dtype=torch.long),
+        }
     return Extractor(model.to("cpu"), tokenizer, linker.kb, vectors, {"max_length": cfg.max_length}, "")
 
 
@@ -282,7 +285,14 @@ def run(cfg: KgTrainConfig, paths: Paths, tracker: Tracker | None = None) -> KgT
     lm, tokenizer = load_lm(paths.lm), load_tokenizer(paths.tokenizer)
     if cfg.max_length > lm.config.block_size:
         raise UserError(f"params.yaml: kg_train.max_length: {cfg.max_length} exceeds the LM block_size")
-    net_cfg = ExtractorConfig(lm.config, data.entity_labels, data.relation_labels, cfg.link_dim, cfg.right_context)
+    net_cfg = ExtractorConfig(
+        lm.config,
+        data.entity_labels,
+        data.relation_labels,
+        cfg.link_dim,
+        cfg.right_context,
+        relation_heads=data.relation_heads,
+    )
     torch.manual_seed(cfg.seed)
     model = ExtractorNet(net_cfg)
     model.trunk.load_state_dict(lm.state_dict())

@@ -13,11 +13,14 @@ import yaml
 
 from models.checkpoint import save_lm
 from models.extractor import (
+    ENTITY_COLUMNS,
+    MAX_PAIRS,
     ExtractorConfig,
     ExtractorNet,
     bio_targets,
     decode_tags,
     load_extractor,
+    relation_pairs,
     token_span,
 )
 from models.kb_features import LINK_FEATURES, TOKEN_FEATURES, KnowledgeIndex, candidate_name, parameters
@@ -332,3 +335,104 @@ def test_document_counts_score_an_extractor_on_the_chosen_docs(trained):
     counts = document_counts(ex, Path(paths.kg_data), set(test[:5]))
     assert list(counts.columns) == ["doc_id", *COUNTS] and counts["doc_id"].tolist() == test[:5]
     assert (counts["entity_tp"] + counts["entity_fn"]).tolist() == [2] * 5
+
+
+PEOPLE, ORGS, CITIES = ["Alice", "Bob", "Carol", "Dave"], ["Acme", "Globex", "Initech"], ["Paris", "Oslo", "Lima"]
+
+
+def user_span_tables(n_docs: int = 32, seed: int = 0) -> dict[str, pd.DataFrame]:
+    """User span data as kg_data writes it: no knowledge base (empty entities), relations between two spans."""
+    rng = random.Random(seed)
+    docs, mentions, relations = [], [], []
+    for i in range(n_docs):
+        person, org, city = rng.choice(PEOPLE), rng.choice(ORGS), rng.choice(CITIES)
+        text = f"{person} works for {org}, which is based in {city}."
+        doc_id = f"user-{i}"
+        docs.append({"id": doc_id, "text": text, "source": "spans.jsonl", "module": "", "owner": "", "split": "train"})
+        docs[-1]["split"] = ("train", "train", "val", "test")[i % 4]
+        for m, (word, label) in enumerate([(person, "person"), (org, "org"), (city, "city")]):
+            s = text.index(word)
+            mentions.append({"doc_id": doc_id, "m": m, "start": s, "end": s + len(word), "label": label, "link": ""})
+        gold = {(0, 1): "works_for", (1, 2): "based_in"}
+        for h in range(3):
+            for t in range(3):
+                if h != t:
+                    relations.append({"doc_id": doc_id, "head": h, "tail": t, "label": gold.get((h, t), "none")})
+    return {
+        "entities": pd.DataFrame({c: pd.Series(dtype=str) for c in ENTITY_COLUMNS}),
+        "docs": pd.DataFrame(docs),
+        "mentions": pd.DataFrame(mentions),
+        "relations": pd.DataFrame(relations),
+        "facts": pd.DataFrame({c: pd.Series(dtype=str) for c in ("head", "relation", "tail")}),
+    }
+
+
+@pytest.fixture(scope="module")
+def user_trained(tmp_path_factory):
+    """A few epochs of a tiny extractor on user span data (empty knowledge base, span-span relations)."""
+    base = tmp_path_factory.mktemp("kg_user")
+    tables = user_span_tables()
+    write_tables(base / "kg_data", tables)
+    train_tokenizer(base / "tokenizer", tables["docs"]["text"].tolist())
+    torch.manual_seed(0)
+    save_lm(GPT(tiny(vocab_size=load_tokenizer(base / "tokenizer").get_vocab_size(), block_size=64)), base / "lm")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())["paths"]
+    raw = {k: str(base / Path(v).name) for k, v in raw.items()}
+    raw |= {"kg_data": str(base / "kg_data"), "tokenizer": str(base / "tokenizer"), "lm": str(base / "lm")}
+    paths = Paths.model_validate(raw)
+    cfg = KgTrainConfig(
+        epochs=4,
+        batch_size=8,
+        max_length=64,
+        lr=1e-2,
+        min_lr=1e-3,
+        warmup_steps=2,
+        link_dim=8,
+        description_length=8,
+        precision="fp32",
+    )
+    return kg_train.run(cfg, paths, NullTracker()), paths
+
+
+def test_user_span_data_without_a_knowledge_base_trains_evaluates_and_extracts(user_trained):
+    from tasks.kg import evaluate as kg_evaluate
+    from tasks.shared.config.kg_evaluate import KgEvaluateConfig
+
+    result, paths = user_trained
+    assert result.train_pairs == 6 * result.train_docs and result.train_links == 0
+    ex = load_extractor(paths.kg_model)
+    assert ex.relation_labels == ["none", "based_in", "works_for"] and ex.model.config.relation_heads == "span"
+    texts = ["Bob works for Globex, which is based in Lima.", ""]
+    out = ex.extract(texts)
+    assert len(out) == 2 and out[1] == {"entities": [], "relations": []}
+    for e in out[0]["entities"]:
+        assert e["link"] == "" and texts[0][e["start"] : e["end"]] == e["text"]
+    assert ex.link([texts[0]], [[(0, 3)]]) == [[("", 0.0)]]
+    metrics = kg_evaluate.run(KgEvaluateConfig(), paths, NullTracker())
+    assert metrics["test_relations"] == 2 * 8 and 0.0 <= metrics["relation_f1"] <= 1.0
+
+
+def test_span_span_extraction_relates_ordered_entity_pairs(user_trained):
+    _, paths = user_trained
+    ex = load_extractor(paths.kg_model)
+    text = "Carol works for Acme, which is based in Oslo."
+    spans = [(0, 5), (16, 20), (40, 44)]
+    out = ex.extract([text])[0]
+    found = [(e["start"], e["end"]) for e in out["entities"]]
+    assert len(found) >= 2  # so that the pairs below are not vacuous
+    pairs = relation_pairs(out["entities"], "span")
+    assert all(a != b and 0 <= a < len(found) and 0 <= b < len(found) for a, b in pairs)
+    labels = ex.relate([text], [[(found[a], found[b]) for a, b in pairs]])[0]
+    expected = [(a, b, lab) for (a, b), (lab, _) in zip(pairs, labels) if lab != "none"]
+    assert [(r["head"], r["tail"], r["label"]) for r in out["relations"]] == expected
+    assert len(ex.relate([text], [[(spans[0], spans[1]), (None, spans[2])]])[0]) == 2
+
+
+def test_relation_pairs_are_subject_pairs_or_nearest_ordered_entity_pairs():
+    ents = [{"label": "class"}, {"label": "parameter"}, {"label": "exception"}]
+    assert relation_pairs(ents, "subject") == [(-1, 0), (-1, 2)]
+    assert relation_pairs(ents, "span") == [(0, 1), (1, 0), (1, 2), (2, 1), (0, 2), (2, 0)]
+    many = relation_pairs([{"label": "x"}] * 12, "span")
+    assert len(many) == MAX_PAIRS == len(set(many)) and many[0] == (0, 1)
+    assert {(a, b) for a in range(12) for b in range(12) if 0 < abs(a - b) <= 3} <= set(many)
+    assert max(abs(a - b) for a, b in many) == 4
