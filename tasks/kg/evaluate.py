@@ -67,9 +67,12 @@ def extract_metrics(model: Scored, baseline: Scored, resamples: Resamples) -> di
     mi, bi = intervals(model.counts, resamples), intervals(baseline.counts, resamples)
     vs = versus(model.counts, baseline.counts, resamples)
     out = {}
+    unlinked = not model.counts["link_all_total"].sum()  # a user's spans: no knowledge base to link into
     for k in (*HEADLINE, "linking_accuracy_all"):
         out |= {k: m[k], f"{k}_ci95": mi[f"{k}_ci95"], f"{k}_baseline": b[k], f"{k}_baseline_ci95": bi[f"{k}_ci95"]}
         out[f"{k}_vs_baseline"] = vs[k]
+        if unlinked and k.startswith("linking"):  # not measured: null, so that no gate reads a 0 as a score
+            out |= dict.fromkeys((k, f"{k}_ci95", f"{k}_baseline", f"{k}_baseline_ci95", f"{k}_vs_baseline"))
     return out
 
 
@@ -86,6 +89,9 @@ def report(metrics: dict, types: dict) -> str:
     lines = ["# Knowledge-graph extraction: held-out test docs", "", "| metric | model | baseline | diff | p |"]
     lines.append("|---|---|---|---|---:|")
     for k in (*HEADLINE, "linking_accuracy_all"):
+        if metrics[k] is None:
+            lines.append(f"| {k} | not measured (no mention to link) | | | |")
+            continue
         (lo, hi), (blo, bhi), vs = metrics[f"{k}_ci95"], metrics[f"{k}_baseline_ci95"], metrics[f"{k}_vs_baseline"]
         lines.append(
             f"| {k} | {metrics[k]:.4f} [{lo:.4f}, {hi:.4f}] | {metrics[f'{k}_baseline']:.4f} [{blo:.4f}, {bhi:.4f}] "
