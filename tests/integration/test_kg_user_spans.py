@@ -58,7 +58,7 @@ def test_user_spans_train_and_register_an_extractor_of_their_labels(project):
     metrics = json.loads((folder / "metrics" / "extract.json").read_text())
     assert metrics["test_docs"] > 0 and metrics["entity_f1"] is not None
     assert metrics["linking_accuracy"] is None  # no knowledge base to link into: not scored, not gated
-    assert set(metrics["per_type"]["entities"]) <= {"PERSON", "ORG", "CITY"}
+    assert set(metrics["per_type"]["entities"]["model"]) <= {"PERSON", "ORG", "CITY"}
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     mv = client.get_model_version_by_alias("lmforge-extractor", "candidate")
     assert str(mv.version) == "2"  # v1: the reference run's stdlib extractor
