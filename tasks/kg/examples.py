@@ -8,16 +8,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from tasks.shared.errors import UserError
+from tasks.kg.records import TABLES
 from tasks.shared.io import read_parquet
 
-TABLES = {
-    "entities": ["id", "name", "kind", "module", "source", "signature", "doc"],
-    "docs": ["id", "text", "source", "module", "owner", "split"],
-    "mentions": ["doc_id", "m", "start", "end", "label", "link"],
-    "relations": ["doc_id", "head", "tail", "label"],
-}
-"""The tables the extractor reads (`<name>.parquet` in paths.kg_data) and the columns it needs of each."""
+
+def read_task_table(folder: Path | str, name: str) -> pd.DataFrame:
+    """Table `name` of the task data in `folder` (records.TABLES' columns); a missing or broken one is a UserError
+    naming it."""
+    return read_parquet(Path(folder) / f"{name}.parquet", TABLES[name])
 
 
 @dataclass
@@ -68,20 +66,9 @@ class TaskData:
         return "span" if any(h >= 0 for d in self.split("train") for h, _, _ in d.pairs) else "subject"
 
 
-def read_tables(folder: Path) -> dict[str, pd.DataFrame]:
-    """Every table of TABLES in `folder` with the columns it needs."""
-    tables = {}
-    for name, columns in TABLES.items():
-        path = Path(folder) / f"{name}.parquet"
-        if not path.exists():
-            raise UserError(f"{path}: task data not found (run the kg_data stage)")
-        tables[name] = read_parquet(path, columns)
-    return tables
-
-
 def load_task_data(folder: Path) -> TaskData:
     """The docs of `folder` with their mentions and relation pairs attached."""
-    t = read_tables(folder)
+    t = {name: read_task_table(folder, name) for name in ("entities", "docs", "mentions", "relations")}
     docs = {r.id: Doc(r.id, r.text, r.module, r.split, owner=r.owner) for r in t["docs"].itertuples(index=False)}
     for r in t["mentions"].sort_values(["doc_id", "m"]).itertuples(index=False):
         docs[r.doc_id].mentions.append(Mention(int(r.start), int(r.end), str(r.label), str(r.link)))

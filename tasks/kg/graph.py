@@ -17,10 +17,10 @@ from typing import Iterable, Iterator
 import pandas as pd
 from pyoxigraph import DefaultGraph, Quad, RdfFormat, Store
 
+from tasks.kg.examples import read_task_table
 from tasks.kg.rdf import (
     GRAPH_FILE,
     STORE_DIR,
-    TABLE_FILE,
     doc_quads,
     entity_quads,
     extracted_quads,
@@ -30,9 +30,8 @@ from tasks.kg.rdf import (
 )
 from tasks.shared.config.base import Paths
 from tasks.shared.config.kg_graph import KgGraphConfig
-from tasks.shared.errors import UserError
 from tasks.shared.harness import stage_main
-from tasks.shared.io import atomic_dir, read_parquet, write_json
+from tasks.shared.io import atomic_dir, write_json
 from tasks.shared.tracking import NullTracker, Tracker
 
 SECTIONS = {"kg_graph": KgGraphConfig}
@@ -65,14 +64,6 @@ class GraphResult:
     @property
     def metrics(self) -> dict:
         return asdict(self)
-
-
-def read_table(folder: Path, name: str) -> pd.DataFrame:
-    """A task table of `paths.kg_data`; a missing one is a UserError naming it."""
-    f = Path(folder) / TABLE_FILE.format(name)
-    if not f.is_file():
-        raise UserError(f"{f}: not found (run the kg_data stage first: `dvc repro kg_data`)")
-    return read_parquet(f)
 
 
 def load_extractor(folder: Path):
@@ -137,7 +128,7 @@ def run(cfg: KgGraphConfig, paths: Paths, tracker: Tracker | None = None, extrac
     """Build the graph from `paths.kg_data` and the extractor (default: the bundle at `paths.kg_model`)."""
     tracker = tracker or NullTracker()
     start = time.perf_counter()
-    tables = {name: read_table(paths.kg_data, name) for name in ("entities", "docs", "facts")}
+    tables = {name: read_task_table(paths.kg_data, name) for name in ("entities", "docs", "facts")}
     extractor = extractor if extractor is not None else load_extractor(paths.kg_model)
     t = time.perf_counter()
     extractions = extract_all(extractor, tables["docs"], cfg.batch_size)

@@ -38,8 +38,6 @@ GRAPH_FILE = "graph.nt"
 """In `paths.kg_graph` (and a registered extractor's `graph/` artifact): the N-Triples export."""
 STORE_DIR = "store"
 """In `paths.kg_graph`: the pyoxigraph store (RocksDB) folder."""
-TABLE_FILE = "{}.parquet"
-"""In `paths.kg_data`: the file of each task table (`entities`, `docs`, `mentions`, `relations`, `facts`)."""
 
 LF = "https://lmforge.dev/kg#"
 ENTITY = "https://lmforge.dev/entity/"

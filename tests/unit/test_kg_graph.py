@@ -12,7 +12,7 @@ from pyoxigraph import DefaultGraph, RdfFormat, Store
 
 from deploy.sparql import GraphQueries, QueryRefused, QueryTimeout, check_query, load_graph, run_query
 from tasks.kg import graph
-from tasks.kg.rdf import GRAPH_FILE, STORE_DIR, TABLE_FILE
+from tasks.kg.rdf import GRAPH_FILE, STORE_DIR
 from tasks.shared.config.kg_graph import KgGraphConfig
 
 ENTITIES = [
@@ -72,7 +72,7 @@ def write_tables(folder) -> None:
         "facts": ["head", "relation", "tail"],
     }
     for name, rows in (("entities", ENTITIES), ("docs", DOCS), ("facts", FACTS)):
-        pd.DataFrame(rows, columns=cols[name]).to_parquet(folder / TABLE_FILE.format(name))
+        pd.DataFrame(rows, columns=cols[name]).to_parquet(folder / f"{name}.parquet")
 
 
 @pytest.fixture
