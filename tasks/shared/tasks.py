@@ -53,6 +53,15 @@ TASKS: dict[str, Task] = {
         promote="tasks.ops.promote_kg:run",
         endpoints=("/extract", "/graph/query"),
     ),
+    "align": Task(
+        name="align",
+        description="contrastive alignment of text and code: a dual encoder, a vector index, search, zero-shot labels",
+        stages=("align_data", "align_train", "align_index", "align_evaluate"),
+        metrics="align.json",
+        registered_model="encoder_model",
+        promote="tasks.ops.promote_align:run",
+        endpoints=("/search", "/embed"),
+    ),
 }
 
 

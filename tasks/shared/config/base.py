@@ -80,6 +80,17 @@ class Paths(Section):
     """The extractor's test predictions (per-document counts, predictions.parquet) and report.md (kg_evaluate)."""
     kg_graph: Path
     """The knowledge graph: `store/` (a pyoxigraph store) and `graph.nt` (its N-Triples export) (kg_graph)."""
+    raw_pairs: Path
+    """The alignment task's raw pairs after ingest (parquet: every stdlib function with its docstring, or your
+    pairs and documents)."""
+    align_data: Path
+    """The alignment task data: pairs.parquet (text, code, split) and items.parquet (what the index holds)."""
+    align_model: Path
+    """The dual encoder bundle (text and code towers, tokenizer) (align_train)."""
+    align_index: Path
+    """The vector index over every item, its metadata and a BM25 index of the same items (align_index)."""
+    align_evaluation: Path
+    """The encoder's test rankings and report.md (align_evaluate)."""
     curve: Path
     """The learning curve's test predictions (every model, k and seed) and its chart (curve/dvc.yaml)."""
     metrics: Path
@@ -106,6 +117,8 @@ class TrackingConfig(Section):
     """Name of the registered classifier (task `classification`), which carries its own `champion` alias."""
     extractor_model: str = "lmforge-extractor"
     """Name of the registered extractor (task `kg`: entities, relations, links and the graph built with them)."""
+    encoder_model: str = "lmforge-encoder"
+    """Name of the registered dual encoder (task `align`: text and code embeddings and the index built with them)."""
 
 
 def describe(err: ValidationError, source: Path, prefix: str = "") -> str:

@@ -9,6 +9,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tasks.shared.config.align_data import AlignDataConfig
+from tasks.shared.config.align_evaluate import AlignEvaluateConfig
+from tasks.shared.config.align_index import AlignIndexConfig
+from tasks.shared.config.align_train import AlignTrainConfig
 from tasks.shared.config.base import DEFAULT_PARAMS, Paths, Section, TrackingConfig, describe, read_params_file
 from tasks.shared.config.clean import CleanConfig
 from tasks.shared.config.curve import CurveConfig
@@ -23,6 +27,7 @@ from tasks.shared.config.kg_train import KgTrainConfig
 from tasks.shared.config.orchestrate import OrchestrateConfig
 from tasks.shared.config.pretrain import PretrainConfig
 from tasks.shared.config.promote import PromoteConfig
+from tasks.shared.config.promote_align import PromoteAlignConfig
 from tasks.shared.config.promote_kg import PromoteKgConfig
 from tasks.shared.config.prune import PruneConfig
 from tasks.shared.config.quantize import QuantizeConfig
@@ -41,6 +46,7 @@ SECTION_TYPES: dict[str, type[Section]] = {
     "validate": ValidateConfig,
     "tokenize": TokenizeConfig,
     "kg_data": KgDataConfig,
+    "align_data": AlignDataConfig,
     "pretrain": PretrainConfig,
     "finetune": FinetuneConfig,
     "prune": PruneConfig,
@@ -51,9 +57,13 @@ SECTION_TYPES: dict[str, type[Section]] = {
     "kg_train": KgTrainConfig,
     "kg_evaluate": KgEvaluateConfig,
     "kg_graph": KgGraphConfig,
+    "align_train": AlignTrainConfig,
+    "align_index": AlignIndexConfig,
+    "align_evaluate": AlignEvaluateConfig,
     "curve": CurveConfig,
     "promote": PromoteConfig,
     "promote_kg": PromoteKgConfig,
+    "promote_align": PromoteAlignConfig,
     "orchestrate": OrchestrateConfig,
 }
 """Every top-level key of params.yaml and the config class that validates it."""
@@ -70,6 +80,7 @@ class Params(BaseModel):
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     kg_data: KgDataConfig = Field(default_factory=KgDataConfig)
+    align_data: AlignDataConfig = Field(default_factory=AlignDataConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     prune: PruneConfig = Field(default_factory=PruneConfig)
@@ -80,9 +91,13 @@ class Params(BaseModel):
     kg_train: KgTrainConfig = Field(default_factory=KgTrainConfig)
     kg_evaluate: KgEvaluateConfig = Field(default_factory=KgEvaluateConfig)
     kg_graph: KgGraphConfig = Field(default_factory=KgGraphConfig)
+    align_train: AlignTrainConfig = Field(default_factory=AlignTrainConfig)
+    align_index: AlignIndexConfig = Field(default_factory=AlignIndexConfig)
+    align_evaluate: AlignEvaluateConfig = Field(default_factory=AlignEvaluateConfig)
     curve: CurveConfig = Field(default_factory=CurveConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
     promote_kg: PromoteKgConfig = Field(default_factory=PromoteKgConfig)
+    promote_align: PromoteAlignConfig = Field(default_factory=PromoteAlignConfig)
     orchestrate: OrchestrateConfig = Field(default_factory=OrchestrateConfig)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
