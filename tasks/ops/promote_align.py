@@ -109,7 +109,7 @@ def _scored_sha256(evaluation: dict, model_dir: Path, index_dir: Path, metrics_f
 
 def _versus(evaluation: dict, system: str) -> tuple[float, list[float]] | None:
     """The paired difference of `system`'s test MRR minus BM25's and its 95% interval (None: not measured)."""
-    diff, ci = evaluation.get(f"{system}_minus_bm25_mrr"), evaluation.get(f"{system}_minus_bm25_mrr_ci")
+    diff, ci = evaluation.get(f"{system}_minus_bm25_mrr"), evaluation.get(f"{system}_minus_bm25_mrr_ci95")
     return None if diff is None or ci is None else (float(diff), [float(c) for c in ci])
 
 
@@ -119,7 +119,7 @@ def bm25_gate(cfg: PromoteAlignConfig, evaluation: dict) -> Gate:
     mode = evaluation.get("served_mode", "hybrid")
     versus = _versus(evaluation, mode)
     if versus is None:
-        return Gate("beats_bm25", False, f"metrics/align.json has no {mode}_minus_bm25_mrr with an interval")
+        return Gate("beats_bm25", False, f"metrics/align.json has no {mode}_minus_bm25_mrr with its _ci95 interval")
     diff, (lo, hi) = versus
     shown = (
         f"{mode} MRR {evaluation.get('hybrid_mrr' if mode == 'hybrid' else 'mrr', float('nan')):.4f} vs BM25 "
