@@ -348,24 +348,36 @@ def _user_documents(cfg: IngestConfig) -> pd.DataFrame:
     return _user_rows(df, cfg, cfg.text_column, "document").assign(text="", split=INDEX_SPLIT)
 
 
-def raw_pairs(cfg: IngestConfig, reader: StdlibReader, labeled: pd.DataFrame) -> pd.DataFrame:
-    """The alignment task's raw pairs: the stdlib functions (split as their labeled file; `train` for the rest)
-    or your pairs, and your documents; a repeated id is an error naming its row."""
-    parts = []
-    if cfg.pairs == STDLIB:
-        split_of = dict(zip(labeled["source"], labeled["split"])) if cfg.labeled == STDLIB else {}
-        parts.append(stdlib_pairs(reader, split_of))
-    else:
-        parts.append(_user_pairs(cfg))
+def user_pair_rows(cfg: IngestConfig) -> pd.DataFrame:
+    """Your pairs (when `ingest.pairs` names them) and documents, checked row by row, ids unique (an error
+    naming the row); no rows when you gave neither."""
+    parts = [_user_pairs(cfg)] if cfg.pairs != STDLIB else []
     if user_inputs(cfg.documents):
         parts.append(_user_documents(cfg))
+    if not parts:
+        return pair_frame([])
     rows = pd.concat(parts)
     dup = rows["id"].duplicated().to_numpy()
     if dup.any():
-        where = rows.index[dup.argmax()]
-        located = _where(where) if isinstance(where, tuple) else f"{rows['source'].iloc[dup.argmax()]}"
-        raise UserError(f"{located}: id {rows['id'].iloc[dup.argmax()]!r} is not unique")
+        raise UserError(f"{_where(rows.index[dup.argmax()])}: id {rows['id'].iloc[dup.argmax()]!r} is not unique")
     return pair_frame(rows.reset_index(drop=True))
+
+
+def raw_pairs(cfg: IngestConfig, reader: StdlibReader, labeled: pd.DataFrame, user_rows: pd.DataFrame) -> pd.DataFrame:
+    """The alignment task's raw pairs: the stdlib functions (split as their labeled file; `train` for the rest)
+    or your pairs, and your documents (`user_rows`)."""
+    if cfg.pairs != STDLIB:
+        return user_rows
+    split_of = dict(zip(labeled["source"], labeled["split"])) if cfg.labeled == STDLIB else {}
+    rows = stdlib_pairs(reader, split_of)
+    if not len(user_rows):
+        return rows
+    rows = pd.concat([rows, user_rows], ignore_index=True)
+    dup = rows["id"].duplicated().to_numpy()
+    if dup.any():
+        row = rows.iloc[dup.argmax()]
+        raise UserError(f"{row['source']}: row {row['line']}: id {row['id']!r} is a stdlib function's id; rename it")
+    return rows
 
 
 @dataclass
@@ -481,6 +493,7 @@ def run(cfg: IngestConfig, paths: Paths, tracker: Tracker | None = None) -> Inge
     check_labels(labeled, _name(cfg.labeled), cfg.min_examples_per_label)
 
     spans = read_user_spans(cfg.spans, read_options(cfg), cfg.id_column) if cfg.spans != STDLIB else None
+    user_rows = user_pair_rows(cfg)
     _warn_outside(cfg, paths.user_data)
     held_out = set(labeled.loc[labeled["split"] != "train", "source"])
     skipped, counts = [], CorpusCounts()
@@ -513,7 +526,7 @@ def run(cfg: IngestConfig, paths: Paths, tracker: Tracker | None = None) -> Inge
         raise UserError(f"ingest.corpus ({_name(cfg.corpus)}): no documents")
     write_parquet(labeled[LABELED_COLUMNS], paths.raw_labeled)
     write_raw(spans if spans is not None else pd.DataFrame(columns=RAW_COLUMNS), paths.kg_raw)
-    pairs = raw_pairs(cfg, reader, labeled)
+    pairs = raw_pairs(cfg, reader, labeled, user_rows)
     write_parquet(pairs, paths.raw_pairs)
     if tracker:
         for name, spec, output in (
