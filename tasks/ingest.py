@@ -6,9 +6,15 @@ the corpus is module source plus module/class/function docstrings, and the label
 source file (per label, in a seeded hash order) so no file's text appears in two splits, and
 files in the val/test splits are kept out of the pretraining corpus.
 
+The alignment task's raw pairs (`paths.raw_pairs`, tasks/align/pairs.py) come from the same read:
+every function of every stdlib file ingest reads (each file is read and parsed once), with its file's
+split in the labeled set, and `train` for the other files (they are in the pretraining corpus).
+
 User data (data/user/README.md) is checked row by row: a bad row stops the stage with one line
 naming its file and row; blank corpus rows and corpus rows that share a source with a val/test
-labeled row are left out, counted in the metrics and reported on stdout.
+labeled row are left out, counted in the metrics and reported on stdout. Your pairs (`ingest.pairs`)
+are split by `source` (default: the file; a single source is split by row), like the labeled set;
+your documents (`ingest.documents`) get the split `index`.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tasks.align.records import INDEX_SPLIT, definitions, function_pairs, pair_frame
 from tasks.kg.records import RAW_COLUMNS, read_user_spans, write_raw
 from tasks.shared.config.base import Paths
 from tasks.shared.config.ingest import IngestConfig
@@ -86,15 +93,12 @@ def _parse(src: str) -> ast.Module | None:
         return None
 
 
-def docstrings(tree: ast.Module) -> list[str]:
-    """Module, class and function docstrings of a parsed file."""
-    out = []
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            doc = ast.get_docstring(node)
-            if doc:
-                out.append(doc)
-    return out
+def docstrings(tree: ast.Module, defs: list | None = None) -> list[str]:
+    """Module, class and function docstrings of a parsed file (in `ast.walk`'s order); `defs`: the tree's
+    `definitions`, when the caller has them already."""
+    defs = definitions(tree) if defs is None else defs
+    docs = [ast.get_docstring(tree)] + [ast.get_docstring(node) for node, _ in defs]
+    return [d for d in docs if d]
 
 
 def functions(tree: ast.Module, src: str) -> list[str]:
@@ -110,7 +114,40 @@ def functions(tree: ast.Module, src: str) -> list[str]:
     return out
 
 
-def stdlib_labeled(cfg: IngestConfig, files: list[Path], root: Path) -> pd.DataFrame:
+@dataclass
+class ParsedFile:
+    """What ingest takes from one stdlib file (read and parsed once, whichever output needs it)."""
+
+    src: str
+    functions: list[str]
+    docstrings: list[str]
+    pairs: list[dict]
+
+
+class StdlibReader:
+    """Reads and parses each stdlib file at most once, keeping what the outputs need (not the syntax trees)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.parsed: dict[str, ParsedFile | None] = {}
+        """Every file read so far by its path relative to `root`; None: it did not parse."""
+
+    def get(self, f: Path) -> ParsedFile | None:
+        rel = str(f.relative_to(self.root))
+        if rel not in self.parsed:
+            src = _read_source(f)
+            tree = _parse(src) if src else None
+            defs = definitions(tree) if tree is not None else []
+            self.parsed[rel] = (
+                None
+                if tree is None
+                else ParsedFile(src, functions(tree, src), docstrings(tree, defs), function_pairs(tree, src, rel, defs))
+            )
+        return self.parsed[rel]
+
+
+def stdlib_labeled(cfg: IngestConfig, files: list[Path], reader: StdlibReader) -> pd.DataFrame:
+    root = reader.root
     rows = []
     for pkg in cfg.packages:
         pkg_files = [f for f in files if f.relative_to(root).parts[0] == pkg and len(f.relative_to(root).parts) > 1]
@@ -120,13 +157,12 @@ def stdlib_labeled(cfg: IngestConfig, files: list[Path], root: Path) -> pd.DataF
         if cfg.max_files:
             pkg_files = pkg_files[: cfg.max_files]
         for f in pkg_files:
-            src = _read_source(f)
-            tree = _parse(src) if src else None
-            if tree is None:
+            parsed = reader.get(f)
+            if parsed is None:
                 continue
             rel = str(f.relative_to(root))
             rows += [
-                {"id": f"{rel}#{i}", "text": t, "label": pkg, "source": rel} for i, t in enumerate(functions(tree, src))
+                {"id": f"{rel}#{i}", "text": t, "label": pkg, "source": rel} for i, t in enumerate(parsed.functions)
             ]
     return pd.DataFrame(rows, columns=["id", "text", "label", "source"])
 
@@ -140,26 +176,37 @@ def split_labeled(df: pd.DataFrame, cfg: IngestConfig) -> pd.DataFrame:
 
 
 def stdlib_corpus(
-    files: list[Path], root: Path, exclude: set[str], max_files: int, seed: int
+    files: list[Path], reader: StdlibReader, exclude: set[str], max_files: int, seed: int
 ) -> tuple[pd.DataFrame, list[str]]:
     """Source and docstrings of each file not in `exclude`; returns them and the files that did not parse."""
+    root = reader.root
     rows, skipped = [], []
     files = [f for f in files if str(f.relative_to(root)) not in exclude]
     if max_files:
         files = sorted(files, key=lambda f: seeded_hash(seed, str(f.relative_to(root))))[:max_files]
     for f in files:
-        src = _read_source(f)
-        tree = _parse(src) if src else None
+        parsed = reader.get(f)
         rel = str(f.relative_to(root))
-        if tree is None:
+        if parsed is None:
             skipped.append(rel)
             continue
-        rows.append({"id": rel, "text": src, "source": rel, "kind": "code"})
+        rows.append({"id": rel, "text": parsed.src, "source": rel, "kind": "code"})
         rows += [
             {"id": f"{rel}#doc{i}", "text": d, "source": rel, "kind": "docstring"}
-            for i, d in enumerate(docstrings(tree))
+            for i, d in enumerate(parsed.docstrings)
         ]
     return pd.DataFrame(rows, columns=CORPUS_COLUMNS), skipped
+
+
+def stdlib_pairs(reader: StdlibReader, split_of: dict[str, str]) -> pd.DataFrame:
+    """Every function of every file `reader` read, with its file's split in `split_of` (`train` if absent)."""
+    rows = [
+        {**pair, "split": split_of.get(rel, "train")}
+        for rel, parsed in sorted(reader.parsed.items())
+        if parsed is not None
+        for pair in parsed.pairs
+    ]
+    return pair_frame(rows)
 
 
 def _where(key) -> str:
@@ -256,6 +303,83 @@ def _user_labeled(cfg: IngestConfig) -> pd.DataFrame:
     return out
 
 
+def _user_rows(df: pd.DataFrame, cfg: IngestConfig, code_column: str, what: str) -> pd.DataFrame:
+    """Your pair or document rows as PAIR_COLUMNS without `text`/`split`: `code` from `code_column` (missing or
+    blank: an error naming the row), `qualname` = id, `module` = `group` or source, `line` = the row."""
+    code = _strings(df, code_column)
+    source = _strings(df, "source", integers=True)
+    source = source.where(source.notna(), pd.Series(df.index.get_level_values("file"), index=df.index))
+    ids = _ids(df, cfg.id_column)
+    group = _strings(df, "group", integers=True)
+    out = pd.DataFrame(
+        {
+            "id": ids,
+            "code": code,
+            "qualname": ids,
+            "module": group.where(group.notna(), source),
+            "source": source,
+            "line": df.index.get_level_values("row").astype("int64"),
+        },
+        index=df.index,
+    )
+    _reject(code.isna(), f"{code_column} is missing or blank (every {what} needs it; fix or remove the row)")
+    return out
+
+
+def _user_pairs(cfg: IngestConfig) -> pd.DataFrame:
+    """Your pairs, split by source with `assign_splits` (a single source: by row id), indexed by (file, row)."""
+    text, code = cfg.pair_columns["text"], cfg.pair_columns["code"]
+    columns = [text, code, cfg.id_column, "source", "group"]
+    df = read_table(cfg.pairs, required=[text, code], columns=columns, opts=read_options(cfg))
+    out = _user_rows(df, cfg, code, "pair")
+    out["text"] = _strings(df, text)
+    _reject(out["text"].isna(), f"{text} is missing or blank (every pair needs both sides; fix or remove the row)")
+    key = out["source"] if out["source"].nunique() > 1 else out["id"]
+    groups = key.value_counts().sort_index()
+    table = pd.DataFrame({"group": groups.index, "label": "pairs", "n": groups.to_numpy()})
+    out["split"] = key.map(assign_splits(table, cfg))
+    return out
+
+
+def _user_documents(cfg: IngestConfig) -> pd.DataFrame:
+    """Your documents to index: code = the text column, no text, split `index`."""
+    columns = [cfg.text_column, cfg.id_column, "source", "group"]
+    df = read_table(cfg.documents, required=[cfg.text_column], columns=columns, opts=read_options(cfg))
+    return _user_rows(df, cfg, cfg.text_column, "document").assign(text="", split=INDEX_SPLIT)
+
+
+def user_pair_rows(cfg: IngestConfig) -> pd.DataFrame:
+    """Your pairs (when `ingest.pairs` names them) and documents, checked row by row, ids unique (an error
+    naming the row); no rows when you gave neither."""
+    parts = [_user_pairs(cfg)] if cfg.pairs != STDLIB else []
+    if user_inputs(cfg.documents):
+        parts.append(_user_documents(cfg))
+    if not parts:
+        return pair_frame([])
+    rows = pd.concat(parts)
+    dup = rows["id"].duplicated().to_numpy()
+    if dup.any():
+        raise UserError(f"{_where(rows.index[dup.argmax()])}: id {rows['id'].iloc[dup.argmax()]!r} is not unique")
+    return pair_frame(rows.reset_index(drop=True))
+
+
+def raw_pairs(cfg: IngestConfig, reader: StdlibReader, labeled: pd.DataFrame, user_rows: pd.DataFrame) -> pd.DataFrame:
+    """The alignment task's raw pairs: the stdlib functions (split as their labeled file; `train` for the rest)
+    or your pairs, and your documents (`user_rows`)."""
+    if cfg.pairs != STDLIB:
+        return user_rows
+    split_of = dict(zip(labeled["source"], labeled["split"])) if cfg.labeled == STDLIB else {}
+    rows = stdlib_pairs(reader, split_of)
+    if not len(user_rows):
+        return rows
+    rows = pd.concat([rows, user_rows], ignore_index=True)
+    dup = rows["id"].duplicated().to_numpy()
+    if dup.any():
+        row = rows.iloc[dup.argmax()]
+        raise UserError(f"{row['source']}: row {row['line']}: id {row['id']!r} is a stdlib function's id; rename it")
+    return rows
+
+
 @dataclass
 class CorpusCounts:
     rows: int = 0
@@ -334,6 +458,8 @@ class IngestResult:
     corpus_held_out: int = 0
     span_rows: int = 0
     """Rows of the user's labeled spans (0 with `ingest.spans: stdlib`)."""
+    pair_rows: dict[str, int] = field(default_factory=dict)
+    """Rows of paths.raw_pairs per split (`index`: your documents)."""
 
     @property
     def metrics(self) -> dict:
@@ -346,6 +472,7 @@ class IngestResult:
             "corpus_blank": self.corpus_blank,
             "corpus_held_out": self.corpus_held_out,
             "span_rows": self.span_rows,
+            "pair_rows": self.pair_rows,
         }
 
 
@@ -359,20 +486,21 @@ def _progress(desc: str, specs: list) -> tuple[Callable[[int], None], Callable[[
 
 
 def run(cfg: IngestConfig, paths: Paths, tracker: Tracker | None = None) -> IngestResult:
-    root = stdlib_root()
-    files = stdlib_files(root) if STDLIB in (cfg.corpus, cfg.labeled) else []
+    reader = StdlibReader(stdlib_root())
+    files = stdlib_files(reader.root) if STDLIB in (cfg.corpus, cfg.labeled) else []
 
-    labeled = split_labeled(stdlib_labeled(cfg, files, root), cfg) if cfg.labeled == STDLIB else _user_labeled(cfg)
+    labeled = split_labeled(stdlib_labeled(cfg, files, reader), cfg) if cfg.labeled == STDLIB else _user_labeled(cfg)
     check_labels(labeled, _name(cfg.labeled), cfg.min_examples_per_label)
 
     spans = read_user_spans(cfg.spans, read_options(cfg), cfg.id_column) if cfg.spans != STDLIB else None
+    user_rows = user_pair_rows(cfg)
     _warn_outside(cfg, paths.user_data)
     held_out = set(labeled.loc[labeled["split"] != "train", "source"])
     skipped, counts = [], CorpusCounts()
     if cfg.corpus == STDLIB:
         # the stdlib corpus leaves held-out files unread, so they are counted as files
-        counts.held_out = sum(str(f.relative_to(root)) in held_out for f in files)
-        corpus, skipped = stdlib_corpus(files, root, held_out, cfg.max_files, cfg.seed)
+        counts.held_out = sum(str(f.relative_to(reader.root)) in held_out for f in files)
+        corpus, skipped = stdlib_corpus(files, reader, held_out, cfg.max_files, cfg.seed)
         counts.rows = len(corpus)
         what = "stdlib files left out of the corpus (their functions are in val/test)"
         _report(counts.held_out, what, ", ".join(sorted(held_out)[:3]))
@@ -398,10 +526,13 @@ def run(cfg: IngestConfig, paths: Paths, tracker: Tracker | None = None) -> Inge
         raise UserError(f"ingest.corpus ({_name(cfg.corpus)}): no documents")
     write_parquet(labeled[LABELED_COLUMNS], paths.raw_labeled)
     write_raw(spans if spans is not None else pd.DataFrame(columns=RAW_COLUMNS), paths.kg_raw)
+    pairs = raw_pairs(cfg, reader, labeled, user_rows)
+    write_parquet(pairs, paths.raw_pairs)
     if tracker:
         for name, spec, output in (
             ("corpus", cfg.corpus, paths.raw_corpus),
             ("labeled", cfg.labeled, paths.raw_labeled),
+            ("pairs", cfg.pairs, paths.raw_pairs),
         ):
             log_dataset(tracker, name, spec, output, context="ingest")
     return IngestResult(
@@ -413,6 +544,7 @@ def run(cfg: IngestConfig, paths: Paths, tracker: Tracker | None = None) -> Inge
         corpus_blank=counts.blank,
         corpus_held_out=counts.held_out,
         span_rows=0 if spans is None else len(spans),
+        pair_rows={k: int(v) for k, v in pairs["split"].value_counts().sort_index().items()},
     )
 
 
@@ -420,7 +552,7 @@ def _warn_outside(cfg: IngestConfig, user_data: Path) -> None:
     """One line for input files outside paths.user_data: the ingest stage's DVC dependency does not cover
     them, so `dvc repro` would not notice when they change."""
     root = Path(user_data).absolute()
-    files = expand_inputs(user_inputs(cfg.corpus, cfg.labeled, cfg.spans))
+    files = expand_inputs(user_inputs(cfg.corpus, cfg.labeled, cfg.spans, cfg.pairs, cfg.documents))
     outside = [str(f) for f in files if root not in f.absolute().parents]
     if outside:
         more = f" and {len(outside) - 3} more" if len(outside) > 3 else ""

@@ -12,6 +12,7 @@ import pytest
 from conftest import LABELS, ROOT, TINY_CLEAN, TINY_VALIDATE
 
 from tasks import validate
+from tasks.align import data as align_data
 from tasks.kg import data as kg_data
 from tasks.shared.errors import UserError
 from tasks.shared.validation import require_passed
@@ -283,10 +284,14 @@ def test_suite_parameters_cover_every_parameter_the_suites_use():
     """Every `$PARAMETER` in gx/expectations/ has a value from params.yaml (a typo would fail every run)."""
     used = set()
     for f in (ROOT / "gx" / "expectations").glob("*.json"):
-        if f.stem in kg_data.CHECKS:  # the knowledge-graph task's suites (tests/unit/test_kg_data.py)
+        if f.stem in kg_data.CHECKS + align_data.CHECKS:  # the tasks' own suites (tests/unit/test_kg_data.py, ...)
             continue
         for e in json.loads(f.read_text())["expectations"]:
             used |= {v["$PARAMETER"] for v in e["kwargs"].values() if isinstance(v, dict) and "$PARAMETER" in v}
     assert used == set(validate.suite_parameters(TINY_VALIDATE, TINY_CLEAN, LABELS))
-    assert {f.stem for f in (ROOT / "gx" / "checkpoints").glob("*.json")} == set(validate.TABLES) | set(kg_data.CHECKS)
+    assert {f.stem for f in (ROOT / "gx" / "checkpoints").glob("*.json")} == {
+        *validate.TABLES,
+        *kg_data.CHECKS,
+        *align_data.CHECKS,
+    }
     assert not Path(ROOT / "data" / "expectations").exists()

@@ -20,6 +20,17 @@ class IngestConfig(Section):
     """`stdlib` (the knowledge-graph task's data is built from the clean corpus' code by kg_data), or your
     labeled spans: JSONL rows `{"text", "entities": [{"start", "end", "label"}], "relations": [{"head",
     "tail", "label"}]}` (or Doccano's export; csv/parquet with JSON-string columns), as files, folders or globs."""
+    pairs: str | list[str] = "stdlib"
+    """`stdlib` (the alignment task's pairs: every function of the stdlib files ingest reads, its docstring and
+    its code without it, held out by the classification split), or your pairs: jsonl/csv/parquet rows with a
+    text and a code column (`pair_columns`), an optional id (`id_column`), `source` (rows of one source share a
+    split; default: the file, and a single file is split by row) and `group` (the `module` shown in results),
+    as files, folders or globs."""
+    pair_columns: dict[str, str] = Field(default_factory=lambda: {"text": "text_a", "code": "text_b"})
+    """Which columns of your pairs hold the natural-language side (`text`) and the code side (`code`)."""
+    documents: str | list[str] = Field(default_factory=list)
+    """Your documents to index (searched with the trained encoder, never trained on): txt/md files or
+    jsonl/csv/parquet rows with a `text_column`, as files, folders or globs; `[]` = none."""
     text_column: str = Field("text", min_length=1)
     """The column of your data that holds the text."""
     label_column: str = Field("label", min_length=1)
@@ -65,12 +76,13 @@ class IngestConfig(Section):
             codecs.lookup(self.encoding)
         except LookupError:
             raise ValueError(f"encoding: unknown encoding {self.encoding!r}") from None
-        for name in ("corpus", "labeled", "spans"):
+        for name in ("corpus", "labeled", "spans", "pairs"):
             value = getattr(self, name)
             if isinstance(value, list) and (not value or "stdlib" in value):
                 raise ValueError(
                     f"{name}: a list names your files, folders or globs (at least one; `stdlib` alone, not in a list)"
                 )
+        self._check_pair_inputs()
         if len({self.text_column, self.label_column, self.id_column}) < 3:
             raise ValueError("text_column, label_column and id_column must be three different columns")
         if self.labeled == "stdlib" and len(set(self.packages)) < 2:
@@ -78,3 +90,12 @@ class IngestConfig(Section):
         if self.val_fraction + self.test_fraction >= 0.8:
             raise ValueError("val_fraction + test_fraction must leave at least 20% for training")
         return self
+
+    def _check_pair_inputs(self) -> None:
+        if self.documents == "stdlib" or (isinstance(self.documents, list) and "stdlib" in self.documents):
+            raise ValueError("documents: name your files, folders or globs (the stdlib functions are indexed anyway)")
+        columns = self.pair_columns
+        if set(columns) != {"text", "code"} or not all(isinstance(v, str) and v.strip() for v in columns.values()):
+            raise ValueError(f"pair_columns: give exactly `text` and `code`, each a column name (got {columns})")
+        if len({columns["text"], columns["code"], self.id_column}) < 3:
+            raise ValueError("pair_columns: the text, code and id columns must be three different columns")
