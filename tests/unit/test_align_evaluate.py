@@ -75,7 +75,7 @@ FUNCTIONS = [  # (id, docstring query, code)
 
 def tables() -> tuple[pd.DataFrame, pd.DataFrame]:
     """pairs.parquet and items.parquet of six test functions, one train pair and one test item without a pair."""
-    rows = [dict(id=i, text=q, query=q, code=c, qualname=i, module="m", source=i.split(":")[0]) for i, q, c in FUNCTIONS]
+    rows = [dict(id=i, text=q, query=q, code=c, qualname=i, module="m", source=i[:4]) for i, q, c in FUNCTIONS]
     pairs = pd.DataFrame(rows).assign(split="test")
     train = dict(id="t.py:f", text="Train.", query="Train.", code="def f(): pass", qualname="f", module="t")
     pairs = pd.concat([pairs, pd.DataFrame([{**train, "source": "t.py", "split": "train"}])], ignore_index=True)
@@ -91,7 +91,8 @@ def labeled() -> pd.DataFrame:
     for split, n in (("train", 4), ("test", 3)):
         for label in ("asyncio", "xml"):
             words = DESCRIPTIONS[label].replace(",", "").split()
-            rows += [{"text": f"def f{i}():\n    {' '.join(words[i:])}", "label": label, "split": split} for i in range(n)]
+            texts = [f"def f{i}():\n    {' '.join(words[i:])}" for i in range(n)]
+            rows += [{"text": t, "label": label, "split": split} for t in texts]
     return pd.DataFrame(rows).assign(id=lambda d: [f"x{i}" for i in range(len(d))], source="s.py")
 
 
