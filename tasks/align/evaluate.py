@@ -154,6 +154,8 @@ def _classified(prefix: str, y_true: list[str], y_pred: list[str], labels: list[
 def label_metrics(encoder: Encoder, labeled: pd.DataFrame, cfg: AlignEvaluateConfig) -> dict:
     """Zero-shot (nearest label description) and linear-probe accuracy and macro-F1 on the labeled test rows."""
     train, test = labeled[labeled["split"] == "train"], labeled[labeled["split"] == "test"]
+    if 0 < cfg.probe_train_rows < len(train):
+        train = train.sample(cfg.probe_train_rows, random_state=cfg.seed)
     labels = sorted(labeled["label"].unique())
     if test.empty or train["label"].nunique() < 2:  # nothing to classify: null, never a score of 0
         keys = [f"{p}_{m}" for p in ("zero_shot", "linear_probe") for m in ("accuracy", "macro_f1")]

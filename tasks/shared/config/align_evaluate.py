@@ -22,6 +22,8 @@ class AlignEvaluateConfig(Section):
     """Inverse regularisation strength of the linear probe (logistic regression on frozen code embeddings)."""
     probe_max_iter: int = Field(1000, ge=10)
     """Iterations the probe's solver may take."""
+    probe_train_rows: int = Field(2000, ge=0)
+    """Labeled train rows the probe learns from (a seeded sample; 0: all): embedding them costs the most time."""
     bootstrap_resamples: int = Field(1000, ge=100, le=100000)
     """Resamples of the test queries behind every 95% interval and comparison."""
     seed: int = 1337
