@@ -55,6 +55,8 @@ SECTIONS = {"align_evaluate": AlignEvaluateConfig}
 """The params.yaml sections this stage reads (its dvc.yaml `params:`)."""
 ALIGN_METRICS = "align.json"
 """The task's metrics file (tasks/shared/tasks.py), in paths.metrics beside this stage's own."""
+PAIRS, ITEMS = "pairs.parquet", "items.parquet"
+"""The align_data stage's tables in paths.align_data."""
 RANKINGS = "rankings.parquet"
 REPORT = "report.md"
 INDEX_META = "index.json"
@@ -92,7 +94,7 @@ class Ranked:
 
 
 def query_pool(pairs: pd.DataFrame, items: pd.DataFrame, where: Path) -> QueryPool:
-    """The test pairs and the test items; each pair's gold item must be in the pool."""
+    """The test pairs and the test items (of the align data in `where`); each pair's gold item must be in the pool."""
     queries = pairs[pairs["split"] == "test"].reset_index(drop=True)
     pool = items[items["split"] == "test"].reset_index(drop=True)
     if queries.empty:
@@ -201,10 +203,9 @@ def rankings_table(systems: dict[str, Ranked], pool: QueryPool) -> pd.DataFrame:
 
 
 def evaluate(
-    encoder: Encoder, pairs: pd.DataFrame, items: pd.DataFrame, labeled: pd.DataFrame, cfg: AlignEvaluateConfig
+    encoder: Encoder, pool: QueryPool, labeled: pd.DataFrame, cfg: AlignEvaluateConfig
 ) -> tuple[dict, pd.DataFrame]:
     """Every score of the encoder and the baselines (without the index figures) and the rankings table."""
-    pool = query_pool(pairs, items, Path("pairs.parquet"))
     int8 = encoder.quantized()
     systems = retrieve(encoder, int8, pool, cfg)
     metrics = retrieval_metrics(systems, Resamples(len(pool.queries), cfg.bootstrap_resamples, cfg.seed))
@@ -256,9 +257,9 @@ def run(cfg: AlignEvaluateConfig, paths: Paths, tracker: Tracker | None = None) 
     tracker = tracker or NullTracker()
     encoder = load_encoder(paths.align_model)
     figures = index_figures(paths.align_index, encoder.version)
-    pairs = read_parquet(Path(paths.align_data) / "pairs.parquet")
-    items = read_parquet(Path(paths.align_data) / "items.parquet")
-    metrics, table = evaluate(encoder, pairs, items, read_parquet(paths.clean_labeled), cfg)
+    data = Path(paths.align_data)
+    pool = query_pool(read_parquet(data / PAIRS), read_parquet(data / ITEMS), data)
+    metrics, table = evaluate(encoder, pool, read_parquet(paths.clean_labeled), cfg)
     metrics |= figures
     with atomic_dir(paths.align_evaluation) as d:
         table.to_parquet(d / RANKINGS, index=False)

@@ -175,7 +175,8 @@ def test_no_labeled_test_rows_gives_nulls_not_zeros():
 
 def test_evaluate_scores_every_system_and_align_json_has_every_key(tmp_path):
     pairs, items = tables()
-    metrics, table = evaluate(BagOfWords(), pairs, items, labeled(), AlignEvaluateConfig(bootstrap_resamples=100))
+    pool = query_pool(pairs, items, tmp_path)
+    metrics, table = evaluate(BagOfWords(), pool, labeled(), AlignEvaluateConfig(bootstrap_resamples=100))
     (tmp_path / "index.json").write_text(json.dumps({"encoder_version": "bow", "metrics": {"index_recall_at_10": 1.0}}))
     with pytest.raises(UserError, match="index_build_s"):
         index_figures(tmp_path, "bow")
