@@ -197,7 +197,7 @@ def _registry_errors(e: Exception) -> UserError:
     raise e
 
 
-TASK_HELP = "the task whose registered model to act on (classification, kg)"
+TASK_HELP = "the task whose registered model to act on (classification, kg, align)"
 
 
 def _require_task(task: str) -> str:
@@ -212,7 +212,7 @@ def _require_task(task: str) -> str:
 def promote(
     params: str = "params.yaml",
     task: Optional[str] = typer.Option(
-        None, help="only this task (classification, kg); default: every task in tasks.enabled, in order"
+        None, help="only this task (classification, kg, align); default: every task in tasks.enabled, in order"
     ),
     lock_timeout: float = typer.Option(3600.0, help="seconds to wait while a pipeline holds this workspace"),
     force: bool = typer.Option(

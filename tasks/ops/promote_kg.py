@@ -11,7 +11,6 @@ core. The registered version carries the extractor and the graph built with it (
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,7 +26,7 @@ from tasks.shared.config.params import Params
 from tasks.shared.config.promote_kg import PromoteKgConfig
 from tasks.shared.digest import tree_sha256
 from tasks.shared.errors import UserError
-from tasks.shared.io import read_json, read_parquet
+from tasks.shared.io import link_or_copy, read_json, read_parquet
 from tasks.shared.stats import holm
 from tasks.shared.tasks import TASKS
 from tasks.shared.tracking import setup_tracking
@@ -241,17 +240,10 @@ def registered_layout(model_dir: Path, graph_file: Path, tmp: Path) -> tuple[Pat
     """The extractor and graph as a registered version holds them (`artifacts/extractor/`, `artifacts/graph/graph.nt`:
     deploy/resolve.py reads them there), hard-linked under `tmp` (copied where links cannot be made)."""
     extractor, graph = tmp / VARIANT, tmp / "graph"
-    shutil.copytree(model_dir, extractor, copy_function=_link)
+    shutil.copytree(model_dir, extractor, copy_function=link_or_copy)
     graph.mkdir()
-    _link(graph_file, graph / GRAPH_FILE)
+    link_or_copy(graph_file, graph / GRAPH_FILE)
     return extractor, graph
-
-
-def _link(src, dst) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another file system, or links not allowed
-        shutil.copy2(src, dst)
 
 
 def pyfunc_model(model_dir: Path, graph_dir: Path, root: Path = ROOT) -> dict:

@@ -84,6 +84,15 @@ def atomic_dir(target: Path | str) -> AbstractContextManager[Path]:
     return _atomic(target, directory=True)
 
 
+def link_or_copy(src: Path | str, dst: Path | str) -> None:
+    """Hard-link `src` at `dst` (a copy where links cannot be made: another file system, or links not allowed);
+    `shutil.copytree(..., copy_function=link_or_copy)` lays out a folder without copying its bytes."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def write_json(path: Path | str, obj) -> None:
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
