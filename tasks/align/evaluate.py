@@ -7,7 +7,7 @@ with split test; the gold is the item with the pair's id) by
 - `hybrid`: reciprocal-rank fusion of the dense and BM25 rankings' first `hybrid_depth` items (as served);
 - `int8`: dense with `Encoder.quantized()`.
 Code -> text (`code_to_text`): each test pair's code searches all test queries. Ranks count ties against the gold
-(tasks/align/retrieval.py). Every score has a 95% paired bootstrap interval over queries (`<metric>_ci`), and the
+(tasks/align/retrieval.py). Every score has a 95% paired bootstrap interval over queries (`<metric>_ci95`), and the
 differences dense - BM25, hybrid - BM25 (MRR) and dense - int8 (`int8_mrr_drop`) are paired over the same queries.
 `served_mode`: `dense` only when its MRR is significantly above the hybrid's (the interval of the difference lies
 above 0), else `hybrid`.
@@ -33,9 +33,12 @@ from sklearn.linear_model import LogisticRegression
 from models.dual_encoder import Encoder, load_encoder
 from tasks.align.labels import description
 from tasks.align.retrieval import (
+    QueryPool,
     bm25_scores,
+    dense_scores,
     fused_ranks,
     gold_ranks,
+    load_pool,
     paired_difference,
     per_query,
     ranking,
@@ -44,6 +47,7 @@ from tasks.align.retrieval import (
 )
 from tasks.shared.config.align_evaluate import AlignEvaluateConfig
 from tasks.shared.config.base import Paths
+from tasks.shared.digest import tree_sha256
 from tasks.shared.errors import UserError
 from tasks.shared.harness import stage_main
 from tasks.shared.io import atomic_dir, read_parquet, write_json
@@ -55,8 +59,6 @@ SECTIONS = {"align_evaluate": AlignEvaluateConfig}
 """The params.yaml sections this stage reads (its dvc.yaml `params:`)."""
 ALIGN_METRICS = "align.json"
 """The task's metrics file (tasks/shared/tasks.py), in paths.metrics beside this stage's own."""
-PAIRS, ITEMS = "pairs.parquet", "items.parquet"
-"""The align_data stage's tables in paths.align_data."""
 RANKINGS = "rankings.parquet"
 REPORT = "report.md"
 INDEX_META = "index.json"
@@ -71,18 +73,10 @@ ALIGN_KEYS = (
     "hybrid_recall_at_10, hybrid_mrr, zero_shot_accuracy, zero_shot_macro_f1, linear_probe_accuracy, "
     "linear_probe_macro_f1, int8_mrr, int8_recall_at_10, int8_mrr_drop, encoder_size_mb, int8_size_mb, "
     "index_recall_at_10, index_build_s, index_size_mb, served_mode, queries, pool, encoder_sha256, "
-    "dense_minus_bm25_mrr, hybrid_minus_bm25_mrr"
+    "dense_minus_bm25_mrr, hybrid_minus_bm25_mrr, index_sha256"
 ).split(", ")
-"""metrics/align.json's keys (each with its `<key>_ci` interval where it has one)."""
-
-
-@dataclass(frozen=True)
-class QueryPool:
-    """The test queries and the items they search; `gold[i]` is the row of query i's item in `items`."""
-
-    queries: pd.DataFrame
-    items: pd.DataFrame
-    gold: np.ndarray
+"""metrics/align.json's keys (each with its `<key>_ci95` interval where it has one); promotion reads the paired
+differences with BM25, served_mode, index_recall_at_10 and the sha256 of the encoder and index folders scored."""
 
 
 @dataclass(frozen=True)
@@ -91,19 +85,6 @@ class Ranked:
 
     ranks: np.ndarray
     top: np.ndarray
-
-
-def query_pool(pairs: pd.DataFrame, items: pd.DataFrame, where: Path) -> QueryPool:
-    """The test pairs and the test items (of the align data in `where`); each pair's gold item must be in the pool."""
-    queries = pairs[pairs["split"] == "test"].reset_index(drop=True)
-    pool = items[items["split"] == "test"].reset_index(drop=True)
-    if queries.empty:
-        raise UserError(f"{where}: no test pairs to evaluate")
-    row = pd.Series(np.arange(len(pool)), index=pool["id"])
-    missing = sorted(set(queries["id"]) - set(pool["id"]))
-    if missing:
-        raise UserError(f"{where}: {len(missing)} test pairs have no test item (e.g. id {missing[0]!r})")
-    return QueryPool(queries, pool, row.loc[queries["id"]].to_numpy())
 
 
 def ranked(scores_: np.ndarray, gold: np.ndarray) -> Ranked:
@@ -122,8 +103,7 @@ def retrieve(encoder: Encoder, int8: Encoder, pool: QueryPool, cfg: AlignEvaluat
     systems |= {"bm25": ranked(bm25, gold), "tfidf": ranked(tfidf_scores(codes, queries), gold)}
     depth = min(cfg.hybrid_depth, len(codes))
     systems["hybrid"] = Ranked(*fused_ranks(ranking(dense, gold, depth), ranking(bm25, gold, depth), gold))
-    int8_scores = int8.embed(queries, "text", cfg.batch_size) @ int8.embed(codes, "code", cfg.batch_size).T
-    systems["int8"] = ranked(int8_scores, gold)
+    systems["int8"] = ranked(dense_scores(int8, pool, cfg.batch_size), gold)
     return systems
 
 
@@ -140,8 +120,8 @@ def retrieval_metrics(systems: dict[str, Ranked], resamples: Resamples) -> dict:
         "dense_minus_hybrid_mrr": ("dense", "hybrid"),
         "int8_mrr_drop": ("dense", "int8"),
     }.items():
-        out[key], out[f"{key}_ci"] = paired_difference(mrr[a], mrr[b], idx)
-    out["served_mode"] = "dense" if out["dense_minus_hybrid_mrr_ci"][0] > 0 else "hybrid"
+        out[key], out[f"{key}_ci95"] = paired_difference(mrr[a], mrr[b], idx)
+    out["served_mode"] = "dense" if out["dense_minus_hybrid_mrr_ci95"][0] > 0 else "hybrid"
     return out
 
 
@@ -149,7 +129,7 @@ def _classified(prefix: str, y_true: list[str], y_pred: list[str], labels: list[
     s = scores(y_true, y_pred, labels)
     ci = score_intervals(y_true, y_pred, labels, Resamples(len(y_true), count, seed))
     out = {f"{prefix}_accuracy": s["accuracy"], f"{prefix}_macro_f1": s["macro_f1"]}
-    out |= {f"{prefix}_accuracy_ci": ci["accuracy_ci95"], f"{prefix}_macro_f1_ci": ci["macro_f1_ci95"]}
+    out |= {f"{prefix}_{k}": v for k, v in ci.items()}
     return out | {f"{prefix}_per_class_f1": s["per_class_f1"]}
 
 
@@ -161,7 +141,7 @@ def label_metrics(encoder: Encoder, labeled: pd.DataFrame, cfg: AlignEvaluateCon
     labels = sorted(labeled["label"].unique())
     if test.empty or train["label"].nunique() < 2:  # nothing to classify: null, never a score of 0
         keys = [f"{p}_{m}" for p in ("zero_shot", "linear_probe") for m in ("accuracy", "macro_f1")]
-        return dict.fromkeys([*keys, *(f"{k}_ci" for k in keys)])
+        return dict.fromkeys([*keys, *(f"{k}_ci95" for k in keys)])
     test_vecs = encoder.embed(test["text"].tolist(), "code", cfg.batch_size)
     label_vecs = encoder.embed([description(lab) for lab in labels], "text", cfg.batch_size)
     zero_shot = [labels[i] for i in np.argmax(test_vecs @ label_vecs.T, axis=1)]
@@ -173,8 +153,8 @@ def label_metrics(encoder: Encoder, labeled: pd.DataFrame, cfg: AlignEvaluateCon
 
 
 def index_figures(folder: Path, encoder_version: str) -> dict:
-    """INDEX_FIGURES from the align_index stage's meta (top level or under `metrics`); the index must have been
-    built by this encoder."""
+    """INDEX_FIGURES from the align_index stage's meta (its measurements are under `extra`; the size, when the meta
+    lacks it, is the folder's as align_index measures it); the index must have been built by this encoder."""
     path = Path(folder) / INDEX_META
     if not path.is_file():
         raise UserError(f"{path}: not found (run the align_index stage first: `dvc repro align_index`)")
@@ -182,7 +162,8 @@ def index_figures(folder: Path, encoder_version: str) -> dict:
     built_by = meta.get("encoder_version", encoder_version)
     if built_by != encoder_version:
         raise UserError(f"{path}: built by encoder {built_by[:12]}, not {encoder_version[:12]}: rerun align_index")
-    figures = meta | meta.get("metrics", {})
+    size_mb = sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 2**20
+    figures = {"index_size_mb": round(size_mb, 2)} | meta | meta.get("extra", {})
     missing = [k for k in INDEX_FIGURES if k not in figures]
     if missing:
         raise UserError(f"{path}: no {', '.join(missing)} (rerun align_index)")
@@ -215,7 +196,7 @@ def evaluate(
         "int8_size_mb": round(int8.size_mb(), 3),
         "queries": len(pool.queries),
         "pool": len(pool.items),
-        "encoder_sha256": encoder.version,
+        "encoder_version": encoder.version,
     }
     return metrics, rankings_table(systems, pool)
 
@@ -223,7 +204,7 @@ def evaluate(
 def _cell(metrics: dict, key: str) -> str:
     if metrics.get(key) is None:
         return "n/a"
-    ci = metrics.get(f"{key}_ci")
+    ci = metrics.get(f"{key}_ci95")
     return f"{metrics[key]:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else f"{metrics[key]}"
 
 
@@ -241,7 +222,7 @@ def report(metrics: dict) -> str:
     for p in ("zero_shot", "linear_probe"):
         lines.append(f"| {p} | {_cell(metrics, f'{p}_accuracy')} | {_cell(metrics, f'{p}_macro_f1')} |")
     lines += ["", "| figure | value |", "|---|---|"]
-    for key in ("served_mode", "encoder_size_mb", "int8_size_mb", *INDEX_FIGURES, "encoder_sha256"):
+    for key in ("served_mode", "encoder_size_mb", "int8_size_mb", *INDEX_FIGURES, "encoder_sha256", "index_sha256"):
         lines.append(f"| {key} | {metrics.get(key)} |")
     lines += ["", f"{metrics['queries']} queries over a pool of {metrics['pool']} test items; ranks count ties "]
     lines[-1] += "against the gold; intervals: paired bootstrap over queries (rows for the labels)."
@@ -250,17 +231,18 @@ def report(metrics: dict) -> str:
 
 def align_metrics(metrics: dict) -> dict:
     """The entries of metrics/align.json: ALIGN_KEYS and their intervals."""
-    return {k: v for k, v in metrics.items() if k in ALIGN_KEYS or k.removesuffix("_ci") in ALIGN_KEYS}
+    return {k: v for k, v in metrics.items() if k in ALIGN_KEYS or k.removesuffix("_ci95") in ALIGN_KEYS}
 
 
 def run(cfg: AlignEvaluateConfig, paths: Paths, tracker: Tracker | None = None) -> dict:
     tracker = tracker or NullTracker()
     encoder = load_encoder(paths.align_model)
     figures = index_figures(paths.align_index, encoder.version)
-    data = Path(paths.align_data)
-    pool = query_pool(read_parquet(data / PAIRS), read_parquet(data / ITEMS), data)
-    metrics, table = evaluate(encoder, pool, read_parquet(paths.clean_labeled), cfg)
-    metrics |= figures
+    metrics, table = evaluate(encoder, load_pool(paths.align_data), read_parquet(paths.clean_labeled), cfg)
+    metrics |= figures | {
+        "encoder_sha256": tree_sha256(paths.align_model),  # the whole bundle and index, as promotion checks them
+        "index_sha256": tree_sha256(paths.align_index),
+    }
     with atomic_dir(paths.align_evaluation) as d:
         table.to_parquet(d / RANKINGS, index=False)
         (d / REPORT).write_text(report(metrics))

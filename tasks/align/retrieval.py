@@ -9,20 +9,71 @@ service does); a gold outside the fused lists has rank inf (recall 0, reciprocal
 
 Intervals and differences are a paired bootstrap over queries: one seeded matrix of resampled queries
 (`tasks.shared.stats.Resamples`) and every system scored on the same resamples, so the interval of a difference is
-the percentile interval of the per-resample differences.
+the percentile interval of the per-resample differences (`<metric>_ci95`).
+
+The test pool (`query_pool`) is align_data's test pairs (queries) and test items (what they search); promotion
+compares two encoders on it with `compare_encoders`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import bm25s
 import numpy as np
+import pandas as pd
 from sklearn.feature_extraction.text import TfidfVectorizer
 
 from models.search_index import RRF_K, lexical_tokens, reciprocal_rank_fusion
-from tasks.shared.stats import interval
+from tasks.shared.config.align_evaluate import AlignEvaluateConfig
+from tasks.shared.config.base import Paths
+from tasks.shared.errors import UserError
+from tasks.shared.io import read_parquet
+from tasks.shared.stats import Resamples, interval
+
+if TYPE_CHECKING:
+    from models.dual_encoder import Encoder
 
 CUTOFFS = (1, 10)
 """The k of every recall@k reported."""
+PAIRS, ITEMS = "pairs.parquet", "items.parquet"
+"""The align_data stage's tables in paths.align_data."""
+
+
+@dataclass(frozen=True)
+class QueryPool:
+    """The test queries and the items they search; `gold[i]` is the row of query i's item in `items`."""
+
+    queries: pd.DataFrame
+    items: pd.DataFrame
+    gold: np.ndarray
+
+
+def query_pool(pairs: pd.DataFrame, items: pd.DataFrame, where: Path) -> QueryPool:
+    """The test pairs and the test items (of the align data in `where`); each pair's gold item must be in the pool."""
+    queries = pairs[pairs["split"] == "test"].reset_index(drop=True)
+    pool = items[items["split"] == "test"].reset_index(drop=True)
+    if queries.empty:
+        raise UserError(f"{where}: no test pairs to evaluate")
+    row = pd.Series(np.arange(len(pool)), index=pool["id"])
+    missing = sorted(set(queries["id"]) - set(pool["id"]))
+    if missing:
+        raise UserError(f"{where}: {len(missing)} test pairs have no test item (e.g. id {missing[0]!r})")
+    return QueryPool(queries, pool, row.loc[queries["id"]].to_numpy())
+
+
+def load_pool(folder: Path | str) -> QueryPool:
+    """The test pool of the align data in `folder` (paths.align_data)."""
+    folder = Path(folder)
+    return query_pool(read_parquet(folder / PAIRS), read_parquet(folder / ITEMS), folder)
+
+
+def dense_scores(encoder: Encoder, pool: QueryPool, batch_size: int) -> np.ndarray:
+    """Cosine of every query (text tower) with every pool item (code tower): (queries, items)."""
+    text = encoder.embed(pool.queries["query"].tolist(), "text", batch_size)
+    return text @ encoder.embed(pool.items["code"].tolist(), "code", batch_size).T
 
 
 def gold_ranks(scores: np.ndarray, gold: np.ndarray) -> np.ndarray:
@@ -68,10 +119,10 @@ def paired_difference(a: np.ndarray, b: np.ndarray, idx: np.ndarray) -> tuple[fl
 
 
 def system_metrics(ranks: np.ndarray, idx: np.ndarray, prefix: str = "") -> dict:
-    """`<prefix>recall_at_1`, `<prefix>recall_at_10`, `<prefix>mrr`, each with its `_ci` interval."""
+    """`<prefix>recall_at_1`, `<prefix>recall_at_10`, `<prefix>mrr`, each with its `_ci95` interval."""
     out = {}
     for name, values in per_query(ranks).items():
-        out[f"{prefix}{name}"], out[f"{prefix}{name}_ci"] = with_interval(values, idx)
+        out[f"{prefix}{name}"], out[f"{prefix}{name}_ci95"] = with_interval(values, idx)
     return out
 
 
@@ -92,3 +143,27 @@ def tfidf_scores(documents: list[str], queries: list[str]) -> np.ndarray:
     vectorizer = TfidfVectorizer(analyzer=lexical_tokens)
     docs = vectorizer.fit_transform(documents)  # rows are L2-normalised: the dot product is the cosine
     return (vectorizer.transform(queries) @ docs.T).toarray()
+
+
+def compare_encoders(
+    candidate: Encoder, champion: Encoder, paths: Paths, query_ids: list[str], cfg: AlignEvaluateConfig
+) -> dict:
+    """Dense MRR of two encoders on the test queries `query_ids` over the whole test pool of paths.align_data, as
+    align_evaluate ranks them: `candidate`, `champion`, `diff` (candidate - champion) and its paired `ci95`."""
+    pool = load_pool(paths.align_data)
+    keep = pool.queries["id"].astype(str).isin(set(query_ids)).to_numpy()
+    pool = QueryPool(pool.queries[keep].reset_index(drop=True), pool.items, pool.gold[keep])
+    if pool.queries.empty:
+        raise UserError(f"{paths.align_data}: none of the {len(query_ids)} queries compared is a test pair")
+    mrr = [
+        per_query(gold_ranks(dense_scores(e, pool, cfg.batch_size), pool.gold))["mrr"] for e in (candidate, champion)
+    ]
+    idx = Resamples(len(pool.gold), cfg.bootstrap_resamples, cfg.seed).indices()
+    diff, ci = paired_difference(mrr[0], mrr[1], idx)
+    return {
+        "candidate": round(float(mrr[0].mean()), 4),
+        "champion": round(float(mrr[1].mean()), 4),
+        "diff": diff,
+        "ci95": ci,
+        "queries": len(pool.gold),
+    }

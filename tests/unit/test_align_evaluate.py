@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -19,16 +20,17 @@ from tasks.align.evaluate import (
     evaluate,
     index_figures,
     label_metrics,
-    query_pool,
     report,
 )
 from tasks.align.labels import DESCRIPTIONS, description
 from tasks.align.retrieval import (
     bm25_scores,
+    compare_encoders,
     fused_ranks,
     gold_ranks,
     paired_difference,
     per_query,
+    query_pool,
     ranking,
     system_metrics,
     tfidf_scores,
@@ -116,7 +118,7 @@ def test_recall_and_mrr_from_ranks():
     np.testing.assert_allclose(values["mrr"], [1, 1 / 3, 1 / 20, 0])
     m = system_metrics(np.array([1.0, 3.0, 20.0, np.inf]), Resamples(4, 200, 0).indices(), "bm25_")
     assert m["bm25_recall_at_10"] == 0.5 and m["bm25_mrr"] == round((1 + 1 / 3 + 1 / 20) / 4, 4)
-    assert set(m) == {f"bm25_{k}{s}" for k in ("recall_at_1", "recall_at_10", "mrr") for s in ("", "_ci")}
+    assert set(m) == {f"bm25_{k}{s}" for k in ("recall_at_1", "recall_at_10", "mrr") for s in ("", "_ci95")}
 
 
 def test_bootstrap_interval_contains_the_estimate_and_differences_are_paired():
@@ -162,7 +164,7 @@ def test_zero_shot_picks_the_nearest_label_description():
     metrics = label_metrics(BagOfWords(), labeled(), AlignEvaluateConfig(bootstrap_resamples=100))
     assert metrics["zero_shot_accuracy"] == 1.0 and metrics["zero_shot_macro_f1"] == 1.0
     assert metrics["linear_probe_accuracy"] == 1.0
-    lo, hi = metrics["zero_shot_accuracy_ci"]
+    lo, hi = metrics["zero_shot_accuracy_ci95"]
     assert lo <= 1.0 <= hi
     assert description("mypackage") == "code from the mypackage package"
 
@@ -170,23 +172,25 @@ def test_zero_shot_picks_the_nearest_label_description():
 def test_no_labeled_test_rows_gives_nulls_not_zeros():
     data = labeled().assign(split="train")
     metrics = label_metrics(BagOfWords(), data, AlignEvaluateConfig())
-    assert metrics["zero_shot_accuracy"] is None and metrics["linear_probe_macro_f1_ci"] is None
+    assert metrics["zero_shot_accuracy"] is None and metrics["linear_probe_macro_f1_ci95"] is None
 
 
 def test_evaluate_scores_every_system_and_align_json_has_every_key(tmp_path):
     pairs, items = tables()
     pool = query_pool(pairs, items, tmp_path)
     metrics, table = evaluate(BagOfWords(), pool, labeled(), AlignEvaluateConfig(bootstrap_resamples=100))
-    (tmp_path / "index.json").write_text(json.dumps({"encoder_version": "bow", "metrics": {"index_recall_at_10": 1.0}}))
+    (tmp_path / "index.json").write_text(json.dumps({"encoder_version": "bow", "extra": {"index_recall_at_10": 1.0}}))
     with pytest.raises(UserError, match="index_build_s"):
         index_figures(tmp_path, "bow")
-    meta = {"encoder_version": "bow", "index_recall_at_10": 0.99, "index_build_s": 0.1, "index_size_mb": 0.5}
+    meta = {"encoder_version": "bow", "extra": {"index_recall_at_10": 0.99, "index_build_s": 0.1}}
     (tmp_path / "index.json").write_text(json.dumps(meta))
-    metrics |= index_figures(tmp_path, "bow")
+    figures = index_figures(tmp_path, "bow")
+    assert figures["index_recall_at_10"] == 0.99 and figures["index_size_mb"] == 0.0  # a 1 kB folder
+    metrics |= figures | {"encoder_sha256": "e", "index_sha256": "i"}
     out = align_metrics(metrics)
     assert set(ALIGN_KEYS) <= set(out)
-    assert {k.removesuffix("_ci") for k in out} == set(ALIGN_KEYS)
-    assert metrics["queries"] == 6 and metrics["pool"] == 7 and metrics["encoder_sha256"] == "bow"
+    assert {k.removesuffix("_ci95") for k in out} == set(ALIGN_KEYS)
+    assert metrics["queries"] == 6 and metrics["pool"] == 7 and metrics["encoder_version"] == "bow"
     assert metrics["mrr"] == 1.0 and metrics["code_to_text_mrr"] == 1.0  # each query names its function
     assert metrics["served_mode"] == "hybrid"  # dense is not significantly above the hybrid
     assert metrics["int8_size_mb"] < metrics["encoder_size_mb"]
@@ -208,3 +212,19 @@ def test_a_test_pair_without_its_item_is_an_error():
     pairs, items = tables()
     with pytest.raises(UserError, match="no test item"):
         query_pool(pairs, items[items["id"] != "a.py:open_file"], "data")
+
+
+def test_compare_encoders_pairs_the_two_encoders_on_the_same_queries(tmp_path):
+    pairs, items = tables()
+    pairs.to_parquet(tmp_path / "pairs.parquet")
+    items.to_parquet(tmp_path / "items.parquet")
+    paths = SimpleNamespace(align_data=tmp_path)
+    cfg = AlignEvaluateConfig(bootstrap_resamples=200)
+    ids = [i for i, *_ in FUNCTIONS]
+    same = compare_encoders(BagOfWords(), BagOfWords(), paths, ids, cfg)
+    assert same == {"candidate": 1.0, "champion": 1.0, "diff": 0.0, "ci95": [0.0, 0.0], "queries": 6}
+    worse = compare_encoders(BagOfWords(dim=1), BagOfWords(), paths, ids[:4], cfg)  # one bucket: every item ties
+    assert worse["queries"] == 4 and worse["candidate"] == round(1 / 7, 4)
+    assert worse["diff"] < 0 and worse["ci95"][1] < 0
+    with pytest.raises(UserError, match="none of the 1 queries"):
+        compare_encoders(BagOfWords(), BagOfWords(), paths, ["t.py:f"], cfg)  # a train pair
