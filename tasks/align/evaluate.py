@@ -158,7 +158,10 @@ def index_figures(folder: Path, encoder_version: str) -> dict:
     path = Path(folder) / INDEX_META
     if not path.is_file():
         raise UserError(f"{path}: not found (run the align_index stage first: `dvc repro align_index`)")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:
+        raise UserError(f"{path}: not JSON ({e}); rerun align_index") from None
     built_by = meta.get("encoder_version", encoder_version)
     if built_by != encoder_version:
         raise UserError(f"{path}: built by encoder {built_by[:12]}, not {encoder_version[:12]}: rerun align_index")

@@ -203,6 +203,9 @@ def test_evaluate_scores_every_system_and_align_json_has_every_key(tmp_path):
 def test_index_meta_must_exist_and_come_from_the_same_encoder(tmp_path):
     with pytest.raises(UserError, match="align_index"):
         index_figures(tmp_path, "bow")
+    (tmp_path / "index.json").write_text("{")
+    with pytest.raises(UserError, match="not JSON"):
+        index_figures(tmp_path, "bow")
     (tmp_path / "index.json").write_text(json.dumps({"encoder_version": "other"}))
     with pytest.raises(UserError, match="rerun align_index"):
         index_figures(tmp_path, "bow")
