@@ -88,14 +88,16 @@ def search(served: ServedSearch | None, queries: list[str], k: int, mode: str | 
 
 
 def _hit(hit: dict) -> dict:
-    """A search hit in plain Python types (the index's come from numpy and pandas), the fields both fronts answer."""
+    """A search hit as both fronts answer it, in plain Python types; an item without a qualified name (a document) is
+    named by its id, an unknown source or snippet is "" and an unknown line 0."""
+    line = hit.get("line")
     return {
         "id": str(hit["id"]),
         "score": float(hit["score"]),
-        "qualname": str(hit["qualname"]),
-        "source": str(hit["source"]),
-        "line": int(hit["line"]),
-        "snippet": str(hit["snippet"]),
+        "qualname": str(hit.get("qualname") or hit["id"]),
+        "source": str(hit.get("source") or ""),
+        "line": int(line) if line is not None else 0,
+        "snippet": str(hit.get("snippet") or ""),
     }
 
 

@@ -620,10 +620,18 @@ class ServedSearch:
             "index": {
                 "backend": getattr(index, "backend", None),
                 "items": len(index.items),
+                "size_mb": _size_mb(getattr(index, "meta", {})),
+                "params": getattr(index, "meta", {}).get("params"),
                 "encoder_sha256": getattr(index, "encoder_version", None),
             },
             "gates": {k[len("gate.") :]: v for k, v in self.tags.items() if k.startswith("gate.")},
         }
+
+
+def _size_mb(meta: dict) -> float | None:
+    """The index folder's size in MiB from the file sizes its index.json records (None when it records none)."""
+    files = meta.get("files")
+    return round(sum(f["size"] for f in files.values()) / 2**20, 2) if files else None
 
 
 def _load_search(encoder_dir: Path, index_dir: Path, shown: str) -> tuple[object, object]:

@@ -274,5 +274,11 @@ def test_open_search_off_missing_folder_and_no_encoder(tmp_path, monkeypatch):
 def test_metadata_names_the_encoder_the_index_and_the_mode():
     meta = stand_in("dense").metadata()
     assert meta["encoder_sha256"] == StandInEncoder.version and meta["served_mode"] == "dense"
-    assert meta["index"] == {"backend": "exact", "items": 4, "encoder_sha256": StandInEncoder.version}
+    assert meta["index"] == {
+        "backend": "exact",
+        "items": 4,
+        "size_mb": None,
+        "params": None,
+        "encoder_sha256": StandInEncoder.version,
+    }
     assert meta["model_version"] == "lmforge-encoder/local" and meta["dim"] == StandInEncoder.dim
