@@ -160,9 +160,9 @@ class SearchIndex:
         cls, vectors: np.ndarray, items: pd.DataFrame, encoder_version: str, settings: HnswParams, threads: int = 0
     ) -> SearchIndex:
         """Index `vectors` (row i = `items` row i, which needs a `code` column for BM25); `threads` 0 = all cores."""
+        if np.ndim(vectors) != 2 or len(vectors) != len(items) or not len(items):
+            raise ValueError(f"vectors of shape {np.shape(vectors)} for {len(items)} items: need one row per item")
         vectors = unit_rows(vectors)
-        if vectors.ndim != 2 or len(vectors) != len(items) or not len(items):
-            raise ValueError(f"{len(vectors)} vectors for {len(items)} items: need one per item, at least one")
         graph = build_graph(vectors, settings, threads)
         items = items.reset_index(drop=True)
         bm25 = _bm25(items["code"].tolist())
