@@ -117,15 +117,18 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, np.take_along_axis(scores, ids, axis=1)
 
 
-def _graph(dim: int, params: HnswParams) -> Index:
-    return Index(
-        ndim=dim,
+def build_graph(vectors: np.ndarray, params: HnswParams, threads: int = 0) -> Index:
+    """The HNSW graph of unit `vectors` (key i = row i); `threads` 0 = all cores."""
+    graph = Index(
+        ndim=vectors.shape[1],
         metric="ip",  # inner product of unit vectors = cosine similarity; distance = 1 - cosine
         dtype="f32",
         connectivity=params.connectivity,
         expansion_add=params.ef_construction,
         expansion_search=params.ef_search,
     )
+    graph.add(np.arange(len(vectors), dtype=np.uint64), vectors, threads=threads)
+    return graph
 
 
 def _bm25(codes: list[str]) -> bm25s.BM25:
@@ -157,11 +160,10 @@ class SearchIndex:
         cls, vectors: np.ndarray, items: pd.DataFrame, encoder_version: str, settings: HnswParams, threads: int = 0
     ) -> SearchIndex:
         """Index `vectors` (row i = `items` row i, which needs a `code` column for BM25); `threads` 0 = all cores."""
+        if np.ndim(vectors) != 2 or len(vectors) != len(items) or not len(items):
+            raise ValueError(f"vectors of shape {np.shape(vectors)} for {len(items)} items: need one row per item")
         vectors = unit_rows(vectors)
-        if vectors.ndim != 2 or len(vectors) != len(items) or not len(items):
-            raise ValueError(f"{len(vectors)} vectors for {len(items)} items: need one per item, at least one")
-        graph = _graph(vectors.shape[1], settings)
-        graph.add(np.arange(len(vectors), dtype=np.uint64), vectors, threads=threads)
+        graph = build_graph(vectors, settings, threads)
         items = items.reset_index(drop=True)
         bm25 = _bm25(items["code"].tolist())
         meta = {
