@@ -14,6 +14,7 @@ else a fixed list of natural-language queries. The encoder: `--encoder` (a bundl
 models:/ URI), else what deploy/resolve.py's open_search finds (LMFORGE_ENCODER_URI, the registry's @champion, the
 workspace's paths.align_model + paths.align_index). Prints a table and, as its last line, a JSON object:
 `search_http` {level: rps, p50_ms, p99_ms, ...}, `mode`, `model_version`, `target_p50_ms`, `machine`.
+`part_http` is the same measurement as bench/search.py's `--parts` function (`PARTS["http"] = part_http`).
 """
 
 from __future__ import annotations
@@ -142,6 +143,22 @@ def search_http(
             if proc.poll() is not None:
                 raise SystemExit(f"bench/search_http.py: the server died during the run; log tail:\n{tail(log)}")
     return {"search_http": result, "mode": first["mode"], "model_version": first["model_version"], "k": k}
+
+
+def part_http(args, params) -> tuple[list, dict]:
+    """bench/search.py's `http` part: (rows, numbers) of `search_http` on the encoder open_search finds."""
+    queries, source = load_queries()
+    seconds = getattr(args, "http_seconds", 10.0)
+    result = search_http(None, None, queries, LEVELS, seconds)
+    rows = [
+        (
+            f"/search c={level} p50 / p99",
+            f"{m['p50_ms']} ms",
+            f"p99 {m['p99_ms']} ms, {m['rps']} req/s, {m['errors']} errors",
+        )
+        for level, m in result["search_http"].items()
+    ]
+    return rows, {**result, "queries": source, "target_p50_ms": TARGET_P50_MS}
 
 
 def table(result: dict) -> str:
