@@ -113,12 +113,13 @@ def search_http(
     seconds: float = 10.0,
     warmup: float = 2.0,
     k: int = 10,
+    workers: int = 1,
     ready_timeout: float = 180.0,
 ) -> dict:
     """/search p50/p99 per concurrency level against a real `bentoml serve` of the encoder (None: what open_search
     finds), with the served mode and model version."""
     env = {k_: v for k_, v in os.environ.items() if k_ != "LMFORGE_API_KEY"}  # measures serving, not auth
-    env.update({"BENTOML_DO_NOT_TRACK": "true", "LMFORGE_WORKERS": "1", "LMFORGE_EXTRACTOR_URI": "off"})
+    env.update({"BENTOML_DO_NOT_TRACK": "true", "LMFORGE_WORKERS": str(workers), "LMFORGE_EXTRACTOR_URI": "off"})
     if encoder:
         env[ENCODER_URI_ENV] = encoder
     if index:
@@ -142,7 +143,13 @@ def search_http(
             result = asyncio.run(levels_of(base, queries, k, spec, proc))
             if proc.poll() is not None:
                 raise SystemExit(f"bench/search_http.py: the server died during the run; log tail:\n{tail(log)}")
-    return {"search_http": result, "mode": first["mode"], "model_version": first["model_version"], "k": k}
+    return {
+        "search_http": result,
+        "mode": first["mode"],
+        "model_version": first["model_version"],
+        "k": k,
+        "workers": workers,
+    }
 
 
 def part_http(args, params) -> tuple[list, dict]:
@@ -180,10 +187,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per level")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--levels", default="1,8", help="concurrency levels, comma-separated")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="LMFORGE_WORKERS: server processes (torch threads split)"
+    )
     args = parser.parse_args()
     queries, source = load_queries()
     levels = tuple(int(x) for x in args.levels.split(","))
-    result = search_http(args.encoder, args.index, queries, levels, args.seconds, args.warmup, args.k)
+    result = search_http(args.encoder, args.index, queries, levels, args.seconds, args.warmup, args.k, args.workers)
     result.update(
         queries=source,
         target_p50_ms=TARGET_P50_MS,
