@@ -658,6 +658,17 @@ def _load_search(encoder_dir: Path, index_dir: Path, shown: str) -> tuple[object
     return encoder, index
 
 
+def search_folder(encoder_dir: Path, index_dir: Path) -> ServedSearch:
+    """An encoder bundle folder and its index folder, loaded and checked as the servers load them (the promotion's
+    smoke test loads a candidate this way).
+
+    Raises:
+        ModelUnavailable: a file is missing or broken, or the index was built with another encoder (one line).
+    """
+    shown = str(encoder_dir)
+    return ServedSearch(*_load_search(Path(encoder_dir), Path(index_dir), shown), shown, "folder")
+
+
 def _search_mode(tags: dict[str, str], shown: str) -> str:
     mode = tags.get("served_mode") or DEFAULT_SEARCH_MODE
     if mode not in SEARCH_MODES:
@@ -741,6 +752,4 @@ def open_search() -> ServedSearch | None:
     workspace = None if IN_BENTO else _workspace_search()
     if workspace is None or not workspace[0].is_dir():
         return None
-    encoder_dir, index_dir = workspace
-    shown = str(encoder_dir)
-    return ServedSearch(*_load_search(encoder_dir, index_env or index_dir, shown), shown, "folder")
+    return search_folder(workspace[0], index_env or workspace[1])

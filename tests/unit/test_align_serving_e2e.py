@@ -32,8 +32,8 @@ from deploy.resolve import (
     INDEX_ARTIFACT,
     INDEX_ENV,
     ModelUnavailable,
-    ServedSearch,
     open_search,
+    search_folder,
 )
 from models.dual_encoder import DualEncoderConfig, DualEncoderNet, load_encoder, write_encoder
 from models.search_index import HnswParams, SearchIndex
@@ -146,14 +146,8 @@ def test_a_broken_encoder_a_missing_index_and_another_encoders_index_are_one_lin
         open_search()
 
 
-def served_folder(bundle) -> ServedSearch:
-    encoder_dir, index_dir = bundle
-    encoder = load_encoder(encoder_dir)
-    return ServedSearch(encoder, SearchIndex.load(index_dir), str(encoder_dir), "folder")
-
-
 def test_concurrent_searches_are_batched_and_answer_as_one_by_one(bundle):
-    served = served_folder(bundle)
+    served = search_folder(*bundle)
     alone = [search(served, [q], k=3)[0] for q in QUERIES]
     forwards = []
     embed_ = served.encoder.embed
@@ -180,7 +174,7 @@ def test_concurrent_searches_are_batched_and_answer_as_one_by_one(bundle):
 
 
 def test_grpc_search_and_embed_with_the_real_encoder(bundle):
-    served = served_folder(bundle)
+    served = search_folder(*bundle)
     server, port = build_server(None, port=0, unavailable="no classifier", align=served)
     server.start()
     try:
