@@ -11,8 +11,9 @@ from typing import Iterator
 
 import torch
 
+from deploy.batching import Batcher
 from deploy.requests import GenerationRequest
-from deploy.resolve import ServedKG, ServedModel
+from deploy.resolve import ServedKG, ServedModel, ServedSearch
 from deploy.sparql import GraphQueries
 from models.sampling import Sampling, decode
 from tasks.shared.text import normalize_text
@@ -58,6 +59,62 @@ def graph_query(graph: GraphQueries | None, sparql: str) -> dict:
     if graph is None:
         raise KgUnavailable("no knowledge graph is served (the extractor's graph.nt was not found)")
     return graph.query(sparql)
+
+
+class AlignUnavailable(Exception):
+    """No encoder is served (HTTP 404/503, gRPC UNAVAILABLE); the message says why."""
+
+
+def _align(served: ServedSearch | None) -> ServedSearch:
+    if served is None:
+        raise AlignUnavailable("no encoder is served (register lmforge-encoder or set LMFORGE_ENCODER_URI)")
+    return served
+
+
+def search(served: ServedSearch | None, queries: list[str], k: int, mode: str | None = None) -> list[dict]:
+    """The k best items for each query (already checked) by `mode` (None: the served default), with the mode and
+    the model version; the queries are embedded by the text tower in one batch (not at all for bm25)."""
+    served = _align(served)
+    mode = mode or served.served_mode
+    vectors = served.encoder.embed(queries, "text") if mode != "bm25" else [None] * len(queries)
+    return [
+        {
+            "results": [_hit(h) for h in served.index.search(q, v, k, mode)],
+            "mode": mode,
+            "model_version": served.model_version,
+        }
+        for q, v in zip(queries, vectors)
+    ]
+
+
+def _hit(hit: dict) -> dict:
+    """A search hit as both fronts answer it, in plain Python types; an item without a qualified name (a document) is
+    named by its id, an unknown source or snippet is "" and an unknown line 0."""
+    line = hit.get("line")
+    return {
+        "id": str(hit["id"]),
+        "score": float(hit["score"]),
+        "qualname": str(hit.get("qualname") or hit["id"]),
+        "source": str(hit.get("source") or ""),
+        "line": int(line) if line is not None else 0,
+        "snippet": str(hit.get("snippet") or ""),
+    }
+
+
+def embed(served: ServedSearch | None, texts: list[str], kind: str) -> dict:
+    """Unit-length vectors of the texts (already checked) by the `kind` tower ("text" or "code"), their dimension and
+    the model version."""
+    served = _align(served)
+    vectors = served.encoder.embed(texts, kind)
+    return {"vectors": vectors.tolist(), "dim": int(vectors.shape[1]), "model_version": served.model_version}
+
+
+def align_batchers(served: ServedSearch | None, max_items: int) -> tuple[Batcher, Batcher]:
+    """Batchers merging concurrent searches (of the same k and mode) and embeddings (of the same kind) into one
+    forward pass each (deploy/batching.py says why not BentoML's): submit `(k, mode)` + queries, `kind` + texts."""
+    searches = Batcher(lambda key, queries: search(served, queries, *key), max_items, "lmforge-search")
+    embeddings = Batcher(lambda kind, texts: embed(served, texts, kind)["vectors"], max_items, "lmforge-embed")
+    return searches, embeddings
 
 
 def classify(model: ServedModel, texts: list[str]) -> list[dict]:

@@ -3,7 +3,8 @@
 Start it with `make serve-grpc` (`lmforge serve --grpc`, i.e. `python -m deploy.grpc_server`); it serves
 the model deploy/resolve.py finds (LMFORGE_MODEL_URI, a Bento's model, else the registry's @champion) on
 127.0.0.1:50051. The contract is deploy/lmforge.proto (`lmforge.v1.Inference`: Classify, Generate,
-GenerateStream, Metadata, and the knowledge-graph task's Extract and GraphQuery when an extractor is found);
+GenerateStream, Metadata, the knowledge-graph task's Extract and GraphQuery when an extractor is found, and the
+alignment task's Search and Embed when an encoder is found: deploy/resolve.py's open_search);
 `make grpc-stubs` regenerates deploy/lmforge_pb2*.py from it.
 
 Besides Inference the server carries the standard health service (`grpc.health.v1.Health`: SERVING for
@@ -38,8 +39,10 @@ from grpc_reflection.v1alpha import reflection
 from deploy import lmforge_pb2 as pb
 from deploy import lmforge_pb2_grpc as pb_grpc
 from deploy.core import (
+    AlignUnavailable,
     CannotGenerate,
     KgUnavailable,
+    align_batchers,
     check_can_generate,
     classify,
     describe,
@@ -54,10 +57,12 @@ from deploy.requests import (
     MAX_BODY_BYTES,
     GenerationRequest,
     InvalidInput,
+    check_embed,
+    check_search,
     check_sparql,
     check_texts,
 )
-from deploy.resolve import ModelUnavailable, ServedKG, ServedModel, open_kg, open_model
+from deploy.resolve import ModelUnavailable, ServedKG, ServedModel, ServedSearch, open_kg, open_model, open_search
 from deploy.sparql import GraphQueries, QueryRefused, QueryTimeout
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
@@ -86,7 +91,7 @@ def _rpc(method: Callable) -> Callable:
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
         except QueryTimeout as e:
             code, message = grpc.StatusCode.DEADLINE_EXCEEDED, str(e)
-        except KgUnavailable as e:
+        except (KgUnavailable, AlignUnavailable) as e:
             code, message = grpc.StatusCode.UNAVAILABLE, str(e)
         except CannotGenerate as e:
             code, message = grpc.StatusCode.FAILED_PRECONDITION, str(e)
@@ -124,9 +129,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         unavailable: str | None = None,
         kg: ServedKG | None = None,
         graph: GraphQueries | None = None,
+        align: ServedSearch | None = None,
     ) -> None:
         self.model, self.kg, self.graph = model, kg, graph
         self.unavailable = None if model is not None else unavailable or "no model loaded"
+        self.align = align
+        self.searches, self.embeddings = align_batchers(align, LIMITS.max_embed_items)
 
     def _model(self) -> ServedModel:
         if self.model is None:
@@ -213,6 +221,21 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         json_format.ParseDict(graph_query(self.graph, check_sparql(request.sparql)), document)
         return pb.GraphQueryResponse(result=document)
 
+    @_rpc
+    def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
+        query, k, mode = check_search(request.query, request.k if request.HasField("k") else 10, request.mode or None)
+        (out,) = self.searches.submit((k, mode), [query]).result()
+        hits = [pb.SearchHit(**hit) for hit in out["results"]]
+        return pb.SearchResponse(results=hits, mode=out["mode"], model_version=out["model_version"])
+
+    @_rpc
+    def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
+        texts, kind = check_embed(list(request.texts), request.kind)
+        vectors = self.embeddings.submit(kind, texts).result()
+        return pb.EmbedResponse(
+            vectors=[pb.Vector(values=v) for v in vectors], dim=len(vectors[0]), model_version=self.align.model_version
+        )
+
 
 def open_graph(kg: ServedKG | None) -> GraphQueries | None:
     """Query workers over the extractor's graph (None without one), with the REST service's limits."""
@@ -270,6 +293,7 @@ def build_server(
     checks: health.HealthServicer | None = None,
     kg: ServedKG | None = None,
     graph: GraphQueries | None = None,
+    align: ServedSearch | None = None,
 ) -> tuple[grpc.Server, int]:
     """An unstarted server for `model` (None: every Inference call answers UNAVAILABLE with `unavailable`),
     with health checks and reflection, listening on `host:port` (port 0: any free port).
@@ -278,7 +302,7 @@ def build_server(
     flight, the next call is refused at once with RESOURCE_EXHAUSTED instead of queueing without bound.
     `api_key` defaults to LMFORGE_API_KEY; `checks` is the health servicer to register (pass one in to
     call its `enter_graceful_shutdown()` before stopping; default: a new one); `kg` and `graph` serve Extract and
-    GraphQuery (None: UNAVAILABLE).
+    GraphQuery, `align` Search and Embed (None: UNAVAILABLE).
 
     Returns:
         The server and the port it is bound to.
@@ -298,7 +322,7 @@ def build_server(
         options=options,
         maximum_concurrent_rpcs=8 * max_workers,
     )
-    servicer = InferenceServicer(model, unavailable, kg, graph)
+    servicer = InferenceServicer(model, unavailable, kg, graph, align)
     pb_grpc.add_InferenceServicer_to_server(servicer, server)
     checks = health.HealthServicer() if checks is None else checks
     status = health_pb2.HealthCheckResponse.SERVING if model is not None else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -341,6 +365,11 @@ def main(argv: list[str] | None = None) -> None:
         kg = open_kg()
     except ModelUnavailable as e:  # classification is served anyway; Extract and GraphQuery say why
         logger.error("lmforge: no extractor to serve: %s", e)
+    align = None
+    try:
+        align = open_search()
+    except ModelUnavailable as e:  # the other tasks are served anyway; Search and Embed say why
+        logger.error("lmforge: no encoder to serve: %s", e)
     checks = health.HealthServicer()
     try:
         server, port = build_server(
@@ -352,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
             checks=checks,
             kg=kg,
             graph=open_graph(kg),
+            align=align,
         )
     except OSError as e:
         sys.exit(f"lmforge: error: {e}")

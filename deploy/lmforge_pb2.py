@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64\x65ploy/lmforge.proto\x12\nlmforge.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x1f\n\x0e\x45xtractRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"r\n\x06\x45ntity\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05label\x18\x04 \x01(\t\x12\r\n\x05score\x18\x05 \x01(\x01\x12\x0c\n\x04link\x18\x06 \x01(\t\x12\x12\n\nlink_score\x18\x07 \x01(\x01\"G\n\x08Relation\x12\x0c\n\x04head\x18\x01 \x01(\x05\x12\x10\n\x08relation\x18\x02 \x01(\t\x12\x0c\n\x04tail\x18\x03 \x01(\x05\x12\r\n\x05score\x18\x04 \x01(\x01\"r\n\nExtraction\x12$\n\x08\x65ntities\x18\x01 \x03(\x0b\x32\x12.lmforge.v1.Entity\x12\'\n\trelations\x18\x02 \x03(\x0b\x32\x14.lmforge.v1.Relation\x12\x15\n\rmodel_version\x18\x03 \x01(\t\":\n\x0f\x45xtractResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.lmforge.v1.Extraction\"#\n\x11GraphQueryRequest\x12\x0e\n\x06sparql\x18\x01 \x01(\t\"=\n\x12GraphQueryResponse\x12\'\n\x06result\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\" \n\x0f\x43lassifyRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"\xb2\x01\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12\x44\n\rprobabilities\x18\x02 \x03(\x0b\x32-.lmforge.v1.Classification.ProbabilitiesEntry\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"?\n\x10\x43lassifyResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.lmforge.v1.Classification\"\xe1\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x1b\n\x0emax_new_tokens\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x04\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"^\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\r\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"[\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\r\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"\x11\n\x0fMetadataRequest\"\xb6\x01\n\x10MetadataResponse\x12\x18\n\x10registered_model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x0f\n\x07variant\x18\x04 \x01(\t\x12\x0e\n\x06labels\x18\x05 \x03(\t\x12\x14\n\x0c\x63\x61n_generate\x18\x06 \x01(\x08\x12)\n\x08metadata\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct2\xbd\x03\n\tInference\x12\x45\n\x08\x43lassify\x12\x1b.lmforge.v1.ClassifyRequest\x1a\x1c.lmforge.v1.ClassifyResponse\x12\x45\n\x08Generate\x12\x1b.lmforge.v1.GenerateRequest\x1a\x1c.lmforge.v1.GenerateResponse\x12J\n\x0eGenerateStream\x12\x1b.lmforge.v1.GenerateRequest\x1a\x19.lmforge.v1.GenerateChunk0\x01\x12\x45\n\x08Metadata\x12\x1b.lmforge.v1.MetadataRequest\x1a\x1c.lmforge.v1.MetadataResponse\x12\x42\n\x07\x45xtract\x12\x1a.lmforge.v1.ExtractRequest\x1a\x1b.lmforge.v1.ExtractResponse\x12K\n\nGraphQuery\x12\x1d.lmforge.v1.GraphQueryRequest\x1a\x1e.lmforge.v1.GraphQueryResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64\x65ploy/lmforge.proto\x12\nlmforge.v1\x1a\x1cgoogle/protobuf/struct.proto\"B\n\rSearchRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x0e\n\x01k\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x0c\n\x04mode\x18\x03 \x01(\tB\x04\n\x02_k\"g\n\tSearchHit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x10\n\x08qualname\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x0c\n\x04line\x18\x05 \x01(\x03\x12\x0f\n\x07snippet\x18\x06 \x01(\t\"]\n\x0eSearchResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.lmforge.v1.SearchHit\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"+\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"X\n\rEmbedResponse\x12#\n\x07vectors\x18\x01 \x03(\x0b\x32\x12.lmforge.v1.Vector\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"\x1f\n\x0e\x45xtractRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"r\n\x06\x45ntity\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05label\x18\x04 \x01(\t\x12\r\n\x05score\x18\x05 \x01(\x01\x12\x0c\n\x04link\x18\x06 \x01(\t\x12\x12\n\nlink_score\x18\x07 \x01(\x01\"G\n\x08Relation\x12\x0c\n\x04head\x18\x01 \x01(\x05\x12\x10\n\x08relation\x18\x02 \x01(\t\x12\x0c\n\x04tail\x18\x03 \x01(\x05\x12\r\n\x05score\x18\x04 \x01(\x01\"r\n\nExtraction\x12$\n\x08\x65ntities\x18\x01 \x03(\x0b\x32\x12.lmforge.v1.Entity\x12\'\n\trelations\x18\x02 \x03(\x0b\x32\x14.lmforge.v1.Relation\x12\x15\n\rmodel_version\x18\x03 \x01(\t\":\n\x0f\x45xtractResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.lmforge.v1.Extraction\"#\n\x11GraphQueryRequest\x12\x0e\n\x06sparql\x18\x01 \x01(\t\"=\n\x12GraphQueryResponse\x12\'\n\x06result\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\" \n\x0f\x43lassifyRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"\xb2\x01\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12\x44\n\rprobabilities\x18\x02 \x03(\x0b\x32-.lmforge.v1.Classification.ProbabilitiesEntry\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"?\n\x10\x43lassifyResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.lmforge.v1.Classification\"\xe1\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x1b\n\x0emax_new_tokens\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x04\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"^\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\r\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"[\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\r\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"\x11\n\x0fMetadataRequest\"\xb6\x01\n\x10MetadataResponse\x12\x18\n\x10registered_model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x0f\n\x07variant\x18\x04 \x01(\t\x12\x0e\n\x06labels\x18\x05 \x03(\t\x12\x14\n\x0c\x63\x61n_generate\x18\x06 \x01(\x08\x12)\n\x08metadata\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct2\xbc\x04\n\tInference\x12\x45\n\x08\x43lassify\x12\x1b.lmforge.v1.ClassifyRequest\x1a\x1c.lmforge.v1.ClassifyResponse\x12\x45\n\x08Generate\x12\x1b.lmforge.v1.GenerateRequest\x1a\x1c.lmforge.v1.GenerateResponse\x12J\n\x0eGenerateStream\x12\x1b.lmforge.v1.GenerateRequest\x1a\x19.lmforge.v1.GenerateChunk0\x01\x12\x45\n\x08Metadata\x12\x1b.lmforge.v1.MetadataRequest\x1a\x1c.lmforge.v1.MetadataResponse\x12\x42\n\x07\x45xtract\x12\x1a.lmforge.v1.ExtractRequest\x1a\x1b.lmforge.v1.ExtractResponse\x12K\n\nGraphQuery\x12\x1d.lmforge.v1.GraphQueryRequest\x1a\x1e.lmforge.v1.GraphQueryResponse\x12?\n\x06Search\x12\x19.lmforge.v1.SearchRequest\x1a\x1a.lmforge.v1.SearchResponse\x12<\n\x05\x45mbed\x12\x18.lmforge.v1.EmbedRequest\x1a\x19.lmforge.v1.EmbedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,38 +34,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CLASSIFICATION_PROBABILITIESENTRY']._loaded_options = None
   _globals['_CLASSIFICATION_PROBABILITIESENTRY']._serialized_options = b'8\001'
-  _globals['_EXTRACTREQUEST']._serialized_start=66
-  _globals['_EXTRACTREQUEST']._serialized_end=97
-  _globals['_ENTITY']._serialized_start=99
-  _globals['_ENTITY']._serialized_end=213
-  _globals['_RELATION']._serialized_start=215
-  _globals['_RELATION']._serialized_end=286
-  _globals['_EXTRACTION']._serialized_start=288
-  _globals['_EXTRACTION']._serialized_end=402
-  _globals['_EXTRACTRESPONSE']._serialized_start=404
-  _globals['_EXTRACTRESPONSE']._serialized_end=462
-  _globals['_GRAPHQUERYREQUEST']._serialized_start=464
-  _globals['_GRAPHQUERYREQUEST']._serialized_end=499
-  _globals['_GRAPHQUERYRESPONSE']._serialized_start=501
-  _globals['_GRAPHQUERYRESPONSE']._serialized_end=562
-  _globals['_CLASSIFYREQUEST']._serialized_start=564
-  _globals['_CLASSIFYREQUEST']._serialized_end=596
-  _globals['_CLASSIFICATION']._serialized_start=599
-  _globals['_CLASSIFICATION']._serialized_end=777
-  _globals['_CLASSIFICATION_PROBABILITIESENTRY']._serialized_start=725
-  _globals['_CLASSIFICATION_PROBABILITIESENTRY']._serialized_end=777
-  _globals['_CLASSIFYRESPONSE']._serialized_start=779
-  _globals['_CLASSIFYRESPONSE']._serialized_end=842
-  _globals['_GENERATEREQUEST']._serialized_start=845
-  _globals['_GENERATEREQUEST']._serialized_end=1070
-  _globals['_GENERATERESPONSE']._serialized_start=1072
-  _globals['_GENERATERESPONSE']._serialized_end=1166
-  _globals['_GENERATECHUNK']._serialized_start=1168
-  _globals['_GENERATECHUNK']._serialized_end=1259
-  _globals['_METADATAREQUEST']._serialized_start=1261
-  _globals['_METADATAREQUEST']._serialized_end=1278
-  _globals['_METADATARESPONSE']._serialized_start=1281
-  _globals['_METADATARESPONSE']._serialized_end=1463
-  _globals['_INFERENCE']._serialized_start=1466
-  _globals['_INFERENCE']._serialized_end=1911
+  _globals['_SEARCHREQUEST']._serialized_start=66
+  _globals['_SEARCHREQUEST']._serialized_end=132
+  _globals['_SEARCHHIT']._serialized_start=134
+  _globals['_SEARCHHIT']._serialized_end=237
+  _globals['_SEARCHRESPONSE']._serialized_start=239
+  _globals['_SEARCHRESPONSE']._serialized_end=332
+  _globals['_EMBEDREQUEST']._serialized_start=334
+  _globals['_EMBEDREQUEST']._serialized_end=377
+  _globals['_VECTOR']._serialized_start=379
+  _globals['_VECTOR']._serialized_end=403
+  _globals['_EMBEDRESPONSE']._serialized_start=405
+  _globals['_EMBEDRESPONSE']._serialized_end=493
+  _globals['_EXTRACTREQUEST']._serialized_start=495
+  _globals['_EXTRACTREQUEST']._serialized_end=526
+  _globals['_ENTITY']._serialized_start=528
+  _globals['_ENTITY']._serialized_end=642
+  _globals['_RELATION']._serialized_start=644
+  _globals['_RELATION']._serialized_end=715
+  _globals['_EXTRACTION']._serialized_start=717
+  _globals['_EXTRACTION']._serialized_end=831
+  _globals['_EXTRACTRESPONSE']._serialized_start=833
+  _globals['_EXTRACTRESPONSE']._serialized_end=891
+  _globals['_GRAPHQUERYREQUEST']._serialized_start=893
+  _globals['_GRAPHQUERYREQUEST']._serialized_end=928
+  _globals['_GRAPHQUERYRESPONSE']._serialized_start=930
+  _globals['_GRAPHQUERYRESPONSE']._serialized_end=991
+  _globals['_CLASSIFYREQUEST']._serialized_start=993
+  _globals['_CLASSIFYREQUEST']._serialized_end=1025
+  _globals['_CLASSIFICATION']._serialized_start=1028
+  _globals['_CLASSIFICATION']._serialized_end=1206
+  _globals['_CLASSIFICATION_PROBABILITIESENTRY']._serialized_start=1154
+  _globals['_CLASSIFICATION_PROBABILITIESENTRY']._serialized_end=1206
+  _globals['_CLASSIFYRESPONSE']._serialized_start=1208
+  _globals['_CLASSIFYRESPONSE']._serialized_end=1271
+  _globals['_GENERATEREQUEST']._serialized_start=1274
+  _globals['_GENERATEREQUEST']._serialized_end=1499
+  _globals['_GENERATERESPONSE']._serialized_start=1501
+  _globals['_GENERATERESPONSE']._serialized_end=1595
+  _globals['_GENERATECHUNK']._serialized_start=1597
+  _globals['_GENERATECHUNK']._serialized_end=1688
+  _globals['_METADATAREQUEST']._serialized_start=1690
+  _globals['_METADATAREQUEST']._serialized_end=1707
+  _globals['_METADATARESPONSE']._serialized_start=1710
+  _globals['_METADATARESPONSE']._serialized_end=1892
+  _globals['_INFERENCE']._serialized_start=1895
+  _globals['_INFERENCE']._serialized_end=2467
 # @@protoc_insertion_point(module_scope)

@@ -65,6 +65,16 @@ class InferenceStub:
                 request_serializer=deploy_dot_lmforge__pb2.GraphQueryRequest.SerializeToString,
                 response_deserializer=deploy_dot_lmforge__pb2.GraphQueryResponse.FromString,
                 _registered_method=True)
+        self.Search = channel.unary_unary(
+                '/lmforge.v1.Inference/Search',
+                request_serializer=deploy_dot_lmforge__pb2.SearchRequest.SerializeToString,
+                response_deserializer=deploy_dot_lmforge__pb2.SearchResponse.FromString,
+                _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/lmforge.v1.Inference/Embed',
+                request_serializer=deploy_dot_lmforge__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=deploy_dot_lmforge__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -114,6 +124,20 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Search(self, request, context):
+        """The k indexed items that best match a natural-language query (the alignment task); UNAVAILABLE without an encoder.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Embed(self, request, context):
+        """Unit-length vectors of texts by the encoder's text or code tower (the alignment task).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +170,16 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.GraphQuery,
                     request_deserializer=deploy_dot_lmforge__pb2.GraphQueryRequest.FromString,
                     response_serializer=deploy_dot_lmforge__pb2.GraphQueryResponse.SerializeToString,
+            ),
+            'Search': grpc.unary_unary_rpc_method_handler(
+                    servicer.Search,
+                    request_deserializer=deploy_dot_lmforge__pb2.SearchRequest.FromString,
+                    response_serializer=deploy_dot_lmforge__pb2.SearchResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=deploy_dot_lmforge__pb2.EmbedRequest.FromString,
+                    response_serializer=deploy_dot_lmforge__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +345,60 @@ class Inference:
             '/lmforge.v1.Inference/GraphQuery',
             deploy_dot_lmforge__pb2.GraphQueryRequest.SerializeToString,
             deploy_dot_lmforge__pb2.GraphQueryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Search(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmforge.v1.Inference/Search',
+            deploy_dot_lmforge__pb2.SearchRequest.SerializeToString,
+            deploy_dot_lmforge__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmforge.v1.Inference/Embed',
+            deploy_dot_lmforge__pb2.EmbedRequest.SerializeToString,
+            deploy_dot_lmforge__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,6 +34,13 @@ EXAMPLE_SPARQL = (
 """Which functions raise ValueError: the API docs' example query (lf:, rdf:, rdfs:, xsd:, ent: are declared)."""
 
 
+EXAMPLE_QUERY = "Return the message's content type."
+"""A natural-language query to search the indexed code with: the API docs' example."""
+SEARCH_MODES = ("dense", "bm25", "hybrid")
+"""How /search ranks: the encoder's vectors, BM25 over the code's words, or both fused by reciprocal rank."""
+EMBED_KINDS = ("text", "code")
+"""Which tower /embed uses: natural language (queries, docstrings) or code."""
+
 EXAMPLE_PROMPT = "def read_config(path):\n    "
 """A prompt to continue: the API docs' example, sent by the promotion smoke gate."""
 
@@ -61,6 +68,14 @@ class Limits:
     """Rows a SELECT answers at most (`truncated: true` when there were more); LMFORGE_SPARQL_MAX_ROWS."""
     sparql_timeout_s: float = 5.0
     """Seconds a query may run before its worker is stopped; LMFORGE_SPARQL_TIMEOUT_S."""
+    max_search_k: int = 100
+    """Results a /search answers at most."""
+    max_query_chars: int = 2_000
+    """Characters per /search query (the text tower reads its first max_text_length tokens)."""
+    max_embed_items: int = 64
+    """Texts per /embed request."""
+    max_embed_chars: int = 20_000
+    """Characters per /embed text (each tower reads its first max_*_length tokens)."""
 
 
 LIMITS = Limits()
@@ -171,3 +186,27 @@ def check_generation(r: GenerationRequest, limits: Limits = LIMITS) -> Generatio
     ):
         raise InvalidInput(f"seed: {r.seed!r}, must be an integer 0..2^63-1")
     return r
+
+
+def check_search(query, k, mode, limits: Limits = LIMITS) -> tuple[str, int, str | None]:
+    """(query, k, mode) if the query is a non-blank string of at most max_query_chars, k an integer 1..max_search_k
+    and mode None (the served default) or one of SEARCH_MODES."""
+    if not isinstance(query, str) or not query.strip():
+        raise InvalidInput("query: empty or not a string")
+    if len(query) > limits.max_query_chars:
+        raise InvalidInput(f"query: {len(query)} characters, at most {limits.max_query_chars}")
+    if problem := unicode_problem(query):
+        raise InvalidInput(f"query: {problem}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= limits.max_search_k:
+        raise InvalidInput(f"k: {k!r}, must be an integer 1..{limits.max_search_k}")
+    if mode is not None and mode not in SEARCH_MODES:
+        raise InvalidInput(f"mode: {mode!r}, must be one of {', '.join(SEARCH_MODES)}")
+    return query, k, mode
+
+
+def check_embed(texts, kind, limits: Limits = LIMITS) -> tuple[list[str], str]:
+    """(texts, kind) if texts are 1..max_embed_items non-blank strings of at most max_embed_chars and kind is one of
+    EMBED_KINDS."""
+    if kind not in EMBED_KINDS:
+        raise InvalidInput(f"kind: {kind!r}, must be one of {', '.join(EMBED_KINDS)}")
+    return check_texts(texts, limits, limits.max_embed_items, limits.max_embed_chars), kind

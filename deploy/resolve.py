@@ -28,6 +28,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from deploy.requests import SEARCH_MODES
 from models.bundle import Bundle, load_bundle
 from models.checkpoint import ArtifactError, write_manifest
 from tasks.shared.text import normalize_text
@@ -564,3 +565,191 @@ def open_kg() -> ServedKG | None:
     if workspace is None or not workspace[0].is_dir():
         return None
     return _kg_folder(workspace[0], graph_env or workspace[1])
+
+
+# --- the alignment task: the encoder and its search index --------------------------------------------
+
+ENCODER_URI_ENV = "LMFORGE_ENCODER_URI"
+"""The encoder to serve, when set: an encoder bundle folder (its index: INDEX_ENV, else the workspace's), an MLflow
+model URI laid out as `lmforge promote` registers it, or `off` (no /search and /embed)."""
+INDEX_ENV = "LMFORGE_INDEX_PATH"
+"""The index folder /search answers from, when the encoder is a folder (default: the workspace's paths.align_index)."""
+ENCODER_MODEL_NAME = "lmforge-encoder"
+"""The registered model of the alignment task (its @champion is served)."""
+ENCODER_ARTIFACT = Path("artifacts") / "encoder"
+INDEX_ARTIFACT = Path("artifacts") / "index"
+"""Where the encoder bundle and the index folder lie inside a registered encoder version."""
+DEFAULT_SEARCH_MODE = "hybrid"
+"""The mode /search uses when a request names none and the registered version has no `served_mode` tag (a folder)."""
+
+
+@dataclass
+class ServedSearch:
+    """A loaded encoder and the search index built with it."""
+
+    encoder: object
+    """models/dual_encoder.py's Encoder: `embed(texts, kind)`, `dim`, `version` (sha256 of its weights)."""
+    index: object
+    """models/search_index.py's SearchIndex over the items, embedded by this encoder."""
+    uri: str
+    source: str
+    """`registry` or `folder`."""
+    name: str = ENCODER_MODEL_NAME
+    version: str = "local"
+    tags: dict[str, str] = field(default_factory=dict)
+    served_mode: str = DEFAULT_SEARCH_MODE
+    """The mode /search uses unless a request names one: the registered version's `served_mode` tag (what the
+    evaluation found best), else hybrid."""
+
+    @property
+    def model_version(self) -> str:
+        return f"{self.name}/{self.version}"
+
+    def metadata(self) -> dict:
+        """What /metadata says about the encoder and its index."""
+        index = self.index
+        return {
+            "registered_model": self.name,
+            "version": self.version,
+            "model_version": self.model_version,
+            "source": self.source,
+            "model_uri": self.uri,
+            "encoder_sha256": getattr(self.encoder, "version", None),
+            "dim": getattr(self.encoder, "dim", None),
+            "served_mode": self.served_mode,
+            "index": {
+                "backend": getattr(index, "backend", None),
+                "items": len(index.items),
+                "size_mb": _size_mb(getattr(index, "meta", {})),
+                "params": getattr(index, "meta", {}).get("params"),
+                "encoder_sha256": getattr(index, "encoder_version", None),
+            },
+            "gates": {k[len("gate.") :]: v for k, v in self.tags.items() if k.startswith("gate.")},
+        }
+
+
+def _size_mb(meta: dict) -> float | None:
+    """The index folder's size in MiB from the file sizes its index.json records (None when it records none)."""
+    files = meta.get("files")
+    return round(sum(f["size"] for f in files.values()) / 2**20, 2) if files else None
+
+
+def _load_search(encoder_dir: Path, index_dir: Path, shown: str) -> tuple[object, object]:
+    """models/dual_encoder.py's encoder and models/search_index.py's index (torch is imported there); the index must
+    have been built with this encoder."""
+    from models.dual_encoder import load_encoder
+    from models.search_index import SearchIndex
+
+    if not index_dir.is_dir():
+        raise ModelUnavailable(f"{shown}: no index folder {index_dir} (run the align_index stage)")
+    try:
+        encoder = load_encoder(encoder_dir)
+        index = SearchIndex.load(index_dir)
+    except ArtifactError as e:
+        root = encoder_dir if e.file.is_relative_to(encoder_dir) else index_dir
+        raise _broken(e, root, shown) from None
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelUnavailable(f"{shown}: {_line(e)}") from None
+    if index.encoder_version != encoder.version:  # vectors of another encoder: every dense answer would be noise
+        raise ModelUnavailable(
+            f"{shown}: the index was built with encoder {index.encoder_version[:12]}, not this one "
+            f"({encoder.version[:12]}): rebuild it (align_index)"
+        )
+    return encoder, index
+
+
+def search_folder(encoder_dir: Path, index_dir: Path) -> ServedSearch:
+    """An encoder bundle folder and its index folder, loaded and checked as the servers load them (the promotion's
+    smoke test loads a candidate this way).
+
+    Raises:
+        ModelUnavailable: a file is missing or broken, or the index was built with another encoder (one line).
+    """
+    shown = str(encoder_dir)
+    return ServedSearch(*_load_search(Path(encoder_dir), Path(index_dir), shown), shown, "folder")
+
+
+def _search_mode(tags: dict[str, str], shown: str) -> str:
+    mode = tags.get("served_mode") or DEFAULT_SEARCH_MODE
+    if mode not in SEARCH_MODES:
+        raise ModelUnavailable(f"{shown}: tag served_mode={mode!r} is not one of {', '.join(SEARCH_MODES)}")
+    return mode
+
+
+def _search_registry(uri: str) -> ServedSearch:
+    from mlflow.exceptions import MlflowException
+
+    import mlflow
+
+    store = registry_uri()
+    mv = registered_version(uri, store)
+    source = _source(mv, store) if mv is not None else uri
+    with tempfile.TemporaryDirectory(prefix="lmforge-align-") as tmp:  # both are read into memory
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=store))
+        except (MlflowException, OSError) as e:
+            raise ModelUnavailable(f"{uri}: {_line(e)} (MLflow store {store})") from None
+        if not (local / ENCODER_ARTIFACT).is_dir():
+            raise ModelUnavailable(f"{uri}: not an lmforge encoder (no {ENCODER_ARTIFACT.as_posix()})")
+        encoder, index = _load_search(local / ENCODER_ARTIFACT, local / INDEX_ARTIFACT, uri)
+    served = ServedSearch(encoder, index, uri, "registry")
+    if mv is not None:
+        served.name, served.version, served.tags = mv.name, str(mv.version), dict(mv.tags or {})
+        served.served_mode = _search_mode(served.tags, uri)
+    return served
+
+
+def _workspace_search() -> tuple[Path, Path] | None:
+    """The workspace's encoder and index folders (params.yaml's paths.align_model, paths.align_index)."""
+    from tasks.shared.config.params import load_params
+    from tasks.shared.errors import UserError
+
+    try:
+        paths = load_params().paths
+    except UserError:
+        return None
+    return Path(paths.align_model), Path(paths.align_index)
+
+
+def _encoder_name() -> str:
+    """params.yaml's tracking.encoder_model (the default name outside a project)."""
+    from tasks.shared.config.params import load_params
+    from tasks.shared.errors import UserError
+
+    try:
+        return load_params().tracking.encoder_model
+    except UserError:
+        return ENCODER_MODEL_NAME
+
+
+def open_search() -> ServedSearch | None:
+    """The alignment task to serve: LMFORGE_ENCODER_URI, else `lmforge-encoder@champion`, else the workspace's
+    encoder and index; None when there is none (or LMFORGE_ENCODER_URI=off): /search and /embed answer 404 then.
+
+    Raises:
+        ModelUnavailable: an encoder was named or found but cannot be loaded, or its index is missing or was built
+            with another encoder (one line naming what and where).
+    """
+    env = os.environ.get(ENCODER_URI_ENV, "").strip()
+    index_env = Path(os.environ[INDEX_ENV]) if os.environ.get(INDEX_ENV) else None
+    if env.lower() == "off":
+        return None
+    if env:
+        if not _is_path(env):
+            return _search_registry(env)
+        if not Path(env).is_dir():
+            raise ModelUnavailable(f"{ENCODER_URI_ENV}={env}: no such folder or model URI")
+        index = index_env or (_workspace_search() or (None, None))[1]
+        if index is None:
+            raise ModelUnavailable(f"{ENCODER_URI_ENV}={env}: no index: set {INDEX_ENV} to the index folder")
+        return ServedSearch(*_load_search(Path(env), index, f"{ENCODER_URI_ENV}={env}"), env, "folder")
+    if not IN_BENTO:
+        try:
+            return _search_registry(f"models:/{_encoder_name()}@champion")
+        except ModelUnavailable as e:
+            if "no registered model" not in str(e) and "not set" not in str(e):
+                raise
+    workspace = None if IN_BENTO else _workspace_search()
+    if workspace is None or not workspace[0].is_dir():
+        return None
+    return search_folder(workspace[0], index_env or workspace[1])

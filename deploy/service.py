@@ -16,8 +16,15 @@ Endpoints:
   SERVICE, CONSTRUCT, DESCRIBE refused with 400; at most LMFORGE_SPARQL_MAX_ROWS rows, default 1000; a query past
   LMFORGE_SPARQL_TIMEOUT_S, default 5, is stopped: 408). Both answer 404 when no extractor (or graph) exists
   (deploy/resolve.py's open_kg: classification is served alone then), 503 when one exists but failed to load;
+- `POST /search {"query": "...", "k": 10, "mode": "hybrid"}`: the alignment task's k best indexed items (id, score,
+  qualified name, source, line, snippet) for a natural-language query; `k` 1..100, `mode` dense | bm25 | hybrid
+  (unset: the registered version's `served_mode`);
+- `POST /embed {"texts": [...], "kind": "text" | "code"}`: unit-length vectors by the encoder's text or code tower.
+  Both batch concurrent requests into one forward pass (deploy/batching.py: BentoML's batchable APIs take one
+  parameter only; LMFORGE_BATCH_MAX_SIZE items per batch, default 64) and answer 404 when no encoder exists
+  (deploy/resolve.py's open_search), 503 when one exists but failed to load (or its index is missing);
 - `GET /metadata`: registered model name and version, variant, lineage, gates and test metrics, and `tasks`:
-  every served task and its version;
+  every served task and its version (`tasks.align`: the encoder, its index's backend and size, the served mode);
 - `POST /reload`: load the registry's current @champion without a restart (needs LMFORGE_API_KEY);
 - `/healthz`, `/livez` (the process is up), `/readyz` (a model is loaded; 503 with the reason otherwise),
   `/metrics` (Prometheus: request counts and latency by endpoint and status), all BentoML's own.
@@ -33,11 +40,12 @@ in one line before start-up, and a worker started anyway stays up, logs that lin
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import os
 import threading
-from typing import Annotated, Generator
+from typing import Annotated, Generator, Literal
 
 import bentoml
 from bentoml.validators import ContentType
@@ -46,8 +54,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
 from deploy.core import (
+    AlignUnavailable,
     CannotGenerate,
     KgUnavailable,
+    align_batchers,
     check_can_generate,
     classify,
     describe,
@@ -61,6 +71,7 @@ from deploy.requests import (
     EXAMPLE_DOCSTRINGS,
     EXAMPLE_INPUT,
     EXAMPLE_PROMPT,
+    EXAMPLE_QUERY,
     EXAMPLE_SPARQL,
     LIMITS,
     MAX_BODY_BYTES,
@@ -68,7 +79,7 @@ from deploy.requests import (
     InvalidInput,
     unicode_problem,
 )
-from deploy.resolve import ModelUnavailable, ServedKG, ServedModel, open_kg, open_model
+from deploy.resolve import ModelUnavailable, ServedKG, ServedModel, ServedSearch, open_kg, open_model, open_search
 from deploy.sparql import GraphQueries, QueryRefused, QueryTimeout
 
 BATCH_SIZE_ENV, BATCH_LATENCY_ENV = "LMFORGE_BATCH_MAX_SIZE", "LMFORGE_BATCH_MAX_LATENCY_MS"
@@ -80,7 +91,8 @@ SPARQL_TIMEOUT_ENV, SPARQL_ROWS_ENV, SPARQL_WORKERS_ENV = (
 )
 PUBLIC = ("/healthz", "/livez", "/readyz", "/metrics", "/docs.json", "/")
 """Paths open without the API key: the probes, Prometheus and the API docs."""
-JSON_ROUTES = ("/classify", "/generate", "/generate_stream", "/reload", "/extract", "/graph/query")
+ALIGN_ROUTES = ("/search", "/embed")
+JSON_ROUTES = ("/classify", "/generate", "/generate_stream", "/reload", "/extract", "/graph/query", *ALIGN_ROUTES)
 
 logger = logging.getLogger("bentoml.lmforge")
 
@@ -132,6 +144,10 @@ Seed = Annotated[int, Field(ge=0, le=LIMITS.max_seed, strict=True)]
 ExtractText = Annotated[str, Field(min_length=1, max_length=LIMITS.max_extract_chars), AfterValidator(_nonblank)]
 ExtractTexts = Annotated[list[ExtractText], Field(min_length=1, max_length=LIMITS.max_extract_items)]
 Sparql = Annotated[str, Field(min_length=1, max_length=LIMITS.max_sparql_chars), AfterValidator(_nonblank)]
+Query = Annotated[str, Field(min_length=1, max_length=LIMITS.max_query_chars), AfterValidator(_nonblank)]
+K = Annotated[int, Field(ge=1, le=LIMITS.max_search_k, strict=True)]
+EmbedText = Annotated[str, Field(min_length=1, max_length=LIMITS.max_embed_chars), AfterValidator(_nonblank)]
+EmbedTexts = Annotated[list[EmbedText], Field(min_length=1, max_length=LIMITS.max_embed_items)]
 
 
 class GenerateInput(BaseModel):
@@ -190,6 +206,34 @@ class Extraction(BaseModel):
 
 
 ExtractOutput = Annotated[list[Extraction], ContentType("application/json")]
+
+
+class SearchHit(BaseModel):
+    id: str
+    score: float
+    """The mode's score: cosine similarity (dense), BM25 score (bm25) or fused reciprocal-rank score (hybrid)."""
+    qualname: str
+    """The item's qualified name (module.Class.function), or its id for a document."""
+    source: str
+    """The file (or document source) it comes from."""
+    line: int
+    """Its first line in that file (0 when unknown)."""
+    snippet: str
+    """Its first non-empty line (a function's signature), at most 200 characters."""
+
+
+class SearchOutput(BaseModel):
+    results: list[SearchHit]
+    """Best first, at most k."""
+    mode: str
+    model_version: str
+
+
+class EmbedOutput(BaseModel):
+    vectors: list[list[float]]
+    """One unit-length vector per text, in the order of the request."""
+    dim: int
+    model_version: str
 
 
 class Generation(BaseModel):
@@ -255,6 +299,9 @@ class Gatekeeper:
             and path in ("/classify", "/generate", "/generate_stream", "/metadata")
         ):
             return 503, f"model unavailable: {service.unavailable}"
+        if service is not None and path in ALIGN_ROUTES and service.align is None:
+            # 404: no encoder exists; 503: one does, but loading it failed
+            return (503 if service.align_failed else 404), f"{path}: not served: {service.align_unavailable}"
         if service is not None and path in ("/extract", "/graph/query"):
             missing = service.kg is None if path == "/extract" else service.graph is None
             if missing:  # 404: this service serves no such task; 503: it should, but loading failed
@@ -333,6 +380,31 @@ class LMForge:
             logger.exception("lmforge: loading the model failed, answering 503")
         self.kg_failed = False
         self.kg, self.graph, self.kg_unavailable = self._open_kg()
+        self.align_failed = False
+        self.align, self.align_unavailable = self._open_search()
+        self.searches, self.embeddings = align_batchers(self.align, _env_int(BATCH_SIZE_ENV, 64, 1))
+
+    def _open_search(self) -> tuple[ServedSearch | None, str]:
+        """The encoder and its index, or None and why (the other tasks are served either way)."""
+        try:
+            served = open_search()
+        except ModelUnavailable as e:
+            logger.error("lmforge: no encoder to serve, /search and /embed answer 503: %s", e)
+            self.align_failed = True
+            return None, str(e)
+        except Exception as e:  # a bug: its traceback once, then 503s
+            logger.exception("lmforge: loading the encoder failed, /search and /embed answer 503")
+            self.align_failed = True
+            return None, f"{type(e).__name__}: {' '.join(str(e).split())}"
+        if served is None:
+            return None, "no encoder registered or built (the other tasks are served alone)"
+        logger.info(
+            "lmforge: serving encoder %s and its index (%d items, %s)",
+            served.model_version,
+            len(served.index.items),
+            served.served_mode,
+        )
+        return served, ""
 
     def _open_kg(self) -> tuple[ServedKG | None, GraphQueries | None, str]:
         """The extractor and its graph's query workers, or None and why (classification is served either way)."""
@@ -396,6 +468,36 @@ class LMForge:
             return JSONResponse({"error": str(e)}, status_code=408)
         except KgUnavailable as e:
             return JSONResponse({"error": str(e)}, status_code=503)
+
+    @bentoml.api
+    async def search(
+        self,
+        query: Annotated[Query, Field(examples=[EXAMPLE_QUERY])],
+        k: K = 10,
+        mode: Literal["dense", "bm25", "hybrid"] | None = None,
+    ) -> SearchOutput:
+        """The k indexed items (functions, or your documents) that best match a natural-language query, best first:
+        score, qualified name, source file, line and snippet. `mode` ranks by the encoder (dense), by BM25 over the
+        code's words (bm25) or by both fused (hybrid); unset: the mode the evaluation chose (see /metadata)."""
+        try:
+            (out,) = await asyncio.wrap_future(self.searches.submit((k, mode), [query]))
+        except AlignUnavailable as e:
+            return JSONResponse({"error": str(e)}, status_code=503)
+        return SearchOutput(**out)
+
+    @bentoml.api
+    async def embed(
+        self,
+        texts: Annotated[EmbedTexts, Field(examples=[EXAMPLE_DOCSTRINGS])],
+        kind: Literal["text", "code"],
+    ) -> EmbedOutput:
+        """Unit-length vectors of the texts by the encoder's text tower (kind "text": queries, docstrings) or code
+        tower (kind "code"); a text's and a code's vectors are comparable by dot product."""
+        try:
+            vectors = await asyncio.wrap_future(self.embeddings.submit(kind, texts))
+        except AlignUnavailable as e:
+            return JSONResponse({"error": str(e)}, status_code=503)
+        return EmbedOutput(vectors=vectors, dim=len(vectors[0]), model_version=self.align.model_version)
 
     def _request(self, params: dict) -> GenerationRequest | JSONResponse:
         try:
@@ -465,6 +567,8 @@ class LMForge:
             "classification": {"model_version": self.model.model_version},
             "kg": kg,
             **({"kg_unavailable": self.kg_unavailable} if self.kg_unavailable else {}),
+            "align": self.align.metadata() if self.align is not None else None,
+            **({"align_unavailable": self.align_unavailable} if self.align_unavailable else {}),
         }
 
 

@@ -651,3 +651,90 @@ def test_without_an_extractor_extract_and_graph_query_are_404_and_a_broken_one_5
     with client(app) as c:
         r = c.post("/extract", json={"texts": ["x"]})
         assert r.status_code == 503 and "model.safetensors: truncated" in r.json()["error"]
+
+
+# --- the alignment task: /search and /embed ------------------------------------------------------------
+
+
+@pytest.fixture
+def align_service(monkeypatch, tmp_path):
+    """The service with no classifier and the alignment task resolved to the stand-in encoder and index (tests/unit/
+    test_align_serving.py's), served mode dense."""
+    from test_align_serving import stand_in
+
+    from deploy import service
+
+    served = stand_in("dense")
+    monkeypatch.setattr(service, "open_search", lambda: served)
+    monkeypatch.setenv(MODEL_URI_ENV, str(tmp_path / "no-classifier"))
+    return served
+
+
+def test_search_and_embed_are_served_without_a_classifier(app, align_service):
+    with client(app) as c:
+        r = c.post("/search", json={"query": "return the message content type", "k": 2})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert (body["mode"], body["model_version"], len(body["results"])) == ("dense", "lmforge-encoder/local", 2)
+        top = body["results"][0]
+        assert top == {
+            "id": "email.message.Message.get_content_type",
+            "score": pytest.approx(top["score"]),
+            "qualname": "email.message.Message.get_content_type",
+            "source": "email/message.py",
+            "line": 588,
+            "snippet": "def get_content_type(self):",
+        }
+        r = c.post("/search", json={"query": "join path", "mode": "bm25"})
+        assert r.json()["mode"] == "bm25" and r.json()["results"][0]["id"] == "os.path.join"
+        assert len(r.json()["results"]) == 4  # k defaults to 10: every item of the stand-in
+        r = c.post("/embed", json={"texts": ["parse json", "def loads(s):"], "kind": "code"})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["dim"] == 32 and len(out["vectors"]) == 2 and len(out["vectors"][0]) == 32
+        assert abs(sum(x * x for x in out["vectors"][0]) - 1) < 1e-4
+        assert c.post("/classify", json={"texts": ["x"]}).status_code == 503
+
+
+ALIGN_BAD_REQUESTS = {
+    "no query": ("/search", {"k": 3}, "Field required"),
+    "blank query": ("/search", {"query": "  "}, "empty or only whitespace"),
+    "long query": ("/search", {"query": "a" * 2001}, "at most 2000 characters"),
+    "k 0": ("/search", {"query": "x", "k": 0}, "greater than or equal to 1"),
+    "k 101": ("/search", {"query": "x", "k": 101}, "less than or equal to 100"),
+    "k not an integer": ("/search", {"query": "x", "k": "3"}, "valid integer"),
+    "unknown mode": ("/search", {"query": "x", "mode": "fuzzy"}, "'dense', 'bm25' or 'hybrid'"),
+    "no kind": ("/embed", {"texts": ["x"]}, "Field required"),
+    "unknown kind": ("/embed", {"texts": ["x"], "kind": "image"}, "'text' or 'code'"),
+    "no texts": ("/embed", {"texts": [], "kind": "text"}, "at least 1 item"),
+    "too many texts": ("/embed", {"texts": ["a"] * 65, "kind": "text"}, "at most 64 items"),
+    "text too long": ("/embed", {"texts": ["a" * 20_001], "kind": "code"}, "at most 20000 characters"),
+}
+
+
+@pytest.mark.parametrize("case", ALIGN_BAD_REQUESTS)
+def test_align_bad_requests_get_a_400_naming_the_problem(case, app, align_service):
+    path, body, message = ALIGN_BAD_REQUESTS[case]
+    with client(app) as c:
+        r = c.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert message in r.text
+
+
+def test_without_an_encoder_search_and_embed_are_404_and_a_broken_one_503(app, tmp_path, monkeypatch):
+    from deploy import service
+
+    monkeypatch.setattr(service, "open_search", lambda: None)
+    monkeypatch.setenv(MODEL_URI_ENV, str(tmp_path / "no-classifier"))
+    with client(app) as c:
+        r = c.post("/search", json={"query": "x"})
+        assert r.status_code == 404 and "no encoder registered or built" in r.json()["error"]
+        assert c.post("/embed", json={"texts": ["x"], "kind": "text"}).status_code == 404
+
+    def broken():
+        raise ModelUnavailable("/x/encoder: encoder.safetensors: truncated")
+
+    monkeypatch.setattr(service, "open_search", broken)
+    with client(app) as c:
+        r = c.post("/search", json={"query": "x"})
+        assert r.status_code == 503 and "encoder.safetensors: truncated" in r.json()["error"]
