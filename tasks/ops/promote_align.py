@@ -232,15 +232,15 @@ def split_record(paths) -> dict:
 
 
 def smoke_gate(model_dir: Path, index_dir: Path, mode: str) -> Gate:
-    """Load the candidate and its index as the service does and search for an example query."""
-    from models.dual_encoder import load_encoder
-    from models.search_index import SearchIndex
+    """Load the candidate and its index with the serving code (deploy/resolve.py, deploy/core.py) and search."""
+    from deploy.core import search
+    from deploy.resolve import search_folder
 
     try:
-        encoder, index = load_encoder(model_dir), SearchIndex.load(index_dir)
-        hits = index.search(SMOKE_QUERY, encoder.embed([SMOKE_QUERY], "text")[0], 3, mode)
+        answer = search(search_folder(model_dir, index_dir), [SMOKE_QUERY], 3, mode)[0]
     except Exception as e:  # any failure to load or answer is the gate's finding, not a crash
         return Gate("smoke_test", False, f"the encoder or its index failed: {type(e).__name__}: {e}")
+    hits = answer["results"]
     if not hits or not all("qualname" in h and "score" in h for h in hits):
         return Gate("smoke_test", False, "the search returned no or malformed results")
     shown = ", ".join(h["qualname"] for h in hits)
@@ -260,7 +260,7 @@ def pyfunc_model(model_dir: Path, index_dir: Path, root: Path = ROOT) -> dict:
     """`mlflow.pyfunc.log_model` arguments: the encoder folder and the index built with it, models from code."""
     from importlib.metadata import version
 
-    packages = ("torch", "tokenizers", "safetensors", "mlflow", "numpy", "pandas", "pyarrow", "bm25s")
+    packages = ("torch", "tokenizers", "safetensors", "mlflow", "numpy", "pandas", "pyarrow", "bm25s", "usearch")
     return {
         "python_model": str(Path(root) / MODEL_CODE.relative_to(ROOT)),
         "artifacts": {VARIANT: str(model_dir), INDEX: str(index_dir)},

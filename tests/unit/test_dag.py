@@ -21,9 +21,11 @@ def test_dvc_yaml_deps_and_params_match_the_code():
 
 def test_stage_list_is_dvc_yaml_order_and_respects_dependencies():
     names = dag.stage_names()
-    assert names[0] == "ingest" and names[-1] == "kg_evaluate"
+    assert names[0] == "ingest" and names[-1] == "align_evaluate"
     assert names.index("tokenize") < names.index("pretrain") < names.index("finetune") < names.index("evaluate")
     assert names.index("pretrain") < names.index("kg_train") < names.index("kg_evaluate")
+    align = [names.index(s) for s in ("pretrain", "align_data", "align_train", "align_index", "align_evaluate")]
+    assert align == sorted(align)
 
 
 def _stage_file(stage: str, body: dict) -> str:

@@ -28,7 +28,8 @@ def test_a_run_of_one_task_keeps_the_shared_stages_and_drops_the_other_tasks():
     stages = stage_names()
     only_kg = selected_stages(stages, ["kg"])
     assert only_kg == [*SHARED_STAGES, *TASKS["kg"].stages]
-    assert selected_stages(stages, ["classification", "kg"]) == stages
+    assert selected_stages(stages, ["classification", "kg", "align"]) == stages
+    assert selected_stages(stages, ["align"]) == [*SHARED_STAGES, *TASKS["align"].stages]
     assert task_of("finetune") == "classification" and task_of("kg_graph") == "kg" and task_of("clean") is None
 
 

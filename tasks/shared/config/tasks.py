@@ -11,7 +11,7 @@ from tasks.shared.tasks import TASKS
 class TasksConfig(Section):
     """The tasks a pipeline run covers (tasks/shared/tasks.py lists what each one is)."""
 
-    enabled: list[str] = Field(default_factory=lambda: ["classification", "kg"], min_length=1)
+    enabled: list[str] = Field(default_factory=lambda: ["classification", "kg", "align"], min_length=1)
     """Tasks whose stages the flow runs and whose models `lmforge promote` gates and registers, in this order;
     the shared stages (ingest .. pretrain) always run. `dvc repro <stage>` runs any stage regardless."""
 
