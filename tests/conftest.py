@@ -144,6 +144,18 @@ TINY: dict[str, dict] = {
         "tfidf_max_features": 200,
     },
     "kg_train": {"epochs": 1, "batch_size": 8, "max_length": 32, "seed": SEED},
+    "align_train": {
+        "epochs": 1,
+        "batch_size": 16,
+        "max_text_length": 16,
+        "max_code_length": 32,
+        "frozen_blocks": 0,
+        "dim": 16,
+        "max_train_pairs": 256,
+        "seed": SEED,
+    },
+    "align_index": {"recall_sample": 100},
+    "align_evaluate": {"probe_train_rows": 200, "bootstrap_resamples": 200},
 }
 """The tiny configuration, as params.yaml sections: small enough that the whole pipeline runs in seconds on
 2 CPU cores. The in-process stage runs use it as is (TINY_<STAGE>); whole-pipeline runs use TINY_PROJECT."""
@@ -191,6 +203,13 @@ TINY_PROJECT: dict[str, dict] = {
     },
     # the same for the extractor: a tiny one on a few files is not better than its baselines
     "promote_kg": {"baselines": "report", "max_regression": 1.0, "min_comparable_docs": 1},
+    # and for the encoder (the tiny trunk learns little from a few files; its index is exact enough on few items)
+    "promote_align": {
+        "baselines": "report",
+        "max_regression": 1.0,
+        "min_comparable_queries": 1,
+        "min_index_recall": 0.0,
+    },
 }
 """TINY for a whole `lmforge pipeline` in a copy of the project (`make_tiny_project`)."""
 

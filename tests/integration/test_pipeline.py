@@ -83,10 +83,14 @@ def test_registry_has_champion_with_lineage(project):
         "kg_train",
         "kg_graph",
         "kg_evaluate",
+        "align_data",
+        "align_train",
+        "align_index",
+        "align_evaluate",
         "promote",
     }
     promotions = [r for r in children if r.data.tags["lmforge.stage"] == "promote"]
-    assert len(promotions) == 2  # one per task: the classifier, then the extractor
+    assert len(promotions) == 3  # one per task: the classifier, the extractor, the encoder
     pretrain = next(r for r in children if r.data.tags["lmforge.stage"] == "pretrain")
     assert "val_perplexity" in pretrain.data.metrics and "tokens_per_s" in pretrain.data.metrics
 
@@ -122,6 +126,37 @@ def test_the_extractor_is_registered_with_its_graph_and_served_from_the_registry
     source, version, extraction, answer = json.loads(res.stdout.strip().splitlines()[-1])
     assert (source, version) == ("registry", "1")
     assert set(extraction) == {"entities", "relations", "model_version"} and answer == {"boolean": True}
+
+
+def test_the_encoder_is_registered_with_its_index_and_served_from_the_registry(project):
+    """Task align: lmforge-encoder v1 is @champion with its served mode, its version holds the encoder and the index
+    align_evaluate scored, and the serving core's resolver loads both from the registry and searches."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    env = project["env"]
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    mv = client.get_model_version_by_alias("lmforge-encoder", "champion")
+    assert str(mv.version) == "1" and mv.tags["gates"] == "passed", mv.tags
+    assert mv.tags["gate.smoke_test"].startswith("pass") and mv.tags["gate.index_recall"].startswith("pass")
+    assert mv.tags["gate.beats_bm25"].startswith("not configured")  # TINY_PROJECT reports it
+    assert mv.tags["served_mode"] in ("dense", "hybrid") and int(mv.tags["test_queries"]) > 0
+    metrics = json.loads((project["dir"] / "metrics" / "align.json").read_text())
+    assert mv.tags["encoder_sha256"] == metrics["encoder_sha256"] and mv.tags["index_sha256"] == metrics["index_sha256"]
+    source = client.get_model_version_download_uri("lmforge-encoder", mv.version)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=env["MLFLOW_TRACKING_URI"]))
+    assert (local / "artifacts" / "encoder" / "encoder.safetensors").is_file()
+    assert (local / "artifacts" / "index" / "index.json").is_file()
+    code = (
+        "from deploy.core import search; from deploy.resolve import open_search; import json; s = open_search(); "
+        "print(json.dumps([s.source, s.version, search(s, ['Return the message payload.'], 3)[0]]))"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=project["dir"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    source, version, answer = json.loads(res.stdout.strip().splitlines()[-1])
+    assert (source, version) == ("registry", "1") and len(answer["results"]) == 3
 
 
 def test_second_dvc_repro_runs_nothing(project):

@@ -105,6 +105,34 @@ def test_metadata_names_the_registry_version_and_its_lineage(served):
     )  # loaded through BentoML's model store
 
 
+def test_search_finds_the_function_a_docstring_describes_and_embed_answers(served):
+    """Task align beside the others: the encoder @champion and its index, served by `make serve`, find held-out
+    functions from their docstrings' first sentence (the hybrid of dense and BM25 by default) and embed texts."""
+    import pandas as pd
+
+    pairs = pd.read_parquet(served["project"]["dir"] / "data" / "align" / "data" / "pairs.parquet")
+    test = pairs[pairs["split"] == "test"].sort_values("id").head(20)
+    found = 0
+    for query, qualname in zip(test["query"], test["qualname"]):
+        status, body = post_json(f"{served['url']}/search", {"query": query, "k": 10})
+        assert status == 200, body
+        assert body["mode"] in ("dense", "hybrid") and body["model_version"] == "lmforge-encoder/1"
+        assert len(body["results"]) == 10 and all(
+            {"score", "qualname", "source", "line", "snippet"} <= set(r) for r in body["results"]
+        )
+        found += qualname in [r["qualname"] for r in body["results"]]
+    assert found >= 1, (
+        f"no held-out function found in the top 10 of its own docstring's first sentence ({len(test)} queries)"
+    )
+    status, body = post_json(f"{served['url']}/embed", {"texts": ["parse a header", "def f(): pass"], "kind": "code"})
+    assert status == 200 and len(body["vectors"]) == 2 and len(body["vectors"][0]) == body["dim"], body
+    assert abs(sum(v * v for v in body["vectors"][0]) - 1) < 1e-3  # unit length
+    assert post_json(f"{served['url']}/search", {"query": "x", "k": 101})[0] == 400
+    status, text = get(f"{served['url']}/metadata")
+    align = json.loads(text)["tasks"]["align"]
+    assert align["registered_model"] == "lmforge-encoder" and align["version"] == "1", align
+
+
 def test_prometheus_metrics_count_requests_and_latency_by_endpoint(served):
     for _ in range(3):
         post_json(f"{served['url']}/classify", {"texts": ["import os"]})
