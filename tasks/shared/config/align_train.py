@@ -48,9 +48,10 @@ class AlignTrainConfig(TrainLoop):
     either, for ~25% more tokens per step, hence off."""
     temperature: float = Field(0.07, gt=0.01, le=1.0)
     """Initial softmax temperature (CLIP's 0.07); learned from there, clamped at 0.01."""
-    frozen_blocks: int = Field(2, ge=0)
+    frozen_blocks: int = Field(0, ge=0)
     """Lowest trunk blocks kept as pretrained, with the embeddings (0 = fine-tune the whole trunk): backward stops
-    below the first trained block, so each frozen block saves time."""
+    below the first trained block, so each frozen block saves time. Measured on the stdlib pairs: 0 gave validation
+    MRR 0.128 vs 0.102 with 2 (the token embeddings learn which code tokens match which words)."""
     max_train_pairs: int = Field(2000, ge=0)
     """Cap on training pairs (seeded sample; 0 = all): 2,000 of the ~6,000 stdlib pairs x 2 epochs fit the pipeline's
     ~80 s budget on 2 cores (4,000 gave validation MRR 0.107 vs 0.097 at twice the time)."""
