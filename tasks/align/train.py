@@ -52,6 +52,8 @@ SECTIONS = {"align_train": AlignTrainConfig}
 """The params.yaml sections this stage reads (its dvc.yaml `params:`)."""
 LOG_EVERY = 10
 """Steps between train-loss logs to the tracker."""
+PROBE_FRACTION = 4
+"""The precision probe times forward + backward on this fraction of a batch."""
 PAIRS_FILE = "pairs.parquet"
 PAIR_COLUMNS = ("text", "query", "code", "module", "split")
 """What training reads of the align_data pairs table."""
@@ -277,7 +279,10 @@ def fit(net: DualEncoderNet, pairs: Pairs, cfg: AlignTrainConfig, rt: Runtime, t
     net.to(rt.device).train()
     loss_of = contrastive_loss(net, pairs, tokenizers, rt.device)
     rng = np.random.default_rng(cfg.seed)
-    probe = probe_cpu_precision(rt, cfg.precision, net, lambda: loss_of(_batches(pairs, cfg, rng)[0]), "align_train")
+    rows, negs = _batches(pairs, cfg, rng)[0]
+    few = max(2, len(rows) // PROBE_FRACTION)  # a part of a batch: the probe's 12 passes come out of the budget
+    sample = (rows[:few], None if negs is None else negs[:few])
+    probe = probe_cpu_precision(rt, cfg.precision, net, lambda: loss_of(sample), "align_train")
     train_rt = rt.with_precision(probe.chosen)
     tracker.log_params({"align_train.precision": probe.chosen, "align_train.precision_probe": probe.reason})
     heads = {name: cfg.head_lr_scale for name, _ in net.named_parameters() if not name.startswith("trunks.")}
