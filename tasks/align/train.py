@@ -284,7 +284,7 @@ def fit(net: DualEncoderNet, pairs: Pairs, cfg: AlignTrainConfig, rt: Runtime, t
     sample = (rows[:few], None if negs is None else negs[:few])
     probe = probe_cpu_precision(rt, cfg.precision, net, lambda: loss_of(sample), "align_train")
     train_rt = rt.with_precision(probe.chosen)
-    tracker.log_params({"align_train.precision": probe.chosen, "align_train.precision_probe": probe.reason})
+    tracker.set_tags({"lmforge.precision": probe.chosen, "lmforge.precision_probe": probe.reason[:250]})
     heads = {name: cfg.head_lr_scale for name, _ in net.named_parameters() if not name.startswith("trunks.")}
     opt = build_optimizer(net, cfg, rt.device, heads)
     total = math.ceil(len(pairs.texts) / cfg.batch_size) * cfg.epochs
