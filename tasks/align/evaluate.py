@@ -9,8 +9,8 @@ with split test; the gold is the item with the pair's id) by
 Code -> text (`code_to_text`): each test pair's code searches all test queries. Ranks count ties against the gold
 (tasks/align/retrieval.py). Every score has a 95% paired bootstrap interval over queries (`<metric>_ci95`), and the
 differences dense - BM25, hybrid - BM25 (MRR) and dense - int8 (`int8_mrr_drop`) are paired over the same queries.
-`served_mode`: `dense` only when its MRR is significantly above the hybrid's (the interval of the difference lies
-above 0), else `hybrid`.
+`served_mode`: what the service answers /search with by default — the best of dense, BM25 and the hybrid by MRR on
+the validation files (not the test files: the test scores stay an unbiased estimate of what is served).
 
 Zero-shot: the clean labeled set's test rows (functions) by the nearest label description (tasks/align/labels.py,
 text tower) to the function's code vector; the linear probe: logistic regression on frozen code vectors of the
@@ -67,12 +67,14 @@ INDEX_FIGURES = ("index_recall_at_10", "index_build_s", "index_size_mb")
 PREFIX = {"dense": "", "code_to_text": "code_to_text_", "bm25": "bm25_", "tfidf": "tfidf_", "hybrid": "hybrid_"}
 PREFIX |= {"int8": "int8_"}
 """Each system's prefix of its metrics (the dense model's are unprefixed)."""
+SERVED_MODES = ("hybrid", "dense", "bm25")
+"""The search modes served_mode chooses from; a tie in validation MRR goes to the earlier."""
 ALIGN_KEYS = (
     "recall_at_1, recall_at_10, mrr, code_to_text_recall_at_1, code_to_text_recall_at_10, code_to_text_mrr, "
     "bm25_recall_at_1, bm25_recall_at_10, bm25_mrr, tfidf_recall_at_10, tfidf_mrr, hybrid_recall_at_1, "
     "hybrid_recall_at_10, hybrid_mrr, zero_shot_accuracy, zero_shot_macro_f1, linear_probe_accuracy, "
     "linear_probe_macro_f1, int8_mrr, int8_recall_at_10, int8_mrr_drop, encoder_size_mb, int8_size_mb, "
-    "index_recall_at_10, index_build_s, index_size_mb, served_mode, queries, pool, encoder_sha256, "
+    "index_recall_at_10, index_build_s, index_size_mb, served_mode, served_mode_reason, queries, pool, encoder_sha256, "
     "dense_minus_bm25_mrr, hybrid_minus_bm25_mrr, index_sha256"
 ).split(", ")
 """metrics/align.json's keys (each with its `<key>_ci95` interval where it has one); promotion reads the paired
@@ -92,19 +94,43 @@ def ranked(scores_: np.ndarray, gold: np.ndarray) -> Ranked:
     return Ranked(gold_ranks(scores_, gold), ranking(scores_, gold, 10))
 
 
-def retrieve(encoder: Encoder, int8: Encoder, pool: QueryPool, cfg: AlignEvaluateConfig) -> dict[str, Ranked]:
-    """Every system's ranks on the pool: dense, code_to_text, bm25, tfidf, hybrid and int8 (the `int8` encoder)."""
+def searched(encoder: Encoder, pool: QueryPool, cfg: AlignEvaluateConfig) -> tuple[dict[str, Ranked], np.ndarray]:
+    """The search modes the service offers (dense, bm25 and their hybrid) ranked on `pool`, and the text and code
+    vectors (`text`, `code` rows of one array each, returned as a pair)."""
     queries, codes, gold = pool.queries["query"].tolist(), pool.items["code"].tolist(), pool.gold
     text = encoder.embed(queries, "text", cfg.batch_size)
     code = encoder.embed(codes, "code", cfg.batch_size)
     dense, bm25 = text @ code.T, bm25_scores(codes, queries, cfg.bm25_k1, cfg.bm25_b)
-    own = np.arange(len(gold))  # code -> text: pair i's code (item gold[i]) finds query i among all queries
-    systems = {"dense": ranked(dense, gold), "code_to_text": ranked(code[gold] @ text.T, own)}
-    systems |= {"bm25": ranked(bm25, gold), "tfidf": ranked(tfidf_scores(codes, queries), gold)}
     depth = min(cfg.hybrid_depth, len(codes))
-    systems["hybrid"] = Ranked(*fused_ranks(ranking(dense, gold, depth), ranking(bm25, gold, depth), gold))
+    hybrid = Ranked(*fused_ranks(ranking(dense, gold, depth), ranking(bm25, gold, depth), gold))
+    return {"dense": ranked(dense, gold), "bm25": ranked(bm25, gold), "hybrid": hybrid}, (text, code)
+
+
+def retrieve(encoder: Encoder, int8: Encoder, pool: QueryPool, cfg: AlignEvaluateConfig) -> dict[str, Ranked]:
+    """Every system's ranks on the pool: dense, code_to_text, bm25, tfidf, hybrid and int8 (the `int8` encoder)."""
+    systems, (text, code) = searched(encoder, pool, cfg)
+    queries, codes, gold = pool.queries["query"].tolist(), pool.items["code"].tolist(), pool.gold
+    own = np.arange(len(gold))  # code -> text: pair i's code (item gold[i]) finds query i among all queries
+    systems |= {"code_to_text": ranked(code[gold] @ text.T, own), "tfidf": ranked(tfidf_scores(codes, queries), gold)}
     systems["int8"] = ranked(dense_scores(int8, pool, cfg.batch_size), gold)
     return systems
+
+
+def served_choice(encoder: Encoder, val: QueryPool | None, cfg: AlignEvaluateConfig) -> dict:
+    """The search mode the service answers with: the best validation MRR of dense, BM25 and their hybrid (a tie goes
+    to the earlier of SERVED_MODES). Chosen on the validation files, so the test scores stay an unbiased estimate of
+    what is served; without validation pairs, the hybrid."""
+    if val is None:
+        return {"served_mode": SERVED_MODES[0], "served_mode_reason": "no validation pairs: the hybrid by default"}
+    systems, _ = searched(encoder, val, cfg)
+    mrr = {m: round(float(per_query(systems[m].ranks)["mrr"].mean()), 4) for m in SERVED_MODES}
+    mode = max(SERVED_MODES, key=lambda m: (mrr[m], -SERVED_MODES.index(m)))
+    shown = ", ".join(f"{m} {v:.4f}" for m, v in mrr.items())
+    return {
+        "served_mode": mode,
+        "served_mode_reason": f"best validation MRR ({shown}; {len(val.queries)} queries over {len(val.items)} items)",
+        **{f"val_{m}_mrr": v for m, v in mrr.items()},
+    }
 
 
 def retrieval_metrics(systems: dict[str, Ranked], resamples: Resamples) -> dict:
@@ -121,7 +147,6 @@ def retrieval_metrics(systems: dict[str, Ranked], resamples: Resamples) -> dict:
         "int8_mrr_drop": ("dense", "int8"),
     }.items():
         out[key], out[f"{key}_ci95"] = paired_difference(mrr[a], mrr[b], idx)
-    out["served_mode"] = "dense" if out["dense_minus_hybrid_mrr_ci95"][0] > 0 else "hybrid"
     return out
 
 
@@ -237,11 +262,20 @@ def align_metrics(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k in ALIGN_KEYS or k.removesuffix("_ci95") in ALIGN_KEYS}
 
 
+def validation_pool(folder: Path) -> QueryPool | None:
+    """The validation pairs and items, or None when there are none (your data may have no validation split)."""
+    try:
+        return load_pool(folder, "val")
+    except UserError:
+        return None
+
+
 def run(cfg: AlignEvaluateConfig, paths: Paths, tracker: Tracker | None = None) -> dict:
     tracker = tracker or NullTracker()
     encoder = load_encoder(paths.align_model)
     figures = index_figures(paths.align_index, encoder.version)
     metrics, table = evaluate(encoder, load_pool(paths.align_data), read_parquet(paths.clean_labeled), cfg)
+    metrics |= served_choice(encoder, validation_pool(Path(paths.align_data)), cfg)
     metrics |= figures | {
         "encoder_sha256": tree_sha256(paths.align_model),  # the whole bundle and index, as promotion checks them
         "index_sha256": tree_sha256(paths.align_index),

@@ -51,23 +51,23 @@ class QueryPool:
     gold: np.ndarray
 
 
-def query_pool(pairs: pd.DataFrame, items: pd.DataFrame, where: Path) -> QueryPool:
-    """The test pairs and the test items (of the align data in `where`); each pair's gold item must be in the pool."""
-    queries = pairs[pairs["split"] == "test"].reset_index(drop=True)
-    pool = items[items["split"] == "test"].reset_index(drop=True)
+def query_pool(pairs: pd.DataFrame, items: pd.DataFrame, where: Path, split: str = "test") -> QueryPool:
+    """The pairs and the items of `split` (of the align data in `where`); each pair's gold item must be in the pool."""
+    queries = pairs[pairs["split"] == split].reset_index(drop=True)
+    pool = items[items["split"] == split].reset_index(drop=True)
     if queries.empty:
-        raise UserError(f"{where}: no test pairs to evaluate")
+        raise UserError(f"{where}: no {split} pairs to evaluate")
     row = pd.Series(np.arange(len(pool)), index=pool["id"])
     missing = sorted(set(queries["id"]) - set(pool["id"]))
     if missing:
-        raise UserError(f"{where}: {len(missing)} test pairs have no test item (e.g. id {missing[0]!r})")
+        raise UserError(f"{where}: {len(missing)} {split} pairs have no {split} item (e.g. id {missing[0]!r})")
     return QueryPool(queries, pool, row.loc[queries["id"]].to_numpy())
 
 
-def load_pool(folder: Path | str) -> QueryPool:
-    """The test pool of the align data in `folder` (paths.align_data)."""
+def load_pool(folder: Path | str, split: str = "test") -> QueryPool:
+    """The `split` pool of the align data in `folder` (paths.align_data)."""
     folder = Path(folder)
-    return query_pool(read_parquet(folder / PAIRS), read_parquet(folder / ITEMS), folder)
+    return query_pool(read_parquet(folder / PAIRS), read_parquet(folder / ITEMS), folder, split)
 
 
 def dense_scores(encoder: Encoder, pool: QueryPool, batch_size: int) -> np.ndarray:

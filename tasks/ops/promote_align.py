@@ -117,6 +117,9 @@ def bm25_gate(cfg: PromoteAlignConfig, evaluation: dict) -> Gate:
     """The served mode (dense or hybrid) against BM25 on the same test queries: `better` needs the 95% interval of
     the MRR difference above 0, `not_worse` fails only when it is below 0, `report` shows it."""
     mode = evaluation.get("served_mode", "hybrid")
+    if mode == "bm25":
+        why = f"the served mode is BM25 itself ({evaluation.get('served_mode_reason', 'chosen on validation')})"
+        return Gate("beats_bm25", True, why, cfg.baselines != "report", {"mode": mode})
     versus = _versus(evaluation, mode)
     if versus is None:
         return Gate("beats_bm25", False, f"metrics/align.json has no {mode}_minus_bm25_mrr with its _ci95 interval")

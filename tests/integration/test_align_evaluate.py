@@ -71,7 +71,10 @@ def test_run_scores_every_system_and_writes_its_outputs(tmp_path):
     for p in ("", "code_to_text_", "bm25_", "hybrid_", "tfidf_", "int8_"):
         lo, hi = metrics[f"{p}mrr_ci95"]
         assert 0 <= lo <= metrics[f"{p}mrr"] <= hi <= 1
-    assert metrics["served_mode"] in ("dense", "hybrid") and metrics["int8_size_mb"] < metrics["encoder_size_mb"]
+    assert (
+        metrics["served_mode"] in ("dense", "bm25", "hybrid") and metrics["int8_size_mb"] < metrics["encoder_size_mb"]
+    )
+    assert metrics["served_mode_reason"].startswith(("best validation MRR", "no validation pairs"))
     assert metrics["zero_shot_accuracy"] is not None and metrics["linear_probe_accuracy"] is not None
     rankings = pd.read_parquet(paths.align_evaluation / RANKINGS)
     assert len(rankings) == 6 * len(test)

@@ -21,6 +21,7 @@ from tasks.align.evaluate import (
     index_figures,
     label_metrics,
     report,
+    served_choice,
 )
 from tasks.align.labels import DESCRIPTIONS, description
 from tasks.align.retrieval import (
@@ -187,12 +188,14 @@ def test_evaluate_scores_every_system_and_align_json_has_every_key(tmp_path):
     figures = index_figures(tmp_path, "bow")
     assert figures["index_recall_at_10"] == 0.99 and figures["index_size_mb"] == 0.0  # a 1 kB folder
     metrics |= figures | {"encoder_sha256": "e", "index_sha256": "i"}
+    metrics |= served_choice(BagOfWords(), pool, AlignEvaluateConfig())
     out = align_metrics(metrics)
     assert set(ALIGN_KEYS) <= set(out)
     assert {k.removesuffix("_ci95") for k in out} == set(ALIGN_KEYS)
     assert metrics["queries"] == 6 and metrics["pool"] == 7 and metrics["encoder_version"] == "bow"
     assert metrics["mrr"] == 1.0 and metrics["code_to_text_mrr"] == 1.0  # each query names its function
-    assert metrics["served_mode"] == "hybrid"  # dense is not significantly above the hybrid
+    assert metrics["served_mode"] == "hybrid"  # every mode finds each function first here: a tie goes to the hybrid
+    assert served_choice(BagOfWords(), None, AlignEvaluateConfig())["served_mode"] == "hybrid"
     assert metrics["int8_size_mb"] < metrics["encoder_size_mb"]
     assert len(table) == 6 * 6 and set(table["system"]) == {"dense", "code_to_text", "bm25", "tfidf", "hybrid", "int8"}
     dense = table[table["system"] == "dense"]

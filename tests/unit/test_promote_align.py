@@ -56,3 +56,8 @@ def test_index_gate_needs_the_configured_recall(recall: float, passed: bool) -> 
 
 def test_index_gate_fails_when_recall_was_not_measured() -> None:
     assert not index_gate(PromoteAlignConfig(), evaluation(0.0, -0.1, 0.1, recall=None)).passed
+
+
+def test_bm25_gate_passes_when_bm25_itself_is_served() -> None:
+    gate = bm25_gate(PromoteAlignConfig(baselines="better"), {"served_mode": "bm25", "served_mode_reason": "best val"})
+    assert gate.passed and "BM25 itself" in gate.reason
