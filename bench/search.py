@@ -3,6 +3,7 @@
     make pipeline                                  # builds the encoder and the index (or: dvc repro align_index)
     python bench/search.py                         # or: lmforge bench search
     python bench/search.py --parts index --synthetic 0      # the default corpus only, no 1M-vector build
+                                                   # (the 1M build alone took over 20 CPU-minutes on 2 cores)
     python bench/search.py --parts backends --synthetic 1000000   # usearch vs faiss-cpu (faiss-cpu installed)
 
 Parts (`--parts`, comma-separated; each is one function `part_<name>(args) -> (rows, numbers)` in PARTS):
