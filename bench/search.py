@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -41,6 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.search_index import VECTORS, HnswParams, SearchIndex, build_graph, top_k  # noqa: E402
 from tasks.align.index import ITEMS_FILE, hnsw_params, recall_at_k  # noqa: E402
 from tasks.shared.config.params import load_params  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from search_http import part_http  # noqa: E402
 
 DEFAULT_ITEMS = 16_500
 """Random vectors standing in for the default corpus when neither an index nor items.parquet exists."""
@@ -179,7 +182,9 @@ def part_index(args, params) -> tuple[list, dict]:
     default = in_fresh_process(measure_build, "usearch", source, settings, args.threads)
     rows, numbers = build_rows("default corpus", default), {"default": {**default, "vectors_from": what}}
     if args.synthetic:
-        synthetic = in_fresh_process(measure_build, "usearch", args.synthetic, settings, args.threads)
+        big = replace(settings, connectivity=args.synthetic_connectivity or settings.connectivity)
+        big = replace(big, ef_construction=args.synthetic_ef_construction or settings.ef_construction)
+        synthetic = in_fresh_process(measure_build, "usearch", args.synthetic, big, args.threads)
         rows += build_rows("synthetic", synthetic)
         numbers["synthetic"] = synthetic
     latency_rows, latency = query_latency(params.paths, load_encoder_if_any(params.paths, args.threads))
@@ -215,7 +220,7 @@ def part_backends(args, params) -> tuple[list, dict]:
     return rows, numbers
 
 
-PARTS = {"index": part_index, "embed": part_embed, "backends": part_backends}
+PARTS = {"index": part_index, "embed": part_embed, "backends": part_backends, "http": part_http}
 
 
 def main() -> None:
@@ -223,6 +228,13 @@ def main() -> None:
     parser.add_argument("--parts", default="index,embed", help=f"comma-separated, of: {', '.join(PARTS)}")
     parser.add_argument("--synthetic", type=int, default=1_000_000, help="random vectors of the big build (0: none)")
     parser.add_argument("--threads", type=int, default=2, help="build threads (and torch threads)")
+    parser.add_argument(
+        "--synthetic-connectivity", type=int, default=0, help="HNSW M of the synthetic build (0: align_index's)"
+    )
+    parser.add_argument(
+        "--synthetic-ef-construction", type=int, default=0, help="HNSW ef_construction of the synthetic build (0: ...)"
+    )
+    parser.add_argument("--http-seconds", type=float, default=10.0, help="seconds per concurrency level of `http`")
     args = parser.parse_args()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     if unknown := [p for p in parts if p not in PARTS]:
