@@ -40,7 +40,8 @@ KIND = "dual_encoder"
 """`kind` in config.json."""
 KINDS = ("text", "code")
 """What a tower reads: natural language or code."""
-POOLINGS = ("mean", "last")
+POOLINGS = ("mean", "last", "mean_lexical")
+"""`mean_lexical` = `mean` concatenated with the mean of the input token embeddings (a lexical path)."""
 WEIGHTS = "encoder.safetensors"
 INIT_TEMPERATURE = 0.07
 """CLIP's initial softmax temperature: logit_scale starts at log(1 / 0.07)."""
@@ -105,8 +106,9 @@ class DualEncoderNet(nn.Module):
         self.trunks = nn.ModuleDict({name: GPT(cfg.gpt) for name in names})
         for trunk in self.trunks.values():
             trunk.lm_head = nn.Identity()  # an encoder predicts no tokens (the LM head was tied to the embeddings)
-        self.heads = nn.ModuleDict({kind: nn.Linear(cfg.gpt.n_embd, cfg.dim) for kind in KINDS})
-        first = torch.randn(cfg.dim, cfg.gpt.n_embd) * cfg.gpt.n_embd**-0.5
+        width = cfg.gpt.n_embd * (2 if cfg.pooling == "mean_lexical" else 1)
+        self.heads = nn.ModuleDict({kind: nn.Linear(width, cfg.dim) for kind in KINDS})
+        first = torch.randn(cfg.dim, width) * width**-0.5
         for head in self.heads.values():  # both start as one projection: text and code begin in one space
             head.weight.data.copy_(first)
             nn.init.zeros_(head.bias)
@@ -135,6 +137,9 @@ class DualEncoderNet(nn.Module):
         else:
             m = mask.to(h.dtype)[..., None]  # (B, T, 1)
             pooled = (h * m).sum(1) / lengths[:, None].to(h.dtype)  # (B, C)
+        if self.config.pooling == "mean_lexical":  # the words themselves: a docstring's words recur in identifiers
+            e = self.trunk(kind).wte(ids).to(h.dtype)  # (B, T, C)
+            pooled = torch.cat([pooled, (e * m).sum(1) / lengths[:, None].to(h.dtype)], -1)  # (B, 2C)
         return F.normalize(self.heads[check_kind(kind)](pooled).float(), dim=-1)  # (B, dim)
 
 
