@@ -3,8 +3,9 @@
 Each tower is the trunk (shared by both kinds, or one copy per kind), a pooling step over the real (non-pad)
 tokens and a linear projection to `dim`, L2-normalised, so a dot product is a cosine. The trunk is causal: `mean`
 pooling averages every token's state, `last` takes the state of the last real token (the only one that has read
-the whole text). Training (tasks/align/train.py) compares the towers with CLIP's symmetric InfoNCE at the learnable
-temperature `exp(-logit_scale)`.
+the whole text), `mean_lexical` puts the mean of the input token embeddings beside `mean` (the projection reads
+both: a lexical path). Training (tasks/align/train.py) compares the towers with CLIP's symmetric InfoNCE at the
+learnable temperature `exp(-logit_scale)`.
 
 Texts are tokenized by the project's tokenizer (models/tokenizer.py) with `tokenizers`' own truncation and padding,
 at `max_text_length` / `max_code_length` tokens per kind.
