@@ -3,8 +3,9 @@
 Each tower is the trunk (shared by both kinds, or one copy per kind), a pooling step over the real (non-pad)
 tokens and a linear projection to `dim`, L2-normalised, so a dot product is a cosine. The trunk is causal: `mean`
 pooling averages every token's state, `last` takes the state of the last real token (the only one that has read
-the whole text). Training (tasks/align/train.py) compares the towers with CLIP's symmetric InfoNCE at the learnable
-temperature `exp(-logit_scale)`.
+the whole text), `mean_lexical` puts the mean of the input token embeddings beside `mean` (the projection reads
+both: a lexical path). Training (tasks/align/train.py) compares the towers with CLIP's symmetric InfoNCE at the
+learnable temperature `exp(-logit_scale)`.
 
 Texts are tokenized by the project's tokenizer (models/tokenizer.py) with `tokenizers`' own truncation and padding,
 at `max_text_length` / `max_code_length` tokens per kind.
@@ -40,7 +41,8 @@ KIND = "dual_encoder"
 """`kind` in config.json."""
 KINDS = ("text", "code")
 """What a tower reads: natural language or code."""
-POOLINGS = ("mean", "last")
+POOLINGS = ("mean", "last", "mean_lexical")
+"""`mean_lexical` = `mean` concatenated with the mean of the input token embeddings (a lexical path)."""
 WEIGHTS = "encoder.safetensors"
 INIT_TEMPERATURE = 0.07
 """CLIP's initial softmax temperature: logit_scale starts at log(1 / 0.07)."""
@@ -105,8 +107,9 @@ class DualEncoderNet(nn.Module):
         self.trunks = nn.ModuleDict({name: GPT(cfg.gpt) for name in names})
         for trunk in self.trunks.values():
             trunk.lm_head = nn.Identity()  # an encoder predicts no tokens (the LM head was tied to the embeddings)
-        self.heads = nn.ModuleDict({kind: nn.Linear(cfg.gpt.n_embd, cfg.dim) for kind in KINDS})
-        first = torch.randn(cfg.dim, cfg.gpt.n_embd) * cfg.gpt.n_embd**-0.5
+        width = cfg.gpt.n_embd * (2 if cfg.pooling == "mean_lexical" else 1)
+        self.heads = nn.ModuleDict({kind: nn.Linear(width, cfg.dim) for kind in KINDS})
+        first = torch.randn(cfg.dim, width) * width**-0.5
         for head in self.heads.values():  # both start as one projection: text and code begin in one space
             head.weight.data.copy_(first)
             nn.init.zeros_(head.bias)
@@ -135,6 +138,9 @@ class DualEncoderNet(nn.Module):
         else:
             m = mask.to(h.dtype)[..., None]  # (B, T, 1)
             pooled = (h * m).sum(1) / lengths[:, None].to(h.dtype)  # (B, C)
+        if self.config.pooling == "mean_lexical":  # the words themselves: a docstring's words recur in identifiers
+            e = self.trunk(kind).wte(ids).to(h.dtype)  # (B, T, C)
+            pooled = torch.cat([pooled, (e * m).sum(1) / lengths[:, None].to(h.dtype)], -1)  # (B, 2C)
         return F.normalize(self.heads[check_kind(kind)](pooled).float(), dim=-1)  # (B, dim)
 
 

@@ -77,22 +77,40 @@ def _sample(df: pd.DataFrame, cap: int, seed: int) -> pd.DataFrame:
 
 
 @dataclass
-class Pairs:
-    """Training pairs as the loss reads them: texts, codes, the module index of each (N,) and the tokens the
-    towers read of each text and code (N,) (for the throughput meter)."""
+class Tokens:
+    """Texts of one kind tokenized once: right-padded ids (N, T) and the real tokens of each row (N,) (at least
+    one: an empty text reads as one pad token, as in `encode`)."""
 
-    texts: list[str]
-    codes: list[str]
+    ids: torch.Tensor
+    lengths: torch.Tensor
+
+    @classmethod
+    def of(cls, tokenizer, texts: list[str]) -> "Tokens":
+        ids, mask = encode(tokenizer, texts)
+        return cls(ids, mask.sum(1))
+
+    def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ids and mask (B, T) of `rows`, padded to the longest of them only."""
+        lengths = self.lengths[rows]
+        longest = int(lengths.max())
+        mask = torch.arange(longest)[None, :] < lengths[:, None]
+        return self.ids[rows, :longest], mask
+
+
+@dataclass
+class Pairs:
+    """Training pairs as the loss reads them, tokenized once: the text and code tokens and the module index of each
+    pair (N,)."""
+
+    text: Tokens
+    code: Tokens
     modules: np.ndarray
-    text_tokens: np.ndarray
-    code_tokens: np.ndarray
 
     @classmethod
     def of(cls, df: pd.DataFrame, tokenizers: dict) -> "Pairs":
-        texts, codes = df["text"].tolist(), df["code"].tolist()
         modules = np.asarray(pd.factorize(df["module"])[0], dtype=np.int64)
-        counts = [encode(tokenizers[kind], xs)[1].sum(1).numpy() for kind, xs in (("text", texts), ("code", codes))]
-        return cls(texts, codes, modules, *counts)
+        text, code = (Tokens.of(tokenizers[kind], df[kind].tolist()) for kind in ("text", "code"))
+        return cls(text, code, modules)
 
 
 def module_batches(modules: np.ndarray, batch_size: int, group: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -118,15 +136,14 @@ def module_partners(modules: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return partners
 
 
-def contrastive_loss(net: DualEncoderNet, pairs: Pairs, tokenizers: dict, device):
+def contrastive_loss(net: DualEncoderNet, pairs: Pairs, device):
     """`loss_of` for `train_step`: a batch (rows, hard-negative rows or None) -> symmetric InfoNCE."""
 
     def loss_of(batch: tuple[np.ndarray, np.ndarray | None]) -> torch.Tensor:
         rows, negs = batch
-        texts = [pairs.texts[r] for r in rows]
-        codes = [pairs.codes[r] for r in (rows if negs is None else np.concatenate([rows, negs]))]
-        t = net(*(x.to(device) for x in encode(tokenizers["text"], texts)), "text")  # (B, dim)
-        c = net(*(x.to(device) for x in encode(tokenizers["code"], codes)), "code")  # (B [+ B], dim)
+        codes = rows if negs is None else np.concatenate([rows, negs])
+        t = net(*(x.to(device) for x in pairs.text.batch(rows)), "text")  # (B, dim)
+        c = net(*(x.to(device) for x in pairs.code.batch(codes)), "code")  # (B [+ B], dim)
         return clip_loss(t, c[: len(rows)], net.scale(), None if negs is None else c[len(rows) :])
 
     return loss_of
@@ -210,7 +227,7 @@ def run(cfg: AlignTrainConfig, paths: Paths, tracker: Tracker | None = None) -> 
     bm25 = mrr(bm25_ranks(val_scoring[0], val_scoring[1]))
     rt = setup_runtime(cfg)
     tokenizers = {kind: kind_tokenizer(paths.tokenizer, net_cfg.max_length(kind)) for kind in ("text", "code")}
-    fitted = fit(net, Pairs.of(train, tokenizers), cfg, rt, tracker, (tokenizers, val_scoring))
+    fitted = fit(net, Pairs.of(train, tokenizers), cfg, rt, tracker, val_scoring)
     best = fitted.history[fitted.best_epoch - 1]
     result = AlignTrainResult(
         train_pairs=len(train),
@@ -270,14 +287,13 @@ def _batches(pairs: Pairs, cfg: AlignTrainConfig, rng: np.random.Generator) -> l
     ]
 
 
-def fit(net: DualEncoderNet, pairs: Pairs, cfg: AlignTrainConfig, rt: Runtime, tracker: Tracker, inputs) -> Fitted:
-    """Train for `cfg.epochs`, keep the epoch with the best validation MRR; `inputs` = (tokenizers by kind,
-    validation (queries, pool, tokenizer file))."""
+def fit(net: DualEncoderNet, pairs: Pairs, cfg: AlignTrainConfig, rt: Runtime, tracker: Tracker, scoring) -> Fitted:
+    """Train for `cfg.epochs`, keep the epoch with the best validation MRR; `scoring` = validation (queries, pool,
+    tokenizer file)."""
     from tqdm import tqdm
 
-    tokenizers, scoring = inputs
     net.to(rt.device).train()
-    loss_of = contrastive_loss(net, pairs, tokenizers, rt.device)
+    loss_of = contrastive_loss(net, pairs, rt.device)
     rng = np.random.default_rng(cfg.seed)
     rows, negs = _batches(pairs, cfg, rng)[0]
     few = max(2, len(rows) // PROBE_FRACTION)  # a part of a batch: the probe's 12 passes come out of the budget
@@ -287,7 +303,7 @@ def fit(net: DualEncoderNet, pairs: Pairs, cfg: AlignTrainConfig, rt: Runtime, t
     tracker.set_tags({"lmforge.precision": probe.chosen, "lmforge.precision_probe": probe.reason[:250]})
     heads = {name: cfg.head_lr_scale for name, _ in net.named_parameters() if not name.startswith("trunks.")}
     opt = build_optimizer(net, cfg, rt.device, heads)
-    total = math.ceil(len(pairs.texts) / cfg.batch_size) * cfg.epochs
+    total = math.ceil(len(pairs.modules) / cfg.batch_size) * cfg.epochs
     meter, history, best, best_state, step, tps = Throughput(rt.device), [], -1.0, None, 0, None
     start = time.perf_counter()
     bar = tqdm(total=total, desc="align_train", unit="step", dynamic_ncols=True)
@@ -324,7 +340,7 @@ def _tokens(batch: tuple, pairs: Pairs) -> int:
     """Tokens the towers read for a batch (its texts, its codes and its hard negatives' codes)."""
     rows, negs = batch
     codes = rows if negs is None else np.concatenate([rows, negs])
-    return int(pairs.text_tokens[rows].sum() + pairs.code_tokens[codes].sum())
+    return int(pairs.text.lengths[rows].sum() + pairs.code.lengths[codes].sum())
 
 
 def main() -> None:

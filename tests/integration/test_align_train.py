@@ -83,6 +83,7 @@ class Recorder(NullTracker):
     def __init__(self) -> None:
         self.losses: list[float] = []
         self.params: dict = {}
+        self.tags: dict = {}
 
     def log_metrics(self, metrics, step=None) -> None:
         if "train_loss" in metrics:
@@ -90,6 +91,9 @@ class Recorder(NullTracker):
 
     def log_params(self, params) -> None:
         self.params |= params
+
+    def set_tags(self, tags) -> None:
+        self.tags |= tags
 
 
 def test_run_trains_writes_a_loadable_bundle_and_measures_mrr_beside_bm25(project, monkeypatch):
@@ -114,7 +118,7 @@ def test_run_trains_writes_a_loadable_bundle_and_measures_mrr_beside_bm25(projec
     assert 0 < m["val_mrr"] <= 1 and 0 < m["val_bm25_mrr"] <= 1
     assert m["val_mrr"] == max(h["val_mrr"] for h in m["history"])  # the best epoch is the one kept
     assert np.isfinite(tracker.losses).all() and np.mean(tracker.losses[-5:]) < np.mean(tracker.losses[:5])
-    assert tracker.params["align_train.precision"] == "fp32"
+    assert tracker.tags["lmforge.precision"] == "fp32" and tracker.params["align_train.trunk_blocks"] >= 1
     encoder = load_encoder(project.align_model)
     assert json.loads((project.align_model / align_train.TRAIN_FILE).read_text())["val_mrr"] == m["val_mrr"]
     pairs = pd.read_parquet(project.align_data / align_train.PAIRS_FILE).query("split == 'val'")

@@ -26,7 +26,7 @@ from models.dual_encoder import (
 from models.errors import ArtifactError
 from models.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, load_tokenizer
 from models.transformer import GPT, tiny
-from tasks.align.train import bm25_ranks, module_batches, module_partners, ranks
+from tasks.align.train import Tokens, bm25_ranks, module_batches, module_partners, ranks
 
 TEXTS = ["Return the parsed header.", "Close the socket and free it.", "", "Split a path into parts."]
 CODES = [
@@ -68,7 +68,7 @@ def make_net(lm: GPT, shared: bool = True, pooling: str = "mean") -> DualEncoder
 
 
 @pytest.mark.parametrize("shared", [True, False])
-@pytest.mark.parametrize("pooling", ["mean", "last"])
+@pytest.mark.parametrize("pooling", ["mean", "last", "mean_lexical"])
 def test_forward_gives_unit_vectors_of_dim_for_both_kinds(parts, shared, pooling):
     file, lm = parts
     net = make_net(lm, shared, pooling)
@@ -220,3 +220,27 @@ def test_ranks_of_dense_and_bm25_put_the_gold_first_when_it_matches_best():
     assert ranks(v, v[::-1].copy()).tolist() == [2, 2, 2, 2]  # another row beats each gold, ties do not count
     got = bm25_ranks(["parse the header", "close socket"], ["def parse_header(): pass", "def close_socket(): pass"])
     assert got.tolist() == [1, 1]
+
+
+def test_pretokenized_batches_match_encoding_the_batch(parts):
+    file, _ = parts
+    tokenizer = kind_tokenizer(file, 24)
+    tokens = Tokens.of(tokenizer, CODES)
+    rows = np.array([1, 0])
+    ids, mask = tokens.batch(rows)
+    want_ids, want_mask = encode(tokenizer, [CODES[r] for r in rows])
+    assert torch.equal(mask, want_mask) and torch.equal(ids[mask], want_ids[want_mask])
+    assert ids.shape == want_ids.shape  # padded to the batch's longest, not the whole set's
+
+
+def test_lexical_pooling_reads_the_input_embeddings(parts):
+    file, lm = parts
+    net = make_net(lm, pooling="mean_lexical").eval()
+    ids, mask = encode(kind_tokenizer(file, 16), TEXTS)
+    head, width = net.heads["text"], lm.config.n_embd
+    assert head.in_features == 2 * width
+    with torch.no_grad():
+        head.weight[:, :width] = 0  # only the mean of the input embeddings is left
+        e = net.trunk("text").wte(ids) * mask[..., None]
+        want = torch.nn.functional.normalize(head(torch.cat([e, e], -1).sum(1) / mask.sum(1, keepdim=True)), dim=-1)
+        torch.testing.assert_close(net(ids, mask, "text"), want)
