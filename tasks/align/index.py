@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from models.search_index import HnswParams, SearchIndex
+from tasks.align.records import ITEM_COLUMNS, ITEMS_FILE, PAIRS_FILE
 from tasks.shared.config.align_index import AlignIndexConfig
 from tasks.shared.config.base import Paths
 from tasks.shared.harness import stage_main
@@ -26,9 +27,6 @@ from tasks.shared.tracking import NullTracker, Tracker
 
 SECTIONS = {"align_index": AlignIndexConfig}
 """The params.yaml sections this stage reads (its dvc.yaml `params:`)."""
-ITEMS_FILE = "items.parquet"
-PAIRS_FILE = "pairs.parquet"
-ITEM_COLUMNS = ["id", "code", "qualname", "source", "line", "snippet", "split"]
 RECALL_K = 10
 CHUNK_ITEMS = 1024
 """Items per embed call: the progress bar moves once per chunk."""

@@ -27,10 +27,10 @@ import pandas as pd
 from sklearn.feature_extraction.text import TfidfVectorizer
 
 from models.search_index import RRF_K, lexical_tokens, reciprocal_rank_fusion
+from tasks.align.records import read_items, read_pairs
 from tasks.shared.config.align_evaluate import AlignEvaluateConfig
 from tasks.shared.config.base import Paths
 from tasks.shared.errors import UserError
-from tasks.shared.io import read_parquet
 from tasks.shared.stats import Resamples, interval
 
 if TYPE_CHECKING:
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 
 CUTOFFS = (1, 10)
 """The k of every recall@k reported."""
-PAIRS, ITEMS = "pairs.parquet", "items.parquet"
 """The align_data stage's tables in paths.align_data."""
 
 
@@ -67,7 +66,7 @@ def query_pool(pairs: pd.DataFrame, items: pd.DataFrame, where: Path, split: str
 def load_pool(folder: Path | str, split: str = "test") -> QueryPool:
     """The `split` pool of the align data in `folder` (paths.align_data)."""
     folder = Path(folder)
-    return query_pool(read_parquet(folder / PAIRS), read_parquet(folder / ITEMS), folder, split)
+    return query_pool(read_pairs(folder), read_items(folder), folder, split)
 
 
 def dense_scores(encoder: Encoder, pool: QueryPool, batch_size: int) -> np.ndarray:

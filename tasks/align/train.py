@@ -21,7 +21,6 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -38,6 +37,7 @@ from models.dual_encoder import (
     write_encoder,
 )
 from models.search_index import lexical_tokens
+from tasks.align.records import read_pairs
 from tasks.shared.config.align_train import AlignTrainConfig
 from tasks.shared.config.base import Paths
 from tasks.shared.engine.optim import build_optimizer, lr_at, set_lr
@@ -54,22 +54,8 @@ LOG_EVERY = 10
 """Steps between train-loss logs to the tracker."""
 PROBE_FRACTION = 4
 """The precision probe times forward + backward on this fraction of a batch."""
-PAIRS_FILE = "pairs.parquet"
-PAIR_COLUMNS = ("text", "query", "code", "module", "split")
-"""What training reads of the align_data pairs table."""
 TRAIN_FILE = "train.json"
 """What training measured, in the bundle."""
-
-
-def read_pairs(folder: Path) -> pd.DataFrame:
-    """The align_data pairs table (`id, text, query, code, qualname, module, source, split`)."""
-    file = Path(folder) / PAIRS_FILE
-    if not file.is_file():
-        raise UserError(f"{file}: no pairs table (run the align_data stage)")
-    pairs = pd.read_parquet(file)
-    if missing := [c for c in PAIR_COLUMNS if c not in pairs.columns]:
-        raise UserError(f"{file}: missing columns {missing}")
-    return pairs
 
 
 def _sample(df: pd.DataFrame, cap: int, seed: int) -> pd.DataFrame:

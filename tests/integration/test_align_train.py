@@ -18,6 +18,7 @@ from models.dual_encoder import load_encoder
 from models.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, load_tokenizer
 from models.transformer import GPT, tiny
 from tasks.align import train as align_train
+from tasks.align.records import PAIRS_FILE
 from tasks.shared.config.align_train import AlignTrainConfig
 from tasks.shared.config.base import Paths
 from tasks.shared.tracking import NullTracker
@@ -69,7 +70,7 @@ def project(tmp_path_factory) -> Paths:
     base = tmp_path_factory.mktemp("align")
     pairs = pairs_table()
     (base / "align_data").mkdir()
-    pairs.to_parquet(base / "align_data" / align_train.PAIRS_FILE, index=False)
+    pairs.to_parquet(base / "align_data" / PAIRS_FILE, index=False)
     train_tokenizer(base / "tokenizer", pairs["text"].tolist() + pairs["code"].tolist())
     torch.manual_seed(0)
     save_lm(GPT(tiny(vocab_size=load_tokenizer(base / "tokenizer").get_vocab_size(), block_size=32)), base / "lm")
@@ -121,6 +122,6 @@ def test_run_trains_writes_a_loadable_bundle_and_measures_mrr_beside_bm25(projec
     assert tracker.tags["lmforge.precision"] == "fp32" and tracker.params["align_train.trunk_blocks"] >= 1
     encoder = load_encoder(project.align_model)
     assert json.loads((project.align_model / align_train.TRAIN_FILE).read_text())["val_mrr"] == m["val_mrr"]
-    pairs = pd.read_parquet(project.align_data / align_train.PAIRS_FILE).query("split == 'val'")
+    pairs = pd.read_parquet(project.align_data / PAIRS_FILE).query("split == 'val'")
     q, c = encoder.embed(pairs["query"].tolist(), "text"), encoder.embed(pairs["code"].tolist(), "code")
     assert align_train.mrr(align_train.ranks(q, c)) == pytest.approx(m["val_mrr"], abs=2e-3)  # what was saved
