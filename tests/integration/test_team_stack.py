@@ -314,7 +314,7 @@ def test_first_retrain_places_stages_survives_a_killed_worker_run_and_promotes_i
     assert killed, "the placed pretrain finished before it could be killed"
     assert first["state"] == "COMPLETED", (first, log_a[-4000:], log_b[-4000:])
     assert "Retrain ran" in first["artifacts"]["lmforge-retrain"]
-    assert "dvc status reports 15 stage(s) out of date" in first["artifacts"]["lmforge-retrain"], first
+    assert "dvc status reports 19 stage(s) out of date" in first["artifacts"]["lmforge-retrain"], first
     assert {"lmforge-evaluation", "lmforge-mlflow-run", "lmforge-model-version", "lmforge-data-docs"} <= set(
         first["artifacts"]
     )
@@ -347,7 +347,7 @@ def test_first_retrain_places_stages_survives_a_killed_worker_run_and_promotes_i
 
     # The records are in PostgreSQL, the files under the server's artifacts destination, none in the project.
     names = stack.sql("mlflow", "SELECT name FROM registered_models ORDER BY name")
-    assert names == [(MODEL,), ("lmforge-extractor",)]  # each task's model, both in PostgreSQL
+    assert names == [(MODEL,), ("lmforge-encoder",), ("lmforge-extractor",)]  # each task's model, all in PostgreSQL
     (runs,) = stack.sql("mlflow", "SELECT count(*) FROM runs")[0]
     assert runs >= 9, runs  # the pipeline run and a nested run per stage
     (locations,) = stack.sql("mlflow", "SELECT array_agg(artifact_location) FROM experiments WHERE name = 'lmforge'")[0]
