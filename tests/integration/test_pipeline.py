@@ -140,7 +140,7 @@ def test_the_encoder_is_registered_with_its_index_and_served_from_the_registry(p
     assert str(mv.version) == "1" and mv.tags["gates"] == "passed", mv.tags
     assert mv.tags["gate.smoke_test"].startswith("pass") and mv.tags["gate.index_recall"].startswith("pass")
     assert mv.tags["gate.beats_bm25"].startswith("not configured")  # TINY_PROJECT reports it
-    assert mv.tags["served_mode"] in ("dense", "hybrid") and int(mv.tags["test_queries"]) > 0
+    assert mv.tags["served_mode"] in ("dense", "bm25", "hybrid") and int(mv.tags["test_queries"]) > 0
     metrics = json.loads((project["dir"] / "metrics" / "align.json").read_text())
     assert mv.tags["encoder_sha256"] == metrics["encoder_sha256"] and mv.tags["index_sha256"] == metrics["index_sha256"]
     source = client.get_model_version_download_uri("lmforge-encoder", mv.version)

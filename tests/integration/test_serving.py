@@ -116,7 +116,7 @@ def test_search_finds_the_function_a_docstring_describes_and_embed_answers(serve
     for query, qualname in zip(test["query"], test["qualname"]):
         status, body = post_json(f"{served['url']}/search", {"query": query, "k": 10})
         assert status == 200, body
-        assert body["mode"] in ("dense", "hybrid") and body["model_version"] == "lmforge-encoder/1"
+        assert body["mode"] in ("dense", "bm25", "hybrid") and body["model_version"] == "lmforge-encoder/1"
         assert len(body["results"]) == 10 and all(
             {"score", "qualname", "source", "line", "snippet"} <= set(r) for r in body["results"]
         )
