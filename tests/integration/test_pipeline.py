@@ -202,7 +202,7 @@ def test_editing_a_config_default_makes_its_readers_stale(project):
         status = json.loads(_dvc(project, "status", "--json", "dvc.yaml").stdout)
     finally:
         f.write_text(original)
-    assert set(status) == {"pretrain", "finetune", "prune", "sparsify", "distill", "kg_train"}, (
+    assert set(status) == {"pretrain", "finetune", "prune", "sparsify", "distill", "kg_train", "align_train"}, (
         status
     )  # the stages that import the module
     assert json.loads(_dvc(project, "status", "--json", "dvc.yaml").stdout) == {}

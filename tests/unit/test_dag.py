@@ -143,7 +143,8 @@ def test_editing_a_config_default_makes_exactly_its_readers_stale(tmp_path):
         "sparsify",
         "distill",
         "kg_train",
-    )  # the training stages (prune, sparsify and distill reuse finetune's recipe; kg_train its loop)
+        "align_train",
+    )  # the training stages (prune, sparsify and distill reuse finetune's recipe; kg_train and align_train its loop)
     assert new == {f"{stage}: tasks/shared/config/training.py changed since dvc.lock was written" for stage in readers}
     params = project / "params.yaml"
     params.write_text(
