@@ -527,15 +527,15 @@ def _kg_registry(uri: str) -> ServedKG:
     return served
 
 
-def _extractor_name() -> str:
-    """params.yaml's tracking.extractor_model (the default name outside a project)."""
+def _registered_name(field: str, default: str) -> str:
+    """params.yaml's `tracking.<field>` (a task's registered model name; `default` outside a project)."""
     from tasks.shared.config.params import load_params
     from tasks.shared.errors import UserError
 
     try:
-        return load_params().tracking.extractor_model
+        return getattr(load_params().tracking, field)
     except UserError:
-        return EXTRACTOR_MODEL_NAME
+        return default
 
 
 def open_kg() -> ServedKG | None:
@@ -557,7 +557,7 @@ def open_kg() -> ServedKG | None:
         return _kg_registry(env)
     if not IN_BENTO:
         try:
-            return _kg_registry(f"models:/{_extractor_name()}@champion")
+            return _kg_registry(f"models:/{_registered_name('extractor_model', EXTRACTOR_MODEL_NAME)}@champion")
         except ModelUnavailable as e:
             if "no registered model" not in str(e) and "not set" not in str(e):
                 raise
@@ -711,17 +711,6 @@ def _workspace_search() -> tuple[Path, Path] | None:
     return Path(paths.align_model), Path(paths.align_index)
 
 
-def _encoder_name() -> str:
-    """params.yaml's tracking.encoder_model (the default name outside a project)."""
-    from tasks.shared.config.params import load_params
-    from tasks.shared.errors import UserError
-
-    try:
-        return load_params().tracking.encoder_model
-    except UserError:
-        return ENCODER_MODEL_NAME
-
-
 def open_search() -> ServedSearch | None:
     """The alignment task to serve: LMFORGE_ENCODER_URI, else `lmforge-encoder@champion`, else the workspace's
     encoder and index; None when there is none (or LMFORGE_ENCODER_URI=off): /search and /embed answer 404 then.
@@ -745,7 +734,7 @@ def open_search() -> ServedSearch | None:
         return ServedSearch(*_load_search(Path(env), index, f"{ENCODER_URI_ENV}={env}"), env, "folder")
     if not IN_BENTO:
         try:
-            return _search_registry(f"models:/{_encoder_name()}@champion")
+            return _search_registry(f"models:/{_registered_name('encoder_model', ENCODER_MODEL_NAME)}@champion")
         except ModelUnavailable as e:
             if "no registered model" not in str(e) and "not set" not in str(e):
                 raise

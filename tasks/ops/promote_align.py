@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from tasks.ops.dag import require_current_evaluation
-from tasks.ops.gates import SPLIT_ARTIFACT, Gate, data_validation_gate
+from tasks.ops.gates import SPLIT_ARTIFACT, Gate, data_validation_gate, trained_sources
 from tasks.ops.lineage import INPUTS_ARTIFACT, PARAMS_ARTIFACT, data_files
 from tasks.ops.promote import Candidate, Decision, lineage, move_aliases, register, tag_version
 from tasks.ops.registry import current_version, override_reason
@@ -196,24 +196,11 @@ def _champion_encoder(name: str, version: str, tmp: Path):
     return load_encoder(Path(local) / "artifacts" / VARIANT)
 
 
-def trained_sources(mv) -> set[str] | None:
-    """Source files of a registered encoder's train and validation pairs (None: not recorded)."""
-    from mlflow.exceptions import MlflowException
-
-    import mlflow
-
-    try:
-        split = mlflow.artifacts.load_dict(f"runs:/{mv.run_id}/{SPLIT_ARTIFACT}")
-    except (MlflowException, OSError, ValueError):
-        return None
-    return set(split.get("sources", {}).get("train", [])) | set(split.get("sources", {}).get("val", []))
-
-
 def _pairs(paths):
     return read_parquet(Path(paths.align_data) / "pairs.parquet", ["id", "source", "split"])
 
 
-def _comparable_queries(paths, trained_on: set[str] | None) -> list[str]:
+def _comparable_queries(paths, trained_on: list[str] | None) -> list[str]:
     """Ids of the candidate's test pairs whose files the champion did not train on."""
     pairs = _pairs(paths)
     test = pairs[pairs["split"] == "test"]

@@ -18,7 +18,7 @@ from pathlib import Path
 from models.files import file_sha256
 from tasks.kg.rdf import GRAPH_FILE
 from tasks.ops.dag import require_current_evaluation
-from tasks.ops.gates import SPLIT_ARTIFACT, Gate, data_validation_gate
+from tasks.ops.gates import SPLIT_ARTIFACT, Gate, data_validation_gate, trained_sources
 from tasks.ops.lineage import INPUTS_ARTIFACT, PARAMS_ARTIFACT, data_files
 from tasks.ops.promote import Candidate, Decision, lineage, move_aliases, register, tag_version
 from tasks.ops.registry import current_version, override_reason
@@ -145,7 +145,7 @@ def regression_gate(cfg: PromoteKgConfig, params: Params, client, champion_mv) -
         champion = _champion_extractor(name, version)
     except Exception as e:  # a champion that cannot be loaded fails the gate with why, never crashes promotion
         return Gate("no_regression", False, f"champion v{version} could not be loaded: {type(e).__name__}: {e}")
-    docs = _comparable_docs(paths, trained_docs(champion_mv))
+    docs = _comparable_docs(paths, trained_sources(champion_mv))
     if len(docs) < cfg.min_comparable_docs:
         return Gate(
             "no_regression",
@@ -187,20 +187,7 @@ def _champion_extractor(name: str, version: str):
         return load_extractor(Path(local) / "artifacts" / VARIANT)
 
 
-def trained_docs(mv) -> set[str] | None:
-    """Source files of a registered extractor's train and validation documents (None: not recorded)."""
-    from mlflow.exceptions import MlflowException
-
-    import mlflow
-
-    try:
-        split = mlflow.artifacts.load_dict(f"runs:/{mv.run_id}/{SPLIT_ARTIFACT}")
-    except (MlflowException, OSError, ValueError):
-        return None
-    return set(split.get("sources", {}).get("train", [])) | set(split.get("sources", {}).get("val", []))
-
-
-def _comparable_docs(paths, trained_on: set[str] | None) -> list[str]:
+def _comparable_docs(paths, trained_on: list[str] | None) -> list[str]:
     """Ids of the candidate's test documents whose files the champion did not train on."""
     docs = read_parquet(Path(paths.kg_data) / "docs.parquet", ["id", "source", "split"])
     test = docs[docs["split"] == "test"]
