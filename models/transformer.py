@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.attention import SparsePattern, attend, dense_mask
 from models.losses import linear_cross_entropy
 from models.sampling import Sampling, decode
 
@@ -43,7 +44,15 @@ class GPTConfig:
     rope_base: float = 10000.0
     """Rotary frequency base."""
     attn_window: int = 0
-    """Sliding-window attention: each token sees at most this many tokens (itself included); 0 = all."""
+    """Sliding-window attention: a token sees the tokens less than this many positions away (a causal one: at most
+    this many, itself included); 0 = all. Sequences longer than 2 windows use the blocked kernel of
+    models/attention.py (linear cost); shorter ones a dense mask."""
+    attn_global: int = 0
+    """With a window: the first n positions are global (attend to and are attended by every token); 1 = the first
+    token, the attention sink of a causal windowed model."""
+    attn_global_last: bool = False
+    """With a window: the last real token of each row is global too (classifiers: the pooling token of
+    `pooling: last`); only where the caller passes lengths."""
     causal: bool = True
     """Causal (decoder, next-token) attention; False = bidirectional (masked-LM encoder)."""
     layer_heads: list[int] = field(default_factory=list)
@@ -64,8 +73,8 @@ class GPTConfig:
             raise ValueError(f"pos_encoding must be one of {POS_ENCODINGS}, got {self.pos_encoding!r}")
         if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError("rope needs an even head size (n_embd / n_head)")
-        if self.attn_window < 0:
-            raise ValueError("attn_window must be >= 0")
+        if self.attn_window < 0 or self.attn_global < 0:
+            raise ValueError("attn_window and attn_global must be >= 0")
         self.layer_heads, self.layer_ffn = [int(h) for h in self.layer_heads], [int(f) for f in self.layer_ffn]
         for name, sizes, top in (
             ("layer_heads", self.layer_heads, self.n_head),
@@ -132,25 +141,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.type_as(x)
 
 
-def attention_mask(
-    T: int, causal: bool, window: int, lengths: torch.Tensor | None, device, start: int = 0
-) -> torch.Tensor | None:
-    """Boolean mask (B or 1, 1, T, start + T), True = may attend, of the T queries at positions start..start+T-1
-    over the keys at positions 0..start+T-1; None when SDPA needs none (plain causal, or one query that sees
-    every key)."""
-    if causal and not window and lengths is None and (start == 0 or T == 1):
-        return None
-    keys = torch.arange(start + T, device=device)
-    rel = keys[start:, None] - keys[None, :]  # query minus key position, (T, start + T)
-    mask = torch.ones(T, start + T, dtype=torch.bool, device=device)
-    if causal:
-        mask &= rel >= 0
-    if window:
-        mask &= rel.abs() < window
-    mask = mask[None, None]  # (1, 1, T, start + T)
-    if lengths is not None and not causal:  # keys past a sequence's length are padding
-        mask = mask & (keys[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, T, T)
-    return mask
+def attention_pattern(
+    cfg: GPTConfig, T: int, lengths: torch.Tensor | None, device, start: int = 0
+) -> torch.Tensor | SparsePattern | None:
+    """How the T queries at positions start.. attend: the blocked kernel's pattern for a long sequence under a
+    window, else a dense mask (None: plain causal). `lengths` (B,) are the rows' real lengths, when known."""
+    glob = None
+    if cfg.attn_window and (cfg.attn_global or (cfg.attn_global_last and lengths is not None)):
+        positions = torch.arange(start + T, device=device)
+        glob = (positions < cfg.attn_global)[None]  # (1, start + T)
+        if cfg.attn_global_last and lengths is not None:
+            glob = glob | (positions[None] == lengths[:, None] - 1)  # (B, start + T)
+    padding = None if cfg.causal else lengths  # causal tokens never see later pads
+    if cfg.attn_window and start == 0 and T > 2 * cfg.attn_window:
+        return SparsePattern(cfg.attn_window, cfg.causal, glob, padding)
+    return dense_mask(T, cfg.causal, cfg.attn_window, glob, padding, device, start)
 
 
 class LayerCache:
@@ -208,7 +213,11 @@ class SelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, rope: tuple | None, cache: LayerCache | None = None
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | SparsePattern | None,
+        rope: tuple | None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         inner = self.n_head * self.head_dim
@@ -218,16 +227,7 @@ class SelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, H, start + T, D): the earlier positions' keys and values too
-        # is_causal only for square attention: SDPA aligns its causal mask top-left, which would hide every
-        # cached key but the first from a single new query
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0,
-        )  # (B, H, T, D)
+        y = attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, inner)  # (B, T, H*D)
         return self.resid_drop(self.proj(y))
 
@@ -255,7 +255,7 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | SparsePattern | None = None,
         rope: tuple | None = None,
         cache: LayerCache | None = None,
     ) -> torch.Tensor:
@@ -300,6 +300,18 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if non_embedding and self.wpe is not None else n
 
+    def extend_positions(self, block_size: int) -> None:
+        """Read up to `block_size` tokens from now on. Learned position embeddings are tiled, Longformer's copy
+        initialisation (position p starts as p mod the old block_size); rotary positions need nothing."""
+        old = self.config.block_size
+        if block_size < old:
+            raise ValueError(f"block_size {block_size} is shorter than the model's {old}")
+        if self.wpe is not None and block_size > old:
+            weight = self.wpe.weight.detach()
+            tiled = weight.repeat(-(-block_size // old), 1)[:block_size]
+            self.wpe = nn.Embedding.from_pretrained(tiled.clone(), freeze=False)
+        self.config.block_size = block_size
+
     def flops_per_token(self) -> int:
         """Training FLOPs per token: 6N + 12·L·H·Q·T (PaLM appendix B; nanoGPT `estimate_mfu`)."""
         c = self.config
@@ -316,9 +328,10 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Final-norm hidden states for token ids `idx` (B, T) -> (B, T, C).
 
-        `lengths` (B,) marks right padding; only a bidirectional trunk needs it (causal tokens never
-        see later pads). With a `cache`, `idx` holds the tokens at positions cache.length.. (their keys and
-        values are added to it) and they attend over the cached positions too.
+        `lengths` (B,) marks right padding: a bidirectional trunk masks the pads, and `attn_global_last` makes
+        each row's last real token global (causal tokens never see later pads). With a `cache`, `idx` holds the
+        tokens at positions cache.length.. (their keys and values are added to it) and they attend over the cached
+        positions too.
         """
         B, T = idx.shape
         c = self.config
@@ -331,7 +344,7 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
         x = self.drop(x)
-        mask = attention_mask(T, c.causal, c.attn_window, None if c.causal else lengths, idx.device, start)
+        mask = attention_pattern(c, T, lengths, idx.device, start)
         rope = rope_tables(T, c.head_dim, c.rope_base, idx.device, start) if c.pos_encoding == "rope" else None
         layers = cache.layers if cache is not None else [None] * len(self.blocks)
         for block, layer_cache in zip(self.blocks, layers):

@@ -17,6 +17,7 @@ SHAPES = {
     "rope": {"pos_encoding": "rope"},
     "learned-window": {"attn_window": 5},
     "rope-window": {"pos_encoding": "rope", "attn_window": 7},
+    "window-global": {"attn_window": 5, "attn_global": 2},
 }
 
 

@@ -292,6 +292,7 @@ CACHE_SHAPES = {
     "rope": {"pos_encoding": "rope"},
     "learned-window": {"attn_window": 5},
     "rope-window": {"pos_encoding": "rope", "attn_window": 7},
+    "window-global": {"attn_window": 5, "attn_global": 2},
     "pruned": {"layer_heads": [1, 2], "layer_ffn": [8, 40]},
 }
 
