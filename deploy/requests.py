@@ -51,7 +51,11 @@ class Limits:
 
     max_items: int = 256
     max_text_chars: int = 20_000
-    max_prompt_chars: int = 4_000
+    """Characters per /classify text: past the longest `max_length` (2,048 tokens); the classifier reads its first
+    `max_length` tokens (GET /metadata)."""
+    max_prompt_chars: int = 16_000
+    """Characters per prompt: room for a 2,048-token context (code runs ~3.5 characters a token); the model reads
+    the last `context_tokens` (GET /metadata) of a longer one."""
     max_new_tokens: int = 256
     max_temperature: float = 2.0
     max_top_k: int = 1_000

@@ -119,6 +119,8 @@ class ServedModel:
             "loaded_at": self.loaded_at,
             "labels": list(self.bundle.labels),
             "can_generate": self.bundle.can_generate,
+            "max_length": self.bundle.max_length,
+            "context_tokens": self.bundle.lm.config.block_size if self.bundle.lm is not None else None,
             "normalize": self.normalize,
             "lineage": {
                 "git_commit": tags.get("git_commit"),

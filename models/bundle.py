@@ -89,6 +89,15 @@ def _tokenizer(file: Path):
         raise ArtifactError(file, f"not a readable tokenizer ({' '.join(str(e).split())[:200]})") from None
 
 
+def reading_like(lm, classifier):
+    """The LM made to read as far as the classifier's trunk does (its length, window and global tokens), so
+    /generate reads a prompt as long as /classify reads a text; unchanged for a 128-token classifier."""
+    trunk = getattr(getattr(classifier, "config", None), "trunk", None)
+    if trunk is not None and lm.config.causal and trunk.block_size > lm.config.block_size and trunk.attn_window:
+        lm.extend_positions(trunk.block_size, trunk.attn_window, trunk.attn_global)
+    return lm
+
+
 def load_parts(tokenizer_file: Path, classifier_dir: Path, lm_dir: Path | None = None) -> Bundle:
     """A Bundle from its parts wherever they lie (stage outputs or a bundle folder)."""
     meta = read_config(classifier_dir)
@@ -98,12 +107,13 @@ def load_parts(tokenizer_file: Path, classifier_dir: Path, lm_dir: Path | None =
         max_length = int(meta["max_length"] if "max_length" in meta else cfg["trunk"]["block_size"])
     except (KeyError, TypeError, ValueError):
         raise ArtifactError(Path(classifier_dir) / CONFIG, "no labels or max_length") from None
+    classifier = load_classifier(classifier_dir)
     return Bundle(
         tokenizer=_tokenizer(Path(tokenizer_file)),
-        classifier=load_classifier(classifier_dir),
+        classifier=classifier,
         labels=labels,
         max_length=max_length,
-        lm=load_lm(lm_dir) if lm_dir is not None else None,
+        lm=reading_like(load_lm(lm_dir), classifier) if lm_dir is not None else None,
         variant=str(meta.get("variant") or ("int8" if meta["kind"] == "classifier-int8" else "fp32")),
     )
 

@@ -146,16 +146,17 @@ def attention_pattern(
 ) -> torch.Tensor | SparsePattern | None:
     """How the T queries at positions start.. attend: the blocked kernel's pattern for a long sequence under a
     window, else a dense mask (None: plain causal). `lengths` (B,) are the rows' real lengths, when known."""
+    window = cfg.attn_window if start + T > cfg.attn_window else 0  # a window over the whole sequence is no window
     glob = None
-    if cfg.attn_window and (cfg.attn_global or (cfg.attn_global_last and lengths is not None)):
+    if window and (cfg.attn_global or (cfg.attn_global_last and lengths is not None)):
         positions = torch.arange(start + T, device=device)
         glob = (positions < cfg.attn_global)[None]  # (1, start + T)
         if cfg.attn_global_last and lengths is not None:
             glob = glob | (positions[None] == lengths[:, None] - 1)  # (B, start + T)
     padding = None if cfg.causal else lengths  # causal tokens never see later pads
-    if cfg.attn_window and start == 0 and T > 2 * cfg.attn_window:
-        return SparsePattern(cfg.attn_window, cfg.causal, glob, padding)
-    return dense_mask(T, cfg.causal, cfg.attn_window, glob, padding, device, start)
+    if window and start == 0 and T > 2 * window:
+        return SparsePattern(window, cfg.causal, glob, padding)
+    return dense_mask(T, cfg.causal, window, glob, padding, device, start)
 
 
 class LayerCache:
@@ -300,9 +301,10 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if non_embedding and self.wpe is not None else n
 
-    def extend_positions(self, block_size: int) -> None:
-        """Read up to `block_size` tokens from now on. Learned position embeddings are tiled, Longformer's copy
-        initialisation (position p starts as p mod the old block_size); rotary positions need nothing."""
+    def extend_positions(self, block_size: int, window: int = 0, n_global: int = 0) -> None:
+        """Read up to `block_size` tokens from now on, with `window`/`n_global` (when given) as `attn_window` and
+        `attn_global`. Learned position embeddings are tiled, Longformer's copy initialisation (position p starts as
+        p mod the old block_size); rotary positions need nothing."""
         old = self.config.block_size
         if block_size < old:
             raise ValueError(f"block_size {block_size} is shorter than the model's {old}")
@@ -311,6 +313,8 @@ class GPT(nn.Module):
             tiled = weight.repeat(-(-block_size // old), 1)[:block_size]
             self.wpe = nn.Embedding.from_pretrained(tiled.clone(), freeze=False)
         self.config.block_size = block_size
+        if window:
+            self.config.attn_window, self.config.attn_global = window, n_global
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token: 6N + 12·L·H·Q·T (PaLM appendix B; nanoGPT `estimate_mfu`)."""

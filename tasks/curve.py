@@ -29,14 +29,13 @@ import pandas as pd
 
 from models.checkpoint import load_lm
 from models.transformer import GPT
-from tasks.shared.classifiers import baseline_model, baseline_recipe, pretrained_classifier
+from tasks.shared.classifiers import baseline_model, baseline_recipe, pretrained_classifier, read_longer
 from tasks.shared.classify import Examples, cap_per_label, encoder, fit, predict, read_labeled, split_rows
 from tasks.shared.config.base import Paths
 from tasks.shared.config.curve import CurveConfig
 from tasks.shared.config.evaluate import EvaluateConfig
 from tasks.shared.config.finetune import FinetuneConfig
 from tasks.shared.engine.runtime import Runtime, device_name, setup_runtime
-from tasks.shared.errors import UserError
 from tasks.shared.harness import stage_main
 from tasks.shared.io import atomic_dir, write_csv
 from tasks.shared.plots import publish, pyplot
@@ -278,11 +277,7 @@ def run(cfg: CurveConfig, ft: FinetuneConfig, ev: EvaluateConfig, paths: Paths, 
     """Train every model on every k and seed, score them on the test split; returns curve.json's content."""
     tracker = tracker or NullTracker()
     require_passed(paths.validation)
-    lm = load_lm(paths.lm)
-    if ft.max_length > lm.config.block_size:
-        raise UserError(
-            f"params.yaml: finetune.max_length: {ft.max_length} exceeds the LM block_size {lm.config.block_size}"
-        )
+    lm = read_longer(load_lm(paths.lm), ft)  # past the LM's block size: sparse attention, tiled positions
     splits = load_splits(paths, ft.max_length)
     rt = setup_runtime(ft)
     tracker.log_params({"device": device_name(rt.device)})

@@ -16,12 +16,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from models.checkpoint import load_lm, write_classifier
-from tasks.shared.classifiers import baseline_model, baseline_recipe, pretrained_classifier
+from tasks.shared.classifiers import baseline_model, baseline_recipe, pretrained_classifier, read_longer
 from tasks.shared.classify import fit, load_examples
 from tasks.shared.config.base import Paths
 from tasks.shared.config.finetune import FinetuneConfig
 from tasks.shared.engine.runtime import device_name, setup_runtime
-from tasks.shared.errors import UserError
 from tasks.shared.harness import stage_main
 from tasks.shared.io import atomic_dir, write_csv
 from tasks.shared.plots import line_chart, publish
@@ -66,11 +65,7 @@ class FinetuneResult:
 def run(cfg: FinetuneConfig, paths: Paths, tracker: Tracker | None = None) -> FinetuneResult:
     tracker = tracker or NullTracker()
     require_passed(paths.validation)
-    lm = load_lm(paths.lm)
-    if cfg.max_length > lm.config.block_size:
-        raise UserError(
-            f"params.yaml: finetune.max_length: {cfg.max_length} exceeds the LM block_size {lm.config.block_size}"
-        )
+    lm = read_longer(load_lm(paths.lm), cfg)  # past the LM's block size: sparse attention, tiled positions
     labels, train, val = load_examples(cfg, paths, cfg.max_length)
     rt = setup_runtime(cfg)
     tracker.log_params({"device": device_name(rt.device)})  # precision: per model, logged by fit (timed under `auto`)

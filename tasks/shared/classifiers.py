@@ -53,6 +53,16 @@ def layer_lr_scales(model: TransformerClassifier, decay: float) -> dict[str, flo
     return scales
 
 
+def read_longer(lm: GPT, cfg: FinetuneConfig) -> GPT:
+    """`lm` made to read `cfg.max_length` tokens when that is past its block size (in place): positions extended
+    (learned ones tiled), sliding-window attention of `cfg.attn_window` with `cfg.attn_global` global tokens."""
+    c = lm.config
+    if cfg.max_length <= c.block_size:
+        return lm
+    lm.extend_positions(cfg.max_length, cfg.attn_window or c.attn_window or c.block_size, cfg.attn_global)
+    return lm
+
+
 def pretrained_classifier(
     lm: GPT, labels: list[str], cfg: FinetuneConfig
 ) -> tuple[TransformerClassifier, dict[str, float] | None, int]:

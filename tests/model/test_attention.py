@@ -130,8 +130,7 @@ def test_extended_positions_are_tiled_and_round_trip(tmp_path):
 def test_a_classifier_reads_past_the_pretrained_block_size():
     trunk = tiny(vocab_size=64, block_size=8)
     lm = GPT(trunk)
-    lm.extend_positions(64)
-    lm.config.attn_window, lm.config.attn_global = 8, 1
+    lm.extend_positions(64, window=8, n_global=1)
     model = TransformerClassifier(ClassifierConfig(trunk=lm.config, labels=["a", "b"]))
     model.trunk.load_state_dict(lm.state_dict())
     logits = model(torch.randint(0, 64, (2, 64)), torch.tensor([64, 30]))

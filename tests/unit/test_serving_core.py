@@ -40,7 +40,7 @@ def test_check_texts_accepts_the_bounds():
     "kwargs, message",
     [
         ({"prompt": " "}, "prompt: empty"),
-        ({"prompt": "x" * (LIMITS.max_prompt_chars + 1)}, "prompt: 4001 characters"),
+        ({"prompt": "x" * (LIMITS.max_prompt_chars + 1)}, f"prompt: {LIMITS.max_prompt_chars + 1} characters"),
         ({"max_new_tokens": 0}, "max_new_tokens: 0, must be 1..256"),
         ({"max_new_tokens": True}, "max_new_tokens: expected an integer"),
         ({"max_new_tokens": 2.5}, "max_new_tokens: expected an integer"),

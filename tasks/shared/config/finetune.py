@@ -20,8 +20,15 @@ class FinetuneConfig(TrainLoop):
     """Linear warmup steps."""
     weight_decay: float = Field(0.01, ge=0)
     """Decoupled weight decay on matrices."""
-    max_length: int = Field(128, ge=8)
-    """Tokens per example (longer texts are truncated; at most the trunk's block size)."""
+    max_length: int = Field(128, ge=8, le=8192)
+    """Tokens per example (longer texts are truncated). Past the LM's block size the trunk reads with sparse
+    attention (`attn_window`, `attn_global`) and its learned positions are tiled (Longformer's initialisation)."""
+    attn_window: int = Field(0, ge=0)
+    """Sliding-window span of a trunk that reads past the LM's block size (0 = the LM's block size, the context it
+    was pretrained on). Unused at max_length <= block size."""
+    attn_global: int = Field(1, ge=0)
+    """Global tokens of such a trunk: the first n positions attend to and are attended by every token (1 = the
+    first token, the causal trunk's attention sink)."""
     pooling: Literal["mean", "last"] = "mean"
     """How token states become one vector."""
     batch_size: int = Field(32, ge=1)
