@@ -1,5 +1,6 @@
 """The classifiers a stage trains, built the way finetune builds them: the pretrained Transformer (its frozen part
-and layer-wise lr) and the baselines from scratch, each with its recipe.
+and layer-wise lr) and the baselines, each with its recipe: from scratch (`scratch`, `cnn`, `gru`), or the
+pretrained Transformer reading at most `LONG_TOKENS` tokens (`short`, the 128-token model).
 
 Shared by finetune (one model each, on every training example) and the learning curve (the same models on
 k examples per label), so that both train exactly the same thing.
@@ -12,8 +13,9 @@ import torch.nn as nn
 
 from models.baselines import CNNClassifier, CNNConfig, GRUClassifier, GRUConfig
 from models.classifier import ClassifierConfig, TransformerClassifier
+from models.tokenizer import LONG_TOKENS
 from models.transformer import GPT, GPTConfig
-from tasks.shared.config.finetune import FinetuneConfig
+from tasks.shared.config.finetune import SHORT_BASELINE, FinetuneConfig
 from tasks.shared.errors import UserError
 
 
@@ -82,13 +84,30 @@ def baseline_model(name: str, cfg: FinetuneConfig, trunk: GPTConfig, labels: lis
     raise ValueError(f"unknown baseline {name!r}")
 
 
+def build_baseline(
+    name: str, recipe: FinetuneConfig, lm: GPT, labels: list[str]
+) -> tuple[nn.Module, dict[str, float] | None]:
+    """Baseline `name` built for its `recipe` (`baseline_recipe`) and its per-parameter lr scales (None: one lr).
+
+    `short` is `pretrained_classifier` (frozen part, layer-wise lr decay); the others start from random weights.
+    """
+    if name == SHORT_BASELINE:
+        model, scales, _ = pretrained_classifier(lm, labels, recipe)
+        return model, scales
+    return baseline_model(name, recipe, lm.config, labels), None
+
+
 def baseline_recipe(name: str, cfg: FinetuneConfig) -> tuple[FinetuneConfig, int, str]:
     """How baseline `name` trains: its recipe, its epochs and the params.yaml key of its lr (named when it diverges).
 
-    Baselines train every layer at one lr: freezing and layer-wise decay only make sense for pretrained weights.
+    The recipe's `max_length` is what the baseline reads, in training and when served. Baselines from scratch
+    train every layer at one lr: freezing and layer-wise decay only make sense for pretrained weights.
     `scratch` keeps finetune's recipe (what pretraining buys); small models from scratch want their own lr and
-    epochs (`baseline_lr`, `baseline_epochs`).
+    epochs (`baseline_lr`, `baseline_epochs`). `short` is finetune's recipe, freezing and decay included, at
+    max_length min(max_length, LONG_TOKENS) (what reading whole functions buys).
     """
+    if name == SHORT_BASELINE:
+        return cfg.model_copy(update={"max_length": min(cfg.max_length, LONG_TOKENS)}), cfg.epochs, "finetune.lr"
     if name == "scratch":
         return cfg, cfg.epochs, "finetune.lr"
     lr = cfg.baseline_lr or cfg.lr
