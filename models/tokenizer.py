@@ -17,6 +17,10 @@ MASK = "<mask>"
 """Masked-LM target positions."""
 SPECIAL_TOKENS = (EOT, PAD, MASK)
 """In this order they get ids 0, 1, 2."""
+LONG_TOKENS = 128
+"""A text of more tokens than this (untruncated, this tokenizer) is "long": the context every lmforge classifier
+read before long documents (issue 27). evaluate scores long and short test rows apart (`macro_f1_long`,
+`macro_f1_short`); finetune's `short` baseline reads at most this many tokens."""
 
 
 def text_only(tok):
@@ -52,3 +56,8 @@ def encode_texts(tokenizer, texts: list[str], max_length: int, pad_id: int):
         seq = e.ids[:max_length] or [pad_id]
         ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
     return ids, torch.tensor(lengths, dtype=torch.long)
+
+
+def token_counts(tokenizer, texts: list[str]) -> list[int]:
+    """Untruncated token count of each text (compare with LONG_TOKENS)."""
+    return [len(e.ids) for e in tokenizer.encode_batch(list(texts))]

@@ -29,7 +29,7 @@ import pandas as pd
 
 from models.checkpoint import load_lm
 from models.transformer import GPT
-from tasks.shared.classifiers import baseline_model, baseline_recipe, pretrained_classifier, read_longer
+from tasks.shared.classifiers import baseline_recipe, build_baseline, pretrained_classifier
 from tasks.shared.classify import Examples, cap_per_label, encoder, fit, predict, read_labeled, split_rows
 from tasks.shared.config.base import Paths
 from tasks.shared.config.curve import CurveConfig
@@ -134,8 +134,8 @@ def train_neural(name: str, k: int, seed: int, setup: Setup) -> tuple[list[str],
         model, scales, _ = pretrained_classifier(lm, s.labels, ft)
         recipe, epochs, lr_key = ft, ft.epochs, "finetune.lr"
     else:
-        model, scales = baseline_model(name, ft, lm.config, s.labels), None
         recipe, epochs, lr_key = baseline_recipe(name, ft)
+        model, scales = build_baseline(name, recipe, lm, s.labels)
     rows = sample(s.train_rows, k, seed)
     rows = np.tile(rows, repeats(len(rows), recipe.batch_size, epochs, cfg.min_steps))
     val = s.val.take(sample(s.val_rows, k if cfg.cap_validation else 0, seed))
@@ -277,7 +277,7 @@ def run(cfg: CurveConfig, ft: FinetuneConfig, ev: EvaluateConfig, paths: Paths, 
     """Train every model on every k and seed, score them on the test split; returns curve.json's content."""
     tracker = tracker or NullTracker()
     require_passed(paths.validation)
-    lm = read_longer(load_lm(paths.lm), ft)  # past the LM's block size: sparse attention, tiled positions
+    lm = load_lm(paths.lm)
     splits = load_splits(paths, ft.max_length)
     rt = setup_runtime(ft)
     tracker.log_params({"device": device_name(rt.device)})

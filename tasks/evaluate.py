@@ -14,6 +14,13 @@ trained baseline (`vs_baselines`: differences with intervals, paired-bootstrap a
 which promotion's `beats_baselines` gate decides on. The language model's perplexity on
 the test texts is reported beside them. Every scored artifact is recorded by path and sha256.
 
+Long documents: a test row is long when its text has more than `LONG_TOKENS` (128) tokens under the project's
+tokenizer, untruncated, and short otherwise (`test_examples_long`/`test_examples_short`). Every model gets
+`macro_f1_long` and `macro_f1_short` (macro-F1 over the labels that occur in those rows) with 95% intervals from
+the same bootstrap run on those rows alone (`LengthPart`), and when finetune trained the `short` baseline (the
+128-token model), every variant gets `vs_short`: its paired comparison with that baseline on the long rows and
+on the short rows (`stats.paired`, as in `vs_baselines`), which says what reading whole functions buys.
+
 Outputs: metrics/evaluate.json (DVC metrics), a Markdown report and the charts (Pareto front of
 macro-F1 against batch-1 latency, reliability diagram, confusion matrices) under `paths.evaluation`,
 the same table as an MLflow table artifact, and plot data for `dvc plots`.
@@ -29,10 +36,11 @@ import numpy as np
 
 from models.bundle import load_parts
 from models.checkpoint import CONFIG, load_lm, read_config
-from models.tokenizer import EOT, TOKENIZER_FILE, load_tokenizer
+from models.tokenizer import EOT, LONG_TOKENS, TOKENIZER_FILE, load_tokenizer, token_counts
 from tasks.shared.behavior import load_mft, run_behavioral
 from tasks.shared.config.base import Paths
 from tasks.shared.config.evaluate import EvaluateConfig
+from tasks.shared.config.finetune import SHORT_BASELINE
 from tasks.shared.cost import stage_cost_report
 from tasks.shared.digest import tree_sha256
 from tasks.shared.errors import UserError
@@ -57,6 +65,10 @@ TABLE_COLUMNS = (
     "accuracy_ci95",
     "macro_f1",
     "macro_f1_ci95",
+    "macro_f1_long",
+    "macro_f1_long_ci95",
+    "macro_f1_short",
+    "macro_f1_short_ci95",
     "ece",
     "p50_ms_b1",
     "p99_ms_b1",
@@ -78,6 +90,11 @@ TABLE_COLUMNS = (
 @dataclass
 class EvaluateResult:
     test_examples: int
+    test_examples_long: int
+    """Test rows of more than `long_tokens` tokens (untruncated): where `macro_f1_long` is scored."""
+    test_examples_short: int
+    """The other test rows: where `macro_f1_short` is scored."""
+    long_tokens: int
     variants: dict[str, dict]
     baselines: dict[str, dict]
     artifacts: dict[str, dict]
@@ -281,8 +298,8 @@ def table(results: dict[str, dict], variants: set[str]) -> dict[str, list]:
         cols["model"].append(name)
         cols["role"].append("variant" if name in variants else "baseline")
         for c in TABLE_COLUMNS:
-            v = m.get(c, "")
-            cols[c].append(f"{v[0]:.4f}–{v[1]:.4f}" if isinstance(v, list) else v)
+            v = m.get(c)
+            cols[c].append(f"{v[0]:.4f}–{v[1]:.4f}" if isinstance(v, list) else "" if v is None else v)
     return cols
 
 
@@ -292,15 +309,17 @@ def markdown_report(
     lm: dict,
     skipped_variants: dict[str, str],
     artifacts: dict[str, dict],
-    n_test: int,
-    versus: dict[str, dict[str, dict]] | None = None,
+    rows: dict[str, int],
+    comparisons: list[str],
 ) -> str:
+    """The Markdown report; `rows`: test rows in all (`test`) and `long`/`short`; `comparisons`: the lines of
+    `versus_lines` and `length_lines`."""
     head = list(cols)
     lines = [
         "# Evaluation report",
         "",
         (
-            f"{n_test} held-out test texts; every model scored on the same rows. "
+            f"{rows['test']} held-out test texts; every model scored on the same rows. "
             "Latency: one process, this machine's CPU threads;"
         ),
         (
@@ -309,6 +328,10 @@ def markdown_report(
         ),
         "`peak_rss_mb`: resident memory added while loading and scoring the model. `params`: weights stored.",
         "`_ci95`: 95% intervals from a paired bootstrap over the test rows (the same resamples for every model).",
+        (
+            f"`macro_f1_long`: on the {rows['long']} texts of more than {LONG_TOKENS} tokens (untruncated); "
+            f"`macro_f1_short`: on the other {rows['short']}."
+        ),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -332,7 +355,7 @@ def markdown_report(
             )
     for name, why in skipped_variants.items():
         lines.append(f"Variant `{name}` not built: {why}.")
-    lines += versus_lines(versus or {})
+    lines += comparisons
     lines += ["", "## Artifacts scored", "", "| artifact | path | sha256 |", "|---|---|---|"]
     lines += [f"| {k} | {a['path']} | `{a['sha256']}` |" for k, a in artifacts.items()]
     return "\n".join(lines) + "\n"
@@ -373,6 +396,90 @@ def compare_with_baselines(
     return {v: {b: paired(y_true, preds[v], preds[b], labels, resamples).as_dict() for b in trained} for v in variants}
 
 
+@dataclass(frozen=True)
+class LengthPart:
+    """A part of the test split (the long or the short functions): its row positions and its own resamples, drawn
+    like the whole split's (same count and seed) and shared by every model, so comparisons on it stay paired."""
+
+    name: str
+    rows: np.ndarray
+    resamples: Resamples
+
+    def take(self, values: list) -> list:
+        """The entries of `values` (one per test row) at this part's rows."""
+        return [values[i] for i in self.rows]
+
+    def labels(self, y_true: list[str], labels: list[str]) -> list[str]:
+        """The labels of `labels` that occur in this part's rows (a label without rows has no F1 here)."""
+        present = set(self.take(y_true))
+        return [lab for lab in labels if lab in present]
+
+
+def length_parts(counts: list[int], cfg: EvaluateConfig) -> list[LengthPart]:
+    """The `long` test rows (more than LONG_TOKENS tokens, untruncated) and the `short` ones; an empty part is left
+    out."""
+    counts = np.asarray(counts)
+    parts = {"long": np.flatnonzero(counts > LONG_TOKENS), "short": np.flatnonzero(counts <= LONG_TOKENS)}
+    return [
+        LengthPart(name, rows, Resamples(len(rows), cfg.bootstrap_resamples, cfg.seed))
+        for name, rows in parts.items()
+        if len(rows)
+    ]
+
+
+def length_scores(y_true: list[str], pred: list[str], labels: list[str], parts: list[LengthPart]) -> dict:
+    """`macro_f1_long`/`macro_f1_short` of one model's predictions with their `_ci95` (None: no such rows)."""
+    out: dict = {f"macro_f1_{name}{key}": None for name in ("long", "short") for key in ("", "_ci95")}
+    for part in parts:
+        truth, guess, present = part.take(y_true), part.take(pred), part.labels(y_true, labels)
+        out[f"macro_f1_{part.name}"] = scores(truth, guess, present)["macro_f1"]
+        out[f"macro_f1_{part.name}_ci95"] = score_intervals(truth, guess, present, part.resamples)["macro_f1_ci95"]
+    return out
+
+
+def compare_by_length(
+    y_true: list[str], preds: dict[str, list[str]], labels: list[str], variants: list[str], parts: list[LengthPart]
+) -> dict[str, dict[str, dict]]:
+    """variant -> part (`long`, `short`) -> `stats.paired` of the variant and the `short` baseline (the 128-token
+    model) on that part's rows, through `compare_with_baselines`; empty without that baseline."""
+    if SHORT_BASELINE not in preds:
+        return {}
+    out: dict[str, dict[str, dict]] = {v: {} for v in variants}
+    for part in parts:
+        sub = {n: part.take(preds[n]) for n in [*variants, SHORT_BASELINE]}
+        truth = part.take(y_true)
+        versus = compare_with_baselines(
+            truth, sub, part.labels(y_true, labels), variants, [SHORT_BASELINE], part.resamples
+        )
+        for v in variants:
+            out[v][part.name] = versus[v][SHORT_BASELINE]
+    return out
+
+
+def length_lines(by_length: dict[str, dict[str, dict]]) -> list[str]:
+    """The report's table of every variant against the `short` baseline on long and on short functions."""
+    if not by_length:
+        return []
+    lines = [
+        "",
+        f"## Variants against the {LONG_TOKENS}-token model (`{SHORT_BASELINE}` baseline), long and short functions",
+        "",
+        f"Long: test functions of more than {LONG_TOKENS} tokens; short: the rest. Difference of macro-F1 variant −",
+        "`short` on those rows with its 95% interval (paired bootstrap on those rows) and one-sided p-values.",
+        "",
+        "| variant | rows | n | macro-F1 | `short` | diff | 95% CI | p (better) | p (worse) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for v, parts in by_length.items():
+        for part, c in parts.items():
+            lo, hi = c["macro_f1_diff_ci95"]
+            lines.append(
+                f"| {v} | {part} | {c['rows']} | {c['macro_f1'][0]:.4f} | {c['macro_f1'][1]:.4f} | "
+                f"{c['macro_f1_diff']:+.4f} | {lo:+.4f}, {hi:+.4f} | {c['p_f1_better']:.3g} | {c['p_f1_worse']:.3g} |"
+            )
+    return lines
+
+
 def add_uncertainty(
     results: dict[str, dict],
     preds: dict[str, list[str]],
@@ -397,6 +504,26 @@ def add_uncertainty(
     for v, against in versus.items():
         results[v]["vs_baselines"] = against
     return versus
+
+
+def add_length_scores(
+    results: dict[str, dict],
+    preds: dict[str, list[str]],
+    model_labels: dict[str, list[str]],
+    labels: list[str],
+    y_true: list[str],
+    parts: list[LengthPart],
+) -> dict[str, dict[str, dict]]:
+    """Every model's `macro_f1_long`/`macro_f1_short` with intervals and every variant's `vs_short` (the variants are
+    the results with `vs_baselines`: run after `add_uncertainty`)."""
+    for name, pred in preds.items():
+        results[name] |= length_scores(y_true, pred, model_labels.get(name, labels), parts)
+        print(f"{name}: macro-F1 long {results[name]['macro_f1_long']}, short {results[name]['macro_f1_short']}")
+    variants = [n for n, m in results.items() if "vs_baselines" in m]
+    by_length = compare_by_length(y_true, preds, labels, variants, parts)
+    for v, against in by_length.items():
+        results[v]["vs_short"] = against
+    return by_length
 
 
 def trained_baselines(folder: Path) -> dict[str, Path]:
@@ -444,6 +571,9 @@ def run(cfg: EvaluateConfig, paths: Paths, tracker: Tracker | None = None) -> Ev
     scorers: dict[str, Scorer] = {}
     texts = test["text"].tolist()
     y_true = test["label"].tolist()
+    tok = load_tokenizer(tokenizer)
+    counts = token_counts(tok, texts)
+    parts = length_parts(counts, cfg)
 
     def evaluate(name: str, load: Callable[[], Scorer], folder: Path | None, behavioral: bool = False) -> None:
         if folder is not None:
@@ -483,7 +613,7 @@ def run(cfg: EvaluateConfig, paths: Paths, tracker: Tracker | None = None) -> Ev
     lm = (
         lm_perplexity(
             Path(paths.lm),
-            load_tokenizer(tokenizer),
+            tok,
             texts,
             int(read_config(paths.lm)["config"]["block_size"]),
             Path(paths.tokens),
@@ -494,12 +624,17 @@ def run(cfg: EvaluateConfig, paths: Paths, tracker: Tracker | None = None) -> Ev
     print(f"language model: {lm}")
 
     names = set(variant_dirs)
-    versus = add_uncertainty(results, preds, {n: scorers[n].labels for n in scorers}, labels, y_true, names, cfg)
+    model_labels = {n: scorers[n].labels for n in scorers}
+    versus = add_uncertainty(results, preds, model_labels, labels, y_true, names, cfg)
+    by_length = add_length_scores(results, preds, model_labels, labels, y_true, parts)
+    sizes = {part.name: len(part.rows) for part in parts}
+    rows = {"test": len(test), "long": sizes.get("long", 0), "short": sizes.get("short", 0)}
     best = max(names, key=lambda v: results[v]["macro_f1"])
     cols = table(results, names)
     off = skipped(paths)
     with atomic_dir(paths.evaluation) as d:
-        test.assign(**{f"pred_{k}": v for k, v in preds.items()}).to_parquet(d / paths.predictions.name, index=False)
+        predictions = test.assign(tokens=counts, **{f"pred_{k}": v for k, v in preds.items()})
+        predictions.to_parquet(d / paths.predictions.name, index=False)
         for name in variant_dirs:
             fig = plot_confusion(
                 y_true, preds[name], labels, f"Confusion matrix ({name}, test split)", d / f"confusion_{name}.png"
@@ -510,7 +645,8 @@ def run(cfg: EvaluateConfig, paths: Paths, tracker: Tracker | None = None) -> Ev
         publish(
             tracker, plot_reliability({n: results[n] for n in variant_dirs}, d / "reliability.png"), "reliability.png"
         )
-        report = markdown_report(cols, front, lm, off, artifacts, len(test), versus) + stage_cost_report(paths.metrics)
+        comparisons = versus_lines(versus) + length_lines(by_length)
+        report = markdown_report(cols, front, lm, off, artifacts, rows, comparisons) + stage_cost_report(paths.metrics)
         (d / REPORT).write_text(report)
         tracker.log_artifact(d / REPORT)
         tracker.log_table(cols, "comparison.json")
@@ -523,6 +659,9 @@ def run(cfg: EvaluateConfig, paths: Paths, tracker: Tracker | None = None) -> Ev
         m["pareto"] = name in front
     return EvaluateResult(
         test_examples=len(test),
+        test_examples_long=rows["long"],
+        test_examples_short=rows["short"],
+        long_tokens=LONG_TOKENS,
         variants=variants,
         baselines=baselines,
         artifacts=artifacts,

@@ -5,8 +5,10 @@ step: device, autocast, optimizer, schedule, gradient clipping); the epoch with 
 macro-F1 is kept and `patience` stops a run early. The pretrained classifier goes to `paths.classifier` (compress,
 evaluate and promote use it). The baselines go to `paths.baselines/<name>/` for evaluate to compare:
 `scratch` is the same Transformer randomly initialised (what pretraining buys), `cnn` and `gru` are
-small classic text classifiers (models/baselines.py). How each is built and which recipe it trains with is
-tasks/shared/classifiers.py (the learning curve trains the same models).
+small classic text classifiers (models/baselines.py), `short` is the pretrained classifier by the same recipe
+on the same rows cut to their first LONG_TOKENS (128) tokens, and its folder says `max_length: 128`, so
+evaluate and serving read at most that many too (what reading whole functions buys). How each is built and
+which recipe it trains with is tasks/shared/classifiers.py (the learning curve trains the same models).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from models.checkpoint import load_lm, write_classifier
-from tasks.shared.classifiers import baseline_model, baseline_recipe, pretrained_classifier, read_longer
+from tasks.shared.classifiers import baseline_recipe, build_baseline, pretrained_classifier
 from tasks.shared.classify import fit, load_examples
 from tasks.shared.config.base import Paths
 from tasks.shared.config.finetune import FinetuneConfig
@@ -65,7 +67,7 @@ class FinetuneResult:
 def run(cfg: FinetuneConfig, paths: Paths, tracker: Tracker | None = None) -> FinetuneResult:
     tracker = tracker or NullTracker()
     require_passed(paths.validation)
-    lm = read_longer(load_lm(paths.lm), cfg)  # past the LM's block size: sparse attention, tiled positions
+    lm = load_lm(paths.lm)  # each model reads it at its own max_length (classifiers.read_longer)
     labels, train, val = load_examples(cfg, paths, cfg.max_length)
     rt = setup_runtime(cfg)
     tracker.log_params({"device": device_name(rt.device)})  # precision: per model, logged by fit (timed under `auto`)
@@ -79,18 +81,30 @@ def run(cfg: FinetuneConfig, paths: Paths, tracker: Tracker | None = None) -> Fi
         (d / "history.json").write_text(json.dumps(main.history))
     write_csv(Path(paths.plots) / VALIDATION_PLOT, main.history, ["epoch", "val_accuracy", "val_macro_f1"])
 
-    baselines = {}
+    baselines, reads = {}, {}
     for name in cfg.baselines:
-        model = baseline_model(name, cfg, lm.config, labels)
         recipe, epochs, lr_key = baseline_recipe(name, cfg)
+        model, scales = build_baseline(name, recipe, lm, labels)
+        n = reads[name] = recipe.max_length  # `short`: the same rows, cut to their first 128 tokens
         baselines[name] = fit(
-            name, model, recipe, train, val, len(labels), rt, tracker, epochs, prefix=f"{name}/", lr_key=lr_key
+            name,
+            model,
+            recipe,
+            train.cut(n),
+            val.cut(n),
+            len(labels),
+            rt,
+            tracker,
+            epochs,
+            scales,
+            prefix=f"{name}/",
+            lr_key=lr_key,
         )
 
     with atomic_dir(paths.baselines) as d:
         for name, trained in baselines.items():
             (d / name).mkdir()
-            write_classifier(trained.model, d / name, extra={**extra, "baseline": name})
+            write_classifier(trained.model, d / name, extra={**extra, "baseline": name, "max_length": reads[name]})
             (d / name / "history.json").write_text(json.dumps(trained.history))
         # train_seconds stays in the stage's metrics: the same training must give the same folder bytes
         summary = {n: {k: v for k, v in t.summary().items() if k != "train_seconds"} for n, t in baselines.items()}

@@ -1,5 +1,6 @@
 """The classifiers a stage trains, built the way finetune builds them: the pretrained Transformer (its frozen part
-and layer-wise lr) and the baselines from scratch, each with its recipe.
+and layer-wise lr) and the baselines, each with its recipe: from scratch (`scratch`, `cnn`, `gru`), or the
+pretrained Transformer reading at most `LONG_TOKENS` tokens (`short`, the 128-token model).
 
 Shared by finetune (one model each, on every training example) and the learning curve (the same models on
 k examples per label), so that both train exactly the same thing.
@@ -7,13 +8,16 @@ k examples per label), so that both train exactly the same thing.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 
 from models.baselines import CNNClassifier, CNNConfig, GRUClassifier, GRUConfig
 from models.classifier import ClassifierConfig, TransformerClassifier
+from models.tokenizer import LONG_TOKENS
 from models.transformer import GPT, GPTConfig
-from tasks.shared.config.finetune import FinetuneConfig
+from tasks.shared.config.finetune import SHORT_BASELINE, FinetuneConfig
 from tasks.shared.errors import UserError
 
 
@@ -54,20 +58,23 @@ def layer_lr_scales(model: TransformerClassifier, decay: float) -> dict[str, flo
 
 
 def read_longer(lm: GPT, cfg: FinetuneConfig) -> GPT:
-    """`lm` made to read `cfg.max_length` tokens when that is past its block size (in place): positions extended
+    """`lm`, or when `cfg.max_length` is past its block size a copy that reads that far: positions extended
     (learned ones tiled), sliding-window attention of `cfg.attn_window` with `cfg.attn_global` global tokens."""
     c = lm.config
     if cfg.max_length <= c.block_size:
         return lm
-    lm.extend_positions(cfg.max_length, cfg.attn_window or c.attn_window or c.block_size, cfg.attn_global)
-    return lm
+    longer = copy.deepcopy(lm)
+    longer.extend_positions(cfg.max_length, cfg.attn_window or c.attn_window or c.block_size, cfg.attn_global)
+    return longer
 
 
 def pretrained_classifier(
     lm: GPT, labels: list[str], cfg: FinetuneConfig
 ) -> tuple[TransformerClassifier, dict[str, float] | None, int]:
-    """A head on the pretrained trunk `lm` (seeded with `cfg.seed`), frozen as `cfg.freeze` says: the model, its
-    per-parameter lr scales (None: layer-wise decay off) and its trainable parameter count."""
+    """A head on the pretrained trunk `lm` read at `cfg.max_length` (`read_longer`), seeded with `cfg.seed` and
+    frozen as `cfg.freeze` says: the model, its per-parameter lr scales (None: layer-wise decay off) and its trainable
+    parameter count."""
+    lm = read_longer(lm, cfg)
     torch.manual_seed(cfg.seed)
     model = TransformerClassifier(ClassifierConfig(trunk=lm.config, labels=labels, pooling=cfg.pooling))
     model.trunk.load_state_dict(lm.state_dict())
@@ -92,13 +99,30 @@ def baseline_model(name: str, cfg: FinetuneConfig, trunk: GPTConfig, labels: lis
     raise ValueError(f"unknown baseline {name!r}")
 
 
+def build_baseline(
+    name: str, recipe: FinetuneConfig, lm: GPT, labels: list[str]
+) -> tuple[nn.Module, dict[str, float] | None]:
+    """Baseline `name` built for its `recipe` (`baseline_recipe`) and its per-parameter lr scales (None: one lr).
+
+    `short` is `pretrained_classifier` (frozen part, layer-wise lr decay); the others start from random weights.
+    """
+    if name == SHORT_BASELINE:
+        model, scales, _ = pretrained_classifier(lm, labels, recipe)
+        return model, scales
+    return baseline_model(name, recipe, read_longer(lm, recipe).config, labels), None
+
+
 def baseline_recipe(name: str, cfg: FinetuneConfig) -> tuple[FinetuneConfig, int, str]:
     """How baseline `name` trains: its recipe, its epochs and the params.yaml key of its lr (named when it diverges).
 
-    Baselines train every layer at one lr: freezing and layer-wise decay only make sense for pretrained weights.
+    The recipe's `max_length` is what the baseline reads, in training and when served. Baselines from scratch
+    train every layer at one lr: freezing and layer-wise decay only make sense for pretrained weights.
     `scratch` keeps finetune's recipe (what pretraining buys); small models from scratch want their own lr and
-    epochs (`baseline_lr`, `baseline_epochs`).
+    epochs (`baseline_lr`, `baseline_epochs`). `short` is finetune's recipe, freezing and decay included, at
+    max_length min(max_length, LONG_TOKENS) (what reading whole functions buys).
     """
+    if name == SHORT_BASELINE:
+        return cfg.model_copy(update={"max_length": min(cfg.max_length, LONG_TOKENS)}), cfg.epochs, "finetune.lr"
     if name == "scratch":
         return cfg, cfg.epochs, "finetune.lr"
     lr = cfg.baseline_lr or cfg.lr

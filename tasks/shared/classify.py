@@ -93,6 +93,10 @@ class Examples:
         rows = torch.as_tensor(np.array(rows, dtype=np.int64))  # a copy: pandas hands out read-only arrays
         return Examples(self.ids[rows], self.lengths[rows], self.y[rows])
 
+    def cut(self, max_length: int) -> "Examples":
+        """Every row cut to its first `max_length` tokens (ids and lengths), as if encoded at `max_length`."""
+        return Examples(self.ids[:, :max_length], self.lengths.clamp(max=max_length), self.y)
+
 
 BUCKET_BATCHES = 16
 """Batches drawn together and sorted by length (see `bucketed_batches`)."""

@@ -7,6 +7,7 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from torch.testing import assert_close
 from models import checkpoint as ckpt
 from models.baselines import CNNClassifier, GRUClassifier
 from models.classifier import ClassifierConfig, TransformerClassifier
+from models.tokenizer import LONG_TOKENS
 from models.transformer import tiny
 from tasks import finetune
 from tasks.shared import classifiers, classify
@@ -468,3 +470,101 @@ def test_predict_returns_rows_in_input_order():
             for i in range(50)
         ]
     assert got.tolist() == want
+
+
+# --- the `short` baseline: the 128-token model ------------------------------------------------
+
+
+def test_examples_cut_keeps_the_first_tokens_and_clamps_lengths():
+    data = examples(n=6, T=200)
+    data.lengths[:] = torch.tensor([1, 50, 128, 129, 150, 200])
+    cut = data.cut(LONG_TOKENS)
+    assert cut.ids.shape == (6, LONG_TOKENS) and torch.equal(cut.ids, data.ids[:, :LONG_TOKENS])
+    assert cut.lengths.tolist() == [1, 50, 128, 128, 128, 128] and torch.equal(cut.y, data.y)
+    assert torch.equal(examples(n=6, T=12).cut(LONG_TOKENS).ids, examples(n=6, T=12).ids)  # already short: as is
+
+
+@pytest.mark.parametrize("max_length,reads", [(512, LONG_TOKENS), (2048, LONG_TOKENS), (32, 32)])
+def test_the_short_baseline_is_finetunes_recipe_reading_at_most_128_tokens(max_length, reads):
+    cfg = FinetuneConfig(max_length=max_length, freeze=1, layer_lr_decay=0.8, epochs=3, baseline_epochs=7)
+    recipe, epochs, lr_key = classifiers.baseline_recipe("short", cfg)
+    assert recipe.max_length == reads and epochs == cfg.epochs and lr_key == "finetune.lr"
+    assert recipe.model_dump(exclude={"max_length"}) == cfg.model_dump(exclude={"max_length"})  # lr, freeze, decay
+    assert classifiers.baseline_recipe("scratch", cfg)[0].max_length == max_length
+
+
+def test_the_short_baseline_is_the_pretrained_classifier_with_its_freezing_and_layer_decay():
+    from models.transformer import GPT
+
+    torch.manual_seed(0)
+    lm = GPT(tiny(vocab_size=VOCAB))
+    cfg = FinetuneConfig(freeze=1, layer_lr_decay=0.8, seed=SEED)
+    model, scales = classifiers.build_baseline("short", cfg, lm, LABELS)
+    want, want_scales, _ = classifiers.pretrained_classifier(lm, LABELS, cfg)
+    assert_close(model.state_dict(), want.state_dict(), rtol=0, atol=0)
+    assert scales == want_scales and scales is not None
+    assert not any(p.requires_grad for p in model.trunk.blocks[0].parameters()) and model.head.weight.requires_grad
+    assert classifiers.build_baseline("cnn", cfg, lm, LABELS)[1] is None
+
+
+@pytest.fixture
+def long_paths(tiny_pipeline, tmp_path):
+    """The tiny pipeline's tokenizer with an LM of block 256 and labeled texts four times as long (over 128 tokens)."""
+    from models.transformer import GPT, GPTConfig
+
+    base = tiny_pipeline.paths
+    torch.manual_seed(SEED)
+    lm = GPT(GPTConfig.from_dict({**ckpt.read_config(base.lm)["config"], "block_size": 256}))
+    (tmp_path / "lm").mkdir()
+    ckpt.write_lm(lm, tmp_path / "lm")
+    labeled = pd.read_parquet(base.clean_labeled)
+    labeled["text"] = [f"{t}\n\n{t}\n\n{t}\n\n{t}" for t in labeled["text"]]
+    labeled.to_parquet(tmp_path / "labeled.parquet", index=False)
+    return base.model_copy(
+        update={
+            "lm": tmp_path / "lm",
+            "clean_labeled": tmp_path / "labeled.parquet",
+            "classifier": tmp_path / "classifier",
+            "baselines": tmp_path / "baselines",
+            "plots": tmp_path / "plots",
+        }
+    )
+
+
+def test_finetune_trains_and_writes_the_short_baseline_at_128_tokens(long_paths):
+    from models.bundle import load_parts
+    from models.tokenizer import TOKENIZER_FILE
+
+    cfg = TINY_FINETUNE.model_copy(
+        update={"max_length": 256, "baselines": ["short"], "epochs": 1, "deterministic": True, "precision": "fp32"}
+    )
+    result = finetune.run(cfg, long_paths)
+    labels, train, val = classify.load_examples(cfg, long_paths, 256)
+    assert int(train.lengths.max()) > LONG_TOKENS  # the cut matters on these rows
+
+    assert ckpt.read_config(long_paths.classifier)["max_length"] == 256
+    folder = long_paths.baselines / "short"
+    meta = ckpt.read_config(folder)
+    assert meta["max_length"] == LONG_TOKENS and meta["baseline"] == "short" and meta["kind"] == "classifier"
+    bundle = load_parts(long_paths.tokenizer / TOKENIZER_FILE, folder)  # what evaluate and serving load
+    ids, lengths = bundle.encode(pd.read_parquet(long_paths.clean_labeled)["text"].tolist()[:8])
+    assert bundle.max_length == LONG_TOKENS and ids.shape[1] == LONG_TOKENS and int(lengths.max()) == LONG_TOKENS
+
+    # the same model as the pretrained classifier trained by finetune's recipe on the rows cut to 128 tokens
+    recipe, epochs, _ = classifiers.baseline_recipe("short", cfg)
+    model, scales = classifiers.build_baseline("short", recipe, ckpt.load_lm(long_paths.lm), labels)
+    rt = setup_runtime(recipe)
+    want = fit(
+        "short",
+        model,
+        recipe,
+        train.cut(LONG_TOKENS),
+        val.cut(LONG_TOKENS),
+        len(labels),
+        rt,
+        Recorder(),
+        epochs,
+        scales,
+    )
+    assert_close(ckpt.load_classifier(folder).state_dict(), want.model.state_dict(), rtol=0, atol=0)
+    assert result.baselines["short"]["val_macro_f1"] == pytest.approx(want.val_macro_f1, abs=1e-4)

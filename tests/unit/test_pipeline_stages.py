@@ -145,8 +145,13 @@ def test_evaluate_reports_variants_and_baselines(tiny_pipeline):
     assert e.test_examples == len(LABELS) * N_PER_LABEL["test"]
     assert set(e.variants) == VARIANTS and not e.skipped_variants
     assert set(e.baselines) == {"majority", "tfidf_logreg", *TINY_FINETUNE.baselines}
+    assert e.test_examples_long + e.test_examples_short == e.test_examples and e.long_tokens == 128
     for m in [*e.variants.values(), *e.baselines.values()]:
         assert _in_unit(m["accuracy"]) and _in_unit(m["macro_f1"])
+        for part, n in (("long", e.test_examples_long), ("short", e.test_examples_short)):
+            f1, ci = m[f"macro_f1_{part}"], m[f"macro_f1_{part}_ci95"]
+            assert (f1 is None and ci is None) if n == 0 else (_in_unit(f1) and ci[0] <= f1 <= ci[1])
+        assert "vs_short" not in m  # finetune trained no `short` baseline
     for m in [*e.variants.values(), e.baselines["tfidf_logreg"], *(e.baselines[b] for b in TINY_FINETUNE.baselines)]:
         assert (
             0 < m["p50_ms_b1"] <= m["p99_ms_b1"]
@@ -207,6 +212,7 @@ def test_evaluate_writes_plots_and_predictions(tiny_pipeline):
     assert all(f"| {name} |" in report for name in [*VARIANTS, "tfidf_logreg", "majority"]) and "Pareto front" in report
     pred = pd.read_parquet(d / "predictions.parquet")
     assert len(pred) == tiny_pipeline.evaluate.test_examples
+    assert (pred["tokens"] > 128).sum() == tiny_pipeline.evaluate.test_examples_long
     assert set(pred["split"]) == {"test"}
     for name in (*VARIANTS, "tfidf_logreg", *TINY_FINETUNE.baselines):
         assert set(pred[f"pred_{name}"]) <= set(LABELS)

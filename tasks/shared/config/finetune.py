@@ -8,6 +8,10 @@ from pydantic import Field, model_validator
 
 from tasks.shared.config.training import TrainLoop
 
+SHORT_BASELINE = "short"
+"""The `baselines` entry of the 128-token model: the pretrained classifier by finetune's recipe, reading at most
+models.tokenizer.LONG_TOKENS tokens; evaluate compares every variant with it on long and short test rows."""
+
 
 class FinetuneConfig(TrainLoop):
     """Classification head on the pretrained trunk, plus the baselines trained beside it."""
@@ -47,9 +51,11 @@ class FinetuneConfig(TrainLoop):
     """Per-class loss weights: `balanced` = train examples / (classes x examples of the class), as in scikit-learn."""
     patience: int = Field(0, ge=0)
     """Early stopping: stop after this many epochs without a better validation macro-F1 (0 = off)."""
-    baselines: list[Literal["scratch", "cnn", "gru"]] = Field(default_factory=lambda: ["scratch", "cnn"])
+    baselines: list[Literal["scratch", "cnn", "gru", "short"]] = Field(default_factory=lambda: ["scratch", "cnn"])
     """Trained beside the pretrained model on the same batches: `scratch` (same Transformer and recipe,
-    random init), `cnn`, `gru`."""
+    random init), `cnn`, `gru`, `short` (the pretrained model and its recipe on the rows cut to 128 tokens, and
+    served at 128: the 128-token model that evaluate's long/short comparison measures reading whole functions
+    against)."""
     baseline_epochs: int = Field(0, ge=0)
     """Epochs of the CNN and GRU baselines (0 = `epochs`); `scratch` always uses `epochs`."""
     baseline_lr: float = Field(1e-2, ge=0)
