@@ -63,9 +63,17 @@ class Bundle:
         return torch.softmax(self.classifier(ids, lengths).float(), dim=-1)
 
     def probabilities(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-        """Class probabilities (N, K): `encode` then `forward`, `batch_size` texts at a time."""
-        out = [self.forward(*self.encode(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)]
-        return torch.cat(out) if len(out) > 1 else out[0] if out else torch.zeros(0, len(self.labels))
+        """Class probabilities (N, K) in the order of `texts`: `encode` then `forward`, `batch_size` texts of
+        similar lengths at a time (a long text does not pad a batch of short ones to its length)."""
+        out = torch.zeros(len(texts), len(self.labels))
+        if not texts:
+            return out
+        ids, lengths = self.encode(texts)
+        order = torch.argsort(lengths, stable=True)
+        for i in range(0, len(texts), batch_size):
+            rows = order[i : i + batch_size]
+            out[rows] = self.forward(ids[rows, : int(lengths[rows].max())], lengths[rows])
+        return out
 
     def classify(self, texts: list[str]) -> list[Prediction]:
         probs = self.probabilities(texts)
