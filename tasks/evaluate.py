@@ -72,6 +72,7 @@ TABLE_COLUMNS = (
     "ece",
     "p50_ms_b1",
     "p99_ms_b1",
+    "p50_ms_b1_long",
     "tokenize_ms_b1",
     "forward_ms_b1",
     "p50_ms_b32",
@@ -607,7 +608,9 @@ def run(cfg: EvaluateConfig, paths: Paths, tracker: Tracker | None = None) -> Ev
     evaluate("tfidf_logreg", lambda: tfidf_scorer(train, labels, cfg), None)
     for name, folder in trained_baselines(paths.baselines).items():
         evaluate(name, lambda f=folder: bundle_scorer(load_parts(tokenizer, f), f), folder)
-    for name, t in timed(scorers, texts, cfg).items():
+    by_length = np.argsort(-np.asarray(counts), kind="stable")[: cfg.latency_samples]
+    longest = [texts[i] for i in by_length if counts[i] > LONG_TOKENS]  # batch-1 latency of reading them whole
+    for name, t in timed(scorers, texts, cfg, longest).items():
         results[name].update(t)
         print(f"{name}: p50 {t['p50_ms_b1']:.3f} ms for 1 text, {t['p50_ms_b32']:.3f} ms for 32")
     lm = (

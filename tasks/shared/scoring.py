@@ -110,7 +110,7 @@ def percentile(times: list[float], q: float) -> float:
 
 
 def latency(
-    scorers: dict[str, Scorer], texts: list[str], batch: int, reps: int, block: int = 8
+    scorers: dict[str, Scorer], texts: list[str], batch: int, reps: int, block: int = 8, suffix: str = ""
 ) -> dict[str, dict[str, float]]:
     """Per model: p50/p99 of whole requests of `batch` texts, and the median tokenization and forward time of each.
 
@@ -138,7 +138,7 @@ def latency(
                 total.append((t2 - t0) * 1e3)
                 tok.append((t1 - t0) * 1e3)
                 fwd.append((t2 - t1) * 1e3)
-    s = f"b{batch}"
+    s = f"b{batch}{suffix}"
     return {
         n: {
             f"p50_ms_{s}": percentile(total, 50),
@@ -211,11 +211,15 @@ def score_model(load: Callable[[], Scorer], test: pd.DataFrame, cfg: EvaluateCon
     return m, probs, scorer
 
 
-def timed(scorers: dict[str, Scorer], texts: list[str], cfg: EvaluateConfig) -> dict[str, dict[str, float]]:
-    """Batch-1 and batch-32 latency of every model, interleaved (see `latency`)."""
+def timed(
+    scorers: dict[str, Scorer], texts: list[str], cfg: EvaluateConfig, long_texts: list[str] = ()
+) -> dict[str, dict[str, float]]:
+    """Batch-1 and batch-32 latency of every model, interleaved (see `latency`); with `long_texts` (the longest
+    test functions) batch-1 latency on them too (`p50_ms_b1_long`, ...): what reading a whole function costs."""
     one = latency(scorers, texts, 1, cfg.latency_samples, block=8)
     many = latency(scorers, texts, 32, cfg.latency_batches, block=4)
-    return {n: {**one[n], **many[n]} for n in scorers}
+    long = latency(scorers, list(long_texts), 1, cfg.latency_samples, block=8, suffix="_long") if long_texts else {}
+    return {n: {**one[n], **many[n], **long.get(n, {})} for n in scorers}
 
 
 def tfidf_scorer(train: pd.DataFrame, labels: list[str], cfg: EvaluateConfig) -> Scorer:
