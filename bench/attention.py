@@ -19,9 +19,9 @@ One step is what `GPT.forward` does for one layer: build the attention pattern f
 Time: the median of `--repeat` steps after `--warmup` steps. Default causal; `--bidirectional` for encoders.
 On CPU the default is 1 thread (`--threads`) timed by the process's CPU time (`--clock cpu`, time.process_time):
 on a shared machine a step's wall time counts whatever else runs (with 2 threads on 2 busy cores one descheduled
-thread stalls the other at every barrier: medians moved 2-40x between runs), its CPU time does not, and a
-one-thread step's CPU time is its wall time on an idle core. `--clock wall` (the default with more threads, and
-on CUDA) times the wall clock.
+thread stalls the other at every barrier: wall-time medians came out 2-70x the one-thread CPU times), its CPU
+time does not, and a one-thread step's CPU time is its wall time on an idle core. `--clock wall` (the default
+with more threads, and on CUDA) times the wall clock.
 
 Peak memory, CPU: the peak resident set of the process during one step above its resident set just before it
 (MB = 2**20 bytes), each (length, kind, layer|block) in a fresh process. torch keeps no statistics for CPU tensors,
