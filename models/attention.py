@@ -15,15 +15,16 @@ they run on CPU and CUDA and autograd gives the gradients.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 
-@dataclass(frozen=True)
+@dataclass
 class SparsePattern:
-    """The blocked kernel's arguments for one forward (every layer shares them)."""
+    """The blocked kernel's arguments for one forward; every layer shares it, and the masks and global positions
+    it derives are built by the first layer and reused by the others (`layout`)."""
 
     window: int
     causal: bool
@@ -31,6 +32,31 @@ class SparsePattern:
     """(B or 1, T) bool: global positions."""
     lengths: torch.Tensor | None
     """(B,) real lengths: later keys are padding; None = no padding."""
+    _layouts: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def layout(self, B: int, T: int, device) -> "Layout":
+        """The masks and global positions of a (B, T) input, built once."""
+        key = (B, T, str(device))
+        if key not in self._layouts:
+            self._layouts[key] = _layout(self, B, T, device)
+        return self._layouts[key]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the blocked kernel needs besides q, k and v (module docstring)."""
+
+    blocks: int
+    block_mask: torch.Tensor
+    """(B * blocks or blocks, 1, w, G + span) bool: which global and local keys each query of each block may attend."""
+    gidx: torch.Tensor | None
+    """(B, G) global positions of each row (distinct; `gvalid` says which are real)."""
+    row_mask: torch.Tensor | None
+    """(B, 1, G, T) bool: the keys each global query attends."""
+    slot: torch.Tensor | None
+    """(B, T) the global row of each position (read where the position is global)."""
+    is_global: torch.Tensor | None
+    """(B, T) bool."""
 
 
 def dense_mask(
@@ -68,13 +94,14 @@ def global_positions(global_mask: torch.Tensor, batch: int) -> tuple[torch.Tenso
     return order.expand(batch, G), valid.expand(batch, G)
 
 
-def _local_keys(x: torch.Tensor, window: int, causal: bool, blocks: int) -> torch.Tensor:
-    """Keys or values (B, H, T, D) -> (B, H, blocks, span, D): for block b the positions (b - 1) * window ..
-    (b + 1 or 2) * window - 1, zero outside 0..T-1."""
-    T, w = x.size(2), window
-    after = (blocks * w - T) + (0 if causal else w)
-    span = (2 if causal else 3) * w
-    return F.pad(x, (0, 0, w, after)).unfold(2, span, w).transpose(-1, -2)
+def _local_keys(x: torch.Tensor, window: int, causal: bool, blocks: int) -> list[torch.Tensor]:
+    """Keys or values (B, H, T, D) -> 2 (causal) or 3 views (B, H, blocks, w, D): for block b the positions of
+    blocks b - 1, b (and b + 1), zero outside 0..T-1 (slices of one padded copy: cheaper than unfold's gradient)."""
+    B, H, T, D = x.shape
+    w = window
+    parts = 2 if causal else 3
+    padded = F.pad(x, (0, 0, w, blocks * w - T + (parts - 2) * w))  # (B, H, (blocks + parts - 1) * w, D)
+    return [padded[:, :, i * w : (i + blocks) * w].view(B, H, blocks, w, D) for i in range(parts)]
 
 
 def _block_masks(
@@ -104,20 +131,32 @@ def _block_masks(
     return torch.cat([glob, local.expand(glob.size(0), -1, -1, -1)], dim=-1)
 
 
-def _global_rows(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: SparsePattern, gidx: torch.Tensor, dropout_p: float
-) -> torch.Tensor:
-    """The global queries' outputs (B, H, G, D): each over every key (causal and padding still apply)."""
-    B, H, T, D = q.shape
-    qg = q.gather(2, gidx[:, None, :, None].expand(B, H, -1, D))  # (B, H, G, D)
-    keys = torch.arange(T, device=q.device)
-    mask = torch.ones(B, gidx.size(1), T, dtype=torch.bool, device=q.device)
+def _row_mask(pattern: SparsePattern, gidx: torch.Tensor, T: int, device) -> torch.Tensor:
+    """(B, 1, G, T) bool: each global query attends every key (causal and padding still apply)."""
+    keys = torch.arange(T, device=device)
+    mask = torch.ones(gidx.size(0), gidx.size(1), T, dtype=torch.bool, device=device)
     if pattern.causal:
         mask &= keys <= gidx[:, :, None]
     if pattern.lengths is not None:
         mask &= keys < pattern.lengths[:, None, None]
-    mask |= keys == gidx[:, :, None]
-    return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None], dropout_p=dropout_p)
+    return (mask | (keys == gidx[:, :, None]))[:, None]
+
+
+def _layout(pattern: SparsePattern, B: int, T: int, device) -> Layout:
+    w = pattern.window
+    blocks = -(-T // w)
+    gidx = gvalid = row_mask = slot = is_global = None
+    if pattern.global_mask is not None and bool(pattern.global_mask.any()):
+        gidx, gvalid = global_positions(pattern.global_mask, B)
+        row_mask = _row_mask(pattern, gidx, T, device)
+        order = torch.arange(gidx.size(1), device=device).expand_as(gidx)
+        slot = torch.zeros(B, T, dtype=torch.long, device=device).scatter(1, gidx, order)
+        is_global = pattern.global_mask.expand(B, T)
+    mask = _block_masks(T, pattern, gidx, gvalid, blocks, device)  # (B or 1, nb, w, S)
+    mask = mask.reshape(-1, 1, w, mask.size(-1))  # (B * nb or nb, 1, w, S)
+    if mask.size(0) != B * blocks:
+        mask = mask.repeat(B, 1, 1, 1)
+    return Layout(blocks, mask, gidx, row_mask, slot, is_global)
 
 
 def sparse_attention(
@@ -126,34 +165,30 @@ def sparse_attention(
     """Attention (B, H, T, D) of q, k, v (B, H, T, D) under `pattern`, in blocks (module docstring)."""
     B, H, T, D = q.shape
     w = pattern.window
-    blocks = -(-T // w)
-    gidx = gvalid = None
-    if pattern.global_mask is not None and bool(pattern.global_mask.any()):
-        gidx, gvalid = global_positions(pattern.global_mask, B)
-    keys, values = _local_keys(k, w, pattern.causal, blocks), _local_keys(v, w, pattern.causal, blocks)
-    if gidx is not None:  # every block also sees the global keys: (B, H, nb, G + span, D)
-        index = gidx[:, None, :, None].expand(B, H, -1, D)
-        keys = torch.cat([k.gather(2, index)[:, :, None].expand(-1, -1, blocks, -1, -1), keys], dim=3)
-        values = torch.cat([v.gather(2, index)[:, :, None].expand(-1, -1, blocks, -1, -1), values], dim=3)
+    lay = pattern.layout(B, T, q.device)
+    nb = lay.blocks
+    keys, values = _local_keys(k, w, pattern.causal, nb), _local_keys(v, w, pattern.causal, nb)
+    if lay.gidx is not None:  # every block also sees the global keys, first
+        index = lay.gidx[:, None, :, None].expand(B, H, -1, D)
+        keys.insert(0, k.gather(2, index)[:, :, None].expand(-1, -1, nb, -1, -1))
+        values.insert(0, v.gather(2, index)[:, :, None].expand(-1, -1, nb, -1, -1))
+    keys, values = torch.cat(keys, dim=3), torch.cat(values, dim=3)  # (B, H, nb, G + span, D)
     S = keys.size(3)
-    queries = F.pad(q, (0, 0, 0, blocks * w - T)).view(B, H, blocks, w, D).transpose(1, 2)  # (B, nb, H, w, D)
-    mask = _block_masks(T, pattern, gidx, gvalid, blocks, q.device)  # (B or 1, nb, w, S)
+    queries = F.pad(q, (0, 0, 0, nb * w - T)).view(B, H, nb, w, D).transpose(1, 2)  # (B, nb, H, w, D)
     y = F.scaled_dot_product_attention(
-        queries.reshape(B * blocks, H, w, D),
-        keys.transpose(1, 2).reshape(B * blocks, H, S, D),
-        values.transpose(1, 2).reshape(B * blocks, H, S, D),
-        attn_mask=mask.expand(B, -1, -1, -1).reshape(B * blocks, 1, w, S),
+        queries.reshape(B * nb, H, w, D),
+        keys.transpose(1, 2).reshape(B * nb, H, S, D),
+        values.transpose(1, 2).reshape(B * nb, H, S, D),
+        attn_mask=lay.block_mask,
         dropout_p=dropout_p,
     )  # (B * nb, H, w, D)
-    y = y.view(B, blocks, H, w, D).transpose(1, 2).reshape(B, H, blocks * w, D)[:, :, :T]
-    if gidx is None:
+    y = y.view(B, nb, H, w, D).transpose(1, 2).reshape(B, H, nb * w, D)[:, :, :T]
+    if lay.gidx is None:
         return y
-    yg = _global_rows(q, k, v, pattern, gidx, dropout_p)  # (B, H, G, D)
-    order = torch.arange(gidx.size(1), device=q.device).expand_as(gidx)
-    slot = torch.zeros(B, T, dtype=torch.long, device=q.device).scatter(1, gidx, order)  # position -> its global row
-    is_global = pattern.global_mask.expand(B, T)
-    from_global = yg.gather(2, slot[:, None, :, None].expand(B, H, T, D))  # (B, H, T, D)
-    return torch.where(is_global[:, None, :, None], from_global, y)
+    qg = q.gather(2, lay.gidx[:, None, :, None].expand(B, H, -1, D))  # (B, H, G, D)
+    yg = F.scaled_dot_product_attention(qg, k, v, attn_mask=lay.row_mask, dropout_p=dropout_p)  # (B, H, G, D)
+    from_global = yg.gather(2, lay.slot[:, None, :, None].expand(B, H, T, D))  # (B, H, T, D)
+    return torch.where(lay.is_global[:, None, :, None], from_global, y)
 
 
 def attend(
