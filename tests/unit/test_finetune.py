@@ -568,3 +568,31 @@ def test_finetune_trains_and_writes_the_short_baseline_at_128_tokens(long_paths)
     )
     assert_close(ckpt.load_classifier(folder).state_dict(), want.model.state_dict(), rtol=0, atol=0)
     assert result.baselines["short"]["val_macro_f1"] == pytest.approx(want.val_macro_f1, abs=1e-4)
+
+
+def test_finetune_reads_past_the_lms_block_size_with_sparse_attention(long_paths, tiny_pipeline):
+    from models.bundle import load_parts
+    from models.tokenizer import TOKENIZER_FILE
+
+    paths = long_paths.model_copy(update={"lm": tiny_pipeline.paths.lm})
+    lm = ckpt.load_lm(paths.lm)
+    block = lm.config.block_size
+    cfg = TINY_FINETUNE.model_copy(
+        update={"max_length": 3 * block, "baselines": [], "epochs": 1, "deterministic": True, "precision": "fp32"}
+    )
+    finetune.run(cfg, paths)
+    trunk = ckpt.read_config(paths.classifier)["config"]["trunk"]
+    assert (trunk["block_size"], trunk["attn_window"], trunk["attn_global"]) == (3 * block, block, 1)
+    model = ckpt.load_classifier(paths.classifier)
+    if lm.wpe is not None:  # fine-tuned from the tiled copy: still a (3 * block)-row table
+        assert model.trunk.wpe.weight.shape[0] == 3 * block
+    bundle = load_parts(paths.tokenizer / TOKENIZER_FILE, paths.classifier, paths.lm)
+    assert bundle.max_length == 3 * block and bundle.lm.config.block_size == 3 * block  # /generate reads as far
+    assert bundle.lm.config.attn_window == block and bundle.lm.config.attn_global == 1
+    texts = pd.read_parquet(paths.clean_labeled)["text"].tolist()[:4]
+    ids, lengths = bundle.encode(texts)
+    assert int(lengths.max()) > 2 * block  # long enough for the blocked kernel
+    probs = bundle.probabilities(texts)
+    assert probs.shape == (4, len(bundle.labels)) and torch.allclose(probs.sum(1), torch.ones(4))
+    prompt = torch.tensor([ids[0, : int(lengths[0])].tolist()])
+    assert bundle.lm.generate(prompt, 3, temperature=0).shape[1] == prompt.shape[1] + 3
