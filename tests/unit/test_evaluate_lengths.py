@@ -117,3 +117,22 @@ def test_the_length_keys_reach_every_model_the_table_and_the_report():
 def test_evaluate_json_has_the_length_counts():
     fields = set(EvaluateResult.__dataclass_fields__)
     assert {"test_examples", "test_examples_long", "test_examples_short", "long_tokens"} <= fields
+
+
+def test_timed_adds_batch_one_latency_on_the_long_texts_only_when_given():
+    from tasks.shared.scoring import Scorer, timed
+
+    seen: list[int] = []
+
+    def forward(enc):
+        seen.append(max(len(t) for t in enc))
+        return np.ones((len(enc), 2)) / 2
+
+    scorers = {"m": Scorer(["a", "b"], lambda texts: texts, forward)}
+    cfg = EvaluateConfig(latency_samples=4, latency_batches=2)
+    plain = timed(scorers, ["x"] * 40, cfg)["m"]
+    assert "p50_ms_b1_long" not in plain and plain["p50_ms_b1"] > 0
+    seen.clear()
+    out = timed(scorers, ["x"] * 40, cfg, ["y" * 500] * 3)["m"]
+    assert {"p50_ms_b1_long", "p99_ms_b1_long", "tokenize_ms_b1_long", "forward_ms_b1_long"} <= set(out)
+    assert out["p50_ms_b1_long"] > 0 and seen.count(500) >= cfg.latency_samples  # timed on the long texts
