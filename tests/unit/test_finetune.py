@@ -587,8 +587,11 @@ def test_finetune_reads_past_the_lms_block_size_with_sparse_attention(long_paths
     if lm.wpe is not None:  # fine-tuned from the tiled copy: still a (3 * block)-row table
         assert model.trunk.wpe.weight.shape[0] == 3 * block
     bundle = load_parts(paths.tokenizer / TOKENIZER_FILE, paths.classifier, paths.lm)
-    assert bundle.max_length == 3 * block and bundle.lm.config.block_size == 3 * block  # /generate reads as far
-    assert bundle.lm.config.attn_window == block and bundle.lm.config.attn_global == 1
+    assert bundle.max_length == 3 * block
+    # /generate reads as far with a rotary LM; learned positions keep the LM's block (tiling them hurt its perplexity)
+    rotary = lm.config.pos_encoding == "rope"
+    assert bundle.lm.config.block_size == (3 * block if rotary else block)
+    assert bundle.lm.config.attn_window == (block if rotary else lm.config.attn_window)
     texts = pd.read_parquet(paths.clean_labeled)["text"].tolist()[:4]
     ids, lengths = bundle.encode(texts)
     assert int(lengths.max()) > 2 * block  # long enough for the blocked kernel
@@ -596,3 +599,17 @@ def test_finetune_reads_past_the_lms_block_size_with_sparse_attention(long_paths
     assert probs.shape == (4, len(bundle.labels)) and torch.allclose(probs.sum(1), torch.ones(4))
     prompt = torch.tensor([ids[0, : int(lengths[0])].tolist()])
     assert bundle.lm.generate(prompt, 3, temperature=0).shape[1] == prompt.shape[1] + 3
+
+
+def test_a_rotary_lm_reads_as_far_as_its_classifier_and_a_learned_one_keeps_its_block():
+    from models.bundle import reading_like
+    from models.classifier import ClassifierConfig, TransformerClassifier
+    from models.transformer import GPT, tiny
+
+    for pos, block in (("rope", 64), ("learned", 16)):
+        lm = GPT(tiny(vocab_size=64, block_size=16, pos_encoding=pos))
+        trunk = tiny(vocab_size=64, block_size=64, pos_encoding=pos, attn_window=16, attn_global=1)
+        out = reading_like(lm, TransformerClassifier(ClassifierConfig(trunk=trunk, labels=["a", "b"])))
+        assert out.config.block_size == block
+        prompt = torch.randint(0, 64, (1, 40))
+        assert out.generate(prompt, 2, temperature=0).shape == (1, 42)  # learned: the context shift

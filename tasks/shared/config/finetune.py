@@ -24,7 +24,7 @@ class FinetuneConfig(TrainLoop):
     """Linear warmup steps."""
     weight_decay: float = Field(0.01, ge=0)
     """Decoupled weight decay on matrices."""
-    max_length: int = Field(128, ge=8, le=8192)
+    max_length: int = Field(512, ge=8, le=8192)
     """Tokens per example (longer texts are truncated). Past the LM's block size the trunk reads with sparse
     attention (`attn_window`, `attn_global`) and its learned positions are tiled (Longformer's initialisation)."""
     attn_window: int = Field(0, ge=0)
@@ -51,7 +51,7 @@ class FinetuneConfig(TrainLoop):
     """Per-class loss weights: `balanced` = train examples / (classes x examples of the class), as in scikit-learn."""
     patience: int = Field(0, ge=0)
     """Early stopping: stop after this many epochs without a better validation macro-F1 (0 = off)."""
-    baselines: list[Literal["scratch", "cnn", "gru", "short"]] = Field(default_factory=lambda: ["scratch", "cnn"])
+    baselines: list[Literal["scratch", "cnn", "gru", "short"]] = Field(default_factory=lambda: ["short", "cnn"])
     """Trained beside the pretrained model on the same batches: `scratch` (same Transformer and recipe,
     random init), `cnn`, `gru`, `short` (the pretrained model and its recipe on the rows cut to 128 tokens, and
     served at 128: the 128-token model that evaluate's long/short comparison measures reading whole functions
