@@ -4,13 +4,16 @@ Query i attends to key j when |i - j| < window (and j <= i when causal), or when
 a global position attends to every key and every query attends to it (Longformer, Beltagy et al. 2020; a causal
 model's global first token is the "attention sink" of StreamingLLM, Xiao et al. 2023). Causal masking and
 padding (`lengths`: keys at or past a sequence's length are padding) apply to every pair. Every query may
-attend to itself, so no row is fully masked and padded rows stay finite.
+attend to itself, so no row is fully masked and padded rows stay finite. `chunked` replaces the sliding window by
+fixed chunks: i attends to j when both lie in the same chunk of `window` positions (i // window == j // window;
+blockwise attention, Qiu et al. 2019): with positions tiled every `window` tokens (`GPT.extend_positions`), every
+chunk then reads exactly like a pretraining sequence, and each block of queries needs only its own key block.
 
 `dense_mask` writes that pattern as a (T, T) mask for SDPA: the reference, and the cheaper choice for short
 sequences. `sparse_attention` computes the same result in blocks of `window` queries, each over its 2 (causal)
-or 3 (bidirectional) neighbouring key blocks plus the global keys, and the global queries' rows over every key:
-time and memory grow linearly with T and no (T, T) matrix is built. Both are plain torch ops (SDPA underneath), so
-they run on CPU and CUDA and autograd gives the gradients.
+or 3 (bidirectional) neighbouring key blocks (chunked: its own) plus the global keys, and the global queries' rows
+over every key: time and memory grow linearly with T and no (T, T) matrix is built. Both are plain torch ops (SDPA
+underneath), so they run on CPU and CUDA and autograd gives the gradients.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ class SparsePattern:
     """(B or 1, T) bool: global positions."""
     lengths: torch.Tensor | None
     """(B,) real lengths: later keys are padding; None = no padding."""
+    chunked: bool = False
+    """Fixed chunks of `window` positions instead of a sliding window."""
     _layouts: dict = field(default_factory=dict, repr=False, compare=False)
 
     def layout(self, B: int, T: int, device) -> "Layout":
@@ -67,6 +72,7 @@ def dense_mask(
     lengths: torch.Tensor | None,
     device,
     start: int = 0,
+    chunked: bool = False,
 ) -> torch.Tensor | None:
     """Boolean mask (B or 1, 1, T, start + T), True = may attend, of the T queries at positions start..start+T-1
     over the keys at positions 0..start+T-1 (`global_mask` covers all start + T positions); None when SDPA needs
@@ -75,7 +81,7 @@ def dense_mask(
         return None
     keys = torch.arange(start + T, device=device)
     rel = keys[start:, None] - keys[None, :]  # query minus key position, (T, start + T)
-    mask = (rel.abs() < window if window else torch.ones_like(rel, dtype=torch.bool))[None]  # (1, T, start + T)
+    mask = _local(keys[start:, None], keys[None, :], window, chunked)[None]  # (1, T, start + T)
     if global_mask is not None:
         mask = mask | global_mask[:, start:, None] | global_mask[:, None, :]  # (B or 1, T, start + T)
     if causal:
@@ -83,6 +89,18 @@ def dense_mask(
     if lengths is not None:  # keys past a sequence's length are padding
         mask = mask & (keys[None, None, :] < lengths[:, None, None])
     return (mask | (rel == 0))[:, None]  # every query sees itself
+
+
+def _local(qpos: torch.Tensor, kpos: torch.Tensor, window: int, chunked: bool) -> torch.Tensor:
+    """Whether key positions are in the window (or chunk) of query positions (broadcast); all when window is 0."""
+    if not window:
+        return torch.ones(torch.broadcast_shapes(qpos.shape, kpos.shape), dtype=torch.bool, device=qpos.device)
+    return qpos // window == kpos // window if chunked else (qpos - kpos).abs() < window
+
+
+def _key_blocks(causal: bool, chunked: bool) -> list[int]:
+    """Which key blocks (relative to the query block) can hold a local key."""
+    return [0] if chunked else [-1, 0] if causal else [-1, 0, 1]
 
 
 def global_positions(global_mask: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,14 +112,14 @@ def global_positions(global_mask: torch.Tensor, batch: int) -> tuple[torch.Tenso
     return order.expand(batch, G), valid.expand(batch, G)
 
 
-def _local_keys(x: torch.Tensor, window: int, causal: bool, blocks: int) -> list[torch.Tensor]:
-    """Keys or values (B, H, T, D) -> 2 (causal) or 3 views (B, H, blocks, w, D): for block b the positions of
-    blocks b - 1, b (and b + 1), zero outside 0..T-1 (slices of one padded copy: cheaper than unfold's gradient)."""
+def _local_keys(x: torch.Tensor, window: int, offsets: list[int], blocks: int) -> list[torch.Tensor]:
+    """Keys or values (B, H, T, D) -> one view (B, H, blocks, w, D) per offset: for block b the positions of
+    block b + offset, zero outside 0..T-1 (slices of one padded copy: cheaper than unfold's gradient)."""
     B, H, T, D = x.shape
     w = window
-    parts = 2 if causal else 3
-    padded = F.pad(x, (0, 0, w, blocks * w - T + (parts - 2) * w))  # (B, H, (blocks + parts - 1) * w, D)
-    return [padded[:, :, i * w : (i + blocks) * w].view(B, H, blocks, w, D) for i in range(parts)]
+    before, after = -min(offsets) * w, (blocks + max(offsets)) * w - T
+    padded = F.pad(x, (0, 0, before, after))
+    return [padded[:, :, before + o * w : before + (o + blocks) * w].view(B, H, blocks, w, D) for o in offsets]
 
 
 def _block_masks(
@@ -109,11 +127,13 @@ def _block_masks(
 ) -> torch.Tensor:
     """(B or 1, blocks, w, G + span) bool: which global and local keys each query of each block may attend."""
     w, causal = pattern.window, pattern.causal
-    span = (2 if causal else 3) * w
+    offsets = _key_blocks(causal, pattern.chunked)
+    span = len(offsets) * w
     qpos = torch.arange(blocks * w, device=device).view(blocks, w, 1)  # (nb, w, 1)
-    kpos = (torch.arange(blocks, device=device) * w - w).view(blocks, 1, 1) + torch.arange(span, device=device)
+    first = (torch.arange(blocks, device=device) + offsets[0]) * w
+    kpos = first.view(blocks, 1, 1) + torch.arange(span, device=device)  # (nb, 1, span)
     rel = qpos - kpos  # (nb, w, span)
-    local = (rel.abs() < w) & (kpos >= 0) & (kpos < T)
+    local = _local(qpos, kpos, w, pattern.chunked) & (kpos >= 0) & (kpos < T)
     if causal:
         local &= rel >= 0
     local = local[None]  # (1, nb, w, span)
@@ -122,10 +142,10 @@ def _block_masks(
     local = local | (rel == 0)[None]  # itself, padded queries included
     if gidx is None:
         return local
-    grel = qpos[None] - gidx[:, None, None, :]  # (B, nb, w, G)
-    glob = gvalid[:, None, None, :] & (grel.abs() >= w)  # inside the window it is a local key already
+    gpos = gidx[:, None, None, :]  # (B, 1, 1, G)
+    glob = gvalid[:, None, None, :] & ~_local(qpos[None], gpos, w, pattern.chunked)  # a local key already otherwise
     if causal:
-        glob &= grel >= 0
+        glob &= qpos[None] >= gpos
     if pattern.lengths is not None:
         glob &= (gidx < pattern.lengths[:, None])[:, None, None, :]
     return torch.cat([glob, local.expand(glob.size(0), -1, -1, -1)], dim=-1)
@@ -167,7 +187,8 @@ def sparse_attention(
     w = pattern.window
     lay = pattern.layout(B, T, q.device)
     nb = lay.blocks
-    keys, values = _local_keys(k, w, pattern.causal, nb), _local_keys(v, w, pattern.causal, nb)
+    offsets = _key_blocks(pattern.causal, pattern.chunked)
+    keys, values = _local_keys(k, w, offsets, nb), _local_keys(v, w, offsets, nb)
     if lay.gidx is not None:  # every block also sees the global keys, first
         index = lay.gidx[:, None, :, None].expand(B, H, -1, D)
         keys.insert(0, k.gather(2, index)[:, :, None].expand(-1, -1, nb, -1, -1))

@@ -106,7 +106,7 @@ def reading_like(lm, classifier):
     trunk = getattr(getattr(classifier, "config", None), "trunk", None)
     longer = trunk is not None and trunk.block_size > lm.config.block_size and trunk.attn_window
     if longer and lm.config.causal and lm.config.pos_encoding == "rope":
-        lm.extend_positions(trunk.block_size, trunk.attn_window, trunk.attn_global)
+        lm.extend_positions(trunk.block_size, trunk.attn_window, trunk.attn_global, trunk.attn_chunked)
     return lm
 
 

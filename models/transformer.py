@@ -50,6 +50,9 @@ class GPTConfig:
     attn_global: int = 0
     """With a window: the first n positions are global (attend to and are attended by every token); 1 = the first
     token, the attention sink of a causal windowed model."""
+    attn_chunked: bool = False
+    """With a window: local attention within fixed chunks of attn_window positions instead of a sliding window (with
+    tiled learned positions each chunk reads like a pretraining sequence; see models/attention.py)."""
     attn_global_last: bool = False
     """With a window: the last real token of each row is global too (classifiers: the pooling token of
     `pooling: last`); only where the caller passes lengths."""
@@ -155,8 +158,8 @@ def attention_pattern(
             glob = glob | (positions[None] == lengths[:, None] - 1)  # (B, start + T)
     padding = None if cfg.causal else lengths  # causal tokens never see later pads
     if window and start == 0 and T > 2 * window:
-        return SparsePattern(window, cfg.causal, glob, padding)
-    return dense_mask(T, cfg.causal, window, glob, padding, device, start)
+        return SparsePattern(window, cfg.causal, glob, padding, cfg.attn_chunked)
+    return dense_mask(T, cfg.causal, window, glob, padding, device, start, cfg.attn_chunked)
 
 
 class LayerCache:
@@ -301,10 +304,10 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if non_embedding and self.wpe is not None else n
 
-    def extend_positions(self, block_size: int, window: int = 0, n_global: int = 0) -> None:
-        """Read up to `block_size` tokens from now on, with `window`/`n_global` (when given) as `attn_window` and
-        `attn_global`. Learned position embeddings are tiled, Longformer's copy initialisation (position p starts as
-        p mod the old block_size); rotary positions need nothing."""
+    def extend_positions(self, block_size: int, window: int = 0, n_global: int = 0, chunked: bool = False) -> None:
+        """Read up to `block_size` tokens from now on, with `window`/`n_global`/`chunked` (when a window is given) as
+        `attn_window`, `attn_global` and `attn_chunked`. Learned position embeddings are tiled, Longformer's copy
+        initialisation (position p starts as p mod the old block_size); rotary positions need nothing."""
         old = self.config.block_size
         if block_size < old:
             raise ValueError(f"block_size {block_size} is shorter than the model's {old}")
@@ -314,7 +317,7 @@ class GPT(nn.Module):
             self.wpe = nn.Embedding.from_pretrained(tiled.clone(), freeze=False)
         self.config.block_size = block_size
         if window:
-            self.config.attn_window, self.config.attn_global = window, n_global
+            self.config.attn_window, self.config.attn_global, self.config.attn_chunked = window, n_global, chunked
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token: 6N + 12·L·H·Q·T (PaLM appendix B; nanoGPT `estimate_mfu`)."""

@@ -59,12 +59,14 @@ def layer_lr_scales(model: TransformerClassifier, decay: float) -> dict[str, flo
 
 def read_longer(lm: GPT, cfg: FinetuneConfig) -> GPT:
     """`lm`, or when `cfg.max_length` is past its block size a copy that reads that far: positions extended
-    (learned ones tiled), sliding-window attention of `cfg.attn_window` with `cfg.attn_global` global tokens."""
+    (learned ones tiled), local attention in windows (or chunks, `cfg.attn_chunked`) of `cfg.attn_window` tokens
+    with `cfg.attn_global` global tokens."""
     c = lm.config
     if cfg.max_length <= c.block_size:
         return lm
     longer = copy.deepcopy(lm)
-    longer.extend_positions(cfg.max_length, cfg.attn_window or c.attn_window or c.block_size, cfg.attn_global)
+    window = cfg.attn_window or c.attn_window or c.block_size
+    longer.extend_positions(cfg.max_length, window, cfg.attn_global, cfg.attn_chunked)
     return longer
 
 

@@ -12,7 +12,9 @@ from models.checkpoint import load_lm, save_lm
 from models.classifier import ClassifierConfig, TransformerClassifier
 from models.transformer import GPT, attention_pattern, tiny
 
-CASES = list(itertools.product([True, False], [3, 4], [5, 13, 17], ["none", "first", "first+last", "random"], [0, 1]))
+CASES = list(
+    itertools.product([True, False], [3, 4], [5, 13, 17], ["none", "first", "first+last", "random"], [0, 1], [0, 1])
+)
 
 
 def _global(kind: str, B: int, T: int, lengths: torch.Tensor) -> torch.Tensor | None:
@@ -26,15 +28,15 @@ def _global(kind: str, B: int, T: int, lengths: torch.Tensor) -> torch.Tensor | 
     return torch.rand(B, T, generator=torch.Generator().manual_seed(T)) < 0.2
 
 
-@pytest.mark.parametrize("causal,window,T,glob,padded", CASES)
-def test_blocked_attention_equals_the_dense_mask_forward_and_backward(causal, window, T, glob, padded):
+@pytest.mark.parametrize("causal,window,T,glob,padded,chunked", CASES)
+def test_blocked_attention_equals_the_dense_mask_forward_and_backward(causal, window, T, glob, padded, chunked):
     torch.manual_seed(0)
     B, H, D = 3, 2, 8
     q, k, v = (torch.randn(B, H, T, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
     lengths = torch.tensor([T, max(1, T - 4), 1])
-    pattern = SparsePattern(window, causal, _global(glob, B, T, lengths), lengths if padded else None)
+    pattern = SparsePattern(window, causal, _global(glob, B, T, lengths), lengths if padded else None, bool(chunked))
     y = sparse_attention(q, k, v, pattern)
-    mask = dense_mask(T, causal, window, pattern.global_mask, pattern.lengths, "cpu")
+    mask = dense_mask(T, causal, window, pattern.global_mask, pattern.lengths, "cpu", chunked=bool(chunked))
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(y, ref, rtol=0, atol=1e-10)
     grad = torch.randn_like(y)
@@ -72,7 +74,7 @@ def _dense_patterns(monkeypatch):
         if not isinstance(pattern, SparsePattern):
             return pattern
         glob = pattern.global_mask
-        return dense_mask(T, cfg.causal, cfg.attn_window, glob, pattern.lengths, device, start)
+        return dense_mask(T, cfg.causal, cfg.attn_window, glob, pattern.lengths, device, start, cfg.attn_chunked)
 
     monkeypatch.setattr(transformer, "attention_pattern", dense)
 
@@ -84,6 +86,8 @@ def _dense_patterns(monkeypatch):
         {"pos_encoding": "rope", "causal": True, "attn_global": 1, "attn_global_last": True},
         {"pos_encoding": "learned", "causal": False, "attn_global": 2, "attn_global_last": True},
         {"pos_encoding": "rope", "causal": False, "attn_global": 0},
+        {"pos_encoding": "learned", "causal": True, "attn_global": 1, "attn_chunked": True},
+        {"pos_encoding": "rope", "causal": False, "attn_global": 1, "attn_chunked": True, "attn_global_last": True},
     ],
 )
 def test_a_long_windowed_trunk_uses_the_blocked_kernel_and_matches_dense(shape, monkeypatch):
@@ -102,6 +106,22 @@ def test_a_long_windowed_trunk_uses_the_blocked_kernel_and_matches_dense(shape, 
     torch.testing.assert_close(sparse[rows], dense[rows], rtol=0, atol=1e-9)
     for a, p in zip(grads, m.parameters()):
         torch.testing.assert_close(a, p.grad, rtol=0, atol=1e-9)
+
+
+def test_the_chunked_mask_sees_only_its_own_chunk_and_the_global_token():
+    m = dense_mask(6, True, 3, (torch.arange(6) < 1)[None], None, "cpu", chunked=True)[0, 0]
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0],
+            [1, 0, 0, 1, 0, 0],  # a new chunk: the global first key, then its own earlier keys only
+            [1, 0, 0, 1, 1, 0],
+            [1, 0, 0, 1, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(m, expected)
 
 
 def test_a_short_sequence_takes_the_dense_mask():

@@ -582,7 +582,12 @@ def test_finetune_reads_past_the_lms_block_size_with_sparse_attention(long_paths
     )
     finetune.run(cfg, paths)
     trunk = ckpt.read_config(paths.classifier)["config"]["trunk"]
-    assert (trunk["block_size"], trunk["attn_window"], trunk["attn_global"]) == (3 * block, block, 1)
+    assert (trunk["block_size"], trunk["attn_window"], trunk["attn_global"], trunk["attn_chunked"]) == (
+        3 * block,
+        block,
+        1,
+        True,
+    )
     model = ckpt.load_classifier(paths.classifier)
     if lm.wpe is not None:  # fine-tuned from the tiled copy: still a (3 * block)-row table
         assert model.trunk.wpe.weight.shape[0] == 3 * block

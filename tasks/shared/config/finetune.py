@@ -30,6 +30,10 @@ class FinetuneConfig(TrainLoop):
     attn_window: int = Field(0, ge=0)
     """Sliding-window span of a trunk that reads past the LM's block size (0 = the LM's block size, the context it
     was pretrained on). Unused at max_length <= block size."""
+    attn_chunked: bool = True
+    """Such a trunk attends within fixed chunks of `attn_window` tokens (plus the global ones) instead of a sliding
+    window: with the tiled positions every chunk reads like a pretraining sequence (measured: steadier than the
+    sliding window over seeds, docs/long-context.md)."""
     attn_global: int = Field(1, ge=0)
     """Global tokens of such a trunk: the first n positions attend to and are attended by every token (1 = the
     first token, the causal trunk's attention sink)."""
