@@ -3,12 +3,14 @@
     python bench/attention.py                                  # or: lmforge bench attention
     python bench/attention.py --lengths 512,1024 --repeat 3
     python bench/attention.py --preset tiny --lengths 64,128 --window 16   # seconds (the unit test's run)
+    python bench/attention.py --chunked                        # fixed chunks (finetune's default) instead
     python bench/attention.py --device cuda                    # on a GPU
 
 Measured, at each length of `--lengths` (batch 1, the width and heads of `--preset`; default `small`: 128 wide,
 4 heads), for (a) one attention layer (models/transformer.py `SelfAttention`) and (b) one whole `Block`:
 - sparse: the trunk's own path for a windowed model, `attention_pattern` -> `SparsePattern` -> the blocked kernel
-  of models/attention.py (`--window` 128, the pretraining context, and `--global-tokens` 1, the first token);
+  of models/attention.py (`--window` 128, the pretraining context, and `--global-tokens` 1, the first token;
+  `--chunked`: fixed chunks of the window, each block of queries over its own key block only);
 - dense: the same sliding-window + global pattern as a dense (T, T) mask through SDPA (`dense_mask`: what the
   engine did before the blocked kernel);
 - full: plain causal attention, SDPA `is_causal=True` with no mask (what a model without a window costs), the
@@ -85,6 +87,8 @@ class Cell:
     window: int = 128
     global_tokens: int = 1
     causal: bool = True
+    chunked: bool = False
+    """Fixed chunks of `window` instead of a sliding window (`GPTConfig.attn_chunked`, finetune's default)."""
     device: str = "cpu"
     warmup: int = 2
     repeat: int = 5
@@ -100,6 +104,7 @@ def model_config(cell: Cell, length: int) -> GPTConfig:
         block_size=length,
         attn_window=cell.window if windowed else 0,
         attn_global=cell.global_tokens if windowed else 0,
+        attn_chunked=cell.chunked and windowed,
         causal=cell.causal,
     )
 
@@ -109,7 +114,7 @@ def pattern(cell: Cell, cfg: GPTConfig, length: int):
     if cell.kind != "dense":
         return attention_pattern(cfg, length, None, cell.device)
     glob = (torch.arange(length, device=cell.device) < cfg.attn_global)[None] if cfg.attn_global else None
-    return dense_mask(length, cfg.causal, cfg.attn_window, glob, None, cell.device)
+    return dense_mask(length, cfg.causal, cfg.attn_window, glob, None, cell.device, chunked=cfg.attn_chunked)
 
 
 def step_fn(cell: Cell, length: int):
@@ -307,6 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--window", type=int, default=128, help="sliding window (the pretraining context)")
     ap.add_argument("--global-tokens", type=int, default=1, help="global positions: the first n tokens")
     ap.add_argument("--bidirectional", action="store_true", help="encoder attention (default: causal)")
+    ap.add_argument("--chunked", action="store_true", help="fixed chunks of --window (default: a sliding window)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps at the length before the timed ones")
     ap.add_argument("--repeat", type=int, default=5, help="timed steps; the median is reported")
@@ -325,7 +331,9 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("CPU peak memory needs Linux's /proc/self/clear_refs (or use --device cuda)")
     torch.set_num_threads(args.threads)
     clock = args.clock or ("cpu" if args.device == "cpu" and args.threads == 1 else "wall")
-    base = Cell(0, "", "", args.preset, args.window, args.global_tokens, not args.bidirectional, args.device)
+    base = Cell(
+        0, "", "", args.preset, args.window, args.global_tokens, not args.bidirectional, args.chunked, args.device
+    )
     base = replace(base, warmup=args.warmup, repeat=args.repeat, threads=args.threads, clock=clock)
     r = run(base, args.lengths, log=lambda line: print(line, file=sys.stderr, flush=True))
     s, m = r["settings"], r["machine"]
