@@ -40,7 +40,6 @@ from models.tokenizer import EOT, LONG_TOKENS, TOKENIZER_FILE, load_tokenizer, t
 from tasks.shared.behavior import load_mft, run_behavioral
 from tasks.shared.config.base import Paths
 from tasks.shared.config.evaluate import EvaluateConfig
-from tasks.shared.config.finetune import SHORT_BASELINE
 from tasks.shared.cost import stage_cost_report
 from tasks.shared.digest import tree_sha256
 from tasks.shared.errors import UserError
@@ -50,7 +49,7 @@ from tasks.shared.plots import publish, pyplot
 from tasks.shared.scoring import Scorer, bundle_scorer, score_model, scores, tfidf_scorer, timed
 from tasks.shared.stats import Resamples, paired, score_intervals
 from tasks.shared.tracking import NullTracker, Tracker
-from tasks.shared.variants import built, skipped
+from tasks.shared.variants import SHORT_BASELINE, built, skipped
 
 SECTIONS = {"evaluate": EvaluateConfig}
 """The params.yaml sections this stage reads (its dvc.yaml `params:`)."""

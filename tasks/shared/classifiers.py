@@ -17,8 +17,9 @@ from models.baselines import CNNClassifier, CNNConfig, GRUClassifier, GRUConfig
 from models.classifier import ClassifierConfig, TransformerClassifier
 from models.tokenizer import LONG_TOKENS
 from models.transformer import GPT, GPTConfig
-from tasks.shared.config.finetune import SHORT_BASELINE, FinetuneConfig
+from tasks.shared.config.finetune import FinetuneConfig
 from tasks.shared.errors import UserError
+from tasks.shared.variants import SHORT_BASELINE
 
 
 def freeze_trunk(model: TransformerClassifier, freeze: str | int) -> list[str]:

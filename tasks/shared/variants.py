@@ -15,6 +15,9 @@ from pathlib import Path
 from tasks.shared.config.base import Paths
 
 FLOAT_VARIANTS = ("fp32", "pruned", "sparse", "distilled")
+SHORT_BASELINE = "short"
+"""The finetune `baselines` entry of the 128-token model: the pretrained classifier by finetune's recipe, reading at
+most models.tokenizer.LONG_TOKENS tokens; evaluate compares every variant with it on long and short test rows."""
 SKIPPED = "skipped.json"
 MODEL_CONFIG = "config.json"
 

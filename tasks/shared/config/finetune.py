@@ -8,10 +8,6 @@ from pydantic import Field, model_validator
 
 from tasks.shared.config.training import TrainLoop
 
-SHORT_BASELINE = "short"
-"""The `baselines` entry of the 128-token model: the pretrained classifier by finetune's recipe, reading at most
-models.tokenizer.LONG_TOKENS tokens; evaluate compares every variant with it on long and short test rows."""
-
 
 class FinetuneConfig(TrainLoop):
     """Classification head on the pretrained trunk, plus the baselines trained beside it."""
