@@ -311,7 +311,7 @@ INVALID = {
     "long-prompt": (
         "Generate",
         pb.GenerateRequest(prompt="x" * (LIMITS.max_prompt_chars + 1)),
-        "prompt: 4001 characters",
+        f"prompt: {LIMITS.max_prompt_chars + 1} characters",
     ),
     "no-tokens": ("Generate", pb.GenerateRequest(prompt=PROMPT, max_new_tokens=0), "max_new_tokens: 0, must be 1..256"),
     "many-tokens": (
