@@ -12,6 +12,7 @@ all workers (`once_per_session`), and the longest modules are handed out first (
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -41,6 +42,16 @@ from tasks.shared.config.validate import ValidateConfig
 ROOT = Path(__file__).resolve().parents[1]
 LMFORGE = str(Path(sys.executable).parent / "lmforge")
 T = TypeVar("T")
+
+
+def run_bench(name: str, *args: str) -> tuple[dict, str]:
+    """Run bench/<name>.py with `args` in a fresh interpreter, as a user would: its JSON last line and its stdout
+    (the run must succeed; its stderr's tail is the failure message)."""
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / f"{name}.py"), *args], capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1]), res.stdout
 
 
 def write_params(folder: Path, **overrides) -> Path:

@@ -4,27 +4,15 @@ asserted)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
-from conftest import ROOT
+from conftest import run_bench
 
 LENGTHS = ["64", "256"]
 TIMES, MEMORY = ("dense_ms", "sparse_ms", "full_ms"), ("dense_mb", "sparse_mb", "full_mb")
 
 
 def test_the_benchmark_runs_at_tiny_lengths_and_prints_its_json_last():
-    res = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "attention.py"), "--preset", "tiny", "--lengths", ",".join(LENGTHS)]
-        + ["--window", "16", "--warmup", "0", "--repeat", "1", "--threads", "1"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    lines = res.stdout.strip().splitlines()
-    r = json.loads(lines[-1])
+    args = ["--preset", "tiny", "--lengths", ",".join(LENGTHS), "--window", "16"]
+    r, stdout = run_bench("attention", *args, "--warmup", "0", "--repeat", "1", "--threads", "1")
     assert r["lengths"] == [64, 256]
     for part in (r, r["block"]):
         assert all(list(part[key]) == LENGTHS for key in TIMES + MEMORY)
@@ -36,4 +24,4 @@ def test_the_benchmark_runs_at_tiny_lengths_and_prints_its_json_last():
         assert set(part["targets_met"]) == {"speedup", "memory", "growth"}
     assert r["settings"] | {"n_embd": 16, "n_head": 2, "window": 16, "global_tokens": 1} == r["settings"]
     assert r["machine"]["threads"] == 1 and r["machine"]["torch"]
-    assert "one attention layer" in res.stdout and "one block" in res.stdout
+    assert "one attention layer" in stdout and "one block" in stdout
