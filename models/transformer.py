@@ -63,6 +63,9 @@ class GPTConfig:
     empty = n_head everywhere."""
     layer_ffn: list[int] = field(default_factory=list)
     """MLP hidden width of each block after structured pruning; empty = 4 * n_embd everywhere."""
+    activation: str = "gelu"
+    """MLP activation: `gelu` (exact erf form) or `gelu_tanh` (the tanh approximation: GPT-2's `gelu_new`, imported
+    Hugging Face checkpoints)."""
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -78,6 +81,8 @@ class GPTConfig:
             raise ValueError("rope needs an even head size (n_embd / n_head)")
         if self.attn_window < 0 or self.attn_global < 0:
             raise ValueError("attn_window and attn_global must be >= 0")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}")
         self.layer_heads, self.layer_ffn = [int(h) for h in self.layer_heads], [int(f) for f in self.layer_ffn]
         for name, sizes, top in (
             ("layer_heads", self.layer_heads, self.n_head),
@@ -127,6 +132,8 @@ def gpt2_124m(**kw) -> GPTConfig:
 
 PRESETS = {"tiny": tiny, "small": small, "gpt2-124m": gpt2_124m}
 POS_ENCODINGS = ("learned", "rope")
+ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}
+"""MLP activation name -> `F.gelu`'s `approximate` argument."""
 
 
 def rope_tables(T: int, head_dim: int, base: float, device, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,9 +250,10 @@ class MLP(nn.Module):
         self.fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
+        self.approximate = ACTIVATIONS[cfg.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.proj(F.gelu(self.fc(x))))
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
