@@ -273,6 +273,18 @@ def _download(uri: str, source: str, store: str, dst: Path) -> Path:
     return local
 
 
+def download_bundle(uri: str, dst: Path) -> Path:
+    """The bundle folder of a registry URI (`models:/<name>@<alias>`, `models:/<name>/<version>`) or any MLflow
+    model URI, downloaded under `dst`.
+
+    Raises:
+        ModelUnavailable: the registry has no such model, version or alias, or the model is not an lmforge one.
+    """
+    store = registry_uri()
+    mv = registered_version(uri, store)
+    return _download(uri, _source(mv, store) if mv is not None else uri, store, Path(dst)) / BUNDLE_ARTIFACT
+
+
 def load_service_bundle(uri: str) -> Bundle:
     """Load a bundle from a local folder or an MLflow model URI (downloaded, then loaded without pickle).
 

@@ -326,6 +326,30 @@ def history(task: str = typer.Option("classification", help=TASK_HELP), params: 
 
 
 @app.command()
+def export(
+    version: str = typer.Argument(
+        ..., help="a registered version (3 or v3), an alias (champion), or a local bundle or classifier folder"
+    ),
+    fmt: str = typer.Option(..., "--format", help="hf (Hugging Face GPT-2 folders) or onnx (ONNX Runtime graphs)"),
+    out: Path = typer.Option(..., "--out", help="a new or empty folder to write"),
+    params: str = "params.yaml",
+) -> None:
+    """Write a model in a format other tools load: `hf` for transformers, `onnx` for ONNX Runtime (see
+    tasks/ops/export.py for what each holds and what has no GPT-2 form)."""
+    from tasks.ops.export import run
+
+    try:
+        files = run(version, fmt, out, load_params(params))
+    except UserError as e:
+        _fail(e)
+    except Exception as e:
+        _fail(_registry_errors(e))
+    typer.echo(f"exported {version} as {fmt} to {out}: {len(files)} files")
+    for f in files:
+        typer.echo(f"  {f.as_posix()}")
+
+
+@app.command()
 def serve(
     port: Optional[int] = typer.Option(None, help="port (default: 3000; 50051 with --grpc)"),
     host: str = "127.0.0.1",

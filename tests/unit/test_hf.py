@@ -293,3 +293,45 @@ def test_export_refuses_what_gpt2_cannot_express(tmp_path, trunk, message):
 def test_export_refuses_a_folder_that_is_not_a_bundle(tmp_path):
     with pytest.raises(ArtifactError, match="not a bundle folder"):
         export_hf(tmp_path, tmp_path / "hf")
+
+
+# --------------------------------------------------------------------------------------------- lmforge export
+def _export(*args: str):
+    from typer.testing import CliRunner
+
+    from tasks.ops.cli import app
+
+    return CliRunner().invoke(app, ["export", *args, "--params", str(Path(__file__).parents[2] / "params.yaml")])
+
+
+def test_cli_exports_a_bundle_folder_that_transformers_loads(tmp_path):
+    source = _lmforge_bundle(tmp_path, "last")
+    res = _export(str(source), "--format", "hf", "--out", str(tmp_path / "out"))
+    assert res.exit_code == 0, res.output
+    assert "classifier/model.safetensors" in res.output and "lm/tokenizer_config.json" in res.output
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "classifier")
+    assert model.config.num_labels == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temp folder left beside it
+
+
+def test_cli_refuses_a_non_empty_out_and_leaves_it_alone(tmp_path):
+    source = _lmforge_bundle(tmp_path, "last")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("keep")
+    res = _export(str(source), "--format", "hf", "--out", str(tmp_path / "out"))
+    assert res.exit_code == 2 and "exists and is not empty; refusing to replace it" in res.output
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["mine.txt"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--format", "gguf"], "--format: 'gguf' is not one of hf, onnx"),
+        (["--format", "hf"], "rotary positions have no GPT-2 form"),
+    ],
+)
+def test_cli_reports_bad_requests_in_one_line(tmp_path, args, message):
+    source = _lmforge_bundle(tmp_path, "last", pos_encoding="rope")
+    res = _export(str(source), *args, "--out", str(tmp_path / "out"))
+    assert res.exit_code == 2 and message in res.output
+    assert not (tmp_path / "out").exists()
