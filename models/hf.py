@@ -27,71 +27,21 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from models.bundle import load_parts
-from models.checkpoint import CONFIG, WEIGHTS, load_json, load_tensors, read_config
+from models.checkpoint import CONFIG, WEIGHTS, load_classifier, load_lm, load_tensors, read_config
 from models.classifier import TransformerClassifier
 from models.errors import ArtifactError
-from models.tokenizer import EOT, MASK, PAD, TOKENIZER_FILE, text_only
+from models.hf_files import EPS, HF_ACTIVATIONS, read_gpt2_config, read_gpt2_tokenizer
+from models.tokenizer import EOT, MASK, PAD, TOKENIZER_FILE, load_tokenizer
 from models.transformer import GPT, GPTConfig, padded_vocab
 
-HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
-"""GPT-2 `activation_function` -> lmforge `activation`."""
 EXPORT_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
 """lmforge `activation` -> GPT-2 `activation_function`."""
-UNSUPPORTED = {"scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False, "add_cross_attention": False}
-"""GPT-2 options lmforge's GPT does not implement, with the only value it accepts."""
-EPS = 1e-5
-"""lmforge's LayerNorm epsilon."""
 HEAD_FILE = "classifier_head.safetensors"
 NOTE_FILE = "lmforge.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
 # --------------------------------------------------------------------------------------------- import
-def _hf_config(folder: Path) -> dict:
-    """config.json of a GPT-2 family checkpoint, checked for what lmforge can represent."""
-    file = folder / CONFIG
-    cfg = load_json(file, ("model_type",))
-    if cfg["model_type"] != "gpt2":
-        arch = ", ".join(cfg.get("architectures") or []) or "none"
-        raise ArtifactError(file, f"model_type {cfg['model_type']!r} (architectures: {arch}) is not GPT-2 family")
-    for key, ok in UNSUPPORTED.items():
-        if cfg.get(key, ok) != ok:
-            raise ArtifactError(file, f"{key}: {cfg[key]!r} is not supported (only {ok!r})")
-    act = cfg.get("activation_function", "gelu_new")
-    if act not in HF_ACTIVATIONS:
-        raise ArtifactError(file, f"activation_function {act!r} is not supported ({', '.join(HF_ACTIVATIONS)})")
-    if abs(float(cfg.get("layer_norm_epsilon", EPS)) - EPS) > 1e-12:
-        raise ArtifactError(file, f"layer_norm_epsilon {cfg['layer_norm_epsilon']} is not supported (only {EPS})")
-    if not cfg.get("scale_attn_weights", True):
-        raise ArtifactError(file, "scale_attn_weights: false is not supported")
-    missing = [k for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head") if k not in cfg]
-    if missing:
-        raise ArtifactError(file, f"no {', '.join(missing)} entry")
-    return cfg
-
-
-def _tokenizer(folder: Path, vocab_size: int):
-    """The folder's tokenizer with lmforge's `<pad>` and `<mask>` added; checked against the config's vocab."""
-    from tokenizers import AddedToken, Tokenizer
-
-    file = folder / TOKENIZER_FILE
-    if not file.is_file():
-        raise ArtifactError(file, "missing")
-    try:
-        tok = Tokenizer.from_file(str(file))
-    except Exception as e:  # the tokenizers library raises a bare Exception on a broken file
-        raise ArtifactError(file, f"not a readable tokenizer ({' '.join(str(e).split())[:200]})") from None
-    if tok.get_vocab_size() > vocab_size:
-        raise ArtifactError(
-            file, f"{tok.get_vocab_size()} tokens, more than config.json's vocab_size {vocab_size} (not this model's)"
-        )
-    if tok.token_to_id(EOT) is None:
-        raise ArtifactError(file, f"no {EOT} token (lmforge separates documents with it)")
-    tok.add_special_tokens([AddedToken(t, special=True) for t in (PAD, MASK) if tok.token_to_id(t) is None])
-    return text_only(tok)
-
-
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors keyed as GPT2Model names (the `transformer.` prefix of *LMHeadModel dropped)."""
     tensors = load_tensors(folder / WEIGHTS)
@@ -143,11 +93,9 @@ def read_hf_gpt2(folder: Path | str) -> tuple[GPT, object]:
         ArtifactError: one line naming the file and field that is missing, not GPT-2 or does not match.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise ArtifactError(folder, "no such Hugging Face checkpoint folder")
-    hf = _hf_config(folder)
+    hf = read_gpt2_config(folder)
     n_vocab = int(hf["vocab_size"])
-    tok = _tokenizer(folder, n_vocab)
+    tok = read_gpt2_tokenizer(folder)
     n_inner = hf.get("n_inner") or 4 * int(hf["n_embd"])
     try:
         cfg = GPTConfig(
@@ -324,20 +272,19 @@ def export_hf(source: Path | str, out: Path | str) -> dict[str, str]:
     source, out = Path(source), Path(out)
     if not (source / TOKENIZER_FILE).is_file() or not (source / "classifier").is_dir():
         raise ArtifactError(source, f"not a bundle folder (needs {TOKENIZER_FILE} and classifier/)")
-    kind = read_config(source / "classifier")["kind"]
-    if kind != "classifier":
+    meta = read_config(source / "classifier")
+    if meta["kind"] != "classifier":
         raise ArtifactError(
-            source / "classifier" / CONFIG, f"kind {kind!r} has no Hugging Face form (only float Transformer ones)"
+            source / "classifier" / CONFIG,
+            f"kind {meta['kind']!r} has no Hugging Face form (only float Transformer ones)",
         )
-    lm_dir = source / "lm" if (source / "lm").is_dir() else None
-    bundle = load_parts(source / TOKENIZER_FILE, source / "classifier", lm_dir)
+    classifier, tok = load_classifier(source / "classifier"), load_tokenizer(source / TOKENIZER_FILE)
+    max_length = int(meta.get("max_length") or classifier.config.trunk.block_size)
     written = {
-        "classifier": export_classifier_hf(
-            bundle.classifier, bundle.tokenizer, bundle.max_length, out / "classifier", source / "classifier"
-        )
+        "classifier": export_classifier_hf(classifier, tok, max_length, out / "classifier", source / "classifier")
     }
-    if lm_dir is not None:
-        export_lm_hf(bundle.lm, bundle.tokenizer, out / "lm", lm_dir)
+    if (source / "lm").is_dir():
+        export_lm_hf(load_lm(source / "lm"), tok, out / "lm", source / "lm")
         written["lm"] = "GPT2LMHeadModel"
     shutil.copy2(source / TOKENIZER_FILE, out / TOKENIZER_FILE)
     return written

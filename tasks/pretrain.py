@@ -1,5 +1,9 @@
 """pretrain: language-model pretraining (causal or masked LM) on the memory-mapped token shards.
 
+With `init_from` (a local Hugging Face GPT-2 folder, models/hf.py) training starts from that checkpoint's weights and
+shape instead of a new model; with `max_steps: 0` as well, the stage only scores the imported LM on the validation
+split and writes it as `paths.lm`, so finetune starts from it.
+
 One process by default; with `distributed.nproc > 1` the stage restarts itself under torchrun
 (DDP, or FSDP for models that do not fit one device). Resumable checkpoints are written every
 `checkpoint_interval` steps; an interrupted run picks up where it stopped on the next run.
@@ -20,6 +24,7 @@ import numpy as np
 import torch
 
 from models.checkpoint import write_lm
+from models.hf import read_hf_gpt2
 from models.transformer import GPT, PRESETS, GPTConfig
 from tasks.shared.config.base import Paths
 from tasks.shared.config.pretrain import PretrainConfig
@@ -142,7 +147,8 @@ def plot_curve(history: list[dict], path: Path):
 class PretrainResult:
     steps: int
     params: int
-    final_train_loss: float
+    final_train_loss: float | None
+    """Mean of the last 5 logged training losses; None without training (`max_steps: 0`)."""
     val_loss: float
     val_perplexity: float
     tokens_per_s: float
@@ -187,9 +193,58 @@ def _full_model(model: torch.nn.Module, model_cfg) -> GPT:
 def run(cfg: PretrainConfig, paths: Paths, tracker: Tracker | None = None) -> PretrainResult:
     rt = setup_runtime(cfg, cfg.distributed.backend)
     try:
+        if cfg.max_steps == 0:
+            return _import_only(cfg, paths, tracker or NullTracker(), rt)
         return _train(cfg, paths, tracker or NullTracker(), rt)
     finally:
         teardown(rt)
+
+
+def imported_lm(folder: str, meta: dict, tokens: Path) -> GPT:
+    """The LM of Hugging Face checkpoint `folder`, checked against the tokenizer the token shards were encoded with."""
+    model, tok = read_hf_gpt2(folder)
+    if tok.get_vocab_size() != meta["vocab_size"]:
+        raise UserError(
+            f"{Path(tokens) / META_FILE}: vocab_size {meta['vocab_size']} is not init_from's tokenizer's "
+            f"({tok.get_vocab_size()}): re-run the tokenize stage (dvc repro tokenize)"
+        )
+    return model
+
+
+def _import_only(cfg: PretrainConfig, paths: Paths, tracker: Tracker, rt: Runtime) -> PretrainResult:
+    """`max_steps: 0`: score `init_from`'s LM on the validation split and write it as `paths.lm` unchanged."""
+    meta = read_meta(paths.tokens)
+    model = imported_lm(cfg.init_from, meta, paths.tokens).to(rt.device)
+    val_data = TokenShards(paths.tokens, "val")
+    batches = Batches(val_data, cfg, meta, min(model.config.block_size, len(val_data) - 2))
+    micro = cfg.batch_size // rt.world // cfg.grad_accum
+    val_loss = evaluate_loss(model, batches, rt, cfg.batch_size, micro, cfg.eval_batches, cfg.seed, fused=False)
+    tracker.log_metrics({"val_loss": val_loss, "val_perplexity": math.exp(val_loss)}, step=0)
+    history = [{"step": 0, "val_loss": val_loss}]
+    if rt.is_main:
+        with atomic_dir(paths.lm) as d:
+            extra = {"train_config": cfg.model_dump(mode="json"), "objective": cfg.objective}
+            write_lm(model.cpu().eval(), d, extra=extra)
+            (d / "history.json").write_text(json.dumps(history))
+        write_plot_data(history, paths.plots)
+    return PretrainResult(
+        steps=0,
+        params=model.num_params(),
+        final_train_loss=None,
+        val_loss=round(val_loss, 4),
+        val_perplexity=round(math.exp(val_loss), 3),
+        tokens_per_s=0.0,
+        wall_tokens_per_s=0.0,
+        train_seconds=0.0,
+        resumed_from_step=0,
+        mfu=None,
+        device=device_name(rt.device),
+        precision="fp32",
+        precision_probe_fp32_ms=None,
+        precision_probe_bf16_ms=None,
+        engine_tokens_per_s=None,
+        loop_efficiency=None,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,9 +295,15 @@ def _setup(cfg: PretrainConfig, paths: Paths, rt: Runtime) -> Setup:
     meta = read_meta(paths.tokens)
     if cfg.objective == "mlm" and meta.get("mask_id") is None:
         raise UserError(f"{Path(paths.tokens) / META_FILE}: tokenizer has no <mask> token (re-run the tokenize stage)")
-    model_cfg = PRESETS[cfg.model.preset](
-        vocab_size=meta["vocab_size"], causal=cfg.objective == "causal", **cfg.model.overrides()
-    )
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    if cfg.init_from:
+        model = imported_lm(cfg.init_from, meta, paths.tokens)
+        model_cfg = model.config
+    else:
+        model_cfg = PRESETS[cfg.model.preset](
+            vocab_size=meta["vocab_size"], causal=cfg.objective == "causal", **cfg.model.overrides()
+        )
+        model = GPT(model_cfg)
     train_data, val_data = TokenShards(paths.tokens, "train"), TokenShards(paths.tokens, "val")
     if len(train_data) <= model_cfg.block_size + 1:
         raise UserError(
@@ -254,8 +315,6 @@ def _setup(cfg: PretrainConfig, paths: Paths, rt: Runtime) -> Setup:
             f"on {cfg.distributed.nnodes} node(s) but {rt.world} are running"
         )
 
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = GPT(model_cfg)
     n_params, flops_per_token = model.num_params(), model.flops_per_token()
     model.train()
     train_batches = Batches(train_data, cfg, meta, model_cfg.block_size)

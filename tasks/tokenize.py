@@ -1,5 +1,7 @@
 """tokenize: train a byte-level BPE tokenizer (Hugging Face `tokenizers`) and write token ids.
 
+With `pretrain.init_from` (a Hugging Face GPT-2 folder) the stage trains nothing: it copies that checkpoint's
+tokenizer (with `<pad>` and `<mask>` added, models/hf_files.py) and only encodes, so the ids fit the imported weights.
 Corpus documents are split train/val by source file, encoded in Rust batches, joined with an
 end-of-text token and stored as flat uint16 shards (`train-00000.bin`, ...) that training memory-maps.
 """
@@ -12,8 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from models.errors import ArtifactError
+from models.hf_files import read_gpt2_tokenizer
 from models.tokenizer import EOT, MASK, PAD, SPECIAL_TOKENS, TOKENIZER_FILE, text_only
 from tasks.shared.config.base import Paths
+from tasks.shared.config.pretrain import PretrainConfig
 from tasks.shared.config.tokenize import TokenizeConfig
 from tasks.shared.harness import stage_main
 from tasks.shared.io import atomic_dir, read_parquet
@@ -21,8 +26,10 @@ from tasks.shared.shards import DTYPE, META_FILE, write_shards
 from tasks.shared.tracking import Tracker
 from tasks.shared.validation import require_passed
 
-SECTIONS = {"tokenize": TokenizeConfig}
-"""The params.yaml sections this stage reads (its dvc.yaml `params:`)."""
+SECTIONS = {"tokenize": TokenizeConfig, "pretrain": PretrainConfig}
+"""The params.yaml sections this stage reads (its dvc.yaml `params:`, narrowed by NARROW_PARAMS)."""
+NARROW_PARAMS = {"pretrain": ("init_from",)}
+"""Of `pretrain` this stage reads only `init_from`: DVC reruns it for that key alone."""
 
 
 def train_tokenizer(texts, vocab_size: int, min_frequency: int):
@@ -69,7 +76,18 @@ class TokenizeResult:
         return self.__dict__.copy()
 
 
-def run(cfg: TokenizeConfig, paths: Paths, tracker: Tracker | None = None) -> TokenizeResult:
+def imported_tokenizer(folder: str):
+    """The tokenizer of the Hugging Face checkpoint `pretrain.init_from` names, ready for lmforge."""
+    tok = read_gpt2_tokenizer(folder)
+    if tok.get_vocab_size() > np.iinfo(DTYPE).max + 1:
+        raise ArtifactError(
+            f"{folder}/{TOKENIZER_FILE}", f"{tok.get_vocab_size()} tokens do not fit {np.dtype(DTYPE).name} ids"
+        )
+    return tok
+
+
+def run(cfg: TokenizeConfig, paths: Paths, tracker: Tracker | None = None, init_from: str = "") -> TokenizeResult:
+    """Train a tokenizer on the training documents (or take `init_from`'s) and write both splits' ids."""
     require_passed(paths.validation)
     corpus = read_parquet(paths.clean_corpus, ["text", "source"])
     val_sources = held_out_sources(corpus["source"].unique().tolist(), cfg.val_fraction, cfg.seed)
@@ -79,7 +97,9 @@ def run(cfg: TokenizeConfig, paths: Paths, tracker: Tracker | None = None) -> To
     if not val_texts:  # a corpus from one source: hold out its last document
         train_texts, val_texts = train_texts[:-1], train_texts[-1:]
 
-    tok = train_tokenizer(train_texts, cfg.vocab_size, cfg.min_frequency)
+    tok = (
+        imported_tokenizer(init_from) if init_from else train_tokenizer(train_texts, cfg.vocab_size, cfg.min_frequency)
+    )
     train_ids, val_ids = encode_stream(tok, train_texts), encode_stream(tok, val_texts)
     meta = {
         "vocab_size": tok.get_vocab_size(),
@@ -109,7 +129,7 @@ def run(cfg: TokenizeConfig, paths: Paths, tracker: Tracker | None = None) -> To
 
 
 def main() -> None:
-    stage_main("tokenize", lambda p, t: run(p.tokenize, p.paths, t).metrics, SECTIONS)
+    stage_main("tokenize", lambda p, t: run(p.tokenize, p.paths, t, p.pretrain.init_from).metrics, SECTIONS)
 
 
 if __name__ == "__main__":

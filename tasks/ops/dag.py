@@ -5,7 +5,8 @@
   curve/dvc.yaml), whose code deps are generated and checked alike.
 - `import_closure()`: every project file a module imports, transitively, imports inside functions included.
 - `check_deps()` / `write_deps()`: each stage's code deps in dvc.yaml must be exactly its import
-  closure, and its `params:` exactly the sections its module declares (`SECTIONS`); `write_deps`
+  closure, and its `params:` exactly the sections its module declares (`SECTIONS`, narrowed to `section.key` where
+  the module names the keys it reads in `NARROW_PARAMS`); `write_deps`
   rewrites dvc.yaml from the code (comments and data deps kept).
 - `read_lock()`: dvc.lock's stages; `stale_lock()`: every code or params dependency whose hash or value in
   dvc.lock differs from the working tree (seconds, nothing runs), so a commit cannot carry a lock of other code.
@@ -154,6 +155,24 @@ def declared_sections(file: Path) -> list[str]:
     raise UserError(f"{file}: no module-level SECTIONS dict (the params.yaml sections the stage reads)")
 
 
+def narrowed_keys(file: Path) -> dict[str, list[str]]:
+    """The module-level `NARROW_PARAMS = {section: (key, ...)}` literal of a stage module ({} without one): sections of
+    which the stage reads only these keys, so dvc.yaml tracks `section.key` instead of the whole section."""
+    for node in ast.parse(Path(file).read_text()).body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "NARROW_PARAMS" for t in node.targets
+        ):
+            value = ast.literal_eval(node.value)
+            return {str(k): [str(x) for x in v] for k, v in value.items()}
+    return {}
+
+
+def tracked_params(file: Path) -> list[str]:
+    """What dvc.yaml's `params:` of a stage lists: its SECTIONS, narrowed to `section.key` by NARROW_PARAMS."""
+    narrow = narrowed_keys(file)
+    return [p for s in declared_sections(file) for p in ([f"{s}.{k}" for k in narrow[s]] if s in narrow else [s])]
+
+
 # ---------------------------------------------------------------------------------------------
 # dvc.yaml deps
 
@@ -170,7 +189,7 @@ class StageDeps:
     code: list[str]
     """What the stage's import closure says its code deps are."""
     sections: list[str]
-    """What its module says it reads of params.yaml."""
+    """What its module says it reads of params.yaml (`section` or `section.key`)."""
 
 
 def expected(root: Path = ROOT) -> list[StageDeps]:
@@ -181,7 +200,7 @@ def expected(root: Path = ROOT) -> list[StageDeps]:
         file = module_file(module, root)
         if file is None:
             raise UserError(f"dvc.yaml: stages.{stage}: module {module} not found")
-        out.append(StageDeps(stage, module, sorted(import_closure(module, root)), declared_sections(file)))
+        out.append(StageDeps(stage, module, sorted(import_closure(module, root)), tracked_params(file)))
     return out
 
 

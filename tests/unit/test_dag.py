@@ -91,7 +91,7 @@ def test_a_missing_dep_is_named_and_write_deps_restores_it(tmp_path):
     assert broken != text
     dvc_yaml.write_text(broken)
     problems = dag.check_deps(project)
-    assert problems == ["pretrain: imports tasks/shared/config/training.py but dvc.yaml does not list it in deps"]
+    assert problems == ["tokenize: imports tasks/shared/config/training.py but dvc.yaml does not list it in deps"]
     assert dag.write_deps(project)
     assert dag.check_deps(project) == []
     assert dvc_yaml.read_text() == text  # comments, order and data deps kept

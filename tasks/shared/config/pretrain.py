@@ -12,8 +12,13 @@ from tasks.shared.config.training import DistributedConfig, ModelSpec, TrainLoop
 class PretrainConfig(TrainLoop):
     """Language-model pretraining on the memory-mapped token shards."""
 
+    init_from: str = ""
+    """A local Hugging Face GPT-2 family folder (config.json, model.safetensors, tokenizer.json) to start from; "" =
+    a new model. Set, the tokenize stage uses its tokenizer (with `<pad>` and `<mask>` added) instead of training
+    one, the model's shape comes from the checkpoint (`model` is ignored), the objective must be causal, and
+    `max_steps: 0` writes the imported LM unchanged for finetune. DVC tracks this path, not the folder's content."""
     model: ModelSpec = Field(default_factory=ModelSpec)
-    """Model shape (vocab size comes from the tokenizer)."""
+    """Model shape (vocab size comes from the tokenizer); ignored with `init_from`."""
     objective: Literal["causal", "mlm"] = "causal"
     """Next-token prediction (decoder) or BERT-style masked LM (bidirectional encoder)."""
     mask_prob: float = Field(0.15, gt=0, lt=1)
@@ -23,8 +28,8 @@ class PretrainConfig(TrainLoop):
     micro_batch_size: int = Field(0, ge=0)
     """Sequences per forward pass per process; batch_size / (micro x processes) = accumulation steps.
     0 = no accumulation."""
-    max_steps: int = Field(1100, ge=1)
-    """Optimizer steps."""
+    max_steps: int = Field(1100, ge=0)
+    """Optimizer steps; 0 (only with `init_from`) = none: the imported LM as is."""
     fused_loss: Literal["auto", "on", "off"] = "auto"
     """Chunked LM-head + cross-entropy that never builds the logits; `auto` = on for CPU."""
     eval_interval: int = Field(250, ge=1)
@@ -39,6 +44,14 @@ class PretrainConfig(TrainLoop):
     """`auto` resumes an interrupted run from its last checkpoint when config and data match."""
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     """Multi-process training."""
+
+    @model_validator(mode="after")
+    def _check_init_from(self) -> "PretrainConfig":
+        if self.max_steps == 0 and not self.init_from:
+            raise ValueError("max_steps 0 needs init_from (a checkpoint to take the LM from)")
+        if self.init_from and self.objective != "causal":
+            raise ValueError("init_from: a GPT-2 checkpoint is causal; objective must be causal")
+        return self
 
     @model_validator(mode="after")
     def _check_batch(self) -> "PretrainConfig":
