@@ -335,3 +335,73 @@ def test_cli_reports_bad_requests_in_one_line(tmp_path, args, message):
     res = _export(str(source), *args, "--out", str(tmp_path / "out"))
     assert res.exit_code == 2 and message in res.output
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------- pretrain.init_from
+@pytest.fixture(scope="module")
+def cleaned(tmp_path_factory):
+    """A tiny project cleaned and validated, ready for tokenize."""
+    from conftest import LABELS, TINY_CLEAN, TINY_VALIDATE, _project, write_raw
+
+    from tasks import clean, validate
+
+    paths = _project(tmp_path_factory.mktemp("init_from"))
+    write_raw(paths)
+    clean.run(TINY_CLEAN, paths)
+    validate.run(TINY_VALIDATE, TINY_CLEAN, LABELS, True, paths)
+    return paths
+
+
+def _pretrain(**kw):
+    from conftest import TINY_PRETRAIN
+
+    return TINY_PRETRAIN.model_validate({**TINY_PRETRAIN.model_dump(), "checkpoint_interval": 0, **kw})
+
+
+def test_tokenize_takes_the_checkpoint_tokenizer_and_pretrain_0_steps_writes_the_imported_lm(cleaned, hf_folder):
+    from conftest import TINY_TOKENIZE
+
+    from models.checkpoint import load_lm
+    from models.tokenizer import load_tokenizer
+    from tasks import pretrain, tokenize
+
+    result = tokenize.run(TINY_TOKENIZE, cleaned, init_from=str(hf_folder))
+    tok = load_tokenizer(cleaned.tokenizer)
+    _, imported = read_hf_gpt2(hf_folder)
+    assert result.vocab_size == imported.get_vocab_size() == tok.get_vocab_size() != TINY_TOKENIZE.vocab_size
+    assert tok.encode(TEXTS[0]).ids == imported.encode(TEXTS[0]).ids
+    meta = json.loads((cleaned.tokens / "meta.json").read_text())
+    assert (meta["pad_id"], meta["mask_id"]) == (tok.token_to_id(PAD), tok.token_to_id(MASK))
+
+    r = pretrain.run(_pretrain(init_from=str(hf_folder), max_steps=0), cleaned)
+    assert r.steps == 0 and r.final_train_loss is None and r.val_loss > 0
+    lm = load_lm(cleaned.lm)
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(hf_folder).eval()
+    ids = ids_of(tok, TEXTS[:2])
+    with torch.no_grad():
+        want = theirs(ids).logits
+        torch.testing.assert_close(lm(ids)[0][..., : want.shape[-1]], want, atol=ATOL, rtol=0)
+
+    trained = pretrain.run(_pretrain(init_from=str(hf_folder), max_steps=4), cleaned)
+    after = load_lm(cleaned.lm)
+    assert trained.steps == 4 and after.config.activation == "gelu_tanh" and after.config.bias
+    moved = max((a - b).abs().max().item() for a, b in zip(after.state_dict().values(), lm.state_dict().values()))
+    assert 0 < moved < 0.03  # 4 AdamW steps of lr <= 3e-3 from the imported weights, not from a new model
+
+
+def test_pretrain_refuses_tokens_of_another_tokenizer(cleaned, hf_folder):
+    from conftest import TINY_TOKENIZE
+
+    from tasks import pretrain, tokenize
+    from tasks.shared.errors import UserError
+
+    tokenize.run(TINY_TOKENIZE, cleaned)  # trained, not the checkpoint's
+    with pytest.raises(UserError, match=r"meta.json: vocab_size \d+ is not init_from's tokenizer's"):
+        pretrain.run(_pretrain(init_from=str(hf_folder), max_steps=0), cleaned)
+
+
+def test_config_needs_init_from_for_zero_steps_and_a_causal_objective():
+    with pytest.raises(ValueError, match="max_steps 0 needs init_from"):
+        _pretrain(max_steps=0)
+    with pytest.raises(ValueError, match="objective must be causal"):
+        _pretrain(init_from="gpt2", objective="mlm")
