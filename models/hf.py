@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from models.checkpoint import CONFIG, WEIGHTS, load_classifier, load_lm, load_tensors, read_config
+from models.checkpoint import CONFIG, WEIGHTS, load_classifier, load_json, load_lm, load_tensors, read_config
 from models.classifier import TransformerClassifier
 from models.errors import ArtifactError
 from models.hf_files import EPS, HF_ACTIVATIONS, read_gpt2_config, read_gpt2_tokenizer
@@ -36,6 +36,8 @@ from models.transformer import GPT, GPTConfig, padded_vocab
 
 EXPORT_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
 """lmforge `activation` -> GPT-2 `activation_function`."""
+SHARD_INDEX = "model.safetensors.index.json"
+PICKLE_WEIGHTS = "pytorch_model.bin"
 HEAD_FILE = "classifier_head.safetensors"
 NOTE_FILE = "lmforge.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -43,8 +45,19 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 
 # --------------------------------------------------------------------------------------------- import
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors keyed as GPT2Model names (the `transformer.` prefix of *LMHeadModel dropped)."""
-    tensors = load_tensors(folder / WEIGHTS)
+    """The checkpoint's tensors (one file or the shards an index lists) keyed as GPT2Model names (the `transformer.`
+    prefix of *LMHeadModel dropped)."""
+    index = folder / SHARD_INDEX
+    if not (folder / WEIGHTS).exists() and index.exists():
+        shards = sorted(set(load_json(index, ("weight_map",))["weight_map"].values()))
+        tensors = {k: v for shard in shards for k, v in load_tensors(folder / shard).items()}
+    elif not (folder / WEIGHTS).exists() and (folder / PICKLE_WEIGHTS).exists():
+        raise ArtifactError(
+            folder / WEIGHTS,
+            f"missing; {PICKLE_WEIGHTS} is a pickle, which lmforge never loads (save the model with safetensors)",
+        )
+    else:
+        tensors = load_tensors(folder / WEIGHTS)
     return {k.removeprefix("transformer."): v for k, v in tensors.items()}
 
 

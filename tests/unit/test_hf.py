@@ -87,6 +87,19 @@ def test_imported_gpt2_gives_transformers_logits(tmp_path, activation):
     assert ours.config.bias and ours.config.block_size == 32 and ours.config.pos_encoding == "learned"
 
 
+def test_import_reads_a_sharded_checkpoint(tmp_path):
+    folder = make_hf_gpt2(tmp_path / "gpt2")
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+    (folder / "model.safetensors").unlink()
+    theirs.save_pretrained(folder, max_shard_size="20KB")
+    assert (folder / "model.safetensors.index.json").exists() and not (folder / "model.safetensors").exists()
+    ours, tok = read_hf_gpt2(folder)
+    ids = ids_of(tok, TEXTS[:2])
+    with torch.no_grad():
+        want = theirs(ids).logits
+        torch.testing.assert_close(ours(ids)[0][..., : want.shape[-1]], want, atol=ATOL, rtol=0)
+
+
 def test_import_adds_pad_and_mask_after_the_checkpoint_vocab(hf_folder):
     model, tok = read_hf_gpt2(hf_folder)
     n = json.loads((hf_folder / "config.json").read_text())["vocab_size"]
@@ -155,6 +168,10 @@ BAD_INPUTS = {
         r"model.safetensors: tensor wpe.weight has shape \(16, 16\), config.json needs \(32, 16\)",
     ),
     "no weights": (lambda d: (d / "model.safetensors").unlink(), "model.safetensors: missing"),
+    "pickle weights": (
+        lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"),
+        "model.safetensors: missing; pytorch_model.bin is a pickle, which lmforge never loads",
+    ),
     "no tokenizer": (lambda d: (d / TOKENIZER_FILE).unlink(), "tokenizer.json: missing"),
     "tokenizer of another model": (
         lambda d: _edit_config(d, vocab_size=100),
