@@ -422,3 +422,24 @@ def test_config_needs_init_from_for_zero_steps_and_a_causal_objective():
         _pretrain(max_steps=0)
     with pytest.raises(ValueError, match="objective must be causal"):
         _pretrain(init_from="gpt2", objective="mlm")
+
+
+def test_cli_exports_registered_versions_by_number_and_alias(tmp_path, mlflow_db, monkeypatch):
+    from mlflow import MlflowClient
+    from tasks.shared.config.params import load_params
+
+    name = load_params(Path(__file__).parents[2] / "params.yaml").tracking.registered_model
+    source = _lmforge_bundle(tmp_path, "last")
+    logged = tmp_path / "logged"
+    shutil.copytree(source, logged / "artifacts" / "bundle")  # laid out as `lmforge promote` logs a version
+    client = MlflowClient(tracking_uri=mlflow_db, registry_uri=mlflow_db)
+    client.create_registered_model(name)
+    client.set_registered_model_alias(name, "champion", client.create_model_version(name, str(logged)).version)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", mlflow_db)
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for version in ("champion", "v1"):
+        res = _export(version, "--format", "hf", "--out", str(tmp_path / version))
+        assert res.exit_code == 0, res.output
+        assert (tmp_path / version / "classifier" / "model.safetensors").is_file()
+    res = _export("7", "--format", "hf", "--out", str(tmp_path / "7"))
+    assert res.exit_code == 2 and f"no version 7 of '{name}'" in res.output and not (tmp_path / "7").exists()
