@@ -3,12 +3,14 @@
 A Hugging Face folder is `config.json` + `model.safetensors` + `tokenizer.json`, read and written here with json and
 safetensors only: the library never needs `transformers` (the tests use it to check the logits).
 
-Import (`read_hf_gpt2`): GPT-2 family only (`model_type: gpt2`: GPT-2, DistilGPT2, any `GPT2LMHeadModel`). Conv1D
+Import (`read_hf_gpt2`): GPT-2 family only (`model_type: gpt2`: GPT-2, DistilGPT2, any `GPT2LMHeadModel` or
+`GPT2Model`), weights in `model.safetensors` or the shards `model.safetensors.index.json` lists (a pickle-only
+`pytorch_model.bin` is refused: lmforge never unpickles; config.json and tokenizer.json: models/hf_files.py). Conv1D
 weights are stored (in, out) and are transposed; GPT-2 has biases everywhere (`bias: true`), learned positions
 (`n_positions` becomes block_size), LayerNorm eps 1e-5 and tied embeddings. `activation_function` `gelu_new` or
 `gelu_pytorch_tanh` becomes `activation: gelu_tanh`, `gelu` stays exact. The tokenizer gains lmforge's `<pad>` and
-`<mask>` when it lacks them: they take the ids after the checkpoint's (GPT-2: 50257 and 50258), inside the padded
-vocabulary (their embedding rows start at zero).
+`<mask>` when it lacks them: they take the ids after the tokenizer's last (GPT-2: 50257 and 50258), inside the padded
+vocabulary (embedding rows past the checkpoint's vocabulary start at zero).
 
 Export (`export_hf`): an LM becomes `GPT2LMHeadModel`; a classifier becomes `GPT2ForSequenceClassification` when
 transformers computes exactly what lmforge does (`pooling: last` and dense attention over its whole length; GPT-2's

@@ -82,6 +82,7 @@ def test_a_project_started_from_a_gpt2_folder_trains_and_serves(tmp_path):
     write_bundle(bundle, data / "tokenizer" / TOKENIZER_FILE, data / "models" / "classifier", data / "models" / "lm")
     served = open_model(str(bundle), to_store=False)
     out = classify(served, ["import asyncio\nasync def main(): await asyncio.sleep(1)", "from email import policy"])
+    assert served.bundle.classifier.config.trunk.activation == "gelu_tanh"  # GPT-2's MLP, carried into finetune
     labels = set(served.bundle.labels)
     assert len(out) == 2 and all(o["label"] in labels for o in out)
     assert all(abs(sum(o["probabilities"].values()) - 1) < 1e-4 for o in out)
