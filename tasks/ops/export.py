@@ -80,6 +80,7 @@ def run(version: str, fmt: str, out: Path | str, params: Params) -> list[Path]:
                     from models.onnx_export import export_onnx  # helper "inference"'s module (torch, onnx)
 
                     export_onnx(bundle, d)
-        except ArtifactError as e:
-            raise UserError(str(e)) from None
+        except ArtifactError as e:  # named inside VERSION, not inside the temp folder it was read from
+            file = e.file.relative_to(bundle) if e.file.is_relative_to(bundle) else e.file
+            raise UserError(f"{version}: {file.as_posix()}: {e.problem}") from None
     return sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
