@@ -334,6 +334,9 @@ def serve(
         "--grpc",
         help="serve gRPC (`python -m deploy.grpc_server`, contract deploy/lmforge.proto) instead of REST",
     ),
+    metrics_port: int = typer.Option(
+        0, help="with --grpc: Prometheus metrics on this port (deploy/metrics.py; 0: off; REST has /metrics)"
+    ),
 ) -> None:
     """Serve @champion with BentoML (`bentoml serve deploy.service:LMForge`), or over gRPC with --grpc, after
     loading it into BentoML's model store."""
@@ -342,7 +345,8 @@ def serve(
         os.execv(
             sys.executable,
             [sys.executable, "-m", "deploy.grpc_server", "--host", host]
-            + ([] if port is None else ["--port", str(port)]),
+            + ([] if port is None else ["--port", str(port)])
+            + (["--metrics-port", str(metrics_port)] if metrics_port else []),
         )
     os.execv(
         _bentoml(),
