@@ -52,3 +52,14 @@ def test_the_callers_tokenizer_is_left_untruncated(tok):
     encode_texts(tok, [long], 8, tok.token_to_id(PAD))
     assert token_counts(tok, [long, ""]) == [len(tok.encode(long).ids), 0] and len(tok.encode(long).ids) > 8
     assert tok.encode(EOT).ids != [tok.token_to_id(EOT)]  # special-token strings still read as text
+
+
+def test_length_groups_cover_every_row_once_and_keep_long_texts_apart():
+    from models.bundle import length_groups
+
+    lengths = torch.tensor([5, 500, 6, 7, 480, 5, 300, 8])
+    groups = length_groups(lengths, max_size=3, overhead=64)
+    assert sorted(torch.cat(groups).tolist()) == list(range(8))
+    assert all(len(g) <= 3 for g in groups)
+    assert [sorted(lengths[g].tolist()) for g in groups] == [[5, 5, 6], [7, 8], [300], [480, 500]]
+    assert [g.tolist() for g in length_groups(torch.tensor([9]), 64)] == [[0]]
