@@ -651,7 +651,7 @@ def spread(runs: list[dict]) -> dict:
     for name, pick in picks.items():
         values = [v for v in map(pick, runs) if v is not None]
         out[name] = (
-            {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+            {"median": round(statistics.median(values), 3), "min": min(values), "max": max(values), "runs": values}
             if values
             else None
         )

@@ -7,6 +7,11 @@ GenerateStream, Metadata, the knowledge-graph task's Extract and GraphQuery when
 alignment task's Search and Embed when an encoder is found: deploy/resolve.py's open_search);
 `make grpc-stubs` regenerates deploy/lmforge_pb2*.py from it.
 
+Concurrent Classify calls are batched into one forward pass, like REST's adaptive batching (deploy/batching.py;
+`--max-workers`, default 32, calls are served at once, so a batch holds at most that many calls). With
+`--metrics-port PORT` (0 = off, the default) Prometheus metrics are served at http://HOST:PORT/metrics: calls,
+errors and latency by method and status code, texts per batched forward pass (deploy/metrics.py).
+
 Besides Inference the server carries the standard health service (`grpc.health.v1.Health`: SERVING for
 "" and "lmforge.v1.Inference" while a model is loaded) and server reflection, so `grpcurl` needs no .proto.
 
