@@ -5,7 +5,7 @@
     python bench/serve_load.py --model /tmp/bundle --batch-max-latency-ms 20 --client httpx
 
 1. In process: `deploy.resolve.open_model` + `deploy.core.classify` over the inputs in batches of 1, 32 and 256
-   (no server running); `inproc_rps` is the best of the three, in texts per second.
+   (the servers idle); `inproc_rps` is the best of the three, in texts per second.
 2. REST: a real `bentoml serve deploy.service:LMForge` on a free loopback port (adaptive batching on),
    closed-loop clients at concurrency 1, 8 and 32: each sends POST /classify with one text, waits for the
    answer, sends the next. Per level: requests/s, p50/p99 latency, errors (non-200, malformed replies,
@@ -20,8 +20,12 @@ LMFORGE_MODEL_URI, else the registry's @champion, resolved the way the service d
 servers as LMFORGE_MODEL_URI. The load generator runs in this process and competes with the servers for
 the same CPUs; its CPU time is reported so that a reader can judge how much of the machine it took.
 
-Prints a table and, as its last line, a JSON object: `inproc_rps`, `concurrency` {level: rps, p50_ms,
-p99_ms, errors, ...}, `grpc` {32: ...}, `ratio_http32_vs_inproc`, `target_ratio`, `machine`, `model_version`.
+Both servers start once and stay up; `--runs` rounds (default 3) of 1-3 follow, so that a reader sees how much
+the numbers move on a shared machine. Prints the last run's table, the median and min–max over the runs of the
+headline numbers, and, as its last line, a JSON object: the last run's `inproc_rps`, `concurrency` {level: rps,
+p50_ms, p99_ms, errors, ...}, `grpc` {32: ...}, `ratio_http32_vs_inproc`, `ratio_grpc32_vs_http32`; `runs` (every
+run's), `spread` {name: median, min, max, runs}; `target_ratio` (REST ≥ 0.8 of in process), `target_grpc_ratio`
+(gRPC ≥ REST), `machine`, `model_version`.
 """
 
 from __future__ import annotations
@@ -38,17 +42,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Awaitable, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasks.ops.servers import stop_group  # noqa: E402  (after the path fix: bench/ runs as a script)
+from deploy.runtime import serving_env  # noqa: E402  (after the path fix: bench/ runs as a script)
+from tasks.ops.servers import stop_group  # noqa: E402
 
-TARGET_RATIO = 0.7
+TARGET_RATIO = 0.8
 """The served model at concurrency 32 should reach this fraction of the in-process batched throughput."""
+TARGET_GRPC_RATIO = 1.0
+"""gRPC at concurrency 32 should serve at least as many texts/s as REST."""
 LEVELS = (1, 8, 32)
 GRPC_LEVELS = (32,)
 INPROC_BATCHES = (1, 32, 256)
@@ -483,6 +490,12 @@ def table(result: dict) -> str:
     lines.append(
         f"\nhttp c=32 / in-process: {ratio if ratio is not None else '-'} (target >= {result['target_ratio']}){verdict}"
     )
+    g = result.get("ratio_grpc32_vs_http32")
+    if g is not None:
+        lines.append(
+            f"grpc c=32 / http c=32: {g} (target >= {TARGET_GRPC_RATIO})"
+            f"  ({'met' if g >= TARGET_GRPC_RATIO else 'MISSED'})"
+        )
     for level, m in {
         **result.get("concurrency", {}),
         **{f"grpc {k}": v for k, v in (result.get("grpc") or {}).items() if k != "skipped"},
@@ -497,6 +510,12 @@ def ratio(result: dict) -> float | None:
     return round(http32["rps"] / base, 3) if http32 and base else None
 
 
+def grpc_ratio(result: dict) -> float | None:
+    """gRPC texts/s at concurrency 32 over REST's (None without both)."""
+    grpc32, http32 = (result.get("grpc") or {}).get("32"), (result.get("concurrency") or {}).get("32")
+    return round(grpc32["rps"] / http32["rps"], 3) if grpc32 and http32 and http32["rps"] else None
+
+
 # --- main ----------------------------------------------------------------------------------------
 
 
@@ -504,7 +523,7 @@ def parse_levels(s: str) -> tuple[int, ...]:
     return tuple(int(x) for x in s.split(",") if x.strip())
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--model",
@@ -514,7 +533,8 @@ def main() -> None:
     ap.add_argument(
         "--seconds", type=float, default=30, help="measured seconds per level and per in-process batch size"
     )
-    ap.add_argument("--quick", action="store_true", help="3 s per level, 1 s warm-up: a smoke run")
+    ap.add_argument("--runs", type=int, default=3, help="whole rounds (in process, REST, gRPC); medians are reported")
+    ap.add_argument("--quick", action="store_true", help="3 s per level, 1 s warm-up, one run: a smoke run")
     ap.add_argument("--warmup", type=float, default=3, help="unmeasured seconds of the same load before each level")
     ap.add_argument("--levels", type=parse_levels, default=LEVELS, help="REST concurrency levels, comma-separated")
     ap.add_argument(
@@ -541,11 +561,119 @@ def main() -> None:
     ap.add_argument("--ready-timeout", type=float, default=180, help="seconds a server may take to become ready")
     args = ap.parse_args()
     if args.quick:
-        args.seconds, args.warmup = 3, 1
+        args.seconds, args.warmup, args.runs = 3, 1, 1
     if args.model and Path(args.model).is_dir():
         args.model = str(Path(args.model).resolve())
+    return args
+
+
+def first_classify(base: str, text: str, log: Path) -> str:
+    """The model version the REST server answers with (it must answer one text)."""
+    import urllib.request
+
+    req = urllib.request.Request(
+        f"{base}/classify", data=json.dumps({"texts": [text]}).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())[0]["model_version"]
+    except OSError as e:
+        sys.exit(f"bench/serve_load.py: the first POST /classify failed ({e}); log tail:\n{tail(log)}")
+
+
+def alive(proc: subprocess.Popen, what: str, log: Path) -> None:
+    if proc.poll() is not None:
+        sys.exit(f"bench/serve_load.py: the {what} server died during the run; log tail:\n{tail(log)}")
+
+
+@contextmanager
+def servers(args: argparse.Namespace, env: dict, tmp: Path, texts: list[str]) -> Iterator[dict]:
+    """Both servers started once and kept up for every run: {"http": (proc, base, log), "grpc": (...) or reason}."""
+    bin_dir = Path(sys.executable).parent
+    with ExitStack() as stack:
+        port = free_port()
+        base, log = f"http://127.0.0.1:{port}", tmp / "bentoml.log"
+        cmd = [str(bin_dir / "bentoml"), "serve", "deploy.service:LMForge", "--host", "127.0.0.1", "--port", str(port)]
+        print(f"starting {' '.join(cmd[1:])} ...", file=sys.stderr)
+        proc = stack.enter_context(server(cmd, env, log, lambda: http_ok(f"{base}/readyz"), args.ready_timeout))
+        out: dict = {"http": (proc, base, log), "version": first_classify(base, texts[0], log)}
+        mods = grpc_modules() if args.grpc_levels else "no --grpc-levels"
+        if isinstance(mods, str):
+            out["grpc"] = mods
+        else:
+            target, glog = f"127.0.0.1:{free_port()}", tmp / "grpc.log"
+            cmd = [sys.executable, "-m", "deploy.grpc_server", "--host", "127.0.0.1", "--port", target.split(":")[1]]
+            print(f"starting {' '.join(cmd[1:])} ...", file=sys.stderr)
+            gproc = stack.enter_context(server(cmd, env, glog, lambda: grpc_ready(target), args.ready_timeout))
+            out["grpc"] = (gproc, target, glog)
+        yield out
+
+
+def one_run(args: argparse.Namespace, uri: str, texts: list[str], up: dict) -> dict:
+    """One round: in process (the servers idle), REST levels, gRPC levels; the per-run result."""
+    inproc_results, version = inproc(uri, texts, args.inproc_batches, args.seconds)
+    result: dict = {"inproc": inproc_results, "inproc_rps": max(m["rps"] for m in inproc_results.values())}
+    proc, base, log = up["http"]
+    result["concurrency"] = asyncio.run(
+        http_levels(base, texts, args.levels, args.seconds, args.warmup, proc, args.client)
+    )
+    alive(proc, "BentoML", log)
+    if isinstance(up["grpc"], str):
+        result["grpc"] = {"skipped": up["grpc"]}
+    else:
+        gproc, target, glog = up["grpc"]
+        result["grpc"] = asyncio.run(grpc_levels(target, texts, args.grpc_levels, args.seconds, args.warmup, gproc))
+        alive(gproc, "gRPC", glog)
+    result["ratio_http32_vs_inproc"] = ratio(result)
+    result["ratio_grpc32_vs_http32"] = grpc_ratio(result)
+    result["model_version"] = version
+    return result
+
+
+def spread(runs: list[dict]) -> dict:
+    """Median and min–max over the runs of the headline numbers (None where a run lacks one)."""
+    import statistics
+
+    picks = {
+        "inproc_rps": lambda r: r.get("inproc_rps"),
+        "http32_rps": lambda r: ((r.get("concurrency") or {}).get("32") or {}).get("rps"),
+        "grpc32_rps": lambda r: ((r.get("grpc") or {}).get("32") or {}).get("rps"),
+        "ratio_http32_vs_inproc": lambda r: r.get("ratio_http32_vs_inproc"),
+        "ratio_grpc32_vs_http32": lambda r: r.get("ratio_grpc32_vs_http32"),
+        "errors": lambda r: sum(
+            m.get("errors", 0)
+            for k in ("concurrency", "grpc")
+            for m in (r.get(k) or {}).values()
+            if isinstance(m, dict)
+        ),
+    }
+    out = {}
+    for name, pick in picks.items():
+        values = [v for v in map(pick, runs) if v is not None]
+        out[name] = (
+            {"median": round(statistics.median(values), 3), "min": min(values), "max": max(values), "runs": values}
+            if values
+            else None
+        )
+    return out
+
+
+def spread_table(summary: dict) -> str:
+    """One line per headline number: median [min–max] over the runs."""
+    lines = [f"{'over the runs':<24}{'median':>10}   min–max"]
+    for name, s in summary.items():
+        if s is not None:
+            lines.append(f"{name:<24}{s['median']:>10}   {s['min']}–{s['max']}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parse_args()
     os.chdir(ROOT)  # the servers run here; params.yaml's relative paths resolve the same way in this process
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a registry download draws bars on stderr
+    # the servers' process settings (`lmforge serve` sets them) here too, before torch loads: the in-process figure
+    # is measured as the servers run
+    os.environ.update(serving_env(os.environ))
 
     import torch
 
@@ -555,83 +683,34 @@ def main() -> None:
     try:
         uri = args.model or default_model_uri()
         texts, source = load_texts(args.params, args.texts)
-        print(
-            f"model {uri}; {len(texts)} inputs from {source}; "
-            f"in process: batches of {', '.join(map(str, args.inproc_batches))} ...",
-            file=sys.stderr,
-        )
-        inproc_results, version = inproc(uri, texts, args.inproc_batches, args.seconds)
+        open_model_check(uri)
     except ModelUnavailable as e:
         sys.exit(f"bench/serve_load.py: {e}")
-
+    print(f"model {uri}; {len(texts)} inputs from {source}; {args.runs} run(s)", file=sys.stderr)
     env = {k: v for k, v in os.environ.items() if k != "LMFORGE_API_KEY"}  # the benchmark measures serving, not auth
-    env.update({MODEL_URI_ENV: uri, "BENTOML_DO_NOT_TRACK": "true"})
+    env.update({MODEL_URI_ENV: uri, "BENTOML_DO_NOT_TRACK": "true", "LMFORGE_WORKERS": str(args.workers)})
     if args.batch_max_latency_ms is not None:
         env["LMFORGE_BATCH_MAX_LATENCY_MS"] = str(args.batch_max_latency_ms)
-    env["LMFORGE_WORKERS"] = str(args.workers)
-    bin_dir = Path(sys.executable).parent
-    result: dict = {"inproc": inproc_results, "inproc_rps": max(m["rps"] for m in inproc_results.values())}
+    runs = []
     with tempfile.TemporaryDirectory(prefix="lmforge-bench-") as tmp:
         env.setdefault("BENTOML_HOME", str(Path(tmp) / "bentoml"))
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        cmd = [str(bin_dir / "bentoml"), "serve", "deploy.service:LMForge", "--host", "127.0.0.1", "--port", str(port)]
-        print(f"starting {' '.join(cmd[1:])} ...", file=sys.stderr)
-        with server(cmd, env, Path(tmp) / "bentoml.log", lambda: http_ok(f"{base}/readyz"), args.ready_timeout) as proc:
-            import urllib.request
-
-            req = urllib.request.Request(
-                f"{base}/classify",
-                data=json.dumps({"texts": [texts[0]]}).encode(),
-                headers={"Content-Type": "application/json"},
-            )
-            try:
-                with urllib.request.urlopen(req, timeout=60) as r:
-                    served_version = json.loads(r.read())[0]["model_version"]
-            except OSError as e:
-                sys.exit(
-                    f"bench/serve_load.py: the first POST /classify failed ({e}); "
-                    f"log tail:\n{tail(Path(tmp) / 'bentoml.log')}"
-                )
-            result["concurrency"] = asyncio.run(
-                http_levels(base, texts, args.levels, args.seconds, args.warmup, proc, args.client)
-            )
-            if proc.poll() is not None:
-                sys.exit(
-                    "bench/serve_load.py: the BentoML server died during the run; "
-                    f"log tail:\n{tail(Path(tmp) / 'bentoml.log')}"
-                )
-
-        mods = grpc_modules() if args.grpc_levels else "no --grpc-levels"
-        if isinstance(mods, str):
-            result["grpc"] = {"skipped": mods}
-        else:
-            port = free_port()
-            target = f"127.0.0.1:{port}"
-            cmd = [sys.executable, "-m", "deploy.grpc_server", "--host", "127.0.0.1", "--port", str(port)]
-            print(f"starting {' '.join(cmd[1:])} ...", file=sys.stderr)
-            with server(cmd, env, Path(tmp) / "grpc.log", lambda: grpc_ready(target), args.ready_timeout) as proc:
-                result["grpc"] = asyncio.run(
-                    grpc_levels(target, texts, args.grpc_levels, args.seconds, args.warmup, proc)
-                )
-                if proc.poll() is not None:
-                    sys.exit(
-                        "bench/serve_load.py: the gRPC server died during the run; "
-                        f"log tail:\n{tail(Path(tmp) / 'grpc.log')}"
-                    )
-
-    if served_version != version:
-        print(f"warning: the server answered as {served_version}, the in-process model is {version}", file=sys.stderr)
+        with servers(args, env, Path(tmp), texts) as up:
+            for i in range(args.runs):
+                print(f"run {i + 1}/{args.runs}: in process, batches {args.inproc_batches} ...", file=sys.stderr)
+                runs.append(one_run(args, uri, texts, up))
+    result = {**runs[-1], "runs": runs, "spread": spread(runs)}
+    if up["version"] != result["model_version"]:
+        print(f"warning: the server answered as {up['version']}, the in-process model is {result['model_version']}")
     client_lib = __import__(args.client)
     result.update(
         {
-            "ratio_http32_vs_inproc": ratio(result),
             "target_ratio": TARGET_RATIO,
+            "target_grpc_ratio": TARGET_GRPC_RATIO,
             "machine": (
                 f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-                f"({torch.get_num_threads()} threads in process), load {load1:.2f} at start"
+                f"({torch.get_num_threads()} threads in process), load {load1:.2f} at start, "
+                f"{os.getloadavg()[0]:.2f} at the end"
             ),
-            "model_version": version,
             "model": uri,
             "inputs": f"{len(texts)} texts from {source}",
             "seconds_per_level": args.seconds,
@@ -641,11 +720,19 @@ def main() -> None:
         }
     )
     print(
-        f"{result['inputs']}; model {uri} ({version}); {result['machine']}; "
-        f"{args.seconds:g} s per level, {args.warmup:g} s warm-up"
+        f"{result['inputs']}; model {uri} ({result['model_version']}); {result['machine']}; "
+        f"{args.seconds:g} s per level, {args.warmup:g} s warm-up, {args.runs} run(s) (the table: the last)"
     )
     print(table(result))
+    print(spread_table(result["spread"]))
     print(json.dumps(result))
+
+
+def open_model_check(uri: str) -> None:
+    """Fail early, in one line, when the model cannot be loaded (before any server starts)."""
+    from deploy.resolve import open_model
+
+    open_model(uri, to_store=False)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ GenerateStream, Metadata, the knowledge-graph task's Extract and GraphQuery when
 alignment task's Search and Embed when an encoder is found: deploy/resolve.py's open_search);
 `make grpc-stubs` regenerates deploy/lmforge_pb2*.py from it.
 
+Concurrent Classify calls are batched into one forward pass, like REST's adaptive batching (deploy/batching.py;
+`--max-workers`, default 32, calls are served at once, so a batch holds at most that many calls). With
+`--metrics-port PORT` (0 = off, the default) Prometheus metrics are served at http://HOST:PORT/metrics: calls,
+errors and latency by method and status code, texts per batched forward pass (deploy/metrics.py).
+
 Besides Inference the server carries the standard health service (`grpc.health.v1.Health`: SERVING for
 "" and "lmforge.v1.Inference" while a model is loaded) and server reflection, so `grpcurl` needs no .proto.
 
@@ -28,6 +33,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from concurrent import futures
 from typing import Callable, Iterator
 
@@ -38,6 +44,7 @@ from grpc_reflection.v1alpha import reflection
 
 from deploy import lmforge_pb2 as pb
 from deploy import lmforge_pb2_grpc as pb_grpc
+from deploy.batching import Batcher
 from deploy.core import (
     AlignUnavailable,
     CannotGenerate,
@@ -51,6 +58,7 @@ from deploy.core import (
     graph_query,
     stream,
 )
+from deploy.metrics import GrpcMetrics
 from deploy.requests import (
     API_KEY_ENV,
     LIMITS,
@@ -81,12 +89,16 @@ logger = logging.getLogger("lmforge.grpc")
 
 def _rpc(method: Callable) -> Callable:
     """Turn the core's exceptions into status codes with their one-line message; anything else is a bug:
-    its traceback goes to the log and the client gets INTERNAL with one line."""
+    its traceback goes to the log and the client gets INTERNAL with one line. Every call is counted and timed in
+    the servicer's metrics (deploy/metrics.py)."""
 
     @functools.wraps(method)
     def wrapper(self, request, context):
+        start = time.perf_counter()
         try:
-            return method(self, request, context)
+            out = method(self, request, context)
+            self.metrics.observe_call(method.__name__, "OK", time.perf_counter() - start)
+            return out
         except (InvalidInput, QueryRefused) as e:
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
         except QueryTimeout as e:
@@ -100,6 +112,7 @@ def _rpc(method: Callable) -> Callable:
         except Exception as e:
             logger.exception("lmforge: %s failed", method.__name__)
             code, message = grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {' '.join(str(e).split())}"
+        self.metrics.observe_call(method.__name__, code.name, time.perf_counter() - start)
         context.abort(code, message)  # raises; outside the `try` so that it is not caught above
 
     return wrapper
@@ -121,7 +134,12 @@ def generation_request(request: pb.GenerateRequest) -> GenerationRequest:
 
 class InferenceServicer(pb_grpc.InferenceServicer):
     """`lmforge.v1.Inference` over one loaded model (or none, with the reason); every method is safe to call
-    from the server's thread pool at once (inference only reads the model)."""
+    from the server's thread pool at once (inference only reads the model).
+
+    Concurrent Classify calls are merged into one forward pass, as REST's adaptive batching merges /classify
+    requests: one thread classifies; the calls that arrived meanwhile (up to Limits.max_items texts) run next as
+    one batch (deploy/batching.py); a lone call never waits for company.
+    """
 
     def __init__(
         self,
@@ -130,8 +148,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         kg: ServedKG | None = None,
         graph: GraphQueries | None = None,
         align: ServedSearch | None = None,
+        metrics: GrpcMetrics | None = None,
     ) -> None:
         self.model, self.kg, self.graph = model, kg, graph
+        self.metrics = GrpcMetrics() if metrics is None else metrics
+        self.classifications = Batcher(self._classify_batch, LIMITS.max_items, "lmforge-classify")
         self.unavailable = None if model is not None else unavailable or "no model loaded"
         self.align = align
         self.searches, self.embeddings = align_batchers(align, LIMITS.max_embed_items)
@@ -146,10 +167,15 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         check_can_generate(model)
         return model, generation_request(request)
 
+    def _classify_batch(self, _key, texts: list[str]) -> list[dict]:
+        """One forward pass over the texts of the Classify calls merged by the batcher."""
+        self.metrics.observe_batch("Classify", len(texts))
+        return classify(self._model(), texts)
+
     @_rpc
     def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
-        model = self._model()  # one model for the whole call
-        results = classify(model, check_texts(list(request.texts)))
+        self._model()  # UNAVAILABLE at once, before the texts are checked or queued
+        results = self.classifications.submit(None, check_texts(list(request.texts))).result()
         return pb.ClassifyResponse(results=[pb.Classification(**r) for r in results])
 
     @_rpc
@@ -286,7 +312,7 @@ def build_server(
     model: ServedModel | None,
     host: str = "127.0.0.1",
     port: int = DEFAULT_PORT,
-    max_workers: int = 8,
+    max_workers: int = 32,
     *,
     unavailable: str | None = None,
     api_key: str | None = None,
@@ -294,15 +320,18 @@ def build_server(
     kg: ServedKG | None = None,
     graph: GraphQueries | None = None,
     align: ServedSearch | None = None,
+    metrics: GrpcMetrics | None = None,
 ) -> tuple[grpc.Server, int]:
     """An unstarted server for `model` (None: every Inference call answers UNAVAILABLE with `unavailable`),
     with health checks and reflection, listening on `host:port` (port 0: any free port).
 
-    `max_workers` calls run at once (a stream holds its worker until it ends); with 8 times as many in
-    flight, the next call is refused at once with RESOURCE_EXHAUSTED instead of queueing without bound.
+    `max_workers` calls run at once (a stream holds its worker until it ends; a Classify call waits in its worker
+    for its batch, so batches reach at most `max_workers` calls); with 8 times as many in flight, the next call is
+    refused at once with RESOURCE_EXHAUSTED instead of queueing without bound.
     `api_key` defaults to LMFORGE_API_KEY; `checks` is the health servicer to register (pass one in to
     call its `enter_graceful_shutdown()` before stopping; default: a new one); `kg` and `graph` serve Extract and
-    GraphQuery, `align` Search and Embed (None: UNAVAILABLE).
+    GraphQuery, `align` Search and Embed (None: UNAVAILABLE); `metrics` records the calls (default: a new
+    GrpcMetrics; serve it with its `serve(port)`).
 
     Returns:
         The server and the port it is bound to.
@@ -322,7 +351,7 @@ def build_server(
         options=options,
         maximum_concurrent_rpcs=8 * max_workers,
     )
-    servicer = InferenceServicer(model, unavailable, kg, graph, align)
+    servicer = InferenceServicer(model, unavailable, kg, graph, align, metrics)
     pb_grpc.add_InferenceServicer_to_server(servicer, server)
     checks = health.HealthServicer() if checks is None else checks
     status = health_pb2.HealthCheckResponse.SERVING if model is not None else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -346,7 +375,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m deploy.grpc_server", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 or :: for every interface)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0: any free port, printed at start-up)")
-    parser.add_argument("--max-workers", type=int, default=8, help="calls served at once")
+    parser.add_argument("--max-workers", type=int, default=32, help="calls served at once")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (deploy/metrics.py; 0: off)",
+    )
     parser.add_argument(
         "--grace", type=float, default=10.0, help="seconds calls in flight may take to finish on shutdown"
     )
@@ -370,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
         align = open_search()
     except ModelUnavailable as e:  # the other tasks are served anyway; Search and Embed say why
         logger.error("lmforge: no encoder to serve: %s", e)
-    checks = health.HealthServicer()
+    checks, metrics = health.HealthServicer(), GrpcMetrics()
     try:
         server, port = build_server(
             model,
@@ -382,7 +417,9 @@ def main(argv: list[str] | None = None) -> None:
             kg=kg,
             graph=open_graph(kg),
             align=align,
+            metrics=metrics,
         )
+        exporter = metrics.serve(args.metrics_port, args.host) if args.metrics_port else None
     except OSError as e:
         sys.exit(f"lmforge: error: {e}")
     stop = threading.Event()
@@ -395,6 +432,12 @@ def main(argv: list[str] | None = None) -> None:
     else:
         print(
             f"lmforge: gRPC on {where}: no model to serve, answering UNAVAILABLE: {unavailable}",
+            file=sys.stderr,
+            flush=True,
+        )
+    if exporter is not None:
+        print(
+            f"lmforge: metrics on http://{address(args.host, exporter.server_port)}/metrics",
             file=sys.stderr,
             flush=True,
         )

@@ -6,7 +6,12 @@ bundle the service loads) goes through this module, so special tokens mean the s
 
 from __future__ import annotations
 
+import copy
+import functools
+import itertools
 from pathlib import Path
+
+import numpy as np
 
 TOKENIZER_FILE = "tokenizer.json"
 EOT = "<|endoftext|>"
@@ -44,18 +49,31 @@ def load_tokenizer(path: Path | str):
     return text_only(Tokenizer.from_file(str(file)))
 
 
+@functools.lru_cache(maxsize=16)
+def truncating_tokenizer(tokenizer, max_length: int):
+    """A copy of `tokenizer` that truncates to `max_length` tokens (cached per tokenizer object and length; the
+    original is left untouched: other callers need untruncated counts)."""
+    truncating = text_only(copy.deepcopy(tokenizer))  # a copy loses encode_special_tokens: set it again
+    truncating.enable_truncation(max_length)
+    return truncating
+
+
 def encode_texts(tokenizer, texts: list[str], max_length: int, pad_id: int):
-    """Right-padded ids (N, T) truncated to `max_length`, and real lengths (N,) (at least 1), as tensors."""
+    """Right-padded ids (N, T) truncated to `max_length`, and real lengths (N,) (at least 1), as tensors.
+
+    `tokenizers` truncates (in Rust, without offsets); the rows are padded by one numpy scatter. This is faster
+    than `tokenizers`' own padding, which builds every padded row as a Python list (32 texts: 2.1 vs 3.8 ms, the
+    per-row loop it replaces 3.9 ms). An empty text reads as one pad token.
+    """
     import torch
 
-    encs = tokenizer.encode_batch(list(texts))
-    lengths = [max(1, min(len(e.ids), max_length)) for e in encs]
-    T = max(lengths) if lengths else 1
-    ids = torch.full((len(encs), T), pad_id, dtype=torch.long)
-    for i, e in enumerate(encs):
-        seq = e.ids[:max_length] or [pad_id]
-        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-    return ids, torch.tensor(lengths, dtype=torch.long)
+    rows = [e.ids for e in truncating_tokenizer(tokenizer, max_length).encode_batch_fast(list(texts))]
+    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    ids = np.full((len(rows), max(1, int(lengths.max(initial=0)))), pad_id, dtype=np.int64)
+    ids[np.arange(ids.shape[1]) < lengths[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum())
+    )
+    return torch.from_numpy(ids), torch.from_numpy(lengths.clip(min=1))
 
 
 def token_counts(tokenizer, texts: list[str]) -> list[int]:

@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from deploy.runtime import serving_env
 from tasks.ops.dag import load_dvc_yaml, stage_module, stage_names
 from tasks.shared.config.params import load_params
 from tasks.shared.errors import UserError
@@ -358,19 +359,26 @@ def serve(
         "--grpc",
         help="serve gRPC (`python -m deploy.grpc_server`, contract deploy/lmforge.proto) instead of REST",
     ),
+    metrics_port: int = typer.Option(
+        0, help="with --grpc: Prometheus metrics on this port (deploy/metrics.py; 0: off; REST has /metrics)"
+    ),
 ) -> None:
     """Serve @champion with BentoML (`bentoml serve deploy.service:LMForge`), or over gRPC with --grpc, after
     loading it into BentoML's model store."""
     typer.echo(f"serving {_preflight()}", err=True)
+    env = serving_env(os.environ)  # set before the server loads torch (deploy/runtime.py says why)
     if grpc:
-        os.execv(
+        os.execve(
             sys.executable,
             [sys.executable, "-m", "deploy.grpc_server", "--host", host]
-            + ([] if port is None else ["--port", str(port)]),
+            + ([] if port is None else ["--port", str(port)])
+            + (["--metrics-port", str(metrics_port)] if metrics_port else []),
+            env,
         )
-    os.execv(
+    os.execve(
         _bentoml(),
         ["bentoml", "serve", "deploy.service:LMForge", "--host", host, "--port", str(3000 if port is None else port)],
+        env,
     )
 
 

@@ -107,3 +107,22 @@ def test_report_has_a_row_per_level_and_json_last():
 def test_snippets_are_deterministic_and_valid_inputs():
     a, b = serve_load.snippets(), serve_load.snippets()
     assert a == b and len(set(a)) == len(a) and all(t.strip() for t in a)
+
+
+def test_spread_gives_the_median_and_range_of_each_headline_number():
+    def run(inproc: float, http: float, grpc: float, errors: int = 0) -> dict:
+        r = {
+            "inproc_rps": inproc,
+            "concurrency": {"32": {"rps": http, "errors": errors}},
+            "grpc": {"32": {"rps": grpc, "errors": 0}},
+        }
+        return {**r, "ratio_http32_vs_inproc": serve_load.ratio(r), "ratio_grpc32_vs_http32": serve_load.grpc_ratio(r)}
+
+    runs = [run(1000, 800, 900), run(1200, 700, 1400, errors=2), run(900, 850, 850)]
+    s = serve_load.spread(runs)
+    assert s["inproc_rps"] == {"median": 1000, "min": 900, "max": 1200, "runs": [1000, 1200, 900]}
+    assert (s["http32_rps"]["median"], s["grpc32_rps"]["median"]) == (800, 900)
+    assert s["ratio_grpc32_vs_http32"]["min"] == 1.0 and s["ratio_grpc32_vs_http32"]["max"] == 2.0
+    assert s["errors"]["max"] == 2
+    assert serve_load.spread([{"inproc_rps": 5.0, "grpc": {"skipped": "no grpc"}}])["grpc32_rps"] is None
+    assert "inproc_rps" in serve_load.spread_table(s) and "900–1200" in serve_load.spread_table(s)
