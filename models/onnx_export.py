@@ -23,11 +23,8 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
-import numpy as np
-import onnx
 import torch
 import torch.nn as nn
 from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -119,27 +116,25 @@ def export_lm(lm: GPT, path: Path) -> int:
     return length_multiple(lm.config)
 
 
-def quantize_int8(source: Path, target: Path) -> dict:
+def quantize_int8(source: Path, target: Path, per_channel: bool = True) -> dict:
     """ONNX Runtime dynamic int8 quantization of graph `source` into `target` (module docstring); its
     description for config.json."""
     quantize_dynamic(
-        str(source), str(target), op_types_to_quantize=list(INT8_OPS), per_channel=True, weight_type=QuantType.QInt8
+        str(source),
+        str(target),
+        op_types_to_quantize=list(INT8_OPS),
+        per_channel=per_channel,
+        weight_type=QuantType.QInt8,
     )
-    return {"method": "onnxruntime.quantize_dynamic", "weights": "int8 per channel", "ops": list(INT8_OPS)}
+    scales = "per channel" if per_channel else "per tensor"
+    return {"method": "onnxruntime.quantize_dynamic", "weights": f"int8 {scales}", "ops": list(INT8_OPS)}
 
 
-def write_onnx_classifier(model: TransformerClassifier, folder: Path, int8: bool, extra: dict | None = None) -> None:
-    """Fill existing `folder` with a classifier of kind `onnx` (models/onnx_runtime.py): `model` exported, int8
-    quantized by ONNX Runtime when `int8`; `extra` entries (max_length, lineage) go into config.json."""
+def write_onnx_classifier(model: TransformerClassifier, folder: Path, extra: dict | None = None) -> None:
+    """Fill existing `folder` with `model` exported as a classifier of kind `onnx` (models/onnx_runtime.py);
+    `extra` entries (max_length, lineage) go into config.json."""
     folder = Path(folder)
-    quantization = None
-    if int8:
-        with tempfile.TemporaryDirectory() as tmp:
-            fp32 = Path(tmp) / GRAPH
-            multiple = export_classifier(model, fp32)
-            quantization = quantize_int8(fp32, folder / GRAPH)
-    else:
-        multiple = export_classifier(model, folder / GRAPH)
+    multiple = export_classifier(model, folder / GRAPH)
     meta = {
         "kind": ONNX_KIND,
         "config": model.config.to_dict(),
@@ -147,15 +142,18 @@ def write_onnx_classifier(model: TransformerClassifier, folder: Path, int8: bool
         "graph": GRAPH,
         "length_multiple": multiple,
         "opset": OPSET,
-        "quantization": quantization,
+        "quantization": None,
     }
     (folder / CONFIG).write_text(json.dumps(meta, indent=2))
 
 
-def graph_weights(graph: Path) -> int:
-    """Weights stored in ONNX graph `graph` (int8 counted like float; quantization scales and zero points not)."""
-    inits = onnx.load(str(graph), load_external_data=False).graph.initializer
-    return sum(int(np.prod(t.dims)) for t in inits if not t.name.endswith(("_scale", "_zero_point")) and t.dims)
+def write_onnx_int8(fp32_folder: Path, folder: Path, per_channel: bool = True, extra: dict | None = None) -> None:
+    """Fill existing `folder` with the int8 quantization (`quantize_int8`) of fp32 `onnx` folder `fp32_folder`;
+    `extra` entries replace config.json's (variant name, source)."""
+    meta = read_config(fp32_folder)
+    quantization = quantize_int8(Path(fp32_folder) / meta.get("graph", GRAPH), Path(folder) / GRAPH, per_channel)
+    meta = {**meta, **(extra or {}), "graph": GRAPH, "quantization": quantization}
+    (Path(folder) / CONFIG).write_text(json.dumps(meta, indent=2))
 
 
 def export_onnx(bundle_folder: Path, out: Path) -> list[Path]:

@@ -11,17 +11,18 @@ import torch
 from torch.testing import assert_close
 
 from models.bundle import load_parts, write_bundle
-from models.checkpoint import ArtifactError, load_classifier, save_classifier, save_lm
+from models.checkpoint import ArtifactError, load_classifier, save_classifier, save_lm, save_quantized
 from models.classifier import ClassifierConfig, TransformerClassifier
 from models.onnx_export import (
     EXPORT_FILES,
     export_classifier,
     export_lm,
     export_onnx,
-    graph_weights,
     write_onnx_classifier,
+    write_onnx_int8,
 )
-from models.onnx_runtime import GRAPH, OnnxClassifier, cpu_session
+from models.onnx_runtime import GRAPH, OnnxClassifier, cpu_session, graph_weights
+from models.quantize import quantize_classifier
 from models.tokenizer import TOKENIZER_FILE
 from models.transformer import GPT, tiny
 from tasks.tokenize import train_tokenizer
@@ -102,8 +103,6 @@ def test_lm_matches_pytorch(tmp_path):
 
 
 def test_int8_exported_model_not_exported():
-    from models.quantize import quantize_classifier
-
     with pytest.raises(TypeError, match="only a float Transformer classifier"):
         export_classifier(quantize_classifier(classifier()), "unused.onnx")
 
@@ -114,9 +113,10 @@ def onnx_folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("variants")
     model = classifier(**WINDOWED)
     save_classifier(model, root / "fp32", extra={"max_length": 64})
-    for name, int8 in (("onnx", False), ("onnx-int8", True)):
-        (root / name).mkdir()
-        write_onnx_classifier(model, root / name, int8, extra={"max_length": 64, "variant": name})
+    (root / "onnx").mkdir()
+    write_onnx_classifier(model, root / "onnx", extra={"max_length": 64, "variant": "onnx"})
+    (root / "onnx-int8").mkdir()
+    write_onnx_int8(root / "onnx", root / "onnx-int8", extra={"variant": "onnx-int8"})
     tok = train_tokenizer(["def f(x):\n    return x + 1\n", "class A:\n    pass\n"] * 20, VOCAB, 1)
     tok.save(str(root / TOKENIZER_FILE))
     return root, model
@@ -179,3 +179,33 @@ def test_broken_graph_is_one_line(onnx_folders, tmp_path):
     (folder / GRAPH).unlink()
     with pytest.raises(ArtifactError, match="model.onnx: missing"):
         load_classifier(folder)
+
+
+def test_onnx_stage_writes_variants_that_evaluate_finds(onnx_folders, tmp_path):
+    import pandas as pd
+    from conftest import make_paths
+
+    from tasks import onnx as onnx_stage
+    from tasks.shared.config.onnx import OnnxConfig
+    from tasks.shared.errors import UserError
+    from tasks.shared.scoring import stored_weights
+    from tasks.shared.variants import built
+
+    root, model = onnx_folders
+    paths = make_paths(tmp_path)
+    save_classifier(model, paths.classifier, extra={"max_length": 64})
+    paths.tokenizer.mkdir(parents=True)
+    (paths.tokenizer / TOKENIZER_FILE).write_text((root / TOKENIZER_FILE).read_text())
+    paths.clean_labeled.parent.mkdir(parents=True, exist_ok=True)
+    texts = ["def f(x):\n    return x", "class A:\n    pass " * 30, "x = 1"]
+    pd.DataFrame({"text": texts, "label": LABELS, "split": ["val", "val", "test"]}).to_parquet(paths.clean_labeled)
+    result = onnx_stage.run(OnnxConfig(check_rows=2), paths)
+    assert set(result.variants) == {"onnx", "onnx-int8"}
+    assert result.variants["onnx"]["max_logit_diff"] < 1e-4 and result.variants["onnx"]["agreement"] == 1.0
+    assert result.variants["onnx-int8"]["source"] == "fp32" and result.variants["onnx-int8"]["max_logit_diff"] < 0.1
+    assert {"fp32", "onnx", "onnx-int8"} <= set(built(paths))
+    assert load_parts(paths.tokenizer / TOKENIZER_FILE, built(paths)["onnx-int8"]).variant == "onnx-int8"
+    assert stored_weights(built(paths)["onnx"]) == pytest.approx(stored_weights(paths.classifier), rel=0.02)
+    save_quantized(quantize_classifier(model), model.config, paths.pruned, "torch.ao", True)
+    with pytest.raises(UserError, match="onnx.sources: pruned .* is not a float Transformer classifier"):
+        onnx_stage.source_models(OnnxConfig(sources=["pruned"]), paths)
