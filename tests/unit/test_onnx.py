@@ -52,26 +52,59 @@ def ort_logits(graph, ids: torch.Tensor, lengths: torch.Tensor) -> np.ndarray:
     return out
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {"attn_global": 1, "attn_chunked": True},
+        {"attn_global": 2},
+        {"attn_global": 1, "attn_global_last": True},
+        {"attn_global": 0, "causal": False},
+        {"attn_global": 1, "causal": False, "attn_chunked": True},
+    ],
+)
+def test_export_mode_is_exact_in_eager(shape):
+    """The traced attention (blocked kernel for every length, or the dense mask) equals the eager paths."""
+    torch.manual_seed(0)
+    m = GPT(tiny(vocab_size=64, block_size=40, attn_window=4, **shape)).double().eval()
+    traced = GPT(m.config).double().eval()
+    traced.load_state_dict(m.state_dict())
+    traced.traceable = True
+    for T in (3, 8, 40):
+        idx, lengths = torch.randint(0, 64, (3, T)), torch.tensor([T, max(1, T // 2), 1])
+        rows = torch.arange(T)[None] < lengths[:, None]  # padded rows of a causal trunk are never read
+        want = m.hidden(idx, lengths)[rows]
+        torch.testing.assert_close(traced.hidden(idx, lengths)[rows], want, rtol=0, atol=1e-9)
+
+
 @pytest.fixture(scope="module")
-def windowed(tmp_path_factory):
+def onnx_folders(tmp_path_factory):
+    """The windowed classifier as `onnx` folders, fp32 and int8, beside its PyTorch folder and a tokenizer."""
+    root = tmp_path_factory.mktemp("variants")
     model = classifier(**WINDOWED)
-    graph = tmp_path_factory.mktemp("onnx") / GRAPH
-    return model, graph, export_classifier(model, graph)
+    save_classifier(model, root / "fp32", extra={"max_length": 64})
+    (root / "onnx").mkdir()
+    write_onnx_classifier(model, root / "onnx", extra={"max_length": 64, "variant": "onnx"})
+    (root / "onnx-int8").mkdir()
+    write_onnx_int8(root / "onnx", root / "onnx-int8", extra={"variant": "onnx-int8"})
+    tok = train_tokenizer(["def f(x):\n    return x + 1\n", "class A:\n    pass\n"] * 20, VOCAB, 1)
+    tok.save(str(root / TOKENIZER_FILE))
+    return root, model
 
 
 @pytest.mark.parametrize(("B", "T"), [(1, 16), (3, 48), (2, 64)])
-def test_windowed_classifier_matches_pytorch(windowed, B, T):
+def test_windowed_classifier_matches_pytorch(onnx_folders, B, T):
     """Two batch sizes and lengths within one chunk and past two (the eager blocked kernel's range)."""
-    model, graph, multiple = windowed
-    assert multiple == 16
+    root, model = onnx_folders
+    graph = root / "onnx" / GRAPH
+    assert json.loads((root / "onnx" / "config.json").read_text())["length_multiple"] == 16
     ids, lengths = batch(B, T)
     with torch.no_grad():
         want = model(ids, lengths).numpy()
     np.testing.assert_allclose(ort_logits(graph, ids, lengths), want, atol=1e-4, rtol=0)
 
 
-def test_windowed_graph_has_dynamic_axes(windowed):
-    _, graph, _ = windowed
+def test_windowed_graph_has_dynamic_axes(onnx_folders):
+    graph = onnx_folders[0] / "onnx" / GRAPH
     inputs = {
         i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in onnx.load(graph).graph.input
     }
@@ -105,21 +138,6 @@ def test_lm_matches_pytorch(tmp_path):
 def test_int8_exported_model_not_exported():
     with pytest.raises(TypeError, match="only a float Transformer classifier"):
         export_classifier(quantize_classifier(classifier()), "unused.onnx")
-
-
-@pytest.fixture(scope="module")
-def onnx_folders(tmp_path_factory):
-    """The windowed classifier as `onnx` folders, fp32 and int8, beside its PyTorch folder and a tokenizer."""
-    root = tmp_path_factory.mktemp("variants")
-    model = classifier(**WINDOWED)
-    save_classifier(model, root / "fp32", extra={"max_length": 64})
-    (root / "onnx").mkdir()
-    write_onnx_classifier(model, root / "onnx", extra={"max_length": 64, "variant": "onnx"})
-    (root / "onnx-int8").mkdir()
-    write_onnx_int8(root / "onnx", root / "onnx-int8", extra={"variant": "onnx-int8"})
-    tok = train_tokenizer(["def f(x):\n    return x + 1\n", "class A:\n    pass\n"] * 20, VOCAB, 1)
-    tok.save(str(root / TOKENIZER_FILE))
-    return root, model
 
 
 def test_load_classifier_gives_an_ort_module(onnx_folders):
