@@ -159,7 +159,7 @@ def main() -> None:
     )
     print(f"{'variant':<15}" + "".join(f"{c:>20}" for c in cols))
     for name, m in results.items():
-        print(f"{name:<15}" + "".join(f"{m[c]:>20}" for c in cols))
+        print(f"{name:<15}" + "".join(f"{'-' if m[c] is None else m[c]:>20}" for c in cols))
     print(
         "\nbatch-1 request, where the time goes (medians, ms): tokenization | forward | "
         "p50 of the whole minus both (softmax, Python; medians do not add exactly)"
