@@ -2,10 +2,10 @@
 
     make pipeline                      # builds the variants (or: dvc repro quantize)
     python bench/compression.py        # or: lmforge bench compression
-    python bench/compression.py --reps 400 --threads 2
+    python bench/compression.py --reps 400 --threads 2     # ONNX Runtime sessions get the same thread count
 
-Scores each variant the pipeline built (tasks/shared/variants.py) on the held-out test split with the
-evaluate stage's own code (tokenizer + service bundle, tokenization included in every latency), with
+Scores each variant the pipeline built (tasks/shared/variants.py; the ONNX Runtime ones included) on the held-out
+test split with the evaluate stage's own code (tokenizer + service bundle, tokenization included in every latency), with
 more timed requests than the stage uses, all in one process on this machine. Prints a table, the
 batch-1 breakdown (tokenization vs forward), the targets with their verdicts, and, as the last line, a
 JSON object: per variant `macro_f1`, `p50_ms_b1`, `p99_ms_b1`, `p50_ms_b32`, `size_mb`, `params`, ...
@@ -37,6 +37,21 @@ TARGETS = {
             "macro-F1 drop <= 1 point",
             lambda v, f: (100 * (f["macro_f1"] - v["macro_f1"]), f["macro_f1"] - v["macro_f1"] <= 0.01),
         ),
+    ],
+    "onnx-int8": [  # ONNX Runtime's int8 graph (tasks/onnx.py) held to the same bar as PyTorch's int8
+        (
+            "throughput at batch 32 >= 2.5x fp32",
+            lambda v, f: (f["p50_ms_b32"] / v["p50_ms_b32"], f["p50_ms_b32"] / v["p50_ms_b32"] >= 2.5),
+        ),
+        (
+            "macro-F1 drop <= 1 point",
+            lambda v, f: (100 * (f["macro_f1"] - v["macro_f1"]), f["macro_f1"] - v["macro_f1"] <= 0.01),
+        ),
+        ("speedup at batch 1 (reported)", lambda v, f: (f["p50_ms_b1"] / v["p50_ms_b1"], None)),
+    ],
+    "onnx": [
+        ("speedup at batch 1 (reported)", lambda v, f: (f["p50_ms_b1"] / v["p50_ms_b1"], None)),
+        ("speedup at batch 32 (reported)", lambda v, f: (f["p50_ms_b32"] / v["p50_ms_b32"], None)),
     ],
     "distilled": [
         (
@@ -117,7 +132,9 @@ def main() -> None:
     results = {n: {k: m[k] for k in (*KEYS, "linear_weight_bytes")} for n, m in results.items()}
     fp32 = results["fp32"]
     for m in results.values():
-        m["linear_weight_ratio"] = round(fp32["linear_weight_bytes"] / m["linear_weight_bytes"], 3)
+        # an ONNX Runtime variant has no torch Linears to count: its size is in size_mb
+        bytes_ = m["linear_weight_bytes"]
+        m["linear_weight_ratio"] = round(fp32["linear_weight_bytes"] / bytes_, 3) if bytes_ else None
         m["speedup_b1"] = round(fp32["p50_ms_b1"] / m["p50_ms_b1"], 3)
         m["speedup_b32"] = round(fp32["p50_ms_b32"] / m["p50_ms_b32"], 3)
         m["f1_drop_points"] = round(100 * (fp32["macro_f1"] - m["macro_f1"]), 2)
@@ -142,7 +159,7 @@ def main() -> None:
     )
     print(f"{'variant':<15}" + "".join(f"{c:>20}" for c in cols))
     for name, m in results.items():
-        print(f"{name:<15}" + "".join(f"{m[c]:>20}" for c in cols))
+        print(f"{name:<15}" + "".join(f"{'-' if m[c] is None else m[c]:>20}" for c in cols))
     print(
         "\nbatch-1 request, where the time goes (medians, ms): tokenization | forward | "
         "p50 of the whole minus both (softmax, Python; medians do not add exactly)"

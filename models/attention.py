@@ -37,10 +37,15 @@ class SparsePattern:
     """(B,) real lengths: later keys are padding; None = no padding."""
     chunked: bool = False
     """Fixed chunks of `window` positions instead of a sliding window."""
+    leading_global: int | None = None
+    """Traceable (ONNX export): the global positions are exactly the first `leading_global`, known without reading
+    `global_mask`, and nothing branches on T, so one traced graph serves every length."""
     _layouts: dict = field(default_factory=dict, repr=False, compare=False)
 
     def layout(self, B: int, T: int, device) -> "Layout":
-        """The masks and global positions of a (B, T) input, built once."""
+        """The masks and global positions of a (B, T) input, built once (traced: built in the graph)."""
+        if self.leading_global is not None:  # a traced T is symbolic: no cache key
+            return _layout(self, B, T, device)
         key = (B, T, str(device))
         if key not in self._layouts:
             self._layouts[key] = _layout(self, B, T, device)
@@ -162,20 +167,32 @@ def _row_mask(pattern: SparsePattern, gidx: torch.Tensor, T: int, device) -> tor
     return (mask | (keys == gidx[:, :, None]))[:, None]
 
 
+def leading_positions(n_global: int, T: int, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`global_positions` when the global positions are the first `n_global`, from tensor ops only (traceable);
+    past T the position T - 1 repeats, marked not real (its row duplicates T - 1's, so either copy is right)."""
+    order = torch.arange(n_global, device=device)
+    return order.clamp(max=T - 1).expand(batch, n_global), (order < T).expand(batch, n_global)
+
+
 def _layout(pattern: SparsePattern, B: int, T: int, device) -> Layout:
     w = pattern.window
     blocks = -(-T // w)
     gidx = gvalid = row_mask = slot = is_global = None
-    if pattern.global_mask is not None and bool(pattern.global_mask.any()):
-        gidx, gvalid = global_positions(pattern.global_mask, B)
+    if pattern.leading_global is not None:
+        has_global = pattern.global_mask is not None and pattern.leading_global > 0
+    else:
+        has_global = pattern.global_mask is not None and bool(pattern.global_mask.any())
+    if has_global:
+        if pattern.leading_global is not None:
+            gidx, gvalid = leading_positions(pattern.leading_global, T, B, device)
+        else:
+            gidx, gvalid = global_positions(pattern.global_mask, B)
         row_mask = _row_mask(pattern, gidx, T, device)
         order = torch.arange(gidx.size(1), device=device).expand_as(gidx)
         slot = torch.zeros(B, T, dtype=torch.long, device=device).scatter(1, gidx, order)
         is_global = pattern.global_mask.expand(B, T)
     mask = _block_masks(T, pattern, gidx, gvalid, blocks, device)  # (B or 1, nb, w, S)
-    mask = mask.reshape(-1, 1, w, mask.size(-1))  # (B * nb or nb, 1, w, S)
-    if mask.size(0) != B * blocks:
-        mask = mask.repeat(B, 1, 1, 1)
+    mask = mask.expand(B, -1, -1, -1).reshape(B * blocks, 1, w, mask.size(-1))  # (B * nb, 1, w, S)
     return Layout(blocks, mask, gidx, row_mask, slot, is_global)
 
 

@@ -1,6 +1,6 @@
 """On-disk model format of every kind: `model.safetensors` + `config.json` in one directory.
 
-`config.json` holds the `kind` ("gpt", "classifier", "classifier-cnn", "classifier-gru", "classifier-int8"), the
+`config.json` holds the `kind` ("gpt", "classifier", "classifier-cnn", "classifier-gru", "classifier-int8", "onnx"), the
 model's `config` and any extra entries (max_length, lineage). An int8 classifier (quantized by `models.quantize`)
 stores, for every int8 Linear `name`, `{name}.weight_int8` (int8, out x in), `{name}.weight_scale` (float32, (out,)
 per channel or (1,) per tensor), `{name}.weight_zero_point` (int32, same shape) and `{name}.bias`; every other
@@ -28,6 +28,7 @@ from models.baselines import CNNClassifier, CNNConfig, GRUClassifier, GRUConfig
 from models.classifier import ClassifierConfig, TransformerClassifier
 from models.errors import ArtifactError
 from models.files import file_sha256
+from models.onnx_runtime import ONNX_KIND, load_onnx_classifier
 from models.quantize import (
     BACKENDS,
     SYMMETRIC_BACKENDS,
@@ -202,12 +203,15 @@ def save_classifier(model: nn.Module, path: Path, extra: dict | None = None) -> 
 
 
 def load_classifier(path: Path) -> nn.Module:
-    """Load a classifier directory of any kind (Transformer fp32 or int8, CNN, GRU); returns it in eval mode."""
+    """Load a classifier directory of any kind (Transformer fp32 or int8, CNN, GRU, or an ONNX graph run by ONNX
+    Runtime: models/onnx_runtime.py); returns it in eval mode."""
     meta = read_config(path)
     if meta["kind"] == INT8_KIND:
         return _load_int8(path, meta)
+    if meta["kind"] == ONNX_KIND:
+        return load_onnx_classifier(path, meta, _config(ClassifierConfig, meta, path))
     if meta["kind"] not in CLASSIFIER_KINDS:
-        known = sorted([*CLASSIFIER_KINDS, INT8_KIND])
+        known = sorted([*CLASSIFIER_KINDS, INT8_KIND, ONNX_KIND])
         raise ArtifactError(
             Path(path) / CONFIG, f"not a classifier (kind {meta['kind']!r}; known kinds: {', '.join(known)})"
         )

@@ -151,12 +151,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.type_as(x)
 
 
+def blocked_export(cfg: GPTConfig) -> bool:
+    """Whether a traced (ONNX) trunk runs the blocked kernel: under a window whose multiples tile block_size, with
+    the global positions known from the config (no `attn_global_last`). Its input length must then be a multiple of
+    attn_window (a traced ceil(T / window) would fix the number of blocks); otherwise the trace uses a dense mask."""
+    return bool(cfg.attn_window) and cfg.block_size % cfg.attn_window == 0 and not cfg.attn_global_last
+
+
 def attention_pattern(
-    cfg: GPTConfig, T: int, lengths: torch.Tensor | None, device, start: int = 0
+    cfg: GPTConfig, T: int, lengths: torch.Tensor | None, device, start: int = 0, traceable: bool = False
 ) -> torch.Tensor | SparsePattern | None:
     """How the T queries at positions start.. attend: the blocked kernel's pattern for a long sequence under a
-    window, else a dense mask (None: plain causal). `lengths` (B,) are the rows' real lengths, when known."""
-    window = cfg.attn_window if start + T > cfg.attn_window else 0  # a window over the whole sequence is no window
+    window, else a dense mask (None: plain causal). `lengths` (B,) are the rows' real lengths, when known.
+
+    `traceable` (ONNX export): no Python branch on T, so one traced graph serves every length: the blocked kernel
+    for every T where `blocked_export` says so (its global positions known from the config:
+    `SparsePattern.leading_global`), else a dense mask tensor. Both are exact: for T <= attn_window the
+    window (or chunk) covers every pair, and `dense_mask` is the same pattern as the blocked kernel."""
+    # a window over the whole sequence is no window (and, traced, keeping it changes nothing)
+    window = cfg.attn_window if traceable or start + T > cfg.attn_window else 0
     glob = None
     if window and (cfg.attn_global or (cfg.attn_global_last and lengths is not None)):
         positions = torch.arange(start + T, device=device)
@@ -164,9 +177,15 @@ def attention_pattern(
         if cfg.attn_global_last and lengths is not None:
             glob = glob | (positions[None] == lengths[:, None] - 1)  # (B, start + T)
     padding = None if cfg.causal else lengths  # causal tokens never see later pads
-    if window and start == 0 and T > 2 * window:
+    if traceable and start == 0 and blocked_export(cfg):
+        return SparsePattern(window, cfg.causal, glob, padding, cfg.attn_chunked, leading_global=cfg.attn_global)
+    if window and start == 0 and T > 2 * window and not traceable:
         return SparsePattern(window, cfg.causal, glob, padding, cfg.attn_chunked)
-    return dense_mask(T, cfg.causal, window, glob, padding, device, start, cfg.attn_chunked)
+    mask = dense_mask(T, cfg.causal, window, glob, padding, device, start, cfg.attn_chunked)
+    if traceable and mask is None:  # SDPA's is_causal is chosen by a Python test on T; a mask tensor is not
+        keys = torch.arange(start + T, device=device)
+        mask = (keys[None, :] <= keys[start:, None])[None, None]  # (1, 1, T, start + T)
+    return mask
 
 
 class LayerCache:
@@ -294,6 +313,9 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, vocab, bias=False)
         self.lm_head.weight = self.wte.weight
+        self.traceable = False
+        """Export mode (models/onnx_export.py sets it on a copy): attention masks come from tensor ops for every
+        length (`attention_pattern(traceable=True)`), so `torch.onnx.export` traces one graph with dynamic axes."""
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):  # GPT-2 scaled init of residual projections
@@ -359,7 +381,7 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
         x = self.drop(x)
-        mask = attention_pattern(c, T, lengths, idx.device, start)
+        mask = attention_pattern(c, T, lengths, idx.device, start, self.traceable)
         rope = rope_tables(T, c.head_dim, c.rope_base, idx.device, start) if c.pos_encoding == "rope" else None
         layers = cache.layers if cache is not None else [None] * len(self.blocks)
         for block, layer_cache in zip(self.blocks, layers):

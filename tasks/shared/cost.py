@@ -43,6 +43,7 @@ REPORTED_STAGES = (
     "sparsify",
     "distill",
     "quantize",
+    "onnx",
 )
 """The stages whose cost evaluate's report tabulates: every stage before evaluate in dvc.yaml, whose
 metrics files are therefore evaluate's deps there (tests/unit/test_cost.py checks both)."""

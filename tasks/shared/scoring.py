@@ -21,6 +21,7 @@ import pandas as pd
 
 from models.bundle import Bundle
 from models.checkpoint import WEIGHTS, dir_size_mb
+from models.onnx_runtime import GRAPH, graph_weights
 from tasks.shared.config.evaluate import EvaluateConfig
 
 ECE_BINS = 15
@@ -94,9 +95,12 @@ def bundle_scorer(bundle: Bundle, folder: Path) -> Scorer:
 
 
 def stored_weights(folder: Path) -> int:
-    """Weights a model folder stores (int8 counted like float; quantization scales and zero points not counted)."""
+    """Weights a model folder (safetensors or ONNX graph) stores (int8 counted like float; quantization scales and
+    zero points not counted)."""
     from safetensors import safe_open
 
+    if (Path(folder) / GRAPH).is_file() and not (Path(folder) / WEIGHTS).is_file():  # an `onnx` variant
+        return graph_weights(Path(folder) / GRAPH)
     n = 0
     with safe_open(str(Path(folder) / WEIGHTS), framework="pt") as f:
         for key in f.keys():

@@ -38,7 +38,7 @@ TASKS: dict[str, Task] = {
     "classification": Task(
         name="classification",
         description="sequence classification (the default: which stdlib package a text comes from)",
-        stages=("finetune", "prune", "sparsify", "distill", "quantize", "evaluate"),
+        stages=("finetune", "prune", "sparsify", "distill", "quantize", "onnx", "evaluate"),
         metrics="evaluate.json",
         registered_model="registered_model",
         promote="tasks.ops.promote:run",

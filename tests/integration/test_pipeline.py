@@ -44,6 +44,7 @@ def test_flow_succeeds_without_tracebacks(project):
         "sparsify",
         "distill",
         "quantize",
+        "onnx",
         "evaluate",
     ):
         assert (project["dir"] / "metrics" / f"{stage}.json").exists(), stage
@@ -78,6 +79,7 @@ def test_registry_has_champion_with_lineage(project):
         "sparsify",
         "distill",
         "quantize",
+        "onnx",
         "evaluate",
         "kg_data",
         "kg_train",

@@ -69,8 +69,8 @@ def test_the_dense_mask_is_the_longformer_pattern():
 
 
 def _dense_patterns(monkeypatch):
-    def dense(cfg, T, lengths, device, start=0):
-        pattern = attention_pattern(cfg, T, lengths, device, start)
+    def dense(cfg, T, lengths, device, start=0, traceable=False):
+        pattern = attention_pattern(cfg, T, lengths, device, start, traceable)
         if not isinstance(pattern, SparsePattern):
             return pattern
         glob = pattern.global_mask

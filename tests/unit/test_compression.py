@@ -164,8 +164,9 @@ def test_distillation_loss_mixes_soft_and_hard_targets():
 def test_a_switched_off_variant_leaves_a_marker_and_quantizing_it_is_refused(tmp_path):
     from conftest import TINY_FINETUNE, TINY_QUANTIZE, make_paths
 
-    from tasks import distill, prune, quantize, sparsify
+    from tasks import distill, onnx, prune, quantize, sparsify
     from tasks.shared.config.distill import DistillConfig
+    from tasks.shared.config.onnx import OnnxConfig
     from tasks.shared.config.prune import PruneConfig
     from tasks.shared.config.sparsify import SparsifyConfig
     from tasks.shared.errors import UserError
@@ -185,3 +186,7 @@ def test_a_switched_off_variant_leaves_a_marker_and_quantizing_it_is_refused(tmp
         quantize.run(TINY_QUANTIZE.model_copy(update={"sources": ["pruned"]}), paths)
     quantize.run(TINY_QUANTIZE.model_copy(update={"sources": []}), paths)  # no int8 variant at all: an empty folder
     assert paths.quantized.is_dir() and not any(paths.quantized.iterdir())
+    with pytest.raises(UserError, match=r"onnx.sources: pruned has no model"):
+        onnx.run(OnnxConfig(sources=["pruned"]), paths)
+    onnx.run(OnnxConfig(sources=[]), paths)
+    assert paths.onnx.is_dir() and not any(paths.onnx.iterdir())

@@ -69,6 +69,8 @@ class Paths(Section):
     """Student classifier distilled from the fine-tuned one (distill)."""
     quantized: Path
     """int8 variants, one subfolder each (`int8`, `pruned-int8`, ...) (quantize)."""
+    onnx: Path
+    """ONNX Runtime variants, one subfolder each (`onnx`, `onnx-int8`, `distilled-onnx`, ...) (onnx)."""
     behavioral: Path
     """Minimum-functionality examples (JSONL: text, label) for the behavioral tests, tracked in git."""
     evaluation: Path

@@ -24,6 +24,7 @@ from tasks.shared.config.kg_data import KgDataConfig
 from tasks.shared.config.kg_evaluate import KgEvaluateConfig
 from tasks.shared.config.kg_graph import KgGraphConfig
 from tasks.shared.config.kg_train import KgTrainConfig
+from tasks.shared.config.onnx import OnnxConfig
 from tasks.shared.config.orchestrate import OrchestrateConfig
 from tasks.shared.config.pretrain import PretrainConfig
 from tasks.shared.config.promote import PromoteConfig
@@ -53,6 +54,7 @@ SECTION_TYPES: dict[str, type[Section]] = {
     "sparsify": SparsifyConfig,
     "distill": DistillConfig,
     "quantize": QuantizeConfig,
+    "onnx": OnnxConfig,
     "evaluate": EvaluateConfig,
     "kg_train": KgTrainConfig,
     "kg_evaluate": KgEvaluateConfig,
@@ -87,6 +89,7 @@ class Params(BaseModel):
     sparsify: SparsifyConfig = Field(default_factory=SparsifyConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+    onnx: OnnxConfig = Field(default_factory=OnnxConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     kg_train: KgTrainConfig = Field(default_factory=KgTrainConfig)
     kg_evaluate: KgEvaluateConfig = Field(default_factory=KgEvaluateConfig)
