@@ -14,9 +14,10 @@ class PretrainConfig(TrainLoop):
 
     init_from: str = ""
     """A local Hugging Face GPT-2 family folder (config.json, model.safetensors, tokenizer.json; absolute, or relative
-    to the project root) to start from; "" = a new model. Set, the tokenize stage uses its tokenizer (with `<pad>` and `<mask>` added) instead of training
-    one, the model's shape comes from the checkpoint (`model` is ignored), the objective must be causal, and
-    `max_steps: 0` writes the imported LM unchanged for finetune. DVC tracks this path, not the folder's content."""
+    to the project root) to start from; "" = a new model. Set, the tokenize stage uses its tokenizer (with `<pad>` and
+    `<mask>` added) instead of training one, the model's shape comes from the checkpoint (`model` is ignored), the
+    objective must be causal, and `max_steps: 0` writes the imported LM unchanged for finetune. DVC tracks this path,
+    not the folder's content."""
     model: ModelSpec = Field(default_factory=ModelSpec)
     """Model shape (vocab size comes from the tokenizer); ignored with `init_from`."""
     objective: Literal["causal", "mlm"] = "causal"
