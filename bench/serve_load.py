@@ -11,8 +11,8 @@
    answer, sends the next. Per level: requests/s, p50/p99 latency, errors (non-200, malformed replies,
    exceptions), the client's own CPU time, the server's CPU time, and the mean server batch size from
    BentoML's /metrics.
-3. gRPC: `python -m deploy.grpc_server` at concurrency 32 (lmforge.v1.Inference/Classify, one text per call),
-   the same way over one grpc.aio channel.
+3. gRPC: `python -m deploy.grpc_server --workers N` (as many processes as REST's workers: `--workers`) at
+   concurrency 32 (lmforge.v1.Inference/Classify, one text per call), the same way over one grpc.aio channel.
 
 Inputs: the test split of params.yaml's `paths.clean_labeled` (what the evaluate stage scores), else a
 deterministic set of code snippets. The model: `--model` (a bundle folder or an MLflow model URI), else
@@ -551,7 +551,7 @@ def parse_args() -> argparse.Namespace:
         "--workers",
         type=int,
         default=os.cpu_count() or 1,
-        help="LMFORGE_WORKERS for bentoml serve (default: one per CPU)",
+        help="processes of each server: LMFORGE_WORKERS of bentoml serve, gRPC's --workers (default: one per CPU)",
     )
     ap.add_argument(
         "--client", choices=["aiohttp", "httpx"], default="aiohttp", help="HTTP client library of the load generator"
@@ -603,6 +603,7 @@ def servers(args: argparse.Namespace, env: dict, tmp: Path, texts: list[str]) ->
         else:
             target, glog = f"127.0.0.1:{free_port()}", tmp / "grpc.log"
             cmd = [sys.executable, "-m", "deploy.grpc_server", "--host", "127.0.0.1", "--port", target.split(":")[1]]
+            cmd += ["--workers", str(args.workers)]
             print(f"starting {' '.join(cmd[1:])} ...", file=sys.stderr)
             gproc = stack.enter_context(server(cmd, env, glog, lambda: grpc_ready(target), args.ready_timeout))
             out["grpc"] = (gproc, target, glog)
