@@ -12,6 +12,15 @@ Concurrent Classify calls are batched into one forward pass, like REST's adaptiv
 `--metrics-port PORT` (0 = off, the default) Prometheus metrics are served at http://HOST:PORT/metrics: calls,
 errors and latency by method and status code, texts per batched forward pass (deploy/metrics.py).
 
+`--workers N` (default: LMFORGE_WORKERS, else 1, as for REST's BentoML workers) runs N server processes on the
+one port, as grpcio's multiprocessing example does: the parent reserves the port, spawns the workers (no gRPC
+state is inherited), and each binds its own server with SO_REUSEPORT, so the kernel spreads connections over
+them (a connection, and every call on it, stays with one worker: N workers need at least N client connections).
+Each worker loads the model and gives torch 1/N of the cores. The parent serves the metrics summed over the
+workers, stops every worker on SIGTERM/SIGINT (SIGKILL after --grace + 10 s), and stops them all and exits 1 if
+one ends by itself; a worker whose parent vanished (SIGKILL) stops too. Linux only for N > 1 (SO_REUSEPORT's
+load spreading); another process of the same user that also sets SO_REUSEPORT could share the port unnoticed.
+
 Besides Inference the server carries the standard health service (`grpc.health.v1.Health`: SERVING for
 "" and "lmforge.v1.Inference" while a model is loaded) and server reflection, so `grpcurl` needs no .proto.
 
