@@ -11,8 +11,9 @@
    answer, sends the next. Per level: requests/s, p50/p99 latency, errors (non-200, malformed replies,
    exceptions), the client's own CPU time, the server's CPU time, and the mean server batch size from
    BentoML's /metrics.
-3. gRPC: `python -m deploy.grpc_server` at concurrency 32 (lmforge.v1.Inference/Classify, one text per call),
-   the same way over one grpc.aio channel.
+3. gRPC: `python -m deploy.grpc_server --workers N` (as many processes as REST's workers: `--workers`) at
+   concurrency 32 (lmforge.v1.Inference/Classify, one text per call), the same way; the calls take
+   `--grpc-channels` connections in turn (default 4 per worker: the kernel gives each connection to one worker).
 
 Inputs: the test split of params.yaml's `paths.clean_labeled` (what the evaluate stage scores), else a
 deterministic set of code snippets. The model: `--model` (a bundle folder or an MLflow model URI), else
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -42,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import AsyncExitStack, ExitStack, contextmanager
 from pathlib import Path
 from typing import Awaitable, Callable, Iterator
 
@@ -423,27 +425,36 @@ def grpc_ready(target: str) -> bool:
             return False
 
 
-async def grpc_levels(
-    target: str, texts: list[str], levels: tuple[int, ...], seconds: float, warmup: float, proc: subprocess.Popen
-) -> dict:
-    """Every concurrency level against lmforge.v1.Inference/Classify over one grpc.aio channel."""
+async def grpc_levels(target: str, texts: list[str], args: argparse.Namespace, proc: subprocess.Popen) -> dict:
+    """Every concurrency level against lmforge.v1.Inference/Classify, the calls taking args.grpc_channels
+    grpc.aio channels in turn: each its own TCP connection (a local subchannel pool: channels to one target share
+    a connection otherwise), because the kernel hands each connection to one of the server's worker processes."""
     import grpc
 
     from deploy import lmforge_pb2, lmforge_pb2_grpc
 
     out = {}
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = lmforge_pb2_grpc.InferenceStub(channel)
+    async with AsyncExitStack() as stack:
+        stubs = [
+            lmforge_pb2_grpc.InferenceStub(
+                await stack.enter_async_context(
+                    grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+                )
+            )
+            for _ in range(args.grpc_channels)
+        ]
+        turn = itertools.cycle(stubs)
 
         async def call(text: str) -> str | None:
             try:
-                reply = await stub.Classify(lmforge_pb2.ClassifyRequest(texts=[text]), timeout=120)
+                reply = await next(turn).Classify(lmforge_pb2.ClassifyRequest(texts=[text]), timeout=120)
             except grpc.aio.AioRpcError as e:
                 return f"{e.code().name}: {e.details()}"
             return None if len(reply.results) == 1 else f"malformed reply: {len(reply.results)} results"
 
-        for c in levels:
-            out[str(c)] = await run_level(call, texts, c, seconds, warmup, proc, None)
+        for c in args.grpc_levels:
+            out[str(c)] = await run_level(call, texts, c, args.seconds, args.warmup, proc, None)
+            out[str(c)]["channels"] = args.grpc_channels
             print(f"  grpc c={c}: {out[str(c)]['rps']} req/s", file=sys.stderr)
     return out
 
@@ -551,7 +562,13 @@ def parse_args() -> argparse.Namespace:
         "--workers",
         type=int,
         default=os.cpu_count() or 1,
-        help="LMFORGE_WORKERS for bentoml serve (default: one per CPU)",
+        help="processes of each server: LMFORGE_WORKERS of bentoml serve, gRPC's --workers (default: one per CPU)",
+    )
+    ap.add_argument(
+        "--grpc-channels",
+        type=int,
+        default=None,
+        help="gRPC connections the calls take in turn (default: 4 per server worker; REST's clients hold one each)",
     )
     ap.add_argument(
         "--client", choices=["aiohttp", "httpx"], default="aiohttp", help="HTTP client library of the load generator"
@@ -560,6 +577,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--ready-timeout", type=float, default=180, help="seconds a server may take to become ready")
     args = ap.parse_args()
+    args.grpc_channels = args.grpc_channels or 4 * args.workers
     if args.quick:
         args.seconds, args.warmup, args.runs = 3, 1, 1
     if args.model and Path(args.model).is_dir():
@@ -603,6 +621,7 @@ def servers(args: argparse.Namespace, env: dict, tmp: Path, texts: list[str]) ->
         else:
             target, glog = f"127.0.0.1:{free_port()}", tmp / "grpc.log"
             cmd = [sys.executable, "-m", "deploy.grpc_server", "--host", "127.0.0.1", "--port", target.split(":")[1]]
+            cmd += ["--workers", str(args.workers)]
             print(f"starting {' '.join(cmd[1:])} ...", file=sys.stderr)
             gproc = stack.enter_context(server(cmd, env, glog, lambda: grpc_ready(target), args.ready_timeout))
             out["grpc"] = (gproc, target, glog)
@@ -622,7 +641,7 @@ def one_run(args: argparse.Namespace, uri: str, texts: list[str], up: dict) -> d
         result["grpc"] = {"skipped": up["grpc"]}
     else:
         gproc, target, glog = up["grpc"]
-        result["grpc"] = asyncio.run(grpc_levels(target, texts, args.grpc_levels, args.seconds, args.warmup, gproc))
+        result["grpc"] = asyncio.run(grpc_levels(target, texts, args, gproc))
         alive(gproc, "gRPC", glog)
     result["ratio_http32_vs_inproc"] = ratio(result)
     result["ratio_grpc32_vs_http32"] = grpc_ratio(result)

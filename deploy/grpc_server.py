@@ -12,6 +12,15 @@ Concurrent Classify calls are batched into one forward pass, like REST's adaptiv
 `--metrics-port PORT` (0 = off, the default) Prometheus metrics are served at http://HOST:PORT/metrics: calls,
 errors and latency by method and status code, texts per batched forward pass (deploy/metrics.py).
 
+`--workers N` (default: LMFORGE_WORKERS, else 1, as for REST's BentoML workers) runs N server processes on the
+one port, as grpcio's multiprocessing example does: the parent reserves the port, spawns the workers (no gRPC
+state is inherited), and each binds its own server with SO_REUSEPORT, so the kernel spreads connections over
+them (a connection, and every call on it, stays with one worker: N workers need at least N client connections).
+Each worker loads the model and gives torch 1/N of the cores. The parent serves the metrics summed over the
+workers, stops every worker on SIGTERM/SIGINT (SIGKILL after --grace + 10 s), and stops them all and exits 1 if
+one ends by itself; a worker whose parent vanished (SIGKILL) stops too. Linux only for N > 1 (SO_REUSEPORT's
+load spreading); another process of the same user that also sets SO_REUSEPORT could share the port unnoticed.
+
 Besides Inference the server carries the standard health service (`grpc.health.v1.Health`: SERVING for
 "" and "lmforge.v1.Inference" while a model is loaded) and server reflection, so `grpcurl` needs no .proto.
 
@@ -29,12 +38,16 @@ import argparse
 import functools
 import hmac
 import logging
+import multiprocessing
 import os
 import signal
+import socket
 import sys
+import tempfile
 import threading
 import time
 from concurrent import futures
+from contextlib import ExitStack, contextmanager
 from typing import Callable, Iterator
 
 import grpc
@@ -58,7 +71,7 @@ from deploy.core import (
     graph_query,
     stream,
 )
-from deploy.metrics import GrpcMetrics
+from deploy.metrics import GrpcMetrics, serve_multiprocess
 from deploy.requests import (
     API_KEY_ENV,
     LIMITS,
@@ -71,6 +84,7 @@ from deploy.requests import (
     check_texts,
 )
 from deploy.resolve import ModelUnavailable, ServedKG, ServedModel, ServedSearch, open_kg, open_model, open_search
+from deploy.runtime import WORKERS_ENV
 from deploy.sparql import GraphQueries, QueryRefused, QueryTimeout
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
@@ -321,6 +335,7 @@ def build_server(
     graph: GraphQueries | None = None,
     align: ServedSearch | None = None,
     metrics: GrpcMetrics | None = None,
+    reuse_port: bool = False,
 ) -> tuple[grpc.Server, int]:
     """An unstarted server for `model` (None: every Inference call answers UNAVAILABLE with `unavailable`),
     with health checks and reflection, listening on `host:port` (port 0: any free port).
@@ -331,7 +346,8 @@ def build_server(
     `api_key` defaults to LMFORGE_API_KEY; `checks` is the health servicer to register (pass one in to
     call its `enter_graceful_shutdown()` before stopping; default: a new one); `kg` and `graph` serve Extract and
     GraphQuery, `align` Search and Embed (None: UNAVAILABLE); `metrics` records the calls (default: a new
-    GrpcMetrics; serve it with its `serve(port)`).
+    GrpcMetrics; serve it with its `serve(port)`); `reuse_port` lets several processes bind the same port
+    (SO_REUSEPORT: `--workers`); without it a port in use is an error, as it should be for one process.
 
     Returns:
         The server and the port it is bound to.
@@ -343,7 +359,7 @@ def build_server(
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", int(reuse_port)),
     ]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="lmforge-grpc"),
@@ -369,13 +385,18 @@ def build_server(
     return server, bound
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m deploy.grpc_server [--host H] [--port P]`: load the model, serve until SIGTERM or Ctrl-C,
-    then finish the calls in flight (up to --grace seconds)."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line of `python -m deploy.grpc_server`."""
     parser = argparse.ArgumentParser(prog="python -m deploy.grpc_server", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 or :: for every interface)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0: any free port, printed at start-up)")
-    parser.add_argument("--max-workers", type=int, default=32, help="calls served at once")
+    parser.add_argument("--max-workers", type=int, default=32, help="calls served at once (per worker process)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help=f"server processes sharing the port (default: {WORKERS_ENV}, else 1, as for REST's BentoML workers)",
+    )
     parser.add_argument(
         "--metrics-port",
         type=int,
@@ -386,7 +407,18 @@ def main(argv: list[str] | None = None) -> None:
         "--grace", type=float, default=10.0, help="seconds calls in flight may take to finish on shutdown"
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.workers is None:
+        raw = os.environ.get(WORKERS_ENV, "").strip()
+        if raw and not raw.isdigit():
+            parser.error(f"{WORKERS_ENV}={raw!r} is not an integer")
+        args.workers = int(raw) if raw else 1
+    if args.workers < 1:
+        parser.error(f"--workers (or {WORKERS_ENV}) must be at least 1, not {args.workers}")
+    return args
+
+
+def open_served() -> tuple[ServedModel | None, str | None, ServedKG | None, ServedSearch | None]:
+    """The model (or None and why it is unavailable), the extractor and the encoder, as resolve.py finds them."""
     model, unavailable = None, None
     try:
         model = open_model()
@@ -405,6 +437,30 @@ def main(argv: list[str] | None = None) -> None:
         align = open_search()
     except ModelUnavailable as e:  # the other tasks are served anyway; Search and Embed say why
         logger.error("lmforge: no encoder to serve: %s", e)
+    return model, unavailable, kg, align
+
+
+def say(line: str) -> None:
+    """One line of the start-up/shutdown story on stderr."""
+    print(f"lmforge: {line}", file=sys.stderr, flush=True)
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def serve(args: argparse.Namespace, worker: str = "", parent: int | None = None) -> None:
+    """Load the model, serve on args.host:args.port until SIGTERM or SIGINT (or, in a worker, until its `parent`
+    process is gone), then finish the calls in flight (up to args.grace seconds).
+
+    `worker` ("1/2 ", ...) names a worker process in its lines; workers share the port (SO_REUSEPORT) and leave
+    the metrics exporter to their parent.
+    """
+    model, unavailable, kg, align = open_served()
     checks, metrics = health.HealthServicer(), GrpcMetrics()
     try:
         server, port = build_server(
@@ -418,33 +474,113 @@ def main(argv: list[str] | None = None) -> None:
             graph=open_graph(kg),
             align=align,
             metrics=metrics,
+            reuse_port=parent is not None,
         )
-        exporter = metrics.serve(args.metrics_port, args.host) if args.metrics_port else None
+        exporter = metrics.serve(args.metrics_port, args.host) if args.metrics_port and parent is None else None
     except OSError as e:
         sys.exit(f"lmforge: error: {e}")
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_signals()
     server.start()
-    where = address(args.host, port)
+    where = f"{worker}on {address(args.host, port)}"
     if model is not None:
-        print(f"lmforge: gRPC on {where}: serving {describe(model)}", file=sys.stderr, flush=True)
+        say(f"gRPC {where}: serving {describe(model)}")
     else:
-        print(
-            f"lmforge: gRPC on {where}: no model to serve, answering UNAVAILABLE: {unavailable}",
-            file=sys.stderr,
-            flush=True,
-        )
+        say(f"gRPC {where}: no model to serve, answering UNAVAILABLE: {unavailable}")
     if exporter is not None:
-        print(
-            f"lmforge: metrics on http://{address(args.host, exporter.server_port)}/metrics",
-            file=sys.stderr,
-            flush=True,
-        )
-    stop.wait()
+        say(f"metrics on http://{address(args.host, exporter.server_port)}/metrics")
+    # a worker whose parent was killed outright (SIGKILL: no chance to stop it) ends itself instead of lingering
+    while not stop.wait(1.0):
+        if parent is not None and os.getppid() != parent:
+            break
     checks.enter_graceful_shutdown()  # health checks say NOT_SERVING while calls in flight finish
     server.stop(args.grace).wait()
-    print(f"lmforge: gRPC on {where}: stopped", file=sys.stderr, flush=True)
+    say(f"gRPC {where}: stopped")
+
+
+def _worker(args: argparse.Namespace, number: int, parent: int) -> None:
+    """A worker process: one share of the cores for torch's threads, then `serve` (spawned: no gRPC state is
+    inherited, as grpcio requires of processes started after it was used)."""
+    import torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # oversubscribed OpenMP threads spin against each other (deploy/service.py does the same for REST's workers)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))
+    serve(args, f"worker {number}/{args.workers} (pid {os.getpid()}) ", parent)
+
+
+@contextmanager
+def reserved_port(host: str, port: int) -> Iterator[int]:
+    """A socket bound (not listening) to host:port with SO_REUSEPORT for the workers' lifetime: it resolves port 0
+    to one port for every worker and fails at once, naming the address, when something else holds it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((host.strip("[]"), port))
+        except OSError as e:
+            raise OSError(f"cannot listen on {address(host, port)}: {e.strerror or e}") from None
+        yield sock.getsockname()[1]
+
+
+def serve_workers(args: argparse.Namespace) -> int:
+    """Run args.workers server processes on one port (grpcio's multiprocessing pattern: each process its own
+    server, bound with SO_REUSEPORT; the kernel spreads connections over them) and, with --metrics-port, serve
+    their summed metrics; on SIGTERM or SIGINT stop every worker (SIGKILL after args.grace + 10 s). Returns the
+    exit status: 0, or 1 when a worker ended by itself (the others are stopped: a supervisor restarts the lot)."""
+    stop = stop_on_signals()
+    with ExitStack() as stack:
+        try:
+            args.port = stack.enter_context(reserved_port(args.host, args.port))
+        except OSError as e:
+            sys.exit(f"lmforge: error: {e}")
+        if args.metrics_port:  # set before the workers start: prometheus_client reads it when a worker imports it
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="lmforge-grpc-metrics-")
+            )
+            exporter = serve_multiprocess(os.environ["PROMETHEUS_MULTIPROC_DIR"], args.metrics_port, args.host)
+            stack.callback(exporter.shutdown)
+        where = address(args.host, args.port)
+        spawn = multiprocessing.get_context("spawn")
+        procs = [spawn.Process(target=_worker, args=(args, i + 1, os.getpid())) for i in range(args.workers)]
+        for p in procs:
+            p.start()
+        say(f"gRPC on {where}: {args.workers} worker processes (pids {', '.join(str(p.pid) for p in procs)})")
+        if args.metrics_port:
+            say(f"metrics on http://{address(args.host, exporter.server_port)}/metrics (summed over the workers)")
+        while not stop.wait(0.5) and all(p.is_alive() for p in procs):
+            pass
+        failed = [p for p in procs if not p.is_alive()] if not stop.is_set() else []
+        for p in failed:
+            say(f"gRPC on {where}: worker pid {p.pid} ended (exit code {p.exitcode}): stopping the others")
+        stop_workers(procs, args.grace + 10)
+        say(f"gRPC on {where}: stopped")
+    return 1 if failed else 0
+
+
+def stop_workers(procs: list, timeout: float) -> None:
+    """SIGTERM every live worker, wait up to `timeout` seconds for all of them, SIGKILL the rest."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            say(f"worker pid {p.pid} did not stop in {timeout:g} s: killed")
+            p.kill()
+            p.join()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m deploy.grpc_server [--host H] [--port P] [--workers N]`: serve until SIGTERM or Ctrl-C, then
+    finish the calls in flight (up to --grace seconds); with N > 1, N worker processes share the port."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.workers == 1:
+        serve(args)
+    else:
+        sys.exit(serve_workers(args))
 
 
 if __name__ == "__main__":

@@ -12,11 +12,14 @@
   while concurrent calls are merged (deploy/batching.py).
 
 Each server has its own registry (several servers in one process do not collide; nothing global is touched).
+With `--workers N` > 1 every worker process records into files under a temporary PROMETHEUS_MULTIPROC_DIR (set by
+the parent before it starts them: prometheus_client's multiprocess mode) and the parent serves their sums
+(`serve_multiprocess`): one scrape covers every worker, counters and histograms added up over the processes.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess, start_http_server
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -64,3 +67,12 @@ class GrpcMetrics:
         stops it; `.server_port` is the port, useful with port 0)."""
         server, _ = start_http_server(port, addr=host, registry=self.registry)
         return server
+
+
+def serve_multiprocess(directory: str, port: int, host: str = "127.0.0.1"):
+    """Serve `/metrics` summed over the worker processes that record under `directory` (their
+    PROMETHEUS_MULTIPROC_DIR); returns the HTTP server, as `GrpcMetrics.serve` does."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    return server

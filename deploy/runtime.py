@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
+WORKERS_ENV = "LMFORGE_WORKERS"
+"""Worker processes of a server (default 1): BentoML's workers for REST, `--workers`' default for gRPC."""
 SERVING_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 """Environment defaults of a serving process (deploy/bentofile.yaml's `envs` repeats them for the Bento)."""
 

@@ -80,10 +80,11 @@ from deploy.requests import (
     unicode_problem,
 )
 from deploy.resolve import ModelUnavailable, ServedKG, ServedModel, ServedSearch, open_kg, open_model, open_search
+from deploy.runtime import WORKERS_ENV
 from deploy.sparql import GraphQueries, QueryRefused, QueryTimeout
 
 BATCH_SIZE_ENV, BATCH_LATENCY_ENV = "LMFORGE_BATCH_MAX_SIZE", "LMFORGE_BATCH_MAX_LATENCY_MS"
-WORKERS_ENV, ACCESS_LOG_ENV, TRACING_ENV = "LMFORGE_WORKERS", "LMFORGE_ACCESS_LOG", "LMFORGE_TRACING"
+ACCESS_LOG_ENV, TRACING_ENV = "LMFORGE_ACCESS_LOG", "LMFORGE_TRACING"
 SPARQL_TIMEOUT_ENV, SPARQL_ROWS_ENV, SPARQL_WORKERS_ENV = (
     "LMFORGE_SPARQL_TIMEOUT_S",
     "LMFORGE_SPARQL_MAX_ROWS",

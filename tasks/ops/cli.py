@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from deploy.runtime import serving_env
+from deploy.runtime import WORKERS_ENV, serving_env
 from tasks.ops.dag import load_dvc_yaml, stage_module, stage_names
 from tasks.shared.config.params import load_params
 from tasks.shared.errors import UserError
@@ -362,11 +362,16 @@ def serve(
     metrics_port: int = typer.Option(
         0, help="with --grpc: Prometheus metrics on this port (deploy/metrics.py; 0: off; REST has /metrics)"
     ),
+    workers: Optional[int] = typer.Option(
+        None, min=1, help="server processes (default: LMFORGE_WORKERS, else 1): BentoML workers, or gRPC's --workers"
+    ),
 ) -> None:
     """Serve @champion with BentoML (`bentoml serve deploy.service:LMForge`), or over gRPC with --grpc, after
     loading it into BentoML's model store."""
     typer.echo(f"serving {_preflight()}", err=True)
     env = serving_env(os.environ)  # set before the server loads torch (deploy/runtime.py says why)
+    if workers is not None:  # both servers read it (REST's BentoML workers; gRPC's --workers default)
+        env[WORKERS_ENV] = str(workers)
     if grpc:
         os.execve(
             sys.executable,

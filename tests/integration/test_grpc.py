@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from conftest import LABELS, ROOT, free_port, start_logged, stop_group, tiny_cor
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from deploy import lmforge_pb2 as pb
 from deploy import lmforge_pb2_grpc as pb_grpc
@@ -425,3 +427,53 @@ def test_sigterm_stops_the_server_cleanly(servers):
     os.killpg(missing.proc.pid, signal.SIGTERM)
     assert missing.proc.wait(timeout=30) == 0
     assert f"lmforge: gRPC on 127.0.0.1:{missing.port}: stopped" in missing.log.read_text()
+
+
+# --- several worker processes ---------------------------------------------------------------------
+
+
+def test_workers_share_the_port_sum_their_metrics_and_stop_with_the_parent(bundles, tmp_path):
+    """`--workers 2`: two processes serve one port, /metrics (the parent's) counts every call once, and SIGTERM
+    to the parent alone stops both workers and removes the metrics folder."""
+    port, metrics_port, tmp = free_port(), free_port(), tmp_path / "tmp"
+    tmp.mkdir()
+    cmd = [sys.executable, "-m", "deploy.grpc_server", "--port", str(port), "--workers", "2"]
+    env = _env(LMFORGE_MODEL_URI=str(bundles / "good"), TMPDIR=str(tmp))
+    server = Server(
+        start_logged([*cmd, "--metrics-port", str(metrics_port)], ROOT, env, tmp_path / "w.log"),
+        port,
+        tmp_path / "w.log",
+    )
+    try:
+        _ready(server)
+        deadline = time.monotonic() + 120
+        while (log := server.log.read_text()).count(": serving ") < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert log.count(": serving ") == 2, log  # both workers loaded the model and listen
+        pids = [int(p) for p in log.split("worker processes (pids ")[1].split(")")[0].split(", ")]
+        assert len(pids) == 2 and all(Path(f"/proc/{p}").exists() for p in pids)
+        assert len(list(tmp.glob("lmforge-grpc-metrics-*"))) == 1
+        want = server.inference.Classify(pb.ClassifyRequest(texts=TEXTS), timeout=30)
+        for _ in range(11):  # a channel per call: new connections, spread over the workers by the kernel
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                got = pb_grpc.InferenceStub(channel).Classify(pb.ClassifyRequest(texts=TEXTS), timeout=30)
+                for g, w in zip(got.results, want.results, strict=True):
+                    assert g.label == w.label and dict(g.probabilities) == pytest.approx(dict(w.probabilities))
+                status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+                assert status.status == health_pb2.HealthCheckResponse.SERVING
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+            samples = {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(r.read().decode())
+                for s in family.samples
+            }
+        assert samples[("lmforge_grpc_requests_total", (("code", "OK"), ("method", "Classify")))] == 12
+        assert samples[("lmforge_grpc_batch_texts_sum", (("method", "Classify"),))] == 12 * len(TEXTS)
+        server.channel.close()
+        server.proc.send_signal(signal.SIGTERM)  # the parent only: it must stop its workers itself
+        assert server.proc.wait(timeout=60) == 0
+        assert not [p for p in pids if Path(f"/proc/{p}").exists()]
+        assert list(tmp.glob("lmforge-grpc-metrics-*")) == []  # the parent removed the workers' metric files
+        assert f"lmforge: gRPC on 127.0.0.1:{port}: stopped" in server.log.read_text()
+    finally:
+        stop_group(server.proc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -9,12 +10,13 @@ import grpc
 import pytest
 import torch
 from conftest import LABELS, tiny_corpus, tiny_labeled
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from deploy import lmforge_pb2 as pb
 from deploy import lmforge_pb2_grpc as pb_grpc
 from deploy.core import classify
-from deploy.grpc_server import build_server
+from deploy.grpc_server import build_server, parse_args, reserved_port
 from deploy.metrics import GrpcMetrics
 from deploy.resolve import ServedModel
 from models.bundle import Bundle
@@ -83,3 +85,33 @@ def test_errors_are_counted_by_code(served):
     key = (("code", "INVALID_ARGUMENT"), ("method", "Classify"))
     assert samples[("lmforge_grpc_errors_total", key)] >= 1 and samples[("lmforge_grpc_requests_total", key)] >= 1
     assert samples[("lmforge_grpc_request_seconds_count", (("method", "Classify"),))] >= 1
+
+
+def test_workers_default_to_lmforge_workers_as_rest_does(monkeypatch):
+    monkeypatch.delenv("LMFORGE_WORKERS", raising=False)
+    assert parse_args([]).workers == 1
+    monkeypatch.setenv("LMFORGE_WORKERS", "3")
+    assert parse_args([]).workers == 3
+    assert parse_args(["--workers", "2"]).workers == 2
+    with pytest.raises(SystemExit):
+        parse_args(["--workers", "0"])
+
+
+def test_workers_bind_one_reserved_port_and_a_taken_port_is_refused():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{taken.getsockname()[1]}"):
+            with reserved_port("127.0.0.1", taken.getsockname()[1]):
+                pass
+    with reserved_port("127.0.0.1", 0) as port:  # what the parent holds while its workers bind
+        servers = [build_server(None, port=port, reuse_port=True)[0] for _ in range(2)]
+        with pytest.raises(OSError, match="cannot listen"):  # one process alone keeps refusing a shared port
+            build_server(None, port=port)
+        for server in servers:
+            server.start()
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING  # no model: up, and says so
+        for server in servers:
+            server.stop(None)
