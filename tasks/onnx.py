@@ -1,11 +1,13 @@
 """onnx: the ONNX Runtime variants of each listed float variant (`onnx`, `onnx-int8`, `distilled-onnx`, ...).
 
 Each source classifier is exported with `torch.onnx.export` (models/onnx_export.py: dynamic batch and length,
-attention exact for every length) into a folder of kind `onnx` that `models.checkpoint.load_classifier` runs with
-ONNX Runtime, and, with `int8`, quantized by ONNX Runtime's `quantize_dynamic`. Each graph is run on a few
-validation texts against its PyTorch source: the largest logit difference and the argmax agreement are in the
-metrics, and an fp32 graph that differs by more than 1e-3 fails the stage (an export bug, never a variant to serve).
-Evaluate then scores the variants like every other, and promotion can pick one (`promote.variant: auto`).
+attention exact for every length; a windowed trunk also as a graph for inputs of at most one window, run unpadded)
+into a folder of kind `onnx` that `models.checkpoint.load_classifier` runs with ONNX Runtime, and, with `int8`,
+quantized by ONNX Runtime's `quantize_dynamic` (measured faster than `quantize_static` here:
+models/onnx_export.py). Each graph is run on a few validation texts against its PyTorch source: the largest logit
+difference and the argmax agreement are in the metrics, and an fp32 graph that differs by more than 1e-3 fails the
+stage (an export bug, never a variant to serve). Evaluate then scores the variants like every other, and promotion
+can pick one (`promote.variant: auto`).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from models.onnx_export import (
     write_onnx_classifier,
     write_onnx_int8,
 )
-from models.onnx_runtime import GRAPH, OnnxClassifier, cpu_session, graph_weights
+from models.onnx_runtime import GRAPH, SHORT_GRAPH, OnnxClassifier, cpu_session, graph_weights
 from models.quantize import quantize_classifier
 from models.tokenizer import TOKENIZER_FILE
 from models.transformer import GPT, tiny
@@ -103,6 +103,28 @@ def test_windowed_classifier_matches_pytorch(onnx_folders, B, T):
     np.testing.assert_allclose(ort_logits(graph, ids, lengths), want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize(("B", "T"), [(1, 1), (1, 7), (3, 16)])
+def test_short_graph_matches_pytorch_unpadded(onnx_folders, B, T):
+    """The graph for T <= window takes any T (no padding to the window) and equals the eager model."""
+    root, model = onnx_folders
+    assert json.loads((root / "onnx" / "config.json").read_text())["short_graph"] == SHORT_GRAPH
+    ids, lengths = batch(B, T)
+    with torch.no_grad():
+        want = model(ids, lengths).numpy()
+    np.testing.assert_allclose(ort_logits(root / "onnx" / SHORT_GRAPH, ids, lengths), want, atol=1e-4, rtol=0)
+
+
+def test_short_graph_of_a_bidirectional_trunk(tmp_path):
+    """Padding keys are masked in the short graph too (bidirectional, chunked, global first token)."""
+    model = classifier(causal=False, **WINDOWED)
+    write_onnx_classifier(model, tmp_path, extra={"max_length": 64})
+    loaded = load_classifier(tmp_path)
+    assert loaded.short is not None
+    for B, T in ((3, 9), (2, 40)):
+        ids, lengths = batch(B, T)
+        assert_close(loaded(ids, lengths), model(ids, lengths).detach(), atol=1e-4, rtol=0)
+
+
 def test_windowed_graph_has_dynamic_axes(onnx_folders):
     graph = onnx_folders[0] / "onnx" / GRAPH
     inputs = {
@@ -116,7 +138,8 @@ def test_windowed_graph_has_dynamic_axes(onnx_folders):
 def test_dense_classifier_matches_pytorch(tmp_path, pooling):
     """No window (the dense causal path) and any length, not only multiples."""
     model = classifier(pooling=pooling)
-    assert export_classifier(model, tmp_path / GRAPH) == 1
+    assert export_classifier(model, tmp_path / GRAPH, tmp_path / SHORT_GRAPH) == 1
+    assert not (tmp_path / SHORT_GRAPH).exists()  # the one graph takes every T
     for B, T in ((1, 5), (4, 32)):
         ids, lengths = batch(B, T)
         with torch.no_grad():
@@ -147,6 +170,7 @@ def test_load_classifier_gives_an_ort_module(onnx_folders):
     assert loaded.config == model.config and loaded.length_multiple == 16
     ids, lengths = batch(3, 40)  # not a multiple of 16: padded inside
     assert_close(loaded(ids, lengths), model(ids, lengths).detach(), atol=1e-4, rtol=0)
+    assert loaded.short is not None and load_classifier(root / "onnx-int8").short is not None
 
 
 def test_bundle_runs_onnx_variants(onnx_folders, tmp_path):
@@ -158,7 +182,8 @@ def test_bundle_runs_onnx_variants(onnx_folders, tmp_path):
         assert bundle.variant == name and bundle.labels == LABELS
         assert_close(bundle.probabilities(texts), want, atol=atol, rtol=0)
     write_bundle(tmp_path / "b", root / TOKENIZER_FILE, root / "onnx-int8", None)  # the folder copies as is
-    assert set(json.loads((tmp_path / "b" / "manifest.json").read_text())["files"]) >= {"classifier/model.onnx"}
+    files = json.loads((tmp_path / "b" / "manifest.json").read_text())["files"]
+    assert set(files) >= {"classifier/model.onnx", "classifier/short.onnx"}
 
 
 def test_int8_graph_is_smaller_and_described(onnx_folders):
@@ -166,7 +191,8 @@ def test_int8_graph_is_smaller_and_described(onnx_folders):
     meta = json.loads((root / "onnx-int8" / "config.json").read_text())
     assert meta["kind"] == "onnx" and meta["quantization"]["weights"] == "int8 per channel"
     assert json.loads((root / "onnx" / "config.json").read_text())["quantization"] is None
-    assert (root / "onnx-int8" / GRAPH).stat().st_size < (root / "onnx" / GRAPH).stat().st_size
+    for graph in (GRAPH, SHORT_GRAPH):
+        assert (root / "onnx-int8" / graph).stat().st_size < (root / "onnx" / graph).stat().st_size
     assert graph_weights(root / "onnx-int8" / GRAPH) == graph_weights(root / "onnx" / GRAPH)
 
 
