@@ -243,7 +243,7 @@ def test_onnx_stage_writes_variants_that_evaluate_finds(onnx_folders, tmp_path):
     paths.clean_labeled.parent.mkdir(parents=True, exist_ok=True)
     texts = ["def f(x):\n    return x", "class A:\n    pass " * 30, "x = 1"]
     pd.DataFrame({"text": texts, "label": LABELS, "split": ["val", "val", "test"]}).to_parquet(paths.clean_labeled)
-    result = onnx_stage.run(OnnxConfig(check_rows=2), paths)
+    result = onnx_stage.run(OnnxConfig(sources=["fp32"], check_rows=2), paths)
     assert set(result.variants) == {"onnx", "onnx-int8"}
     assert result.variants["onnx"]["max_logit_diff"] < 1e-4 and result.variants["onnx"]["agreement"] == 1.0
     assert result.variants["onnx-int8"]["source"] == "fp32" and result.variants["onnx-int8"]["max_logit_diff"] < 0.1
