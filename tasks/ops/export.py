@@ -83,4 +83,6 @@ def run(version: str, fmt: str, out: Path | str, params: Params) -> list[Path]:
         except ArtifactError as e:  # named inside VERSION, not inside the temp folder it was read from
             file = e.file.relative_to(bundle) if e.file.is_relative_to(bundle) else e.file
             raise UserError(f"{version}: {file.as_posix()}: {e.problem}") from None
+        except TypeError as e:  # export_onnx: an int8 (PyTorch) or CNN/GRU classifier has no ONNX export
+            raise UserError(f"{version}: classifier/config.json: {e} (export its float source instead)") from None
     return sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())

@@ -354,6 +354,20 @@ def test_cli_reports_bad_requests_in_one_line(tmp_path, args, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_refuses_an_onnx_export_of_an_int8_classifier_in_one_line(tmp_path):
+    from models.checkpoint import load_classifier, save_quantized
+    from models.quantize import quantize_classifier
+
+    source = _lmforge_bundle(tmp_path, "mean")
+    fp32 = load_classifier(source / "classifier")
+    save_quantized(quantize_classifier(fp32, "torch.ao"), fp32.config, tmp_path / "int8", "torch.ao", True)
+    write_bundle(tmp_path / "int8-bundle", source / TOKENIZER_FILE, tmp_path / "int8", source / "lm")
+    res = _export(str(tmp_path / "int8-bundle"), "--format", "onnx", "--out", str(tmp_path / "out"))
+    assert res.exit_code == 2, res.output
+    assert "classifier/config.json: only a float Transformer classifier exports to ONNX" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------------------------- pretrain.init_from
 @pytest.fixture(scope="module")
 def cleaned(tmp_path_factory):
