@@ -35,6 +35,7 @@ import json
 import shutil
 from pathlib import Path
 
+import onnx
 import torch
 import torch.nn as nn
 from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -108,6 +109,27 @@ def _trace(module: nn.Module, trunk: GPTConfig, path: Path) -> None:
         optimize=True,
         verbose=False,
     )
+    strip_source_locations(path)
+
+
+def strip_source_locations(path: Path) -> None:
+    """Drop the exporter's per-node metadata and doc strings (stack traces naming the absolute paths of the source
+    files, name scopes) from the graph at `path`: its bytes then depend on the model alone, not on where the code
+    lay, so `lmforge verify` rebuilding in another folder gets the same file."""
+    proto = onnx.load(str(path))
+
+    def clean(nodes) -> None:
+        for node in nodes:
+            del node.metadata_props[:]
+            node.doc_string = ""
+            for attr in node.attribute:
+                for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    clean(graph.node)
+
+    clean(proto.graph.node)
+    for function in proto.functions:
+        clean(function.node)
+    onnx.save(proto, str(path))
 
 
 def export_classifier(model: TransformerClassifier, path: Path, short: Path | None = None) -> int:

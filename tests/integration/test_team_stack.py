@@ -314,7 +314,7 @@ def test_first_retrain_places_stages_survives_a_killed_worker_run_and_promotes_i
     assert killed, "the placed pretrain finished before it could be killed"
     assert first["state"] == "COMPLETED", (first, log_a[-4000:], log_b[-4000:])
     assert "Retrain ran" in first["artifacts"]["lmforge-retrain"]
-    assert "dvc status reports 19 stage(s) out of date" in first["artifacts"]["lmforge-retrain"], first
+    assert "dvc status reports 20 stage(s) out of date" in first["artifacts"]["lmforge-retrain"], first
     assert {"lmforge-evaluation", "lmforge-mlflow-run", "lmforge-model-version", "lmforge-data-docs"} <= set(
         first["artifacts"]
     )

@@ -137,6 +137,7 @@ def test_editing_a_config_default_makes_exactly_its_readers_stale(tmp_path):
     f.write_text(f.read_text().replace("beta2: float = Field(0.95", "beta2: float = Field(0.99"))
     new = set(dag.stale_lock(project)) - before
     readers = (
+        "tokenize",  # validates the pretrain section, for pretrain.init_from
         "pretrain",
         "finetune",
         "prune",

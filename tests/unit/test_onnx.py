@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -10,6 +11,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+import models
 from models.bundle import load_parts, write_bundle
 from models.checkpoint import ArtifactError, load_classifier, save_classifier, save_lm, save_quantized
 from models.classifier import ClassifierConfig, TransformerClassifier
@@ -132,6 +134,18 @@ def test_windowed_graph_has_dynamic_axes(onnx_folders):
     }
     assert set(inputs) == {"input_ids", "lengths"}
     assert all(isinstance(d, str) for d in inputs["input_ids"] + inputs["lengths"])
+
+
+def test_graphs_name_no_source_file(onnx_folders):
+    """The exporter's stack traces name the code's absolute paths: stripped, so a rebuild elsewhere (lmforge verify)
+    writes the same bytes."""
+    root, _ = onnx_folders
+    code_dir = str(Path(models.__file__).resolve().parent).encode()
+    for folder in ("onnx", "onnx-int8"):
+        for graph in (root / folder).glob("*.onnx"):
+            data = graph.read_bytes()
+            assert code_dir not in data and b"stack_trace" not in data, graph
+            assert not any(node.metadata_props for node in onnx.load(graph).graph.node), graph
 
 
 @pytest.mark.parametrize("pooling", ["mean", "last"])
