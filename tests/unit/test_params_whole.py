@@ -16,6 +16,7 @@ from conftest import write_params
 
 from tasks.ops import dag
 from tasks.shared.config.base import read_params_file
+from tasks.shared.config.params import load_params
 from tasks.shared.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,3 +120,12 @@ def test_the_exemption_is_the_harness_import_only(tmp_path):
     (tmp_path / "tasks" / "reader.py").write_text("from tasks.shared.config.params import load_params\n")
     closure = dag.import_closure("tasks.reader", tmp_path)
     assert {"tasks/shared/config/params.py", "tasks/shared/config/pretrain.py"} <= closure
+
+
+def test_the_python_name_of_a_section_is_no_alias_for_it(tmp_path):
+    """`validate:` is held as `Params.validate_` (pydantic models have a `validate` method); `validate_:` is a typo."""
+    text = (ROOT / "params.yaml").read_text().replace("\nvalidate:", "\nvalidate_:", 1)
+    f = _project(tmp_path, text) / "params.yaml"
+    with pytest.raises(UserError) as err:
+        load_params(f)
+    assert str(err.value) == f"{f}: validate_: unknown section"

@@ -161,7 +161,7 @@ def duplicate_key(root: yaml.Node) -> tuple[str, int, int] | None:
     return None
 
 
-def _parse(text: str, path: Path) -> Any:
+def _load_yaml(text: str, path: Path) -> Any:
     """YAML `text` as Python values (pyyaml's safe loader), refusing a key written twice."""
     loader = yaml.SafeLoader(text)
     try:
@@ -181,7 +181,7 @@ def read_params_file(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
     UserError."""
     path = Path(path)
     try:
-        raw = _parse(path.read_text(), path)
+        raw = _load_yaml(path.read_text(), path)
     except FileNotFoundError:
         raise UserError(f"{path}: file not found (run from the project root or pass --params)") from None
     except (OSError, UnicodeDecodeError) as e:

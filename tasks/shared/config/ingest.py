@@ -23,7 +23,8 @@ class IngestConfig(Section):
 
     corpus: str | list[str] = "stdlib"
     """`stdlib` (built from the installed Python standard library), or your txt/md/jsonl/csv/parquet data:
-    a file, a folder (read recursively), a glob (`data/user/*.jsonl`, `**` for any depth) or a list of them."""
+    a file, a folder (read recursively), a glob (`data/user/*.jsonl`, `**` for any depth) or a list of them. Every
+    input, here and below, lies inside `paths.user_data` (the stage's DVC dependency); one outside is refused."""
     labeled: str | list[str] = "stdlib"
     """`stdlib` (which package a function comes from), or jsonl/csv/parquet data with text and label columns
     (files, folders or globs, as for `corpus`)."""

@@ -105,7 +105,7 @@ class Params(BaseModel):
     promote_align: PromoteAlignConfig = Field(default_factory=PromoteAlignConfig)
     orchestrate: OrchestrateConfig = Field(default_factory=OrchestrateConfig)
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)  # `validate_:` in the file is an unknown section
 
     def section(self, name: str) -> Section:
         """The config of section `name` (params.yaml key)."""
