@@ -15,6 +15,9 @@ naming its file and row; blank corpus rows and corpus rows that share a source w
 labeled row are left out, counted in the metrics and reported on stdout. Your pairs (`ingest.pairs`)
 are split by `source` (default: the file; a single source is split by row), like the labeled set;
 your documents (`ingest.documents`) get the split `index`.
+
+Every input lies inside `paths.user_data`, the stage's DVC dependency: the whole-file check that runs before the
+stage (tasks/shared/config/params.py) refuses one outside it, so editing any input makes `dvc status` report ingest.
 """
 
 from __future__ import annotations
@@ -494,7 +497,6 @@ def run(cfg: IngestConfig, paths: Paths, tracker: Tracker | None = None) -> Inge
 
     spans = read_user_spans(cfg.spans, read_options(cfg), cfg.id_column) if cfg.spans != STDLIB else None
     user_rows = user_pair_rows(cfg)
-    _warn_outside(cfg, paths.user_data)
     held_out = set(labeled.loc[labeled["split"] != "train", "source"])
     skipped, counts = [], CorpusCounts()
     if cfg.corpus == STDLIB:
@@ -546,21 +548,6 @@ def run(cfg: IngestConfig, paths: Paths, tracker: Tracker | None = None) -> Inge
         span_rows=0 if spans is None else len(spans),
         pair_rows={k: int(v) for k, v in pairs["split"].value_counts().sort_index().items()},
     )
-
-
-def _warn_outside(cfg: IngestConfig, user_data: Path) -> None:
-    """One line for input files outside paths.user_data: the ingest stage's DVC dependency does not cover
-    them, so `dvc repro` would not notice when they change."""
-    root = Path(user_data).absolute()
-    files = expand_inputs(user_inputs(cfg.corpus, cfg.labeled, cfg.spans, cfg.pairs, cfg.documents))
-    outside = [str(f) for f in files if root not in f.absolute().parents]
-    if outside:
-        more = f" and {len(outside) - 3} more" if len(outside) > 3 else ""
-        print(
-            f"ingest: outside {user_data} (the stage's DVC dependency), so `dvc repro` will not see them change: "
-            f"{', '.join(outside[:3])}{more}",
-            flush=True,
-        )
 
 
 def _name(spec: str | list[str]) -> str:

@@ -29,7 +29,7 @@ def stage(
     name: str = typer.Argument(..., help="a stage of dvc.yaml (ingest, clean, ..., evaluate)"),
     params: str = "params.yaml",
 ) -> None:
-    """Run one pipeline stage (what dvc.yaml calls)."""
+    """Run one pipeline stage (what dvc.yaml calls), after checking all of params.yaml as `lmforge check` does."""
     try:
         names = stage_names(Path.cwd())
     except UserError as e:
@@ -459,7 +459,8 @@ def metrics(stages: Optional[list[str]] = typer.Argument(None, help="stages to s
 
 @app.command("check")
 def check(params: str = "params.yaml") -> None:
-    """Validate all of params.yaml, and check dvc.yaml's deps and params against the code (no training)."""
+    """Validate all of params.yaml (values, unknown sections and keys, keys written twice, ingest inputs outside
+    paths.user_data), and check dvc.yaml's deps and params against the code (no training)."""
     from tasks.ops.dag import check_deps
 
     try:

@@ -3,7 +3,8 @@
 - `stage_names()`: the stages of the default pipeline in dvc.yaml order, the one list that the flow and the CLI
   use; `pipeline_stages()`: those and the stages of the pipelines run only by hand (the learning curve's
   curve/dvc.yaml), whose code deps are generated and checked alike.
-- `import_closure()`: every project file a module imports, transitively, imports inside functions included.
+- `import_closure()`: every project file a module imports, transitively, imports inside functions included, except
+  the imports `VALIDATION_ONLY` exempts (a check that can only refuse to run, never change an output).
 - `check_deps()` / `write_deps()`: each stage's code deps in dvc.yaml must be exactly its import
   closure, and its `params:` exactly the sections its module declares (`SECTIONS`, narrowed to `section.key` where
   the module names the keys it reads in `NARROW_PARAMS`); `write_deps`
@@ -43,6 +44,10 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("tasks", "models", "flows", "deploy")
 """Top-level packages of this project; imports of anything else are libraries."""
 PARAMS_FILE = "params.yaml"
+VALIDATION_ONLY = {"tasks/shared/harness.py": "tasks.shared.config.params"}
+"""Imports left out of import closures: file -> module it imports only to check params.yaml whole before a stage
+runs (`load_params`, whose value is not used). The check can refuse to run a stage but never change its outputs,
+so making every stage depend on every section's config module would only make them all stale at once."""
 STAGE_CMD = re.compile(r"python -m (tasks(?:\.\w+)+)")
 """A stage command: `python -m tasks.<stage>`, or a task package's stage (`python -m tasks.kg.data`)."""
 
@@ -139,8 +144,14 @@ def import_closure(module: str, root: Path = ROOT) -> set[str]:
             rel = f.relative_to(root).as_posix()
             if rel not in seen:
                 seen.add(rel)
-                todo.extend(imported_names(f, prefix))
+                todo.extend(n for n in imported_names(f, prefix) if not _exempt(rel, n))
     return seen
+
+
+def _exempt(importer: str, name: str) -> bool:
+    """Whether `importer` (a relative POSIX path) imports `name` only to validate (VALIDATION_ONLY)."""
+    module = VALIDATION_ONLY.get(importer)
+    return module is not None and (name == module or name.startswith(f"{module}."))
 
 
 def declared_sections(file: Path) -> list[str]:

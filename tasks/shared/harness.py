@@ -1,6 +1,8 @@
 """The stage harness: what `python -m tasks.<stage>` does around a stage's `run`.
 
-Load the sections the stage declares (nothing else of params.yaml), open the stage's MLflow run,
+Check the whole params.yaml (`load_params`: an unknown section or key, a key written twice, a bad value in any
+section, an ingest input DVC would not track), then load the sections the stage declares (a declared section
+missing from the file is an error, not the code defaults) and nothing else, open the stage's MLflow run,
 refuse to replace an existing output lmforge did not write (tasks/shared/outputs.py), call it, write
 `metrics/<stage>.json` atomically with what the stage cost (tasks/shared/cost.py), and turn a
 UserError into one line on stderr with exit code 2, a tracking-store failure into one line with exit
@@ -20,6 +22,7 @@ from typing import Callable
 from models.errors import ArtifactError
 from tasks.shared import lifeline
 from tasks.shared.config.base import Section, StageParams, load_stage_params
+from tasks.shared.config.params import load_params  # validation only: outside the stages' DVC deps (ops/dag.py)
 from tasks.shared.cost import Meter
 from tasks.shared.errors import UserError
 from tasks.shared.io import write_json
@@ -82,6 +85,7 @@ def stage_main(stage: str, run: StageRun, sections: dict[str, type[Section]]) ->
 def _run_stage(stage: str, run: StageRun, sections: dict[str, type[Section]], params_file: str, meter: Meter) -> bool:
     """Load, check, run and record the stage; False for a torchrun worker of rank > 0 (it neither tracks
     nor reports)."""
+    load_params(params_file)  # refuses a bad file in one line, whatever section is wrong; its value is not used
     params = load_stage_params(params_file, sections)
     if int(os.environ.get("RANK", 0)) > 0:  # a torchrun worker: rank 0 tracks and writes metrics
         run(params, NullTracker())

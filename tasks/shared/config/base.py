@@ -1,7 +1,9 @@
 """What every params.yaml section shares: the base class, `paths`, `tracking`, and the loader.
 
-A stage loads only the sections it declares (`load_stage_params`), so its DVC dependencies are
-exactly its own config modules; `tasks.shared.config.params.load_params` validates the whole file.
+A stage reads only the sections it declares (`load_stage_params`), so its DVC dependencies are
+exactly its own config modules; `tasks.shared.config.params.load_params` validates the whole file, and the
+stage harness runs it first (a check that can only refuse, so the dag generator leaves it out of the deps).
+The loader refuses a key written twice anywhere in the file (as `dvc repro` does), naming the key and line.
 """
 
 from __future__ import annotations
@@ -129,18 +131,57 @@ def describe(err: ValidationError, source: Path, prefix: str = "") -> str:
     loc = ".".join([prefix, *map(str, first["loc"])] if prefix else map(str, first["loc"])) or "(top level)"
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
-        msg = "unknown key"
+        msg = "unknown section" if not prefix and len(first["loc"]) == 1 else "unknown key"
     elif "input" in first and not isinstance(first["input"], dict):
         msg += f" (got {first['input']!r})"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{source}: {loc}: {msg}{more}"
 
 
+def duplicate_key(root: yaml.Node) -> tuple[str, int, int] | None:
+    """The first key written twice in a composed YAML document: (dotted key, its line, the first one's line)."""
+    todo: list[tuple[str, yaml.Node]] = [("", root)]
+    visited: set[int] = set()  # an alias shares its anchor's node (and may point back at its parent)
+    while todo:
+        prefix, node = todo.pop(0)
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            todo += [(f"{prefix}[{i}]", child) for i, child in enumerate(node.value)]
+        elif isinstance(node, yaml.MappingNode):
+            first_line: dict[str, int] = {}
+            for key, value in node.value:
+                name = f"{prefix}.{key.value}" if prefix else str(key.value)
+                if isinstance(key, yaml.ScalarNode) and key.value != "<<":  # `<<` merges may repeat
+                    if key.value in first_line:
+                        return name, key.start_mark.line + 1, first_line[key.value]
+                    first_line[key.value] = key.start_mark.line + 1
+                todo.append((name, value))
+    return None
+
+
+def _load_yaml(text: str, path: Path) -> Any:
+    """YAML `text` as Python values (pyyaml's safe loader), refusing a key written twice."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if dup := duplicate_key(node):
+            key, line, first = dup
+            raise UserError(f"{path}: line {line}: {key}: duplicate key (first on line {first})")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def read_params_file(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
-    """The raw mapping in params.yaml; a missing, unreadable or malformed file raises UserError."""
+    """The raw mapping in params.yaml; a missing, unreadable or malformed file, or a key written twice, raises
+    UserError."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = _load_yaml(path.read_text(), path)
     except FileNotFoundError:
         raise UserError(f"{path}: file not found (run from the project root or pass --params)") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -157,7 +198,7 @@ def read_params_file(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
 def load_section(
     raw: dict[str, Any], name: str, config_type: type[Section], source: Path | str = DEFAULT_PARAMS
 ) -> Section:
-    """Validate section `name` of a raw params mapping (absent = the code defaults)."""
+    """Validate section `name` of a raw params mapping (absent or empty = the code defaults)."""
     value = raw.get(name)
     if value is None:
         value = {}
@@ -186,11 +227,16 @@ class StageParams:
 
 
 def load_stage_params(path: Path | str, sections: dict[str, type[Section]]) -> StageParams:
-    """`paths`, `tracking` and the declared `sections` of params.yaml, each validated."""
+    """`paths`, `tracking` and the declared `sections` of params.yaml, each validated. A declared section missing
+    from the file is an error (a typo there would otherwise run the stage on the code defaults); `tracking:` may be
+    left out (its defaults are the embedded store)."""
     path = Path(path)
     raw = read_params_file(path)
     if "paths" not in raw:
         raise UserError(f"{path}: paths: missing (every input and output is declared there)")
+    for name in sections:
+        if name not in raw:
+            raise UserError(f"{path} has no `{name}:` section (this stage reads it; params.yaml lists every section)")
     return StageParams(
         file=path,
         paths=load_section(raw, "paths", Paths, path),

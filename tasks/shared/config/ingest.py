@@ -1,10 +1,21 @@
-"""`ingest:` — where the raw corpus and labeled set come from and how they are split."""
+"""`ingest:` — where the raw corpus and labeled set come from and how they are split.
+
+Every input must lie inside `paths.user_data`, the ingest stage's DVC dependency, so that editing it makes
+`dvc status` (and `lmforge retrain`) report ingest; `outside_input` finds one that does not, for the whole-file
+check (`tasks.shared.config.params.load_params`), which every entry point runs before a stage starts.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from pydantic import Field, model_validator
 
 from tasks.shared.config.base import Section
+
+INPUT_KEYS = ("corpus", "labeled", "spans", "pairs", "documents")
+"""The keys of `ingest:` that name your files, folders or globs."""
+WILDCARDS = "*?["
 
 
 class IngestConfig(Section):
@@ -12,7 +23,8 @@ class IngestConfig(Section):
 
     corpus: str | list[str] = "stdlib"
     """`stdlib` (built from the installed Python standard library), or your txt/md/jsonl/csv/parquet data:
-    a file, a folder (read recursively), a glob (`data/user/*.jsonl`, `**` for any depth) or a list of them."""
+    a file, a folder (read recursively), a glob (`data/user/*.jsonl`, `**` for any depth) or a list of them. Every
+    input, here and below, lies inside `paths.user_data` (the stage's DVC dependency); one outside is refused."""
     labeled: str | list[str] = "stdlib"
     """`stdlib` (which package a function comes from), or jsonl/csv/parquet data with text and label columns
     (files, folders or globs, as for `corpus`)."""
@@ -99,3 +111,25 @@ class IngestConfig(Section):
             raise ValueError(f"pair_columns: give exactly `text` and `code`, each a column name (got {columns})")
         if len({columns["text"], columns["code"], self.id_column}) < 3:
             raise ValueError("pair_columns: the text, code and id columns must be three different columns")
+
+
+def searched_path(spec: str) -> Path:
+    """The path an input spec reads: a file or folder itself, or the folder a glob searches (up to its first
+    wildcard: `data/user/*.jsonl` searches `data/user`, `**/*.md` the project root)."""
+    parts = Path(spec).parts
+    wild = next((i for i, part in enumerate(parts) if any(c in part for c in WILDCARDS)), None)
+    return Path(spec) if wild is None else Path(*parts[:wild]) if wild else Path(".")
+
+
+def outside_input(cfg: IngestConfig, user_data: Path, root: Path) -> tuple[str, str] | None:
+    """The first input (`key`, spec) that does not lie inside `user_data`, both taken relative to `root` and
+    resolved (symlinks and `..` followed), a glob by the folder it searches; None when all do."""
+    home = (root / user_data).resolve()
+    for key in INPUT_KEYS:
+        value = getattr(cfg, key)
+        specs = [] if value == "stdlib" else [value] if isinstance(value, str) else value
+        for spec in specs:
+            where = (root / searched_path(spec)).resolve()
+            if where != home and home not in where.parents:
+                return key, spec
+    return None

@@ -1,6 +1,8 @@
 """The whole params.yaml as one typed object, for the operations, the flow and the tests.
 
-Stages do not import this module: each loads only its own sections (`base.load_stage_params`).
+A stage reads only its own sections (`base.load_stage_params`); the stage harness calls `load_params` first
+as a check that can only refuse (tasks/ops/dag.py leaves that import out of the stages' DVC deps, so a change
+to another stage's config module does not make every stage stale).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from tasks.shared.config.curve import CurveConfig
 from tasks.shared.config.distill import DistillConfig
 from tasks.shared.config.evaluate import EvaluateConfig
 from tasks.shared.config.finetune import FinetuneConfig
-from tasks.shared.config.ingest import IngestConfig
+from tasks.shared.config.ingest import IngestConfig, outside_input
 from tasks.shared.config.kg_data import KgDataConfig
 from tasks.shared.config.kg_evaluate import KgEvaluateConfig
 from tasks.shared.config.kg_graph import KgGraphConfig
@@ -103,7 +105,7 @@ class Params(BaseModel):
     promote_align: PromoteAlignConfig = Field(default_factory=PromoteAlignConfig)
     orchestrate: OrchestrateConfig = Field(default_factory=OrchestrateConfig)
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)  # `validate_:` in the file is an unknown section
 
     def section(self, name: str) -> Section:
         """The config of section `name` (params.yaml key)."""
@@ -111,10 +113,21 @@ class Params(BaseModel):
 
 
 def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
-    """Read and validate all of params.yaml; a problem raises UserError naming the file and key."""
+    """Read and validate all of params.yaml; a problem raises UserError naming the file and key: a bad value, an
+    unknown section or key, a key written twice, or an ingest input outside `paths.user_data` (DVC would not see
+    it change). Relative paths are taken from the params file's folder, the project root."""
     path = Path(path)
     raw = read_params_file(path)
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as e:
         raise UserError(describe(e, path)) from None
+    if outside := outside_input(params.ingest, params.paths.user_data, path.parent):
+        key, spec = outside
+        user_data = params.paths.user_data
+        raise UserError(
+            f"{path}: ingest.{key}: {spec} is outside paths.user_data ({user_data}), the ingest stage's DVC "
+            f"dependency, so its changes would go unseen: move it under {user_data} or point paths.user_data at its "
+            "folder"
+        )
+    return params
