@@ -5,9 +5,10 @@ and dvc.lock stays current whichever driver ran. The flow adds one MLflow parent
 nested runs under it), the workspace lock (one run per workspace: DVC holds a repo lock; see
 tasks/ops/lock.py), the promotion decision and two Prefect artifacts: `lmforge-evaluation` (markdown: the
 test-split table, the gates, each stage's cost) and `lmforge-run` (a table: each stage's state and seconds in
-this run, each gate's verdict), made however the run ends. A run started here (`lmforge pipeline`, `lmforge
-retrain`) is tagged `commit:<git commit>`, `params:<sha256 of params.yaml>` and `placement:<where stages ran>`,
-so the Prefect UI (`lmforge ui --prefect`) filters runs by them.
+this run, each gate's verdict), made when the run finishes or fails (not when it is interrupted). Every run
+(`lmforge pipeline`, `lmforge retrain`, a deployment or a schedule) is tagged `commit:<git commit>`,
+`params:<sha256 of params.yaml>` and `placement:<where stages run>`: the Prefect UI (`lmforge ui --prefect`)
+filters runs by them.
 
 Every stage runs in a process group of its own that the flow stops (SIGTERM, then SIGKILL) when it
 is interrupted; if the flow process is killed outright, the stage notices its supervisor is gone
@@ -32,7 +33,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from prefect import flow, get_run_logger, tags, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from prefect.states import Failed, State
@@ -164,7 +165,21 @@ def prepare():
     require_tracking(params.tracking)
     setup_tracking(params.tracking)
     mark_stores_ready(Path.cwd())
+    tag_flow_run(params)
     return params
+
+
+def tag_flow_run(params) -> None:
+    """Add `run_tags` to this flow run, however it was started (here, by a deployment or a schedule). Not through
+    Prefect's `tags` context: its task runs would inherit them, and a tagged task run acquires a concurrency slot
+    per tag (seconds per stage). A tag is a convenience: failing to set one is a warning."""
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(flow_run.id, tags=sorted({*flow_run.tags, *run_tags(params)}))
+    except Exception as e:  # noqa: BLE001 - never fail a run over its tags
+        get_run_logger().warning(f"could not tag the flow run: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
 
 
 def require_tracking(cfg, attempts: int = 3) -> None:
@@ -458,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def execute(what: str, run_flow, lock_timeout: float = DEFAULT_TIMEOUT) -> int:
     """Run a flow in this process (`run_flow()` returns its final state) holding the workspace lock (waiting at most
-    `lock_timeout` s), tagged with `run_tags`, and turn the outcome into one line and an exit code."""
+    `lock_timeout` s), and turn the outcome into one line and an exit code."""
     lifeline.interrupt_on_sigterm()
     # In a session of its own (lmforge pipeline), the flow leads a process group: Prefect's server and
     # the rest go with it if the supervisor dies. Otherwise it only stops itself.
@@ -468,7 +483,7 @@ def execute(what: str, run_flow, lock_timeout: float = DEFAULT_TIMEOUT) -> int:
         require_tracking(params.tracking)  # a bad params.yaml or a dead tracking server: one line before Prefect starts
         # Prefect's temporary server and the MLflow store create or migrate their databases on first use: under
         # the lock, so two first runs in a fresh clone wait for each other instead of migrating at once
-        with workspace_lock(Path.cwd(), f"lmforge {what}", lock_timeout), tags(*run_tags(params)):
+        with workspace_lock(Path.cwd(), f"lmforge {what}", lock_timeout):
             state = run_flow()
     except UserError as e:
         print(f"lmforge: error: {e}", file=sys.stderr)
