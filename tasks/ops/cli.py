@@ -198,6 +198,14 @@ def _registry_errors(e: Exception) -> UserError:
     raise e
 
 
+def _stores_settled(what: str):
+    """For a command that opens the MLflow store or BentoML's beside runs: once no run of this workspace is creating
+    them (tasks/ops/lock.py: waiting is one line), holding the workspace lock for the duration if no run holds it."""
+    from tasks.ops.lock import stores_settled
+
+    return stores_settled(Path.cwd(), what)
+
+
 TASK_HELP = "the task whose registered model to act on (classification, kg, align)"
 
 
@@ -262,7 +270,8 @@ def rollback(
 
     try:
         _require_task(task)
-        run(load_params(params), to, force=force, reason=reason, task=task)
+        with _stores_settled("lmforge rollback"):
+            run(load_params(params), to, force=force, reason=reason, task=task)
     except UserError as e:
         _fail(e)
     except Exception as e:
@@ -310,8 +319,9 @@ def history(task: str = typer.Option("classification", help=TASK_HELP), params: 
     try:
         _require_task(task)
         cfg = load_params(params).tracking
-        setup_tracking(cfg)
-        events = alias_history(MlflowClient(), registered_name(TASKS[task], cfg))
+        with _stores_settled("lmforge history"):
+            setup_tracking(cfg)
+            events = alias_history(MlflowClient(), registered_name(TASKS[task], cfg))
     except UserError as e:
         _fail(e)
     except Exception as e:
@@ -340,7 +350,8 @@ def export(
     from tasks.ops.export import run
 
     try:
-        files = run(version, fmt, out, load_params(params))
+        with _stores_settled("lmforge export"):
+            files = run(version, fmt, out, load_params(params))
     except UserError as e:
         _fail(e)
     except Exception as e:
@@ -400,7 +411,8 @@ def _preflight() -> str:
     from deploy.resolve import ModelUnavailable, open_model
 
     try:
-        return describe(open_model())
+        with _stores_settled("lmforge serve (loading the model)"):
+            return describe(open_model())
     except (UserError, ModelUnavailable) as e:
         _fail(UserError(str(e)))
 

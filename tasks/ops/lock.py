@@ -142,7 +142,11 @@ def stores_settled(
 ) -> Iterator[bool]:
     """For a command that opens the workspace's stores beside runs (`lmforge ui`): yields True holding the workspace
     lock when no run holds it (create or migrate the stores inside, then leave), or False without it as soon as the
-    run that holds it has created them (`mark_stores_ready`). Waiting says once what for and is bounded."""
+    run that holds it has created them (`mark_stores_ready`). Waiting says once what for and is bounded. Outside a
+    DVC workspace (no `.dvc/`) there is no run to wait for: it yields True at once."""
+    if not (Path(root) / ".dvc").is_dir():
+        yield True
+        return
     path = _lock_path(root)
     if path in _held:
         yield True
