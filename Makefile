@@ -14,7 +14,7 @@ export DO_NOT_TRACK ?= 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR ?= false
 export GIT_PYTHON_REFRESH ?= quiet
 
-.PHONY: help install lint pipeline repro curve promote retrain schedule deploy test test-fast serve serve-grpc bento grpc-stubs ui check check-lock deps constraints postgres stack-up stack-down
+.PHONY: help install lint pipeline repro curve promote retrain schedule deploy test test-fast serve serve-grpc bento grpc-stubs ui check check-lock deps constraints postgres stack-up stack-down prefect-ui
 
 .DEFAULT_GOAL := help
 
@@ -97,8 +97,11 @@ bento: install  ## a Bento of @champion that serves without the project or a tra
 grpc-stubs: install  ## regenerate deploy/lmforge_pb2*.py from deploy/lmforge.proto (commit them; run after editing the .proto)
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. deploy/lmforge.proto
 
-ui: install  ## MLflow UI on the embedded store, http://127.0.0.1:5000
+ui: install  ## MLflow UI on the embedded store, http://127.0.0.1:5000 (or the URL of the tracking server in MLFLOW_TRACKING_URI)
 	$(BIN)/lmforge ui
+
+prefect-ui: install  ## Prefect UI on every flow and task run recorded in .prefect/, http://127.0.0.1:4200 (or the server in PREFECT_API_URL)
+	$(BIN)/lmforge ui --prefect
 
 check: install  ## validate all of params.yaml; dvc.yaml deps and params against the code
 	$(BIN)/lmforge check

@@ -3,7 +3,12 @@
 Each stage runs through DVC (`dvc repro --single-item <stage>`), so DVC alone decides what is stale
 and dvc.lock stays current whichever driver ran. The flow adds one MLflow parent run (stages open
 nested runs under it), the workspace lock (one run per workspace: DVC holds a repo lock; see
-tasks/ops/lock.py), the promotion decision and a Prefect artifact summarising the run.
+tasks/ops/lock.py), the promotion decision and two Prefect artifacts: `lmforge-evaluation` (markdown: the
+test-split table, the gates, each stage's cost) and `lmforge-run` (a table: each stage's state and seconds in
+this run, each gate's verdict), made when the run finishes or fails (not when it is interrupted). Every run
+(`lmforge pipeline`, `lmforge retrain`, a deployment or a schedule) is tagged `commit:<git commit>`,
+`params:<sha256 of params.yaml>` and `placement:<where stages run>`: the Prefect UI (`lmforge ui --prefect`)
+filters runs by them.
 
 Every stage runs in a process group of its own that the flow stops (SIGTERM, then SIGKILL) when it
 is interrupted; if the flow process is killed outright, the stage notices its supervisor is gone
@@ -11,12 +16,15 @@ and stops itself (tasks/shared/lifeline.py). A user error (bad params or data: t
 2) ends the flow in a Failed state carrying the stage's one-line message, without a traceback.
 
 `python -m flows.pipeline` is what `lmforge pipeline` runs, in a session of its own so that Ctrl-C
-reaches Prefect's temporary server only after the flow has recorded how the run ended.
+reaches Prefect's temporary server only after the flow has recorded how the run ended. It takes the
+workspace lock before Prefect's temporary server or the MLflow store start: both create or migrate shared
+databases on first use (tasks/ops/lock.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import subprocess
 import sys
@@ -26,15 +34,16 @@ import urllib.request
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from prefect.states import Failed, State
 
-from flows.placement import dvc_transfer, io_options, run_placed
+from flows.placement import dvc_transfer, io_options, placement_tag, run_placed
 from flows.stages import exit_code, run_stage, user_error, worth_retrying
 from tasks.ops.dag import dvc_command, stage_names
-from tasks.ops.lock import DEFAULT_TIMEOUT, workspace_lock
+from tasks.ops.lock import DEFAULT_TIMEOUT, mark_stores_ready, workspace_lock
 from tasks.shared import lifeline
+from tasks.shared.config.base import DEFAULT_PARAMS
 from tasks.shared.config.params import load_params
 from tasks.shared.cost import cost_markdown
 from tasks.shared.datasets import dvc_file, untracked_inputs
@@ -42,7 +51,7 @@ from tasks.shared.errors import UserError
 from tasks.shared.io import expand_inputs, user_inputs
 from tasks.shared.stagerun import INTERRUPTED_EXIT, RESUMABLE, USER_ERROR_EXIT, error_line, stage_env
 from tasks.shared.tasks import TASKS, promotion, registered_name, selected_stages
-from tasks.shared.tracking import PARENT_RUN_ENV, setup_tracking, tracking_uri
+from tasks.shared.tracking import PARENT_RUN_ENV, git_commit, setup_tracking, tracking_uri
 
 
 @task(retries=0, task_run_name="promote {task_name}")
@@ -141,19 +150,36 @@ def pipeline(promote: bool = True, lock_timeout: float = DEFAULT_TIMEOUT) -> dic
     """Run every stage of the project in the working directory through DVC inside one MLflow
     parent run, then gate and promote. Ends Failed (with the one-line reason) on a user error."""
     try:
-        params = prepare()
         with workspace_lock(Path.cwd(), f"lmforge pipeline (Prefect flow run {flow_run.name or '?'})", lock_timeout):
-            return run_stages(params, promote)
+            return run_stages(prepare(), promote)
     except UserError as e:
         return user_error(str(e))
 
 
 def prepare():
-    """All of params.yaml validated and the tracking store reachable, before anything runs; returns the params."""
+    """All of params.yaml validated and the tracking store reachable, before anything runs; returns the params.
+
+    Call it in a flow run under the workspace lock: the MLflow store is created on first use here, and Prefect's
+    database exists once the flow runs, so it then tells `lmforge ui` waiters that both are ready."""
     params = load_params()
     require_tracking(params.tracking)
     setup_tracking(params.tracking)
+    mark_stores_ready(Path.cwd())
+    tag_flow_run(params)
     return params
+
+
+def tag_flow_run(params) -> None:
+    """Add `run_tags` to this flow run, however it was started (here, by a deployment or a schedule). Not through
+    Prefect's `tags` context: its task runs would inherit them, and a tagged task run acquires a concurrency slot
+    per tag (seconds per stage). A tag is a convenience: failing to set one is a warning."""
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(flow_run.id, tags=sorted({*flow_run.tags, *run_tags(params)}))
+    except Exception as e:  # noqa: BLE001 - never fail a run over its tags
+        get_run_logger().warning(f"could not tag the flow run: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
 
 
 def require_tracking(cfg, attempts: int = 3) -> None:
@@ -185,67 +211,133 @@ def placed_stage(stage: str, parent_run_id: str, cfg) -> dict:
 
 
 def run_stages(params, promote: bool, run_name: str | None = None) -> dict | State:
-    """The stages in order inside one MLflow parent run, then promotion; a Failed state at the first failure."""
+    """The stages in order inside one MLflow parent run, then promotion; a Failed state at the first failure.
+    Finished or failed (not crashed), the run leaves its `lmforge-run` table artifact."""
     import mlflow
 
     names = selected_stages(stage_names(Path.cwd()), params.tasks.enabled)
-    orchestrate = params.orchestrate
-    placed = set(orchestrate.gpu_stages) if orchestrate.placement else set()
+    placed = set(params.orchestrate.gpu_stages) if params.orchestrate.placement else set()
     if placed - set(names):
         raise UserError(
             f"params.yaml: orchestrate.gpu_stages: {sorted(placed - set(names))} are not stages of dvc.yaml ({names})"
         )
     track_inputs(params)
     results: dict = {"stages": {}}
+    steps: dict[str, tuple[str, float]] = {}  # stage or promotion -> (its final state, seconds in this run)
+    decisions: dict[str, dict] = {}
     run_name = run_name or f"pipeline {flow_run.name or ''}".strip()
     with mlflow.start_run(
         run_name=run_name, tags={"lmforge.stage": "pipeline", "prefect.flow_run_id": str(flow_run.id or "")}
     ) as parent:
-        env = stage_env(parent.info.run_id)
-        for stage in names:
-            retries = RESUMABLE.get(stage, 0)
-            if stage in placed:
-                state = placed_stage.with_options(retries=retries, retry_delay_seconds=5)(
-                    stage, parent.info.run_id, orchestrate, return_state=True
-                )
-            else:
-                state = run_stage.with_options(retries=retries, retry_delay_seconds=5)(stage, env, return_state=True)
-            if stage == "validate":  # passed or failed, the Data Docs show what the data looked like
-                data_docs_artifact(parent.info.run_id, params)
-            if not state.is_completed():
-                _end_failed(stage)
-                return _stage_failed(stage, state)
-            results["stages"][stage] = state.result()
-            if placed and stage not in placed:  # workers share the DVC remote, not a disk
-                dvc_transfer.with_options(**io_options(orchestrate))("push", [stage])
-        decisions: dict[str, dict] = {}
-        for task_name in params.tasks.enabled if promote else []:
-            decision = promote_candidate(parent.info.run_id, task_name)
-            if isinstance(decision, str):  # promotion refused with a one-line reason
-                _end_failed("promote")
-                return user_error(decision)
-            decisions[task_name] = decision
-        decision = decisions.get("classification")
-        results["promotion"], results["promotions"] = decision, decisions
-        mlflow.log_dict(results, "pipeline_results.json")
-        others = {
-            t: (results["stages"].get(TASKS[t].stages[-1]), decisions.get(t))
-            for t in params.tasks.enabled
-            if t != "classification"
-        }
-        costs = {s: m.get("cost") for s, m in results["stages"].items()}
-        create_markdown_artifact(
-            markdown=summary_markdown(results["stages"].get("evaluate"), decision, costs, others),
-            key="lmforge-evaluation",
-            description="Test-split evaluation and promotion gates",
+        failed = _run_each_stage(names, placed, parent.info.run_id, params, results, steps) or _promote_each(
+            params.tasks.enabled if promote else [], parent.info.run_id, decisions, steps
         )
-        try:
-            links_artifact(parent.info.run_id, decisions, params)
-        except Exception as e:  # noqa: BLE001 - links are a convenience: never fail a promoted run over them
-            get_run_logger().warning(
-                f"could not create the run's link artifacts: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            )
+        run_table_artifact(steps, decisions)
+        if failed is not None:
+            return failed
+        _summarise(parent.info.run_id, params, results, decisions)
     return results
+
+
+def _run_each_stage(names: list[str], placed: set[str], parent_run_id: str, params, results: dict, steps: dict):
+    """Each stage as a Prefect task (placed ones on their pool), its metrics into `results` and its final state and
+    seconds into `steps`; the flow's Failed state at the first failure, else None."""
+    orchestrate, env = params.orchestrate, stage_env(parent_run_id)
+    for stage in names:
+        retries, start = RESUMABLE.get(stage, 0), time.perf_counter()
+        if stage in placed:
+            state = placed_stage.with_options(retries=retries, retry_delay_seconds=5)(
+                stage, parent_run_id, orchestrate, return_state=True
+            )
+        else:
+            state = run_stage.with_options(retries=retries, retry_delay_seconds=5)(stage, env, return_state=True)
+        steps[stage] = (state.name, time.perf_counter() - start)
+        if stage == "validate":  # passed or failed, the Data Docs show what the data looked like
+            data_docs_artifact(parent_run_id, params)
+        if not state.is_completed():
+            _end_failed(stage)
+            return _stage_failed(stage, state)
+        results["stages"][stage] = state.result()
+        if placed and stage not in placed:  # workers share the DVC remote, not a disk
+            dvc_transfer.with_options(**io_options(orchestrate))("push", [stage])
+    return None
+
+
+def _promote_each(task_names: list[str], parent_run_id: str, decisions: dict, steps: dict) -> State | None:
+    """Each task's gates and promotion in turn, its decision into `decisions`; the flow's Failed state at the first
+    refusal, else None."""
+    for task_name in task_names:
+        start = time.perf_counter()
+        decision = promote_candidate(parent_run_id, task_name)
+        refused = isinstance(decision, str)  # promotion refused with a one-line reason
+        steps[f"promote {task_name}"] = ("Failed" if refused else "Completed", time.perf_counter() - start)
+        if refused:
+            _end_failed("promote")
+            return user_error(decision)
+        decisions[task_name] = decision
+    return None
+
+
+def _summarise(parent_run_id: str, params, results: dict, decisions: dict[str, dict]) -> None:
+    """A finished run's record: the results in MLflow, the markdown and link artifacts in Prefect."""
+    import mlflow
+
+    decision = decisions.get("classification")
+    results["promotion"], results["promotions"] = decision, decisions
+    mlflow.log_dict(results, "pipeline_results.json")
+    others = {
+        t: (results["stages"].get(TASKS[t].stages[-1]), decisions.get(t))
+        for t in params.tasks.enabled
+        if t != "classification"
+    }
+    costs = {s: m.get("cost") for s, m in results["stages"].items()}
+    create_markdown_artifact(
+        markdown=summary_markdown(results["stages"].get("evaluate"), decision, costs, others),
+        key="lmforge-evaluation",
+        description="Test-split evaluation and promotion gates",
+    )
+    try:
+        links_artifact(parent_run_id, decisions, params)
+    except Exception as e:  # noqa: BLE001 - links are a convenience: never fail a promoted run over them
+        get_run_logger().warning(
+            f"could not create the run's link artifacts: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        )
+
+
+def run_table(steps: dict[str, tuple[str, float]], decisions: dict[str, dict]) -> list[dict]:
+    """The rows of the run's table artifact: each stage and promotion with its final Prefect state and its seconds
+    in this run (an up-to-date stage takes DVC's check only), then each task's gates with their verdicts."""
+    rows = [
+        {"step": name, "kind": name.split()[0] if name.startswith("promote ") else "stage", "status": state}
+        | {"seconds": round(seconds, 1), "detail": ""}
+        for name, (state, seconds) in steps.items()
+    ]
+    for task_name, decision in decisions.items():
+        rows += [
+            {"step": g["gate"], "kind": f"gate {task_name}", "status": _status(g), "seconds": "", "detail": g["reason"]}
+            for g in decision["gates"]
+        ]
+    return rows
+
+
+def run_table_artifact(steps: dict[str, tuple[str, float]], decisions: dict[str, dict]) -> None:
+    """The `lmforge-run` table artifact; failing to make it is a warning (the run's own outcome is what counts)."""
+    try:
+        create_table_artifact(
+            table=run_table(steps, decisions),
+            key="lmforge-run",
+            description="Each stage's state and seconds in this run, each gate's verdict",
+        )
+    except Exception as e:  # noqa: BLE001 - never hide how the run ended behind a failed artifact
+        get_run_logger().warning(
+            f"could not create the run's table artifact: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        )
+
+
+def run_tags(params, params_file: Path = DEFAULT_PARAMS) -> list[str]:
+    """The tags of a flow run started here: the git commit, a digest of params.yaml and where the stages run."""
+    digest = hashlib.sha256(params_file.read_bytes()).hexdigest()[:12] if params_file.exists() else "none"
+    return [f"commit:{git_commit()[:12]}", f"params:{digest}", placement_tag(params.orchestrate)]
 
 
 def _stage_failed(stage: str, state: State) -> State:
@@ -373,22 +465,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     return execute(
-        "pipeline", lambda: pipeline(promote=args.promote, lock_timeout=args.lock_timeout, return_state=True)
+        "pipeline",
+        lambda: pipeline(promote=args.promote, lock_timeout=args.lock_timeout, return_state=True),
+        args.lock_timeout,
     )
 
 
-def execute(what: str, run_flow) -> int:
-    """Run a flow in this process (`run_flow()` returns its final state) and turn the outcome into one line
-    and an exit code."""
+def execute(what: str, run_flow, lock_timeout: float = DEFAULT_TIMEOUT) -> int:
+    """Run a flow in this process (`run_flow()` returns its final state) holding the workspace lock (waiting at most
+    `lock_timeout` s), and turn the outcome into one line and an exit code."""
     lifeline.interrupt_on_sigterm()
     # In a session of its own (lmforge pipeline), the flow leads a process group: Prefect's server and
     # the rest go with it if the supervisor dies. Otherwise it only stops itself.
     lifeline.watch(lifeline.stop_group if os.getsid(0) == os.getpid() else lifeline.stop_self())
     try:
-        require_tracking(
-            load_params().tracking
-        )  # a bad params.yaml or a dead tracking server: one line before Prefect starts
-        state = run_flow()
+        params = load_params()
+        require_tracking(params.tracking)  # a bad params.yaml or a dead tracking server: one line before Prefect starts
+        # Prefect's temporary server and the MLflow store create or migrate their databases on first use: under
+        # the lock, so two first runs in a fresh clone wait for each other instead of migrating at once
+        with workspace_lock(Path.cwd(), f"lmforge {what}", lock_timeout):
+            state = run_flow()
     except UserError as e:
         print(f"lmforge: error: {e}", file=sys.stderr)
         return USER_ERROR_EXIT

@@ -60,6 +60,11 @@ class TransferFailed(RuntimeError):
     """A DVC or MLflow transfer failed (network, remote); worth retrying."""
 
 
+def placement_tag(cfg) -> str:
+    """Where a run's stages run, as a flow-run tag: `placement:local`, or `placement:gpu=<stages on the gpu pool>`."""
+    return f"placement:gpu={','.join(cfg.gpu_stages)}" if cfg.placement else "placement:local"
+
+
 def not_user_error(task, task_run, state) -> bool:
     exc = state.result(raise_on_failure=False)
     return not isinstance(exc, UserError)

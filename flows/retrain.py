@@ -62,8 +62,8 @@ def retrain(promote: bool = True, force: bool = False, lock_timeout: float = DEF
     """Retrain and promote through the gates, unless data, code and params equal @champion's lineage (or `force`)."""
     logger = get_run_logger()
     try:
-        params = prepare()
         with workspace_lock(Path.cwd(), f"lmforge retrain (Prefect flow run {flow_run.name or '?'})", lock_timeout):
+            params = prepare()  # under the lock: the first use of the MLflow store creates it
             verdict = compare_tasks(params)
             if not verdict["changed"] and not force:
                 line = f"nothing changed: {verdict['reason']}; skipped, registered nothing"
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     return execute(
         "retrain",
         lambda: retrain(promote=args.promote, force=args.force, lock_timeout=args.lock_timeout, return_state=True),
+        args.lock_timeout,
     )
 
 

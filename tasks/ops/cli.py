@@ -198,6 +198,14 @@ def _registry_errors(e: Exception) -> UserError:
     raise e
 
 
+def _stores_settled(what: str):
+    """For a command that opens the MLflow store or BentoML's beside runs: once no run of this workspace is creating
+    them (tasks/ops/lock.py: waiting is one line), holding the workspace lock for the duration if no run holds it."""
+    from tasks.ops.lock import stores_settled
+
+    return stores_settled(Path.cwd(), what)
+
+
 TASK_HELP = "the task whose registered model to act on (classification, kg, align)"
 
 
@@ -262,7 +270,8 @@ def rollback(
 
     try:
         _require_task(task)
-        run(load_params(params), to, force=force, reason=reason, task=task)
+        with _stores_settled("lmforge rollback"):
+            run(load_params(params), to, force=force, reason=reason, task=task)
     except UserError as e:
         _fail(e)
     except Exception as e:
@@ -310,8 +319,9 @@ def history(task: str = typer.Option("classification", help=TASK_HELP), params: 
     try:
         _require_task(task)
         cfg = load_params(params).tracking
-        setup_tracking(cfg)
-        events = alias_history(MlflowClient(), registered_name(TASKS[task], cfg))
+        with _stores_settled("lmforge history"):
+            setup_tracking(cfg)
+            events = alias_history(MlflowClient(), registered_name(TASKS[task], cfg))
     except UserError as e:
         _fail(e)
     except Exception as e:
@@ -340,7 +350,8 @@ def export(
     from tasks.ops.export import run
 
     try:
-        files = run(version, fmt, out, load_params(params))
+        with _stores_settled("lmforge export"):
+            files = run(version, fmt, out, load_params(params))
     except UserError as e:
         _fail(e)
     except Exception as e:
@@ -400,7 +411,8 @@ def _preflight() -> str:
     from deploy.resolve import ModelUnavailable, open_model
 
     try:
-        return describe(open_model())
+        with _stores_settled("lmforge serve (loading the model)"):
+            return describe(open_model())
     except (UserError, ModelUnavailable) as e:
         _fail(UserError(str(e)))
 
@@ -423,15 +435,73 @@ def build() -> None:
 
 
 @app.command()
-def ui(port: int = 5000, params: str = "params.yaml") -> None:
-    """Open the MLflow UI on the project's tracking store."""
-    from tasks.shared.tracking import tracking_uri
+def ui(
+    prefect: bool = typer.Option(
+        False,
+        "--prefect",
+        help="Prefect's UI on the flow and task runs in PREFECT_HOME (.prefect/) instead of MLflow's",
+    ),
+    port: Optional[int] = typer.Option(None, help="port of a UI started here (default: MLflow 5000, Prefect 4200)"),
+    params: str = "params.yaml",
+) -> None:
+    """Open the MLflow UI on the project's tracking store, or with --prefect the Prefect UI on every recorded run.
 
+    A tracking server in MLFLOW_TRACKING_URI (or tracking.uri) and a Prefect server in PREFECT_API_URL are used as
+    they are: their URL is printed, nothing is started. Otherwise the UI runs here until Ctrl-C."""
     try:
-        cfg = load_params(params).tracking
+        if prefect:
+            _prefect_ui(4200 if port is None else port)
+            return
+        _mlflow_ui(load_params(params).tracking, 5000 if port is None else port)
     except UserError as e:
         _fail(e)
-    os.execvp("mlflow", ["mlflow", "ui", "--backend-store-uri", tracking_uri(cfg), "--port", str(port)])
+
+
+def _mlflow_ui(cfg, port: int) -> None:
+    """`mlflow ui` on the embedded store (created first, under the workspace lock, if no run has made it yet), or
+    the URL of the tracking server the project uses."""
+    from tasks.ops.lock import stores_settled
+    from tasks.ops.servers import healthy
+    from tasks.shared.tracking import tracking_uri
+
+    uri = tracking_uri(cfg)
+    if uri.startswith(("http://", "https://")):
+        if not healthy(uri, timeout=10):
+            raise UserError(f"the MLflow tracking server {uri} does not answer (MLFLOW_TRACKING_URI or tracking.uri)")
+        typer.echo(f"MLflow UI: {uri} (the project's tracking server; none started)")
+        return
+    db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    if db is not None and not db.exists():  # `mlflow ui` would create it: not beside a first run creating it too
+        with stores_settled(Path.cwd(), "lmforge ui (creating the MLflow store)") as locked:
+            if locked:
+                from mlflow import MlflowClient
+
+                MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    typer.echo(f"MLflow UI: http://127.0.0.1:{port} (store {uri}); Ctrl-C stops it")
+    os.execvp("mlflow", ["mlflow", "ui", "--backend-store-uri", uri, "--port", str(port)])
+
+
+def _prefect_ui(port: int) -> None:
+    """The URL of the Prefect server in PREFECT_API_URL, or `prefect server start` on PREFECT_HOME's database until
+    Ctrl-C or SIGTERM (which stop it and its children)."""
+    from prefect.settings import PREFECT_API_URL
+
+    from tasks.ops.servers import healthy, local_prefect_server, serve_until_stopped, ui_url
+    from tasks.shared import lifeline
+
+    api = PREFECT_API_URL.value()
+    if api:
+        if not healthy(api, timeout=10):
+            raise UserError(f"the Prefect server in PREFECT_API_URL ({api}) does not answer")
+        typer.echo(f"Prefect UI: {ui_url(api)} (the server in PREFECT_API_URL; none started)")
+        return
+    lifeline.interrupt_on_sigterm()
+    try:
+        with local_prefect_server(port) as api:
+            typer.echo(f"Prefect UI: {ui_url(api)} (every flow and task run recorded here); Ctrl-C stops it")
+            serve_until_stopped(api)
+    except KeyboardInterrupt:
+        typer.echo("lmforge ui: Prefect server stopped", err=True)
 
 
 @app.command()

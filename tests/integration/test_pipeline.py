@@ -3,18 +3,22 @@
 Real components throughout: a Prefect flow on its ephemeral server (own PREFECT_HOME), DVC in a
 fresh git repository, an MLflow sqlite store and registry, Great Expectations suites and
 `bentoml serve`. Also what a user compares runs with: `dvc status` after a code edit, `dvc metrics
-diff`, `dvc plots diff` and `dvc exp run -S` (an experiment is an MLflow run too).
+diff`, `dvc plots diff` and `dvc exp run -S` (an experiment is an MLflow run too); what a user looks at the runs
+with (`lmforge ui --prefect`); and two first runs started at once in a fresh clone.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from conftest import copy_tiny_run
+from conftest import LMFORGE, copy_tiny_run, free_port, start_logged, stop_group, wait_http
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -277,3 +281,73 @@ def test_an_experiment_is_an_mlflow_run_and_plots_overlay_it_on_the_commit(proje
     )
     assert [r.data.tags["lmforge.stage"] for r in children] == ["evaluate"]
     assert children[0].data.params["evaluate.latency_samples"] == "3"
+
+
+def test_prefect_ui_shows_the_run_its_tags_and_table_and_stops_on_sigterm(project):
+    """`lmforge ui --prefect` (make prefect-ui) serves the runs the pipeline recorded in PREFECT_HOME: the flow run
+    tagged with commit, params digest and placement, its task runs, and its table of stage times and gates."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    port, log = free_port(), project["dir"].parent / "prefect-ui.log"
+    proc = start_logged([LMFORGE, "ui", "--prefect", "--port", str(port)], project["dir"], project["env"], log)
+    try:
+        api = f"http://127.0.0.1:{port}/api"
+        wait_http(f"{api}/health", proc, log)
+        with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+            (run,) = [r for r in client.read_flow_runs() if r.name and r.flow_id and r.state and r.state.is_completed()]
+            tasks = client.read_task_runs()
+            (table,) = client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["lmforge-run"]))
+            )
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project["dir"], capture_output=True, text=True)
+        assert f"commit:{head.stdout.strip()[:12]}" in run.tags and "placement:local" in run.tags, run.tags
+        assert any(t.startswith("params:") for t in run.tags), run.tags
+        assert {"ingest", "pretrain", "evaluate"} <= {t.name for t in tasks}
+        assert table.type == "table" and table.flow_run_id == run.id
+        rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+        steps = {(r["step"], r["kind"]): r for r in rows}
+        assert steps[("pretrain", "stage")]["status"] == "Completed"
+        assert steps[("min_accuracy", "gate classification")]["status"] == "PASS"
+        assert f"Prefect UI: http://127.0.0.1:{port}/" in log.read_text()
+        proc.send_signal(signal.SIGTERM)  # the CLI only: it must stop its server
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+        time.sleep(1)
+        with pytest.raises(OSError):
+            import urllib.request
+
+            urllib.request.urlopen(f"{api}/health", timeout=5)
+    finally:
+        stop_group(proc)
+
+
+@pytest.fixture
+def fresh_clone(tiny_flow_run, tmp_path):
+    """A copy of the reference run's project (DVC outputs current) with no MLflow store and no Prefect database,
+    as a fresh clone whose data is pulled: the stores are what a first run creates."""
+    folder, env = copy_tiny_run(tiny_flow_run, tmp_path)
+    (tmp_path / "mlflow.db").unlink()
+    shutil.rmtree(tmp_path / "prefect", ignore_errors=True)
+    return folder, env
+
+
+def test_two_first_runs_at_once_both_succeed_one_waiting(fresh_clone):
+    """Two `lmforge pipeline` started together where no store exists yet: one waits for the workspace lock instead
+    of migrating MLflow's and Prefect's databases beside the other (the issue's `_alembic_tmp_experiments` crash)."""
+    folder, env = fresh_clone
+    procs = [
+        subprocess.Popen(
+            [LMFORGE, "pipeline", "--no-promote"],
+            cwd=folder,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outs]
+    assert not any("Traceback" in o for o in outs), outs
+    assert sum("lmforge: waiting up to" in o for o in outs) == 1, outs

@@ -4,13 +4,16 @@ the schedule, the torchrun launch options and the orchestration commands' one-li
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import LMFORGE, ROOT, free_port, write_params
 
 from tasks.ops import dag, lineage
 from tasks.ops.registry import move_champion
@@ -318,3 +321,44 @@ def test_a_worker_for_an_unknown_pool_is_refused(tmp_path):
     assert (
         res.returncode == 2 and res.stderr.strip() == "lmforge: error: unknown pool 'tpu'; lmforge's pools are cpu, gpu"
     )
+
+
+class _Health(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - the handler's name is http.server's
+        self.send_response(200 if self.path.endswith("/health") else 404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def answering_server():
+    """The base URL of a server whose /health and /api/health answer 200 (what MLflow's and Prefect's servers do)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("answers", [True, False])
+def test_ui_opens_the_configured_servers_instead_of_starting_its_own(tmp_path, answering_server, answers):
+    """With MLFLOW_TRACKING_URI / PREFECT_API_URL set, `lmforge ui` prints their URL (or one line if they are down)
+    and starts nothing."""
+    base = answering_server if answers else f"http://127.0.0.1:{free_port()}"
+    write_params(tmp_path)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": base, "PREFECT_API_URL": f"{base}/api"}
+    runs = [
+        subprocess.run([LMFORGE, "ui", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        for args in ([], ["--prefect"])
+    ]
+    if answers:
+        assert [r.returncode for r in runs] == [0, 0], [r.stderr for r in runs]
+        assert runs[0].stdout.startswith(f"MLflow UI: {base} (the project's tracking server; none started)")
+        assert runs[1].stdout.startswith(f"Prefect UI: {base}/ (the server in PREFECT_API_URL; none started)")
+    else:
+        assert [r.returncode for r in runs] == [2, 2]
+        assert runs[0].stderr == f"lmforge: error: the MLflow tracking server {base} does not answer " + (
+            "(MLFLOW_TRACKING_URI or tracking.uri)\n"
+        )
+        assert runs[1].stderr == f"lmforge: error: the Prefect server in PREFECT_API_URL ({base}/api) does not answer\n"
