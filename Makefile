@@ -22,14 +22,21 @@ help:  ## this list: every target with what it does (`make` with no target print
 	@echo "lmforge: make pipeline (install + the whole pipeline on the embedded data), make test; every target:"
 	@awk 'BEGIN {FS = ":[^#]*## "} /^[a-zA-Z_-]+:[^=]*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
+# Where pip and uv find torch's CPU wheel (torch==2.13.0+cpu, hashed in constraints.txt). PyPI has only the CUDA
+# build, which pulls GBs of nvidia-* wheels; elsewhere: TORCH_WHEELS=https://download.pytorch.org/whl/cpu/torch/
+TORCH_WHEELS ?= /opt/wheels
+
+# Hash-checking mode: constraints.txt pins every distribution with its hashes (all extras: the tests cover the
+# team stack and the stubs), pip refuses anything else; then the project itself, editable, with nothing more.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0 -c constraints.txt
-	$(BIN)/python -m pip install -q -e '.[dev]' -c constraints.txt
+	$(BIN)/python -m pip install -q --require-hashes --find-links $(TORCH_WHEELS) -r constraints.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	$(BIN)/python -m pip check
 	touch $@
 
-install: $(STAMP)  ## create .venv and install the pinned stack
+install: $(STAMP)  ## create .venv and install constraints.txt (hashed, every extra), then the project (editable, --no-deps)
 
 pipeline: install  ## run the whole Prefect flow: every stage through DVC, then promotion
 	$(BIN)/lmforge pipeline
@@ -112,5 +119,11 @@ check-lock: install  ## seconds, no training: name every code/params dependency 
 deps: install  ## regenerate dvc.yaml's code deps and params from the stages' imports
 	$(BIN)/lmforge deps --write
 
-constraints: install  ## re-pin constraints.txt from the current .venv
-	{ head -2 constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
+# uv keeps the current pins where pyproject.toml still allows them; `make constraints UPGRADE=--upgrade` moves every
+# package to its newest allowed release. uv comes with the dev extra; a .venv without it gets it here.
+UPGRADE ?=
+constraints:  ## recompile constraints.txt from pyproject.toml (every extra) with hashes: uv pip compile --generate-hashes
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@test -x $(BIN)/uv || $(BIN)/python -m pip install -q uv
+	$(BIN)/uv pip compile pyproject.toml --all-extras --generate-hashes --python-version 3.11 \
+		--find-links $(TORCH_WHEELS) --custom-compile-command 'make constraints' $(UPGRADE) --quiet -o constraints.txt
