@@ -12,7 +12,7 @@ import os
 import queue
 import subprocess
 import threading
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,6 +22,10 @@ PARENT_RUN_ENV = "LMFORGE_PARENT_RUN_ID"
 PARAMS_ENV = "LMFORGE_PARAMS"
 DVC_EXP_ENV = "DVC_EXP_NAME"
 """Set by `dvc exp run` for the stages of one experiment."""
+SYSTEM_METRICS_INTERVAL_S = 10.0
+"""Seconds between two samples of a training stage's system metrics (CPU, memory, disk, network; GPU with pynvml),
+unless MLflow's own SAMPLING_ENV sets another."""
+SAMPLING_ENV = "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
@@ -92,6 +96,10 @@ class Tracker:
     def log_input(
         self, name: str, sources: list[str], digest: str, context: str, tags: dict[str, str] | None = None
     ) -> None: ...
+
+    def child(self, name: str, tags: dict[str, str]) -> AbstractContextManager["Tracker"]:
+        """A run nested under this one (e.g. one per evaluated model), closed at the end of the block."""
+        return nullcontext(NullTracker())
 
 
 class NullTracker(Tracker):
@@ -197,6 +205,21 @@ class MlflowTracker(Tracker):
         dataset = MetaDataset(source=src, name=name, digest=digest)
         self._mlflow.log_input(dataset, context=context, tags={"source": json.dumps(sources), **(tags or {})})
 
+    @contextmanager
+    def child(self, name: str, tags: dict[str, str]) -> Iterator["MlflowTracker"]:
+        """A run nested under this one, active inside the block; its writes have landed when the block ends."""
+        experiment = self._mlflow.get_run(self.run_id).info.experiment_id
+        with self._mlflow.start_run(
+            experiment_id=experiment, run_name=name, nested=True, parent_run_id=self.run_id, tags=tags
+        ) as run:
+            child = MlflowTracker(run.info.run_id)
+            try:
+                yield child
+            except BaseException:
+                self._mlflow.flush_async_logging()
+                raise
+            child.wait()
+
 
 def dvc_experiment_run(experiment_id: str, params_file: Path) -> str | None:
     """Inside `dvc exp run`: the MLflow run of this DVC experiment (found by name, else created)."""
@@ -231,16 +254,24 @@ def dvc_experiment_run(experiment_id: str, params_file: Path) -> str | None:
 
 
 @contextmanager
-def stage_run(params: StageParams, stage: str, experiment_id: str) -> Iterator[MlflowTracker]:
-    """An MLflow run for one stage, nested under the pipeline run or the DVC experiment's run."""
+def stage_run(
+    params: StageParams, stage: str, experiment_id: str, system_metrics: bool = False
+) -> Iterator[MlflowTracker]:
+    """An MLflow run for one stage, nested under the pipeline run or the DVC experiment's run; `system_metrics`:
+    MLflow samples CPU, memory, disk and network every SYSTEM_METRICS_INTERVAL_S seconds in a thread of its own
+    (the run's *System metrics* charts), stopped when the run ends."""
     import mlflow
 
+    if system_metrics and not os.environ.get(SAMPLING_ENV):  # the user's own interval wins
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
     with tracking_errors():
         parent = os.environ.get(PARENT_RUN_ENV) or dvc_experiment_run(experiment_id, params.file)
         tags = {"lmforge.stage": stage, "mlflow.source.git.commit": git_commit()}
         if os.environ.get(DVC_EXP_ENV):
             tags["lmforge.dvc_exp"] = os.environ[DVC_EXP_ENV]
-        with mlflow.start_run(run_name=stage, parent_run_id=parent or None, tags=tags) as run:
+        with mlflow.start_run(
+            run_name=stage, parent_run_id=parent or None, tags=tags, log_system_metrics=system_metrics or None
+        ) as run:
             resolved = {name: section.model_dump(mode="json") for name, section in params.sections.items()}
             mlflow.log_params(flatten(resolved))
             mlflow.log_dict({"paths": params.paths.model_dump(mode="json"), **resolved}, "params.json")

@@ -134,7 +134,7 @@ def test_promote_records_each_models_precision_from_the_stage_metrics(tmp_path):
 
 
 def test_input_files_are_listed_by_md5_only_while_they_are_what_dvc_lock_recorded(tmp_path):
-    from tasks.ops.dag import dvc_md5
+    from tasks.shared.datasets import dvc_md5
 
     user = tmp_path / "data" / "user"
     (user / "docs").mkdir(parents=True)
@@ -159,8 +159,8 @@ def test_input_files_are_listed_by_md5_only_while_they_are_what_dvc_lock_recorde
 def test_inputs_are_restored_by_md5_from_the_dvc_cache_when_the_workspace_moved_on(tmp_path):
     """The user's data changed since the run (and its old bytes are only in the DVC cache): the worktree gets the
     bytes the version was built from, a file the run did not have is removed, a file git restored is kept."""
-    from tasks.ops.dag import dvc_md5
     from tasks.ops.verify import cache_path, restore_inputs
+    from tasks.shared.datasets import dvc_md5
 
     root, wt = tmp_path / "root", tmp_path / "wt"
     for base in (root, wt):
