@@ -118,11 +118,14 @@ class MlflowTracker(Tracker):
     The loop never waits on the store: a checker thread waits on each write in turn (MLflow's
     `RunOperations.wait`) and keeps the failures; a log call only looks whether one was kept."""
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str, synchronous: bool = False) -> None:
         import mlflow
 
         self._mlflow = mlflow
         self.run_id = run_id
+        self.synchronous = synchronous
+        """Write each call at once: a run that logs a few summaries, not a loop (waiting on asynchronous writes
+        costs about a second a run)."""
         self._pending: queue.Queue = queue.Queue()  # RunOperations of writes not yet known to have landed
         self._checker: threading.Thread | None = None
         self._written = 0
@@ -164,7 +167,11 @@ class MlflowTracker(Tracker):
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         # Asynchronous: a synchronous log_metric on sqlite costs ~20 ms per call.
-        self._track(self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, synchronous=False))
+        values = {k: float(v) for k, v in metrics.items()}
+        if self.synchronous:
+            self._mlflow.log_metrics(values, step=step, synchronous=True)
+        else:
+            self._track(self._mlflow.log_metrics(values, step=step, synchronous=False))
 
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -184,10 +191,16 @@ class MlflowTracker(Tracker):
         self._mlflow.log_table(data=columns, artifact_file=name)
 
     def log_params(self, params: dict) -> None:
-        self._track(self._mlflow.log_params(params, synchronous=False))
+        if self.synchronous:
+            self._mlflow.log_params(params, synchronous=True)
+        else:
+            self._track(self._mlflow.log_params(params, synchronous=False))
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._track(self._mlflow.set_tags(tags, synchronous=False))
+        if self.synchronous:
+            self._mlflow.set_tags(tags, synchronous=True)
+        else:
+            self._track(self._mlflow.set_tags(tags, synchronous=False))
 
     def log_input(
         self, name: str, sources: list[str], digest: str, context: str, tags: dict[str, str] | None = None
@@ -207,12 +220,13 @@ class MlflowTracker(Tracker):
 
     @contextmanager
     def child(self, name: str, tags: dict[str, str]) -> Iterator["MlflowTracker"]:
-        """A run nested under this one, active inside the block; its writes have landed when the block ends."""
+        """A run nested under this one, active inside the block, that writes synchronously (a summary: one batch
+        of metrics, a table; not a loop); its writes have landed when the block ends."""
         experiment = self._mlflow.get_run(self.run_id).info.experiment_id
         with self._mlflow.start_run(
             experiment_id=experiment, run_name=name, nested=True, parent_run_id=self.run_id, tags=tags
         ) as run:
-            child = MlflowTracker(run.info.run_id)
+            child = MlflowTracker(run.info.run_id, synchronous=True)
             try:
                 yield child
             except BaseException:

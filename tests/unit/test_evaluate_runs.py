@@ -105,7 +105,6 @@ def store(tmp_path, monkeypatch):
 def test_every_model_is_a_child_run_of_evaluate_with_its_metrics_tags_and_predictions(store):
     import mlflow
     from mlflow import MlflowClient
-
     from tasks.shared.tracking import MlflowTracker
 
     uri, experiment = store
