@@ -60,8 +60,9 @@ from tasks.shared.variants import folders as variant_folders
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_CODE = ROOT / "deploy" / "mlflow_model.py"
-HEADLINE = ("accuracy", "macro_f1", "ece", "p50_ms_b1", "p50_ms_b32", "size_mb", "params")
-"""The classifier's test metrics tagged on its version (`test_<name>`); the promote run logs all of them."""
+HEADLINE = ("accuracy", "macro_f1", "p50_ms_b1", "size_mb")
+"""The classifier's test metrics tagged on its version (`test_<name>`: what the gates and /metadata read); the
+promote run logs all of them."""
 MAX_VERSION_TAGS = 40
 """At most this many tags on a registered version: the rest of the record is in the promote run's artifacts."""
 
@@ -220,7 +221,7 @@ def run(
             print(g)
         decision.lineage = lineage(params, params_file, flow_run_id, scored)
         split = split_record(params.paths)
-        decision.lineage |= {k: split[k] for k in ("test_rows", "test_rows_sha256", "test_sources_sha256")}
+        decision.lineage |= {k: split[k] for k in ("test_rows", "test_rows_sha256")}  # the rest: split.json
         records = {
             SPLIT_ARTIFACT: split,
             PARAMS_ARTIFACT: Path(params_file).read_text(encoding="utf-8"),
@@ -382,8 +383,9 @@ def gate_table(name: str, variant: str, decision: Decision) -> str:
 
 def version_tags(candidate: Candidate, decision: Decision) -> dict[str, str]:
     """The registered version's tags (at most MAX_VERSION_TAGS): variant, verdict, why chosen, its headline test
-    metrics, each gate (and its adjusted p-values), the lineage. The other variants' `choice`, every metric and the
-    gates' details are in the promote run (`gates.json`, its metrics)."""
+    metrics, each gate (and its adjusted p-values), the lineage (an entry without a value, such as the Prefect flow run
+    of a promotion by hand, is left out). The other variants' `choice`, every metric and the gates' details are in the
+    promote run (`gates.json`, its metrics)."""
     scalars = candidate.scalars
     return {
         "variant": candidate.variant,
@@ -396,7 +398,7 @@ def version_tags(candidate: Candidate, decision: Decision) -> dict[str, str]:
             for g in decision.gates
             if "adjusted_p" in g.detail
         },
-        **{k: str(v) for k, v in decision.lineage.items()},
+        **{k: str(v) for k, v in decision.lineage.items() if v not in ("", None)},
     }
 
 
