@@ -103,11 +103,7 @@ class ServedModel:
     def metadata(self) -> dict:
         """Name, version, variant, lineage and test metrics of the served model (GET /metadata)."""
         tags = self.tags
-        data = {
-            k.split(".", 3)[3]: v
-            for k, v in tags.items()
-            if k.startswith("dvc.") and k.count(".") >= 3 and ".outs." in k and not k.endswith(".py")
-        }
+        data = _json_tag(tags, "lineage.inputs")  # the md5 of each data input, as dvc.lock recorded it
         return {
             "registered_model": self.name,
             "version": self.version,
@@ -144,6 +140,15 @@ class ServedModel:
                 if k.startswith("test_") and _number(v) is not None
             },
         }
+
+
+def _json_tag(tags: dict[str, str], key: str) -> dict:
+    """A tag holding a JSON object ({} when absent or unreadable: a version registered by an older lmforge)."""
+    try:
+        value = json.loads(tags.get(key) or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _number(v: str) -> float | None:

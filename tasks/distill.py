@@ -21,7 +21,7 @@ from tasks.shared.config.distill import DistillConfig
 from tasks.shared.config.finetune import FinetuneConfig
 from tasks.shared.engine.runtime import setup_runtime
 from tasks.shared.errors import UserError
-from tasks.shared.harness import stage_main
+from tasks.shared.harness import RunOptions, stage_main
 from tasks.shared.io import atomic_dir
 from tasks.shared.tracking import NullTracker, Tracker
 from tasks.shared.validation import require_passed
@@ -118,7 +118,12 @@ def run(cfg: DistillConfig, ft: FinetuneConfig, paths: Paths, tracker: Tracker |
 
 
 def main() -> None:
-    stage_main("distill", lambda p, t: run(p.distill, p.finetune, p.paths, t).metrics, SECTIONS)
+    stage_main(
+        "distill",
+        lambda p, t: run(p.distill, p.finetune, p.paths, t).metrics,
+        SECTIONS,
+        RunOptions(system_metrics=True, inputs=("clean_labeled",)),
+    )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,15 @@ on the short rows (`stats.paired`, as in `vs_baselines`), which says what readin
 Outputs: metrics/evaluate.json (DVC metrics), a Markdown report and the charts (Pareto front of
 macro-F1 against batch-1 latency, reliability diagram, confusion matrices) under `paths.evaluation`,
 the same table as an MLflow table artifact, and plot data for `dvc plots`.
+
+In MLflow, every model (variant or baseline) is a child run of evaluate's run, named after it, tagged `variant`
+(its name), `kind` (transformer, int8, onnx, onnx-int8, baseline), `role` (variant, baseline) and `pareto`, with
+its row of the comparison table as flat metrics (`accuracy`, `macro_f1`, an interval as `macro_f1_low` and
+`macro_f1_high`, `p50_ms_b1`, `p50_ms_b32`, `size_mb`, `params`, ...; what was not measured for it is not logged)
+and its test predictions as the table `predictions.json` (text cut to `PREDICTION_TEXT_CHARS`, label, prediction,
+confidence). Select evaluate's child runs and *Compare*: a scatter of `macro_f1` against `p50_ms_b32` is the
+Pareto front; the *Evaluation* tab (or the artifact) opens the predictions. Evaluate's own run keeps what is not
+per model: the test-set sizes, the language model's perplexities and the cost.
 """
 
 from __future__ import annotations
@@ -43,12 +52,12 @@ from tasks.shared.config.evaluate import EvaluateConfig
 from tasks.shared.cost import stage_cost_report
 from tasks.shared.digest import tree_sha256
 from tasks.shared.errors import UserError
-from tasks.shared.harness import stage_main
+from tasks.shared.harness import RunOptions, stage_main
 from tasks.shared.io import atomic_dir, read_parquet, write_csv
 from tasks.shared.plots import publish, pyplot
 from tasks.shared.scoring import Scorer, bundle_scorer, score_model, scores, tfidf_scorer, timed
 from tasks.shared.stats import Resamples, paired, score_intervals
-from tasks.shared.tracking import NullTracker, Tracker
+from tasks.shared.tracking import NullTracker, Tracker, numeric
 from tasks.shared.variants import SHORT_BASELINE, built, skipped
 
 SECTIONS = {"evaluate": EvaluateConfig}
@@ -59,6 +68,10 @@ TRADEOFF_PLOT = "evaluate_f1_vs_latency.csv"
 """Plot data in `paths.plots` (dvc.yaml `plots:`): test predictions of the best variant, its per-class
 scores, and every model's macro-F1 against its batch-1 p50 latency."""
 REPORT = "report.md"
+PREDICTIONS_TABLE = "predictions.json"
+"""Each model's test predictions, an MLflow table of its child run (text, label, prediction, confidence)."""
+PREDICTION_TEXT_CHARS = 2000
+"""Characters of each test text kept in `PREDICTIONS_TABLE` (the whole text is in `paths.predictions`)."""
 TABLE_COLUMNS = (
     "accuracy",
     "accuracy_ci95",
@@ -534,6 +547,60 @@ def trained_baselines(folder: Path) -> dict[str, Path]:
     return {d.name: d for d in sorted(folder.iterdir()) if (d / CONFIG).is_file()}
 
 
+def model_kind(name: str, variants: set[str]) -> str:
+    """What a model is: `baseline`, or a variant's format (`transformer`, `int8`, `onnx`, `onnx-int8`)."""
+    if name not in variants:
+        return "baseline"
+    if "onnx" in name:
+        return "onnx-int8" if name.endswith("int8") else "onnx"
+    return "int8" if name.endswith("int8") else "transformer"
+
+
+def model_metrics(m: dict) -> dict[str, float]:
+    """One model's row of the comparison table as flat metrics; an interval `x_ci95` becomes `x_low` and `x_high`,
+    and what was not measured for the model is left out."""
+    out: dict[str, float] = {}
+    for column in TABLE_COLUMNS:
+        v = m.get(column)
+        if isinstance(v, (list, tuple)) and len(v) == 2:
+            base = column.removesuffix("_ci95")
+            out[f"{base}_low"], out[f"{base}_high"] = float(v[0]), float(v[1])
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[column] = float(v)
+    return out
+
+
+def predictions_table(texts: list[str], y_true: list[str], pred: list[str], confidence: list[float]) -> dict:
+    """A model's test predictions as table columns: text (cut to PREDICTION_TEXT_CHARS), label, prediction and
+    the probability of the predicted label."""
+    return {
+        "text": [t[:PREDICTION_TEXT_CHARS] for t in texts],
+        "label": list(y_true),
+        "prediction": list(pred),
+        "confidence": [round(float(c), 4) for c in confidence],
+    }
+
+
+def log_models(tracker: Tracker, results: dict[str, dict], variants: set[str], tables: dict[str, dict]) -> None:
+    """One child run per model, named after it: its tags, its flat metrics (`model_metrics`) and its predictions
+    table (`tables[name]`, from `predictions_table`)."""
+    for name, m in results.items():
+        tags = {
+            "variant": name,
+            "kind": model_kind(name, variants),
+            "role": "variant" if name in variants else "baseline",
+            "pareto": str(bool(m.get("pareto"))).lower(),
+        }
+        with tracker.child(name, tags) as run:
+            run.log_metrics(model_metrics(m))
+            run.log_table(tables[name], PREDICTIONS_TABLE)
+
+
+def run_metrics(metrics: dict) -> dict[str, float]:
+    """What evaluate's own run logs: every numeric metric but the per-model ones (each model's child run has them)."""
+    return numeric({k: v for k, v in metrics.items() if k not in ("variants", "baselines")})
+
+
 def write_plot_data(
     y_true: list[str], y_pred: list[str], labels: list[str], results: dict[str, dict], folder: Path
 ) -> None:
@@ -568,6 +635,7 @@ def run(cfg: EvaluateConfig, paths: Paths, tracker: Tracker | None = None) -> Ev
     }
     results: dict[str, dict] = {}
     preds: dict[str, list[str]] = {}
+    confidence: dict[str, list[float]] = {}
     scorers: dict[str, Scorer] = {}
     texts = test["text"].tolist()
     y_true = test["label"].tolist()
@@ -584,6 +652,7 @@ def run(cfg: EvaluateConfig, paths: Paths, tracker: Tracker | None = None) -> Ev
         m, probs, scorer = score_model(load, test, cfg)
         scorers[name] = scorer
         preds[name] = [scorer.labels[i] for i in probs.argmax(1)]
+        confidence[name] = probs.max(1).tolist()
         if behavioral:
             report = run_behavioral(
                 lambda ts: scorer.predict(ts, cfg.batch_size),
@@ -604,6 +673,7 @@ def run(cfg: EvaluateConfig, paths: Paths, tracker: Tracker | None = None) -> Ev
     majority = train["label"].value_counts().idxmax()
     results["majority"] = scores(y_true, [majority] * len(test), labels) | {"params": 0}
     preds["majority"] = [majority] * len(test)
+    confidence["majority"] = [float((train["label"] == majority).mean())] * len(test)  # its class prior
     evaluate("tfidf_logreg", lambda: tfidf_scorer(train, labels, cfg), None)
     for name, folder in trained_baselines(paths.baselines).items():
         evaluate(name, lambda f=folder: bundle_scorer(load_parts(tokenizer, f), f), folder)
@@ -659,6 +729,7 @@ def run(cfg: EvaluateConfig, paths: Paths, tracker: Tracker | None = None) -> Ev
     baselines = {n: m for n, m in results.items() if n not in names}
     for name, m in results.items():
         m["pareto"] = name in front
+    log_models(tracker, results, names, {n: predictions_table(texts, y_true, preds[n], confidence[n]) for n in preds})
     return EvaluateResult(
         test_examples=len(test),
         test_examples_long=rows["long"],
@@ -673,7 +744,12 @@ def run(cfg: EvaluateConfig, paths: Paths, tracker: Tracker | None = None) -> Ev
 
 
 def main() -> None:
-    stage_main("evaluate", lambda p, t: run(p.evaluate, p.paths, t).metrics, SECTIONS)
+    stage_main(
+        "evaluate",
+        lambda p, t: run(p.evaluate, p.paths, t).metrics,
+        SECTIONS,
+        RunOptions(logged=run_metrics, inputs=("clean_labeled",), context="evaluation"),
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from tasks.shared.classify import fit, load_examples
 from tasks.shared.config.base import Paths
 from tasks.shared.config.finetune import FinetuneConfig
 from tasks.shared.engine.runtime import device_name, setup_runtime
-from tasks.shared.harness import stage_main
+from tasks.shared.harness import RunOptions, stage_main
 from tasks.shared.io import atomic_dir, write_csv
 from tasks.shared.plots import line_chart, publish
 from tasks.shared.tracking import NullTracker, Tracker
@@ -126,7 +126,12 @@ def run(cfg: FinetuneConfig, paths: Paths, tracker: Tracker | None = None) -> Fi
 
 
 def main() -> None:
-    stage_main("finetune", lambda p, t: run(p.finetune, p.paths, t).metrics, SECTIONS)
+    stage_main(
+        "finetune",
+        lambda p, t: run(p.finetune, p.paths, t).metrics,
+        SECTIONS,
+        RunOptions(system_metrics=True, inputs=("clean_labeled",)),
+    )
 
 
 if __name__ == "__main__":

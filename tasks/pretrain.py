@@ -61,7 +61,7 @@ from tasks.shared.engine.step import (
     use_fused_loss,
 )
 from tasks.shared.errors import UserError
-from tasks.shared.harness import stage_main
+from tasks.shared.harness import RunOptions, stage_main
 from tasks.shared.io import atomic_dir, write_csv
 from tasks.shared.plots import line_chart, publish
 from tasks.shared.shards import META_FILE, read_meta
@@ -548,7 +548,12 @@ def _requested_launch(argv: list[str]):
 def main() -> None:
     if not under_torchrun() and (dist := _requested_launch(sys.argv[1:])) is not None and dist.launched:
         sys.exit(relaunch_under_torchrun("tasks.pretrain", dist))
-    stage_main("pretrain", lambda p, t: run(p.pretrain, p.paths, t).metrics, SECTIONS)
+    stage_main(
+        "pretrain",
+        lambda p, t: run(p.pretrain, p.paths, t).metrics,
+        SECTIONS,
+        RunOptions(system_metrics=True, inputs=("tokens",)),
+    )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from tasks.shared.config.base import Paths
 from tasks.shared.config.finetune import FinetuneConfig
 from tasks.shared.config.prune import PruneConfig
 from tasks.shared.engine.runtime import setup_runtime
-from tasks.shared.harness import stage_main
+from tasks.shared.harness import RunOptions, stage_main
 from tasks.shared.io import atomic_dir
 from tasks.shared.tracking import NullTracker, Tracker
 from tasks.shared.validation import require_passed
@@ -101,7 +101,12 @@ def run(cfg: PruneConfig, ft: FinetuneConfig, paths: Paths, tracker: Tracker | N
 
 
 def main() -> None:
-    stage_main("prune", lambda p, t: run(p.prune, p.finetune, p.paths, t).metrics, SECTIONS)
+    stage_main(
+        "prune",
+        lambda p, t: run(p.prune, p.finetune, p.paths, t).metrics,
+        SECTIONS,
+        RunOptions(system_metrics=True, inputs=("clean_labeled",)),
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from tasks.shared.config.base import Paths
 from tasks.shared.config.finetune import FinetuneConfig
 from tasks.shared.config.sparsify import SparsifyConfig
 from tasks.shared.engine.runtime import setup_runtime
-from tasks.shared.harness import stage_main
+from tasks.shared.harness import RunOptions, stage_main
 from tasks.shared.io import atomic_dir
 from tasks.shared.tracking import NullTracker, Tracker
 from tasks.shared.validation import require_passed
@@ -84,7 +84,12 @@ def run(cfg: SparsifyConfig, ft: FinetuneConfig, paths: Paths, tracker: Tracker 
 
 
 def main() -> None:
-    stage_main("sparsify", lambda p, t: run(p.sparsify, p.finetune, p.paths, t).metrics, SECTIONS)
+    stage_main(
+        "sparsify",
+        lambda p, t: run(p.sparsify, p.finetune, p.paths, t).metrics,
+        SECTIONS,
+        RunOptions(system_metrics=True, inputs=("clean_labeled",)),
+    )
 
 
 if __name__ == "__main__":

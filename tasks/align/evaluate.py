@@ -49,7 +49,7 @@ from tasks.shared.config.align_evaluate import AlignEvaluateConfig
 from tasks.shared.config.base import Paths
 from tasks.shared.digest import tree_sha256
 from tasks.shared.errors import UserError
-from tasks.shared.harness import stage_main
+from tasks.shared.harness import RunOptions, stage_main
 from tasks.shared.io import atomic_dir, read_parquet, write_json
 from tasks.shared.scoring import scores
 from tasks.shared.stats import Resamples, score_intervals
@@ -294,7 +294,9 @@ def main() -> None:
         write_json(Path(p.paths.metrics) / ALIGN_METRICS, align_metrics(metrics))
         return metrics
 
-    stage_main("align_evaluate", stage, SECTIONS)
+    stage_main(
+        "align_evaluate", stage, SECTIONS, RunOptions(inputs=("align_data", "clean_labeled"), context="evaluation")
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from tasks.shared.config.kg_evaluate import KgEvaluateConfig
 from tasks.shared.cost import Meter
 from tasks.shared.digest import tree_sha256
 from tasks.shared.errors import UserError
-from tasks.shared.harness import stage_main
+from tasks.shared.harness import RunOptions, stage_main
 from tasks.shared.io import atomic_dir, write_json
 from tasks.shared.stats import Resamples
 from tasks.shared.tracking import NullTracker, Tracker
@@ -143,7 +143,7 @@ def main() -> None:
         write_json(Path(p.paths.metrics) / EXTRACT_METRICS, {**metrics, "cost": meter.stop().as_dict()})
         return metrics
 
-    stage_main("kg_evaluate", stage, SECTIONS)
+    stage_main("kg_evaluate", stage, SECTIONS, RunOptions(inputs=("kg_data",), context="evaluation"))
 
 
 if __name__ == "__main__":

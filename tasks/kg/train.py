@@ -50,7 +50,7 @@ from tasks.shared.engine.optim import build_optimizer, lr_at, set_lr
 from tasks.shared.engine.runtime import Runtime, device_name, probe_cpu_precision, setup_runtime
 from tasks.shared.engine.step import Throughput, check_finite, train_step
 from tasks.shared.errors import UserError
-from tasks.shared.harness import stage_main
+from tasks.shared.harness import RunOptions, stage_main
 from tasks.shared.io import atomic_dir
 from tasks.shared.tracking import NullTracker, Tracker
 
@@ -400,7 +400,12 @@ def fit(model, ex: Examples, linker, cfg: KgTrainConfig, rt: Runtime, tracker: T
 
 
 def main() -> None:
-    stage_main("kg_train", lambda p, t: run(p.kg_train, p.paths, t).metrics, SECTIONS)
+    stage_main(
+        "kg_train",
+        lambda p, t: run(p.kg_train, p.paths, t).metrics,
+        SECTIONS,
+        RunOptions(system_metrics=True, inputs=("kg_data",)),
+    )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ Nothing here imports a stage: modules are read as source (ast), so the check cos
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import os
 import re
@@ -36,6 +35,7 @@ from pathlib import Path
 import yaml
 
 from tasks.shared.config.base import read_params_file
+from tasks.shared.datasets import dvc_md5
 from tasks.shared.errors import UserError
 from tasks.shared.outputs import DEFAULT_PIPELINE, PIPELINES
 from tasks.shared.tracking import flatten
@@ -270,35 +270,6 @@ def _write_file_deps(path: Path, wanted: dict[str, StageDeps]) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # dvc.lock
-
-
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def dvc_entries(path: Path) -> list[dict[str, str]]:
-    """A folder's files as DVC 3 lists them in its `.dir` object: `{md5, relpath}`, sorted by relpath."""
-    entries = [
-        {"md5": _md5(Path(d) / f), "relpath": (Path(d) / f).relative_to(path).as_posix()}
-        for d, _, files in os.walk(path)
-        for f in files
-    ]
-    return sorted(entries, key=lambda e: e["relpath"])
-
-
-def dir_md5(entries: list[dict[str, str]]) -> str:
-    """The md5 DVC 3 records for a folder of these `dvc_entries`: `<md5 of the sorted entry list>.dir`."""
-    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
-
-
-def dvc_md5(path: Path) -> str:
-    """The md5 DVC 3 records for a file, or for a folder (`<md5 of its sorted entry list>.dir`)."""
-    path = Path(path)
-    return _md5(path) if path.is_file() else dir_md5(dvc_entries(path))
 
 
 def git_tracked(root: Path = ROOT) -> set[str] | None:

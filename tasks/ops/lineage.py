@@ -8,7 +8,10 @@ every stage's inputs):
 - `code`: the md5 of every project source file a stage depends on (dvc.yaml's generated code deps);
 - `params`: every stage's params sections, as DVC recorded their values.
 
-Promotion tags each registered version with it (`lineage.data`, `lineage.code`, `lineage.params`).
+Promotion tags each registered version with it (`lineage.data`, `lineage.code`, `lineage.params`), with the md5 of
+each data input (`lineage.inputs`, JSON) and what `precision: auto` chose (`precision`, JSON), and logs the whole
+dvc.lock beside the model (`lineage/dvc.lock` in the promote run: every stage's deps and outs, which `lmforge verify`
+compares a rebuild with) instead of one tag per entry.
 `lmforge retrain` compares the workspace's fingerprint with the champion's: when `dvc status` reports
 nothing stale and all three are equal, a run would rebuild the champion, so it skips. Outputs are not
 part of the fingerprint (training need not be bit-exact), and neither is anything DVC does not track
@@ -23,20 +26,25 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.ops.dag import describe_stale, dir_md5, dvc_entries, dvc_md5, is_code_dep, read_lock, stale_stages
+from tasks.ops.dag import describe_stale, is_code_dep, read_lock, stale_stages
 from tasks.ops.registry import ALIAS, current_version
+from tasks.shared.datasets import dir_md5, dvc_entries, dvc_md5
 from tasks.shared.io import read_json
 
 KINDS = ("data", "code", "params")
 TAG = "lineage.{}"
-PRECISION_TAG = "precision.{}"
-"""What `precision: auto` chose for a model (its stage, or a baseline's name): `lmforge verify` replays it."""
+INPUTS_TAG = "lineage.inputs"
+"""JSON: every data input of dvc.lock (no stage writes it, not code) -> its DVC md5: what the version was built from."""
+PRECISION_TAG = "precision"
+"""JSON: what `precision: auto` chose for each model (its stage, or a baseline's name): `lmforge verify` replays it."""
 DIRTY_TAG = "git_dirty"
 """The code inputs (and dvc.yaml) that differed from `git_commit` when the version was registered, or `no`."""
 PARAMS_ARTIFACT = "lineage/params.yaml"
 """In the promote run: the exact params.yaml the version was built with (`params_sha256` is its digest)."""
 INPUTS_ARTIFACT = "lineage/inputs.json"
 """In the promote run: `data_files()`, the md5 of every file of every data input."""
+LOCK_ARTIFACT = "lineage/dvc.lock"
+"""In the promote run: the dvc.lock the version was built under (read back with `lock_record`)."""
 
 
 def _digest(obj) -> str:
@@ -101,24 +109,27 @@ def uncommitted_code(lock_file: Path | str = "dvc.lock", root: Path = Path("."))
     return sorted({entry[3:] for entry in res.stdout.decode().split("\0") if len(entry) > 3})
 
 
-def precision_tags(metrics_dir: Path, stages: list[str]) -> dict[str, str]:
-    """What `precision: auto` chose for each model, from the stages' metrics: a stage's own `precision`, and its
-    `baselines.<name>.precision`."""
-    tags = {}
+def precisions(metrics_dir: Path, stages: list[str]) -> dict[str, str]:
+    """What `precision: auto` chose for each model, from the stages' metrics: a stage's own `precision` (by stage),
+    and its `baselines.<name>.precision` (by name)."""
+    chosen = {}
     for stage in stages:
         f = Path(metrics_dir) / f"{stage}.json"
         metrics = read_json(f) if f.is_file() else {}
         if isinstance(metrics.get("precision"), str):
-            tags[PRECISION_TAG.format(stage)] = metrics["precision"]
+            chosen[stage] = metrics["precision"]
         for name, body in (metrics.get("baselines") or {}).items():
             if isinstance(body, dict) and isinstance(body.get("precision"), str):
-                tags[PRECISION_TAG.format(name)] = body["precision"]
-    return tags
+                chosen[name] = body["precision"]
+    return chosen
 
 
 def tags(lock_file: Path | str = "dvc.lock") -> dict[str, str]:
-    """The fingerprint as registry tags."""
-    return {TAG.format(k): v for k, v in fingerprint(lock_file).items()}
+    """The fingerprint and the data inputs' md5 (`INPUTS_TAG`) as registry tags."""
+    return {
+        **{TAG.format(k): v for k, v in fingerprint(lock_file).items()},
+        INPUTS_TAG: json.dumps(inputs(lock_file)["data"], sort_keys=True),
+    }
 
 
 @dataclass
@@ -156,12 +167,12 @@ def compare_with_champion(client, model: str, root: Path = Path("."), stages: li
     )
 
 
-def dvc_lineage(lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
-    """md5 of every stage dependency and output recorded in dvc.lock."""
-    return {
-        f"dvc.{stage}.{kind}.{item['path']}": item["md5"]
-        for stage, body in read_lock(lock_file).items()
-        for kind in ("deps", "outs")
-        for item in body.get(kind) or []
-        if "md5" in item
-    }
+def lock_record(lock_file: Path | str = Path("dvc.lock")) -> dict[str, dict[str, dict[str, str]]]:
+    """Stage -> deps/outs -> path -> md5 of every entry dvc.lock records with an md5."""
+    record: dict[str, dict[str, dict[str, str]]] = {}
+    for stage, body in read_lock(lock_file).items():
+        for kind in ("deps", "outs"):
+            for item in body.get(kind) or []:
+                if "md5" in item:
+                    record.setdefault(stage, {}).setdefault(kind, {})[item["path"]] = item["md5"]
+    return record

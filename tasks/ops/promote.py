@@ -23,6 +23,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from deploy.requests import EXAMPLE_INPUT
 from models.tokenizer import TOKENIZER_FILE
 from tasks.ops.dag import require_current_evaluation, stage_names
 from tasks.ops.gates import (
@@ -38,10 +39,11 @@ from tasks.ops.gates import (
 from tasks.ops.lineage import (
     DIRTY_TAG,
     INPUTS_ARTIFACT,
+    LOCK_ARTIFACT,
     PARAMS_ARTIFACT,
+    PRECISION_TAG,
     data_files,
-    dvc_lineage,
-    precision_tags,
+    precisions,
     uncommitted_code,
 )
 from tasks.ops.lineage import tags as lineage_tags
@@ -58,6 +60,11 @@ from tasks.shared.variants import folders as variant_folders
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_CODE = ROOT / "deploy" / "mlflow_model.py"
+HEADLINE = ("accuracy", "macro_f1", "p50_ms_b1", "size_mb")
+"""The classifier's test metrics tagged on its version (`test_<name>`: what the gates and /metadata read); the
+promote run logs all of them."""
+MAX_VERSION_TAGS = 40
+"""At most this many tags on a registered version: the rest of the record is in the promote run's artifacts."""
 
 
 @dataclass
@@ -169,6 +176,8 @@ class Candidate:
     choice: dict[str, str]
     evaluation: dict
     metrics_file: Path
+    headline: tuple[str, ...] = HEADLINE
+    """Its metrics tagged on the version (`test_<name>`)."""
 
     @property
     def scalars(self) -> dict:
@@ -212,11 +221,12 @@ def run(
             print(g)
         decision.lineage = lineage(params, params_file, flow_run_id, scored)
         split = split_record(params.paths)
-        decision.lineage |= {k: split[k] for k in ("test_rows", "test_rows_sha256", "test_sources_sha256")}
+        decision.lineage |= {k: split[k] for k in ("test_rows", "test_rows_sha256")}  # the rest: split.json
         records = {
             SPLIT_ARTIFACT: split,
             PARAMS_ARTIFACT: Path(params_file).read_text(encoding="utf-8"),
             INPUTS_ARTIFACT: data_files(),
+            LOCK_ARTIFACT: Path("dvc.lock").read_text(encoding="utf-8"),
         }
         decision.version = register(name, pyfunc_model(bundle_dir), candidate, decision, (force, reason), records)
     tag_version(client, name, candidate, decision)
@@ -314,8 +324,7 @@ def lineage(params: Params, params_file: Path, flow_run_id: str | None, scored: 
         "mlflow_parent_run_id": os.environ.get(PARENT_RUN_ENV) or "",
         **scored,
         **lineage_tags(),
-        **dvc_lineage(),
-        **precision_tags(paths.metrics, stage_names()),
+        PRECISION_TAG: json.dumps(precisions(paths.metrics, stage_names()), sort_keys=True),
     }
 
 
@@ -330,18 +339,24 @@ def register(
     """Log `model` (`mlflow.pyfunc.log_model` arguments) in a `promote` run (nested under the pipeline's) and
     register it, with `records` beside it (artifact name -> a dict logged as JSON, or text): the split its
     no_regression needs later and what `lmforge verify` rebuilds it from (the params file, the md5 of every input
-    file); returns the new version. `override`: (force, reason) as given to `run`."""
+    file, dvc.lock); returns the new version, whose description (and the run's) is the gate table.
+    `override`: (force, reason) as given to `run`."""
     import mlflow
+    from mlflow import MlflowClient
 
     gates = decision.gates
     parent = os.environ.get(PARENT_RUN_ENV)
+    description = gate_table(name, candidate.variant, decision)
     with mlflow.start_run(
         run_name="promote",
         parent_run_id=parent or None,
         nested=mlflow.active_run() is not None,
         tags={"lmforge.stage": "promote"},
+        description=description,
     ) as run_:
         info = mlflow.pyfunc.log_model(name="model", registered_model_name=name, **model)
+        version = str(info.registered_model_version)
+        MlflowClient().update_model_version(name, version, description=description)
         for artifact, record in records.items():
             if isinstance(record, dict):
                 mlflow.log_dict(record, artifact)
@@ -353,25 +368,43 @@ def register(
         mlflow.log_dict({"variant": candidate.variant, **report}, "gates.json")
         mlflow.set_tags({f"gate.{g.name}": g.status for g in gates})
         decision.lineage["mlflow_promote_run_id"] = run_.info.run_id
-    return str(info.registered_model_version)
+    return version
 
 
-def tag_version(client, name: str, candidate: Candidate, decision: Decision) -> None:
-    """The registered version's tags: variant, verdict, test metrics, why chosen, each gate, the lineage."""
-    tags = {
+def gate_table(name: str, variant: str, decision: Decision) -> str:
+    """The gates as a Markdown table (the registered version's and the promote run's description)."""
+    verdict = "every gate passed" if decision.passed else f"failed: {', '.join(decision.failed)}"
+    lines = [f"**{name}** ({variant}): {verdict}", "", "| gate | status | reason |", "|---|---|---|"]
+    for g in decision.gates:
+        reason = " ".join(g.reason.split()).replace("|", "\\|")
+        lines.append(f"| {g.name} | {g.status} | {reason} |")
+    return "\n".join(lines) + "\n"
+
+
+def version_tags(candidate: Candidate, decision: Decision) -> dict[str, str]:
+    """The registered version's tags (at most MAX_VERSION_TAGS): variant, verdict, why chosen, its headline test
+    metrics, each gate (and its adjusted p-values), the lineage (an entry without a value, such as the Prefect flow run
+    of a promotion by hand, is left out). The other variants' `choice`, every metric and the gates' details are in the
+    promote run (`gates.json`, its metrics)."""
+    scalars = candidate.scalars
+    return {
         "variant": candidate.variant,
         "gates": "passed" if decision.passed else "failed",
-        **{f"test_{k}": str(v) for k, v in candidate.scalars.items()},
-        **{f"choice.{v}": why for v, why in candidate.choice.items()},
+        "choice": candidate.choice.get(candidate.variant, ""),
+        **{f"test_{k}": str(scalars[k]) for k in candidate.headline if k in scalars},
         **{f"gate.{g.name}": f"{g.status}: {g.reason}" for g in decision.gates},
         **{
             f"gate.{g.name}.p_values": json.dumps(g.detail["adjusted_p"])
             for g in decision.gates
             if "adjusted_p" in g.detail
         },
-        **{k: str(v) for k, v in decision.lineage.items()},
+        **{k: str(v) for k, v in decision.lineage.items() if v not in ("", None)},
     }
-    for k, v in tags.items():
+
+
+def tag_version(client, name: str, candidate: Candidate, decision: Decision) -> None:
+    """Set `version_tags` on the registered version."""
+    for k, v in version_tags(candidate, decision).items():
         client.set_model_version_tag(name, decision.version, k[:250], v[:5000])
 
 
@@ -410,6 +443,7 @@ def pyfunc_model(bundle_dir: Path, root: Path = ROOT) -> dict:
         "artifacts": {"bundle": str(bundle_dir)},
         "code_paths": [str(Path(root) / "models")],
         "pip_requirements": _requirements(),
+        "input_example": EXAMPLE_INPUT,
     }
 
 

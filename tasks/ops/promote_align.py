@@ -18,9 +18,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from deploy.requests import EXAMPLE_QUERY
 from tasks.ops.dag import require_current_evaluation
 from tasks.ops.gates import SPLIT_ARTIFACT, Gate, data_validation_gate, trained_sources
-from tasks.ops.lineage import INPUTS_ARTIFACT, PARAMS_ARTIFACT, data_files
+from tasks.ops.lineage import INPUTS_ARTIFACT, LOCK_ARTIFACT, PARAMS_ARTIFACT, data_files
 from tasks.ops.promote import Candidate, Decision, lineage, move_aliases, register, tag_version
 from tasks.ops.registry import current_version, override_reason
 from tasks.shared.config.params import Params
@@ -33,6 +34,8 @@ from tasks.shared.tracking import setup_tracking
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_CODE = ROOT / "deploy" / "mlflow_encoder.py"
+HEADLINE = ("mrr", "recall_at_1", "recall_at_10", "hybrid_mrr", "encoder_size_mb")
+"""Test metrics tagged on the registered version (`test_<name>`); the promote run logs all of them."""
 VARIANT = "encoder"
 INDEX = "index"
 """Where the bundle and the index lie in a registered version (`artifacts/encoder/`, `artifacts/index/`)."""
@@ -63,7 +66,7 @@ def run(
     champion_mv = current_version(client, name)
     scalars = {k: v for k, v in evaluation.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
     why = f"the dual encoder of task align, served as {evaluation.get('served_mode', 'hybrid')} search"
-    candidate = Candidate(VARIANT, scalars, {VARIANT: why}, evaluation, metrics_file)
+    candidate = Candidate(VARIANT, scalars, {VARIANT: why}, evaluation, metrics_file, HEADLINE)
     gates = [
         data_validation_gate(params.promote, paths),
         bm25_gate(cfg, evaluation),
@@ -81,6 +84,7 @@ def run(
         SPLIT_ARTIFACT: split,
         PARAMS_ARTIFACT: Path(params_file).read_text(encoding="utf-8"),
         INPUTS_ARTIFACT: data_files(),
+        LOCK_ARTIFACT: Path("dvc.lock").read_text(encoding="utf-8"),
     }
     with tempfile.TemporaryDirectory(prefix="lmforge-encoder-") as tmp:
         model = pyfunc_model(*registered_layout(model_dir, index_dir, Path(tmp)))
@@ -256,4 +260,5 @@ def pyfunc_model(model_dir: Path, index_dir: Path, root: Path = ROOT) -> dict:
         "artifacts": {VARIANT: str(model_dir), INDEX: str(index_dir)},
         "code_paths": [str(Path(root) / "models")],
         "pip_requirements": [f"{p}=={version(p)}" for p in packages],
+        "input_example": [EXAMPLE_QUERY],
     }

@@ -15,11 +15,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from deploy.requests import EXAMPLE_DOCSTRINGS
 from models.files import file_sha256
 from tasks.kg.rdf import GRAPH_FILE
 from tasks.ops.dag import require_current_evaluation
 from tasks.ops.gates import SPLIT_ARTIFACT, Gate, data_validation_gate, trained_sources
-from tasks.ops.lineage import INPUTS_ARTIFACT, PARAMS_ARTIFACT, data_files
+from tasks.ops.lineage import INPUTS_ARTIFACT, LOCK_ARTIFACT, PARAMS_ARTIFACT, data_files
 from tasks.ops.promote import Candidate, Decision, lineage, move_aliases, register, tag_version
 from tasks.ops.registry import current_version, override_reason
 from tasks.shared.config.params import Params
@@ -35,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[2]
 MODEL_CODE = ROOT / "deploy" / "mlflow_extractor.py"
 HEADS = {"entity_f1": "entities", "relation_f1": "relations", "linking_accuracy": "links"}
 """Each head's score in metrics/extract.json and what it scores."""
+HEADLINE = ("entity_f1", "relation_f1", "linking_accuracy")
+"""Test metrics tagged on the registered version (`test_<name>`); the promote run logs all of them."""
 VARIANT = "extractor"
 
 
@@ -60,7 +63,7 @@ def run(
     client, name = MlflowClient(), params.tracking.extractor_model
     champion_mv = current_version(client, name)
     scalars = {k: v for k, v in evaluation.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
-    candidate = Candidate(VARIANT, scalars, {VARIANT: "the extractor of task kg"}, evaluation, metrics_file)
+    candidate = Candidate(VARIANT, scalars, {VARIANT: "the extractor of task kg"}, evaluation, metrics_file, HEADLINE)
     gates = [
         data_validation_gate(params.promote, paths),
         baselines_gate(cfg, evaluation),
@@ -77,6 +80,7 @@ def run(
         SPLIT_ARTIFACT: split,
         PARAMS_ARTIFACT: Path(params_file).read_text(encoding="utf-8"),
         INPUTS_ARTIFACT: data_files(),
+        LOCK_ARTIFACT: Path("dvc.lock").read_text(encoding="utf-8"),
     }
     with tempfile.TemporaryDirectory(prefix="lmforge-extractor-") as tmp:
         model = pyfunc_model(*registered_layout(model_dir, graph_file, Path(tmp)))
@@ -245,4 +249,5 @@ def pyfunc_model(model_dir: Path, graph_dir: Path, root: Path = ROOT) -> dict:
         "pip_requirements": [
             f"{p}=={version(p)}" for p in ("torch", "tokenizers", "safetensors", "mlflow", "numpy", "pandas", "pyarrow")
         ],
+        "input_example": EXAMPLE_DOCSTRINGS,
     }

@@ -2,7 +2,8 @@
 
 `lmforge verify VERSION` reads what `lmforge promote` recorded on the version (tasks/ops/lineage.py): the git
 commit, the exact params.yaml (an artifact of the promote run, checked against `params_sha256`), the md5 of
-every input file, what `precision: auto` chose for each model, and dvc.lock's md5 of every stage's outputs.
+every input file, what `precision: auto` chose for each model, and the dvc.lock it was built under (an artifact of
+the promote run: the md5 of every stage's deps and outputs).
 It checks out the commit in a temporary git worktree, restores the inputs there (from git, the workspace or
 the DVC cache, by md5), and runs `dvc repro --force --no-run-cache --no-commit` on the stage that writes the
 registered variant and everything upstream of it: every stage trains (the run-cache restores nothing, and
@@ -32,10 +33,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.ops.dag import dvc_command, dvc_md5, is_code_dep, load_dvc_yaml, read_lock, resolve_refs, stage_names
-from tasks.ops.lineage import DIRTY_TAG, INPUTS_ARTIFACT, PARAMS_ARTIFACT, PRECISION_TAG
+from tasks.ops.dag import dvc_command, is_code_dep, load_dvc_yaml, read_lock, resolve_refs, stage_names
+from tasks.ops.lineage import DIRTY_TAG, INPUTS_ARTIFACT, LOCK_ARTIFACT, PARAMS_ARTIFACT, PRECISION_TAG, lock_record
 from tasks.shared.config.base import read_params_file
 from tasks.shared.config.params import Params
+from tasks.shared.datasets import dvc_md5
 from tasks.shared.engine.runtime import PRECISION_REPLAY_ENV
 from tasks.shared.errors import UserError
 from tasks.shared.tracking import PARAMS_ENV, PARENT_RUN_ENV, setup_tracking
@@ -43,8 +45,6 @@ from tasks.shared.variants import folders as variant_folders
 
 MLMODEL = "MLmodel"
 """Not compared: MLflow's record of the logging (run id, model id, creation time, the temp folder logged)."""
-DVC_TAG = "dvc."
-"""Prefix of the version's dvc.lock tags: `dvc.<stage>.<deps|outs>.<path>` -> md5."""
 
 
 @dataclass
@@ -78,14 +78,14 @@ class Verdict:
     seconds: float = 0.0
 
 
-def lock_tags(tags: dict[str, str]) -> dict[str, dict[str, dict[str, str]]]:
-    """`dvc.<stage>.<deps|outs>.<path>` tags as stage -> kind -> path -> md5."""
-    lock: dict[str, dict[str, dict[str, str]]] = {}
-    for key, md5 in tags.items():
-        if key.startswith(DVC_TAG) and key.count(".") >= 3:
-            _, stage, kind, path = key.split(".", 3)
-            lock.setdefault(stage, {}).setdefault(kind, {})[path] = md5
-    return lock
+def recorded_lock(run_id: str, tmp: Path) -> dict[str, dict[str, dict[str, str]]]:
+    """The promote run's copy of dvc.lock as stage -> deps/outs -> path -> md5 ({} when the run has none)."""
+    text = _artifact_text(run_id, LOCK_ARTIFACT, tmp)
+    if text is None:
+        return {}
+    lock_file = tmp / "recorded-dvc.lock"
+    lock_file.write_text(text, encoding="utf-8")
+    return lock_record(lock_file)
 
 
 def git(root: Path, *args: str) -> subprocess.CompletedProcess:
@@ -102,7 +102,8 @@ def recorded(client, name: str, version: str, root: Path, tmp: Path) -> Recorded
         raise UserError(f"no version {version!r} of registered model {name!r}") from None
     tags = dict(mv.tags)
     commit = tags.get("git_commit", "")
-    if not commit or not lock_tags(tags):
+    lock = recorded_lock(tags.get("mlflow_promote_run_id", ""), tmp)
+    if not commit or not lock:
         raise UserError(f"{name} v{version} records no lineage (registered by an older lmforge): nothing to rebuild")
     if commit == "unknown" or git(root, "cat-file", "-e", f"{commit}^{{commit}}").returncode != 0:
         raise UserError(f"{name} v{version} was built from commit {commit[:12]!r}, which this repository does not have")
@@ -111,8 +112,7 @@ def recorded(client, name: str, version: str, root: Path, tmp: Path) -> Recorded
         raise UserError(
             f"{name} v{version} was built from uncommitted code ({dirty}): commit {commit[:12]} cannot rebuild it"
         )
-    prefix = PRECISION_TAG.format("")
-    precisions = {k.removeprefix(prefix): v for k, v in tags.items() if k.startswith(prefix)}
+    precisions = json.loads(tags.get(PRECISION_TAG) or "{}")
     return Recorded(
         name,
         version,
@@ -121,7 +121,7 @@ def recorded(client, name: str, version: str, root: Path, tmp: Path) -> Recorded
         params_text(tags, f"{name} v{version}", root, tmp),
         _artifact_json(tags.get("mlflow_promote_run_id", ""), INPUTS_ARTIFACT, tmp),
         precisions,
-        lock_tags(tags),
+        lock,
     )
 
 

@@ -10,6 +10,8 @@ the stage output built from it, which is what dvc.lock records for that output.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,27 @@ def file_md5(path: Path | str, block: int = 1 << 22) -> str:
         while chunk := f.read(block):
             h.update(chunk)
     return h.hexdigest()
+
+
+def dvc_entries(path: Path) -> list[dict[str, str]]:
+    """A folder's files as DVC 3 lists them in its `.dir` object: `{md5, relpath}`, sorted by relpath."""
+    entries = [
+        {"md5": file_md5(Path(d) / f), "relpath": (Path(d) / f).relative_to(path).as_posix()}
+        for d, _, files in os.walk(path)
+        for f in files
+    ]
+    return sorted(entries, key=lambda e: e["relpath"])
+
+
+def dir_md5(entries: list[dict[str, str]]) -> str:
+    """The md5 DVC 3 records for a folder of these `dvc_entries`: `<md5 of the sorted entry list>.dir`."""
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
+def dvc_md5(path: Path | str) -> str:
+    """The md5 DVC 3 records for a file, or for a folder (`<md5 of its sorted entry list>.dir`)."""
+    path = Path(path)
+    return file_md5(path) if path.is_file() else dir_md5(dvc_entries(path))
 
 
 def dvc_file(path: Path) -> Path | None:
@@ -104,6 +127,19 @@ def log_dataset(tracker, name: str, spec: str | list[str], output: Path | str, c
         tags=tags,
     )
     return d
+
+
+def log_stage_inputs(tracker, inputs: dict[str, Path | str], context: str) -> None:
+    """Log each stage output a stage reads (name -> file or folder) as an MLflow dataset of its run, named by its
+    DVC md5 (what dvc.lock records for that output), with its file count and bytes; a missing one is skipped
+    (the stage itself says what is wrong)."""
+    for name, path in inputs.items():
+        path = Path(path)
+        if not path.exists():
+            continue
+        files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+        tags = {"files": str(len(files)), "bytes": str(sum(f.stat().st_size for f in files))}
+        tracker.log_input(name=name, sources=[str(path.resolve())], digest=dvc_md5(path), context=context, tags=tags)
 
 
 def _in_git(paths: list[Path], root: Path) -> set[Path]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 from typing import Callable
 
 from models.errors import ArtifactError
@@ -24,6 +25,7 @@ from tasks.shared import lifeline
 from tasks.shared.config.base import Section, StageParams, load_stage_params
 from tasks.shared.config.params import load_params  # validation only: outside the stages' DVC deps (ops/dag.py)
 from tasks.shared.cost import Meter
+from tasks.shared.datasets import log_stage_inputs
 from tasks.shared.errors import UserError
 from tasks.shared.io import write_json
 from tasks.shared.outputs import check_replaceable, record
@@ -54,11 +56,27 @@ from tasks.shared.tracking import (
 StageRun = Callable[[StageParams, Tracker], dict]
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How a stage's MLflow run records it."""
+
+    system_metrics: bool = False
+    """Sample CPU, memory, disk and network while it runs (MLflow system metrics): the training stages."""
+    logged: Callable[[dict], dict[str, float]] = numeric
+    """Which of its metrics (metrics/<stage>.json) the run logs: every numeric leaf unless the stage says less."""
+    inputs: tuple[str, ...] = ()
+    """The `paths` entries (stage outputs) it reads, logged as the run's MLflow datasets (tasks/shared/datasets.py)."""
+    context: str = "training"
+    """What it does with them (the datasets' context in MLflow): training, or evaluation."""
+
+
 def metrics_file(params: StageParams, stage: str):
     return params.paths.metrics / f"{stage}.json"
 
 
-def stage_main(stage: str, run: StageRun, sections: dict[str, type[Section]]) -> None:
+def stage_main(
+    stage: str, run: StageRun, sections: dict[str, type[Section]], options: RunOptions = RunOptions()
+) -> None:
     """Entry point of `python -m tasks.<stage>`; `sections` are the params.yaml sections it reads
     (exactly its dvc.yaml `params:`, which tests/unit/test_dag.py checks)."""
     parser = argparse.ArgumentParser(prog=f"python -m tasks.{stage}", description=f"Run the {stage} stage.")
@@ -68,7 +86,7 @@ def stage_main(stage: str, run: StageRun, sections: dict[str, type[Section]]) ->
     lifeline.interrupt_on_sigterm()
     lifeline.watch(lifeline.stop_self())
     try:
-        if not _run_stage(stage, run, sections, args.params, meter):
+        if not _run_stage(stage, run, sections, args.params, meter, options):
             return  # a torchrun worker of rank > 0: rank 0 reports
     except (UserError, ArtifactError) as e:  # bad input, or a missing/corrupt artifact: one line
         _end(stage, USER_ERROR_EXIT, error_line(stage, e))
@@ -82,7 +100,9 @@ def stage_main(stage: str, run: StageRun, sections: dict[str, type[Section]]) ->
     write_status(StageStatus(stage, SUCCESS_EXIT))
 
 
-def _run_stage(stage: str, run: StageRun, sections: dict[str, type[Section]], params_file: str, meter: Meter) -> bool:
+def _run_stage(
+    stage: str, run: StageRun, sections: dict[str, type[Section]], params_file: str, meter: Meter, options: RunOptions
+) -> bool:
     """Load, check, run and record the stage; False for a torchrun worker of rank > 0 (it neither tracks
     nor reports)."""
     load_params(params_file)  # refuses a bad file in one line, whatever section is wrong; its value is not used
@@ -93,14 +113,15 @@ def _run_stage(stage: str, run: StageRun, sections: dict[str, type[Section]], pa
     check_replaceable(stage, params.paths)
     with tracking_errors():
         experiment_id = setup_tracking(params.tracking)
-    with stage_run(params, stage, experiment_id) as tracker:
+    with stage_run(params, stage, experiment_id, options.system_metrics) as tracker:
+        log_stage_inputs(tracker, {name: getattr(params.paths, name) for name in options.inputs}, options.context)
         metrics = run(params, tracker)
         tracker.wait()  # the cost includes the stage's own MLflow writes landing
         cost = meter.stop().as_dict()
         metrics = {**metrics, "cost": cost}
         write_json(metrics_file(params, stage), metrics)
         record(stage, params.paths)  # lmforge wrote them, whatever the tracking store does next
-        tracker.log_metrics(numeric(metrics))
+        tracker.log_metrics(options.logged(metrics))
         tracker.set_tags({"lmforge.energy_source": cost["energy_source"]})
     return True
 

@@ -12,7 +12,7 @@ import os
 import queue
 import subprocess
 import threading
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,6 +22,10 @@ PARENT_RUN_ENV = "LMFORGE_PARENT_RUN_ID"
 PARAMS_ENV = "LMFORGE_PARAMS"
 DVC_EXP_ENV = "DVC_EXP_NAME"
 """Set by `dvc exp run` for the stages of one experiment."""
+SYSTEM_METRICS_INTERVAL_S = 10.0
+"""Seconds between two samples of a training stage's system metrics (CPU, memory, disk, network; GPU with pynvml),
+unless MLflow's own SAMPLING_ENV sets another."""
+SAMPLING_ENV = "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
@@ -93,6 +97,10 @@ class Tracker:
         self, name: str, sources: list[str], digest: str, context: str, tags: dict[str, str] | None = None
     ) -> None: ...
 
+    def child(self, name: str, tags: dict[str, str]) -> AbstractContextManager["Tracker"]:
+        """A run nested under this one (e.g. one per evaluated model), closed at the end of the block."""
+        return nullcontext(NullTracker())
+
 
 class NullTracker(Tracker):
     """Logs nothing (unit tests, library use)."""
@@ -110,11 +118,14 @@ class MlflowTracker(Tracker):
     The loop never waits on the store: a checker thread waits on each write in turn (MLflow's
     `RunOperations.wait`) and keeps the failures; a log call only looks whether one was kept."""
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str, synchronous: bool = False) -> None:
         import mlflow
 
         self._mlflow = mlflow
         self.run_id = run_id
+        self.synchronous = synchronous
+        """Write each call at once: a run that logs a few summaries, not a loop (waiting on asynchronous writes
+        costs about a second a run)."""
         self._pending: queue.Queue = queue.Queue()  # RunOperations of writes not yet known to have landed
         self._checker: threading.Thread | None = None
         self._written = 0
@@ -156,7 +167,11 @@ class MlflowTracker(Tracker):
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         # Asynchronous: a synchronous log_metric on sqlite costs ~20 ms per call.
-        self._track(self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, synchronous=False))
+        values = {k: float(v) for k, v in metrics.items()}
+        if self.synchronous:
+            self._mlflow.log_metrics(values, step=step, synchronous=True)
+        else:
+            self._track(self._mlflow.log_metrics(values, step=step, synchronous=False))
 
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -176,10 +191,16 @@ class MlflowTracker(Tracker):
         self._mlflow.log_table(data=columns, artifact_file=name)
 
     def log_params(self, params: dict) -> None:
-        self._track(self._mlflow.log_params(params, synchronous=False))
+        if self.synchronous:
+            self._mlflow.log_params(params, synchronous=True)
+        else:
+            self._track(self._mlflow.log_params(params, synchronous=False))
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._track(self._mlflow.set_tags(tags, synchronous=False))
+        if self.synchronous:
+            self._mlflow.set_tags(tags, synchronous=True)
+        else:
+            self._track(self._mlflow.set_tags(tags, synchronous=False))
 
     def log_input(
         self, name: str, sources: list[str], digest: str, context: str, tags: dict[str, str] | None = None
@@ -196,6 +217,22 @@ class MlflowTracker(Tracker):
             src = resolve_dataset_source(os.path.commonpath(sources))
         dataset = MetaDataset(source=src, name=name, digest=digest)
         self._mlflow.log_input(dataset, context=context, tags={"source": json.dumps(sources), **(tags or {})})
+
+    @contextmanager
+    def child(self, name: str, tags: dict[str, str]) -> Iterator["MlflowTracker"]:
+        """A run nested under this one, active inside the block, that writes synchronously (a summary: one batch
+        of metrics, a table; not a loop); its writes have landed when the block ends."""
+        experiment = self._mlflow.get_run(self.run_id).info.experiment_id
+        with self._mlflow.start_run(
+            experiment_id=experiment, run_name=name, nested=True, parent_run_id=self.run_id, tags=tags
+        ) as run:
+            child = MlflowTracker(run.info.run_id, synchronous=True)
+            try:
+                yield child
+            except BaseException:
+                self._mlflow.flush_async_logging()
+                raise
+            child.wait()
 
 
 def dvc_experiment_run(experiment_id: str, params_file: Path) -> str | None:
@@ -231,16 +268,24 @@ def dvc_experiment_run(experiment_id: str, params_file: Path) -> str | None:
 
 
 @contextmanager
-def stage_run(params: StageParams, stage: str, experiment_id: str) -> Iterator[MlflowTracker]:
-    """An MLflow run for one stage, nested under the pipeline run or the DVC experiment's run."""
+def stage_run(
+    params: StageParams, stage: str, experiment_id: str, system_metrics: bool = False
+) -> Iterator[MlflowTracker]:
+    """An MLflow run for one stage, nested under the pipeline run or the DVC experiment's run; `system_metrics`:
+    MLflow samples CPU, memory, disk and network every SYSTEM_METRICS_INTERVAL_S seconds in a thread of its own
+    (the run's *System metrics* charts), stopped when the run ends."""
     import mlflow
 
+    if system_metrics and not os.environ.get(SAMPLING_ENV):  # the user's own interval wins
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
     with tracking_errors():
         parent = os.environ.get(PARENT_RUN_ENV) or dvc_experiment_run(experiment_id, params.file)
         tags = {"lmforge.stage": stage, "mlflow.source.git.commit": git_commit()}
         if os.environ.get(DVC_EXP_ENV):
             tags["lmforge.dvc_exp"] = os.environ[DVC_EXP_ENV]
-        with mlflow.start_run(run_name=stage, parent_run_id=parent or None, tags=tags) as run:
+        with mlflow.start_run(
+            run_name=stage, parent_run_id=parent or None, tags=tags, log_system_metrics=system_metrics or None
+        ) as run:
             resolved = {name: section.model_dump(mode="json") for name, section in params.sections.items()}
             mlflow.log_params(flatten(resolved))
             mlflow.log_dict({"paths": params.paths.model_dump(mode="json"), **resolved}, "params.json")

@@ -55,6 +55,9 @@ def test_flow_succeeds_without_tracebacks(project):
 
 
 def test_registry_has_champion_with_lineage(project):
+    import yaml
+
+    import mlflow
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=project["env"]["MLFLOW_TRACKING_URI"])
@@ -64,7 +67,15 @@ def test_registry_has_champion_with_lineage(project):
     assert len(mv.tags["git_commit"]) == 40
     assert mv.tags["ge_success"] == "True"
     assert mv.tags["prefect_flow_run_id"]
-    assert any(k.startswith("dvc.evaluate.outs.") for k in mv.tags)
+    assert len(mv.tags) <= 40 and not any(k.startswith("dvc.") for k in mv.tags)
+    lock = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=mv.tags["mlflow_promote_run_id"],
+            artifact_path="lineage/dvc.lock",
+            tracking_uri=project["env"]["MLFLOW_TRACKING_URI"],
+        )
+    ).read_text()
+    assert "outs" in yaml.safe_load(lock)["stages"]["evaluate"]  # dvc.lock beside the version, not as tags
     assert all(mv.tags[f"gate.{g}"].startswith("pass") for g in ("min_accuracy", "smoke_test", "no_regression"))
 
     parent = client.get_run(mv.tags["mlflow_parent_run_id"])
@@ -99,6 +110,14 @@ def test_registry_has_champion_with_lineage(project):
     assert len(promotions) == 3  # one per task: the classifier, the extractor, the encoder
     pretrain = next(r for r in children if r.data.tags["lmforge.stage"] == "pretrain")
     assert "val_perplexity" in pretrain.data.metrics and "tokens_per_s" in pretrain.data.metrics
+    assert [d.dataset.name for d in pretrain.inputs.dataset_inputs] == ["tokens"]
+    evaluate = next(r for r in children if r.data.tags["lmforge.stage"] == "evaluate")
+    models = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{evaluate.info.run_id}'"
+    )
+    assert {r.data.tags["kind"] for r in models} >= {"transformer", "int8", "baseline"}
+    assert all({"macro_f1", "accuracy"} <= set(r.data.metrics) for r in models)
+    assert all("p50_ms_b32" in r.data.metrics for r in models if r.info.run_name != "majority")
 
 
 def test_the_extractor_is_registered_with_its_graph_and_served_from_the_registry(project):

@@ -118,9 +118,11 @@ def test_dvc_md5_matches_what_dvc_records():
     from dvc.fs import LocalFileSystem
     from dvc_data.hashfile.hash import file_md5
 
+    from tasks.shared.datasets import dvc_md5
+
     fs = LocalFileSystem()
     for f in ("tasks/shared/io.py", "params.yaml"):
-        assert dag.dvc_md5(ROOT / f) == file_md5(str(ROOT / f), fs)
+        assert dvc_md5(ROOT / f) == file_md5(str(ROOT / f), fs)
 
 
 def test_committed_lock_is_current():

@@ -207,6 +207,42 @@ def test_a_degraded_candidate_never_becomes_champion(story):
     assert "override" not in story.versions["2"].tags
 
 
+def test_a_version_keeps_a_short_set_of_tags_and_its_full_record_in_the_promote_run(story):
+    """At most MAX_VERSION_TAGS tags (no per-entry copy of dvc.lock); dvc.lock, gates.json and every test metric
+    are in the promote run; the version's description is the gate table; the model has a signature and an example."""
+    import mlflow
+    from deploy.requests import EXAMPLE_INPUT
+    from mlflow import MlflowClient
+    from tasks.ops.lineage import INPUTS_TAG, LOCK_ARTIFACT, PRECISION_TAG
+    from tasks.ops.promote import MAX_VERSION_TAGS
+
+    uri = f"sqlite:///{story.root}/mlflow.db"
+    mlflow.set_tracking_uri(uri)  # the store the story's promotions wrote to
+    client = MlflowClient(uri)
+    for version, decision in (("1", story.good), ("3", story.forced)):
+        mv = story.versions[version]
+        assert len(mv.tags) <= MAX_VERSION_TAGS, sorted(mv.tags)
+        assert not [k for k in mv.tags if k.startswith(("dvc.", "choice."))]
+        inputs = json.loads(mv.tags[INPUTS_TAG])  # dvc.lock's data inputs: here the files write_lock lists
+        assert "data/clean/labeled.parquet" in inputs and all(len(md5) == 32 for md5 in inputs.values())
+        assert isinstance(json.loads(mv.tags[PRECISION_TAG]), dict)
+        assert mv.description.startswith(f"**{NAME}** (fp32): ")
+        assert all(f"| {g.name} | {g.status} |" in mv.description for g in decision.gates)
+        run = mv.tags["mlflow_promote_run_id"]
+        assert client.get_run(run).data.tags["mlflow.note.content"] == mv.description
+        lock = mlflow.artifacts.load_text(f"runs:/{run}/{LOCK_ARTIFACT}")
+        assert yaml.safe_load(lock)["stages"]["evaluate"]["cmd"] == "python -m tasks.evaluate"
+        gates = mlflow.artifacts.load_dict(f"runs:/{run}/gates.json")
+        assert [g["name"] for g in gates["gates"]] == [g.name for g in decision.gates] and "fp32" in gates["choice"]
+        assert {"test_macro_f1", "test_p99_ms_b1", "test_tokenize_ms_b32"} <= set(client.get_run(run).data.metrics)
+    info = mlflow.models.get_model_info(f"models:/{NAME}/1")
+    assert [c["type"] for c in info.signature.inputs.to_dict()] == ["string"]  # a list of texts in
+    example = mlflow.models.Model.load(f"models:/{NAME}/1").load_input_example(
+        mlflow.artifacts.download_artifacts(f"models:/{NAME}/1", tracking_uri=uri)
+    )
+    assert list(example) == EXAMPLE_INPUT
+
+
 def test_a_forced_promotion_is_an_override_on_the_version_and_in_the_history(story):
     f = story.forced
     assert f.version == "3" and f.promoted and f.overridden and "no_regression" in f.failed

@@ -326,7 +326,7 @@ def test_finetune_run_writes_classifier_requested_baselines_and_metrics(finetune
 
 def test_the_same_training_writes_the_same_folders(finetune_paths, tmp_path):
     """evaluate depends on both folders: nothing run-dependent (train_seconds) is written into them."""
-    from tasks.ops.dag import dvc_md5
+    from tasks.shared.datasets import dvc_md5
 
     # fp32 pinned: under `auto` the precision probe's timings decide, and on a busy machine they flip between runs
     cfg = TINY_FINETUNE.model_copy(

@@ -276,7 +276,7 @@ def test_loss_curves_are_written_as_plot_data(tokenized):
 def test_the_same_training_writes_the_same_model_folder(tokenized, tmp_path):
     """finetune depends on the whole LM folder: timings (which differ run to run) stay out of it, so a
     rerun that trains the same weights leaves finetune up to date."""
-    from tasks.ops.dag import dvc_md5
+    from tasks.shared.datasets import dvc_md5
 
     digests = []
     for i in range(2):

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from tasks.ops.gates import Gate, Rescore, beats_baselines_gate, champion_gates, metric_gates, perplexity_gate
-from tasks.ops.lineage import dvc_lineage
+from tasks.ops.lineage import lock_record
 from tasks.ops.promote import choose_variant
 from tasks.shared.config.promote import PromoteConfig
 from tasks.shared.errors import UserError
@@ -405,24 +405,24 @@ stages:
 """
 
 
-def test_dvc_lineage_reads_every_md5(tmp_path):
+def test_lock_record_reads_every_md5(tmp_path):
     lock = tmp_path / "dvc.lock"
     lock.write_text(LOCK)
-    assert dvc_lineage(lock) == {
-        "dvc.ingest.deps.tasks/ingest.py": "aaa111",
-        "dvc.ingest.outs.data/raw/corpus.parquet": "bbb222",
-        "dvc.ingest.outs.data/raw/labeled.parquet": "ccc333",
-        "dvc.tokenize.deps.data/clean/corpus.parquet": "ddd444",
-        "dvc.tokenize.deps.data/tokenizer": "eee555.dir",
+    assert lock_record(lock) == {
+        "ingest": {
+            "deps": {"tasks/ingest.py": "aaa111"},
+            "outs": {"data/raw/corpus.parquet": "bbb222", "data/raw/labeled.parquet": "ccc333"},
+        },
+        "tokenize": {"deps": {"data/clean/corpus.parquet": "ddd444", "data/tokenizer": "eee555.dir"}},
     }
 
 
-def test_dvc_lineage_without_lock_or_stages(tmp_path):
-    assert dvc_lineage(tmp_path / "dvc.lock") == {}
+def test_lock_record_without_lock_or_stages(tmp_path):
+    assert lock_record(tmp_path / "dvc.lock") == {}
     (tmp_path / "empty.lock").write_text("")
-    assert dvc_lineage(tmp_path / "empty.lock") == {}
+    assert lock_record(tmp_path / "empty.lock") == {}
     (tmp_path / "nostages.lock").write_text("schema: '2.0'\nstages:\n")
-    assert dvc_lineage(tmp_path / "nostages.lock") == {}
+    assert lock_record(tmp_path / "nostages.lock") == {}
 
 
 def _model(folder, weights: bytes = b"weights") -> None:

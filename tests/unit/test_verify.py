@@ -1,12 +1,14 @@
 """`lmforge verify`'s comparison on made-up records: which file differs first, which stage went another way, which
-stages a variant needs, and what the registry's lineage tags say. The real rebuild of a registered version is in
-tests/integration/test_verify.py."""
+stages a variant needs, and what the dvc.lock recorded beside a version says. The real rebuild of a registered
+version is in tests/integration/test_verify.py."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 
 from tasks.ops import lineage
 from tasks.ops.verify import (
@@ -14,13 +16,12 @@ from tasks.ops.verify import (
     cached_outs,
     first_difference,
     first_stage,
-    lock_tags,
     producer,
     upstream,
 )
 from tasks.shared.errors import UserError
 
-TAGS = {
+ENTRIES = {
     "dvc.tokenize.deps.data/clean/corpus.parquet": "c1",
     "dvc.tokenize.outs.data/tokenizer": "t1.dir",
     "dvc.tokenize.outs.metrics/tokenize.json": "m1",
@@ -34,16 +35,29 @@ TAGS = {
     "dvc.quantize.deps.data/models/classifier": "f1.dir",
     "dvc.quantize.outs.data/models/quantized": "q1.dir",
     "dvc.evaluate.deps.data/models/quantized": "q1.dir",
-    "variant": "int8",
 }
+"""`dvc.<stage>.<deps|outs>.<path>`: md5 of the dvc.lock that the tests below write."""
 
 
-def _recorded(tags: dict = TAGS) -> Recorded:
-    return Recorded("lmforge-classifier", "3", "abc", "int8", "", None, {}, lock_tags(tags))
+def recorded_lock(entries: dict[str, str], folder: Path) -> dict:
+    """`lineage.lock_record` of a dvc.lock written under `folder` with these `ENTRIES`-style entries."""
+    stages: dict = {}
+    for key, md5 in entries.items():
+        _, stage, kind, path = key.split(".", 3)
+        stages.setdefault(stage, {"cmd": f"python -m tasks.{stage}"}).setdefault(kind, []).append(
+            {"path": path, "hash": "md5", "md5": md5}
+        )
+    lock_file = Path(folder) / "dvc.lock"
+    lock_file.write_text(yaml.safe_dump({"schema": "2.0", "stages": stages}, sort_keys=False))
+    return lineage.lock_record(lock_file)
 
 
-def test_lineage_tags_become_stage_records():
-    lock = lock_tags(TAGS)
+def _recorded(folder: Path) -> Recorded:
+    return Recorded("lmforge-classifier", "3", "abc", "int8", "", None, {}, recorded_lock(ENTRIES, folder))
+
+
+def test_the_recorded_dvc_lock_becomes_stage_records(tmp_path):
+    lock = recorded_lock(ENTRIES, tmp_path)
     assert lock["tokenize"]["outs"] == {
         "data/tokenizer": "t1.dir",
         "metrics/tokenize.json": "m1",
@@ -52,10 +66,8 @@ def test_lineage_tags_become_stage_records():
     assert lock["pretrain"]["deps"]["tasks/pretrain.py"] == "p0" and "variant" not in lock
 
 
-def test_the_variant_is_rebuilt_by_the_stage_that_writes_its_folder_and_what_it_needs():
-    from pathlib import Path
-
-    rec = _recorded()
+def test_the_variant_is_rebuilt_by_the_stage_that_writes_its_folder_and_what_it_needs(tmp_path):
+    rec = _recorded(tmp_path)
     assert producer(rec, Path("data/models/quantized/int8")) == "quantize"
     assert producer(rec, Path("data/models/classifier")) == "finetune"
     with pytest.raises(UserError, match="no recorded stage writes data/models/pruned"):
@@ -78,7 +90,7 @@ def test_first_differing_file_is_named_with_how_it_differs():
     )
 
 
-def test_first_differing_stage_follows_the_dag_and_ignores_metrics_and_plots():
+def test_first_differing_stage_follows_the_dag_and_ignores_metrics_and_plots(tmp_path):
     dvc_yaml = {
         "stages": {
             "tokenize": {"outs": ["${paths.tokenizer}", {"${paths.tokens}": {"persist": True}}]},
@@ -94,7 +106,7 @@ def test_first_differing_stage_follows_the_dag_and_ignores_metrics_and_plots():
     }
     cached = cached_outs(dvc_yaml, params)
     assert cached == {"tokenize": ["data/tokenizer", "data/tokens"], "pretrain": ["data/models/lm"], "finetune": ["c"]}
-    recorded = lock_tags(TAGS)
+    recorded = recorded_lock(ENTRIES, tmp_path)
 
     def rebuilt(**md5s) -> dict:
         outs = {"tokenize": ["data/tokenizer", "data/tokens"], "pretrain": ["data/models/lm", "metrics/pretrain.json"]}
@@ -125,16 +137,16 @@ def test_promote_records_each_models_precision_from_the_stage_metrics(tmp_path):
     (tmp_path / "prune.json").write_text(json.dumps({"precision": None}))  # no recovery fine-tune: nothing trained
     (tmp_path / "evaluate.json").write_text(json.dumps({"variants": {"fp32": {"per_class": {"precision": 0.5}}}}))
     stages = ["pretrain", "finetune", "prune", "sparsify", "evaluate"]
-    assert lineage.precision_tags(tmp_path, stages) == {
-        "precision.pretrain": "bf16",
-        "precision.finetune": "fp32",
-        "precision.cnn": "bf16",
-        "precision.gru": "fp32",
+    assert lineage.precisions(tmp_path, stages) == {
+        "pretrain": "bf16",
+        "finetune": "fp32",
+        "cnn": "bf16",
+        "gru": "fp32",
     }
 
 
 def test_input_files_are_listed_by_md5_only_while_they_are_what_dvc_lock_recorded(tmp_path):
-    from tasks.ops.dag import dvc_md5
+    from tasks.shared.datasets import dvc_md5
 
     user = tmp_path / "data" / "user"
     (user / "docs").mkdir(parents=True)
@@ -159,8 +171,8 @@ def test_input_files_are_listed_by_md5_only_while_they_are_what_dvc_lock_recorde
 def test_inputs_are_restored_by_md5_from_the_dvc_cache_when_the_workspace_moved_on(tmp_path):
     """The user's data changed since the run (and its old bytes are only in the DVC cache): the worktree gets the
     bytes the version was built from, a file the run did not have is removed, a file git restored is kept."""
-    from tasks.ops.dag import dvc_md5
     from tasks.ops.verify import cache_path, restore_inputs
+    from tasks.shared.datasets import dvc_md5
 
     root, wt = tmp_path / "root", tmp_path / "wt"
     for base in (root, wt):
@@ -175,8 +187,8 @@ def test_inputs_are_restored_by_md5_from_the_dvc_cache_when_the_workspace_moved_
     cached.write_bytes(old.read_bytes())
     old.write_text('{"text": "edited since"}\n')
     (wt / "data" / "user" / "stray.md").write_text("not in the run")
-    tags = {"dvc.ingest.deps.data/user": folder_md5, "dvc.ingest.outs.data/raw/labeled.parquet": "r"}
-    rec = Recorded("m", "1", "abc", "fp32", "", {"data/user": files}, {}, lock_tags(tags))
+    entries = {"dvc.ingest.deps.data/user": folder_md5, "dvc.ingest.outs.data/raw/labeled.parquet": "r"}
+    rec = Recorded("m", "1", "abc", "fp32", "", {"data/user": files}, {}, recorded_lock(entries, tmp_path))
     restore_inputs(wt, root, rec)
     assert dvc_md5(wt / "data" / "user") == folder_md5
     assert (wt / "data" / "user" / "tickets.jsonl").read_text() == '{"text": "the run read this"}\n'
