@@ -69,8 +69,16 @@ def _start_server(port: int, startup_timeout: float) -> subprocess.Popen:
     home.mkdir(parents=True, exist_ok=True)
     log, url = home / "server.log", f"http://127.0.0.1:{port}/api"
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    # The UI's pages call the API at PREFECT_SERVER_UI_API_URL, which defaults to port 4200 whatever --port says.
+    ui_api = (
+        {}
+        if {"PREFECT_SERVER_UI_API_URL", "PREFECT_UI_API_URL"} & set(os.environ)
+        else {"PREFECT_SERVER_UI_API_URL": url}
+    )
     with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **ui_api}
+        )
     try:
         deadline = time.monotonic() + startup_timeout
         while not healthy(url):

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -330,12 +331,13 @@ def test_prefect_ui_shows_the_run_its_tags_and_table_and_stops_on_sigterm(projec
         assert steps[("pretrain", "stage")]["status"] == "Completed"
         assert steps[("min_accuracy", "gate classification")]["status"] == "PASS"
         assert f"Prefect UI: http://127.0.0.1:{port}/" in log.read_text()
+        # the UI's pages call the API on this port, not on Prefect's default 4200
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui-settings", timeout=10) as resp:
+            assert json.load(resp)["api_url"] == api
         proc.send_signal(signal.SIGTERM)  # the CLI only: it must stop its server
         assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
         time.sleep(1)
         with pytest.raises(OSError):
-            import urllib.request
-
             urllib.request.urlopen(f"{api}/health", timeout=5)
     finally:
         stop_group(proc)

@@ -136,3 +136,17 @@ def test_editing_an_input_inside_user_data_makes_ingest_stale(tmp_path, spec, ed
     # `lmforge retrain` asks dvc status first, before it looks at the registry (no client needed when stale)
     verdict = compare_with_champion(None, "lmforge-classifier", tmp_path, ["ingest"])
     assert verdict.changed and "dvc status reports 1 stage(s) out of date (ingest;" in verdict.reason
+
+
+def test_an_input_outside_the_project_is_tracked_once_user_data_points_at_its_folder(tmp_path):
+    """The refusal's advice works: with `paths.user_data` at a folder outside the repository, editing an input
+    there makes `dvc status` name ingest."""
+    outside, repo = tmp_path / "mydata", tmp_path / "repo"
+    (outside / "deep").mkdir(parents=True)
+    repo.mkdir()
+    (outside / "deep" / "labeled.jsonl").write_text(json.dumps({"text": "def f(): pass", "label": "a"}) + "\n")
+    _ingest_repo(repo, {"paths.user_data": "../mydata", "ingest.labeled": "../mydata/**/*.jsonl"})
+    assert stale_stages(repo) == {}
+    with (outside / "deep" / "labeled.jsonl").open("a") as fh:
+        fh.write(json.dumps({"text": "def g(): pass", "label": "b"}) + "\n")
+    assert list(stale_stages(repo)) == ["ingest"]
