@@ -43,6 +43,11 @@ from tasks.shared.errors import UserError
 from tasks.shared.tracking import PARAMS_ENV, PARENT_RUN_ENV, setup_tracking
 from tasks.shared.variants import folders as variant_folders
 
+LEGACY_DVC_TAG = "dvc."
+"""Versions registered by an older lmforge carry dvc.lock as tags (`dvc.<stage>.<deps|outs>.<path>`: md5)."""
+LEGACY_PRECISION_TAG = "precision."
+"""... and each model's precision as a tag of its own (`precision.<model>`)."""
+
 MLMODEL = "MLmodel"
 """Not compared: MLflow's record of the logging (run id, model id, creation time, the temp folder logged)."""
 
@@ -88,6 +93,20 @@ def recorded_lock(run_id: str, tmp: Path) -> dict[str, dict[str, dict[str, str]]
     return lock_record(lock_file)
 
 
+def legacy_lineage(tags: dict[str, str]) -> tuple[dict[str, dict[str, dict[str, str]]], dict[str, str]]:
+    """The lock record and precisions of a version registered before the promote run kept dvc.lock: its
+    `dvc.<stage>.<deps|outs>.<path>` md5 tags and its `precision.<model>` tags."""
+    lock: dict[str, dict[str, dict[str, str]]] = {}
+    chosen = {}
+    for key, value in tags.items():
+        if key.startswith(LEGACY_DVC_TAG) and key.count(".") >= 3:
+            _, stage, kind, path = key.split(".", 3)
+            lock.setdefault(stage, {}).setdefault(kind, {})[path] = value
+        elif key.startswith(LEGACY_PRECISION_TAG):
+            chosen[key.removeprefix(LEGACY_PRECISION_TAG)] = value
+    return lock, chosen
+
+
 def git(root: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=300)
 
@@ -102,7 +121,8 @@ def recorded(client, name: str, version: str, root: Path, tmp: Path) -> Recorded
         raise UserError(f"no version {version!r} of registered model {name!r}") from None
     tags = dict(mv.tags)
     commit = tags.get("git_commit", "")
-    lock = recorded_lock(tags.get("mlflow_promote_run_id", ""), tmp)
+    legacy_lock, legacy_precisions = legacy_lineage(tags)
+    lock = recorded_lock(tags.get("mlflow_promote_run_id", ""), tmp) or legacy_lock
     if not commit or not lock:
         raise UserError(f"{name} v{version} records no lineage (registered by an older lmforge): nothing to rebuild")
     if commit == "unknown" or git(root, "cat-file", "-e", f"{commit}^{{commit}}").returncode != 0:
@@ -112,7 +132,7 @@ def recorded(client, name: str, version: str, root: Path, tmp: Path) -> Recorded
         raise UserError(
             f"{name} v{version} was built from uncommitted code ({dirty}): commit {commit[:12]} cannot rebuild it"
         )
-    precisions = json.loads(tags.get(PRECISION_TAG) or "{}")
+    precisions = json.loads(tags.get(PRECISION_TAG) or "{}") or legacy_precisions
     return Recorded(
         name,
         version,

@@ -16,6 +16,7 @@ from tasks.ops.verify import (
     cached_outs,
     first_difference,
     first_stage,
+    legacy_lineage,
     producer,
     upstream,
 )
@@ -196,3 +197,18 @@ def test_inputs_are_restored_by_md5_from_the_dvc_cache_when_the_workspace_moved_
     (wt / "data" / "user" / "tickets.jsonl").write_text("x")
     with pytest.raises(UserError, match="neither in the workspace nor in the DVC cache"):
         restore_inputs(wt, root, rec)
+
+
+def test_a_version_registered_by_an_older_lmforge_is_read_from_its_tags():
+    """Before the promote run kept dvc.lock, a version carried it as `dvc.*` tags and each precision as a tag."""
+    tags = {
+        "dvc.tokenize.outs.data/tokens": "k1.dir",
+        "dvc.pretrain.deps.tasks/pretrain.py": "p0",
+        "precision.pretrain": "bf16",
+        "precision.cnn": "fp32",
+        "git_commit": "abc",
+    }
+    lock, chosen = legacy_lineage(tags)
+    assert lock == {"tokenize": {"outs": {"data/tokens": "k1.dir"}}, "pretrain": {"deps": {"tasks/pretrain.py": "p0"}}}
+    assert chosen == {"pretrain": "bf16", "cnn": "fp32"}
+    assert legacy_lineage({"precision": '{"pretrain": "fp32"}', "lineage.data": "x"}) == ({}, {})
