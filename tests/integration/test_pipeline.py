@@ -303,7 +303,7 @@ def test_an_experiment_is_an_mlflow_run_and_plots_overlay_it_on_the_commit(proje
     assert children[0].data.params["evaluate.latency_samples"] == "3"
 
 
-def test_prefect_ui_shows_the_run_its_tags_and_table_and_stops_on_sigterm(project):
+def test_prefect_ui_shows_the_run_its_tags_and_table_and_stops_on_sigterm(project, tiny_flow_run):
     """`lmforge ui --prefect` (make prefect-ui) serves the runs the pipeline recorded in PREFECT_HOME: the flow run
     tagged with commit, params digest and placement, its task runs, and its table of stage times and gates."""
     from prefect.client.orchestration import get_client
@@ -321,7 +321,9 @@ def test_prefect_ui_shows_the_run_its_tags_and_table_and_stops_on_sigterm(projec
             (table,) = client.read_artifacts(
                 artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["lmforge-run"]))
             )
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project["dir"], capture_output=True, text=True)
+        # the commit the reference run ran on (this module's copy gains a commit in the experiment test)
+        reference = Path(tiny_flow_run["base"]) / "project"
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=reference, capture_output=True, text=True)
         assert f"commit:{head.stdout.strip()[:12]}" in run.tags and "placement:local" in run.tags, run.tags
         assert any(t.startswith("params:") for t in run.tags), run.tags
         assert {"ingest", "pretrain", "evaluate"} <= {t.name for t in tasks}
