@@ -48,8 +48,9 @@ LEGACY_DVC_TAG = "dvc."
 LEGACY_PRECISION_TAG = "precision."
 """... and each model's precision as a tag of its own (`precision.<model>`)."""
 
-MLMODEL = "MLmodel"
-"""Not compared: MLflow's record of the logging (run id, model id, creation time, the temp folder logged)."""
+NOT_COMPARED = frozenset({"MLmodel", "input_example.json", "serving_input_example.json"})
+"""Not compared: MLflow's record of the logging (run id, model id, creation time, the temp folder logged) and the
+input example it saves beside the model (the code's example texts, not the model: older versions have none)."""
 
 
 @dataclass
@@ -289,11 +290,11 @@ def rebuild(wt: Path, stage: str, rec: Recorded, store: Path) -> None:
 
 
 def model_files(folder: Path) -> dict[str, str]:
-    """relpath -> sha256 of every file of a saved MLflow model, except MLMODEL."""
+    """relpath -> sha256 of every file of a saved MLflow model, except NOT_COMPARED."""
     out = {}
     for f in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = f.relative_to(folder).as_posix()
-        if rel != MLMODEL:
+        if rel not in NOT_COMPARED:
             out[rel] = hashlib.sha256(f.read_bytes()).hexdigest()
     return out
 

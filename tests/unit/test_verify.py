@@ -17,6 +17,7 @@ from tasks.ops.verify import (
     first_difference,
     first_stage,
     legacy_lineage,
+    model_files,
     producer,
     upstream,
 )
@@ -212,3 +213,10 @@ def test_a_version_registered_by_an_older_lmforge_is_read_from_its_tags():
     assert lock == {"tokenize": {"outs": {"data/tokens": "k1.dir"}}, "pretrain": {"deps": {"tasks/pretrain.py": "p0"}}}
     assert chosen == {"pretrain": "bf16", "cnn": "fp32"}
     assert legacy_lineage({"precision": '{"pretrain": "fp32"}', "lineage.data": "x"}) == ({}, {})
+
+
+def test_the_logging_record_and_the_input_example_are_not_compared(tmp_path):
+    for name in ("MLmodel", "input_example.json", "serving_input_example.json", "data/model.safetensors"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    assert list(model_files(tmp_path)) == ["data/model.safetensors"]
