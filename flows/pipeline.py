@@ -24,7 +24,6 @@ databases on first use (tasks/ops/lock.py).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from prefect.states import Failed, State
 
 from flows.placement import dvc_transfer, io_options, placement_tag, run_placed
 from flows.stages import exit_code, run_stage, user_error, worth_retrying
+from models.files import file_sha256
 from tasks.ops.dag import dvc_command, stage_names
 from tasks.ops.lock import DEFAULT_TIMEOUT, mark_stores_ready, workspace_lock
 from tasks.shared import lifeline
@@ -336,7 +336,7 @@ def run_table_artifact(steps: dict[str, tuple[str, float]], decisions: dict[str,
 
 def run_tags(params, params_file: Path = DEFAULT_PARAMS) -> list[str]:
     """The tags of a flow run started here: the git commit, a digest of params.yaml and where the stages run."""
-    digest = hashlib.sha256(params_file.read_bytes()).hexdigest()[:12] if params_file.exists() else "none"
+    digest = file_sha256(params_file)[:12] if params_file.exists() else "none"
     return [f"commit:{git_commit()[:12]}", f"params:{digest}", placement_tag(params.orchestrate)]
 
 

@@ -460,7 +460,6 @@ def ui(
 def _mlflow_ui(cfg, port: int) -> None:
     """`mlflow ui` on the embedded store (created first, under the workspace lock, if no run has made it yet), or
     the URL of the tracking server the project uses."""
-    from tasks.ops.lock import stores_settled
     from tasks.ops.servers import healthy
     from tasks.shared.tracking import tracking_uri
 
@@ -472,7 +471,7 @@ def _mlflow_ui(cfg, port: int) -> None:
         return
     db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
     if db is not None and not db.exists():  # `mlflow ui` would create it: not beside a first run creating it too
-        with stores_settled(Path.cwd(), "lmforge ui (creating the MLflow store)") as locked:
+        with _stores_settled("lmforge ui (creating the MLflow store)") as locked:
             if locked:
                 from mlflow import MlflowClient
 
